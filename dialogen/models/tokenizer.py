@@ -1,0 +1,147 @@
+"""Tokenizer: a Hugging Face `tokenizers.Tokenizer` plus the special tokens a chat needs.
+
+Two encoders share one vocabulary: `encode_text` treats every character a user typed as text
+(`<|im_end|>` typed by a user is never the control token), `encode_template` parses the special
+tokens a chat template writes.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from tokenizers import AddedToken, Regex, Tokenizer as HFTokenizer, decoders, models, pre_tokenizers
+
+from ..errors import UserError
+
+# Split patterns of byte-level BPE vocabularies, by GGUF `tokenizer.ggml.pre` name.
+_GPT2_SPLIT = r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
+_LLAMA3_SPLIT = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
+    r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
+
+
+def _pre_tokenizer(pre: str):
+    byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    if pre in ("smollm",):  # GPT-2 pattern after every digit is split off on its own
+        splits = [pre_tokenizers.Digits(individual_digits=True), pre_tokenizers.Split(Regex(_GPT2_SPLIT), "isolated")]
+    elif pre in ("llama-bpe", "llama3", "llama-v3"):
+        splits = [pre_tokenizers.Split(Regex(_LLAMA3_SPLIT), "isolated")]
+    else:
+        splits = [pre_tokenizers.Split(Regex(_GPT2_SPLIT), "isolated")]
+    return pre_tokenizers.Sequence([*splits, byte_level])
+
+
+class Tokenizer:
+    def __init__(self, hf: HFTokenizer, eos_token: str | None = None, bos_token: str | None = None,
+                 pad_token: str | None = None, chat_template: str | None = None):
+        self._tmpl = hf
+        self._text = HFTokenizer.from_str(hf.to_str())
+        self._text.encode_special_tokens = True
+        self.eos_token, self.bos_token, self.chat_template = eos_token, bos_token, chat_template
+        self.pad_token = pad_token or eos_token
+        self.special_ids = {t.content: i for i, t in hf.get_added_tokens_decoder().items() if t.special}
+
+    # --- encoding -------------------------------------------------------------------------
+    def encode_text(self, text: str) -> list[int]:
+        return self._text.encode(text, add_special_tokens=False).ids if text else []
+
+    def encode_template(self, text: str) -> list[int]:
+        return self._tmpl.encode(text, add_special_tokens=False).ids if text else []
+
+    def decode(self, ids, skip_special: bool = False) -> str:
+        return self._tmpl.decode(list(ids), skip_special_tokens=skip_special)
+
+    def token_id(self, token: str | None) -> int | None:
+        return None if token is None else self._tmpl.token_to_id(token)
+
+    @property
+    def vocab_size(self) -> int:
+        return self._tmpl.get_vocab_size(with_added_tokens=True)
+
+    @property
+    def eos_id(self) -> int | None:
+        return self.token_id(self.eos_token)
+
+    @property
+    def pad_id(self) -> int:
+        pid = self.token_id(self.pad_token)
+        return 0 if pid is None else pid
+
+    def fingerprint(self) -> str:
+        """Identifies the vocabulary: two tokenizers with equal fingerprints map text to the same ids."""
+        import hashlib
+
+        vocab = sorted(self._tmpl.get_vocab(with_added_tokens=True).items())
+        return hashlib.sha256(json.dumps(vocab).encode()).hexdigest()[:16]
+
+    # --- files ----------------------------------------------------------------------------
+    def save(self, directory: Path):
+        directory = Path(directory)
+        self._tmpl.save(str(directory / "tokenizer.json"))
+        conf = {"eos_token": self.eos_token, "bos_token": self.bos_token, "pad_token": self.pad_token,
+                "chat_template": self.chat_template, "tokenizer_class": "PreTrainedTokenizerFast"}
+        (directory / "tokenizer_config.json").write_text(json.dumps(conf, indent=1))
+
+    @classmethod
+    def from_dir(cls, directory: Path) -> "Tokenizer":
+        directory = Path(directory)
+        if (directory / "tokenizer.json").exists():
+            try:
+                hf = HFTokenizer.from_file(str(directory / "tokenizer.json"))
+            except Exception as e:
+                raise UserError(f"{directory / 'tokenizer.json'}: cannot read tokenizer ({e})") from None
+        elif (directory / "vocab.json").exists() and (directory / "merges.txt").exists():
+            hf = HFTokenizer(models.BPE.from_file(str(directory / "vocab.json"), str(directory / "merges.txt")))
+            hf.pre_tokenizer = _pre_tokenizer("gpt2")
+            hf.decoder = decoders.ByteLevel()
+        else:
+            raise UserError(f"{directory}: no tokenizer.json (or vocab.json + merges.txt)")
+        conf = _read_json(directory / "tokenizer_config.json")
+        conf.update({k: v for k, v in _read_json(directory / "special_tokens_map.json").items() if k not in conf})
+        tokens = {k: _token_str(conf.get(k)) for k in ("eos_token", "bos_token", "pad_token")}
+        for t in tokens.values():  # GPT-2 style dirs list <|endoftext|> only in vocab.json
+            if t and hf.token_to_id(t) is not None and t not in [a.content for a in hf.get_added_tokens_decoder().values()]:
+                hf.add_special_tokens([AddedToken(t, special=True, normalized=False)])
+        template = conf.get("chat_template")
+        if template is None and (directory / "chat_template.jinja").exists():
+            template = (directory / "chat_template.jinja").read_text()
+        if isinstance(template, list):  # named templates: take the default one
+            template = next((t["template"] for t in template if t.get("name") == "default"), None)
+        return cls(hf, chat_template=template, **tokens)
+
+    @classmethod
+    def from_gguf(cls, meta: dict) -> "Tokenizer":
+        """Build the tokenizer a GGUF file describes (byte-level BPE vocabularies)."""
+        kind = meta.get("tokenizer.ggml.model")
+        if kind != "gpt2":
+            raise UserError(f"GGUF tokenizer {kind!r} is not supported; supported: 'gpt2' (byte-level BPE)")
+        tokens = meta["tokenizer.ggml.tokens"]
+        merges = [tuple(m.split(" ", 1)) for m in meta["tokenizer.ggml.merges"]]
+        hf = HFTokenizer(models.BPE(vocab={t: i for i, t in enumerate(tokens)}, merges=merges))
+        hf.pre_tokenizer = _pre_tokenizer(meta.get("tokenizer.ggml.pre", "gpt2"))
+        hf.decoder = decoders.ByteLevel()
+        types = meta.get("tokenizer.ggml.token_type") or [1] * len(tokens)
+        hf.add_special_tokens([AddedToken(t, special=True, normalized=False) for t, k in zip(tokens, types) if k == 3])
+        hf.add_tokens([AddedToken(t, special=False, normalized=False) for t, k in zip(tokens, types) if k == 4])
+
+        def tok(key):
+            i = meta.get(f"tokenizer.ggml.{key}")
+            return tokens[i] if i is not None and 0 <= i < len(tokens) else None
+
+        return cls(hf, eos_token=tok("eos_token_id"), bos_token=tok("bos_token_id"),
+                   pad_token=tok("padding_token_id"), chat_template=meta.get("tokenizer.chat_template"))
+
+
+def _token_str(t):
+    return t.get("content") if isinstance(t, dict) else t
+
+
+def _read_json(path: Path) -> dict:
+    if not path.exists():
+        return {}
+    try:
+        return json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise UserError(f"{path}: not valid JSON ({e})") from None
