@@ -114,6 +114,8 @@ class Session:
         eng = self.engine
         self.cache_ids = self.cache_ids[: self.cache.length]
         keep = min(common_prefix(self.cache_ids, ids), len(ids) - 1)  # feed at least one token
+        if not getattr(eng.model, "reuses_prefix", True):  # e.g. an encoder-decoder: re-encode the prompt
+            keep = 0
         self.cache.truncate(keep)
         self.cache_ids = ids[:keep]
         stop = sampling.stop + eng.template.stop_strings(eng.tokenizer)

@@ -267,7 +267,6 @@ def gguf_to_checkpoint(path: Path) -> Path:
     target = cache_dir() / "models" / f"{path.stem}-{key}"
     if (target / "config.json").exists():
         return target
-    print(f"dialogen: converting {path.name} to a cached checkpoint in {target} (once)", file=sys.stderr)
     return atomic_dir(target, lambda tmp: _convert_gguf(path, tmp))
 
 
@@ -291,7 +290,10 @@ def _convert_gguf(path: Path, out: Path):
     import gguf
     from safetensors.torch import save_file
 
+    from tqdm import tqdm
+
     reader, meta = read_gguf(path)
+    print(f"dialogen: converting {path.name} into a cached checkpoint (once): {out.parent}", file=sys.stderr)
     arch = meta.get("general.architecture")
     if arch != "llama":
         raise UserError(f"{path}: GGUF architecture {arch!r} is not supported; supported: llama")
@@ -311,7 +313,7 @@ def _convert_gguf(path: Path, out: Path):
               "attn_output": "self_attn.o_proj", "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj",
               "ffn_down": "mlp.down_proj"}
     sd = {}
-    for t in reader.tensors:
+    for t in tqdm(reader.tensors, desc="dequantizing", unit="tensor", disable=None):
         parts = t.name.split(".")
         if parts[0] == "blk":
             name = f"model.layers.{parts[1]}.{rename[parts[2]]}.{parts[3]}"

@@ -1,0 +1,98 @@
+"""Decode speed: our engine vs transformers on the default model, side by side in one process.
+
+Same weights (transformers reads our converted checkpoint directory), same prompt, greedy, the same
+number of new tokens (no early stop). Runs alternate between the two so machine noise hits both;
+medians are reported. Also time-to-first-token of turn 1 and turn 20 of a 20-turn chat, where our
+session keeps its KV cache. Prints one JSON line.
+
+    .venv/bin/python bench/decode.py [--new-tokens 128] [--repeats 3]
+"""
+
+import argparse
+import json
+import statistics
+import sys
+import time
+
+import torch
+
+from dialogen.chat.session import Engine, Session, load_engine
+from dialogen.decoding.generate import Generation
+from dialogen.decoding.processors import Sampling
+from dialogen.models.loading import resolve
+
+PROMPT = [{"role": "user", "content": "Write a short story about a lighthouse keeper who finds a message in a bottle."}]
+
+
+def ours_tok_s(engine: Engine, ids: list[int], n: int) -> float:
+    s = Sampling(temperature=0, repetition_penalty=1.0, max_new_tokens=n)
+    t = time.perf_counter()
+    gen = Generation(engine.model, engine.tokenizer, ids, engine.model.new_cache(1), s, stop_ids=set()).run()
+    assert len(gen.tokens) == n
+    return n / (time.perf_counter() - t)
+
+
+def hf_tok_s(model, ids: list[int], n: int) -> float:
+    x = torch.tensor([ids])
+    t = time.perf_counter()
+    with torch.inference_mode():
+        out = model.generate(x, max_new_tokens=n, min_new_tokens=n, do_sample=False, pad_token_id=0)
+    assert out.shape[1] - len(ids) == n
+    return n / (time.perf_counter() - t)
+
+
+def ttft_by_turn(engine: Engine, turns: int, reply_tokens: int) -> list[float]:
+    session = Session(engine, sampling=Sampling(temperature=0, max_new_tokens=reply_tokens))
+    out = []
+    for i in range(turns):
+        t = time.perf_counter()
+        gen = session.send(f"Turn {i + 1}: tell me one more fact about the sea, please.")
+        for _ in gen:
+            out.append(time.perf_counter() - t)
+            break
+        else:
+            out.append(time.perf_counter() - t)
+        gen.run()  # finish the reply so it joins the history
+    return out
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--new-tokens", type=int, default=128)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--turns", type=int, default=20)
+    args = ap.parse_args()
+    from transformers import AutoModelForCausalLM
+
+    fp32 = load_engine(None, "auto", torch.float32)
+    bf16 = load_engine(None, "auto", torch.bfloat16)
+    ref = AutoModelForCausalLM.from_pretrained(str(resolve(None)), dtype=torch.float32).eval()
+    from dialogen.chat.messages import parse_messages
+
+    ids = fp32.template.render(fp32.tokenizer, parse_messages(PROMPT), add_generation_prompt=True)[0]
+    ours_tok_s(fp32, ids, 8), ours_tok_s(bf16, ids, 8), hf_tok_s(ref, ids, 8)  # warm-up
+    runs = {"ours_fp32": [], "ours_bf16": [], "transformers_fp32": []}
+    for r in range(args.repeats):
+        runs["ours_fp32"].append(ours_tok_s(fp32, ids, args.new_tokens))
+        runs["transformers_fp32"].append(hf_tok_s(ref, ids, args.new_tokens))
+        runs["ours_bf16"].append(ours_tok_s(bf16, ids, args.new_tokens))
+        print(f"repeat {r + 1}/{args.repeats}: " + ", ".join(f"{k} {v[-1]:.1f}" for k, v in runs.items()),
+              file=sys.stderr)
+    med = {k: statistics.median(v) for k, v in runs.items()}
+    best = max(("float32", med["ours_fp32"]), ("bfloat16", med["ours_bf16"]), key=lambda x: x[1])
+    ttfts = [ttft_by_turn(bf16 if best[0] == "bfloat16" else fp32, args.turns, 24) for _ in range(args.repeats)]
+    t1 = statistics.median(t[0] for t in ttfts)
+    tn = statistics.median(t[-1] for t in ttfts)
+    print(json.dumps({
+        "model": "SmolLM2-135M-Instruct", "new_tokens": args.new_tokens, "prompt_tokens": len(ids),
+        "ours_tok_s": round(best[1], 2), "ours_dtype": best[0], "ours_fp32_tok_s": round(med["ours_fp32"], 2),
+        "transformers_tok_s": round(med["transformers_fp32"], 2),
+        "ratio": round(best[1] / med["transformers_fp32"], 2),
+        "ratio_fp32": round(med["ours_fp32"] / med["transformers_fp32"], 2),
+        "ttft_turn1_s": round(t1, 4), f"ttft_turn{args.turns}_s": round(tn, 4),
+        "ttft_ratio": round(tn / t1, 2), "threads": torch.get_num_threads(),
+    }))
+
+
+if __name__ == "__main__":
+    main()
