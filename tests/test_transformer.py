@@ -77,3 +77,16 @@ def test_left_padded_batch_matches_single_rows(tiny_llama):
     out = ours(batch, positions=positions, key_mask=key_mask)
     assert (out[0] - ours(a[None])[0]).abs().max() < 1e-4
     assert (out[1, 5:] - ours(b[None])[0]).abs().max() < 1e-4
+
+
+@torch.no_grad()
+def test_bfloat16_decode_weights_keep_prefill_exact(tiny_llama):
+    """--dtype bfloat16 changes decode steps only: a prefill is bit-identical to float32."""
+    path, _ = tiny_llama
+    fp32, bf16 = load(str(path)).model, load(str(path), torch.bfloat16).model
+    ids = _ids(20, seed=5)
+    c32, c16 = fp32.new_cache(1), bf16.new_cache(1)
+    assert torch.equal(fp32(ids, c32), bf16(ids, c16))
+    step32, step16 = fp32(ids[:, :1], c32)[0, -1], bf16(ids[:, :1], c16)[0, -1]
+    assert not torch.equal(step32, step16)  # the decode step did use the bfloat16 copy
+    assert torch.allclose(step32.softmax(-1), step16.softmax(-1), atol=2e-2)

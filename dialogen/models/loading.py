@@ -68,6 +68,7 @@ def resolve(spec: str | None) -> Path:
 
 
 def load(spec: str | None = None, dtype: torch.dtype = torch.float32) -> Loaded:
+    """`dtype` is for decode steps only: weights stay float32 for prefill and training."""
     path = resolve(spec)
     cfg, family = config_from_hf(_read_json(path / "config.json"), path)
     meta = _read_json(path / "dialogen.json") if (path / "dialogen.json").exists() else {}
@@ -76,11 +77,11 @@ def load(spec: str | None = None, dtype: torch.dtype = torch.float32) -> Loaded:
 
         return Loaded(load_rnn(path, cfg), Tokenizer.from_dir(path), path, meta)
     sd = read_state_dict(path)
-    model = build(cfg, hf_to_ours(cfg, sd), dtype)
+    model = build(cfg, hf_to_ours(cfg, sd)).set_decode_dtype(dtype)
     return Loaded(model, Tokenizer.from_dir(path), path, meta)
 
 
-def build(cfg: Config, sd: dict, dtype=torch.float32) -> Transformer:
+def build(cfg: Config, sd: dict) -> Transformer:
     with torch.device("meta"):
         model = Transformer(cfg)
     if cfg.tie_embeddings:
@@ -91,7 +92,7 @@ def build(cfg: Config, sd: dict, dtype=torch.float32) -> Transformer:
         raise UserError(f"checkpoint does not match its config: missing {missing[:3]}, unexpected {unexpected[:3]}")
     if cfg.tie_embeddings:
         model.lm_head.weight = model.embed.weight
-    return model.to(dtype).eval()
+    return model.float().eval()
 
 
 # --- config ---------------------------------------------------------------------------------
@@ -232,6 +233,12 @@ def read_state_dict(path: Path) -> dict:
 def save_checkpoint(directory: Path, cfg: Config, model: torch.nn.Module, tokenizer: Tokenizer, meta: dict):
     """Write a checkpoint directory atomically: a temp dir beside it, then a rename."""
     from safetensors.torch import save_file
+
+    if hasattr(model, "teacher_forced"):  # the recurrent family writes its own layout
+        from .rnn import save_rnn
+
+        save_rnn(directory, model, tokenizer, meta)
+        return
 
     def write(tmp: Path):
         sd = ours_to_hf(cfg, {k: v.float() for k, v in model.state_dict().items()})

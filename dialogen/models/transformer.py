@@ -90,9 +90,28 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x):
-        xf = x.float()
-        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * xf.to(x.dtype)
+        return F.rms_norm(x, self.weight.shape, self.weight, self.eps)
+
+
+DECODE_ROWS = 8  # at most this many rows (batch x new tokens) use a Linear's compact decode weight
+
+
+class Linear(nn.Linear):
+    """nn.Linear that can keep a compact (e.g. bfloat16) copy of its weight for decode steps.
+
+    Decoding multiplies one row per sequence by each weight, which is bound by memory traffic, so a
+    half-size copy is faster; prefill and training multiply many rows, where fp32 is faster on CPUs
+    without bf16 hardware. Activations stay fp32 either way.
+    """
+
+    compact: torch.Tensor | None = None
+
+    def forward(self, x):
+        c = self.compact
+        if c is not None and x.numel() <= DECODE_ROWS * x.shape[-1]:
+            bias = None if self.bias is None else self.bias.to(c.dtype)
+            return F.linear(x.to(c.dtype), c, bias).to(x.dtype)
+        return F.linear(x, self.weight, self.bias)
 
 
 def rope_tables(cfg: Config, positions: torch.Tensor):
@@ -115,8 +134,8 @@ class Attention(nn.Module):
         self.cfg, self.layer = cfg, layer
         hd, nh, nkv = cfg.head_dim, cfg.n_head, cfg.n_kv_head
         bias = cfg.attn_bias or cfg.arch == "gpt2"
-        self.qkv = nn.Linear(cfg.d_model, (nh + 2 * nkv) * hd, bias=bias)
-        self.o_proj = nn.Linear(nh * hd, cfg.d_model, bias=cfg.arch == "gpt2")
+        self.qkv = Linear(cfg.d_model, (nh + 2 * nkv) * hd, bias=bias)
+        self.o_proj = Linear(nh * hd, cfg.d_model, bias=cfg.arch == "gpt2")
 
     def forward(self, x, rope, cache: KVCache | None, mask):
         cfg = self.cfg
@@ -134,13 +153,13 @@ class Attention(nn.Module):
             cache.v[self.layer][:, :, start : start + T] = v
             k = cache.k[self.layer][:, :, : start + T]
             v = cache.v[self.layer][:, :, : start + T]
-        if nkv != nh:
-            k = k.repeat_interleave(nh // nkv, dim=1)
-            v = v.repeat_interleave(nh // nkv, dim=1)
-        if mask is None:  # plain causal over exactly these T tokens
-            y = F.scaled_dot_product_attention(q, k, v, is_causal=T > 1)
+        if T == 1 and mask is None and nkv != nh:
+            # one query per head: each kv head's group of query heads attends as a (group, hd) block
+            y = F.scaled_dot_product_attention(q.view(B, nkv, nh // nkv, hd), k, v).view(B, nh, 1, hd)
+        elif mask is None:  # plain causal over exactly these T tokens
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=T > 1, enable_gqa=nkv != nh)
         else:
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=nkv != nh)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, nh * hd))
 
 
@@ -149,11 +168,11 @@ class MLP(nn.Module):
         super().__init__()
         self.arch = cfg.arch
         if cfg.arch == "llama":
-            self.gate_up = nn.Linear(cfg.d_model, 2 * cfg.d_ff, bias=False)
-            self.down = nn.Linear(cfg.d_ff, cfg.d_model, bias=False)
+            self.gate_up = Linear(cfg.d_model, 2 * cfg.d_ff, bias=False)
+            self.down = Linear(cfg.d_ff, cfg.d_model, bias=False)
         else:
-            self.up = nn.Linear(cfg.d_model, cfg.d_ff)
-            self.down = nn.Linear(cfg.d_ff, cfg.d_model)
+            self.up = Linear(cfg.d_model, cfg.d_ff)
+            self.down = Linear(cfg.d_ff, cfg.d_model)
 
     def forward(self, x):
         if self.arch == "llama":
@@ -196,9 +215,16 @@ class Transformer(nn.Module):
             self.pos_embed = nn.Embedding(cfg.max_seq_len, cfg.d_model)
         self.blocks = nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layer))
         self.norm = _norm(cfg)
-        self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
+        self.lm_head = Linear(cfg.d_model, cfg.vocab_size, bias=False)
         if cfg.tie_embeddings:
             self.lm_head.weight = self.embed.weight
+
+    def set_decode_dtype(self, dtype: torch.dtype):
+        """Keep `dtype` copies of the weights for decode steps (float32: none)."""
+        for m in self.modules():
+            if isinstance(m, Linear):
+                m.compact = None if dtype == torch.float32 else m.weight.detach().to(dtype)
+        return self
 
     def new_cache(self, batch: int = 1) -> KVCache:
         return KVCache(self.cfg, batch, dtype=self.embed.weight.dtype)
