@@ -105,13 +105,26 @@ class Linear(nn.Linear):
     """
 
     compact: torch.Tensor | None = None
+    scales: torch.Tensor | None = None  # per output row, when `compact` is int8
 
     def forward(self, x):
         c = self.compact
-        if c is not None and x.numel() <= DECODE_ROWS * x.shape[-1]:
-            bias = None if self.bias is None else self.bias.to(c.dtype)
-            return F.linear(x.to(c.dtype), c, bias).to(x.dtype)
-        return F.linear(x, self.weight, self.bias)
+        if c is None or x.numel() > DECODE_ROWS * x.shape[-1]:
+            return F.linear(x, self.weight, self.bias)
+        if c.dtype == torch.int8:
+            y = torch._weight_int8pack_mm(x.reshape(-1, x.shape[-1]), c, self.scales).view(*x.shape[:-1], -1)
+            return y if self.bias is None else y + self.bias
+        bias = None if self.bias is None else self.bias.to(c.dtype)
+        return F.linear(x.to(c.dtype), c, bias).to(x.dtype)
+
+    def set_compact(self, dtype: torch.dtype):
+        w = self.weight.detach()
+        self.compact = self.scales = None
+        if dtype == torch.int8:  # symmetric per-row scales
+            self.scales = (w.abs().amax(dim=1) / 127).clamp(min=1e-12).float()
+            self.compact = (w / self.scales[:, None]).round().clamp(-127, 127).to(torch.int8)
+        elif dtype != torch.float32:
+            self.compact = w.to(dtype)
 
 
 def rope_tables(cfg: Config, positions: torch.Tensor):
@@ -223,7 +236,7 @@ class Transformer(nn.Module):
         """Keep `dtype` copies of the weights for decode steps (float32: none)."""
         for m in self.modules():
             if isinstance(m, Linear):
-                m.compact = None if dtype == torch.float32 else m.weight.detach().to(dtype)
+                m.set_compact(dtype)
         return self
 
     def new_cache(self, batch: int = 1) -> KVCache:
