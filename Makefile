@@ -6,7 +6,7 @@ CORE := $(VENV)/.core-installed
 DEV := $(VENV)/.dev-installed
 PIP := $(BIN)/python -m pip install -q --disable-pip-version-check
 
-.PHONY: install chat test bench clean
+.PHONY: install chat serve test bench clean
 
 $(CORE): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -23,6 +23,13 @@ install: $(CORE)
 
 chat: $(CORE)
 	$(BIN)/dialogen chat $(ARGS)
+
+$(VENV)/.serve-installed: $(CORE)
+	$(PIP) -e '.[serve]'
+	touch $@
+
+serve: $(VENV)/.serve-installed   # the API and chat page on http://127.0.0.1:8000/
+	$(BIN)/dialogen serve $(ARGS)
 
 test: $(DEV)
 	$(BIN)/python -m pytest

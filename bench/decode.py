@@ -41,6 +41,25 @@ def hf_tok_s(model, ids: list[int], n: int) -> float:
     return n / (time.perf_counter() - t)
 
 
+def ours_beam_tok_s(engine: Engine, ids: list[int], n: int, beams: int = 5) -> float:
+    from dialogen.decoding.beam import BeamSettings, beam_search
+
+    s = BeamSettings(beam_size=beams, max_new_tokens=n, min_new_tokens=n)  # no early stop: n steps
+    t = time.perf_counter()
+    best = beam_search(engine.model, ids, s, stop_ids=set())[0]
+    assert len(best.tokens) == n
+    return n / (time.perf_counter() - t)
+
+
+def hf_beam_tok_s(model, ids: list[int], n: int, beams: int = 5) -> float:
+    x = torch.tensor([ids])
+    t = time.perf_counter()
+    with torch.inference_mode():
+        out = model.generate(x, max_new_tokens=n, min_new_tokens=n, num_beams=beams, do_sample=False, pad_token_id=0)
+    assert out.shape[1] - len(ids) == n
+    return n / (time.perf_counter() - t)
+
+
 def ttft_by_turn(engine: Engine, turns: int, reply_tokens: int) -> list[float]:
     session = Session(engine, sampling=Sampling(temperature=0, max_new_tokens=reply_tokens))
     out = []
@@ -61,6 +80,7 @@ def main():
     ap.add_argument("--new-tokens", type=int, default=128)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--turns", type=int, default=20)
+    ap.add_argument("--beam-tokens", type=int, default=32, help="new tokens of the beam-5 runs")
     args = ap.parse_args()
     from transformers import AutoModelForCausalLM
 
@@ -80,6 +100,12 @@ def main():
               file=sys.stderr)
     med = {k: statistics.median(v) for k, v in runs.items()}
     best = max(("float32", med["ours_fp32"]), ("bfloat16", med["ours_bf16"]), key=lambda x: x[1])
+    beam_engine = bf16 if best[0] == "bfloat16" else fp32
+    beam_runs = {"ours": [], "transformers": []}
+    for _ in range(args.repeats):  # beam search, 5 beams as one batch, same dtype choice as greedy
+        beam_runs["ours"].append(ours_beam_tok_s(beam_engine, ids, args.beam_tokens))
+        beam_runs["transformers"].append(hf_beam_tok_s(ref, ids, args.beam_tokens))
+    beam = {k: statistics.median(v) for k, v in beam_runs.items()}
     ttfts = [ttft_by_turn(bf16 if best[0] == "bfloat16" else fp32, args.turns, 24) for _ in range(args.repeats)]
     t1 = statistics.median(t[0] for t in ttfts)
     tn = statistics.median(t[-1] for t in ttfts)
@@ -91,6 +117,9 @@ def main():
         "ratio_fp32": round(med["ours_fp32"] / med["transformers_fp32"], 2),
         "ttft_turn1_s": round(t1, 4), f"ttft_turn{args.turns}_s": round(tn, 4),
         "ttft_ratio": round(tn / t1, 2), "threads": torch.get_num_threads(),
+        "beam5_new_tokens": args.beam_tokens, "ours_beam5_tok_s": round(beam["ours"], 2),
+        "transformers_beam5_tok_s": round(beam["transformers"], 2),
+        "beam5_ratio": round(beam["ours"] / beam["transformers"], 2),
     }))
 
 

@@ -8,7 +8,7 @@ import sys
 
 from .errors import UserError
 
-DTYPES = ("float32", "bfloat16")
+DTYPES = ("float32", "bfloat16", "int8")
 
 
 def add_model_args(p: argparse.ArgumentParser):
@@ -18,7 +18,8 @@ def add_model_args(p: argparse.ArgumentParser):
     g.add_argument("--template", default="auto", help="chat template: chatml, llama2, dialogpt, jinja "
                    "(the model's own); default: the model's own if it has one")
     g.add_argument("--dtype", default="bfloat16", choices=DTYPES,
-                   help="weights for decoding; bfloat16 decodes ~1.6x faster on CPU (default: %(default)s)")
+                   help="weight copy used by decode steps (prefill stays float32); bfloat16 and int8 "
+                        "(per-row scales) move less memory per token (default: %(default)s)")
 
 
 def add_sampling_args(p: argparse.ArgumentParser):
@@ -40,7 +41,8 @@ def add_sampling_args(p: argparse.ArgumentParser):
     g.add_argument("--max-new-tokens", type=int, default=d.max_new_tokens, help="reply length limit (default: %(default)s)")
     g.add_argument("--seed", type=int, default=None, help="random seed, for reproducible sampling")
     g.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
-    g.add_argument("--system", "--persona", dest="system", default=None, help="persona: the system message")
+    g.add_argument("--system", "--persona", dest="system", default=None,
+                   help="persona: the system message, or a preset: virtual-assistant, friendly-chatbot, customer-service")
     g.add_argument("--max-context-tokens", type=int, default=None,
                    help="prompt budget; the oldest turns are dropped beyond it (default: model context - max new tokens)")
 
@@ -59,9 +61,18 @@ def open_session(args):
 
     from .chat.session import Session, load_engine
 
+    from .chat.personas import resolve_persona
+    from .chat.ranked import RankedSession
+    from .decoding.strategy import decoding_from, format_candidates
+
     sampling = sampling_from(args)  # validate flags before the slow model load
+    decoding = decoding_from(args)
     engine = load_engine(args.model, args.template, getattr(torch, args.dtype))
-    return Session(engine, system=args.system, sampling=sampling, max_context_tokens=args.max_context_tokens)
+    if decoding is not None:
+        show = (lambda r: print(format_candidates(r), file=sys.stderr)) if args.show_candidates else None
+        return RankedSession(engine, decoding, on_reply=show, system=resolve_persona(args.system), sampling=sampling,
+                             max_context_tokens=args.max_context_tokens)
+    return Session(engine, system=resolve_persona(args.system), sampling=sampling, max_context_tokens=args.max_context_tokens)
 
 
 def cmd_chat(args) -> int:
@@ -92,12 +103,16 @@ def cmd_generate(args) -> int:
         messages = messages[1:]
     session.messages = messages[:-1]
     gen = session.send(messages[-1].content).run()
-    print(json.dumps({"reply": gen.text, "tokens": len(gen.tokens), "finish_reason": gen.finish_reason},
-                     ensure_ascii=False))
+    out = {"reply": gen.text, "tokens": len(gen.tokens), "finish_reason": gen.finish_reason}
+    if getattr(args, "show_candidates", False) and getattr(gen, "candidates", None):
+        out["candidates"] = gen.candidates_dicts()
+    print(json.dumps(out, ensure_ascii=False))
     return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from .decoding.strategy import add_decoding_args
+
     parser = argparse.ArgumentParser(prog="dialogen", description="Dialogue generation: chat, train, decode, evaluate, serve.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
@@ -106,6 +121,7 @@ def build_parser() -> argparse.ArgumentParser:
                                    "user turn and each reply is printed on its own line.")
     add_model_args(p)
     add_sampling_args(p)
+    add_decoding_args(p)
     p.set_defaults(func=cmd_chat)
 
     p = sub.add_parser("generate", help="reply to a JSON list of messages; prints JSON",
@@ -114,7 +130,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("input", nargs="?", default="-", help="messages JSON file (default: stdin)")
     add_model_args(p)
     add_sampling_args(p)
+    add_decoding_args(p)
     p.set_defaults(func=cmd_generate)
+    from .serve.cli import register as _r; _r(sub)
+    from .training.cli import register as _r; _r(sub)
+    from .data.inspect import register as _r; _r(sub)
+    from .eval.perplexity import register as _r; _r(sub)
+    from .training.adversarial_cli import register as _r; _r(sub)
+    from .eval.run import register as _r; _r(sub)
     return parser
 
 

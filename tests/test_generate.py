@@ -100,3 +100,14 @@ def test_streaming_never_splits_a_character(model, smol_tokenizer):
         deltas.append(gen._delta()[0])
     assert all("\ufffd" not in d for d in deltas)
     assert "".join(deltas) == text
+
+
+def test_sampling_respects_top_k_and_top_p():
+    logits = torch.log(torch.tensor([0.05, 0.4, 0.3, 0.2, 0.05]))
+    g = torch.Generator().manual_seed(0)
+    seen = {P.next_token(logits, Sampling(temperature=1.0, top_k=3, top_p=0.6, repetition_penalty=1.0), g, [], [])
+            for _ in range(300)}
+    assert seen == {1, 2}  # top-3 is {1, 2, 3}; of those, 0.4 + 0.3 reaches p = 0.6 of the renormalised mass
+    seen = {P.next_token(logits, Sampling(temperature=1.0, top_k=0, top_p=1.0, repetition_penalty=1.0), g, [], [])
+            for _ in range(300)}
+    assert seen == {0, 1, 2, 3, 4}

@@ -9,7 +9,8 @@ from .session import Session
 
 HELP = """commands:
   /reset           forget the conversation (the persona stays)
-  /persona TEXT    set the persona (system message); /persona alone clears it
+  /persona TEXT    set the persona (system message) or a preset: virtual-assistant, friendly-chatbot,
+                   customer-service; /persona alone clears it
   /save FILE       save the conversation as JSON
   /load FILE       load a conversation saved with /save (or a JSON list of messages)
   /help            this text
@@ -26,7 +27,9 @@ def command(session: Session, line: str, out=sys.stdout) -> bool:
         session.reset()
         print("(conversation cleared)", file=out)
     elif name == "/persona":
-        session.set_persona(arg)
+        from .personas import resolve_persona
+
+        session.set_persona(resolve_persona(arg))  # a preset name or the text itself
         print(f"(persona {'set' if arg else 'cleared'})", file=out)
     elif name in ("/save", "/load"):
         if not arg:

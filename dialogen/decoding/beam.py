@@ -66,13 +66,17 @@ class BeamSettings:
                 raise UserError(f"--{name.replace('_', '-')} must be {rule}, got {getattr(self, name)}")
 
 
-def context_ngram_table(context: list[int], n: int) -> dict[tuple, set[int]]:
-    """(n-1)-token prefix -> the tokens that follow it somewhere in the context."""
+def context_ngram_table(segments: list[list[int]], n: int) -> dict[tuple, set[int]]:
+    """(n-1)-token prefix -> the tokens that follow it somewhere in the context.
+
+    The context comes as segments (one per message) so no n-gram spans two messages.
+    """
     table: dict[tuple, set[int]] = {}
     if n <= 0:
         return table
-    for i in range(len(context) - n + 1):
-        table.setdefault(tuple(context[i:i + n - 1]), set()).add(context[i + n - 1])
+    for seg in segments:
+        for i in range(len(seg) - n + 1):
+            table.setdefault(tuple(seg[i:i + n - 1]), set()).add(seg[i + n - 1])
     return table
 
 
@@ -134,50 +138,60 @@ def _bound(running_sums: list[float], s: BeamSettings, cur_len: int) -> float:
     return best / length ** s.length_penalty
 
 
+def _select(total, raw, beams, raw_sums, s: BeamSettings, stop_ids: set[int], k: int, t: int, done: _Finished):
+    """The next beams from the k best moves (B, V): finished replies go to `done`.
+
+    Returns (parents, tokens, search sums, model log-likelihood sums), one entry per new beam.
+    """
+    V = total.shape[-1]
+    top_scores, top_idx = total.view(-1).topk(k)
+    parents, tokens, sums, raws = [], [], [], []
+    for rank in range(k):
+        score = float(top_scores[rank])
+        if score == float("-inf"):
+            break
+        row, tok = divmod(int(top_idx[rank]), V)
+        if tok in stop_ids:
+            if rank < s.beam_size:  # a stop token only counts among the beam_size best moves
+                done.add(Candidate(list(beams[row]), raw_sums[row] + float(raw[row, tok]),
+                                   score / (t + 1) ** s.length_penalty, "stop", tok))
+            continue
+        parents.append(row)
+        tokens.append(tok)
+        sums.append(score)
+        raws.append(raw_sums[row] + float(raw[row, tok]))
+        if len(parents) == s.beam_size:
+            break
+    return parents, tokens, sums, raws
+
+
 @torch.inference_mode()
 def beam_search(model, prompt: list[int], s: BeamSettings, stop_ids: set[int],
-                context: list[int] | None = None) -> list[Candidate]:
+                context: list[list[int]] | None = None) -> list[Candidate]:
     """The n-best replies to `prompt` (at most `beam_size`), best first.
 
-    `context` is what `block_context_ngram` blocks against (default: the prompt).
+    `context` holds the token segments `block_context_ngram` blocks against, e.g. the encoded
+    text of each earlier message (default: the whole prompt as one segment).
     """
     if not prompt:
         raise UserError("beam search needs a non-empty prompt")
     stop = sorted(stop_ids)
-    table = context_ngram_table(prompt if context is None else context, s.block_context_ngram)
+    table = context_ngram_table([prompt] if context is None else context, s.block_context_ngram)
     cache = model.new_cache(1)
     logits = model(torch.tensor([prompt], dtype=torch.long), cache)[:, -1]  # (1, V)
     beams: list[list[int]] = [[]]
     sums, raw_sums = [0.0], [0.0]
     done = _Finished(s.beam_size)
     rows_in_cache = 1
+    k = (len(stop) + 1) * s.beam_size  # enough moves that beam_size of them can keep running
     for t in range(s.max_new_tokens):
         search, raw = _step_logprobs(logits, beams, prompt, s, table, stop, t)
         total = torch.tensor(sums)[:, None] + search  # (B, V)
-        V = total.shape[-1]
-        k = min((len(stop) + 1) * s.beam_size, total.numel())  # enough moves to keep beam_size running
-        top_scores, top_idx = total.view(-1).topk(k)
-        parents, tokens, new_sums, new_raw = [], [], [], []
-        for rank in range(k):
-            score = float(top_scores[rank])
-            if score == float("-inf"):
-                break
-            row, tok = divmod(int(top_idx[rank]), V)
-            if tok in stop_ids:
-                if rank < s.beam_size:  # a stop token only counts among the beam_size best moves
-                    done.add(Candidate(list(beams[row]), raw_sums[row] + float(raw[row, tok]),
-                                       score / (t + 1) ** s.length_penalty, "stop", tok))
-                continue
-            parents.append(row)
-            tokens.append(tok)
-            new_sums.append(score)
-            new_raw.append(raw_sums[row] + float(raw[row, tok]))
-            if len(parents) == s.beam_size:
-                break
+        parents, tokens, sums, raw_sums = _select(total, raw, beams, raw_sums, s, stop_ids,
+                                                  min(k, total.numel()), t, done)
         if not parents:
             break
         beams = [beams[p] + [tok] for p, tok in zip(parents, tokens)]
-        sums, raw_sums = new_sums, new_raw
         if done.full() and (s.early_stopping or _bound(sums, s, t + 1) <= done.worst()):
             break
         if t + 1 == s.max_new_tokens:
@@ -189,4 +203,3 @@ def beam_search(model, prompt: list[int], s: BeamSettings, stop_ids: set[int],
             rows_in_cache = len(parents)
         logits = model(torch.tensor(tokens, dtype=torch.long)[:, None], cache)[:, -1]
     return done.items
-

@@ -100,5 +100,10 @@ def next_token(logits, s: Sampling, generator: torch.Generator | None, history: 
         logits[banned] = float("-inf")
     if s.temperature == 0:
         return int(torch.argmax(logits))
-    logits = top_p_filter(top_k_filter(logits / s.temperature, s.top_k), s.top_p)
+    logits = logits / s.temperature
+    if 0 < s.top_k < logits.shape[-1]:  # sample among the k best: top-p then sorts k values, not the vocabulary
+        values, index = torch.topk(logits, s.top_k)
+        values = top_p_filter(values, s.top_p)
+        return int(index[torch.multinomial(values.softmax(-1), 1, generator=generator)])
+    logits = top_p_filter(logits, s.top_p)
     return int(torch.multinomial(logits.softmax(-1), 1, generator=generator))

@@ -19,7 +19,6 @@ from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
@@ -353,7 +352,3 @@ def load_rnn(path, config: dict) -> RNNSeq2Seq:
 def count_parameters(model: nn.Module) -> int:
     return sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
 
-
-def masked_nll(logits, labels, ignore_index: int = -100):
-    """Mean token cross-entropy over labels != ignore_index; logits (B, T, V), labels (B, T)."""
-    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), labels.reshape(-1), ignore_index=ignore_index)

@@ -1,0 +1,137 @@
+"""Serving under load: N concurrent clients x T turns each, vs the same turns sent one by one.
+
+Starts `dialogen serve` (default model unless --model) on a free loopback port with a fresh
+session database. Each client opens a session and sends its turns one after another, streamed
+(so time to first token is measured too). Phase 1 runs all clients at once; phase 2 sends the
+same load one turn at a time. Each phase stops issuing turns at --phase-limit seconds, so the
+whole run is bounded; turns not started are reported, not hidden. Prints one JSON object.
+
+    nice .venv/bin/python bench/serve_load.py [--clients 32] [--turns 5] [--max-tokens 24]
+"""
+
+import argparse
+import asyncio
+import json
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import httpx
+
+from dialogen.serve.launch import ServerProcess
+
+TURNS = ["Hi! How is your day going?", "Can you recommend a good book to read?", "Why do you like it?",
+         "What should I cook for dinner tonight?", "Thanks! Any tips for sleeping better?",
+         "What is your favourite season?", "Tell me a fun fact.", "Goodbye!"]
+
+
+async def turn(client: httpx.AsyncClient, sid: str, text: str, max_tokens: int) -> dict:
+    t0 = time.perf_counter()
+    first, tokens, error = None, 0, None
+    body = {"content": text, "stream": True, "max_tokens": max_tokens}
+    try:
+        async with client.stream("POST", f"/v1/sessions/{sid}/messages", json=body) as r:
+            if r.status_code != 200:
+                await r.aread()
+                return {"error": f"{r.status_code} {r.text[:200]}"}
+            async for line in r.aiter_lines():
+                if not line.startswith("data: {"):
+                    continue
+                ev = json.loads(line[6:])
+                if "error" in ev:
+                    error = ev["error"]["message"]
+                elif ev["choices"] and ev["choices"][0]["delta"].get("content") and first is None:
+                    first = time.perf_counter() - t0
+                if ev.get("usage"):
+                    tokens = ev["usage"]["completion_tokens"]
+    except httpx.HTTPError as e:
+        error = f"{type(e).__name__}: {e}"
+    out = {"latency": time.perf_counter() - t0, "ttft": first, "tokens": tokens}
+    if error:
+        out["error"] = error
+    return out
+
+
+async def conversation(client, c: int, turns: int, max_tokens: int, deadline: float, results: list):
+    r = await client.post("/v1/sessions", json={"persona": "You are a friendly, concise assistant."})
+    if r.status_code != 200:
+        results.append({"error": f"create session: {r.status_code}"})
+        return
+    sid = r.json()["id"]
+    for t in range(turns):
+        if time.perf_counter() > deadline:
+            return
+        results.append(await turn(client, sid, TURNS[(c + t) % len(TURNS)], max_tokens))
+
+
+async def phase(url: str, clients: int, turns: int, max_tokens: int, limit: float, concurrent: bool) -> dict:
+    results: list[dict] = []
+    deadline = time.perf_counter() + limit
+    t0 = time.perf_counter()
+    async with httpx.AsyncClient(base_url=url, timeout=httpx.Timeout(600.0),
+                                 limits=httpx.Limits(max_connections=clients + 8)) as client:
+        if concurrent:
+            await asyncio.gather(*(conversation(client, c, turns, max_tokens, deadline, results)
+                                   for c in range(clients)))
+        else:
+            for c in range(clients):
+                await conversation(client, c, turns, max_tokens, deadline, results)
+    wall = time.perf_counter() - t0
+    return summarize(results, wall, clients * turns)
+
+
+def _pct(xs: list[float], q: float) -> float | None:
+    if not xs:
+        return None
+    xs = sorted(xs)
+    return round(xs[min(len(xs) - 1, int(q * len(xs)))], 3)
+
+
+def summarize(results: list[dict], wall: float, planned: int) -> dict:
+    ok = [r for r in results if "error" not in r]
+    lat = [r["latency"] for r in ok]
+    ttft = [r["ttft"] for r in ok if r["ttft"] is not None]
+    tokens = sum(r["tokens"] for r in ok)
+    return {"turns_planned": planned, "turns_done": len(ok), "errors": len(results) - len(ok),
+            "error_samples": [r["error"] for r in results if "error" in r][:3],
+            "latency_p50_s": _pct(lat, 0.5), "latency_p95_s": _pct(lat, 0.95),
+            "ttft_p50_s": _pct(ttft, 0.5), "ttft_p95_s": _pct(ttft, 0.95),
+            "tokens": tokens, "wall_s": round(wall, 1), "tokens_per_s": round(tokens / wall, 2),
+            "mean_latency_s": round(statistics.mean(lat), 3) if lat else None}
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--model", default=None, help="model for the server (default: the embedded default model)")
+    ap.add_argument("--clients", type=int, default=32)
+    ap.add_argument("--turns", type=int, default=5)
+    ap.add_argument("--max-tokens", type=int, default=24, help="reply length limit per turn")
+    ap.add_argument("--phase-limit", type=float, default=300.0, help="seconds each phase may start turns for")
+    ap.add_argument("--skip-sequential", action="store_true")
+    args = ap.parse_args(argv)
+    with tempfile.TemporaryDirectory() as tmp:
+        server_args = ["--db", str(Path(tmp) / "bench.db"), "--max-active", str(max(args.clients, 1)),
+                       "--max-queue", str(args.clients * 2)]
+        if args.model:
+            server_args += ["--model", args.model]
+        with ServerProcess(server_args) as srv:
+            together = asyncio.run(phase(srv.url, args.clients, args.turns, args.max_tokens, args.phase_limit, True))
+            worker = srv.health()["worker"]
+            alone = None
+            if not args.skip_sequential:
+                alone = asyncio.run(phase(srv.url, args.clients, args.turns, args.max_tokens, args.phase_limit, False))
+            health = srv.health()
+    out = {"model": health["model"], "clients": args.clients, "turns_per_client": args.turns,
+           "max_tokens": args.max_tokens, "concurrent": together, "one_by_one": alone,
+           "largest_decode_batch": worker["max_batch"], "mean_decode_batch": round(
+               worker["decode_rows"] / max(1, worker["rounds"]), 1)}
+    if alone and alone["tokens_per_s"]:
+        out["throughput_ratio"] = round(together["tokens_per_s"] / alone["tokens_per_s"], 2)
+    print(json.dumps(out))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

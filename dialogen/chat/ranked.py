@@ -1,0 +1,35 @@
+"""A session whose replies may come from beam search or sample-and-rank.
+
+With one beam and one candidate it is a plain `Session` (streamed replies, KV cache kept across
+turns). Otherwise each reply is a `Reply` from the `Decoder`: the search encodes the prompt on a
+cache of its own, so the session's cache is left as it was and stays valid for later turns.
+"""
+
+from __future__ import annotations
+
+from ..decoding.processors import Sampling
+from ..decoding.strategy import Decoder, Decoding, Reply
+from .messages import Message
+from .session import Engine, Session
+
+
+class RankedSession(Session):
+    def __init__(self, engine: Engine, decoding: Decoding | None = None, on_reply=None, **kw):
+        """`on_reply(reply)` is called after every searched reply (e.g. to print candidates)."""
+        super().__init__(engine, **kw)
+        self.decoder = Decoder(engine, decoding or Decoding())
+        self.on_reply = on_reply
+        self.last_reply: Reply | None = None
+
+    def _generate(self, ids: list[int], sampling: Sampling):
+        if not self.decoder.decoding.searches:
+            return super()._generate(ids, sampling)
+        context = self.conversation()
+
+        def finish(reply: Reply):
+            self.messages.append(Message("assistant", reply.text))
+            self.last_reply = reply
+            if self.on_reply is not None and reply.candidates:
+                self.on_reply(reply)
+
+        return self.decoder.reply(ids, context, sampling, on_finish=finish)

@@ -1,0 +1,108 @@
+"""`dialogen inspect-data`: what the model sees and where the loss is taken.
+
+For N examples of a dataset split rendered with a model's tokenizer and template it prints the
+table of the chat fine-tuning recipe (context seen, next token, loss on/off), the example's text
+with the trained tokens highlighted (green on a terminal, [[...]] otherwise), then the counts of
+the whole split.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+
+from ..errors import UserError
+from .dataset import IGNORE_INDEX, Example, build_examples
+
+GREEN, DIM, RESET = "\033[32;1m", "\033[2m", "\033[0m"
+
+
+def _show(text: str) -> str:
+    return json.dumps(text, ensure_ascii=False)[1:-1]  # newlines etc. visible, one line
+
+
+def table(tokenizer, ex: Example, rows: int, width: int = 44) -> list[str]:
+    """One line per predicted token: the context before it, the token, whether it has loss.
+    With a row limit the table starts a little before the first trained token."""
+    lines = [f"  {'context seen by the model':>{width}} | {'next token':<16} | loss"]
+    first = next((i for i, x in enumerate(ex.labels) if x != IGNORE_INDEX), 1)
+    start = max(1, first - rows // 3) if rows else 1
+    end = min(len(ex.ids), start + rows) if rows else len(ex.ids)
+    if start > 1:
+        lines.append(f"  ... {start - 1} rows before")
+    for i in range(start, end):
+        context = _show(tokenizer.decode(ex.ids[max(0, i - 16):i]))[-width:]
+        token = _show(tokenizer.decode([ex.ids[i]]))
+        lines.append(f"  {context:>{width}} | {token:<16} | {'YES' if ex.labels[i] != IGNORE_INDEX else 'no'}")
+    if end < len(ex.ids):
+        lines.append(f"  ... {len(ex.ids) - end} more rows (--rows 0 shows all)")
+    return lines
+
+
+def highlighted(tokenizer, ex: Example, color: bool) -> str:
+    """The example's text, trained runs marked."""
+    out, run, on = [], [], False
+    for tok_id, label in [*zip(ex.ids, ex.labels), (None, None)]:
+        now = label is not None and label != IGNORE_INDEX
+        if tok_id is None or now != on:
+            if run:
+                text = tokenizer.decode(run)
+                if color:
+                    out.append(f"{GREEN if on else DIM}{text}{RESET}")
+                else:
+                    out.append(f"[[{text}]]" if on else text)
+            run, on = [], now
+        if tok_id is not None:
+            run.append(tok_id)
+    return "".join(out)
+
+
+def cmd_inspect(args) -> int:
+    from ..chat.templates import default_template_name, get_template
+    from ..models.loading import resolve
+    from ..models.tokenizer import Tokenizer
+    from . import load_split
+
+    if args.n < 0 or args.rows < 0 or args.max_len < 1:
+        raise UserError("-n and --rows must be >= 0, --max-len >= 1")
+    convs = load_split(args.data, args.split, args.format, args.split_seed, args.skip_bad)
+    path = resolve(None if args.model == "default" else args.model)
+    tokenizer = Tokenizer.from_dir(path)
+    meta = json.loads((path / "dialogen.json").read_text()) if (path / "dialogen.json").exists() else {}
+    arch = json.loads((path / "config.json").read_text()).get("model_type", "llama")
+    name = args.template if args.template != "auto" else default_template_name(meta, tokenizer, arch)
+    template = get_template(name, tokenizer)
+    color = args.color == "always" or (args.color == "auto" and sys.stdout.isatty())
+    shown, _ = build_examples(convs[: args.n], tokenizer, template, args.max_len, args.train_on, args.reverse)
+    for k, ex in enumerate(shown[: args.n]):
+        print(f"example {k + 1}: {len(ex.ids)} tokens, {ex.trained()} with loss "
+              f"(template {name}, train on {args.train_on}{', reverse' if args.reverse else ''})")
+        print("\n".join(table(tokenizer, ex, args.rows)))
+        print("  text (" + ("trained tokens in green" if color else "trained tokens in [[ ]]") + "):")
+        print("  " + highlighted(tokenizer, ex, color).replace("\n", "\n  "))
+        print()
+    _, stats = build_examples(convs, tokenizer, template, args.max_len, args.train_on, args.reverse)
+    s = stats
+    print(f"{args.data} [{args.split}]: {s.conversations} conversations, {s.turns} turns "
+          f"({s.trained_turns} trained), {s.windows} examples, {s.tokens} tokens, {s.trained_tokens} trained "
+          f"tokens ({100 * s.trained_tokens / max(1, s.tokens):.1f}%), {s.split_conversations} conversations "
+          f"cut into windows, {s.truncated} truncated windows (--max-len {args.max_len})")
+    return 0
+
+
+def register(sub):
+    from ..training.cli import add_data_args
+
+    p = sub.add_parser("inspect-data", help="show examples of a dataset as the model sees them, with the loss mask",
+                       description="Renders N examples with a model's tokenizer and chat template and prints, for "
+                                   "each token, the context seen, the next token and whether it carries loss; then "
+                                   "counts for the whole split.")
+    add_data_args(p)
+    p.add_argument("--split", default="train", choices=["train", "valid", "test"], help="(default: %(default)s)")
+    p.add_argument("--model", default="default", help="whose tokenizer: a model path or 'default' (default: %(default)s)")
+    p.add_argument("--template", default="auto", help="chat template (default: the model's own)")
+    p.add_argument("--reverse", action="store_true", help="show backward (reply -> context) examples")
+    p.add_argument("-n", type=int, default=2, help="examples to show (default: %(default)s)")
+    p.add_argument("--rows", type=int, default=60, help="table rows per example; 0 = all (default: %(default)s)")
+    p.add_argument("--color", default="auto", choices=["auto", "always", "never"], help="(default: %(default)s)")
+    p.set_defaults(func=cmd_inspect)

@@ -1,0 +1,16 @@
+"""`dialogen serve`: an OpenAI-compatible HTTP API, stored sessions and a web chat page.
+
+  cli.py          the command: flags, checks, binding, uvicorn
+  app.py          the FastAPI app: auth, limits, errors, health, models, the page
+  completions.py  POST /v1/chat/completions (plain and streamed)
+  sessions.py     /v1/sessions: stored conversations with live KV caches
+  protocol.py     request checking and OpenAI-shaped response objects
+  service.py      what the routes drive: engine, store, KV-cache LRU, API keys
+  worker.py       the one model thread: bounded queue, rounds, cancellation
+  batching.py     one decode step for many conversations, each with its own cache
+  store.py        SQLite (WAL) session store
+  launch.py       run a server in a child process (tests, benchmarks)
+  static/         the chat page (plain HTML/JS/CSS)
+
+FastAPI and uvicorn are imported only when the server runs: pip install 'dialogen[serve]'.
+"""

@@ -1,0 +1,179 @@
+"""The FastAPI application: auth, body limits, OpenAI-shaped errors, health, models, the web page.
+
+Endpoints are added by `completions.py` (POST /v1/chat/completions) and `sessions.py`
+(/v1/sessions...). Every error leaves as `{"error": {"message", "type", "param", "code"}}`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from pathlib import Path
+
+from fastapi import FastAPI, Request
+from fastapi.responses import FileResponse, JSONResponse
+from fastapi.staticfiles import StaticFiles
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from ..errors import UserError
+from .protocol import ApiError, error_body, parse_json_body
+from .service import Service
+from .worker import Busy
+
+STATIC = Path(__file__).parent / "static"
+log = logging.getLogger("dialogen.serve")
+
+
+def create_app(svc: Service) -> FastAPI:
+    app = FastAPI(title="dialogen", docs_url=None, redoc_url=None, openapi_url=None)
+    app.state.svc = svc
+    started = int(time.time())
+
+    @app.exception_handler(ApiError)
+    async def api_error(request: Request, e: ApiError):
+        return JSONResponse(e.body(), status_code=e.status, headers=e.headers)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, e: StarletteHTTPException):
+        code = {404: "not_found", 405: "method_not_allowed"}.get(e.status_code)
+        msg = f"{request.method} {request.url.path}: {e.detail}"
+        return JSONResponse(error_body(msg, "invalid_request_error", None, code), status_code=e.status_code)
+
+    @app.exception_handler(Exception)
+    async def server_error(request: Request, e: Exception):
+        log.exception("unhandled error")
+        return JSONResponse(error_body(f"internal error: {type(e).__name__}", "server_error"), status_code=500)
+
+    app.add_middleware(AuthMiddleware, keys=svc.keys)
+
+    @app.get("/health")
+    async def health():
+        return {"status": "ok", "model": svc.model_name, "context_length": svc.context_length,
+                "worker": svc.worker.load(), "live_sessions": len(svc.sessions),
+                "kv_cache_bytes": svc.sessions.nbytes(), "evictions": svc.sessions.evictions,
+                "defaults": svc.defaults()}
+
+    @app.get("/v1/models")
+    async def models():
+        return {"object": "list", "data": [_model_card(svc, started)]}
+
+    @app.get("/v1/models/{name:path}")
+    async def model(name: str):
+        if not svc.accepts_model(name):
+            raise ApiError(404, f"the model '{name}' does not exist; this server serves '{svc.model_name}'",
+                           "model", "model_not_found")
+        return _model_card(svc, started)
+
+    @app.get("/", include_in_schema=False)
+    async def index():
+        return FileResponse(STATIC / "index.html", headers={"Cache-Control": "no-cache"})
+
+    app.mount("/static", StaticFiles(directory=STATIC), name="static")
+
+    from .completions import add_routes as completion_routes
+    from .sessions import add_routes as session_routes
+
+    completion_routes(app, svc)
+    session_routes(app, svc)
+    return app
+
+
+class AuthMiddleware:
+    """Every /v1/ request needs a known API key (when keys are configured); sets state.owner.
+
+    Plain ASGI rather than a decorator middleware, so streamed responses and client
+    disconnects pass through untouched.
+    """
+
+    def __init__(self, app, keys):
+        self.app, self.keys = app, keys
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] == "http" and scope["path"].startswith("/v1/"):
+            header = dict(scope["headers"]).get(b"authorization", b"").decode("latin-1")
+            owner = self.keys.owner(header)
+            if owner is None:
+                msg = ("no API key given: send 'Authorization: Bearer YOUR_KEY'" if not header
+                       else "incorrect API key")
+                body = error_body(msg, "invalid_request_error", None, "invalid_api_key")
+                await JSONResponse(body, status_code=401)(scope, receive, send)
+                return
+            scope.setdefault("state", {})["owner"] = owner
+        await self.app(scope, receive, send)
+
+
+def _model_card(svc: Service, created: int) -> dict:
+    return {"id": svc.model_name, "object": "model", "created": created, "owned_by": "dialogen",
+            "context_length": svc.context_length}
+
+
+# --- helpers for the routes ------------------------------------------------------------------
+async def read_json(request: Request, limit: int) -> dict:
+    """The body as a JSON object; 413 past `limit` bytes (checked while reading, not only the header)."""
+    declared = request.headers.get("content-length")
+    if declared and declared.isdigit() and int(declared) > limit:
+        raise ApiError(413, f"the request body is {declared} bytes; the limit is {limit}", code="request_too_large")
+    parts, size = [], 0
+    async for part in request.stream():
+        size += len(part)
+        if size > limit:
+            raise ApiError(413, f"the request body is over the limit of {limit} bytes", code="request_too_large")
+        parts.append(part)
+    return parse_json_body(b"".join(parts))
+
+
+class Channel:
+    """Events from job threads into this request's event loop."""
+
+    def __init__(self):
+        self.loop = asyncio.get_running_loop()
+        self.queue: asyncio.Queue = asyncio.Queue()
+
+    def sender(self, index: int):
+        def emit(event):
+            kind, payload = event
+            self.loop.call_soon_threadsafe(self.queue.put_nowait, (index, kind, payload))
+        return emit
+
+    async def get(self, request: Request | None = None, poll: float = 0.5):
+        """The next event; with `request`, raises Cancelled-like ApiError when the client left."""
+        while True:
+            try:
+                return await asyncio.wait_for(self.queue.get(), poll)
+            except asyncio.TimeoutError:
+                if request is not None and await request.is_disconnected():
+                    raise ClientGone() from None
+
+
+class ClientGone(Exception):
+    pass
+
+
+def submit_all(svc: Service, fns: list, channel: Channel) -> list:
+    """Submit one job per function; all or none (503 when the queue is full)."""
+    jobs = []
+    try:
+        for i, fn in enumerate(fns):
+            jobs.append(svc.worker.submit(fn, channel.sender(i)))
+    except Busy:
+        for j in jobs:
+            j.cancel()
+        load = svc.worker.load()
+        raise ApiError(503, f"the server is busy ({load['running']} replies running, {load['queued']} queued); "
+                            "retry shortly", code="server_busy", type="server_error",
+                       headers={"Retry-After": str(retry_after(svc))}) from None
+    return jobs
+
+
+def retry_after(svc: Service) -> int:
+    load = svc.worker.load()
+    return max(1, min(30, 1 + load["queued"] // max(1, load["max_active"])))
+
+
+def job_error(e: BaseException) -> ApiError:
+    if isinstance(e, ApiError):
+        return e
+    if isinstance(e, UserError):
+        return ApiError(400, str(e))
+    return ApiError(500, f"generation failed: {type(e).__name__}: {e}", type="server_error")

@@ -1,0 +1,148 @@
+"""POST /v1/chat/completions: OpenAI's chat-completions protocol, plain or streamed (SSE).
+
+Stateless: each request carries the whole conversation. Each of the `n` choices is one job on
+the worker (choice i samples with seed + i when a seed is given, so choices differ but repeat).
+"""
+
+from __future__ import annotations
+
+import time
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, StreamingResponse
+
+from ..chat.messages import Message
+from . import protocol as P
+from .app import Channel, ClientGone, job_error, read_json, submit_all
+from .protocol import ApiError
+from .service import Service
+
+SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+
+
+def add_routes(app: FastAPI, svc: Service):
+    @app.post("/v1/chat/completions")
+    async def chat_completions(request: Request):
+        body = await read_json(request, svc.limits.max_body_bytes)
+        req = parse_request(svc, body)
+        channel = Channel()
+        jobs = submit_all(svc, [_choice_job(svc, req, i) for i in range(req["n"])], channel)
+        if req["stream"]:
+            return StreamingResponse(_stream(svc, req, channel, jobs), media_type="text/event-stream",
+                                     headers=SSE_HEADERS)
+        return await _collect(svc, req, channel, jobs, request)
+
+
+def parse_request(svc: Service, body: dict) -> dict:
+    """Check a request body; returns the plain values the jobs need."""
+    P.refuse_unsupported(body)
+    model = body.get("model")
+    if model is not None and not isinstance(model, str):
+        raise ApiError(400, "'model' must be a string", "model")
+    if not svc.accepts_model(model):
+        raise ApiError(404, f"the model '{model}' does not exist; this server serves '{svc.model_name}'",
+                       "model", "model_not_found")
+    messages = P.parse_chat_messages(body)
+    n = P.number(body, "n", 1, svc.limits.max_n, integer=True) or 1
+    stream = P.boolean(body, "stream")
+    opts = body.get("stream_options")
+    if opts is not None and not isinstance(opts, dict):
+        raise ApiError(400, "'stream_options' must be an object", "stream_options")
+    changes = P.sampling_changes(body, svc.limits.max_tokens)
+    has_system = messages[0].role == "system"
+    system = messages[0].content if has_system else svc.default_persona
+    history = messages[1 if has_system else 0:-1]
+    prompt = svc.prompt_len(([Message("system", system)] if system else []) + messages[1 if has_system else 0:])
+    ctx = svc.context_length
+    if "max_new_tokens" in changes:
+        if prompt + changes["max_new_tokens"] > ctx:
+            raise P.context_error(prompt, changes["max_new_tokens"], ctx)
+    else:  # no max_tokens: up to the server default, within what the context leaves
+        changes["max_new_tokens"] = min(svc.sampling.max_new_tokens, ctx - prompt)
+        if changes["max_new_tokens"] < 1:
+            raise P.context_error(prompt, 1, ctx)
+    sampling = P.make_sampling(svc.sampling, changes)
+    decoding = P.make_decoding(svc.decoding, P.decoding_changes(body, svc.limits.max_candidates))
+    return {"system": system, "history": history, "user": messages[-1].content, "n": n, "stream": stream,
+            "include_usage": bool((opts or {}).get("include_usage")), "sampling": sampling, "decoding": decoding,
+            "prompt_tokens": prompt, "id": P.new_id(), "created": int(time.time())}
+
+
+def _choice_job(svc: Service, req: dict, index: int):
+    sampling = req["sampling"]
+    if sampling.seed is not None and index:
+        sampling = sampling.replace(seed=sampling.seed + index)
+
+    def run(job):
+        budget = svc.context_length - sampling.max_new_tokens
+        session = svc.new_session(req["system"], sampling, req["history"], budget)
+        gen, _, _ = svc.reply(session, req["user"], sampling, req["decoding"])
+        for delta in gen:
+            job.emit(("delta", delta))
+        job.emit(("done", {"finish_reason": gen.finish_reason, "tokens": len(gen.tokens), "text": gen.text,
+                           "candidates": candidates(gen)}))
+
+    return run
+
+
+def candidates(gen) -> list[dict] | None:
+    """Every candidate of a searched reply with its scores (None for a plain reply)."""
+    if not getattr(gen, "candidates", None):
+        return None
+    return [{**c, "score": c["scores"]["score"]} for c in gen.candidates_dicts()]
+
+
+async def _collect(svc: Service, req: dict, channel: Channel, jobs: list, request: Request):
+    results: dict[int, dict] = {}
+    try:
+        while len(results) < req["n"]:
+            index, kind, payload = await channel.get(request)
+            if kind == "done":
+                results[index] = payload
+            elif kind == "error":
+                raise job_error(payload)
+            elif kind == "cancelled":
+                raise ApiError(499, "the request was cancelled", code="cancelled")
+    except ClientGone:
+        return JSONResponse(P.error_body("client closed the request", "invalid_request_error"), status_code=499)
+    finally:
+        for j in jobs:
+            j.cancel()
+    choices = [P.choice(i, results[i]["text"], results[i]["finish_reason"], results[i]["candidates"])
+               for i in range(req["n"])]
+    tokens = sum(r["tokens"] for r in results.values())
+    return P.completion(req["id"], svc.model_name, choices, P.usage(req["prompt_tokens"], tokens), req["created"])
+
+
+async def _stream(svc: Service, req: dict, channel: Channel, jobs: list):
+    """SSE chunks: a role chunk per choice, content deltas, a finish chunk per choice, [DONE].
+
+    If the client disconnects, the server cancels this generator, and `finally` cancels the jobs.
+    """
+    cid, model, created = req["id"], svc.model_name, req["created"]
+    done, tokens = 0, 0
+    try:
+        for i in range(req["n"]):
+            yield P.sse(P.chunk(cid, model, created, [P.delta_choice(i, {"role": "assistant", "content": ""})]))
+        while done < req["n"]:
+            index, kind, payload = await channel.get()
+            if kind == "delta":
+                yield P.sse(P.chunk(cid, model, created, [P.delta_choice(index, {"content": payload})]))
+            elif kind == "done":
+                done += 1
+                tokens += payload["tokens"]
+                final = P.delta_choice(index, {}, payload["finish_reason"])
+                if payload["candidates"] is not None:
+                    final["candidates"] = payload["candidates"]
+                yield P.sse(P.chunk(cid, model, created, [final]))
+            elif kind == "error":
+                yield P.sse(job_error(payload).body())
+                return
+            else:
+                return
+        if req["include_usage"]:
+            yield P.sse(P.chunk(cid, model, created, [], P.usage(req["prompt_tokens"], tokens)))
+        yield P.sse("[DONE]")
+    finally:
+        for j in jobs:
+            j.cancel()

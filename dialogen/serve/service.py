@@ -1,0 +1,201 @@
+"""What the HTTP layer drives: the engine behind the worker, the session store, the KV-cache LRU.
+
+No web framework here: plain objects that the routes in `completions.py` and `sessions.py` use,
+so the serving logic can be read (and tested) without FastAPI.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import threading
+from collections import OrderedDict
+from dataclasses import dataclass, field
+
+from ..chat.messages import Message
+from ..chat.session import Engine, Session
+from ..decoding.processors import Sampling
+from ..decoding.strategy import Decoder, Decoding
+from ..errors import UserError
+from .store import Store
+from .worker import Worker
+
+
+@dataclass
+class Limits:
+    max_body_bytes: int = 1_000_000
+    max_tokens: int = 1024  # the largest max_tokens a request may ask for
+    max_n: int = 4
+    max_candidates: int = 8  # num_candidates and beam_size
+    kv_budget_bytes: int = 1 << 30
+
+
+@dataclass
+class Keys:
+    """API keys; a session's owner is a hash of the key that made it ('' when auth is off)."""
+
+    keys: list[str] = field(default_factory=list)
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.keys)
+
+    def owner(self, authorization: str | None) -> str | None:
+        """The owner for an Authorization header, or None if the key is missing or wrong."""
+        if not self.keys:
+            return ""
+        scheme, _, token = (authorization or "").partition(" ")
+        token = token.strip()
+        if scheme.lower() != "bearer" or not token:
+            return None
+        found = False
+        for k in self.keys:  # compare with every key, in constant time each
+            found |= hmac.compare_digest(k.encode(), token.encode())
+        return hashlib.sha256(token.encode()).hexdigest()[:32] if found else None
+
+
+class Claim:
+    """One turn's hold on a session; `job` is the job generating it, once submitted."""
+
+    job = None
+
+
+class SessionCache:
+    """Live `Session`s (each holding its KV cache), least recently used first out.
+
+    The budget bounds the bytes of all KV caches; a session being generated is never evicted.
+    An evicted session is rebuilt from the store on its next turn (its history is re-encoded).
+    """
+
+    def __init__(self, budget_bytes: int):
+        self.budget = budget_bytes
+        self._live: OrderedDict[str, Session] = OrderedDict()
+        self._busy: dict[str, Claim] = {}  # session id -> the claim of the turn being generated
+        self._lock = threading.Lock()
+        self.evictions = 0
+
+    def claim(self, sid: str) -> "Claim | None":
+        """Mark a session busy for one turn; None if a turn is already running."""
+        with self._lock:
+            if sid in self._busy:
+                return None
+            claim = self._busy[sid] = Claim()
+            return claim
+
+    def release(self, sid: str, claim: "Claim"):
+        """End a claim (again is harmless: a newer claim on the session is left alone)."""
+        with self._lock:
+            if self._busy.get(sid) is claim:
+                del self._busy[sid]
+        self.trim()
+
+    def job(self, sid: str):
+        with self._lock:
+            claim = self._busy.get(sid)
+            return claim.job if claim else None
+
+    def get(self, sid: str) -> Session | None:
+        with self._lock:
+            s = self._live.get(sid)
+            if s is not None:
+                self._live.move_to_end(sid)
+            return s
+
+    def put(self, sid: str, session: Session):
+        with self._lock:
+            self._live[sid] = session
+            self._live.move_to_end(sid)
+        self.trim()
+
+    def drop(self, sid: str):
+        with self._lock:
+            self._live.pop(sid, None)
+
+    def nbytes(self) -> int:
+        with self._lock:
+            return sum(_cache_bytes(s) for s in self._live.values())
+
+    def __len__(self) -> int:
+        return len(self._live)
+
+    def trim(self):
+        with self._lock:
+            total = sum(_cache_bytes(s) for s in self._live.values())
+            for sid in list(self._live):
+                if total <= self.budget:
+                    break
+                if sid in self._busy:
+                    continue
+                total -= _cache_bytes(self._live.pop(sid))
+                self.evictions += 1
+
+
+def _cache_bytes(s: Session) -> int:
+    nbytes = getattr(s.cache, "nbytes", None)
+    return nbytes() if callable(nbytes) else 0
+
+
+class Service:
+    def __init__(self, engine: Engine, store: Store, keys: Keys, limits: Limits, sampling: Sampling | None = None,
+                 model_name: str | None = None, max_active: int = 32, max_queue: int = 64,
+                 decoding: Decoding | None = None):
+        self.worker = Worker(engine.model, max_active=max_active, max_queue=max_queue)
+        # sessions see the proxy: their model calls queue on the worker thread
+        self.engine = Engine(self.worker.proxy, engine.tokenizer, engine.template, engine.context_length, engine.name)
+        self.store, self.keys, self.limits = store, keys, limits
+        self.sampling = sampling or Sampling()
+        self.decoding = decoding or Decoding()
+        self.decoder = Decoder(self.engine, self.decoding)  # loads a configured scorer (e.g. MMI) once
+        self.model_name = model_name or engine.name
+        self.sessions = SessionCache(limits.kv_budget_bytes)
+        self.default_persona: str | None = None
+
+    @property
+    def context_length(self) -> int:
+        return self.engine.context_length
+
+    def accepts_model(self, name) -> bool:
+        return name in (None, self.model_name, "default", "dialogen")
+
+    def defaults(self) -> dict:
+        """The decoding a request gets for the fields it leaves out (OpenAI names)."""
+        s = self.sampling
+        return {"temperature": s.temperature, "top_p": s.top_p, "top_k": s.top_k,
+                "repetition_penalty": s.repetition_penalty, "frequency_penalty": s.frequency_penalty,
+                "presence_penalty": s.presence_penalty, "no_repeat_ngram": s.no_repeat_ngram,
+                "max_tokens": s.max_new_tokens, "seed": s.seed, "stop": s.stop}
+
+    def prompt_len(self, messages) -> int:
+        eng = self.engine
+        return len(eng.template.render(eng.tokenizer, messages, add_generation_prompt=True)[0])
+
+    def new_session(self, persona: str | None, sampling: Sampling, history=(), budget: int | None = None) -> Session:
+        s = Session(self.engine, system=persona, sampling=sampling, max_context_tokens=budget or self.context_length)
+        s.messages = list(history)
+        return s
+
+    def reply(self, session: Session, text: str, sampling: Sampling, decoding: Decoding):
+        """Start the reply to a user turn: (Generation or searched Reply, prompt tokens, cached tokens).
+
+        A plain reply streams and reuses the session's KV cache; a searched one (beam, candidates)
+        runs on caches of its own and yields its text once, with every candidate kept on it.
+        """
+        session.sampling = sampling
+        if not decoding.searches:
+            gen = session.send(text)
+            return gen, len(gen.history), len(gen.history) - len(gen.feed)
+        session.messages.append(Message("user", text))
+        try:
+            ids = session.prompt_ids()
+        except UserError:
+            session.messages.pop()
+            raise
+
+        def finish(reply):
+            session.messages.append(Message("assistant", reply.text))
+
+        return self.decoder.reply(ids, session.conversation(), sampling, decoding, on_finish=finish), len(ids), 0
+
+    def close(self):
+        self.worker.close()
+        self.store.close()

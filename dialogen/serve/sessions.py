@@ -1,0 +1,249 @@
+"""/v1/sessions: conversations kept by the server, stored in SQLite, with a live KV cache.
+
+  POST   /v1/sessions                 {"persona", "settings", "title"} -> the session
+  GET    /v1/sessions                 this key's sessions, newest first
+  GET    /v1/sessions/{id}            the session with its history
+  POST   /v1/sessions/{id}/messages   {"content", "stream", decoding overrides} -> the reply
+  DELETE /v1/sessions/{id}
+
+A turn is committed to the store when its reply is complete; a reply cut off (client gone,
+server killed) leaves the stored history as it was. One turn at a time per session (409).
+"""
+
+from __future__ import annotations
+
+import time
+
+from fastapi import FastAPI, Request
+from fastapi.responses import StreamingResponse
+
+from ..chat.messages import Message
+from ..chat.personas import resolve_persona
+from . import protocol as P
+from .app import Channel, ClientGone, job_error, read_json, submit_all
+from .completions import SSE_HEADERS, candidates
+from .protocol import ApiError
+from .service import Service
+
+SETTINGS_KEYS = ("temperature", "top_p", "top_k", "repetition_penalty", "frequency_penalty", "presence_penalty",
+                 "no_repeat_ngram", "seed", "stop", "max_tokens", "num_candidates", "beam_size", "candidates",
+                 "scorer", "length_penalty")
+MAX_PERSONA = 20_000
+
+
+def add_routes(app: FastAPI, svc: Service):
+    @app.post("/v1/sessions")
+    async def create(request: Request):
+        body = await read_json(request, svc.limits.max_body_bytes)
+        persona = body.get("persona")
+        if persona is not None and (not isinstance(persona, str) or len(persona) > MAX_PERSONA):
+            raise ApiError(400, f"'persona' must be a string of at most {MAX_PERSONA} characters", "persona")
+        title = body.get("title") or ""
+        if not isinstance(title, str):
+            raise ApiError(400, "'title' must be a string", "title")
+        settings = check_settings(svc, body.get("settings"))
+        persona = resolve_persona(persona) or svc.default_persona  # a preset name becomes its text
+        row = svc.store.create(request.state.owner, persona, settings, title[:200])
+        return _session_obj(row, [])
+
+    @app.get("/v1/sessions")
+    async def listing(request: Request):
+        rows = svc.store.list(request.state.owner)
+        return {"object": "list", "data": [_session_obj(r, None) for r in rows]}
+
+    @app.get("/v1/sessions/{sid}")
+    async def read(sid: str, request: Request):
+        row = _owned(svc, sid, request)
+        return _session_obj(row, row["messages"])
+
+    @app.delete("/v1/sessions/{sid}")
+    async def delete(sid: str, request: Request):
+        if not svc.store.delete(sid, request.state.owner):
+            raise _not_found(sid)
+        job = svc.sessions.job(sid)
+        if job is not None:
+            job.cancel()
+        svc.sessions.drop(sid)
+        return {"id": sid, "object": "session.deleted", "deleted": True}
+
+    @app.post("/v1/sessions/{sid}/messages")
+    async def turn(sid: str, request: Request):
+        return await start_turn(svc, sid, request)
+
+
+async def start_turn(svc: Service, sid: str, request: Request):
+    """Check a user turn, claim the session, queue the reply; stream it or wait for it."""
+    body = await read_json(request, svc.limits.max_body_bytes)
+    row = _owned(svc, sid, request)
+    text = P.content_text(body.get("content"), "content") if "content" in body else None
+    if text is None:
+        raise ApiError(400, "'content' is required: the user's message", "content")
+    stream = P.boolean(body, "stream")
+    changes = {**P.sampling_changes(row["settings"], svc.limits.max_tokens),
+               **P.sampling_changes(body, svc.limits.max_tokens)}
+    sampling = P.make_sampling(svc.sampling, changes)
+    search = {**P.decoding_changes(row["settings"], svc.limits.max_candidates),
+              **P.decoding_changes(body, svc.limits.max_candidates)}
+    decoding = P.make_decoding(svc.decoding, search)
+    _check_fits(svc, row["persona"], text, sampling.max_new_tokens)
+    claim = svc.sessions.claim(sid)
+    if claim is None:
+        raise ApiError(409, f"session '{sid}' is already generating a reply; wait for it to finish",
+                       code="session_busy")
+    channel = Channel()
+    release = lambda: svc.sessions.release(sid, claim)  # noqa: E731
+    try:
+        jobs = submit_all(svc, [_turn_job(svc, row, request.state.owner, text, (sampling, decoding), release)],
+                          channel)
+    except ApiError:
+        release()
+        raise
+    claim.job = jobs[0]
+    turn_id = P.new_id("turn")
+    if stream:
+        return StreamingResponse(_stream(svc, sid, turn_id, channel, jobs[0]), media_type="text/event-stream",
+                                 headers=SSE_HEADERS)
+    return await _collect(svc, sid, turn_id, channel, jobs[0], request)
+
+
+def check_settings(svc: Service, settings) -> dict:
+    if settings is None:
+        return {}
+    if not isinstance(settings, dict):
+        raise ApiError(400, "'settings' must be an object", "settings")
+    unknown = sorted(set(settings) - set(SETTINGS_KEYS))
+    if unknown:
+        raise ApiError(400, f"'settings.{unknown[0]}' is not a decoding setting; known: {', '.join(SETTINGS_KEYS)}",
+                       f"settings.{unknown[0]}")
+    try:
+        P.make_sampling(svc.sampling, P.sampling_changes(settings, svc.limits.max_tokens))
+        P.make_decoding(svc.decoding, P.decoding_changes(settings, svc.limits.max_candidates))
+    except ApiError as e:
+        raise ApiError(400, f"settings: {e.message}", f"settings.{e.param}" if e.param else "settings") from None
+    return {k: v for k, v in settings.items() if v is not None}
+
+
+def _check_fits(svc: Service, persona: str | None, text: str, max_tokens: int):
+    """The newest user turn alone (with the persona) must fit; older turns are dropped as needed."""
+    convo = ([Message("system", persona)] if persona else []) + [Message("user", text)]
+    need = svc.prompt_len(convo)
+    if need + max_tokens > svc.context_length:
+        raise P.context_error(need, max_tokens, svc.context_length, "content")
+
+
+def _owned(svc: Service, sid: str, request: Request) -> dict:
+    row = svc.store.get(sid, request.state.owner)
+    if row is None:
+        raise _not_found(sid)
+    return row
+
+
+def _not_found(sid: str) -> ApiError:
+    return ApiError(404, f"no session '{sid}'", "session_id", "session_not_found")
+
+
+def _session_obj(row: dict, messages: list | None) -> dict:
+    out = {"id": row["id"], "object": "session", "created": row["created"], "updated": row["updated"],
+           "title": row["title"], "persona": row["persona"], "settings": row["settings"]}
+    if messages is not None:
+        out["messages"] = messages
+    else:
+        out["message_count"] = row.get("message_count", 0)
+    return out
+
+
+def _turn_job(svc: Service, row: dict, owner: str, text: str, decode: tuple, release):
+    sid = row["id"]
+    sampling, decoding = decode
+
+    def run(job):
+        try:
+            session = svc.sessions.get(sid)
+            if session is None:  # first turn since start or eviction: rebuilt from the stored history
+                row_now = svc.store.get(sid, owner)  # read again: a turn may have ended since the request came
+                if row_now is None:
+                    raise ApiError(404, f"no session '{sid}'", "session_id", "session_not_found")
+                history = [Message(m["role"], m["content"]) for m in row_now["messages"]]
+                session = svc.new_session(row["persona"], sampling, history)
+                svc.sessions.put(sid, session)
+            session.max_context_tokens = svc.context_length - sampling.max_new_tokens
+            done = _generate(svc, job, session, sid, text, sampling, decoding)
+        finally:
+            release()  # before the client hears "done", so its next turn finds the session free
+        job.emit(("done", done))
+
+    return run
+
+
+def _generate(svc: Service, job, session, sid: str, text: str, sampling, decoding) -> dict:
+    """Generate and commit the turn; returns the "done" event's payload."""
+    before = len(session.messages)
+    try:
+        gen, prompt, cached = svc.reply(session, text, sampling, decoding)
+        for delta in gen:
+            job.emit(("delta", delta))
+    except BaseException:
+        del session.messages[before:]  # the turn never happened: memory matches the store
+        raise
+    svc.worker.leave_model()
+    cands = candidates(gen)
+    meta = {"finish_reason": gen.finish_reason, "completion_tokens": len(gen.tokens)}
+    if cands is not None:
+        meta["candidates"] = cands
+    if not svc.store.add_turn(sid, text, gen.text, meta):
+        svc.sessions.drop(sid)
+        raise ApiError(404, f"session '{sid}' was deleted during the reply", "session_id", "session_not_found")
+    return {"finish_reason": gen.finish_reason, "tokens": len(gen.tokens), "text": gen.text,
+            "prompt_tokens": prompt, "cached_tokens": cached, "candidates": cands}
+
+
+def _turn_obj(sid: str, turn_id: str, done: dict) -> dict:
+    out = {"id": turn_id, "object": "session.turn", "session_id": sid, "created": int(time.time()),
+           "message": {"role": "assistant", "content": done["text"]}, "finish_reason": done["finish_reason"],
+           "usage": {**P.usage(done["prompt_tokens"], done["tokens"]),
+                     "prompt_tokens_details": {"cached_tokens": done["cached_tokens"]}}}
+    if done["candidates"] is not None:
+        out["candidates"] = done["candidates"]
+    return out
+
+
+async def _collect(svc: Service, sid: str, turn_id: str, channel: Channel, job, request: Request):
+    try:
+        while True:
+            _, kind, payload = await channel.get(request)
+            if kind == "done":
+                return _turn_obj(sid, turn_id, payload)
+            if kind == "error":
+                raise job_error(payload)
+            if kind == "cancelled":
+                raise ApiError(409, f"the reply was cancelled (session '{sid}' deleted?)", code="cancelled")
+    except ClientGone:
+        job.cancel()
+        raise ApiError(499, "client closed the request") from None
+
+
+async def _stream(svc: Service, sid: str, turn_id: str, channel: Channel, job):
+    """The same chunk format as chat completions; the last data chunk carries the whole turn."""
+    model, created = svc.model_name, int(time.time())
+    try:
+        yield P.sse(P.chunk(turn_id, model, created, [P.delta_choice(0, {"role": "assistant", "content": ""})]))
+        while True:
+            _, kind, payload = await channel.get()
+            if kind == "delta":
+                yield P.sse(P.chunk(turn_id, model, created, [P.delta_choice(0, {"content": payload})]))
+            elif kind == "done":
+                final = P.chunk(turn_id, model, created, [P.delta_choice(0, {}, payload["finish_reason"])],
+                                _turn_obj(sid, turn_id, payload)["usage"])
+                final["session_id"] = sid
+                if payload["candidates"] is not None:
+                    final["candidates"] = payload["candidates"]
+                yield P.sse(final)
+                yield P.sse("[DONE]")
+                return
+            elif kind == "error":
+                yield P.sse(job_error(payload).body())
+                return
+            else:
+                return
+    finally:
+        job.cancel()

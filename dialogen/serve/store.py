@@ -1,0 +1,140 @@
+"""Sessions on disk: SQLite in WAL mode, one transaction per completed turn.
+
+A turn (the user message and the reply) is written in one transaction with synchronous=FULL,
+so once the client has seen the turn complete it survives a crash or `kill -9`; a turn cut off
+mid-reply was never written. Sessions belong to an owner (a hash of the API key that made
+them, never the key itself); every read and write is scoped to the owner.
+"""
+
+from __future__ import annotations
+
+import json
+import secrets
+import sqlite3
+import threading
+import time
+from pathlib import Path
+
+from ..errors import UserError
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS sessions (
+    id TEXT PRIMARY KEY,
+    owner TEXT NOT NULL,
+    created REAL NOT NULL,
+    updated REAL NOT NULL,
+    persona TEXT,
+    settings TEXT NOT NULL,
+    title TEXT NOT NULL DEFAULT ''
+);
+CREATE INDEX IF NOT EXISTS sessions_by_owner ON sessions (owner, updated);
+CREATE TABLE IF NOT EXISTS messages (
+    session_id TEXT NOT NULL REFERENCES sessions (id) ON DELETE CASCADE,
+    seq INTEGER NOT NULL,
+    role TEXT NOT NULL,
+    content TEXT NOT NULL,
+    created REAL NOT NULL,
+    meta TEXT,
+    PRIMARY KEY (session_id, seq)
+);
+"""
+
+
+class Store:
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self._db = sqlite3.connect(str(self.path), check_same_thread=False, isolation_level=None)
+            self._db.row_factory = sqlite3.Row
+            mode = self._db.execute("PRAGMA journal_mode=WAL").fetchone()[0]
+            self._db.execute("PRAGMA synchronous=FULL")
+            self._db.execute("PRAGMA foreign_keys=ON")
+            self._db.executescript(SCHEMA)
+        except (OSError, sqlite3.Error) as e:
+            raise UserError(f"--db {self.path}: cannot open the session database ({e})") from None
+        if mode.lower() != "wal":
+            raise UserError(f"--db {self.path}: the file system does not support SQLite WAL mode")
+        self._lock = threading.Lock()
+
+    def close(self):
+        with self._lock:
+            self._db.close()
+
+    def journal_mode(self) -> str:
+        with self._lock:
+            return self._db.execute("PRAGMA journal_mode").fetchone()[0]
+
+    # --- sessions -------------------------------------------------------------------------
+    def create(self, owner: str, persona: str | None, settings: dict, title: str = "") -> dict:
+        sid = "sess_" + secrets.token_hex(12)
+        now = time.time()
+        with self._lock, self._db:
+            self._db.execute("BEGIN IMMEDIATE")
+            self._db.execute("INSERT INTO sessions (id, owner, created, updated, persona, settings, title) "
+                             "VALUES (?, ?, ?, ?, ?, ?, ?)", (sid, owner, now, now, persona, json.dumps(settings), title))
+        return {"id": sid, "created": now, "updated": now, "persona": persona, "settings": settings, "title": title}
+
+    def get(self, sid: str, owner: str) -> dict | None:
+        """The session with its messages, or None when it does not exist for this owner."""
+        with self._lock:
+            row = self._db.execute("SELECT * FROM sessions WHERE id = ? AND owner = ?", (sid, owner)).fetchone()
+            if row is None:
+                return None
+            msgs = self._db.execute("SELECT role, content, created, meta FROM messages WHERE session_id = ? "
+                                    "ORDER BY seq", (sid,)).fetchall()
+        out = _session(row)
+        out["messages"] = [_message(m) for m in msgs]
+        return out
+
+    def list(self, owner: str, limit: int = 100) -> list[dict]:
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT s.*, (SELECT COUNT(*) FROM messages m WHERE m.session_id = s.id) AS n "
+                "FROM sessions s WHERE owner = ? ORDER BY updated DESC LIMIT ?", (owner, limit)).fetchall()
+        out = []
+        for r in rows:
+            s = _session(r)
+            s["message_count"] = r["n"]
+            out.append(s)
+        return out
+
+    def delete(self, sid: str, owner: str) -> bool:
+        with self._lock, self._db:
+            self._db.execute("BEGIN IMMEDIATE")
+            cur = self._db.execute("DELETE FROM sessions WHERE id = ? AND owner = ?", (sid, owner))
+        return cur.rowcount > 0
+
+    def add_turn(self, sid: str, user: str, reply: str, meta: dict | None = None) -> bool:
+        """Append a user message and its reply atomically; False if the session is gone."""
+        now = time.time()
+        with self._lock, self._db:
+            self._db.execute("BEGIN IMMEDIATE")
+            row = self._db.execute("SELECT title, (SELECT COALESCE(MAX(seq), -1) FROM messages WHERE session_id = ?) "
+                                   "FROM sessions WHERE id = ?", (sid, sid)).fetchone()
+            if row is None:
+                return False
+            title, seq = row[0], row[1] + 1
+            self._db.execute("INSERT INTO messages VALUES (?, ?, 'user', ?, ?, NULL)", (sid, seq, user, now))
+            self._db.execute("INSERT INTO messages VALUES (?, ?, 'assistant', ?, ?, ?)",
+                             (sid, seq + 1, reply, now, json.dumps(meta) if meta else None))
+            self._db.execute("UPDATE sessions SET updated = ?, title = ? WHERE id = ?",
+                             (now, title or _title(user), sid))
+        return True
+
+
+def _title(text: str, n: int = 60) -> str:
+    line = " ".join(text.split())
+    return line if len(line) <= n else line[: n - 1] + "…"
+
+
+def _session(row) -> dict:
+    return {"id": row["id"], "created": row["created"], "updated": row["updated"], "persona": row["persona"],
+            "settings": json.loads(row["settings"]), "title": row["title"]}
+
+
+def _message(row) -> dict:
+    out = {"role": row["role"], "content": row["content"], "created": row["created"]}
+    if row["meta"]:
+        out.update(json.loads(row["meta"]))
+    return out

@@ -1,0 +1,303 @@
+"""The model worker: one thread owns the model; jobs queue for it and are served in rounds.
+
+A job (one reply being generated) runs in its own thread the ordinary way, through
+`Session.send` and `Generation`, but its model is a `ModelProxy`: every model call is handed to
+the worker thread and the job thread waits for the answer. The worker collects the calls of all
+running jobs into rounds; in a round each job gets exactly one step (one token of decode, or
+one chunk of a long prompt), and all single-token decode steps of the round run as one batched
+step (`batching.decode_rows`). So jobs are served round-robin and decoded together, and a long
+prompt does not stall everyone else's replies.
+
+Admission is bounded: at most `max_active` jobs run and `max_queue` more wait; past that
+`submit` raises `Busy` (the HTTP layer answers 503 with Retry-After). A cancelled job (its client
+went away) gets `Cancelled` raised from its next model call.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
+
+import torch
+
+from .batching import can_batch, decode_rows
+
+log = logging.getLogger("dialogen.serve")
+
+
+class Busy(Exception):
+    """The queue is full."""
+
+
+class Cancelled(Exception):
+    """The job was cancelled (its client disconnected)."""
+
+
+class Job:
+    """One unit of work run in a job thread: `fn(job)`; it reports through `emit(event)`."""
+
+    def __init__(self, fn, emit):
+        self.fn, self.emit = fn, emit
+        self._cancelled = threading.Event()
+        self.finished = threading.Event()
+        self.stepping = False  # between its first model call and `leave_model()`
+        self.steps = 0
+
+    def cancel(self):
+        self._cancelled.set()
+
+    @property
+    def cancelled(self) -> bool:
+        return self._cancelled.is_set()
+
+
+class _Call:
+    def __init__(self, job: Job | None, ids: torch.Tensor, cache, kwargs: dict):
+        self.job, self.ids, self.cache, self.kwargs = job, ids, cache, kwargs
+        self.done = threading.Event()
+        self.result: torch.Tensor | None = None
+        self.error: BaseException | None = None
+        self.fed = 0  # prompt tokens already fed, for a prompt fed in chunks
+        self.parts: list[torch.Tensor] = []
+
+    def finish(self, result=None, error=None):
+        self.result, self.error = result, error
+        self.done.set()
+
+
+class ModelProxy:
+    """Stands in for the model in job threads: calls run on the worker thread, the rest is the model's."""
+
+    def __init__(self, worker: "Worker"):
+        self._worker = worker
+
+    def __call__(self, ids, cache=None, **kwargs):
+        return self._worker.call(ids, cache, kwargs)
+
+    def __getattr__(self, name):
+        return getattr(self._worker.model, name)
+
+
+class Worker:
+    def __init__(self, model, max_active: int = 32, max_queue: int = 64, prefill_chunk: int = 256,
+                 gather_ms: float = 20.0):
+        self.model = model.eval() if hasattr(model, "eval") else model
+        self.proxy = ModelProxy(self)
+        self.max_active, self.max_queue = max_active, max_queue
+        self.prefill_chunk = prefill_chunk
+        self.gather_s = gather_ms / 1000
+        self.batchable = can_batch(model)
+        self._cond = threading.Condition()
+        self._pending: list[_Call] = []
+        self._carry: deque[_Call] = deque()  # prompts part-way through their chunks
+        self._admitted = 0
+        self._running = 0
+        self._stepping = 0
+        self._local = threading.local()
+        self._pool = ThreadPoolExecutor(max_workers=max_active, thread_name_prefix="dialogen-job")
+        self._stop = False
+        self._last_round_s = 0.0
+        self.stats = {"rounds": 0, "decode_rows": 0, "prefill_tokens": 0, "cancelled": 0, "completed": 0,
+                      "rejected": 0, "max_batch": 0, "model_s": 0.0}
+        self._thread = threading.Thread(target=self._loop, name="dialogen-model", daemon=True)
+        self._thread.start()
+
+    # --- admission ------------------------------------------------------------------------
+    def submit(self, fn, emit) -> Job:
+        """Queue `fn(job)` to run in a job thread; raises Busy when the queue is full."""
+        job = Job(fn, emit)
+        with self._cond:
+            if self._stop or self._admitted >= self.max_active + self.max_queue:
+                self.stats["rejected"] += 1
+                raise Busy()
+            self._admitted += 1
+        self._pool.submit(self._run_job, job)
+        return job
+
+    def load(self) -> dict:
+        with self._cond:
+            return {"running": self._running, "queued": self._admitted - self._running,
+                    "max_active": self.max_active, "max_queue": self.max_queue, **self.stats}
+
+    def _run_job(self, job: Job):
+        with self._cond:
+            self._running += 1
+        self._local.job = job
+        try:  # a job cancelled while queued still runs: it stops at its first model call, and cleans up
+            job.fn(job)
+            self._count("completed")
+        except Cancelled:
+            self._count("cancelled")
+            _safe_emit(job, ("cancelled", None))
+        except BaseException as e:  # reported to the client; the worker keeps serving
+            if not _is_user_error(e):
+                log.exception("job failed")
+            _safe_emit(job, ("error", e))
+        finally:
+            self.leave_model(job)
+            self._local.job = None
+            with self._cond:
+                self._running -= 1
+                self._admitted -= 1
+            job.finished.set()
+
+    def _count(self, key: str):
+        with self._cond:
+            self.stats[key] += 1
+
+    def leave_model(self, job: Job | None = None):
+        """The job makes no more model calls: rounds stop waiting for it."""
+        job = job or getattr(self._local, "job", None)
+        if job is not None and job.stepping:
+            with self._cond:
+                job.stepping = False
+                self._stepping -= 1
+                self._cond.notify_all()
+
+    # --- model calls (job threads) --------------------------------------------------------
+    def call(self, ids, cache, kwargs: dict):
+        job = getattr(self._local, "job", None)
+        if job is not None and job.cancelled:
+            raise Cancelled()
+        c = _Call(job, ids, cache, kwargs)
+        with self._cond:
+            if self._stop:
+                raise Cancelled()
+            if job is not None and not job.stepping:
+                job.stepping = True
+                self._stepping += 1
+            self._pending.append(c)
+            self._cond.notify_all()
+        c.done.wait()
+        if c.error is not None:
+            raise c.error
+        if job is not None:
+            job.steps += 1
+        return c.result
+
+    # --- the worker thread ----------------------------------------------------------------
+    def close(self):
+        """Stop the worker; every job waiting on a model call gets Cancelled."""
+        with self._cond:
+            self._stop = True
+            self._cond.notify_all()
+        self._thread.join(timeout=5)
+        with self._cond:
+            left = list(self._carry) + self._pending
+            self._carry.clear()
+            self._pending = []
+        for c in left:
+            c.finish(error=Cancelled())
+        self._pool.shutdown(wait=False, cancel_futures=True)
+
+    def _gather(self) -> list[_Call] | None:
+        """Wait for a round: every stepping job has a call pending (or the wait ran out)."""
+        with self._cond:
+            while not self._pending and not self._carry and not self._stop:
+                self._cond.wait()
+            if self._stop:
+                return None
+            # waiting up to half a round's time costs at most half a round, and keeps batches whole
+            deadline = time.monotonic() + max(self.gather_s, self._last_round_s / 2)
+            while len(self._pending) + len(self._carry) < self._stepping:
+                left = deadline - time.monotonic()
+                if left <= 0 or self._stop:
+                    break
+                self._cond.wait(left)
+            calls = list(self._carry) + self._pending
+            self._carry.clear()
+            self._pending = []
+            return calls
+
+    def _loop(self):
+        torch.set_grad_enabled(False)
+        while True:
+            calls = self._gather()
+            if calls is None:
+                break
+            t0 = time.perf_counter()
+            try:
+                with torch.inference_mode():
+                    self._round(calls)
+            except Exception as e:  # a bug in a round must not leave jobs waiting forever
+                log.exception("model round failed")
+                for c in calls:
+                    if not c.done.is_set():
+                        c.finish(error=e)
+                with self._cond:
+                    self._carry = deque(c for c in self._carry if not c.done.is_set())
+            self._last_round_s = time.perf_counter() - t0
+            self.stats["model_s"] += self._last_round_s
+
+    def _round(self, calls: list[_Call]):
+        self.stats["rounds"] += 1
+        live = []
+        for c in calls:
+            if c.job is not None and c.job.cancelled:
+                c.finish(error=Cancelled())
+            else:
+                live.append(c)
+        decode = [c for c in live if self._is_decode(c)]
+        if decode:
+            self._decode(decode)
+        for c in live:
+            if not self._is_decode(c):
+                self._feed(c)
+
+    def _is_decode(self, c: _Call) -> bool:
+        return self.batchable and c.cache is not None and not c.kwargs and tuple(c.ids.shape) == (1, 1)
+
+    def _decode(self, calls: list[_Call]):
+        self.stats["decode_rows"] += len(calls)
+        self.stats["max_batch"] = max(self.stats["max_batch"], len(calls))
+        try:
+            logits = decode_rows(self.model, [int(c.ids[0, 0]) for c in calls], [c.cache for c in calls])
+        except Exception:  # one bad row (e.g. past the position limit): step rows alone to blame it
+            for c in calls:
+                self._direct(c)
+            return
+        for i, c in enumerate(calls):
+            c.finish(result=logits[i].view(1, 1, -1))
+
+    def _feed(self, c: _Call):
+        """A prompt: one chunk per round when it is long, so decoding jobs keep their pace."""
+        T = c.ids.shape[1]
+        chunked = self.batchable and c.cache is not None and not c.kwargs and c.ids.shape[0] == 1
+        if not chunked or T - c.fed <= self.prefill_chunk and c.fed == 0:
+            self.stats["prefill_tokens"] += T
+            self._direct(c)
+            return
+        end = min(T, c.fed + self.prefill_chunk)
+        try:
+            c.parts.append(self.model(c.ids[:, c.fed:end], c.cache))
+        except Exception as e:
+            c.finish(error=e)
+            return
+        self.stats["prefill_tokens"] += end - c.fed
+        c.fed = end
+        if end < T:
+            self._carry.append(c)
+        else:
+            c.finish(result=torch.cat(c.parts, dim=1))
+
+    def _direct(self, c: _Call):
+        try:
+            c.finish(result=self.model(c.ids, c.cache, **c.kwargs))
+        except Exception as e:
+            c.finish(error=e)
+
+
+def _safe_emit(job: Job, event):
+    try:
+        job.emit(event)
+    except Exception:  # the client's event loop is gone; nothing left to tell
+        pass
+
+
+def _is_user_error(e: BaseException) -> bool:
+    from ..errors import UserError
+
+    return isinstance(e, UserError)

@@ -1,0 +1,1 @@
+"""Training: the fine-tuning / pre-training loop, checkpoints with exact resume."""

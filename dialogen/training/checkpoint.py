@@ -1,0 +1,134 @@
+"""Run directories: checkpoints with the exact training state, written atomically.
+
+A run directory holds
+    last/            the latest checkpoint: a loadable model directory (config.json,
+                     model.safetensors, tokenizer files, dialogen.json) plus
+                     trainer_state.json (step, data order, options) and
+                     trainer_state.pt (optimizer, scheduler, random generators)
+    best/            the checkpoint with the lowest validation perplexity (model files only)
+    metrics.jsonl    one JSON object per logged step and per validation
+    metrics.png      loss and validation perplexity
+Each checkpoint is written into a temporary directory beside its target and renamed over it,
+so a crash mid-write leaves the previous checkpoint intact.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import tempfile
+from pathlib import Path
+
+import torch
+
+from ..errors import UserError
+from ..models.loading import atomic_dir, save_checkpoint
+
+STATE_JSON, STATE_PT = "trainer_state.json", "trainer_state.pt"
+
+
+def check_output_dir(out: Path, resume: bool):
+    """Fail before training if the run directory is unusable: not writable, or (without
+    --resume) already holding a run, or (with --resume) holding none."""
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(prefix=".write-test.", dir=out)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as e:
+        raise UserError(f"{out}: output directory is not writable ({e.strerror})") from None
+    has_run = (out / "last" / STATE_JSON).exists()
+    if resume and not has_run:
+        raise UserError(f"{out}: nothing to resume (no last/{STATE_JSON}); drop --resume to start a new run")
+    if not resume and has_run:
+        raise UserError(f"{out}: already holds a run; pass --resume to continue it, or choose another --out")
+
+
+def rng_state() -> dict:
+    return {"torch": torch.get_rng_state(), "python": random.getstate()}
+
+
+def set_rng_state(state: dict):
+    torch.set_rng_state(state["torch"])
+    random.setstate(state["python"])
+
+
+def save(directory: Path, cfg, model, tokenizer, meta: dict, state: dict | None = None,
+         torch_state: dict | None = None):
+    """A model directory, with the training state beside the weights when given."""
+
+    def write(tmp: Path):
+        save_checkpoint(tmp, cfg, model, tokenizer, meta)  # replaces the (empty) temp dir atomically
+        if state is not None:
+            (tmp / STATE_JSON).write_text(json.dumps(state, indent=1))
+            torch.save(torch_state, tmp / STATE_PT)
+
+    atomic_dir(Path(directory), write)
+
+
+def load_state(directory: Path) -> tuple[dict, dict]:
+    try:
+        state = json.loads((directory / STATE_JSON).read_text())
+        torch_state = torch.load(directory / STATE_PT, map_location="cpu", weights_only=False)
+    except (OSError, json.JSONDecodeError, RuntimeError, EOFError) as e:
+        raise UserError(f"{directory}: cannot read the training state ({e})") from None
+    return state, torch_state
+
+
+def finite_weights(model) -> bool:
+    return all(bool(torch.isfinite(p).all()) for p in model.parameters())
+
+
+class Metrics:
+    """metrics.jsonl, appended line by line; on resume the lines after the resumed step go."""
+
+    def __init__(self, path: Path, resume_step: int | None = None):
+        self.path = path
+        if resume_step is not None and path.exists():
+            keep = [line for line in path.read_text().splitlines()
+                    if line.strip() and json.loads(line).get("step", 0) <= resume_step]
+            tmp = path.with_suffix(".tmp")
+            tmp.write_text("".join(line + "\n" for line in keep))
+            os.replace(tmp, path)
+        elif resume_step is None and path.exists():
+            path.unlink()
+
+    def log(self, record: dict):
+        with open(self.path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+
+    def read(self) -> list[dict]:
+        if not self.path.exists():
+            return []
+        return [json.loads(line) for line in self.path.read_text().splitlines() if line.strip()]
+
+
+def plot(records: list[dict], path: Path) -> bool:
+    """Loss per step and validation perplexity, as a PNG; False when matplotlib is missing."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    train = [(r["step"], r["loss"]) for r in records if "loss" in r]
+    val = [(r["step"], r["val_ppl"]) for r in records if "val_ppl" in r]
+    fig, ax = plt.subplots(figsize=(7, 4))
+    if train:
+        ax.plot(*zip(*train), label="train loss (nats/token)", color="tab:blue", linewidth=1)
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss")
+    if val:
+        ax2 = ax.twinx()
+        ax2.plot(*zip(*val), "o-", label="validation perplexity", color="tab:orange")
+        ax2.set_ylabel("validation perplexity")
+        ax2.legend(loc="upper center")
+    ax.legend(loc="upper right")
+    fig.tight_layout()
+    tmp = path.with_name(f".{path.name}.tmp.png")
+    fig.savefig(tmp, dpi=100)
+    plt.close(fig)
+    os.replace(tmp, path)
+    return True

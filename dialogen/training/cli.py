@@ -1,0 +1,83 @@
+"""`dialogen train`: flags -> TrainOptions -> the training loop."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from dataclasses import fields
+
+from .setup import TrainOptions
+
+D = TrainOptions(out="")
+
+
+def add_data_args(p: argparse.ArgumentParser):
+    g = p.add_argument_group("data")
+    g.add_argument("--data", default="chitchat", help="'chitchat' (built in) or a data file: .jsonl "
+                   "({\"messages\": [...]}), .tsv (DialoGPT 'context EOS ... <TAB> response'), .txt "
+                   "(a turn per line, blank line between dialogues) (default: %(default)s)")
+    g.add_argument("--format", default=None, help="chitchat, jsonl, tsv or text; default: from the extension")
+    g.add_argument("--skip-bad", action="store_true", help="skip (and count) bad lines instead of stopping")
+    g.add_argument("--split-seed", type=int, default=D.split_seed,
+                   help="seed of the train/valid/test split by conversation (default: %(default)s)")
+    g.add_argument("--train-on", default=D.train_on, choices=["assistant", "both"],
+                   help="trained turns: the assistant's, or every turn after the first (DialoGPT) (default: %(default)s)")
+    g.add_argument("--max-len", type=int, default=D.max_len,
+                   help="tokens per example; longer conversations are cut into windows at turns (default: %(default)s)")
+
+
+def register(sub):
+    p = sub.add_parser("train", help="fine-tune a model or pre-train one from scratch on conversations",
+                       description="Role-masked training: the loss counts only the trained turns (and their "
+                                   "end-of-turn token). Writes last/ and best/ checkpoints, metrics.jsonl and "
+                                   "metrics.png into --out. Multi-process: torchrun --nproc_per_node N -m dialogen train ...")
+    p.add_argument("--out", required=True, help="run directory (checkpoints, metrics)")
+    p.add_argument("--init", default=D.init, help="'default' (SmolLM2-135M-Instruct), a model path, or 'scratch' "
+                   "(a GPT-2-style model with a BPE vocabulary trained on the data) (default: %(default)s)")
+    p.add_argument("--template", default=D.template, help="chat template: chatml, llama2, dialogpt, jinja; default: "
+                   "the model's own (scratch: dialogpt)")
+    p.add_argument("--reverse", action="store_true", help="train a backward model P(context | reply) for MMI reranking")
+    p.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
+    add_data_args(p)
+    from .rnn_train import add_rnn_args; add_rnn_args(p)  # noqa: E702
+    g = p.add_argument_group("optimisation")
+    g.add_argument("--batch-size", type=int, default=D.batch_size, help="examples per micro-batch (default: %(default)s)")
+    g.add_argument("--grad-accum", type=int, default=D.grad_accum, help="micro-batches per step (default: %(default)s)")
+    g.add_argument("--pack", action="store_true", help="join examples into full --max-len rows instead of length buckets")
+    g.add_argument("--lr", type=float, default=D.lr, help="peak learning rate (default: %(default)s)")
+    g.add_argument("--min-lr-ratio", type=float, default=D.min_lr_ratio, help="final lr / peak lr (default: %(default)s)")
+    g.add_argument("--warmup-steps", type=int, default=D.warmup_steps, help="(default: %(default)s)")
+    g.add_argument("--weight-decay", type=float, default=D.weight_decay, help="(default: %(default)s)")
+    g.add_argument("--clip", type=float, default=D.clip, help="gradient norm clip; 0 = off (default: %(default)s)")
+    g.add_argument("--max-steps", type=int, default=D.max_steps, help="optimizer steps; 0 = from --epochs (default: %(default)s)")
+    g.add_argument("--epochs", type=float, default=D.epochs, help="(default: %(default)s)")
+    g.add_argument("--max-minutes", type=float, default=D.max_minutes,
+                   help="stop (and save) once this much wall time has passed since the start, data "
+                   "preparation included; 0 = no limit (default: %(default)s)")
+    g.add_argument("--seed", type=int, default=D.seed, help="(default: %(default)s)")
+    g.add_argument("--freeze-embeddings", action="store_true",
+                   help="do not train the token (and position) embeddings; a tied output head freezes with them")
+    g.add_argument("--freeze-layers", type=int, default=D.freeze_layers, help="do not train the first K blocks")
+    g = p.add_argument_group("evaluation and checkpoints")
+    g.add_argument("--eval-every", type=int, default=D.eval_every, help="validation perplexity every N steps; 0 = off")
+    g.add_argument("--save-every", type=int, default=D.save_every, help="write last/ every N steps (default: %(default)s)")
+    g.add_argument("--val-conversations", type=int, default=D.val_conversations,
+                   help="validation conversations used (default: %(default)s)")
+    g.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
+    g = p.add_argument_group("--init scratch")
+    g.add_argument("--n-layer", type=int, default=D.n_layer, help="(default: %(default)s)")
+    g.add_argument("--n-head", type=int, default=D.n_head, help="(default: %(default)s)")
+    g.add_argument("--d-model", type=int, default=D.d_model, help="(default: %(default)s)")
+    g.add_argument("--vocab-size", type=int, default=D.vocab_size, help="BPE vocabulary size (default: %(default)s)")
+    p.set_defaults(func=cmd_train)
+
+
+def cmd_train(args) -> int:
+    from .sft import train
+
+    names = {f.name for f in fields(TrainOptions)}
+    opts = TrainOptions(**{k: v for k, v in vars(args).items() if k in names})
+    summary = train(opts)
+    if summary.get("rank", 0) == 0:
+        print(json.dumps(summary))
+    return 0

@@ -1,0 +1,62 @@
+"""Token-level negative log-likelihood on labelled positions only.
+
+The language-model head is applied only where a label is set: with a 49k vocabulary the full
+(B, T, V) logits would cost more memory than the rest of the step, and untrained positions
+(the user's turns) need none.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..data.dataset import IGNORE_INDEX
+from ..models.transformer import Transformer, rope_tables
+
+
+def hidden_states(model: Transformer, ids: torch.Tensor) -> torch.Tensor:
+    """The final-norm hidden states (B, T, d) of a right-padded or unpadded batch, no cache."""
+    B, T = ids.shape
+    positions = torch.arange(T, device=ids.device).expand(B, T)
+    x = model.embed(ids)
+    rope = None
+    if model.cfg.arch == "gpt2":
+        if T > model.cfg.max_seq_len:
+            raise ValueError(f"sequence of {T} tokens is longer than the model's {model.cfg.max_seq_len} positions")
+        x = x + model.pos_embed(positions)
+    else:
+        rope = rope_tables(model.cfg, positions)
+    for block in model.blocks:
+        x = block(x, rope, None, None)  # no mask: plain causal attention
+    return model.norm(x)
+
+
+def nll_sum(model: nn.Module, ids: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(sum of -log p(label), number of labels) for ids/labels (B, T); label t is predicted
+    from the tokens before it."""
+    if hasattr(model, "teacher_forced"):  # encoder-decoder: each labelled run answers what precedes it
+        from .replies import seq2seq_nll_sum
+
+        return seq2seq_nll_sum(model, ids, labels)
+    targets = labels[:, 1:]  # (B, T-1)
+    keep = targets != IGNORE_INDEX
+    if isinstance(model, Transformer):
+        h = hidden_states(model, ids[:, :-1])  # the last token predicts nothing
+        logits = model.lm_head(h[keep])  # (N, V)
+    else:  # other families: full logits
+        logits = model(ids)[:, :-1][keep]
+    loss = F.cross_entropy(logits.float(), targets[keep], reduction="sum")
+    return loss, keep.sum()
+
+
+class LossModel(nn.Module):
+    """Wraps a model so one forward returns its loss: DistributedDataParallel syncs gradients
+    only through its wrapper's forward, so the whole loss computation must be one."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, ids, labels):
+        return nll_sum(self.model, ids, labels)

@@ -1,0 +1,219 @@
+"""Context -> reply pairs, and what every generator family does with them.
+
+A pair is the last K turns of a conversation and the turn that answers them. The generator sees
+the chat template's rendering of the context (with the generation prompt) and learns the
+reply's tokens plus the end-of-turn marker, exactly as a session will prompt it. Both families
+work on the same pairs: a decoder-only transformer reads prompt + reply as one sequence, the
+encoder-decoder encodes the prompt and decodes the reply. The discriminator reads the plain
+texts, so it judges a reply however it was produced.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from ..chat.messages import Message
+
+IGNORE_INDEX = -100
+
+
+@dataclass
+class Pair:
+    context: list[Message]  # the turns before the reply (a system message first, if any)
+    reply: str
+    prompt: list[int]  # the rendered context + generation prompt, at most max_prompt tokens (the newest)
+    target: list[int]  # the reply's tokens and the end-of-turn marker
+
+
+def _as_reply_to(conv: list[Message], i: int) -> list[Message]:
+    """conv[:i+1] with roles re-assigned so that turn i is the assistant's, speakers alternating."""
+    out = []
+    for j, m in enumerate(conv[: i + 1]):
+        if m.role == "system":
+            out.append(m)
+        else:
+            out.append(Message("assistant" if (i - j) % 2 == 0 else "user", m.content))
+    return out
+
+
+def make_pairs(conversations, tokenizer, template, turns: int = 3, max_prompt: int = 256,
+               max_reply: int = 64, both_speakers: bool = True) -> list[Pair]:
+    """Every reply turn of every conversation, with its last `turns` turns of context.
+
+    With `both_speakers`, each non-first turn is a reply (both people in a human chat are
+    examples of human replies); otherwise only the assistant's turns are.
+    """
+    pairs = []
+    for conv in conversations:
+        system = [m for m in conv[:1] if m.role == "system"]
+        body = conv[len(system):]
+        for i in range(1, len(body)):
+            if not both_speakers and body[i].role != "assistant":
+                continue
+            msgs = _as_reply_to(body, i)
+            context = system + msgs[max(0, i - turns): i]
+            pair = _render_pair(tokenizer, template, context, msgs[i], max_prompt, max_reply)
+            if pair is not None:
+                pairs.append(pair)
+    return pairs
+
+
+def _render_pair(tokenizer, template, context, reply: Message, max_prompt: int, max_reply: int):
+    prompt = template.render(tokenizer, context, add_generation_prompt=True)[0]
+    full, mask = template.render(tokenizer, context + [reply])
+    if full[: len(prompt)] == prompt:
+        target = [t for t, m in zip(full[len(prompt):], mask[len(prompt):]) if m]
+    else:  # a template whose generation prompt differs from how it writes a reply's start
+        stop = sorted(template.stop_ids(tokenizer))
+        target = tokenizer.encode_text(reply.content) + stop[:1]
+    if not target or not prompt:
+        return None
+    return Pair(context, reply.content, prompt[-max_prompt:], target[:max_reply])
+
+
+def split_pairs(pairs: list[Pair], fraction: float, seed: int = 0) -> tuple[list[Pair], list[Pair]]:
+    """A seeded shuffle, then (the rest, the last `fraction`)."""
+    order = list(range(len(pairs)))
+    random.Random(seed).shuffle(order)
+    n = max(1, int(round(len(pairs) * fraction))) if fraction > 0 else 0
+    rest, held = order[: len(order) - n], order[len(order) - n:]
+    return [pairs[i] for i in rest], [pairs[i] for i in held]
+
+
+# --- families -------------------------------------------------------------------------------
+def is_seq2seq(model) -> bool:
+    return hasattr(model, "teacher_forced")
+
+
+def _pad(rows: list[list[int]], value: int, left: bool = False) -> torch.Tensor:
+    width = max(len(r) for r in rows)
+    out = torch.full((len(rows), width), value, dtype=torch.long)
+    for i, r in enumerate(rows):
+        if r:
+            if left:
+                out[i, width - len(r):] = torch.tensor(r)
+            else:
+                out[i, : len(r)] = torch.tensor(r)
+    return out
+
+
+def reply_logits(model, prompts: list[list[int]], targets: list[list[int]], pad_id: int = 0):
+    """Logits (B, T, V) predicting each target token, and labels (B, T) with IGNORE_INDEX padding."""
+    labels = _pad(targets, IGNORE_INDEX)
+    if is_seq2seq(model):
+        src = _pad(prompts, pad_id)
+        src_mask = _pad([[1] * len(p) for p in prompts], 0).bool()
+        logits = model.teacher_forced(src, src_mask, labels.clamp(min=0))
+        return logits, labels
+    # one right-padded sequence per row: padding after the reply never affects it (causal)
+    from ..models.transformer import Transformer
+    from .loss import hidden_states
+
+    seqs = [p + t for p, t in zip(prompts, targets)]
+    ids = _pad(seqs, pad_id)
+    index = torch.zeros_like(labels)
+    for i, p in enumerate(prompts):  # the logit predicting target j sits at position len(p) - 1 + j
+        index[i] = torch.arange(len(p) - 1, len(p) - 1 + labels.shape[1]).clamp(max=ids.shape[1] - 1)
+    if isinstance(model, Transformer):  # the head only where a target is predicted: (B, S, V) is large
+        h = hidden_states(model, ids)  # (B, S, d)
+        return model.lm_head(h.gather(1, index[:, :, None].expand(-1, -1, h.shape[-1]))), labels
+    logits = model(ids)  # (B, S, V)
+    return logits.gather(1, index[:, :, None].expand(-1, -1, logits.shape[-1])), labels
+
+
+def reply_logprobs(model, prompts, targets, pad_id: int = 0) -> torch.Tensor:
+    """log p(target | prompt) per row (B,), summed over the target's tokens; differentiable."""
+    logits, labels = reply_logits(model, prompts, targets, pad_id)
+    logp = F.log_softmax(logits.float(), dim=-1)
+    tok = logp.gather(-1, labels.clamp(min=0)[:, :, None]).squeeze(-1)
+    return (tok * (labels != IGNORE_INDEX)).sum(1)
+
+
+def mle_loss(model, prompts, targets, pad_id: int = 0) -> torch.Tensor:
+    """Mean token cross-entropy on the replies (teacher forcing)."""
+    logits, labels = reply_logits(model, prompts, targets, pad_id)
+    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), labels.reshape(-1),
+                           ignore_index=IGNORE_INDEX)
+
+
+def label_spans(labels: list[int]) -> list[tuple[int, int]]:
+    """[start, end) of every run of labelled positions."""
+    spans, start = [], None
+    for i, lab in enumerate(labels + [IGNORE_INDEX]):
+        if lab != IGNORE_INDEX and start is None:
+            start = i
+        elif lab == IGNORE_INDEX and start is not None:
+            spans.append((start, i))
+            start = None
+    return spans
+
+
+def seq2seq_nll_sum(model, ids: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The decoder-only loss contract (sum of -log p(label), count) for an encoder-decoder: each
+    run of labels in a row (B, T) is a reply to the tokens before it, which the encoder reads."""
+    prompts, targets = [], []
+    for row_ids, row_labels in zip(ids.tolist(), labels.tolist()):
+        for a, b in label_spans(row_labels):
+            if a > 0:  # a reply needs some context to answer
+                prompts.append(row_ids[:a])
+                targets.append(row_labels[a:b])
+    if not prompts:  # keep every parameter in the graph (distributed training expects it)
+        zero = sum(p.sum() for p in model.parameters()) * 0.0
+        return zero, torch.zeros((), dtype=torch.long)
+    logp = reply_logprobs(model, prompts, targets)
+    return -logp.sum(), torch.tensor(sum(len(t) for t in targets))
+
+
+@torch.no_grad()
+def perplexity(model, pairs: list[Pair], batch_size: int = 16, pad_id: int = 0) -> float:
+    """exp(mean negative log-likelihood per reply token)."""
+    was_training = model.training
+    model.eval()
+    nll, count = 0.0, 0
+    for start in range(0, len(pairs), batch_size):
+        chunk = pairs[start:start + batch_size]
+        prompts, targets = [p.prompt for p in chunk], [p.target for p in chunk]
+        nll -= float(reply_logprobs(model, prompts, targets, pad_id).sum())
+        count += sum(len(t) for t in targets)
+    model.train(was_training)
+    return math.exp(nll / max(count, 1))
+
+
+@torch.no_grad()
+def sample_replies(model, prompts: list[list[int]], stop_ids: set[int], max_new_tokens: int,
+                   generator: torch.Generator, temperature: float = 1.0, pad_id: int = 0) -> list[list[int]]:
+    """Ancestral samples from the model's own distribution, a batch at a time, through the shared
+    decode step. A reply keeps the stop token it ended with (the policy chose it)."""
+    B = len(prompts)
+    ids = _pad(prompts, pad_id, left=True)
+    key_mask = _pad([[1] * len(p) for p in prompts], 0, left=True)
+    positions = (key_mask.cumsum(1) - 1).clamp(min=0)
+    cache = model.new_cache(B)
+    logits = model(ids, cache, positions=positions, key_mask=key_mask)[:, -1]
+    out: list[list[int]] = [[] for _ in range(B)]
+    done = torch.zeros(B, dtype=torch.bool)
+    for t in range(max_new_tokens):
+        probs = (logits.float() / max(temperature, 1e-6)).softmax(-1)
+        tok = torch.multinomial(probs, 1, generator=generator)[:, 0]  # (B,)
+        for i in range(B):
+            if not done[i]:
+                out[i].append(int(tok[i]))
+                done[i] = int(tok[i]) in stop_ids
+        if bool(done.all()) or t == max_new_tokens - 1:
+            break
+        positions = positions[:, -1:] + 1
+        key_mask = torch.cat([key_mask, torch.ones(B, 1, dtype=key_mask.dtype)], dim=1)
+        logits = model(tok[:, None], cache, positions=positions, key_mask=key_mask)[:, -1]
+    return out
+
+
+def reply_text(tokenizer, tokens: list[int], stop_ids: set[int]) -> str:
+    """A sampled reply's text, without its stop token."""
+    if tokens and tokens[-1] in stop_ids:
+        tokens = tokens[:-1]
+    return tokenizer.decode(tokens, skip_special=True).strip()

@@ -1,0 +1,319 @@
+"""`dialogen serve` on a tiny model, driven by the official `openai` client (raw httpx where the
+client cannot send the malformed body): completions, streaming, sessions, auth, bad input."""
+
+import json
+
+import httpx
+import openai
+import pytest
+
+from dialogen.chat.messages import Message
+from dialogen.chat.templates import get_template
+from dialogen.models.tokenizer import Tokenizer
+from dialogen.serve.launch import ServerProcess
+
+K1, K2 = "key-one", "key-two"
+BODY_LIMIT = 20_000
+
+
+@pytest.fixture(scope="module")
+def server(tiny_llama, tmp_path_factory):
+    db = tmp_path_factory.mktemp("serve") / "sessions.db"
+    args = ["--model", str(tiny_llama[0]), "--template", "chatml", "--api-key", K1, "--api-key", K2,
+            "--db", str(db), "--model-name", "tiny-chat", "--max-body-bytes", str(BODY_LIMIT), "--max-tokens-limit", "200"]
+    with ServerProcess(args) as srv:
+        yield srv
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    return openai.OpenAI(base_url=server.url + "/v1", api_key=K1, max_retries=0, timeout=60)
+
+
+@pytest.fixture(scope="module")
+def model_id(client):
+    return client.models.list().data[0].id
+
+
+def _prompt_tokens(path, messages):
+    tok = Tokenizer.from_dir(path)
+    return len(get_template("chatml", tok).render(tok, messages, add_generation_prompt=True)[0])
+
+
+def test_models_and_health(client, server):
+    models = client.models.list().data
+    assert [m.id for m in models] == ["tiny-chat"] and models[0].owned_by == "dialogen"
+    health = server.health()
+    assert health["status"] == "ok" and health["context_length"] == 256
+
+
+def test_plain_completion_with_usage(client, model_id, tiny_llama):
+    msgs = [{"role": "system", "content": "Be nice."}, {"role": "user", "content": "Hello there!"}]
+    r = client.chat.completions.create(model=model_id, messages=msgs, max_tokens=7, temperature=0)
+    assert r.object == "chat.completion" and r.model == model_id and len(r.choices) == 1
+    c = r.choices[0]
+    assert c.message.role == "assistant" and c.message.content and c.index == 0
+    want = _prompt_tokens(tiny_llama[0], [Message("system", "Be nice."), Message("user", "Hello there!")])
+    assert r.usage.prompt_tokens == want
+    assert c.finish_reason in ("stop", "length") and 1 <= r.usage.completion_tokens <= 7
+    assert r.usage.total_tokens == want + r.usage.completion_tokens
+
+
+def test_streaming_equals_plain(client, model_id):
+    args = dict(model=model_id, messages=[{"role": "user", "content": "Tell me about cats."}], max_tokens=25,
+                temperature=0)
+    plain = client.chat.completions.create(**args)
+    chunks = list(client.chat.completions.create(stream=True, stream_options={"include_usage": True}, **args))
+    assert chunks[0].choices[0].delta.role == "assistant"
+    assert all(ch.object == "chat.completion.chunk" and ch.id == chunks[0].id for ch in chunks)
+    text = "".join(ch.choices[0].delta.content or "" for ch in chunks if ch.choices)
+    assert len(chunks) > 5 and text == plain.choices[0].message.content
+    finals = [ch.choices[0].finish_reason for ch in chunks if ch.choices and ch.choices[0].finish_reason]
+    assert finals == [plain.choices[0].finish_reason]
+    assert chunks[-1].usage.completion_tokens == plain.usage.completion_tokens
+
+
+def test_raw_stream_is_server_sent_events_ending_with_done(server):
+    body = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 5, "stream": True}
+    r = httpx.post(server.url + "/v1/chat/completions", json=body, headers={"Authorization": f"Bearer {K1}"})
+    assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream")
+    events = [e for e in r.text.split("\n\n") if e]
+    assert all(e.startswith("data: ") for e in events) and events[-1] == "data: [DONE]"
+    assert json.loads(events[0][6:])["object"] == "chat.completion.chunk"
+
+
+def test_n_choices_and_seed(client, model_id):
+    args = dict(model=model_id, messages=[{"role": "user", "content": "Pick a word."}], max_tokens=8,
+                temperature=1.0, seed=123, n=2)
+    a = client.chat.completions.create(**args)
+    b = client.chat.completions.create(**args)
+    assert [c.index for c in a.choices] == [0, 1]
+    assert [c.message.content for c in a.choices] == [c.message.content for c in b.choices]  # a seed repeats
+    assert a.choices[0].message.content != a.choices[1].message.content  # choices differ
+    assert 2 <= a.usage.completion_tokens <= 16  # counted over both choices
+
+
+def test_stop_string_cuts_the_reply(client, model_id):
+    args = dict(model=model_id, messages=[{"role": "user", "content": "Say something long."}], max_tokens=30,
+                temperature=0)
+    full = client.chat.completions.create(**args).choices[0].message.content
+    word = full.split()[3]
+    cut = client.chat.completions.create(stop=[word], **args).choices[0]
+    assert cut.finish_reason == "stop" and cut.message.content == full[: full.index(word)]
+
+
+@pytest.mark.parametrize("search", [{"num_candidates": 3, "candidates": "sample", "temperature": 1.0, "seed": 5},
+                                    {"num_candidates": 2, "beam_size": 2}])
+def test_candidates_with_scores(client, model_id, search):
+    r = client.chat.completions.create(model=model_id, messages=[{"role": "user", "content": "Hi!"}], max_tokens=6,
+                                       extra_body=search)
+    choice = r.choices[0]
+    cands = choice.model_extra["candidates"]
+    assert len(cands) == search["num_candidates"]
+    best = max(cands, key=lambda c: c["score"])
+    assert best["winner"] and sum(c["winner"] for c in cands) == 1
+    assert best["text"] == choice.message.content and best["score"] == best["scores"]["score"]
+    assert r.usage.completion_tokens == best["tokens"]
+
+
+def _session(client, path, body=None, method="post"):
+    fn = getattr(client, method)
+    return fn(f"/sessions{path}", cast_to=object, **({"body": body} if method == "post" else {}))
+
+
+def test_session_over_several_turns(client, server):
+    s = _session(client, "", {"persona": "You are a pirate.", "settings": {"temperature": 0, "max_tokens": 6}})
+    assert s["object"] == "session" and s["messages"] == [] and s["persona"] == "You are a pirate."
+    replies, cached = [], []
+    for text in ["Ahoy!", "Where is the treasure?", "Thanks, matey."]:
+        t = _session(client, f"/{s['id']}/messages", {"content": text})
+        assert t["object"] == "session.turn" and t["session_id"] == s["id"]
+        replies.append(t["message"]["content"])
+        cached.append(t["usage"]["prompt_tokens_details"]["cached_tokens"])
+    assert cached[0] == 0 and cached[1] > 10 and cached[2] > cached[1]  # later turns reuse the KV cache
+    stream = client.post(f"/sessions/{s['id']}/messages", body={"content": "Bye", "stream": True},
+                         cast_to=object, stream=True, stream_cls=openai.Stream[object])
+    streamed = "".join(ch["choices"][0]["delta"].get("content") or "" for ch in stream if ch.get("choices"))
+    got = _session(client, f"/{s['id']}", method="get")
+    assert [(m["role"], m["content"]) for m in got["messages"]] == [
+        ("user", "Ahoy!"), ("assistant", replies[0]), ("user", "Where is the treasure?"), ("assistant", replies[1]),
+        ("user", "Thanks, matey."), ("assistant", replies[2]), ("user", "Bye"), ("assistant", streamed)]
+    ranked = _session(client, f"/{s['id']}/messages", {"content": "Pick one.", "num_candidates": 2,
+                                                         "candidates": "sample", "temperature": 1.0})
+    assert len(ranked["candidates"]) == 2 and ranked["usage"]["prompt_tokens_details"]["cached_tokens"] == 0
+    got = _session(client, f"/{s['id']}", method="get")
+    assert got["messages"][-1]["content"] == ranked["message"]["content"]
+    assert got["messages"][-1]["candidates"] == ranked["candidates"]  # stored with the turn
+    listed = _session(client, "", method="get")["data"]
+    assert any(x["id"] == s["id"] and x["message_count"] == 10 and x["title"] == "Ahoy!" for x in listed)
+    assert _session(client, f"/{s['id']}", method="delete")["deleted"] is True
+    with pytest.raises(openai.NotFoundError):
+        _session(client, f"/{s['id']}", method="get")
+
+
+def test_auth_required_and_sessions_belong_to_their_key(server, client, model_id):
+    msgs = [{"role": "user", "content": "hi"}]
+    for key in ("wrong-key", ""):
+        other = openai.OpenAI(base_url=server.url + "/v1", api_key=key or "x", max_retries=0)
+        if not key:
+            other = other.with_options(default_headers={"Authorization": ""})
+        with pytest.raises(openai.AuthenticationError) as e:
+            other.chat.completions.create(model=model_id, messages=msgs, max_tokens=2)
+        assert e.value.status_code == 401 and e.value.body["code"] == "invalid_api_key"
+    s = _session(client, "", {"persona": "secret persona"})
+    second = openai.OpenAI(base_url=server.url + "/v1", api_key=K2, max_retries=0)
+    for path, method, body in [("", "get", None), ("/messages", "post", {"content": "hi"}), ("", "delete", None)]:
+        with pytest.raises(openai.NotFoundError) as e:
+            _session(second, f"/{s['id']}{path}", body, method)
+        assert "secret" not in str(e.value.body)
+    assert all(x["id"] != s["id"] for x in _session(second, "", method="get")["data"])
+    assert _session(client, f"/{s['id']}", method="get")["persona"] == "secret persona"  # untouched
+
+
+BAD = [
+    ("missing messages", {"model": "tiny-chat"}, "messages"),
+    ("empty messages", {"messages": []}, "messages"),
+    ("unknown role", {"messages": [{"role": "wizard", "content": "hi"}]}, "messages[0].role"),
+    ("empty content", {"messages": [{"role": "user", "content": ""}]}, "messages[0].content"),
+    ("blank content", {"messages": [{"role": "user", "content": "   "}]}, "messages[0].content"),
+    ("number content", {"messages": [{"role": "user", "content": 42}]}, "messages[0].content"),
+    ("object content", {"messages": [{"role": "user", "content": {"text": "hi"}}]}, "messages[0].content"),
+    ("image part", {"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]},
+     "messages[0].content"),
+    ("last not user", {"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}]},
+     "messages[1].role"),
+    ("max_tokens zero", {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 0}, "max_tokens"),
+    ("max_tokens negative", {"messages": [{"role": "user", "content": "hi"}], "max_tokens": -3}, "max_tokens"),
+    ("max_tokens over limit", {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 5000}, "max_tokens"),
+    ("max_tokens string", {"messages": [{"role": "user", "content": "hi"}], "max_tokens": "9"}, "max_tokens"),
+    ("context over limit", {"messages": [{"role": "user", "content": "hello " * 400}]}, "messages"),
+    ("prompt + max_tokens over", {"messages": [{"role": "user", "content": "hello " * 100}], "max_tokens": 200},
+     "messages"),
+    ("temperature", {"messages": [{"role": "user", "content": "hi"}], "temperature": 3}, "temperature"),
+    ("top_p zero", {"messages": [{"role": "user", "content": "hi"}], "top_p": 0}, "top_p"),
+    ("negative penalty", {"messages": [{"role": "user", "content": "hi"}], "presence_penalty": -1},
+     "presence_penalty"),
+    ("n too big", {"messages": [{"role": "user", "content": "hi"}], "n": 50}, "n"),
+    ("stop not strings", {"messages": [{"role": "user", "content": "hi"}], "stop": [1, 2]}, "stop"),
+    ("tools", {"messages": [{"role": "user", "content": "hi"}], "tools": [{"type": "function"}]}, "tools"),
+    ("num_candidates zero", {"messages": [{"role": "user", "content": "hi"}], "num_candidates": 0}, "num_candidates"),
+    ("unknown scorer", {"messages": [{"role": "user", "content": "hi"}], "scorer": "vibes"}, "scorer"),
+    ("mmi without a reverse model", {"messages": [{"role": "user", "content": "hi"}], "num_candidates": 2,
+                                     "scorer": "mmi"}, "scorer"),
+]
+
+
+@pytest.mark.parametrize("name,body,param", BAD, ids=[b[0] for b in BAD])
+def test_bad_input_gets_a_clear_400(client, name, body, param):
+    with pytest.raises(openai.BadRequestError) as e:
+        client.post("/chat/completions", body=body, cast_to=object)
+    err = e.value.body
+    assert e.value.status_code == 400 and err["type"] == "invalid_request_error"
+    assert err["param"] == param and err["message"] and "\n" not in err["message"]
+    if name.startswith(("context", "prompt")):
+        assert err["code"] == "context_length_exceeded"
+
+
+def test_bad_input_through_the_typed_client(client, model_id):
+    with pytest.raises(openai.BadRequestError, match="role"):
+        client.chat.completions.create(model=model_id, messages=[{"role": "robot", "content": "hi"}])
+    with pytest.raises(openai.BadRequestError, match="max_tokens"):
+        client.chat.completions.create(model=model_id, messages=[{"role": "user", "content": "hi"}], max_tokens=0)
+    with pytest.raises(openai.NotFoundError, match="gpt-4o"):
+        client.chat.completions.create(model="gpt-4o", messages=[{"role": "user", "content": "hi"}])
+
+
+def _raw(server, content: bytes, headers=None):
+    h = {"Authorization": f"Bearer {K1}", "Content-Type": "application/json", **(headers or {})}
+    return httpx.post(server.url + "/v1/chat/completions", content=content, headers=h, timeout=30)
+
+
+@pytest.mark.parametrize("raw,code", [
+    (b'{"messages": [{"role": "user", "content": "hi"}', "invalid_json"),
+    (b"", "invalid_json"),
+    (b"[1, 2]", "invalid_json"),
+    (b'{"messages": [{"role": "user", "content": "caf\xe9"}]}', "invalid_utf8"),
+])
+def test_malformed_bodies(server, raw, code):
+    r = _raw(server, raw)
+    assert r.status_code == 400 and r.json()["error"]["code"] == code
+
+
+def test_oversize_body_is_413_and_server_keeps_serving(server, client, model_id):
+    big = {"model": model_id, "messages": [{"role": "user", "content": "x" * BODY_LIMIT}]}
+    with pytest.raises(openai.APIStatusError) as e:
+        client.post("/chat/completions", body=big, cast_to=object)
+    assert e.value.status_code == 413 and e.value.body["code"] == "request_too_large"
+
+    def chunked():  # no Content-Length: the limit is enforced while reading
+        yield b'{"messages": [{"role": "user", "content": "'
+        for _ in range(BODY_LIMIT // 1000 + 1):
+            yield b"y" * 1000
+        yield b'"}]}'
+    r = _raw(server, chunked())
+    assert r.status_code == 413 and r.json()["error"]["type"] == "invalid_request_error"
+    ok = client.chat.completions.create(model=model_id, messages=[{"role": "user", "content": "still there?"}],
+                                        max_tokens=3)
+    assert ok.choices[0].message.content is not None and server.health()["status"] == "ok"
+
+
+def test_web_page_and_unknown_routes(server):
+    page = httpx.get(server.url + "/")
+    assert page.status_code == 200 and "text/html" in page.headers["content-type"]
+    for asset in ("app.js", "style.css"):
+        assert f"/static/{asset}" in page.text
+        assert httpx.get(f"{server.url}/static/{asset}").status_code == 200
+    r = httpx.get(server.url + "/v1/nothing", headers={"Authorization": f"Bearer {K1}"})
+    assert r.status_code == 404 and set(r.json()["error"]) == {"message", "type", "param", "code"}
+
+
+def test_cli_refuses_public_host_without_keys_and_bad_key_files(tmp_path, capsys):
+    from dialogen.cli import main
+
+    assert main(["serve", "--host", "0.0.0.0"]) == 2
+    err = capsys.readouterr().err
+    assert "--insecure" in err and len(err.strip().splitlines()) == 1
+    keys = tmp_path / "keys.txt"
+    keys.write_text("# team keys\ngood-key\nbad key\n")
+    assert main(["serve", "--api-keys-file", str(keys)]) == 2
+    assert f"{keys}:3" in capsys.readouterr().err
+    assert main(["serve", "--max-active", "0"]) == 2
+    assert "--max-active" in capsys.readouterr().err
+
+
+def test_cli_without_fastapi_says_what_to_install(monkeypatch, capsys):
+    import importlib.util
+
+    from dialogen.cli import main
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "fastapi" else real(name, *a))
+    assert main(["serve"]) == 2
+    assert "pip install 'dialogen[serve]'" in capsys.readouterr().err
+
+
+SESSION_BAD = [
+    ("missing content", {}, "content"),
+    ("empty content", {"content": ""}, "content"),
+    ("list content", {"content": ["a", "b"]}, "content"),
+    ("max_tokens zero", {"content": "hi", "max_tokens": 0}, "max_tokens"),
+    ("over the context", {"content": "hello " * 400}, "content"),
+]
+
+
+@pytest.mark.parametrize("name,body,param", SESSION_BAD, ids=[b[0] for b in SESSION_BAD])
+def test_session_turn_bad_input(client, name, body, param):
+    s = _session(client, "", {})
+    with pytest.raises(openai.BadRequestError) as e:
+        _session(client, f"/{s['id']}/messages", body)
+    assert e.value.body["param"] == param
+    assert _session(client, f"/{s['id']}", method="get")["messages"] == []  # nothing stored
+
+
+@pytest.mark.parametrize("body,param", [({"settings": {"temperature": -1}}, "settings.temperature"),
+                                        ({"settings": {"colour": "red"}}, "settings.colour"),
+                                        ({"persona": 7}, "persona")])
+def test_session_create_bad_input(client, body, param):
+    with pytest.raises(openai.BadRequestError) as e:
+        _session(client, "", body)
+    assert e.value.body["param"] == param

@@ -1,0 +1,185 @@
+"""The serving machinery without HTTP: batched decode steps, the worker, the store, the KV-cache LRU."""
+
+import sqlite3
+import threading
+
+import pytest
+import torch
+
+from dialogen.chat.session import Engine, Session
+from dialogen.chat.templates import get_template
+from dialogen.decoding.processors import Sampling
+from dialogen.models.loading import load
+from dialogen.serve.batching import decode_rows
+from dialogen.serve.service import Keys, SessionCache
+from dialogen.serve.store import Store
+from dialogen.serve.worker import Busy, Cancelled, Worker
+
+
+@pytest.fixture(params=["tiny_llama", "tiny_gpt2"])
+def model(request):
+    path, _ = request.getfixturevalue(request.param)
+    return load(str(path)).model
+
+
+@pytest.fixture(scope="module")
+def llama(tiny_llama):
+    loaded = load(str(tiny_llama[0]))
+    return loaded.model, loaded.tokenizer
+
+
+@torch.no_grad()
+def test_batched_decode_step_equals_separate_steps(model):
+    g = torch.Generator().manual_seed(0)
+    prompts = [torch.randint(0, 49152, (1, n), generator=g) for n in (3, 11, 7)]  # rows of different lengths
+    batched = [model.new_cache(1) for _ in prompts]
+    single = [model.new_cache(1) for _ in prompts]
+    for p, cb, cs in zip(prompts, batched, single):
+        model(p, cb)
+        model(p, cs)
+    for t in range(4):
+        tokens = [int(x) for x in torch.randint(0, 49152, (3,), generator=g)]
+        got = decode_rows(model, tokens, batched)  # (3, V)
+        want = torch.cat([model(torch.tensor([[tok]]), c)[:, -1] for tok, c in zip(tokens, single)])
+        assert (got - want).abs().max().item() < 1e-4
+    assert [c.length for c in batched] == [c.length for c in single] == [7, 15, 11]
+
+
+def _engine(model, tokenizer) -> Engine:
+    return Engine(model, tokenizer, get_template("chatml", tokenizer), 256, "tiny")
+
+
+def _replies_direct(model, tokenizer, convos, samplings):
+    out = []
+    for (system, text), s in zip(convos, samplings):
+        out.append(Session(_engine(model, tokenizer), system, s, max_context_tokens=200).send(text).run().text)
+    return out
+
+
+def test_worker_batches_concurrent_replies_and_matches_one_by_one(llama):
+    model, tok = llama
+    convos = [(None, "hello"), ("Be brief.", "what is up " * 30), (None, "tell me a story"), ("x", "y")]
+    samplings = [Sampling(temperature=0, max_new_tokens=12), Sampling(seed=1, max_new_tokens=20),
+                 Sampling(seed=2, temperature=1.0, max_new_tokens=15), Sampling(temperature=0, max_new_tokens=9)]
+    want = _replies_direct(model, tok, convos, samplings)
+    worker = Worker(model, max_active=8, prefill_chunk=16)  # the long prompt goes in chunks
+    try:
+        eng = _engine(worker.proxy, tok)
+        got = [None] * len(convos)
+
+        def job_for(i):
+            def run(job):
+                got[i] = Session(eng, convos[i][0], samplings[i], max_context_tokens=200).send(convos[i][1]).run().text
+            return run
+
+        jobs = [worker.submit(job_for(i), lambda ev: None) for i in range(len(convos))]
+        for j in jobs:
+            assert j.finished.wait(60)
+        assert got == want
+        stats = worker.load()
+        assert stats["max_batch"] >= 2  # decode steps of different replies ran together
+        assert stats["rounds"] < stats["decode_rows"]
+        assert stats["completed"] == 4
+    finally:
+        worker.close()
+
+
+def test_worker_queue_bound_and_cancel(llama):
+    model, tok = llama
+    worker = Worker(model, max_active=1, max_queue=1)
+    gate = threading.Event()
+    events = []
+    try:
+        eng = _engine(worker.proxy, tok)
+
+        def long_reply(job):
+            gen = Session(eng, None, Sampling(max_new_tokens=200, seed=0), max_context_tokens=50).send("hi")
+            for i, _ in enumerate(gen):
+                gate.set()
+            events.append(("finished", gen.finish_reason))
+
+        first = worker.submit(long_reply, events.append)
+        second = worker.submit(lambda job: None, events.append)  # waits in the queue
+        with pytest.raises(Busy):
+            worker.submit(lambda job: None, events.append)
+        assert gate.wait(30)
+        first.cancel()
+        assert first.finished.wait(30) and second.finished.wait(30)
+        assert ("cancelled", None) in events and not any(e[0] == "finished" for e in events)
+        assert worker.load()["cancelled"] == 1 and worker.load()["rejected"] == 1
+        worker.submit(lambda job: None, events.append).finished.wait(10)  # room again
+    finally:
+        worker.close()
+
+
+def test_cancelled_job_raises_at_its_next_model_call(llama):
+    model, _ = llama
+    worker = Worker(model)
+    seen = []
+    try:
+        def run(job):
+            job.cancel()
+            try:
+                worker.proxy(torch.tensor([[1, 2]]), model.new_cache(1))
+            except Cancelled:
+                seen.append("cancelled")
+                raise
+        worker.submit(run, seen.append).finished.wait(10)
+        assert seen == ["cancelled", ("cancelled", None)]
+    finally:
+        worker.close()
+
+
+def test_store_turns_persist_and_owners_are_isolated(tmp_path):
+    path = tmp_path / "s.db"
+    store = Store(path)
+    assert store.journal_mode() == "wal"
+    s = store.create("alice", "You are kind.", {"temperature": 0.5})
+    assert store.add_turn(s["id"], "hello there", "hi!", {"finish_reason": "stop"})
+    assert store.add_turn(s["id"], "how are you", "fine")
+    assert store.get(s["id"], "bob") is None and not store.delete(s["id"], "bob")
+    store.close()
+    # a second connection (as after a restart) sees every committed turn
+    store = Store(path)
+    got = store.get(s["id"], "alice")
+    assert [(m["role"], m["content"]) for m in got["messages"]] == [
+        ("user", "hello there"), ("assistant", "hi!"), ("user", "how are you"), ("assistant", "fine")]
+    assert got["messages"][1]["finish_reason"] == "stop"
+    assert got["persona"] == "You are kind." and got["settings"] == {"temperature": 0.5}
+    assert got["title"] == "hello there"
+    assert [x["id"] for x in store.list("alice")] == [s["id"]] and store.list("bob") == []
+    assert store.delete(s["id"], "alice") and store.get(s["id"], "alice") is None
+    assert not store.add_turn(s["id"], "late", "reply")  # a deleted session takes no turns
+    raw = sqlite3.connect(path).execute("SELECT COUNT(*) FROM messages").fetchone()[0]
+    assert raw == 0  # its messages went with it
+
+
+def test_session_cache_evicts_least_recently_used_within_budget(llama):
+    model, tok = llama
+    eng = _engine(model, tok)
+    sessions = [Session(eng, None, Sampling(max_new_tokens=4), 200) for _ in range(3)]
+    for s in sessions:
+        s.send("hello").run()
+    one = sessions[0].cache.nbytes()
+    cache = SessionCache(budget_bytes=2 * one)
+    cache.put("a", sessions[0])
+    cache.put("b", sessions[1])
+    assert cache.get("a") is sessions[0]  # a is now the most recent
+    claim = cache.claim("b")
+    assert claim is not None and cache.claim("b") is None  # b is busy: one turn at a time
+    cache.put("c", sessions[2])  # over budget: b is least recent but busy, so a goes
+    assert cache.get("a") is None and cache.get("b") is sessions[1] and cache.nbytes() <= 2 * one
+    cache.release("b", claim)
+    again = cache.claim("b")
+    cache.release("b", claim)  # a stale release leaves the newer claim alone
+    assert cache.claim("b") is None
+    cache.release("b", again)
+    cache.put("a", sessions[0])  # c is now the least recent (reading b above refreshed it)
+    assert cache.get("c") is None and cache.get("b") is sessions[1] and cache.evictions == 2
+
+
+def test_keys_map_to_owners():
+    keys = Keys(["k1", "k2"])
+    assert keys.owner("Bearer k1") and keys.owner("Bearer k1") != keys.owner("Bearer k2")
+    assert keys.owner("Bearer nope") is None and keys.owner(None) is None and keys.owner("k1") is None
+    assert Keys([]).owner(None) == ""
