@@ -115,17 +115,17 @@ def plot(records: list[dict], path: Path) -> bool:
         return False
     train = [(r["step"], r["loss"]) for r in records if "loss" in r]
     val = [(r["step"], r["val_ppl"]) for r in records if "val_ppl" in r]
-    fig, ax = plt.subplots(figsize=(7, 4))
+    fig, (top, bottom) = plt.subplots(2, 1, figsize=(7, 5.5), sharex=True)
     if train:
-        ax.plot(*zip(*train), label="train loss (nats/token)", color="tab:blue", linewidth=1)
-    ax.set_xlabel("step")
-    ax.set_ylabel("loss")
+        top.plot(*zip(*train), color="tab:blue", linewidth=1)
+    top.set_ylabel("train loss (nats/token)")
     if val:
-        ax2 = ax.twinx()
-        ax2.plot(*zip(*val), "o-", label="validation perplexity", color="tab:orange")
-        ax2.set_ylabel("validation perplexity")
-        ax2.legend(loc="upper center")
-    ax.legend(loc="upper right")
+        bottom.plot(*zip(*val), "o-", color="tab:orange")
+        bottom.set_yscale("log")
+    bottom.set_ylabel("validation perplexity")
+    bottom.set_xlabel("step")
+    for ax in (top, bottom):
+        ax.grid(alpha=0.3)
     fig.tight_layout()
     tmp = path.with_name(f".{path.name}.tmp.png")
     fig.savefig(tmp, dpi=100)

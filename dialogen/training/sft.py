@@ -170,7 +170,7 @@ class Loop:
                 metrics.log(record)
                 bar.update(1)
                 bar.set_postfix(loss=f"{record['loss']:.3f}", tok_s=f"{record['tok_s']:.0f}")
-                if opts.eval_every and (step % opts.eval_every == 0 or step == self.total):
+                if opts.eval_every and step % opts.eval_every == 0:
                     self.validate(step, metrics)
             if opts.max_minutes and self.out_of_time():
                 stopped = "time budget"
@@ -179,6 +179,8 @@ class Loop:
                 self.save_last(step)
                 last_saved = step
         bar.close()
+        if opts.eval_every and d.main and step % opts.eval_every:  # the end, when not just validated
+            self.validate(step, metrics)
         if step != last_saved or step == self.total:
             self.save_last(step)
         if d.main and not ckpt.plot(metrics.read(), self.out / "metrics.png"):
