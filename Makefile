@@ -36,6 +36,7 @@ test: $(DEV)
 
 bench: $(DEV)
 	$(BIN)/python bench/decode.py
+	$(BIN)/python bench/train.py
 
 clean:
 	rm -rf $(VENV) *.egg-info

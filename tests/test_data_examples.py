@@ -209,3 +209,29 @@ def test_buckets_pack_and_collate():
     assert all(len(r.ids) <= 5 for r in rows) and sum(len(r.ids) for r in rows) == 15
     assert sum(r.trained() for r in rows) == 9
     assert isinstance(ids, torch.Tensor) and ids.dtype == torch.long
+
+
+def test_inspect_data_command(tiny_llama, tmp_path, capsys):
+    from dialogen.cli import main
+
+    path, _ = tiny_llama
+    f = tmp_path / "d.jsonl"
+    f.write_text(json.dumps({"messages": [m.to_dict() for m in CONV]}) + "\n")
+    assert main(["inspect-data", "--data", str(f), "--model", str(path), "--template", "chatml", "-n", "1",
+                 "--rows", "0", "--color", "never"]) == 0
+    out = capsys.readouterr().out
+    rows = [line for line in out.splitlines() if line.rstrip().endswith(("| YES", "| no"))]
+    ids, labels = expected(smol_tokenizer_of(path), [
+        ("<|im_start|>user\n", "t", 0), (U1, "c", 0), ("<|im_end|>\n<|im_start|>assistant\n", "t", 0),
+        (A1, "c", 1), ("<|im_end|>", "t", 1), ("\n<|im_start|>user\n", "t", 0), (U2, "c", 0),
+        ("<|im_end|>\n<|im_start|>assistant\n", "t", 0), (A2, "c", 1), ("<|im_end|>", "t", 1), ("\n", "t", 0)])
+    assert len(rows) == len(ids) - 1  # one row per predicted token
+    assert [r.rstrip().endswith("YES") for r in rows] == [x != IGNORE_INDEX for x in labels[1:]]
+    assert f"[[{A1}<|im_end|>]]" in out and f"[[{A2}<|im_end|>]]" in out
+    assert "1 conversations, 4 turns (2 trained)" in out and "0 truncated windows" in out
+
+
+def smol_tokenizer_of(path):
+    from dialogen.models.tokenizer import Tokenizer
+
+    return Tokenizer.from_dir(path)

@@ -62,7 +62,8 @@ def test_resume_reproduces_the_uninterrupted_losses(data, tmp_path):
     for (name, pa), pb in zip(wa.state_dict().items(), wb.state_dict().values()):
         assert torch.allclose(pa, pb, atol=1e-6), name
     # best/ and the plot exist; validation ran at steps 0, 3, 6 and 7
-    assert [r["step"] for r in records(tmp_path / "a", "val_ppl")] == [0, 3, 6, 7]
+    val = records(tmp_path / "a", "val_ppl")
+    assert [r["step"] for r in val] == [0, 3, 6, 7] and val[-1]["val_ppl"] < val[0]["val_ppl"]
     assert (tmp_path / "a/best/model.safetensors").exists() and (tmp_path / "a/metrics.png").stat().st_size > 1000
 
 

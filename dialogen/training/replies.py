@@ -154,15 +154,29 @@ def label_spans(labels: list[int]) -> list[tuple[int, int]]:
     return spans
 
 
+def split_turns(span: tuple[int, int], ids: list[int], turn_end: int) -> list[tuple[int, int]]:
+    """A labelled run cut after each end-of-turn token: trained turns can follow one another
+    with no untrained token between them (a template that only joins turns with EOS)."""
+    a, b = span
+    out = []
+    for i in range(a, b):
+        if ids[i] == turn_end and i + 1 < b:
+            out.append((a, i + 1))
+            a = i + 1
+    return out + [(a, b)]
+
+
 def seq2seq_nll_sum(model, ids: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """The decoder-only loss contract (sum of -log p(label), count) for an encoder-decoder: each
-    run of labels in a row (B, T) is a reply to the tokens before it, which the encoder reads."""
+    labelled turn of a row (B, T) is a reply to the tokens before it, which the encoder reads."""
+    turn_end = getattr(model.cfg, "turn_end_id", -1)
     prompts, targets = [], []
     for row_ids, row_labels in zip(ids.tolist(), labels.tolist()):
-        for a, b in label_spans(row_labels):
-            if a > 0:  # a reply needs some context to answer
-                prompts.append(row_ids[:a])
-                targets.append(row_labels[a:b])
+        for span in label_spans(row_labels):
+            for a, b in split_turns(span, row_ids, turn_end) if turn_end >= 0 else [span]:
+                if a > 0:  # a reply needs some context to answer
+                    prompts.append(row_ids[:a])
+                    targets.append(row_labels[a:b])
     if not prompts:  # keep every parameter in the graph (distributed training expects it)
         zero = sum(p.sum() for p in model.parameters()) * 0.0
         return zero, torch.zeros((), dtype=torch.long)

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from ..chat.templates import default_template_name, get_template
+from ..chat.templates import get_template
 from ..data import load_split
 from ..data.batches import bucket_batches, collate, pack
 from ..data.dataset import build_examples
