@@ -8,7 +8,7 @@ import sys
 
 from .errors import UserError
 
-DTYPES = ("float32", "bfloat16", "int8")
+DTYPES = ("float32", "float16", "bfloat16", "int8")
 
 
 def add_model_args(p: argparse.ArgumentParser):
@@ -17,9 +17,10 @@ def add_model_args(p: argparse.ArgumentParser):
                    "(llama or gpt2 type) or a dialogen checkpoint; default: the embedded SmolLM2-135M-Instruct")
     g.add_argument("--template", default="auto", help="chat template: chatml, llama2, dialogpt, jinja "
                    "(the model's own); default: the model's own if it has one")
-    g.add_argument("--dtype", default="bfloat16", choices=DTYPES,
-                   help="weight copy used by decode steps (prefill stays float32); bfloat16 and int8 "
-                        "(per-row scales) move less memory per token (default: %(default)s)")
+    g.add_argument("--dtype", default="float16", choices=DTYPES,
+                   help="weight copy used by decode steps (prefill and activations stay float32); float16 "
+                        "decodes ~1.8x faster than float32 on AVX2 CPUs, bfloat16 and int8 (per-row scales) "
+                        "are there for CPUs where they are faster (default: %(default)s)")
 
 
 def add_sampling_args(p: argparse.ArgumentParser):

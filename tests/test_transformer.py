@@ -79,10 +79,10 @@ def test_left_padded_batch_matches_single_rows(tiny_llama):
     assert (out[1, 5:] - ours(b[None])[0]).abs().max() < 1e-4
 
 
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.int8])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.int8])
 @torch.no_grad()
 def test_compact_decode_weights_keep_prefill_exact(tiny_llama, dtype):
-    """--dtype bfloat16/int8 changes decode steps only: a prefill is bit-identical to float32."""
+    """--dtype float16/bfloat16/int8 changes decode steps only: a prefill is bit-identical to float32."""
     path, _ = tiny_llama
     fp32, bf16 = load(str(path)).model, load(str(path), dtype).model
     ids = _ids(20, seed=5)
