@@ -91,3 +91,17 @@ def test_compact_decode_weights_keep_prefill_exact(tiny_llama, dtype):
     step32, step16 = fp32(ids[:, :1], c32)[0, -1], bf16(ids[:, :1], c16)[0, -1]
     assert not torch.equal(step32, step16)  # the decode step did use the bfloat16 copy
     assert torch.allclose(step32.softmax(-1), step16.softmax(-1), atol=2e-2)
+
+
+@torch.no_grad()
+def test_pytorch_model_bin_directory(tiny_gpt2, tmp_path):
+    """Older Hugging Face directories (DialoGPT's) ship pytorch_model.bin, read with weights_only=True."""
+    import shutil
+
+    path, ref = tiny_gpt2
+    for f in path.iterdir():
+        if f.suffix != ".safetensors":
+            shutil.copy(f, tmp_path / f.name)
+    torch.save(ref.state_dict(), tmp_path / "pytorch_model.bin")
+    ids = _ids(12, seed=6)
+    assert (load(str(tmp_path)).model(ids) - ref(ids).logits).abs().max().item() < 1e-4
