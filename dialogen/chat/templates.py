@@ -81,8 +81,14 @@ class Template:
             raise UserError(f"chat template {self.name!r} failed: {e}") from None
 
     def render(self, tokenizer, messages: list[Message], add_generation_prompt: bool = False,
-               train_roles=("assistant",)) -> tuple[list[int], list[int]]:
-        """(ids, mask): mask[i] is 1 where token i is one the model is trained to produce."""
+               train_roles=("assistant",), trained: list[bool] | None = None) -> tuple[list[int], list[int]]:
+        """(ids, mask): mask[i] is 1 where token i is one the model is trained to produce.
+
+        The trained messages are those whose role is in `train_roles`, or, when given, those whose
+        flag in `trained` (one per message) is true.
+        """
+        if trained is None:
+            trained = [m.role in train_roles for m in messages]
         text = self._render_text(tokenizer, messages, add_generation_prompt)
         ids: list[int] = []
         mask: list[int] = []
@@ -90,9 +96,9 @@ class Template:
         trained_turn_open = False
         for k, piece in enumerate(pieces):
             if k % 2:  # a message's content
-                msg = messages[int(piece)]
-                toks = tokenizer.encode_text(msg.content)
-                trained_turn_open = msg.role in train_roles
+                i = int(piece)
+                toks = tokenizer.encode_text(messages[i].content)
+                trained_turn_open = trained[i]
                 ids += toks
                 mask += [int(trained_turn_open)] * len(toks)
                 continue

@@ -19,7 +19,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from ..chat.messages import Message
-from ..chat.templates import _SLOT, Template
+from ..chat.templates import Template
 
 IGNORE_INDEX = -100
 TRAIN_ON = ("assistant", "both")
@@ -67,29 +67,7 @@ def trained_flags(messages: list[Message], train_on: str = "assistant") -> list[
 def render_turns(template: Template, tokenizer, messages: list[Message], trained: list[bool],
                  add_generation_prompt: bool = False) -> tuple[list[int], list[int]]:
     """`Template.render` with the trained messages chosen one by one instead of by role."""
-    text = template._render_text(tokenizer, messages, add_generation_prompt)
-    ids: list[int] = []
-    mask: list[int] = []
-    turn_open = False
-    for k, piece in enumerate(_SLOT.split(text)):  # template text, message index, template text, ...
-        if k % 2:
-            i = int(piece)
-            toks = tokenizer.encode_text(messages[i].content)
-            turn_open = trained[i]
-            ids += toks
-            mask += [int(turn_open)] * len(toks)
-            continue
-        if turn_open and template.end_of_turn in piece:
-            cut = piece.index(template.end_of_turn) + len(template.end_of_turn)
-            head = tokenizer.encode_template(piece[:cut])
-            ids += head
-            mask += [1] * len(head)
-            piece = piece[cut:]
-        turn_open = False
-        toks = tokenizer.encode_template(piece)
-        ids += toks
-        mask += [0] * len(toks)
-    return ids, mask
+    return template.render(tokenizer, messages, add_generation_prompt, trained=trained)
 
 
 def to_example(ids: list[int], mask: list[int]) -> Example:
