@@ -182,7 +182,7 @@ def cmd_train_adversarial(args) -> int:
         print(f"dialogen: round {row['round']}/{args.rounds} " + " ".join(parts), file=sys.stderr, flush=True)
 
     rows = train_adversarial(model, disc, tok, template.stop_ids(tok), train, valid, settings, log, show)
-    plot = plot_log(rows, log.with_suffix(".png"), f"adversarial training of {Path(args.generator).name}")
+    plot = plot_log(rows, log.with_suffix(".png"), f"adversarial training of {args.generator}")
     meta = {**meta, "adversarial": {"from": str(args.generator), "discriminator": str(args.discriminator),
                                     "settings": settings_dict(settings), "log": str(log)}}
     save_generator(out, model.eval(), tok, meta)

@@ -67,6 +67,7 @@ def build_rnn(opts, d, train_convs):
     if opts.freeze_layers:
         raise UserError("--freeze-layers freezes transformer blocks; it does not apply to --arch rnn")
     state = None
+    torch.manual_seed(opts.seed)  # dropout draws from the global generator; a resume restores its state
     if opts.resume:
         last = Path(opts.out) / "last"
         loaded = load(str(last), torch.float32)
