@@ -1,42 +1,65 @@
 #!/usr/bin/env bash
 # The "Classic families" numbers of the README: an RNN encoder-decoder with attention against a
 # from-scratch GPT of about the same size and CPU budget, then MLE-only against adversarial
-# training of the RNN. Every step runs on one thread under `nice`, one after another (about 45
-# minutes in all on the reference machine). Usage: bench/classic_families.sh [RUN_DIR]
+# training of the RNN, over several seeds. Every job runs on one thread under `nice`, two at a time
+# (about 55 minutes in all on 2 cores); the tables come from bench/classic_families_table.py.
+# Usage: bench/classic_families.sh [RUN_DIR]        (SEEDS="0 1 2" by default)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 DG=".venv/bin/dialogen"
 R="${1:-runs/classic}"
-export OMP_NUM_THREADS=1  # one core each: equal wall budgets are equal CPU budgets, even on a busy machine
+read -r -a SEEDS <<< "${SEEDS:-0 1 2}"
+export OMP_NUM_THREADS=1  # one core each: equal wall budgets are equal CPU budgets
 mkdir -p "$R"
+
+PIDS=()
+job() {  # start a job in the background, at most two at once; a failed job stops the script
+    nice "$@" &
+    PIDS+=($!)
+    if (( ${#PIDS[@]} >= 2 )); then wait "${PIDS[0]}"; PIDS=("${PIDS[@]:1}"); fi
+}
+drain() { local p; for p in "${PIDS[@]}"; do wait "$p"; done; PIDS=(); }
 
 # 1. same data, vocabulary recipe (8000-token BPE trained on the training split), windows and budget
 COMMON=(--init scratch --data chitchat --train-on both --vocab-size 8000 --max-len 256 --batch-size 16
         --lr 2e-3 --warmup-steps 50 --max-steps 800 --max-minutes 8 --eval-every 200 --no-progress)
-nice "$DG" train "${COMMON[@]}" --out "$R/gpt" --n-layer 3 --n-head 4 --d-model 128
-nice "$DG" train "${COMMON[@]}" --out "$R/rnn" --arch rnn --rnn-cell gru --rnn-attention general \
+job "$DG" train "${COMMON[@]}" --out "$R/gpt" --n-layer 3 --n-head 4 --d-model 128
+job "$DG" train "${COMMON[@]}" --out "$R/rnn" --arch rnn --rnn-cell gru --rnn-attention general \
     --rnn-emb-dim 128 --rnn-hidden 96 --context-turns 3
+drain
 
-# 2. one fixed sample of the test split for every model: 300 replies, 3 turns of context
+# 2. one fixed sample of the test split for every model: 300 replies, 3 turns of context.
+#    Per seed, a discriminator pretrained on the RNN's samples (its own sample of conversations).
 EVAL=(--split test --examples 300 --sample-seed 0 --context-turns 3 --max-new-tokens 32 --seed 0
       --compare greedy,top-p --batch-size 16)
-nice "$DG" eval --model "$R/gpt/best" "${EVAL[@]}" --output "$R/eval-gpt.json"
-nice "$DG" eval --model "$R/rnn/best" "${EVAL[@]}" --output "$R/eval-rnn.json"
-
-# 3. adversarial training of the RNN (Li et al. 2017): pretrain D, then 150 rounds; and a control
-#    run with the same 150 teacher-forced steps but no adversary
 ADV=(--data chitchat --max-new-tokens 24 --batch-size 32 --turns 3)
-nice "$DG" train-discriminator "${ADV[@]}" --generator "$R/rnn/best" --out "$R/d" --steps 300 --lr 1e-3
-ROUNDS=(--rounds 150 --mle-steps 1 --g-lr 5e-4 --d-lr 5e-4 --valid-pairs 200)
-nice "$DG" train-adversarial "${ADV[@]}" "${ROUNDS[@]}" --generator "$R/rnn/best" --discriminator "$R/d" \
-    --out "$R/rnn-adv" --d-steps 1 --g-steps 1
-nice "$DG" train-adversarial "${ADV[@]}" "${ROUNDS[@]}" --generator "$R/rnn/best" --discriminator "$R/d" \
-    --out "$R/rnn-mle" --d-steps 0 --g-steps 0
-
-# 4. an evaluator trained apart (another seed, another sample of conversations) on the samples of
-#    all three generators; then adversarial success on the same test sample
-nice "$DG" train-discriminator "${ADV[@]}" --generator "$R/rnn/best" --generator "$R/rnn-mle" \
-    --generator "$R/rnn-adv" --out "$R/evaluator" --steps 450 --lr 1e-3 --seed 1
-for g in rnn/best rnn-mle rnn-adv; do
-    nice "$DG" eval --model "$R/$g" "${EVAL[@]}" --evaluator "$R/evaluator" --output "$R/eval-adv-${g%%/*}.json"
+job "$DG" eval --model "$R/gpt/best" "${EVAL[@]}" --output "$R/eval-gpt.json"
+for s in "${SEEDS[@]}"; do
+    job "$DG" train-discriminator "${ADV[@]}" --generator "$R/rnn/best" --out "$R/d-$s" --steps 300 --lr 1e-3 \
+        --seed "$s"
 done
+drain
+
+# 3. adversarial training of the RNN (Li et al. 2017): 150 rounds of one d-step, one g-step and one
+#    MLE step; and a control run with the same 150 teacher-forced steps but no adversary
+ROUNDS=(--rounds 150 --mle-steps 1 --g-lr 5e-4 --d-lr 5e-4 --valid-pairs 200)
+for s in "${SEEDS[@]}"; do
+    job "$DG" train-adversarial "${ADV[@]}" "${ROUNDS[@]}" --generator "$R/rnn/best" --discriminator "$R/d-$s" \
+        --out "$R/rnn-adv-$s" --d-steps 1 --g-steps 1 --seed "$s"
+    job "$DG" train-adversarial "${ADV[@]}" "${ROUNDS[@]}" --generator "$R/rnn/best" --discriminator "$R/d-$s" \
+        --out "$R/rnn-mle-$s" --d-steps 0 --g-steps 0 --seed "$s"
+done
+drain
+
+# 4. an evaluator trained apart (its own seed and sample of conversations) on the samples of every
+#    generator; then every generator on the same test sample, with adversarial success
+GENS=(rnn/best)
+for s in "${SEEDS[@]}"; do GENS+=("rnn-mle-$s" "rnn-adv-$s"); done
+GEN_FLAGS=()
+for g in "${GENS[@]}"; do GEN_FLAGS+=(--generator "$R/$g"); done
+nice "$DG" train-discriminator "${ADV[@]}" "${GEN_FLAGS[@]}" --out "$R/evaluator" --steps 700 --lr 1e-3 --seed 100
+for g in "${GENS[@]}"; do
+    job "$DG" eval --model "$R/$g" "${EVAL[@]}" --evaluator "$R/evaluator" --output "$R/eval-${g%%/*}.json"
+done
+drain
+.venv/bin/python bench/classic_families_table.py "$R"
