@@ -73,6 +73,17 @@ def test_streaming_equals_plain(client, model_id):
     assert chunks[-1].usage.completion_tokens == plain.usage.completion_tokens
 
 
+def test_stateless_turns_reuse_the_kept_prompt_cache(client, model_id):
+    """A client resending the whole conversation: the second turn's usage says the first turn's
+    prompt came from the kept KV cache."""
+    msgs = [{"role": "system", "content": "You are a sailor."}, {"role": "user", "content": "Ahoy there, sailor!"}]
+    first = client.chat.completions.create(model=model_id, messages=msgs, max_tokens=5, temperature=0)
+    assert first.usage.prompt_tokens_details.cached_tokens == 0
+    msgs += [{"role": "assistant", "content": first.choices[0].message.content}, {"role": "user", "content": "Where to?"}]
+    second = client.chat.completions.create(model=model_id, messages=msgs, max_tokens=5, temperature=0)
+    assert second.usage.prompt_tokens_details.cached_tokens == first.usage.prompt_tokens
+
+
 def test_raw_stream_is_server_sent_events_ending_with_done(server):
     body = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 5, "stream": True}
     r = httpx.post(server.url + "/v1/chat/completions", json=body, headers={"Authorization": f"Bearer {K1}"})

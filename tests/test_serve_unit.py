@@ -6,6 +6,7 @@ import threading
 import pytest
 import torch
 
+from dialogen.chat.messages import Message
 from dialogen.chat.session import Engine, Session
 from dialogen.chat.templates import get_template
 from dialogen.decoding.processors import Sampling
@@ -183,3 +184,44 @@ def test_keys_map_to_owners():
     assert keys.owner("Bearer k1") and keys.owner("Bearer k1") != keys.owner("Bearer k2")
     assert keys.owner("Bearer nope") is None and keys.owner(None) is None and keys.owner("k1") is None
     assert Keys([]).owner(None) == ""
+
+
+def test_stateless_requests_reuse_a_kept_kv_cache_and_reply_the_same(llama, tmp_path):
+    """A client that resends the whole conversation each turn gets the same greedy replies as with
+    fresh sessions, while its later turns feed only the tokens after the kept prefix."""
+    from dialogen.decoding.strategy import Decoding
+    from dialogen.serve.service import Limits, Service
+
+    model, tok = llama
+    svc = Service(_engine(model, tok), Store(tmp_path / "s.db"), Keys(), Limits())
+    greedy = Sampling(temperature=0, repetition_penalty=1.0, max_new_tokens=6)
+
+    def turn(history, user, pooled):
+        out = {}
+
+        def run(job):
+            if pooled:
+                s = svc.stateless_session("Be brief.", greedy, history, user)
+            else:
+                s = svc.new_session("Be brief.", greedy, history)
+            gen, prompt, cached = svc.reply(s, user, greedy, Decoding())
+            out.update(text=gen.run().text, prompt=prompt, cached=cached)
+            if pooled:
+                svc.prefixes.give(s, prompt)
+
+        assert svc.worker.submit(run, lambda event: None).finished.wait(60)
+        return out
+
+    try:
+        history, cached = [], []
+        for user in ["Hello there!", "What is your name?", "Where do you live?"]:
+            got, want = turn(history, user, pooled=True), turn(history, user, pooled=False)
+            assert got["text"] == want["text"] and got["prompt"] == want["prompt"]
+            cached.append(got["cached"])
+            history = history + [Message("user", user), Message("assistant", got["text"])]
+        assert cached[0] == 0 and cached[1] > 10 and cached[2] > cached[1]
+        assert len(svc.prefixes) == 1  # each turn took the kept session and gave it back
+        other = turn([], "A new conversation.", pooled=True)  # shares only the persona
+        assert 0 < other["cached"] < cached[1] and len(svc.prefixes) == 1
+    finally:
+        svc.close()

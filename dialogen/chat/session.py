@@ -68,6 +68,7 @@ class Session:
         self.window_start = 0  # index of the oldest message still in the prompt
         self.cache = engine.model.new_cache(1)
         self.cache_ids: list[int] = []
+        self.min_feed = 1  # prompt tokens fed anew each turn even when the cache holds them
 
     # --- conversation state ---------------------------------------------------------------
     def reset(self):
@@ -118,7 +119,7 @@ class Session:
     def _generate(self, ids: list[int], sampling: Sampling) -> Generation:
         eng = self.engine
         self.cache_ids = self.cache_ids[: self.cache.length]
-        keep = min(common_prefix(self.cache_ids, ids), len(ids) - 1)  # feed at least one token
+        keep = min(common_prefix(self.cache_ids, ids), max(0, len(ids) - self.min_feed))
         if not getattr(eng.model, "reuses_prefix", True):  # e.g. an encoder-decoder: re-encode the prompt
             keep = 0
         self.cache.truncate(keep)

@@ -37,7 +37,8 @@ def register(sub):
     g.add_argument("--max-body-bytes", type=int, default=1_000_000, help="request body limit (default: %(default)s)")
     g.add_argument("--max-n", type=int, default=4, help="the largest n (choices per request) (default: %(default)s)")
     g.add_argument("--kv-budget-mb", type=float, default=1024,
-                   help="memory for the KV caches of live sessions; least recently used go first (default: %(default)s)")
+                   help="memory for kept KV caches: three quarters for live sessions, a quarter for the recent prompts "
+                        "of stateless requests; least recently used go first (default: %(default)s)")
     g.add_argument("--threads", type=int, default=max(1, (os.cpu_count() or 2) // 2),
                    help="torch threads for model steps; the other cores sample tokens and serve HTTP "
                         "(default: half the cores, here %(default)s)")

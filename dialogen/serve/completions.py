@@ -75,12 +75,14 @@ def _choice_job(svc: Service, req: dict, index: int):
 
     def run(job):
         budget = svc.context_length - sampling.max_new_tokens
-        session = svc.new_session(req["system"], sampling, req["history"], budget)
-        gen, _, _ = svc.reply(session, req["user"], sampling, req["decoding"])
+        session = svc.stateless_session(req["system"], sampling, req["history"], req["user"], budget)
+        gen, prompt, cached = svc.reply(session, req["user"], sampling, req["decoding"])
         for delta in gen:
             job.emit(("delta", delta))
+        if not req["decoding"].searches:  # its KV cache holds this prompt: keep it for the next turn
+            svc.prefixes.give(session, prompt)
         job.emit(("done", {"finish_reason": gen.finish_reason, "tokens": len(gen.tokens), "text": gen.text,
-                           "candidates": candidates(gen)}))
+                           "cached_tokens": cached, "candidates": candidates(gen)}))
 
     return run
 
@@ -111,7 +113,9 @@ async def _collect(svc: Service, req: dict, channel: Channel, jobs: list, reques
     choices = [P.choice(i, results[i]["text"], results[i]["finish_reason"], results[i]["candidates"])
                for i in range(req["n"])]
     tokens = sum(r["tokens"] for r in results.values())
-    return P.completion(req["id"], svc.model_name, choices, P.usage(req["prompt_tokens"], tokens), req["created"])
+    cached = min(r["cached_tokens"] for r in results.values())
+    return P.completion(req["id"], svc.model_name, choices, P.usage(req["prompt_tokens"], tokens, cached),
+                        req["created"])
 
 
 async def _stream(svc: Service, req: dict, channel: Channel, jobs: list):
@@ -120,7 +124,7 @@ async def _stream(svc: Service, req: dict, channel: Channel, jobs: list):
     If the client disconnects, the server cancels this generator, and `finally` cancels the jobs.
     """
     cid, model, created = req["id"], svc.model_name, req["created"]
-    done, tokens = 0, 0
+    done, tokens, cached = 0, 0, []
     try:
         for i in range(req["n"]):
             yield P.sse(P.chunk(cid, model, created, [P.delta_choice(i, {"role": "assistant", "content": ""})]))
@@ -131,6 +135,7 @@ async def _stream(svc: Service, req: dict, channel: Channel, jobs: list):
             elif kind == "done":
                 done += 1
                 tokens += payload["tokens"]
+                cached.append(payload["cached_tokens"])
                 final = P.delta_choice(index, {}, payload["finish_reason"])
                 if payload["candidates"] is not None:
                     final["candidates"] = payload["candidates"]
@@ -141,7 +146,7 @@ async def _stream(svc: Service, req: dict, channel: Channel, jobs: list):
             else:
                 return
         if req["include_usage"]:
-            yield P.sse(P.chunk(cid, model, created, [], P.usage(req["prompt_tokens"], tokens)))
+            yield P.sse(P.chunk(cid, model, created, [], P.usage(req["prompt_tokens"], tokens, min(cached))))
         yield P.sse("[DONE]")
     finally:
         for j in jobs:

@@ -247,9 +247,12 @@ def delta_choice(index: int, delta: dict, finish_reason: str | None = None) -> d
     return {"index": index, "delta": delta, "finish_reason": finish_reason, "logprobs": None}
 
 
-def usage(prompt: int, completion_tokens: int) -> dict:
-    return {"prompt_tokens": prompt, "completion_tokens": completion_tokens,
-            "total_tokens": prompt + completion_tokens}
+def usage(prompt: int, completion_tokens: int, cached: int | None = None) -> dict:
+    """OpenAI's usage object; `cached`: prompt tokens served from a kept KV cache."""
+    out = {"prompt_tokens": prompt, "completion_tokens": completion_tokens, "total_tokens": prompt + completion_tokens}
+    if cached is not None:
+        out["prompt_tokens_details"] = {"cached_tokens": cached}
+    return out
 
 
 def sse(obj) -> bytes:

@@ -17,6 +17,7 @@ from ..chat.session import Engine, Session
 from ..decoding.processors import Sampling
 from ..decoding.strategy import Decoder, Decoding
 from ..errors import UserError
+from ..models.transformer import DECODE_ROWS
 from .store import Store
 from .worker import Worker
 
@@ -135,6 +136,54 @@ def _cache_bytes(s: Session) -> int:
     return nbytes() if callable(nbytes) else 0
 
 
+class PrefixPool:
+    """Idle sessions of finished stateless requests, kept for their KV caches.
+
+    A stateless client sends the whole conversation with every turn. The idle session whose
+    conversation shares the most leading messages with a new request (at least one, e.g. the
+    same persona) is lent to it, and the session feeds only the tokens after the common token
+    prefix. Bounded by count and by the bytes of the caches; the oldest goes first.
+    """
+
+    def __init__(self, budget_bytes: int, max_sessions: int = 8):
+        self.budget, self.max_sessions = budget_bytes, max_sessions
+        self._idle: list[Session] = []
+        self._lock = threading.Lock()
+
+    def take(self, conversation: list[Message]) -> Session | None:
+        with self._lock:
+            best, best_n = None, 0
+            for s in self._idle:
+                n = _common_messages(s.conversation(), conversation)
+                if n > best_n:
+                    best, best_n = s, n
+            if best is not None:
+                self._idle.remove(best)
+            return best
+
+    def give(self, session: Session, prompt_tokens: int):
+        """Keep the session's cache of its prompt only: the reply's keys and values came from
+        decode steps (compact weights), which a fresh request would compute in a full-precision
+        prefill, so keeping them would change what a seeded request samples."""
+        session.cache.truncate(prompt_tokens)
+        session.cache_ids = session.cache_ids[:prompt_tokens]
+        with self._lock:
+            self._idle.append(session)
+            total = sum(_cache_bytes(s) for s in self._idle)
+            while self._idle and (len(self._idle) > self.max_sessions or total > self.budget):
+                total -= _cache_bytes(self._idle.pop(0))
+
+    def __len__(self) -> int:
+        return len(self._idle)
+
+
+def _common_messages(a: list[Message], b: list[Message]) -> int:
+    n = 0
+    while n < min(len(a), len(b)) and a[n] == b[n]:
+        n += 1
+    return n
+
+
 class Service:
     def __init__(self, engine: Engine, store: Store, keys: Keys, limits: Limits, sampling: Sampling | None = None,
                  model_name: str | None = None, max_active: int = 32, max_queue: int = 64,
@@ -147,7 +196,9 @@ class Service:
         self.decoding = decoding or Decoding()
         self.decoder = Decoder(self.engine, self.decoding)  # loads a configured scorer (e.g. MMI) once
         self.model_name = model_name or engine.name
-        self.sessions = SessionCache(limits.kv_budget_bytes)
+        # the KV-cache budget: three quarters for sessions, a quarter for stateless conversations
+        self.prefixes = PrefixPool(limits.kv_budget_bytes // 4)
+        self.sessions = SessionCache(limits.kv_budget_bytes - self.prefixes.budget)
         self.default_persona: str | None = None
 
     @property
@@ -172,6 +223,21 @@ class Service:
     def new_session(self, persona: str | None, sampling: Sampling, history=(), budget: int | None = None) -> Session:
         s = Session(self.engine, system=persona, sampling=sampling, max_context_tokens=budget or self.context_length)
         s.messages = list(history)
+        return s
+
+    def stateless_session(self, persona: str | None, sampling: Sampling, history: list[Message], user: str,
+                          budget: int | None = None) -> Session:
+        """A session for one stateless request: an idle one sharing a prefix with it, else a new one."""
+        head = [Message("system", persona)] if persona else []
+        s = self.prefixes.take(head + list(history) + [Message("user", user)])
+        if s is None:
+            s = self.new_session(persona, sampling, history, budget)
+        else:
+            s.system, s.messages, s.window_start = persona, list(history), 0
+            s.sampling, s.max_context_tokens = sampling, budget or self.context_length
+        # the prompt's last tokens go through a full-precision prefill, as in a fresh request:
+        # a seeded request samples the same reply whether or not a kept cache served it
+        s.min_feed = DECODE_ROWS + 1
         return s
 
     def reply(self, session: Session, text: str, sampling: Sampling, decoding: Decoding):

@@ -200,8 +200,7 @@ def _generate(svc: Service, job, session, sid: str, text: str, sampling, decodin
 def _turn_obj(sid: str, turn_id: str, done: dict) -> dict:
     out = {"id": turn_id, "object": "session.turn", "session_id": sid, "created": int(time.time()),
            "message": {"role": "assistant", "content": done["text"]}, "finish_reason": done["finish_reason"],
-           "usage": {**P.usage(done["prompt_tokens"], done["tokens"]),
-                     "prompt_tokens_details": {"cached_tokens": done["cached_tokens"]}}}
+           "usage": P.usage(done["prompt_tokens"], done["tokens"], done["cached_tokens"])}
     if done["candidates"] is not None:
         out["candidates"] = done["candidates"]
     return out
