@@ -78,3 +78,20 @@ def test_stop_strings_end_a_row(model, smol_tokenizer):
     got = generate_batch(model, prompts, greedy(stop=[marker]), set(), tok)
     assert got[0].text == free[0].text[: free[0].text.index(marker)] and got[0].finish_reason == "stop"
     assert len(got[0].tokens) < len(free[0].tokens)
+
+
+def test_every_decoder_stops_a_reply_where_the_positions_end(model, smol_tokenizer):
+    """A prompt near the end of the model's 256 positions: streamed, batched, sampled and beam
+    replies stop there with finish_reason "length" instead of failing; a short prompt beside it in
+    the batch still gets its full reply."""
+    from dialogen.decoding.beam import BeamSettings, beam_search
+
+    assert model.max_positions == 256
+    long, short = [42] * 250, [42] * 10
+    s = greedy()  # 16 new tokens
+    assert len(one_by_one(model, smol_tokenizer, long, s, ()).tokens) == 6
+    rows = generate_batch(model, [long, short], s, set(), smol_tokenizer, pad_id=smol_tokenizer.pad_id)
+    assert [len(c.tokens) for c in rows] == [6, 16] and {c.finish_reason for c in rows} == {"length"}
+    assert all(len(c.tokens) == 6 for c in sample_replies(model, long, 3, s.replace(temperature=1.0), set()))
+    beams = beam_search(model, long, BeamSettings(beam_size=3, max_new_tokens=16), set())
+    assert beams and all(len(c.tokens) <= 6 for c in beams)

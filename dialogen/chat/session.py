@@ -111,9 +111,6 @@ class Session:
         except UserError:
             self.messages.pop()
             raise
-        room = self.engine.context_length - len(ids)
-        if sampling.max_new_tokens > room:  # the reply ends where the model's context does
-            sampling = sampling.replace(max_new_tokens=room)
         return self._generate(ids, sampling)
 
     def _generate(self, ids: list[int], sampling: Sampling) -> Generation:

@@ -14,7 +14,7 @@ import torch
 
 from ..errors import UserError
 from .beam import Candidate
-from .generate import make_generator
+from .generate import make_generator, room
 from .processors import Sampling, next_token
 
 
@@ -87,7 +87,8 @@ def _decode(model, cache, logits, histories: list[list[int]], s: Sampling, stop_
     out: list[Candidate | None] = [None] * n
     logprob = [0.0] * n
     rows = list(range(n))  # cache row r holds example rows[r]
-    for t in range(s.max_new_tokens):
+    limits = [room(model, len(h), s.max_new_tokens) for h in histories]
+    for t in range(max(limits)):
         logp = torch.log_softmax(logits.float(), dim=-1)  # (B, V)
         keep, feed = [], []
         for r, i in enumerate(rows):
@@ -101,9 +102,12 @@ def _decode(model, cache, logits, histories: list[list[int]], s: Sampling, stop_
             if s.stop and reply_text(tokenizer, replies[i], s.stop)[1]:
                 out[i] = Candidate(replies[i], logprob[i], finish_reason="stop")
                 continue
+            if len(replies[i]) == limits[i]:
+                out[i] = Candidate(replies[i], logprob[i], finish_reason="length")
+                continue
             keep.append(r)
             feed.append(tok)
-        if not keep or t + 1 == s.max_new_tokens:
+        if not keep:
             break
         if keep != list(range(len(rows))):  # finished rows leave the batch
             index = torch.tensor(keep, dtype=torch.long)

@@ -15,11 +15,13 @@ penalty or not, so rerankers see the model's own probability.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 
 import torch
 
 from ..errors import UserError
+from .generate import room
 from .processors import banned_ngram_tokens, repetition_penalty
 
 
@@ -175,6 +177,7 @@ def beam_search(model, prompt: list[int], s: BeamSettings, stop_ids: set[int],
     """
     if not prompt:
         raise UserError("beam search needs a non-empty prompt")
+    s = dataclasses.replace(s, max_new_tokens=room(model, len(prompt), s.max_new_tokens))
     stop = sorted(stop_ids)
     table = context_ngram_table([prompt] if context is None else context, s.block_context_ngram)
     cache = model.new_cache(1)

@@ -22,6 +22,13 @@ def make_generator(seed: int | None) -> torch.Generator:
     return g
 
 
+def room(model, prompt_len: int, limit: int) -> int:
+    """New tokens a reply may have: `limit`, or fewer where the model's positions end (prompt plus
+    reply within them; at least one). Models without a position limit declare none."""
+    positions = getattr(model, "max_positions", None)
+    return limit if positions is None else max(1, min(limit, positions - prompt_len))
+
+
 @torch.inference_mode()
 def step(model, ids: list[int], cache) -> torch.Tensor:
     """Feed `ids` after what the cache holds; return the next-token logits (V,)."""
@@ -85,8 +92,9 @@ class Generation(Stream):
 
     def _produce(self):
         g = make_generator(self.s.seed)
+        limit = room(self.model, len(self.history), self.s.max_new_tokens)
         logits = step(self.model, self.feed, self.cache)
-        for _ in range(self.s.max_new_tokens):
+        for _ in range(limit):
             tok = next_token(logits, self.s, g, self.history, self.tokens)
             if tok in self.stop_ids:
                 self.finish_reason = "stop"
@@ -99,7 +107,7 @@ class Generation(Stream):
             if stopped:
                 self.finish_reason = "stop"
                 break
-            if len(self.tokens) < self.s.max_new_tokens:
+            if len(self.tokens) < limit:
                 logits = step(self.model, [tok], self.cache)
         else:
             self.finish_reason = "length"

@@ -242,6 +242,11 @@ class Transformer(nn.Module):
     def new_cache(self, batch: int = 1) -> KVCache:
         return KVCache(self.cfg, batch, dtype=self.embed.weight.dtype)
 
+    @property
+    def max_positions(self) -> int:
+        """Prompt plus reply stay within this many positions (the decoders stop a reply there)."""
+        return self.cfg.max_seq_len
+
     def init_weights(self, seed: int = 0):
         """GPT-2 style initialisation for training from scratch."""
         g = torch.Generator().manual_seed(seed)
