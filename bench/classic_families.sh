@@ -3,7 +3,7 @@
 # from-scratch GPT of about the same size and CPU budget, then MLE-only against adversarial
 # training of the RNN, over several seeds. Every job runs on one thread under `nice`, two at a time
 # (about 55 minutes in all on 2 cores); the tables come from bench/classic_families_table.py.
-# Usage: bench/classic_families.sh [RUN_DIR]        (SEEDS="0 1 2" by default)
+# Usage: bench/classic_families.sh [RUN_DIR]        (SEEDS="0 1 2" by default; a rerun skips what is done)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 DG=".venv/bin/dialogen"
@@ -13,7 +13,9 @@ export OMP_NUM_THREADS=1  # one core each: equal wall budgets are equal CPU budg
 mkdir -p "$R"
 
 PIDS=()
-job() {  # start a job in the background, at most two at once; a failed job stops the script
+job() {  # job OUTPUT CMD...: unless OUTPUT exists (a rerun resumes), start CMD in the background,
+    local out="$1"; shift  # at most two at once; a failed job stops the script
+    if [ -e "$out" ]; then echo "have $out" >&2; return 0; fi
     nice "$@" &
     PIDS+=($!)
     if (( ${#PIDS[@]} >= 2 )); then wait "${PIDS[0]}"; PIDS=("${PIDS[@]:1}"); fi
@@ -23,8 +25,8 @@ drain() { local p; for p in "${PIDS[@]}"; do wait "$p"; done; PIDS=(); }
 # 1. same data, vocabulary recipe (8000-token BPE trained on the training split), windows and budget
 COMMON=(--init scratch --data chitchat --train-on both --vocab-size 8000 --max-len 256 --batch-size 16
         --lr 2e-3 --warmup-steps 50 --max-steps 800 --max-minutes 8 --eval-every 200 --no-progress)
-job "$DG" train "${COMMON[@]}" --out "$R/gpt" --n-layer 3 --n-head 4 --d-model 128
-job "$DG" train "${COMMON[@]}" --out "$R/rnn" --arch rnn --rnn-cell gru --rnn-attention general \
+job "$R/gpt/best" "$DG" train "${COMMON[@]}" --out "$R/gpt" --n-layer 3 --n-head 4 --d-model 128
+job "$R/rnn/best" "$DG" train "${COMMON[@]}" --out "$R/rnn" --arch rnn --rnn-cell gru --rnn-attention general \
     --rnn-emb-dim 128 --rnn-hidden 96 --context-turns 3
 drain
 
@@ -33,9 +35,9 @@ drain
 EVAL=(--split test --examples 300 --sample-seed 0 --context-turns 3 --max-new-tokens 32 --seed 0
       --compare greedy,top-p --batch-size 16)
 ADV=(--data chitchat --max-new-tokens 24 --batch-size 32 --turns 3)
-job "$DG" eval --model "$R/gpt/best" "${EVAL[@]}" --output "$R/eval-gpt.json"
+job "$R/eval-gpt.json" "$DG" eval --model "$R/gpt/best" "${EVAL[@]}" --output "$R/eval-gpt.json"
 for s in "${SEEDS[@]}"; do
-    job "$DG" train-discriminator "${ADV[@]}" --generator "$R/rnn/best" --out "$R/d-$s" --steps 300 --lr 1e-3 \
+    job "$R/d-$s" "$DG" train-discriminator "${ADV[@]}" --generator "$R/rnn/best" --out "$R/d-$s" --steps 300 --lr 1e-3 \
         --seed "$s"
 done
 drain
@@ -44,10 +46,10 @@ drain
 #    MLE step; and a control run with the same 150 teacher-forced steps but no adversary
 ROUNDS=(--rounds 150 --mle-steps 1 --g-lr 5e-4 --d-lr 5e-4 --valid-pairs 200)
 for s in "${SEEDS[@]}"; do
-    job "$DG" train-adversarial "${ADV[@]}" "${ROUNDS[@]}" --generator "$R/rnn/best" --discriminator "$R/d-$s" \
-        --out "$R/rnn-adv-$s" --d-steps 1 --g-steps 1 --seed "$s"
-    job "$DG" train-adversarial "${ADV[@]}" "${ROUNDS[@]}" --generator "$R/rnn/best" --discriminator "$R/d-$s" \
-        --out "$R/rnn-mle-$s" --d-steps 0 --g-steps 0 --seed "$s"
+    job "$R/rnn-adv-$s" "$DG" train-adversarial "${ADV[@]}" "${ROUNDS[@]}" --generator "$R/rnn/best" \
+        --discriminator "$R/d-$s" --out "$R/rnn-adv-$s" --d-steps 1 --g-steps 1 --seed "$s"
+    job "$R/rnn-mle-$s" "$DG" train-adversarial "${ADV[@]}" "${ROUNDS[@]}" --generator "$R/rnn/best" \
+        --discriminator "$R/d-$s" --out "$R/rnn-mle-$s" --d-steps 0 --g-steps 0 --seed "$s"
 done
 drain
 
@@ -57,9 +59,10 @@ GENS=(rnn/best)
 for s in "${SEEDS[@]}"; do GENS+=("rnn-mle-$s" "rnn-adv-$s"); done
 GEN_FLAGS=()
 for g in "${GENS[@]}"; do GEN_FLAGS+=(--generator "$R/$g"); done
-nice "$DG" train-discriminator "${ADV[@]}" "${GEN_FLAGS[@]}" --out "$R/evaluator" --steps 700 --lr 1e-3 --seed 100
+job "$R/evaluator" "$DG" train-discriminator "${ADV[@]}" "${GEN_FLAGS[@]}" --out "$R/evaluator" --steps 700 --lr 1e-3 --seed 100
+drain
 for g in "${GENS[@]}"; do
-    job "$DG" eval --model "$R/$g" "${EVAL[@]}" --evaluator "$R/evaluator" --output "$R/eval-${g%%/*}.json"
+    job "$R/eval-${g%%/*}.json" "$DG" eval --model "$R/$g" "${EVAL[@]}" --evaluator "$R/evaluator" --output "$R/eval-${g%%/*}.json"
 done
 drain
 .venv/bin/python bench/classic_families_table.py "$R"
