@@ -9,6 +9,7 @@ from tokenizers import AddedToken, Tokenizer as HFTokenizer, models, pre_tokeniz
 from dialogen.chat.messages import Message
 from dialogen.chat.templates import get_template
 from dialogen.cli import main
+from dialogen.errors import UserError
 from dialogen.models.discriminator import DiscConfig, Discriminator, save_discriminator
 from dialogen.models.rnn import RNNConfig, RNNSeq2Seq, save_rnn
 from dialogen.models.tokenizer import Tokenizer
@@ -38,9 +39,9 @@ def words():
     return Tokenizer(hf, eos_token="<eos>", pad_token="<pad>")
 
 
-def _rnn(seed=0):
+def _rnn(seed=0, dropout=0.0):
     torch.manual_seed(seed)
-    m = RNNSeq2Seq(RNNConfig(vocab_size=len(WORDS), emb_dim=8, hidden=8, dropout=0.0, start_id=2))
+    m = RNNSeq2Seq(RNNConfig(vocab_size=len(WORDS), emb_dim=8, hidden=8, dropout=dropout, start_id=2))
     m.init_weights(seed)
     return m
 
@@ -52,9 +53,9 @@ def _gpt(seed=0):
     return m
 
 
-def _disc(seed=0):
+def _disc(seed=0, dropout=0.0):
     torch.manual_seed(seed)
-    return Discriminator(DiscConfig(vocab_size=len(WORDS), sep_id=2, emb_dim=8, hidden=8, dropout=0.0))
+    return Discriminator(DiscConfig(vocab_size=len(WORDS), sep_id=2, emb_dim=8, hidden=8, dropout=dropout))
 
 
 @pytest.mark.parametrize("family", [_rnn, _gpt])
@@ -125,6 +126,34 @@ def test_adversarial_rounds_teach_the_generator_what_the_discriminator_calls_hum
     after = _first_word_mass(g, words, HUMAN)
     assert before < 0.3 and after > 0.8
     assert sum(rewards[-5:]) / 5 > sum(rewards[:5]) / 5 + 0.3
+
+
+def test_g_step_and_logged_accuracy_take_no_dropout_draws(words):
+    """With dropout in G and D, the REINFORCE gradient is that of the policy that sampled (eval
+    mode) and D's logged accuracy is D as it judges: neither depends on the global random stream."""
+    pairs = _toy_pairs(words, 12)
+    s = AdversarialSettings(batch_size=8, max_new_tokens=3, seed=0)
+    results = []
+    for noise in (1, 2):
+        g, d = _rnn(dropout=0.5), _disc(dropout=0.5)
+        state = Adversarial(g, d, words, {2}, s)
+        torch.manual_seed(noise)  # what dropout would draw from
+        state.g_step(state.batch(pairs))
+        _, acc = state.d_step(state.batch(pairs))  # D's own update does use dropout
+        results.append((acc, [p.detach().clone() for p in g.parameters()]))
+    (acc1, g1), (acc2, g2) = results
+    assert acc1 == acc2 and all(torch.equal(a, b) for a, b in zip(g1, g2))
+
+
+def test_human_replies_are_cut_like_samples(words):
+    """D never sees a human reply longer than the sampled ones: both stop at the sampling limit."""
+    from dialogen.training.adversarial import human_pairs
+
+    convs = [[Message("user", "hi"), Message("assistant", "good great fine blue tree car")]]
+    pair = make_pairs(convs, words, get_template("dialogpt", words), both_speakers=False, max_reply=3)[0]
+    d = Discriminator(DiscConfig(vocab_size=len(WORDS), sep_id=2, emb_dim=8, hidden=8, max_reply=64))
+    (_, reply), = human_pairs(d, words, [pair], {2})
+    assert words.decode(reply) == "good great fine"
 
 
 def test_log_rows_and_plot(tmp_path, words):
@@ -242,3 +271,47 @@ def test_command_errors_name_the_flag(toy_run, capsys, words):
                          "--out", str(r / "x"), "--temperature", "0", *data], capsys)
     assert code == 2 and "--temperature must be > 0" in err
     assert not (r / "x").exists()
+
+
+@pytest.mark.parametrize("flags, named", [
+    (["--turns", "0"], "--turns must be >= 1"), (["--valid-pairs", "-1"], "--valid-pairs must be >= 0"),
+    (["--max-conversations", "-5"], "--max-conversations must be >= 0"), (["--lr", "0.0"], "--lr must be > 0"),
+])
+def test_train_discriminator_bad_numbers_name_their_flag(toy_run, capsys, flags, named):
+    r = toy_run
+    code, _, err = _run(["train-discriminator", "--generator", str(r / "g"), "--out", str(r / "y"),
+                         "--data", str(r / "toy.jsonl"), *flags], capsys)
+    assert code == 2 and err == f"dialogen: error: {named}, got {flags[1]}\n"
+    assert not (r / "y").exists()
+
+
+def test_eval_refuses_the_generators_own_adversary_as_evaluator(toy_run, toy_d, tmp_path, capsys):
+    """The discriminator that trained against a generator cannot judge it fairly."""
+    r = toy_run
+    save_discriminator(tmp_path / "own", _disc(), Tokenizer.from_dir(r / "g"), {"adversarial_of": str(r / "g")})
+    code, _, err = _run(["eval", "--model", str(r / "g"), "--dataset", str(r / "toy.jsonl"), "--examples", "2",
+                         "--evaluator", str(tmp_path / "own")], capsys)
+    assert code == 2 and "trained apart" in err and err.count("\n") == 1
+
+
+def test_a_short_context_generator_gets_prompts_that_leave_room_for_the_reply(words, tmp_path):
+    """A gpt2-family generator with 32 positions: prompts keep their newest tokens so that the
+    sampled reply still fits, instead of failing past the last position."""
+    import argparse
+
+    from dialogen.training.adversarial_cli import load_pairs
+
+    long = " ".join(["hi"] * 60)
+    lines = [json.dumps({"messages": [{"role": "user", "content": long},
+                                      {"role": "assistant", "content": "good"}]}) for _ in range(6)]
+    (tmp_path / "long.jsonl").write_text("\n".join(lines) + "\n")
+    args = argparse.Namespace(data=str(tmp_path / "long.jsonl"), format=None, turns=3, max_conversations=0,
+                              valid_pairs=10, max_new_tokens=5, seed=0)
+    g = _gpt()
+    train, _ = load_pairs(args, g, words, get_template("dialogpt", words))
+    assert train and max(len(p.prompt) for p in train) == 32 - 5
+    state = Adversarial(g, _disc(), words, {2}, AdversarialSettings(batch_size=4, max_new_tokens=5, seed=0))
+    assert len(state.sample(train[:4])) == 4
+    args.max_new_tokens = 30
+    with pytest.raises(UserError, match="--max-new-tokens 30 leaves no room"):
+        load_pairs(args, g, words, get_template("dialogpt", words))

@@ -264,6 +264,10 @@ def cmd_eval(args) -> int:
     from .adversarial import Evaluator
 
     evaluator = Evaluator(args.evaluator) if args.evaluator else None  # a bad path fails before the model loads
+    own = (evaluator.meta.get("adversarial_of") if evaluator else None) or None
+    if own and args.model and Path(own).resolve() == Path(args.model).resolve():
+        raise UserError(f"--evaluator {args.evaluator}: it is the discriminator --model {args.model} was trained "
+                        f"against; adversarial success needs one trained apart (dialogen train-discriminator)")
     engine = load_engine(args.model, args.template, getattr(torch, args.dtype))
     persona = resolve_persona(args.system)
     result = evaluate(engine, examples, configs, persona, args.batch_size, args.ppl, log=sys.stderr,

@@ -65,8 +65,10 @@ def machine_pairs(disc, tokenizer, pairs: list[Pair], samples: list[list[int]], 
     return [disc.encode_pair(tokenizer, p.context, reply_text(tokenizer, s, stop_ids)) for p, s in zip(pairs, samples)]
 
 
-def human_pairs(disc, tokenizer, pairs: list[Pair]):
-    return [disc.encode_pair(tokenizer, p.context, p.reply) for p in pairs]
+def human_pairs(disc, tokenizer, pairs: list[Pair], stop_ids: set[int]):
+    """D's encoding of (context, human reply), the reply cut like a sample (`Pair.target` holds at
+    most the sampling limit of tokens) and decoded the same way: length is no cue."""
+    return [disc.encode_pair(tokenizer, p.context, reply_text(tokenizer, p.target, stop_ids)) for p in pairs]
 
 
 def _step(opt, loss, params, clip: float):
@@ -98,11 +100,13 @@ class Adversarial:
 
     def d_step(self, pairs: list[Pair]) -> tuple[float, float]:
         """One update of D on human vs freshly sampled replies; (loss, accuracy before the update)."""
-        from ..models.discriminator import d_loss
+        from ..models.discriminator import accuracy, d_loss
 
         machine = machine_pairs(self.d, self.tok, pairs, self.sample(pairs), self.stop_ids)
+        human = human_pairs(self.d, self.tok, pairs, self.stop_ids)
+        acc = accuracy(self.d, human, machine)  # in eval mode: D as it judges, not with dropout
         self.d.train()
-        loss, acc = d_loss(self.d, human_pairs(self.d, self.tok, pairs), machine)
+        loss, _ = d_loss(self.d, human, machine)
         _step(self.d_opt, loss, self.d.parameters(), self.s.grad_clip)
         return float(loss.detach()), acc
 
@@ -112,8 +116,8 @@ class Adversarial:
         rewards = torch.tensor(self.d.prob_human(machine_pairs(self.d, self.tok, pairs, samples, self.stop_ids)))
         mean = float(rewards.mean())
         b = mean if self.baseline is None else self.baseline
-        self.g.train()
-        logp = reply_logprobs(self.g, [p.prompt for p in pairs], samples, self.tok.pad_id)
+        self.g.eval()  # the gradient of the policy that drew the samples: no dropout, same temperature
+        logp = reply_logprobs(self.g, [p.prompt for p in pairs], samples, self.tok.pad_id, self.s.temperature)
         loss = reinforce_loss(logp, rewards, b)
         _step(self.g_opt, loss, self.g.parameters(), self.s.grad_clip)
         decay = self.s.baseline_decay

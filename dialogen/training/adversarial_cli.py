@@ -93,17 +93,31 @@ def load_generator(spec, flag: str = "--generator"):
     return loaded.model, loaded.tokenizer, template, loaded.meta
 
 
-def load_pairs(args, tokenizer, template):
-    """(train pairs, validation pairs) from the data splits."""
+def load_pairs(args, model, tokenizer, template):
+    """(train pairs, validation pairs) from the data splits; prompts keep the newest tokens that
+    leave room for a sampled reply within the generator's positions."""
     from ..data import load_split
     from .replies import make_pairs
 
+    for flag, value, low in (("--turns", args.turns, 1), ("--max-conversations", args.max_conversations, 0),
+                             ("--valid-pairs", args.valid_pairs, 0)):
+        if value < low:
+            raise UserError(f"{flag} must be >= {low}, got {value}")
+    max_prompt = 256
+    positions = getattr(model, "max_positions", None)
+    if positions is not None:
+        max_prompt = min(max_prompt, positions - args.max_new_tokens)
+        if max_prompt < 8:
+            raise UserError(f"--max-new-tokens {args.max_new_tokens} leaves no room for a context in the "
+                            f"generator's {positions} positions")
     train = load_split(args.data, "train", args.format)
     if args.max_conversations:
         train = random.Random(args.seed).sample(train, min(args.max_conversations, len(train)))
     valid = load_split(args.data, "valid", args.format)
-    train_pairs = make_pairs(train, tokenizer, template, turns=args.turns, max_reply=args.max_new_tokens)
-    valid_pairs = make_pairs(valid, tokenizer, template, turns=args.turns, max_reply=args.max_new_tokens)
+    train_pairs = make_pairs(train, tokenizer, template, turns=args.turns, max_prompt=max_prompt,
+                             max_reply=args.max_new_tokens)
+    valid_pairs = make_pairs(valid, tokenizer, template, turns=args.turns, max_prompt=max_prompt,
+                             max_reply=args.max_new_tokens)
     valid_pairs = random.Random(args.seed + 1).sample(valid_pairs, min(args.valid_pairs, len(valid_pairs)))
     if not train_pairs:
         raise UserError(f"{args.data}: no context/reply pairs in the training split")
@@ -119,6 +133,8 @@ def cmd_train_discriminator(args) -> int:
     _positive(args, ["steps", "batch_size", "max_new_tokens", "emb_dim", "hidden", "layers", "max_context"])
     if not 0 <= args.dropout < 1:
         raise UserError(f"--dropout must be in [0, 1), got {args.dropout}")
+    if not args.lr > 0:
+        raise UserError(f"--lr must be > 0, got {args.lr}")
     settings = AdversarialSettings(rounds=1, batch_size=args.batch_size, d_lr=args.lr, temperature=args.temperature,
                                    max_new_tokens=args.max_new_tokens, seed=args.seed)
     specs = args.generator or [None]
@@ -129,7 +145,7 @@ def cmd_train_discriminator(args) -> int:
             raise UserError(f"--generator {spec}: its tokenizer or chat template differs from the first "
                             f"--generator's ({specs[0]}); the generators must share both")
     stop = template.stop_ids(tok)
-    train, valid = load_pairs(args, tok, template)
+    train, valid = load_pairs(args, model, tok, template)
     torch.manual_seed(args.seed)
     disc = Discriminator(DiscConfig(vocab_size=tok.vocab_size, sep_id=sorted(stop)[0] if stop else tok.pad_id,
                                     cell=args.cell, emb_dim=args.emb_dim, hidden=args.hidden, n_layer=args.layers,
@@ -143,7 +159,7 @@ def cmd_train_discriminator(args) -> int:
             print(f"dialogen: step {step}/{args.steps} loss {loss:.4f} accuracy {acc:.3f}", file=sys.stderr, flush=True)
     summary = {"out": str(args.out), "steps": args.steps, "train_pairs": len(train)}
     if valid:
-        human = human_pairs(disc, tok, valid)
+        human = human_pairs(disc, tok, valid, stop)
         per = []
         for g in generators:
             state.g = g[0]
@@ -172,7 +188,7 @@ def cmd_train_adversarial(args) -> int:
     model, tok, template, meta = load_generator(args.generator)
     disc, disc_tok, _ = load_discriminator(args.discriminator)
     check_tokenizer(disc_tok, tok)
-    train, valid = load_pairs(args, tok, template)
+    train, valid = load_pairs(args, model, tok, template)
     out = Path(args.out)
     log = Path(args.log) if args.log else out.with_name(out.name + "-adversarial.jsonl")
 

@@ -129,10 +129,11 @@ def target_logits(model, prompts: list[list[int]], targets: list[list[int]], pad
     return logits.gather(1, index[:, :, None].expand(-1, -1, logits.shape[-1]))[keep], labels[keep], rows
 
 
-def reply_logprobs(model, prompts, targets, pad_id: int = 0) -> torch.Tensor:
-    """log p(target | prompt) per row (B,), summed over the target's tokens; differentiable."""
+def reply_logprobs(model, prompts, targets, pad_id: int = 0, temperature: float = 1.0) -> torch.Tensor:
+    """log p(target | prompt) per row (B,), summed over the target's tokens, under the model's
+    distribution at `temperature` (the one the targets were sampled from); differentiable."""
     logits, labels, rows = target_logits(model, prompts, targets, pad_id)
-    tok = F.log_softmax(logits.float(), dim=-1).gather(-1, labels[:, None]).squeeze(-1)  # (N,)
+    tok = F.log_softmax(logits.float() / temperature, dim=-1).gather(-1, labels[:, None]).squeeze(-1)  # (N,)
     return torch.zeros(len(targets), dtype=tok.dtype).index_add(0, rows, tok)
 
 
