@@ -12,15 +12,15 @@ read -r -a SEEDS <<< "${SEEDS:-0 1 2}"
 export OMP_NUM_THREADS=1  # one core each: equal wall budgets are equal CPU budgets
 mkdir -p "$R"
 
-PIDS=()
+RUNNING=0
 job() {  # job OUTPUT CMD...: unless OUTPUT exists (a rerun resumes), start CMD in the background,
     local out="$1"; shift  # at most two at once; a failed job stops the script
     if [ -e "$out" ]; then echo "have $out" >&2; return 0; fi
+    if (( RUNNING >= 2 )); then wait -n; RUNNING=$((RUNNING - 1)); fi
     nice "$@" &
-    PIDS+=($!)
-    if (( ${#PIDS[@]} >= 2 )); then wait "${PIDS[0]}"; PIDS=("${PIDS[@]:1}"); fi
+    RUNNING=$((RUNNING + 1))
 }
-drain() { local p; for p in "${PIDS[@]}"; do wait "$p"; done; PIDS=(); }
+drain() { while (( RUNNING > 0 )); do wait -n; RUNNING=$((RUNNING - 1)); done; }
 
 # 1. same data, vocabulary recipe (8000-token BPE trained on the training split), windows and budget
 COMMON=(--init scratch --data chitchat --train-on both --vocab-size 8000 --max-len 256 --batch-size 16
