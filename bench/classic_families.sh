@@ -2,7 +2,7 @@
 # The "Classic families" numbers of the README: an RNN encoder-decoder with attention against a
 # from-scratch GPT of about the same size and CPU budget, then MLE-only against adversarial
 # training of the RNN, over several seeds. Every job runs on one thread under `nice`, two at a time
-# (about 55 minutes in all on 2 cores); the tables come from bench/classic_families_table.py.
+# (about 50 minutes in all on 2 cores); the tables come from bench/classic_families_table.py.
 # Usage: bench/classic_families.sh [RUN_DIR]        (SEEDS="0 1 2" by default; a rerun skips what is done)
 set -euo pipefail
 cd "$(dirname "$0")/.."
