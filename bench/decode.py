@@ -18,7 +18,7 @@ import torch
 
 from dialogen.chat.session import Engine, Session, load_engine
 from dialogen.decoding.generate import Generation
-from dialogen.decoding.processors import Sampling
+from dialogen.decoding.settings import Sampling
 from dialogen.models.loading import resolve
 
 PROMPT = [{"role": "user", "content": "Write a short story about a lighthouse keeper who finds a message in a bottle."}]

@@ -24,7 +24,7 @@ def add_model_args(p: argparse.ArgumentParser):
 
 
 def add_sampling_args(p: argparse.ArgumentParser):
-    from .decoding.processors import Sampling
+    from .decoding.settings import Sampling
 
     d = Sampling()
     g = p.add_argument_group("decoding")
@@ -49,7 +49,7 @@ def add_sampling_args(p: argparse.ArgumentParser):
 
 
 def sampling_from(args):
-    from .decoding.processors import Sampling
+    from .decoding.settings import Sampling
 
     return Sampling(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
                     repetition_penalty=args.repetition_penalty, frequency_penalty=args.frequency_penalty,
@@ -64,7 +64,8 @@ def open_session(args):
 
     from .chat.personas import resolve_persona
     from .chat.ranked import RankedSession
-    from .decoding.strategy import decoding_from, format_candidates
+    from .decoding.settings import decoding_from
+    from .decoding.strategy import format_candidates
 
     sampling = sampling_from(args)  # validate flags before the slow model load
     decoding = decoding_from(args)
@@ -112,7 +113,7 @@ def cmd_generate(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from .decoding.strategy import add_decoding_args
+    from .decoding.settings import add_decoding_args
 
     parser = argparse.ArgumentParser(prog="dialogen", description="Dialogue generation: chat, train, decode, evaluate, serve.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")

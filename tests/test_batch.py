@@ -5,7 +5,7 @@ import torch
 
 from dialogen.decoding.batch import generate_batch, sample_replies
 from dialogen.decoding.generate import Generation
-from dialogen.decoding.processors import Sampling
+from dialogen.decoding.settings import Sampling
 from dialogen.models.loading import load
 
 ARCHS = ["tiny_llama", "tiny_gpt2"]

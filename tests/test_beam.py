@@ -5,7 +5,7 @@ import torch
 
 from dialogen.decoding.beam import BeamSettings, beam_search
 from dialogen.decoding.generate import Generation
-from dialogen.decoding.processors import Sampling
+from dialogen.decoding.settings import Sampling
 from dialogen.errors import UserError
 from dialogen.models.loading import load
 

@@ -91,3 +91,18 @@ def test_chat_on_hf_gpt2_dir(tiny_gpt2):
     r = run(["chat", "--model", str(tiny_gpt2[0]), "--max-new-tokens", "5", "--temperature", "0"], "hi\n")
     assert r.returncode == 0, r.stderr
     assert len(r.stdout.splitlines()) == 1
+
+
+def test_help_of_every_command_without_loading_torch():
+    """`--help` answers at once: building the command line imports no torch."""
+    code = ("import sys\nfrom dialogen.cli import build_parser\n"
+            "sub = next(a for a in build_parser()._actions if a.choices)\n"
+            "assert 'torch' not in sys.modules, 'torch imported'\n"
+            "print(' '.join(sub.choices))")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    commands = r.stdout.split()
+    assert {"chat", "train", "eval", "serve", "train-adversarial"} <= set(commands)
+    for cmd in commands:
+        h = run([cmd, "--help"], timeout=60)
+        assert h.returncode == 0 and h.stdout.startswith(f"usage: dialogen {cmd}"), (cmd, h.stderr)

@@ -10,7 +10,7 @@ from dialogen.chat.personas import PERSONAS, resolve_persona
 from dialogen.chat.session import load_engine
 from dialogen.cli import build_parser, main, open_session
 from dialogen.decoding.generate import Generation
-from dialogen.decoding.processors import Sampling
+from dialogen.decoding.settings import Sampling
 from dialogen.decoding.rerank import masked_logprobs
 from dialogen.eval.metrics import reply_metrics
 from dialogen.eval.run import eval_examples

@@ -167,7 +167,7 @@ def taught_rnn(tmp_path_factory, smol_tokenizer):
 
 def test_checkpoint_round_trip_and_greedy_session(taught_rnn):
     from dialogen.chat.session import Session, load_engine
-    from dialogen.decoding.processors import Sampling
+    from dialogen.decoding.settings import Sampling
     from dialogen.models.loading import load
 
     path, model, pairs, loss = taught_rnn
@@ -233,7 +233,7 @@ def test_trainer_loss_splits_rows_into_replies():
 
 def test_sampling_runs_unchanged_and_seed_reproduces(taught_rnn):
     from dialogen.decoding.generate import Generation
-    from dialogen.decoding.processors import Sampling
+    from dialogen.decoding.settings import Sampling
 
     path, model, pairs, _ = taught_rnn
     prompt = pairs[1].prompt
@@ -280,8 +280,8 @@ def test_candidates_from_the_rnn_reranked_by_a_discriminator(taught_rnn, smol_to
     """Sample-and-rank and beam n-best on the RNN, reranked by a discriminator: the winner is the
     candidate the discriminator finds most human."""
     from dialogen.chat.session import load_engine
-    from dialogen.decoding.processors import Sampling
-    from dialogen.decoding.strategy import Decoder, Decoding
+    from dialogen.decoding.settings import Decoding, Sampling
+    from dialogen.decoding.strategy import Decoder
     from dialogen.models.discriminator import DiscConfig, Discriminator, save_discriminator
 
     path, _, pairs, _ = taught_rnn
@@ -360,7 +360,7 @@ def toy_data(tmp_path_factory):
 def test_train_arch_rnn_learns_and_chats(tmp_path, toy_data, capsys):
     from dialogen.chat.session import Session, load_engine
     from dialogen.cli import main
-    from dialogen.decoding.processors import Sampling
+    from dialogen.decoding.settings import Sampling
 
     out = tmp_path / "run"
     code = main(["train", "--arch", "rnn", "--init", "scratch", "--data", str(toy_data), "--out", str(out),
@@ -397,7 +397,7 @@ def test_train_arch_rnn_is_reproducible_and_resumes_exactly(tmp_path, toy_data):
     run straight through."""
     from safetensors.torch import load_file
 
-    from dialogen.training.setup import TrainOptions
+    from dialogen.training.options import TrainOptions
     from dialogen.training.sft import train
 
     def opts(out, resume=False):

@@ -9,7 +9,7 @@ import torch
 from dialogen.chat.messages import Message
 from dialogen.chat.session import Engine, Session
 from dialogen.chat.templates import get_template
-from dialogen.decoding.processors import Sampling
+from dialogen.decoding.settings import Sampling
 from dialogen.models.loading import load
 from dialogen.serve.batching import decode_rows
 from dialogen.serve.service import Keys, SessionCache
@@ -189,7 +189,7 @@ def test_keys_map_to_owners():
 def test_stateless_requests_reuse_a_kept_kv_cache_and_reply_the_same(llama, tmp_path):
     """A client that resends the whole conversation each turn gets the same greedy replies as with
     fresh sessions, while its later turns feed only the tokens after the kept prefix."""
-    from dialogen.decoding.strategy import Decoding
+    from dialogen.decoding.settings import Decoding
     from dialogen.serve.service import Limits, Service
 
     model, tok = llama

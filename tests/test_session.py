@@ -7,7 +7,7 @@ import torch
 
 from dialogen.chat.messages import Message
 from dialogen.chat.session import Session, load_engine
-from dialogen.decoding.processors import Sampling
+from dialogen.decoding.settings import Sampling
 from dialogen.errors import UserError
 
 GREEDY = Sampling(temperature=0, repetition_penalty=1.0, max_new_tokens=8)

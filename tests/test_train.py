@@ -9,7 +9,7 @@ import torch
 
 from dialogen.cli import main
 from dialogen.models.loading import load
-from dialogen.training.setup import TrainOptions
+from dialogen.training.options import TrainOptions
 from dialogen.training.sft import train
 
 WORDS = "the cat sat on a mat and dog ran fast to home in sun rain".split()

@@ -11,7 +11,7 @@ import sys
 
 import torch
 
-from dialogen.training.setup import TrainOptions
+from dialogen.training.options import TrainOptions
 from dialogen.training.sft import train
 
 

@@ -54,7 +54,7 @@ def test_cache_grows_past_initial_capacity(pair):
 @torch.no_grad()
 def test_greedy_tokens_match_transformers_generate(pair, smol_tokenizer):
     from dialogen.decoding.generate import Generation
-    from dialogen.decoding.processors import Sampling
+    from dialogen.decoding.settings import Sampling
 
     ours, ref = pair
     prompt = smol_tokenizer.encode_text("Hello there, how are you doing today?")

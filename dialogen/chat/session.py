@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 
 from ..decoding.generate import Generation
-from ..decoding.processors import Sampling
+from ..decoding.settings import Sampling
 from ..errors import UserError
 from .messages import Message, parse_messages
 from .templates import Template, default_template_name, get_template

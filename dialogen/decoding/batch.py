@@ -15,7 +15,8 @@ import torch
 from ..errors import UserError
 from .beam import Candidate
 from .generate import make_generator, room
-from .processors import Sampling, next_token
+from .processors import next_token
+from .settings import Sampling
 
 
 def reply_text(tokenizer, tokens: list[int], stops: list[str]) -> tuple[str, bool]:

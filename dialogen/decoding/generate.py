@@ -10,7 +10,8 @@ from collections.abc import Iterator
 
 import torch
 
-from .processors import Sampling, next_token
+from .processors import next_token
+from .settings import Sampling
 
 
 def make_generator(seed: int | None) -> torch.Generator:

@@ -2,45 +2,9 @@
 
 from __future__ import annotations
 
-import dataclasses
-from dataclasses import dataclass, field
-
 import torch
 
-from ..errors import UserError
-
-
-@dataclass
-class Sampling:
-    temperature: float = 0.3  # 0 -> greedy
-    top_k: int = 40  # 0 -> off
-    top_p: float = 0.9  # 1 -> off
-    repetition_penalty: float = 1.1  # 1 -> off; over the last `penalty_window` tokens
-    frequency_penalty: float = 0.0  # subtracted once per earlier occurrence in the reply
-    presence_penalty: float = 0.0  # subtracted once if the token occurred in the reply
-    no_repeat_ngram: int = 0  # 0 -> off; never emit an n-gram that already occurred
-    penalty_window: int = 64
-    max_new_tokens: int = 256
-    seed: int | None = None
-    stop: list[str] = field(default_factory=list)
-
-    def __post_init__(self):
-        checks = [
-            ("temperature", self.temperature >= 0, ">= 0"),
-            ("top_k", self.top_k >= 0, ">= 0"),
-            ("top_p", 0 < self.top_p <= 1, "in (0, 1]"),
-            ("repetition_penalty", self.repetition_penalty > 0, "> 0"),
-            ("frequency_penalty", self.frequency_penalty >= 0, ">= 0"),
-            ("presence_penalty", self.presence_penalty >= 0, ">= 0"),
-            ("no_repeat_ngram", self.no_repeat_ngram >= 0, ">= 0"),
-            ("max_new_tokens", self.max_new_tokens >= 1, ">= 1"),
-        ]
-        for name, ok, rule in checks:
-            if not ok:
-                raise UserError(f"--{name.replace('_', '-')} must be {rule}, got {getattr(self, name)}")
-
-    def replace(self, **changes) -> "Sampling":
-        return dataclasses.replace(self, **{k: v for k, v in changes.items() if v is not None})
+from .settings import Sampling
 
 
 def repetition_penalty(logits, history: list[int], penalty: float):

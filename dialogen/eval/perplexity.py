@@ -9,13 +9,9 @@ from __future__ import annotations
 
 import math
 
-import torch
-
 from ..chat.messages import Message
-from ..errors import UserError
-from ..data.batches import collate
 from ..data.dataset import IGNORE_INDEX, Example, build_examples
-from ..training.loss import nll_sum
+from ..errors import UserError
 
 
 def default_max_len(model, cap: int = 1024) -> int:
@@ -53,6 +49,11 @@ def scored_chars(tokenizer, examples: list[Example]) -> int:
 
 def examples_perplexity(model, examples: list[Example], pad_id: int, batch_size: int = 8) -> dict:
     """Perplexity over the labelled tokens of ready-made examples."""
+    import torch
+
+    from ..data.batches import collate
+    from ..training.loss import nll_sum
+
     examples = sorted(examples, key=lambda ex: len(ex.ids))  # batches of similar length: little padding
     total = torch.zeros((), dtype=torch.float64)
     count = 0
@@ -75,6 +76,8 @@ def examples_perplexity(model, examples: list[Example], pad_id: int, batch_size:
 
 def cmd_perplexity(args) -> int:
     import json
+
+    import torch
 
     from ..chat.session import load_engine
     from ..data import load_split

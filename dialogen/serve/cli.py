@@ -15,7 +15,7 @@ from ..errors import UserError
 
 def register(sub):
     from ..cli import add_model_args, add_sampling_args
-    from ..decoding.strategy import add_decoding_args
+    from ..decoding.settings import add_decoding_args
 
     p = sub.add_parser("serve", help="serve the model over HTTP: OpenAI-compatible API, sessions, web chat page",
                        description="Serves POST /v1/chat/completions, /v1/models, /v1/sessions and a chat page at /. "
@@ -100,7 +100,7 @@ def check_args(args):
 
 def decoding_from_args(args):
     """The server's default search settings; requests may ask for a search even when this has none."""
-    from ..decoding.strategy import Decoding
+    from ..decoding.settings import Decoding
 
     return Decoding(beam_size=args.beam_size, length_penalty=args.length_penalty, min_new_tokens=args.min_new_tokens,
                     early_stopping=args.early_stopping, block_context_ngram=args.block_context_ngram,

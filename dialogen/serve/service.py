@@ -14,8 +14,9 @@ from dataclasses import dataclass, field
 
 from ..chat.messages import Message
 from ..chat.session import Engine, Session
-from ..decoding.processors import Sampling
-from ..decoding.strategy import Decoder, Decoding
+from ..decoding.settings import Sampling
+from ..decoding.settings import Decoding
+from ..decoding.strategy import Decoder
 from ..errors import UserError
 from ..models.transformer import DECODE_ROWS
 from .store import Store

@@ -6,7 +6,7 @@ import argparse
 import json
 from dataclasses import fields
 
-from .setup import TrainOptions
+from .options import TrainOptions
 
 D = TrainOptions(out="")
 

@@ -32,7 +32,8 @@ from ..eval.perplexity import examples_perplexity
 from . import checkpoint as ckpt
 from .distributed import Dist, setup, teardown
 from .loss import LossModel
-from .setup import TrainOptions, build_model, make_optimizer
+from .options import TrainOptions
+from .setup import build_model, make_optimizer
 
 
 @dataclass
