@@ -45,7 +45,8 @@ def add_sampling_args(p: argparse.ArgumentParser):
     g.add_argument("--system", "--persona", dest="system", default=None,
                    help="persona: the system message, or a preset: virtual-assistant, friendly-chatbot, customer-service")
     g.add_argument("--max-context-tokens", type=int, default=None,
-                   help="prompt budget; the oldest turns are dropped beyond it (default: model context - max new tokens)")
+                   help="prompt budget; the oldest turns are dropped beyond it (default: model context - max new tokens, "
+                        "and at least half the context)")
 
 
 def sampling_from(args):
