@@ -225,3 +225,34 @@ def test_stateless_requests_reuse_a_kept_kv_cache_and_reply_the_same(llama, tmp_
         assert 0 < other["cached"] < cached[1] and len(svc.prefixes) == 1
     finally:
         svc.close()
+
+
+def test_prefix_pool_lends_the_best_match_and_stays_within_its_bounds(llama):
+    from dialogen.serve.service import PrefixPool
+
+    model, tok = llama
+    eng = _engine(model, tok)
+
+    def session(*texts):
+        s = Session(eng, "persona", Sampling(max_new_tokens=2), 200)
+        s.messages = [Message("user", t) for t in texts]
+        ids = s.prompt_ids()
+        model(torch.tensor([ids]), s.cache)  # a cache that holds the prompt
+        s.cache_ids = ids
+        return s, len(ids)
+
+    pool = PrefixPool(budget_bytes=1 << 30, max_sessions=2)
+    a, na = session("one")
+    b, nb = session("two", "three")
+    pool.give(a, na)
+    pool.give(b, nb)
+    want = [Message("system", "persona"), Message("user", "two"), Message("user", "three"), Message("user", "four")]
+    assert pool.take(want) is b and len(pool) == 1  # the most leading messages in common
+    assert pool.take([Message("user", "no persona")]) is None and len(pool) == 1  # nothing in common
+    c, nc = session("five")
+    pool.give(b, nb)
+    pool.give(c, nc)  # a third: the oldest (a) goes
+    assert len(pool) == 2 and pool.take(want) is b
+    small = PrefixPool(budget_bytes=1, max_sessions=8)
+    small.give(c, nc)  # over the byte budget: not kept
+    assert len(small) == 0
