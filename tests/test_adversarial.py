@@ -286,17 +286,28 @@ def test_train_discriminator_bad_numbers_name_their_flag(toy_run, capsys, flags,
 
 
 def test_eval_refuses_the_generators_own_adversary_as_evaluator(toy_run, toy_d, tmp_path, capsys):
-    """The discriminator that trained against a generator cannot judge it fairly."""
+    """The discriminator a generator was trained against (the one its run started from, or the one
+    the run wrote) cannot judge it fairly; one trained apart can."""
     r = toy_run
-    save_discriminator(tmp_path / "own", _disc(), Tokenizer.from_dir(r / "g"), {"adversarial_of": str(r / "g")})
-    code, _, err = _run(["eval", "--model", str(r / "g"), "--dataset", str(r / "toy.jsonl"), "--examples", "2",
-                         "--evaluator", str(tmp_path / "own")], capsys)
-    assert code == 2 and "trained apart" in err and err.count("\n") == 1
+    common = ["--data", str(r / "toy.jsonl"), "--batch-size", "8", "--max-new-tokens", "3", "--max-conversations", "0"]
+    code, out, err = _run(["train-adversarial", "--generator", str(r / "g"), "--discriminator", str(toy_d),
+                           "--out", str(tmp_path / "g3"), "--rounds", "1", *common], capsys)
+    assert code == 0, err
+    written = json.loads(out)["discriminator_out"]
+    argv = ["eval", "--model", str(tmp_path / "g3"), "--dataset", str(r / "toy.jsonl"), "--examples", "2",
+            "--max-new-tokens", "3", "--compare", "greedy", "--evaluator"]
+    for own in (written, str(toy_d)):
+        code, _, err = _run(argv + [own], capsys)
+        assert code == 2 and "trained apart" in err and err.count("\n") == 1, err
+    apart = tmp_path / "apart"
+    save_discriminator(apart, _disc(), Tokenizer.from_dir(r / "g"), {})
+    code, out, err = _run(argv + [str(apart)], capsys)
+    assert code == 0 and "AdvSuc" in out, err
 
 
 def test_a_short_context_generator_gets_prompts_that_leave_room_for_the_reply(words, tmp_path):
-    """A gpt2-family generator with 32 positions: prompts keep their newest tokens so that the
-    sampled reply still fits, instead of failing past the last position."""
+    """A gpt2-family generator with 32 positions (beside one with 128): prompts keep their newest
+    tokens so that the sampled reply still fits, instead of failing past the last position."""
     import argparse
 
     from dialogen.training.adversarial_cli import load_pairs
@@ -308,10 +319,12 @@ def test_a_short_context_generator_gets_prompts_that_leave_room_for_the_reply(wo
     args = argparse.Namespace(data=str(tmp_path / "long.jsonl"), format=None, turns=3, max_conversations=0,
                               valid_pairs=10, max_new_tokens=5, seed=0)
     g = _gpt()
-    train, _ = load_pairs(args, g, words, get_template("dialogpt", words))
+    roomy = Transformer(Config(arch="gpt2", vocab_size=len(WORDS), n_layer=1, n_head=2, n_kv_head=2, d_model=16,
+                               d_ff=32, max_seq_len=128))
+    train, _ = load_pairs(args, [roomy, g], words, get_template("dialogpt", words))  # the shortest one counts
     assert train and max(len(p.prompt) for p in train) == 32 - 5
     state = Adversarial(g, _disc(), words, {2}, AdversarialSettings(batch_size=4, max_new_tokens=5, seed=0))
     assert len(state.sample(train[:4])) == 4
     args.max_new_tokens = 30
     with pytest.raises(UserError, match="--max-new-tokens 30 leaves no room"):
-        load_pairs(args, g, words, get_template("dialogpt", words))
+        load_pairs(args, [g], words, get_template("dialogpt", words))

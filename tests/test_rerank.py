@@ -164,3 +164,10 @@ def test_generate_shows_candidates_with_scores_and_the_winner(tiny_llama, tmp_pa
     best = max(data["candidates"], key=lambda c: c["scores"]["score"])
     assert best["winner"] and best["text"] == data["reply"]
     assert out.err.count("score=") == 3 and out.err.count("*[") == 1
+
+
+def test_the_scorer_flag_lists_every_reranker():
+    from dialogen.decoding.rerank import SCORERS
+    from dialogen.decoding.settings import SCORER_NAMES
+
+    assert tuple(SCORERS) == SCORER_NAMES

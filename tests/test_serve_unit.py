@@ -186,28 +186,31 @@ def test_keys_map_to_owners():
     assert Keys([]).owner(None) == ""
 
 
-def test_stateless_requests_reuse_a_kept_kv_cache_and_reply_the_same(llama, tmp_path):
-    """A client that resends the whole conversation each turn gets the same greedy replies as with
-    fresh sessions, while its later turns feed only the tokens after the kept prefix."""
+def test_stateless_requests_reuse_a_kept_kv_cache(llama, tmp_path):
+    """A client that resends the whole conversation each turn: its later turns feed only the tokens
+    after the kept prefix, and the next-token logits equal a fresh session's (up to float rounding)."""
     from dialogen.decoding.settings import Decoding
     from dialogen.serve.service import Limits, Service
 
     model, tok = llama
     svc = Service(_engine(model, tok), Store(tmp_path / "s.db"), Keys(), Limits())
     greedy = Sampling(temperature=0, repetition_penalty=1.0, max_new_tokens=6)
+    first_logits = []  # the prefill's output: the distribution of a reply's first token
+    hook = model.register_forward_hook(lambda m, args, out: first_logits.append(out[0, -1].clone()))
 
-    def turn(history, user, pooled):
+    def turn(history, user, pooled, owner="k1"):
         out = {}
 
         def run(job):
             if pooled:
-                s = svc.stateless_session("Be brief.", greedy, history, user)
+                s = svc.stateless_session(owner, "Be brief.", greedy, history, user)
             else:
                 s = svc.new_session("Be brief.", greedy, history)
+            n = len(first_logits)
             gen, prompt, cached = svc.reply(s, user, greedy, Decoding())
-            out.update(text=gen.run().text, prompt=prompt, cached=cached)
+            out.update(text=gen.run().text, prompt=prompt, cached=cached, logits=first_logits[n])
             if pooled:
-                svc.prefixes.give(s, prompt)
+                svc.prefixes.give(owner, s, prompt)
 
         assert svc.worker.submit(run, lambda event: None).finished.wait(60)
         return out
@@ -216,14 +219,18 @@ def test_stateless_requests_reuse_a_kept_kv_cache_and_reply_the_same(llama, tmp_
         history, cached = [], []
         for user in ["Hello there!", "What is your name?", "Where do you live?"]:
             got, want = turn(history, user, pooled=True), turn(history, user, pooled=False)
-            assert got["text"] == want["text"] and got["prompt"] == want["prompt"]
+            assert got["prompt"] == want["prompt"]
+            assert (got["logits"] - want["logits"]).abs().max().item() < 1e-4
             cached.append(got["cached"])
             history = history + [Message("user", user), Message("assistant", got["text"])]
         assert cached[0] == 0 and cached[1] > 10 and cached[2] > cached[1]
         assert len(svc.prefixes) == 1  # each turn took the kept session and gave it back
+        assert turn(history, "Hi again.", pooled=True, owner="k2")["cached"] == 0  # another key's: never lent
+        assert len(svc.prefixes) == 2
         other = turn([], "A new conversation.", pooled=True)  # shares only the persona
-        assert 0 < other["cached"] < cached[1] and len(svc.prefixes) == 1
+        assert 0 < other["cached"] < cached[1] and len(svc.prefixes) == 2
     finally:
+        hook.remove()
         svc.close()
 
 
@@ -244,15 +251,16 @@ def test_prefix_pool_lends_the_best_match_and_stays_within_its_bounds(llama):
     pool = PrefixPool(budget_bytes=1 << 30, max_sessions=2)
     a, na = session("one")
     b, nb = session("two", "three")
-    pool.give(a, na)
-    pool.give(b, nb)
+    pool.give("k", a, na)
+    pool.give("k", b, nb)
     want = [Message("system", "persona"), Message("user", "two"), Message("user", "three"), Message("user", "four")]
-    assert pool.take(want) is b and len(pool) == 1  # the most leading messages in common
-    assert pool.take([Message("user", "no persona")]) is None and len(pool) == 1  # nothing in common
+    assert pool.take("other key", want) is None  # never another owner's
+    assert pool.take("k", want) is b and len(pool) == 1  # the most leading messages in common
+    assert pool.take("k", [Message("user", "no persona")]) is None and len(pool) == 1  # nothing in common
     c, nc = session("five")
-    pool.give(b, nb)
-    pool.give(c, nc)  # a third: the oldest (a) goes
-    assert len(pool) == 2 and pool.take(want) is b
+    pool.give("k", b, nb)
+    pool.give("k", c, nc)  # a third: the oldest (a) goes
+    assert len(pool) == 2 and pool.take("k", want) is b
     small = PrefixPool(budget_bytes=1, max_sessions=8)
-    small.give(c, nc)  # over the byte budget: not kept
+    small.give("k", c, nc)  # over the byte budget: not kept
     assert len(small) == 0

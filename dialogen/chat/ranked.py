@@ -7,8 +7,7 @@ cache of its own, so the session's cache is left as it was and stays valid for l
 
 from __future__ import annotations
 
-from ..decoding.settings import Sampling
-from ..decoding.settings import Decoding
+from ..decoding.settings import Decoding, Sampling
 from ..decoding.strategy import Decoder, Reply
 from .messages import Message
 from .session import Engine, Session

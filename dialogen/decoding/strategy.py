@@ -15,6 +15,7 @@ from .generate import Stream
 from .rerank import make_scorer, rerank
 from .settings import Decoding, Sampling
 
+
 class Reply(Stream):
     """The chosen reply with all candidates; iterates like a `Generation` (one delta: the text).
 

@@ -241,6 +241,19 @@ def register(sub):
     p.set_defaults(func=cmd_eval)
 
 
+def _adversary_of(evaluator: Path, evaluator_meta: dict, model: Path) -> bool:
+    """True when the evaluator is the discriminator the model was trained against: the one its
+    `train-adversarial` run started from, or the one that run wrote."""
+    if evaluator_meta.get("adversarial_of") and Path(evaluator_meta["adversarial_of"]).resolve() == model.resolve():
+        return True
+    try:
+        meta = json.loads((model / "dialogen.json").read_text())
+    except (OSError, ValueError):
+        return False
+    against = (meta.get("adversarial") or {}).get("discriminator") if isinstance(meta, dict) else None
+    return bool(against) and Path(against).resolve() == evaluator.resolve()
+
+
 def cmd_eval(args) -> int:
     import torch
 
@@ -264,8 +277,7 @@ def cmd_eval(args) -> int:
     from .adversarial import Evaluator
 
     evaluator = Evaluator(args.evaluator) if args.evaluator else None  # a bad path fails before the model loads
-    own = (evaluator.meta.get("adversarial_of") if evaluator else None) or None
-    if own and args.model and Path(own).resolve() == Path(args.model).resolve():
+    if evaluator is not None and args.model and _adversary_of(Path(args.evaluator), evaluator.meta, Path(args.model)):
         raise UserError(f"--evaluator {args.evaluator}: it is the discriminator --model {args.model} was trained "
                         f"against; adversarial success needs one trained apart (dialogen train-discriminator)")
     engine = load_engine(args.model, args.template, getattr(torch, args.dtype))

@@ -25,6 +25,7 @@ def add_routes(app: FastAPI, svc: Service):
     async def chat_completions(request: Request):
         body = await read_json(request, svc.limits.max_body_bytes)
         req = parse_request(svc, body)
+        req["owner"] = request.state.owner
         channel = Channel()
         jobs = submit_all(svc, [_choice_job(svc, req, i) for i in range(req["n"])], channel)
         if req["stream"]:
@@ -75,12 +76,14 @@ def _choice_job(svc: Service, req: dict, index: int):
 
     def run(job):
         budget = svc.context_length - sampling.max_new_tokens
-        session = svc.stateless_session(req["system"], sampling, req["history"], req["user"], budget)
+        searches = req["decoding"].searches  # a search runs on caches of its own: nothing to lend or keep
+        session = svc.stateless_session(req["owner"], req["system"], sampling, req["history"], req["user"], budget,
+                                        pooled=not searches)
         gen, prompt, cached = svc.reply(session, req["user"], sampling, req["decoding"])
         for delta in gen:
             job.emit(("delta", delta))
-        if not req["decoding"].searches:  # its KV cache holds this prompt: keep it for the next turn
-            svc.prefixes.give(session, prompt)
+        if not searches:  # its KV cache holds this prompt: keep it for the next turn
+            svc.prefixes.give(req["owner"], session, prompt)
         job.emit(("done", {"finish_reason": gen.finish_reason, "tokens": len(gen.tokens), "text": gen.text,
                            "cached_tokens": cached, "candidates": candidates(gen)}))
 

@@ -14,8 +14,7 @@ from dataclasses import dataclass, field
 
 from ..chat.messages import Message
 from ..chat.session import Engine, Session
-from ..decoding.settings import Sampling
-from ..decoding.settings import Decoding
+from ..decoding.settings import Decoding, Sampling
 from ..decoding.strategy import Decoder
 from ..errors import UserError
 from ..models.transformer import DECODE_ROWS
@@ -140,39 +139,42 @@ def _cache_bytes(s: Session) -> int:
 class PrefixPool:
     """Idle sessions of finished stateless requests, kept for their KV caches.
 
-    A stateless client sends the whole conversation with every turn. The idle session whose
-    conversation shares the most leading messages with a new request (at least one, e.g. the
-    same persona) is lent to it, and the session feeds only the tokens after the common token
-    prefix. Bounded by count and by the bytes of the caches; the oldest goes first.
+    A stateless client sends the whole conversation with every turn. The idle session of the same
+    owner (API key) whose conversation shares the most leading messages with a new request (at
+    least one, e.g. the same persona) is lent to it, and the session feeds only the tokens after
+    the common token prefix. Another key's prompts are never matched: how much of a prompt was
+    cached would tell one client about another's. Bounded by count and by the bytes of the
+    caches; the oldest goes first.
     """
 
     def __init__(self, budget_bytes: int, max_sessions: int = 8):
         self.budget, self.max_sessions = budget_bytes, max_sessions
-        self._idle: list[Session] = []
+        self._idle: list[tuple[str, Session]] = []
         self._lock = threading.Lock()
 
-    def take(self, conversation: list[Message]) -> Session | None:
+    def take(self, owner: str, conversation: list[Message]) -> Session | None:
         with self._lock:
             best, best_n = None, 0
-            for s in self._idle:
-                n = _common_messages(s.conversation(), conversation)
+            for entry in self._idle:
+                n = _common_messages(entry[1].conversation(), conversation) if entry[0] == owner else 0
                 if n > best_n:
-                    best, best_n = s, n
-            if best is not None:
-                self._idle.remove(best)
-            return best
+                    best, best_n = entry, n
+            if best is None:
+                return None
+            self._idle.remove(best)
+            return best[1]
 
-    def give(self, session: Session, prompt_tokens: int):
+    def give(self, owner: str, session: Session, prompt_tokens: int):
         """Keep the session's cache of its prompt only: the reply's keys and values came from
         decode steps (compact weights), which a fresh request would compute in a full-precision
         prefill, so keeping them would change what a seeded request samples."""
         session.cache.truncate(prompt_tokens)
         session.cache_ids = session.cache_ids[:prompt_tokens]
         with self._lock:
-            self._idle.append(session)
-            total = sum(_cache_bytes(s) for s in self._idle)
+            self._idle.append((owner, session))
+            total = sum(_cache_bytes(s) for _, s in self._idle)
             while self._idle and (len(self._idle) > self.max_sessions or total > self.budget):
-                total -= _cache_bytes(self._idle.pop(0))
+                total -= _cache_bytes(self._idle.pop(0)[1])
 
     def __len__(self) -> int:
         return len(self._idle)
@@ -226,18 +228,19 @@ class Service:
         s.messages = list(history)
         return s
 
-    def stateless_session(self, persona: str | None, sampling: Sampling, history: list[Message], user: str,
-                          budget: int | None = None) -> Session:
-        """A session for one stateless request: an idle one sharing a prefix with it, else a new one."""
+    def stateless_session(self, owner: str, persona: str | None, sampling: Sampling, history: list[Message],
+                          user: str, budget: int | None = None, pooled: bool = True) -> Session:
+        """A session for one stateless request: an idle one of the owner's sharing a prefix with it,
+        else a new one (always a new one without `pooled`, e.g. for a search, which keeps no cache)."""
         head = [Message("system", persona)] if persona else []
-        s = self.prefixes.take(head + list(history) + [Message("user", user)])
+        s = self.prefixes.take(owner, head + list(history) + [Message("user", user)]) if pooled else None
         if s is None:
             s = self.new_session(persona, sampling, history, budget)
         else:
             s.system, s.messages, s.window_start = persona, list(history), 0
             s.sampling, s.max_context_tokens = sampling, budget or self.context_length
-        # the prompt's last tokens go through a full-precision prefill, as in a fresh request:
-        # a seeded request samples the same reply whether or not a kept cache served it
+        # the prompt's last tokens go through a full-precision prefill, as in a fresh request, so the
+        # logits match a fresh request's up to float rounding
         s.min_feed = DECODE_ROWS + 1
         return s
 

@@ -93,9 +93,9 @@ def load_generator(spec, flag: str = "--generator"):
     return loaded.model, loaded.tokenizer, template, loaded.meta
 
 
-def load_pairs(args, model, tokenizer, template):
+def load_pairs(args, models, tokenizer, template):
     """(train pairs, validation pairs) from the data splits; prompts keep the newest tokens that
-    leave room for a sampled reply within the generator's positions."""
+    leave room for a sampled reply within the positions of every generator in `models`."""
     from ..data import load_split
     from .replies import make_pairs
 
@@ -104,12 +104,12 @@ def load_pairs(args, model, tokenizer, template):
         if value < low:
             raise UserError(f"{flag} must be >= {low}, got {value}")
     max_prompt = 256
-    positions = getattr(model, "max_positions", None)
+    positions = min((m.max_positions for m in models if getattr(m, "max_positions", None)), default=None)
     if positions is not None:
         max_prompt = min(max_prompt, positions - args.max_new_tokens)
         if max_prompt < 8:
             raise UserError(f"--max-new-tokens {args.max_new_tokens} leaves no room for a context in the "
-                            f"generator's {positions} positions")
+                            f"{positions} positions of a --generator")
     train = load_split(args.data, "train", args.format)
     if args.max_conversations:
         train = random.Random(args.seed).sample(train, min(args.max_conversations, len(train)))
@@ -145,7 +145,7 @@ def cmd_train_discriminator(args) -> int:
             raise UserError(f"--generator {spec}: its tokenizer or chat template differs from the first "
                             f"--generator's ({specs[0]}); the generators must share both")
     stop = template.stop_ids(tok)
-    train, valid = load_pairs(args, model, tok, template)
+    train, valid = load_pairs(args, [g[0] for g in generators], tok, template)
     torch.manual_seed(args.seed)
     disc = Discriminator(DiscConfig(vocab_size=tok.vocab_size, sep_id=sorted(stop)[0] if stop else tok.pad_id,
                                     cell=args.cell, emb_dim=args.emb_dim, hidden=args.hidden, n_layer=args.layers,
@@ -188,7 +188,7 @@ def cmd_train_adversarial(args) -> int:
     model, tok, template, meta = load_generator(args.generator)
     disc, disc_tok, _ = load_discriminator(args.discriminator)
     check_tokenizer(disc_tok, tok)
-    train, valid = load_pairs(args, model, tok, template)
+    train, valid = load_pairs(args, [model], tok, template)
     out = Path(args.out)
     log = Path(args.log) if args.log else out.with_name(out.name + "-adversarial.jsonl")
 
@@ -199,11 +199,11 @@ def cmd_train_adversarial(args) -> int:
 
     rows = train_adversarial(model, disc, tok, template.stop_ids(tok), train, valid, settings, log, show)
     plot = plot_log(rows, log.with_suffix(".png"), f"adversarial training of {args.generator}")
-    meta = {**meta, "adversarial": {"from": str(args.generator), "discriminator": str(args.discriminator),
+    meta = {**meta, "adversarial": {"from": str(args.generator), "discriminator": str(Path(args.discriminator).resolve()),
                                     "settings": settings_dict(settings), "log": str(log)}}
     save_generator(out, model.eval(), tok, meta)
     d_out = Path(args.discriminator_out) if args.discriminator_out else out.with_name(out.name + "-discriminator")
-    save_discriminator(d_out, disc.eval(), tok, {"adversarial_of": str(out)})
+    save_discriminator(d_out, disc.eval(), tok, {"adversarial_of": str(out.resolve())})
     print(json.dumps({"out": str(out), "discriminator_out": str(d_out), "log": str(log), "plot": str(plot),
                       "last": rows[-1]}))
     return 0
