@@ -227,8 +227,10 @@ def test_stateless_requests_reuse_a_kept_kv_cache(llama, tmp_path):
         assert len(svc.prefixes) == 1  # each turn took the kept session and gave it back
         assert turn(history, "Hi again.", pooled=True, owner="k2")["cached"] == 0  # another key's: never lent
         assert len(svc.prefixes) == 2
-        other = turn([], "A new conversation.", pooled=True)  # shares only the persona
-        assert 0 < other["cached"] < cached[1] and len(svc.prefixes) == 2
+        other = turn([], "A new conversation.", pooled=True)  # shares only the persona: served by a copy
+        assert 0 < other["cached"] < cached[1] and len(svc.prefixes) == 3
+        again = turn(history, "And then?", pooled=True)  # the first conversation still has its own cache
+        assert again["cached"] > cached[2]
     finally:
         hook.remove()
         svc.close()
@@ -254,13 +256,18 @@ def test_prefix_pool_lends_the_best_match_and_stays_within_its_bounds(llama):
     pool.give("k", a, na)
     pool.give("k", b, nb)
     want = [Message("system", "persona"), Message("user", "two"), Message("user", "three"), Message("user", "four")]
-    assert pool.take("other key", want) is None  # never another owner's
-    assert pool.take("k", want) is b and len(pool) == 1  # the most leading messages in common
-    assert pool.take("k", [Message("user", "no persona")]) is None and len(pool) == 1  # nothing in common
+    fresh = lambda: Session(eng, "persona", Sampling(max_new_tokens=2), 200)  # noqa: E731
+    assert pool.take("other key", want, fresh) is None  # never another owner's
+    assert pool.take("k", want, fresh) is b and len(pool) == 1  # continues b's conversation: lent
+    assert pool.take("k", [Message("user", "no persona")], fresh) is None and len(pool) == 1  # nothing in common
+    copied = pool.take("k", [Message("system", "persona"), Message("user", "another")], fresh)  # the persona only
+    assert copied is not a and len(pool) == 1 and copied.cache_ids == a.cache_ids  # a copy; a stays for its own
+    assert copied.cache.length == a.cache.length and copied.cache.k[0] is not a.cache.k[0]
+    assert torch.equal(copied.cache.k[0][:, :, :na], a.cache.k[0][:, :, :na])
     c, nc = session("five")
     pool.give("k", b, nb)
     pool.give("k", c, nc)  # a third: the oldest (a) goes
-    assert len(pool) == 2 and pool.take("k", want) is b
+    assert len(pool) == 2 and pool.take("k", want, fresh) is b
     small = PrefixPool(budget_bytes=1, max_sessions=8)
     small.give("k", c, nc)  # over the byte budget: not kept
     assert len(small) == 0

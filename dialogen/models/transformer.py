@@ -82,6 +82,14 @@ class KVCache:
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self.k + self.v)
 
+    def copy(self) -> "KVCache":
+        """A new cache holding this one's valid tokens; the two grow apart from here."""
+        out = KVCache(self.cfg, self.batch, self.dtype, capacity=max(self.length, 256))
+        for src, dst in zip(self.k + self.v, out.k + out.v):
+            dst[:, :, : self.length] = src[:, :, : self.length]
+        out.length = self.length
+        return out
+
 
 class RMSNorm(nn.Module):
     def __init__(self, dim: int, eps: float):

@@ -139,10 +139,11 @@ def _cache_bytes(s: Session) -> int:
 class PrefixPool:
     """Idle sessions of finished stateless requests, kept for their KV caches.
 
-    A stateless client sends the whole conversation with every turn. The idle session of the same
-    owner (API key) whose conversation shares the most leading messages with a new request (at
-    least one, e.g. the same persona) is lent to it, and the session feeds only the tokens after
-    the common token prefix. Another key's prompts are never matched: how much of a prompt was
+    A stateless client sends the whole conversation with every turn. Among the idle sessions of
+    the same owner (API key), the one whose conversation shares the most leading messages with a
+    new request (at least one, e.g. the same persona) serves it: lent when the request continues
+    its conversation, copied otherwise; the session feeds only the tokens after the common token
+    prefix. Another key's prompts are never matched: how much of a prompt was
     cached would tell one client about another's. Bounded by count and by the bytes of the
     caches; the oldest goes first.
     """
@@ -152,7 +153,10 @@ class PrefixPool:
         self._idle: list[tuple[str, Session]] = []
         self._lock = threading.Lock()
 
-    def take(self, owner: str, conversation: list[Message]) -> Session | None:
+    def take(self, owner: str, conversation: list[Message], fresh) -> Session | None:
+        """A session for `conversation`: the kept one it continues (taken out of the pool), or
+        `fresh()` with a copy of the cache that shares the most leading messages with it (that one
+        stays for the conversation it belongs to), or None."""
         with self._lock:
             best, best_n = None, 0
             for entry in self._idle:
@@ -161,8 +165,15 @@ class PrefixPool:
                     best, best_n = entry, n
             if best is None:
                 return None
-            self._idle.remove(best)
-            return best[1]
+            kept = best[1]
+            if best_n == len(kept.conversation()):  # the next turn of that conversation
+                self._idle.remove(best)
+                return kept
+            if not hasattr(kept.cache, "copy"):
+                return None
+            s = fresh()
+            s.cache, s.cache_ids = kept.cache.copy(), list(kept.cache_ids)  # under the lock: no one changes kept
+            return s
 
     def give(self, owner: str, session: Session, prompt_tokens: int):
         """Keep the session's cache of its prompt only: the reply's keys and values came from
@@ -233,7 +244,10 @@ class Service:
         """A session for one stateless request: an idle one of the owner's sharing a prefix with it,
         else a new one (always a new one without `pooled`, e.g. for a search, which keeps no cache)."""
         head = [Message("system", persona)] if persona else []
-        s = self.prefixes.take(owner, head + list(history) + [Message("user", user)]) if pooled else None
+        s = None
+        if pooled:
+            s = self.prefixes.take(owner, head + list(history) + [Message("user", user)],
+                                   lambda: self.new_session(persona, sampling, history, budget))
         if s is None:
             s = self.new_session(persona, sampling, history, budget)
         else:
