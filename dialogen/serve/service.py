@@ -143,9 +143,9 @@ class PrefixPool:
     the same owner (API key), the one whose conversation shares the most leading messages with a
     new request (at least one, e.g. the same persona) serves it: lent when the request continues
     its conversation, copied otherwise; the session feeds only the tokens after the common token
-    prefix. Another key's prompts are never matched: how much of a prompt was
-    cached would tell one client about another's. Bounded by count and by the bytes of the
-    caches; the oldest goes first.
+    prefix. Another key's prompts are never matched: how much of a prompt was cached would tell
+    one client about another's. Bounded by count and by the bytes of the caches; the oldest goes
+    first.
     """
 
     def __init__(self, budget_bytes: int, max_sessions: int = 8):
@@ -178,7 +178,7 @@ class PrefixPool:
     def give(self, owner: str, session: Session, prompt_tokens: int):
         """Keep the session's cache of its prompt only: the reply's keys and values came from
         decode steps (compact weights), which a fresh request would compute in a full-precision
-        prefill, so keeping them would change what a seeded request samples."""
+        prefill: kept, they would make a reply differ from a fresh request's by more than rounding."""
         session.cache.truncate(prompt_tokens)
         session.cache_ids = session.cache_ids[:prompt_tokens]
         with self._lock:
