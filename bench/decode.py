@@ -84,29 +84,26 @@ def main():
     args = ap.parse_args()
     from transformers import AutoModelForCausalLM
 
-    fp32 = load_engine(None, "auto", torch.float32)
-    bf16 = load_engine(None, "auto", torch.bfloat16)
-    fp16 = load_engine(None, "auto", torch.float16)
-    int8 = load_engine(None, "auto", torch.int8)
+    dtypes = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16, "int8": torch.int8}
+    engines = {k: load_engine(None, "auto", dt) for k, dt in dtypes.items()}
     ref = AutoModelForCausalLM.from_pretrained(str(resolve(None)), dtype=torch.float32).eval()
     from dialogen.chat.messages import parse_messages
 
+    fp32 = engines["fp32"]
     ids = fp32.template.render(fp32.tokenizer, parse_messages(PROMPT), add_generation_prompt=True)[0]
-    ours_tok_s(fp32, ids, 8), ours_tok_s(bf16, ids, 8), ours_tok_s(fp16, ids, 8), ours_tok_s(int8, ids, 8), hf_tok_s(ref, ids, 8)  # warm-up
-    runs = {"ours_fp32": [], "ours_fp16": [], "ours_bf16": [], "ours_int8": [], "transformers_fp32": []}
-    for r in range(args.repeats):
-        runs["ours_fp32"].append(ours_tok_s(fp32, ids, args.new_tokens))
+    for e in engines.values():  # warm-up
+        ours_tok_s(e, ids, 8)
+    hf_tok_s(ref, ids, 8)
+    runs = {"transformers_fp32": [], **{f"ours_{k}": [] for k in engines}}
+    for r in range(args.repeats):  # alternating, so machine noise hits every engine alike
         runs["transformers_fp32"].append(hf_tok_s(ref, ids, args.new_tokens))
-        runs["ours_fp16"].append(ours_tok_s(fp16, ids, args.new_tokens))
-        runs["ours_bf16"].append(ours_tok_s(bf16, ids, args.new_tokens))
-        runs["ours_int8"].append(ours_tok_s(int8, ids, args.new_tokens))
+        for k, e in engines.items():
+            runs[f"ours_{k}"].append(ours_tok_s(e, ids, args.new_tokens))
         print(f"repeat {r + 1}/{args.repeats}: " + ", ".join(f"{k} {v[-1]:.1f}" for k, v in runs.items()),
               file=sys.stderr)
     med = {k: statistics.median(v) for k, v in runs.items()}
-    engines = {"float32": fp32, "float16": fp16, "bfloat16": bf16, "int8": int8}
-    best = max(((name, med[f"ours_{key}"]) for name, key in
-                [("float32", "fp32"), ("float16", "fp16"), ("bfloat16", "bf16"), ("int8", "int8")]), key=lambda x: x[1])
-    beam_engine = engines[best[0]]
+    best = max(engines, key=lambda k: med[f"ours_{k}"])
+    best_tok_s, beam_engine = med[f"ours_{best}"], engines[best]
     beam_runs = {"ours": [], "transformers": []}
     for _ in range(args.repeats):  # beam search, 5 beams as one batch, same dtype choice as greedy
         beam_runs["ours"].append(ours_beam_tok_s(beam_engine, ids, args.beam_tokens))
@@ -117,10 +114,10 @@ def main():
     tn = statistics.median(t[-1] for t in ttfts)
     print(json.dumps({
         "model": "SmolLM2-135M-Instruct", "new_tokens": args.new_tokens, "prompt_tokens": len(ids),
-        "ours_tok_s": round(best[1], 2), "ours_dtype": best[0], "ours_fp32_tok_s": round(med["ours_fp32"], 2),
-        "ours_fp16_tok_s": round(med["ours_fp16"], 2), "ours_bf16_tok_s": round(med["ours_bf16"], 2), "ours_int8_tok_s": round(med["ours_int8"], 2),
+        "ours_tok_s": round(best_tok_s, 2), "ours_dtype": str(dtypes[best]).removeprefix("torch."),
+        **{f"ours_{k}_tok_s": round(med[f"ours_{k}"], 2) for k in engines},
         "transformers_tok_s": round(med["transformers_fp32"], 2),
-        "ratio": round(best[1] / med["transformers_fp32"], 2),
+        "ratio": round(best_tok_s / med["transformers_fp32"], 2),
         "ratio_fp32": round(med["ours_fp32"] / med["transformers_fp32"], 2),
         "ttft_turn1_s": round(t1, 4), f"ttft_turn{args.turns}_s": round(tn, 4),
         "ttft_ratio": round(tn / t1, 2), "threads": torch.get_num_threads(),

@@ -6,6 +6,7 @@ import argparse
 import json
 import sys
 
+from .decoding.settings import Sampling, add_decoding_args, decoding_from
 from .errors import UserError
 
 DTYPES = ("float32", "float16", "bfloat16", "int8")
@@ -24,8 +25,6 @@ def add_model_args(p: argparse.ArgumentParser):
 
 
 def add_sampling_args(p: argparse.ArgumentParser):
-    from .decoding.settings import Sampling
-
     d = Sampling()
     g = p.add_argument_group("decoding")
     g.add_argument("--temperature", type=float, default=d.temperature, help="0 = greedy (default: %(default)s)")
@@ -50,8 +49,6 @@ def add_sampling_args(p: argparse.ArgumentParser):
 
 
 def sampling_from(args):
-    from .decoding.settings import Sampling
-
     return Sampling(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
                     repetition_penalty=args.repetition_penalty, frequency_penalty=args.frequency_penalty,
                     presence_penalty=args.presence_penalty, no_repeat_ngram=args.no_repeat_ngram,
@@ -65,7 +62,6 @@ def open_session(args):
 
     from .chat.personas import resolve_persona
     from .chat.ranked import RankedSession
-    from .decoding.settings import decoding_from
     from .decoding.strategy import format_candidates
 
     sampling = sampling_from(args)  # validate flags before the slow model load
@@ -114,8 +110,6 @@ def cmd_generate(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from .decoding.settings import add_decoding_args
-
     parser = argparse.ArgumentParser(prog="dialogen", description="Dialogue generation: chat, train, decode, evaluate, serve.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 

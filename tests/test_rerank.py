@@ -12,9 +12,8 @@ from dialogen.chat.session import load_engine
 from dialogen.cli import main
 from dialogen.data.reverse import reverse_example_ids
 from dialogen.decoding.beam import BeamSettings, beam_search
-from dialogen.decoding.settings import Sampling
 from dialogen.decoding.rerank import MMI, SCORERS, LogLikelihood, load_reverse, masked_logprobs, rerank
-from dialogen.decoding.settings import Decoding
+from dialogen.decoding.settings import Decoding, Sampling
 from dialogen.decoding.strategy import Decoder
 from dialogen.errors import UserError
 

@@ -72,9 +72,6 @@ class Stream:
             if self.on_finish is not None:
                 self.on_finish(self)
 
-    def _produce(self) -> Iterator[str]:
-        raise NotImplementedError
-
 
 class Generation(Stream):
     """A sampled (or greedy) reply, streamed token by token.

@@ -21,8 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..chat.messages import Message
-from ..decoding.settings import Sampling
-from ..decoding.settings import Decoding
+from ..decoding.settings import Decoding, Sampling, add_decoding_args, decoding_from
 from ..errors import UserError
 
 # name -> (sampling changes, decoding changes), applied on top of the command's flags
@@ -213,7 +212,6 @@ def write_json(path: Path, data: dict):
 # --- the command ------------------------------------------------------------------------------
 def register(sub):
     from ..cli import add_model_args, add_sampling_args
-    from ..decoding.settings import add_decoding_args
 
     p = sub.add_parser("eval", help="evaluate decoding configs on a dataset split: perplexity, BLEU, Dist-n, Entropy-4",
                        description=__doc__.split("\n\n", 1)[1])
@@ -261,7 +259,6 @@ def cmd_eval(args) -> int:
     from ..chat.session import load_engine
     from ..cli import sampling_from
     from ..data import load_split
-    from ..decoding.settings import decoding_from
 
     for flag, value in (("--examples", args.examples), ("--context-turns", args.context_turns),
                         ("--batch-size", args.batch_size)):

@@ -10,12 +10,12 @@ import re
 import socket
 from pathlib import Path
 
+from ..decoding.settings import add_decoding_args, decoding_from
 from ..errors import UserError
 
 
 def register(sub):
     from ..cli import add_model_args, add_sampling_args
-    from ..decoding.settings import add_decoding_args
 
     p = sub.add_parser("serve", help="serve the model over HTTP: OpenAI-compatible API, sessions, web chat page",
                        description="Serves POST /v1/chat/completions, /v1/models, /v1/sessions and a chat page at /. "
@@ -98,16 +98,6 @@ def check_args(args):
     return keys
 
 
-def decoding_from_args(args):
-    """The server's default search settings; requests may ask for a search even when this has none."""
-    from ..decoding.settings import Decoding
-
-    return Decoding(beam_size=args.beam_size, length_penalty=args.length_penalty, min_new_tokens=args.min_new_tokens,
-                    early_stopping=args.early_stopping, block_context_ngram=args.block_context_ngram,
-                    num_candidates=args.num_candidates, candidates=args.candidates, scorer=args.scorer,
-                    mmi_model=args.mmi_model, mmi_weight=args.mmi_weight, discriminator=args.discriminator)
-
-
 def default_db() -> Path:
     base = os.environ.get("XDG_DATA_HOME") or os.path.join(os.path.expanduser("~"), ".local", "share")
     return Path(base) / "dialogen" / "sessions.sqlite3"
@@ -137,7 +127,7 @@ def cmd_serve(args) -> int:
     from .store import Store
 
     sampling = sampling_from(args)
-    decoding = decoding_from_args(args)
+    decoding = decoding_from(args, strict=False)  # the default search; requests may ask for one without it
     torch.set_num_threads(args.threads)
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s")
     sock = bind(args.host, args.port)

@@ -14,7 +14,7 @@ import secrets
 import time
 
 from ..chat.messages import Message
-from ..decoding.settings import Sampling
+from ..decoding.settings import CANDIDATE_SOURCES, Sampling
 from ..errors import UserError
 
 ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
@@ -139,7 +139,6 @@ def sampling_changes(body: dict, max_tokens_limit: int) -> dict:
 def decoding_changes(body: dict, max_candidates: int) -> dict:
     """Search and reranking fields (beam search, sample-and-rank) as `Decoding` field changes."""
     from ..decoding.rerank import SCORERS
-    from ..decoding.settings import CANDIDATE_SOURCES
 
     changes = {"num_candidates": number(body, "num_candidates", 1, max_candidates, integer=True),
                "beam_size": number(body, "beam_size", 1, max_candidates, integer=True),
