@@ -9,7 +9,7 @@ import sys
 from .decoding.settings import Sampling, add_decoding_args, decoding_from
 from .errors import UserError
 
-DTYPES = ("float32", "float16", "bfloat16", "int8")
+DTYPES = ("auto", "int4", "int8", "float16", "bfloat16", "float32")
 
 
 def add_model_args(p: argparse.ArgumentParser):
@@ -18,10 +18,11 @@ def add_model_args(p: argparse.ArgumentParser):
                    "(llama or gpt2 type) or a dialogen checkpoint; default: the embedded SmolLM2-135M-Instruct")
     g.add_argument("--template", default="auto", help="chat template: chatml, llama2, dialogpt, jinja "
                    "(the model's own); default: the model's own if it has one")
-    g.add_argument("--dtype", default="float16", choices=DTYPES,
-                   help="weight copy used by decode steps (prefill and activations stay float32); float16 "
-                        "decodes ~1.8x faster than float32 on AVX2 CPUs, bfloat16 and int8 (per-row scales) "
-                        "are there for CPUs where they are faster (default: %(default)s)")
+    g.add_argument("--dtype", default="auto", choices=DTYPES,
+                   help="weights used by decode steps (prefill and training stay float32). auto: a GGUF file's "
+                        "own Q4_0/Q4_1/Q8_0 blocks, else int8; int8: Q8_0 blocks (a scale per 32 weights); "
+                        "int4: Q4_1 blocks (scale and minimum per 32); both need a C compiler for the native "
+                        "kernels (built once). float16/bfloat16/float32: plain copies (default: %(default)s)")
 
 
 def add_sampling_args(p: argparse.ArgumentParser):
@@ -56,7 +57,6 @@ def sampling_from(args):
 
 
 def open_session(args):
-    import torch
 
     from .chat.session import Session, load_engine
 
@@ -66,7 +66,7 @@ def open_session(args):
 
     sampling = sampling_from(args)  # validate flags before the slow model load
     decoding = decoding_from(args)
-    engine = load_engine(args.model, args.template, getattr(torch, args.dtype))
+    engine = load_engine(args.model, args.template, args.dtype)
     if decoding is not None:
         show = (lambda r: print(format_candidates(r), file=sys.stderr)) if args.show_candidates else None
         return RankedSession(engine, decoding, on_reply=show, system=resolve_persona(args.system), sampling=sampling,

@@ -34,7 +34,8 @@ class Engine:
     name: str = "dialogen"
 
 
-def load_engine(model: str | None = None, template: str = "auto", dtype: torch.dtype = torch.float32) -> Engine:
+def load_engine(model: str | None = None, template: str = "auto", dtype="float32") -> Engine:
+    """`dtype`: the decode copy of the weights (see `models.loading.decode_copies`)."""
     from ..models.loading import load
 
     loaded = load(model, dtype)

@@ -143,7 +143,7 @@ def make_scorer(name: str, engine, **options):
     return SCORERS[name](engine, **options)
 
 
-def load_reverse(path: str, dtype=torch.float32):
+def load_reverse(path: str, dtype="float32"):
     """A reverse model as an Engine, with the context turns it was trained on (`context_turns`)."""
     from ..chat.session import Engine
     from ..chat.templates import default_template_name, get_template

@@ -253,7 +253,6 @@ def _adversary_of(evaluator: Path, evaluator_meta: dict, model: Path) -> bool:
 
 
 def cmd_eval(args) -> int:
-    import torch
 
     from ..chat.personas import resolve_persona
     from ..chat.session import load_engine
@@ -277,7 +276,7 @@ def cmd_eval(args) -> int:
     if evaluator is not None and args.model and _adversary_of(Path(args.evaluator), evaluator.meta, Path(args.model)):
         raise UserError(f"--evaluator {args.evaluator}: it is the discriminator --model {args.model} was trained "
                         f"against; adversarial success needs one trained apart (dialogen train-discriminator)")
-    engine = load_engine(args.model, args.template, getattr(torch, args.dtype))
+    engine = load_engine(args.model, args.template, args.dtype)
     persona = resolve_persona(args.system)
     result = evaluate(engine, examples, configs, persona, args.batch_size, args.ppl, log=sys.stderr,
                       evaluator=evaluator)

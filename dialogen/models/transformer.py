@@ -15,6 +15,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import kernels
+
 ARCHS = ("llama", "gpt2")
 
 
@@ -48,7 +50,10 @@ class Config:
 
 
 class KVCache:
-    """Keys and values of every layer for a batch, grown in chunks; `length` tokens are valid."""
+    """Keys and values of every layer for a batch, grown in chunks; `length` tokens are valid.
+
+    Each layer's buffer is (B, n_kv_head, capacity, head_dim), so a row's keys are one contiguous
+    block: the native decode kernel attends to them in place through `table()`'s pointers."""
 
     def __init__(self, cfg: Config, batch: int = 1, dtype=torch.float32, capacity: int = 256):
         self.cfg, self.batch, self.dtype = cfg, batch, dtype
@@ -64,20 +69,43 @@ class KVCache:
         for old, new in zip(self.k + self.v, k + v):
             new[:, :, : self.length] = old[:, :, : self.length]
         self.k, self.v, self.capacity = k, v, capacity
+        self._table = self._rows = None
 
     def reserve(self, n_new: int):
         need = self.length + n_new
         if need > self.capacity:
             self._alloc(max(need, 2 * self.capacity))
 
+    def advance(self, n_new: int):
+        self.length += n_new
+
     def truncate(self, length: int):
         self.length = min(length, self.length)
+
+    def positions(self, batch: int, n_new: int) -> torch.Tensor:
+        """(B, T) positions of the next n_new tokens of every row."""
+        return torch.arange(self.length, self.length + n_new).expand(batch, n_new)
 
     def reorder(self, index: torch.Tensor):
         """Select batch rows (beam search): row i becomes old row index[i]."""
         self.k = [t.index_select(0, index) for t in self.k]
         self.v = [t.index_select(0, index) for t in self.v]
         self.batch = len(index)
+        self._table = self._rows = None
+
+    def table(self) -> "KernelTable":
+        if self._table is None:
+            self._table = KernelTable([self])
+        self._table.slots.fill_(self.length)
+        return self._table
+
+    def row_addresses(self) -> list[tuple[list[int], list[int]]]:
+        """Per row, the addresses of its keys and of its values in every layer."""
+        if self._rows is None:
+            step = [t.stride(0) * t.element_size() for t in self.k]
+            self._rows = [([t.data_ptr() + b * s for t, s in zip(self.k, step)],
+                           [t.data_ptr() + b * s for t, s in zip(self.v, step)]) for b in range(self.batch)]
+        return self._rows
 
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self.k + self.v)
@@ -91,6 +119,44 @@ class KVCache:
         return out
 
 
+class KernelTable:
+    """Where each row's keys and values live, for the native attention kernel: per layer, one
+    address per row (int64 (L, B)), each row's capacity and the slot its next token goes to."""
+
+    def __init__(self, caches: list[KVCache]):
+        rows = [r for c in caches for r in c.row_addresses()]  # (k addresses, v addresses) per row
+        self.k = torch.tensor([k for k, _ in rows]).T.contiguous()  # (L, B)
+        self.v = torch.tensor([v for _, v in rows]).T.contiguous()
+        self.caps = torch.tensor([c.capacity for c in caches for _ in range(c.batch)])
+        self.slots = torch.tensor([c.length for c in caches for _ in range(c.batch)])
+
+
+class CacheBatch:
+    """Many conversations' batch-1 caches stepped together, one new token each (the server).
+
+    `model(ids (B, 1), CacheBatch(caches))` equals B separate `model(ids[i:i+1], caches[i])` calls;
+    the rows attend to their own caches in one kernel call per layer, without copying them."""
+
+    def __init__(self, caches: list[KVCache]):
+        self.caches = caches
+        self.batch = len(caches)
+        self.dtype = caches[0].dtype
+
+    def reserve(self, n_new: int):
+        for c in self.caches:
+            c.reserve(n_new)
+
+    def advance(self, n_new: int):
+        for c in self.caches:
+            c.length += n_new
+
+    def positions(self, batch: int, n_new: int) -> torch.Tensor:
+        return torch.tensor([[c.length] for c in self.caches])
+
+    def table(self) -> KernelTable:
+        return KernelTable(self.caches)
+
+
 class RMSNorm(nn.Module):
     def __init__(self, dim: int, eps: float):
         super().__init__()
@@ -101,38 +167,67 @@ class RMSNorm(nn.Module):
         return F.rms_norm(x, self.weight.shape, self.weight, self.eps)
 
 
-DECODE_ROWS = 8  # at most this many rows (batch x new tokens) use a Linear's compact decode weight
+KERNEL_ROWS = 64  # decode steps of at most this many rows use a Linear's decode copy
+DECODE_DTYPES = ("float32", "float16", "bfloat16", "int8", "int4")
+BLOCK_KIND = {"int8": "q8_0", "int4": "q4_1"}
 
 
 class Linear(nn.Linear):
-    """nn.Linear that can keep a compact (e.g. bfloat16) copy of its weight for decode steps.
+    """nn.Linear with an optional input norm, activation and residual, and a decode copy of its weight.
 
-    Decoding multiplies one row per sequence by each weight, which is bound by memory traffic, so a
-    half-size copy is faster; prefill and training multiply many rows, where fp32 is faster on CPUs
-    without bf16 hardware. Activations stay fp32 either way.
+    `forward(x, norm, act, residual)` is `residual + W @ act(norm(x)) + b`. Decoding multiplies a
+    few rows by each weight, which is bound by memory traffic, so a compact copy is faster there:
+    `blocks` (weights in GGUF's Q4_0/Q4_1/Q8_0 block layouts, multiplied by the native kernel, with
+    the RMS norm or SwiGLU fused in) or `compact` (float16/bfloat16). Prefill and training multiply
+    many rows, where the float32 weight is faster on CPUs without bf16 hardware.
     """
 
     compact: torch.Tensor | None = None
-    scales: torch.Tensor | None = None  # per output row, when `compact` is int8
+    blocks: torch.Tensor | None = None  # (out, in / 32 * block bytes) uint8
+    kind: str | None = None  # q4_0, q4_1 or q8_0
 
-    def forward(self, x):
+    def forward(self, x, norm=None, act: str | None = None, residual=None):
+        rows = x.numel() // x.shape[-1]
+        # a decode step: one new token for each of a few rows (B, 1, d), outside training
+        decode = (x.dim() == 3 and x.shape[1] == 1 and rows <= KERNEL_ROWS
+                  and not (self.weight.requires_grad and torch.is_grad_enabled()))
+        if decode and self.blocks is not None and kernels.enabled():
+            fused = isinstance(norm, RMSNorm)
+            if norm is not None and not fused:
+                x = norm(x)
+            if act == "gelu":
+                x = F.gelu(x, approximate="tanh")
+            out = None if residual is None else residual.view(rows, -1)
+            y = kernels.qmatmul(kernels.GGML_TYPES[self.kind], self.blocks, self.out_features, self.in_features,
+                                x.reshape(rows, -1), self.bias, out, norm.weight if fused else None,
+                                norm.eps if fused else 0.0, act == "swiglu")
+            return y.view(*x.shape[:-1], -1)
+        if norm is not None:
+            x = norm(x)
+        if act == "swiglu":
+            gate, up = x.chunk(2, dim=-1)
+            x = F.silu(gate) * up
+        elif act == "gelu":
+            x = F.gelu(x, approximate="tanh")
         c = self.compact
-        if c is None or x.numel() > DECODE_ROWS * x.shape[-1]:
-            return F.linear(x, self.weight, self.bias)
-        if c.dtype == torch.int8:
-            y = torch._weight_int8pack_mm(x.reshape(-1, x.shape[-1]), c, self.scales).view(*x.shape[:-1], -1)
-            return y if self.bias is None else y + self.bias
-        bias = None if self.bias is None else self.bias.to(c.dtype)
-        return F.linear(x.to(c.dtype), c, bias).to(x.dtype)
+        if c is None or not decode:
+            y = F.linear(x, self.weight, self.bias)
+        else:
+            bias = None if self.bias is None else self.bias.to(c.dtype)
+            y = F.linear(x.to(c.dtype), c, bias).to(x.dtype)
+        return y if residual is None else residual + y
 
-    def set_compact(self, dtype: torch.dtype):
-        w = self.weight.detach()
-        self.compact = self.scales = None
-        if dtype == torch.int8:  # symmetric per-row scales
-            self.scales = (w.abs().amax(dim=1) / 127).clamp(min=1e-12).float()
-            self.compact = (w / self.scales[:, None]).round().clamp(-127, 127).to(torch.int8)
-        elif dtype != torch.float32:
-            self.compact = w.to(dtype)
+    def set_compact(self, dtype: str, blocks: torch.Tensor | None = None, kind: str | None = None):
+        """Keep a decode copy: float16/bfloat16, or blocks (given, e.g. as a GGUF file ships them, or
+        quantized here for int8/int4); float32 keeps none."""
+        self.compact = self.blocks = self.kind = None
+        if blocks is not None:
+            self.blocks, self.kind = blocks, kind
+        elif dtype in BLOCK_KIND:
+            self.kind = BLOCK_KIND[dtype]
+            self.blocks = kernels.quantize(self.weight, self.kind)
+        elif dtype != "float32":
+            self.compact = self.weight.detach().to(getattr(torch, dtype))
 
 
 def rope_tables(cfg: Config, positions: torch.Tensor):
@@ -149,6 +244,19 @@ def apply_rope(x, cos, sin):
     return (x * cos + rot * sin).to(x.dtype)
 
 
+@dataclass
+class Step:
+    """What every layer of one forward call shares."""
+
+    rope: tuple | None  # (cos, sin), each (B, 1, T, head_dim); None for learned positions
+    cache: object  # KVCache, CacheBatch or None
+    mask: torch.Tensor | None  # (B, 1, T, S) boolean, or None for plain causal attention
+    key_mask: torch.Tensor | None  # (B, S) real key positions, or None
+    table: KernelTable | None = None  # set when the native kernel attends (one new token per row)
+    cos: torch.Tensor | None = None  # (B, hd/2) rotary tables of the native kernel
+    sin: torch.Tensor | None = None
+
+
 class Attention(nn.Module):
     def __init__(self, cfg: Config, layer: int):
         super().__init__()
@@ -158,16 +266,22 @@ class Attention(nn.Module):
         self.qkv = Linear(cfg.d_model, (nh + 2 * nkv) * hd, bias=bias)
         self.o_proj = Linear(nh * hd, cfg.d_model, bias=cfg.arch == "gpt2")
 
-    def forward(self, x, rope, cache: KVCache | None, mask):
+    def forward(self, x, norm, step: Step):
+        """x + attention over norm(x)."""
         cfg = self.cfg
         B, T, _ = x.shape
         hd, nh, nkv = cfg.head_dim, cfg.n_head, cfg.n_kv_head
-        q, k, v = self.qkv(x).split([nh * hd, nkv * hd, nkv * hd], dim=-1)
+        qkv = self.qkv(x, norm=norm)  # (B, T, (nh + 2 nkv) hd)
+        if step.table is not None:  # rotary, cache write and attention of one token per row, fused
+            y = self._attend_native(qkv.view(B, -1), step)
+            return self.o_proj(y.view(B, 1, -1), residual=x)
+        q, k, v = qkv.split([nh * hd, nkv * hd, nkv * hd], dim=-1)
         q = q.view(B, T, nh, hd).transpose(1, 2)  # (B, nh, T, hd)
         k = k.view(B, T, nkv, hd).transpose(1, 2)
         v = v.view(B, T, nkv, hd).transpose(1, 2)
-        if rope is not None:
-            q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+        if step.rope is not None:
+            q, k = apply_rope(q, *step.rope), apply_rope(k, *step.rope)
+        cache, mask = step.cache, step.mask
         if cache is not None:
             start = cache.length
             cache.k[self.layer][:, :, start : start + T] = k
@@ -181,7 +295,12 @@ class Attention(nn.Module):
             y = F.scaled_dot_product_attention(q, k, v, is_causal=T > 1, enable_gqa=nkv != nh)
         else:
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=nkv != nh)
-        return self.o_proj(y.transpose(1, 2).reshape(B, T, nh * hd))
+        return self.o_proj(y.transpose(1, 2).reshape(B, T, nh * hd), residual=x)
+
+    def _attend_native(self, qkv, step: Step):
+        cfg, t = self.cfg, step.table
+        return kernels.attend_decode(qkv, cfg.n_head, cfg.n_kv_head, cfg.head_dim, t.k[self.layer], t.v[self.layer],
+                                     t.caps, t.slots, step.key_mask, step.cos, step.sin)
 
 
 class MLP(nn.Module):
@@ -195,11 +314,11 @@ class MLP(nn.Module):
             self.up = Linear(cfg.d_model, cfg.d_ff)
             self.down = Linear(cfg.d_ff, cfg.d_model)
 
-    def forward(self, x):
+    def forward(self, x, norm):
+        """x + MLP(norm(x))."""
         if self.arch == "llama":
-            gate, up = self.gate_up(x).chunk(2, dim=-1)
-            return self.down(F.silu(gate) * up)
-        return self.down(F.gelu(self.up(x), approximate="tanh"))
+            return self.down(self.gate_up(x, norm=norm), act="swiglu", residual=x)
+        return self.down(self.up(x, norm=norm), act="gelu", residual=x)
 
 
 def _norm(cfg: Config):
@@ -214,18 +333,18 @@ class Block(nn.Module):
         self.norm1, self.attn = _norm(cfg), Attention(cfg, layer)
         self.norm2, self.mlp = _norm(cfg), MLP(cfg)
 
-    def forward(self, x, rope, cache, mask):
-        x = x + self.attn(self.norm1(x), rope, cache, mask)
-        return x + self.mlp(self.norm2(x))
+    def forward(self, x, step: Step):
+        return self.mlp(self.attn(x, self.norm1, step), self.norm2)
 
 
 class Transformer(nn.Module):
-    """`forward(ids, cache, positions, key_mask) -> logits (B, T, V)`.
+    """`forward(ids, cache, positions, key_mask) -> logits (B, T, V)`: the only forward pass.
 
-    With a cache, the T new tokens are appended after `cache.length` valid ones and the cache
-    advances. `key_mask` (B, S) marks real (non-padding) key positions over the whole sequence
-    including the cache, for left-padded batches; `positions` (B, T) then gives each token's
-    position counting real tokens only.
+    Training (`hidden`), prefill, decode, beam rows, left-padded batches and the server's many
+    conversations (a `CacheBatch`) all run it. With a cache, the T new tokens are appended after
+    the cache's valid ones and the cache advances. `key_mask` (B, S) marks real (non-padding) key
+    positions over the whole sequence including the cache, for left-padded batches; `positions`
+    (B, T) then gives each token's position counting real tokens only.
     """
 
     def __init__(self, cfg: Config):
@@ -240,8 +359,12 @@ class Transformer(nn.Module):
         if cfg.tie_embeddings:
             self.lm_head.weight = self.embed.weight
 
-    def set_decode_dtype(self, dtype: torch.dtype):
-        """Keep `dtype` copies of the weights for decode steps (float32: none)."""
+    def set_decode_dtype(self, dtype):
+        """Keep `dtype` copies of the weights for decode steps (float32: none). int8 and int4 keep
+        Q8_0 / Q4_1 blocks (groups of 32 inputs) and need the native kernels."""
+        dtype = str(dtype).removeprefix("torch.")
+        if dtype not in DECODE_DTYPES:
+            raise ValueError(f"unknown decode dtype {dtype!r}; choose from {', '.join(DECODE_DTYPES)}")
         for m in self.modules():
             if isinstance(m, Linear):
                 m.set_compact(dtype)
@@ -266,11 +389,18 @@ class Transformer(nn.Module):
             elif name.endswith("bias"):
                 nn.init.zeros_(p)
 
-    def forward(self, ids, cache: KVCache | None = None, positions=None, key_mask=None):
+    def forward(self, ids, cache=None, positions=None, key_mask=None):
+        return self.lm_head(self.trunk(ids, cache, positions, key_mask), norm=self.norm)
+
+    def hidden(self, ids):
+        """Final-norm hidden states (B, T, d) of a right-padded or unpadded batch, no cache (training)."""
+        return self.norm(self.trunk(ids))
+
+    def trunk(self, ids, cache=None, positions=None, key_mask=None):
+        """The residual stream after the last block, (B, T, d)."""
         B, T = ids.shape
-        past = cache.length if cache is not None else 0
         if positions is None:
-            positions = torch.arange(past, past + T).expand(B, T)
+            positions = cache.positions(B, T) if cache is not None else torch.arange(T).expand(B, T)
         x = self.embed(ids)
         rope = None
         if self.cfg.arch == "gpt2":
@@ -279,14 +409,27 @@ class Transformer(nn.Module):
             x = x + self.pos_embed(positions)
         else:
             rope = rope_tables(self.cfg, positions)
-        mask = build_mask(B, T, past, key_mask)
         if cache is not None:
             cache.reserve(T)
+        step = self._step(B, T, rope, cache, key_mask)
         for block in self.blocks:
-            x = block(x, rope, cache, mask)
+            x = block(x, step)
         if cache is not None:
-            cache.length += T
-        return self.lm_head(self.norm(x))
+            cache.advance(T)
+        return x
+
+    def _step(self, B: int, T: int, rope, cache, key_mask) -> Step:
+        native = (T == 1 and cache is not None and cache.dtype == torch.float32 and not torch.is_grad_enabled()
+                  and kernels.enabled())
+        if native:
+            half = self.cfg.head_dim // 2
+            cos, sin = (None, None) if rope is None else (r[:, 0, 0, :half].contiguous() for r in rope)
+            mask = None if key_mask is None else key_mask.to(torch.uint8).contiguous()
+            return Step(rope, cache, None, mask, cache.table(), cos, sin)
+        if isinstance(cache, CacheBatch):
+            raise RuntimeError("a CacheBatch step needs the native kernels and one new token per row")
+        past = cache.length if cache is not None else 0
+        return Step(rope, cache, build_mask(B, T, past, key_mask), key_mask)
 
 
 def build_mask(B: int, T: int, past: int, key_mask):

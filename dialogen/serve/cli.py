@@ -132,7 +132,7 @@ def cmd_serve(args) -> int:
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s")
     sock = bind(args.host, args.port)
     store = Store(args.db or default_db())
-    engine = load_engine(args.model, args.template, getattr(torch, args.dtype))
+    engine = load_engine(args.model, args.template, args.dtype)
     limits = Limits(max_body_bytes=args.max_body_bytes, max_tokens=args.max_tokens_limit, max_n=args.max_n,
                     kv_budget_bytes=int(args.kv_budget_mb * 2**20))
     name = args.model_name or re.sub(r"-[0-9a-f]{12}$", "", engine.name)

@@ -12,24 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..data.dataset import IGNORE_INDEX
-from ..models.transformer import Transformer, rope_tables
-
-
-def hidden_states(model: Transformer, ids: torch.Tensor) -> torch.Tensor:
-    """The final-norm hidden states (B, T, d) of a right-padded or unpadded batch, no cache."""
-    B, T = ids.shape
-    positions = torch.arange(T, device=ids.device).expand(B, T)
-    x = model.embed(ids)
-    rope = None
-    if model.cfg.arch == "gpt2":
-        if T > model.cfg.max_seq_len:
-            raise ValueError(f"sequence of {T} tokens is longer than the model's {model.cfg.max_seq_len} positions")
-        x = x + model.pos_embed(positions)
-    else:
-        rope = rope_tables(model.cfg, positions)
-    for block in model.blocks:
-        x = block(x, rope, None, None)  # no mask: plain causal attention
-    return model.norm(x)
+from ..models.transformer import Transformer
 
 
 def nll_sum(model: nn.Module, ids: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -42,7 +25,7 @@ def nll_sum(model: nn.Module, ids: torch.Tensor, labels: torch.Tensor) -> tuple[
     targets = labels[:, 1:]  # (B, T-1)
     keep = targets != IGNORE_INDEX
     if isinstance(model, Transformer):
-        h = hidden_states(model, ids[:, :-1])  # the last token predicts nothing
+        h = model.hidden(ids[:, :-1])  # the last token predicts nothing
         logits = model.lm_head(h[keep])  # (N, V)
     else:  # other families: full logits
         logits = model(ids)[:, :-1][keep]

@@ -115,14 +115,12 @@ def target_logits(model, prompts: list[list[int]], targets: list[list[int]], pad
         feats = model.teacher_forced_features(src, src_mask, labels.clamp(min=0))  # (B, T, D)
         return model.head(feats[keep]), labels[keep], rows
     from ..models.transformer import Transformer
-    from .loss import hidden_states
-
     ids = _pad([p + t for p, t in zip(prompts, targets)], pad_id)  # right padding: causal, harmless
     index = torch.zeros_like(labels)
     for i, p in enumerate(prompts):  # the logit predicting target j sits at position len(p) - 1 + j
         index[i] = torch.arange(len(p) - 1, len(p) - 1 + labels.shape[1]).clamp(max=ids.shape[1] - 1)
     if isinstance(model, Transformer):
-        h = hidden_states(model, ids)  # (B, S, d)
+        h = model.hidden(ids)  # (B, S, d)
         h = h.gather(1, index[:, :, None].expand(-1, -1, h.shape[-1]))[keep]
         return model.lm_head(h), labels[keep], rows
     logits = model(ids)  # (B, S, V)

@@ -1,0 +1,153 @@
+"""GGUF files: config, tokenizer and tensors, with quantized tensors kept in their shipped blocks.
+
+Reading a GGUF file's metadata with the `gguf` package takes seconds (it walks every vocabulary
+entry), so the first use writes a small index beside the other caches: the config, the tokenizer
+and where each tensor lies in the file. Later loads read that index and the tensor bytes straight
+from the file, with no float copy on disk. Q4_0, Q4_1 and Q8_0 tensors keep their blocks for the
+decode kernels (no re-quantization error); other types are dequantized, with one line saying so.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..errors import UserError
+from . import kernels
+from .tokenizer import Tokenizer
+from .transformer import Config
+
+INDEX_VERSION = 1
+# GGUF tensor names -> Hugging Face llama names (the layout `loading.hf_to_ours` reads)
+RENAME = {"token_embd": "model.embed_tokens", "output_norm": "model.norm", "output": "lm_head",
+          "attn_norm": "input_layernorm", "ffn_norm": "post_attention_layernorm",
+          "attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj", "attn_v": "self_attn.v_proj",
+          "attn_output": "self_attn.o_proj", "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj",
+          "ffn_down": "mlp.down_proj"}
+NATIVE = {2: "q4_0", 3: "q4_1", 8: "q8_0"}  # GGUF type number -> block layout the kernels multiply
+
+
+def cache_dir() -> Path:
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "dialogen"
+
+
+def read_gguf(path: Path):
+    import gguf
+
+    try:
+        reader = gguf.GGUFReader(str(path))
+    except Exception as e:
+        raise UserError(f"{path}: not a readable GGUF file ({type(e).__name__}: {e})") from None
+    meta = {}
+    for k, f in reader.fields.items():
+        try:
+            meta[k] = f.contents()
+        except Exception:
+            continue
+    return reader, meta
+
+
+def config_from_meta(path: Path, meta: dict, names: set[str]) -> Config:
+    arch = meta.get("general.architecture")
+    if arch != "llama":
+        raise UserError(f"{path}: GGUF architecture {arch!r} is not supported; supported: llama")
+    m = lambda k, d=None: meta.get(f"llama.{k}", d)  # noqa: E731
+    n_head = m("attention.head_count")
+    try:
+        return Config(arch="llama", vocab_size=len(meta["tokenizer.ggml.tokens"]), n_layer=m("block_count"),
+                      n_head=n_head, n_kv_head=m("attention.head_count_kv", n_head), d_model=m("embedding_length"),
+                      d_ff=m("feed_forward_length"), head_dim=m("attention.key_length", 0) or 0,
+                      max_seq_len=m("context_length", 2048), rope_theta=m("rope.freq_base", 10000.0),
+                      norm_eps=m("attention.layer_norm_rms_epsilon", 1e-5), tie_embeddings="output.weight" not in names)
+    except (KeyError, TypeError, ValueError, ZeroDivisionError) as e:
+        raise UserError(f"{path}: incomplete llama metadata ({type(e).__name__}: {e})") from None
+
+
+def index_dir(path: Path) -> Path:
+    """The small cached index of a GGUF file: config, tokenizer, tensor table."""
+    st = path.stat()
+    key = hashlib.sha256(f"{path.resolve()}:{st.st_size}:{st.st_mtime_ns}".encode()).hexdigest()[:12]
+    target = cache_dir() / "gguf" / f"{path.stem}-{key}"
+    if (target / "index.json").exists():
+        return target
+    reader, meta = read_gguf(path)
+    cfg = config_from_meta(path, meta, {t.name for t in reader.tensors})
+    tokenizer = Tokenizer.from_gguf(meta)
+    tensors = [{"name": t.name, "type": int(t.tensor_type), "shape": [int(x) for x in reversed(t.shape)],
+                "offset": int(t.data_offset), "bytes": int(t.n_bytes)} for t in reader.tensors]
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+    try:
+        tokenizer.save(tmp)
+        index = {"version": INDEX_VERSION, "config": cfg.to_dict(), "tensors": tensors, "source": str(path)}
+        (tmp / "index.json").write_text(json.dumps(index))
+        if not (target / "index.json").exists():  # another process may have written it meanwhile
+            shutil.rmtree(target, ignore_errors=True)
+            os.replace(tmp, target)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
+def _hf_name(gguf_name: str) -> str:
+    parts = gguf_name.split(".")
+    try:
+        if parts[0] == "blk":
+            return f"model.layers.{parts[1]}.{RENAME[parts[2]]}.{parts[3]}"
+        return f"{RENAME[parts[0]]}.{parts[1]}"
+    except (KeyError, IndexError):
+        raise UserError(f"GGUF tensor {gguf_name!r} is not part of a llama model") from None
+
+
+def unpermute_rows(w: torch.Tensor, n_head: int) -> torch.Tensor:
+    """llama.cpp interleaves the two rotary halves of each q/k head's rows; put them back in order.
+    Works on float rows and on rows of quantized blocks alike (a row is one output feature)."""
+    rows = w.shape[0]
+    return w.reshape(n_head, rows // n_head // 2, 2, -1).transpose(1, 2).reshape(w.shape).contiguous()
+
+
+def read_tensors(path: Path, cfg: Config, tensors: list[dict]) -> tuple[dict, dict]:
+    """(float32 state dict in Hugging Face names, {name: (kind, blocks)} of the natively kept tensors)."""
+    import gguf
+
+    try:
+        data = np.fromfile(path, dtype=np.uint8)
+    except OSError as e:
+        raise UserError(f"{path}: cannot read ({e.strerror})") from None
+    floats, blocks, converted = {}, {}, set()
+    for t in tensors:
+        name, kind, shape = _hf_name(t["name"]), t["type"], t["shape"]
+        end = t["offset"] + t["bytes"]
+        if end > len(data):
+            raise UserError(f"{path}: truncated file (tensor {t['name']} ends past the end)")
+        raw = data[t["offset"]: end]
+        heads = {"attn_q": cfg.n_head, "attn_k": cfg.n_kv_head}.get(t["name"].split(".")[-2])
+        if kind in NATIVE and len(shape) == 2:
+            b = torch.from_numpy(raw).view(shape[0], -1)  # (rows, row bytes)
+            b = unpermute_rows(b, heads) if heads else b
+            blocks[name] = (NATIVE[kind], b)
+            floats[name] = (kernels.dequantize(kind, b, *shape) if kernels.enabled()
+                            else torch.from_numpy(gguf.quants.dequantize(b.numpy(), kind).astype(np.float32)))
+            continue
+        if kind == 0:  # F32
+            w = raw.view(np.float32)
+        elif kind == 1:  # F16
+            w = raw.view(np.float16).astype(np.float32)
+        else:
+            converted.add(gguf.GGMLQuantizationType(kind).name)
+            w = gguf.quants.dequantize(raw.reshape(shape[0] if len(shape) > 1 else 1, -1), kind).astype(np.float32)
+        w = torch.from_numpy(np.array(w, dtype=np.float32).reshape(shape))
+        floats[name] = unpermute_rows(w, heads) if heads else w
+    if converted:
+        print(f"dialogen: {path.name}: {', '.join(sorted(converted))} tensors are dequantized "
+              "(kept natively: Q4_0, Q4_1, Q8_0)", file=sys.stderr)
+    return floats, blocks

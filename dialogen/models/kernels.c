@@ -1,0 +1,277 @@
+/* Decode kernels for the transformer: quantized matrix products and one-token attention.
+ *
+ * Built on the user's machine at first use (models/kernels.py), with -march=native, so the AVX2
+ * paths are taken where the CPU has them; every function has a plain C path too. Threads come from
+ * OpenMP, the same libgomp torch has loaded, and the caller passes the thread count.
+ *
+ * Weights are kept in GGUF's block layouts, 32 weights a block along the input dimension:
+ *   Q4_0  {f16 d; u8 qs[16]}          w = d * (q - 8)
+ *   Q4_1  {f16 d; f16 m; u8 qs[16]}   w = d * q + m
+ *   Q8_0  {f16 d; i8 qs[32]}          w = d * q
+ * where byte j of qs holds weight j in its low nibble and weight j + 16 in its high nibble.
+ * Activations are quantized per row to blocks of 32 int8 with a float scale (as llama.cpp does), so
+ * a block's dot product is integer work: sum_j w_j x_j = d * dx * sum_j q_j xq_j (+ m * sum_j x_j).
+ */
+#include <math.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+#ifdef __AVX2__
+#include <immintrin.h>
+#endif
+
+#define QK 32
+enum { Q4_0 = 2, Q4_1 = 3, Q8_0 = 8 };  /* GGUF's type numbers */
+enum { ACT_NONE = 0, ACT_SWIGLU = 1 };
+
+static inline float half_to_float(uint16_t h) {
+#ifdef __F16C__
+    return _cvtsh_ss(h);
+#else
+    uint32_t sign = (uint32_t)(h & 0x8000) << 16, exp = (h >> 10) & 0x1f, man = h & 0x3ff, bits;
+    if (exp == 0) {
+        if (man == 0) { bits = sign; }
+        else {  /* subnormal: renormalise */
+            exp = 127 - 15 + 1;
+            while (!(man & 0x400)) { man <<= 1; exp--; }
+            bits = sign | (exp << 23) | ((man & 0x3ff) << 13);
+        }
+    } else if (exp == 31) { bits = sign | 0x7f800000 | (man << 13); }
+    else { bits = sign | ((exp + 127 - 15) << 23) | (man << 13); }
+    float f; memcpy(&f, &bits, 4); return f;
+#endif
+}
+
+int block_bytes(int type) {
+    switch (type) { case Q4_0: return 18; case Q4_1: return 20; case Q8_0: return 34; default: return 0; }
+}
+
+/* ---- activations: one row of K floats -> K/32 blocks (scale d, d * sum q, 32 int8) ---------- */
+typedef struct { float d, s; int8_t q[QK]; } xblock;
+
+static void quantize_row(const float *x, xblock *out, int K) {
+    for (int b = 0; b < K / QK; b++) {
+        const float *v = x + b * QK;
+        float amax = 0.f;
+        for (int j = 0; j < QK; j++) { float a = fabsf(v[j]); amax = a > amax ? a : amax; }
+        float d = amax / 127.f, inv = d > 0.f ? 1.f / d : 0.f;
+        int sum = 0;
+        for (int j = 0; j < QK; j++) { int q = (int)lrintf(v[j] * inv); out[b].q[j] = (int8_t)q; sum += q; }
+        out[b].d = d;
+        out[b].s = d * (float)sum;
+    }
+}
+
+/* the input row a kernel multiplies: RMS-normalised (norm != NULL) or SwiGLU of [gate | up] */
+static void prepare_row(const float *x, int K, const float *norm, float eps, int act, float *tmp) {
+    if (act == ACT_SWIGLU) {  /* x holds 2K values: gate then up */
+        for (int j = 0; j < K; j++) { float g = x[j]; tmp[j] = g / (1.f + expf(-g)) * x[K + j]; }
+        return;
+    }
+    if (norm) {
+        double ss = 0.0;
+        for (int j = 0; j < K; j++) ss += (double)x[j] * x[j];
+        float r = 1.f / sqrtf((float)(ss / K) + eps);
+        for (int j = 0; j < K; j++) tmp[j] = x[j] * r * norm[j];
+        return;
+    }
+    memcpy(tmp, x, sizeof(float) * K);
+}
+
+/* ---- one weight block times one activation block ------------------------------------------ */
+#ifdef __AVX2__
+static inline __m256i nibbles(const uint8_t *qs) {  /* 16 bytes -> 32 values 0..15 in order */
+    __m128i raw = _mm_loadu_si128((const __m128i *)qs);
+    __m256i both = _mm256_set_m128i(_mm_srli_epi16(raw, 4), raw);
+    return _mm256_and_si256(both, _mm256_set1_epi8(0x0f));
+}
+static inline __m256 dot_u8_i8(__m256i u, __m256i s) {  /* 8 int32 partial sums as floats */
+    __m256i p = _mm256_maddubs_epi16(u, s);
+    return _mm256_cvtepi32_ps(_mm256_madd_epi16(p, _mm256_set1_epi16(1)));
+}
+static inline float hsum(__m256 v) {
+    __m128 a = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    a = _mm_add_ps(a, _mm_movehl_ps(a, a));
+    a = _mm_add_ss(a, _mm_movehdup_ps(a));
+    return _mm_cvtss_f32(a);
+}
+#endif
+
+/* y[r] (+)= W[n] . x[r] for rows r < R of a weight row of nb blocks */
+static void row_dot(int type, const uint8_t *w, const xblock *x, int nb, int R, int xstride, float *out) {
+#ifdef __AVX2__
+    __m256 acc[16];
+    float extra[16];
+    for (int r0 = 0; r0 < R; r0 += 16) {
+        int rn = R - r0 < 16 ? R - r0 : 16;
+        for (int r = 0; r < rn; r++) { acc[r] = _mm256_setzero_ps(); extra[r] = 0.f; }
+        for (int b = 0; b < nb; b++) {
+            if (type == Q8_0) {
+                const uint8_t *blk = w + (size_t)b * 34;
+                float d = half_to_float(*(const uint16_t *)blk);
+                __m256i q = _mm256_loadu_si256((const __m256i *)(blk + 2));
+                __m256i aq = _mm256_sign_epi8(q, q);
+                for (int r = 0; r < rn; r++) {
+                    const xblock *xb = x + (size_t)(r0 + r) * xstride + b;
+                    __m256i xv = _mm256_loadu_si256((const __m256i *)xb->q);
+                    __m256 p = dot_u8_i8(aq, _mm256_sign_epi8(xv, q));
+                    acc[r] = _mm256_fmadd_ps(_mm256_set1_ps(d * xb->d), p, acc[r]);
+                }
+            } else {
+                int q41 = type == Q4_1;
+                const uint8_t *blk = w + (size_t)b * (q41 ? 20 : 18);
+                float d = half_to_float(*(const uint16_t *)blk);
+                float m = q41 ? half_to_float(*(const uint16_t *)(blk + 2)) : -8.f * d;
+                __m256i q = nibbles(blk + (q41 ? 4 : 2));
+                for (int r = 0; r < rn; r++) {
+                    const xblock *xb = x + (size_t)(r0 + r) * xstride + b;
+                    __m256i xv = _mm256_loadu_si256((const __m256i *)xb->q);
+                    acc[r] = _mm256_fmadd_ps(_mm256_set1_ps(d * xb->d), dot_u8_i8(q, xv), acc[r]);
+                    extra[r] += m * xb->s;
+                }
+            }
+        }
+        for (int r = 0; r < rn; r++) out[r0 + r] = hsum(acc[r]) + extra[r];
+    }
+#else
+    for (int r = 0; r < R; r++) {
+        float sum = 0.f;
+        for (int b = 0; b < nb; b++) {
+            const xblock *xb = x + (size_t)r * xstride + b;
+            int isum = 0;
+            if (type == Q8_0) {
+                const uint8_t *blk = w + (size_t)b * 34;
+                const int8_t *q = (const int8_t *)(blk + 2);
+                for (int j = 0; j < QK; j++) isum += q[j] * xb->q[j];
+                sum += half_to_float(*(const uint16_t *)blk) * xb->d * isum;
+            } else {
+                int q41 = type == Q4_1;
+                const uint8_t *blk = w + (size_t)b * (q41 ? 20 : 18);
+                const uint8_t *qs = blk + (q41 ? 4 : 2);
+                float d = half_to_float(*(const uint16_t *)blk);
+                float m = q41 ? half_to_float(*(const uint16_t *)(blk + 2)) : -8.f * d;
+                for (int j = 0; j < 16; j++) isum += (qs[j] & 15) * xb->q[j] + (qs[j] >> 4) * xb->q[j + 16];
+                sum += d * xb->d * isum + m * xb->s;
+            }
+        }
+        out[r] = sum;
+    }
+#endif
+}
+
+/* y (R, N) = prepare(x) (R, K) @ W (N, K)^T + bias, added to what y holds when accumulate is set.
+ * x is (R, K), or (R, 2K) for SwiGLU. */
+void qmatmul(int type, const uint8_t *w, int N, int K, const float *x, int R, float *y,
+             const float *bias, int accumulate, const float *norm, float eps, int act, int threads) {
+    int nb = K / QK, bb = block_bytes(type), xin = act == ACT_SWIGLU ? 2 * K : K;
+    xblock *xq = malloc(sizeof(xblock) * (size_t)R * nb);
+    float *tmp = malloc(sizeof(float) * (size_t)R * K);
+    #pragma omp parallel num_threads(threads)
+    {
+        #pragma omp for schedule(static)
+        for (int r = 0; r < R; r++) {
+            prepare_row(x + (size_t)r * xin, K, norm, eps, act, tmp + (size_t)r * K);
+            quantize_row(tmp + (size_t)r * K, xq + (size_t)r * nb, K);
+        }
+        float out[64];
+        #pragma omp for schedule(static)
+        for (int n = 0; n < N; n++) {
+            for (int r0 = 0; r0 < R; r0 += 64) {
+                int rn = R - r0 < 64 ? R - r0 : 64;
+                row_dot(type, w + (size_t)n * nb * bb, xq + (size_t)r0 * nb, nb, rn, nb, out);
+                for (int r = 0; r < rn; r++) {
+                    float v = out[r] + (bias ? bias[n] : 0.f);
+                    float *dst = y + (size_t)(r0 + r) * N + n;
+                    *dst = accumulate ? *dst + v : v;
+                }
+            }
+        }
+    }
+    free(xq);
+    free(tmp);
+}
+
+/* W (N, K) in blocks -> float32 (N, K) */
+void dequantize(int type, const uint8_t *w, int N, int K, float *out, int threads) {
+    int nb = K / QK, bb = block_bytes(type);
+    #pragma omp parallel for num_threads(threads) schedule(static)
+    for (int n = 0; n < N; n++) {
+        for (int b = 0; b < nb; b++) {
+            const uint8_t *blk = w + ((size_t)n * nb + b) * bb;
+            float *o = out + (size_t)n * K + b * QK;
+            float d = half_to_float(*(const uint16_t *)blk);
+            if (type == Q8_0) {
+                const int8_t *q = (const int8_t *)(blk + 2);
+                for (int j = 0; j < QK; j++) o[j] = d * q[j];
+            } else {
+                int q41 = type == Q4_1;
+                float m = q41 ? half_to_float(*(const uint16_t *)(blk + 2)) : -8.f * d;
+                const uint8_t *qs = blk + (q41 ? 4 : 2);
+                for (int j = 0; j < 16; j++) { o[j] = d * (qs[j] & 15) + m; o[j + 16] = d * (qs[j] >> 4) + m; }
+            }
+        }
+    }
+}
+
+/* ---- one new token per row against its own KV cache ---------------------------------------
+ * qkv (B, (nh + 2 nkv) hd): this step's projections. Row b's cache of this layer starts at
+ * kc[b] / vc[b], laid out (nkv, cap[b], hd); the new key and value go to slot[b], and the query
+ * attends to slots 0..slot[b] whose key_mask byte is set (key_mask NULL: all of them). Rotary
+ * embeddings (rotate-half convention) use cos/sin (B, hd/2) when cos is not NULL.
+ * out (B, nh * hd). */
+void attend_decode(int B, int nh, int nkv, int hd, float *qkv, const int64_t *kc, const int64_t *vc,
+                   const int64_t *cap, const int64_t *slot, const uint8_t *key_mask, int64_t mask_stride,
+                   const float *cos, const float *sin, float *out, int threads) {
+    int half = hd / 2, group = nh / nkv, width = (nh + 2 * nkv) * hd;
+    float scale = 1.f / sqrtf((float)hd);
+    #pragma omp parallel num_threads(threads)
+    {
+        #pragma omp for schedule(static)
+        for (int b = 0; b < B; b++) {  /* rotary on q and k, then write k and v into the cache */
+            float *row = qkv + (size_t)b * width;
+            if (cos) {
+                const float *c = cos + (size_t)b * half, *s = sin + (size_t)b * half;
+                for (int h = 0; h < nh + nkv; h++) {
+                    float *v = row + h * hd;
+                    for (int j = 0; j < half; j++) {
+                        float x1 = v[j], x2 = v[j + half];
+                        v[j] = x1 * c[j] - x2 * s[j];
+                        v[j + half] = x2 * c[j] + x1 * s[j];
+                    }
+                }
+            }
+            for (int g = 0; g < nkv; g++) {
+                size_t at = ((size_t)g * cap[b] + slot[b]) * hd;
+                memcpy((float *)kc[b] + at, row + (nh + g) * hd, sizeof(float) * hd);
+                memcpy((float *)vc[b] + at, row + (nh + nkv + g) * hd, sizeof(float) * hd);
+            }
+        }
+        #pragma omp for schedule(dynamic, 1)
+        for (int bh = 0; bh < B * nh; bh++) {
+            int b = bh / nh, h = bh % nh, g = h / group;
+            int n = (int)slot[b] + 1;
+            const float *q = qkv + (size_t)b * width + h * hd;
+            const float *K = (const float *)kc[b] + (size_t)g * cap[b] * hd;
+            const float *V = (const float *)vc[b] + (size_t)g * cap[b] * hd;
+            const uint8_t *m = key_mask ? key_mask + (size_t)b * mask_stride : NULL;
+            float *p = malloc(sizeof(float) * n), best = -INFINITY;
+            for (int t = 0; t < n; t++) {
+                if (m && !m[t] && t != n - 1) { p[t] = -INFINITY; continue; }
+                float s = 0.f;
+                for (int j = 0; j < hd; j++) s += q[j] * K[(size_t)t * hd + j];
+                p[t] = s * scale;
+                best = p[t] > best ? p[t] : best;
+            }
+            float total = 0.f;
+            for (int t = 0; t < n; t++) { p[t] = p[t] == -INFINITY ? 0.f : expf(p[t] - best); total += p[t]; }
+            float *o = out + (size_t)b * nh * hd + h * hd;
+            for (int j = 0; j < hd; j++) o[j] = 0.f;
+            for (int t = 0; t < n; t++) {
+                float a = p[t] / total;
+                if (a == 0.f) continue;
+                for (int j = 0; j < hd; j++) o[j] += a * V[(size_t)t * hd + j];
+            }
+            free(p);
+        }
+    }
+}

@@ -1,0 +1,155 @@
+"""The native decode kernels (`kernels.c`): built once on this machine, loaded with ctypes.
+
+The library is compiled with the system C compiler (`cc -O3 -march=native -fopenmp`) into the
+cache directory the first time it is needed (about a second), keyed by the source and compiler
+flags. Without a compiler, or with DIALOGEN_KERNELS=0, `lib()` is None and the model runs its
+plain torch path: same results within the stated tolerances, slower decode.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import torch
+
+SOURCE = Path(__file__).with_name("kernels.c")
+FLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c11"]
+GGML_TYPES = {"q4_0": 2, "q4_1": 3, "q8_0": 8}  # GGUF type numbers of the layouts kept natively
+BLOCK_BYTES = {2: 18, 3: 20, 8: 34}
+QK = 32
+
+_lib: ctypes.CDLL | None = None
+_tried = False
+
+
+def _cache_dir() -> Path:
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "dialogen" / "kernels"
+
+
+def build(verbose: bool = False) -> Path | None:
+    """Compile the library if needed; its path, or None when no compiler works here."""
+    cc = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
+    if cc is None:
+        return None
+    key = hashlib.sha256(SOURCE.read_bytes() + " ".join([cc, *FLAGS]).encode()).hexdigest()[:16]
+    target = _cache_dir() / f"kernels-{key}.so"
+    if target.exists():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(suffix=".so", dir=target.parent)
+    os.close(fd)
+    try:
+        res = subprocess.run([cc, *FLAGS, str(SOURCE), "-o", tmp, "-lm"], capture_output=True, text=True)
+        if res.returncode != 0:
+            if verbose:
+                print(f"dialogen: building the decode kernels failed:\n{res.stderr}", file=sys.stderr)
+            return None
+        os.replace(tmp, target)  # atomic: a concurrent first use never loads half a file
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return target
+
+
+def lib() -> ctypes.CDLL | None:
+    global _lib, _tried
+    if _tried:
+        return _lib
+    _tried = True
+    if os.environ.get("DIALOGEN_KERNELS", "1") == "0":
+        return None
+    path = build()
+    if path is None:
+        return None
+    L = ctypes.CDLL(str(path))
+    i, p, f = ctypes.c_int, ctypes.c_void_p, ctypes.c_float
+    L.qmatmul.argtypes = [i, p, i, i, p, i, p, p, i, p, f, i, i]
+    L.dequantize.argtypes = [i, p, i, i, p, i]
+    L.attend_decode.argtypes = [i, i, i, i, p, p, p, p, p, p, ctypes.c_int64, p, p, p, i]
+    for fn in (L.qmatmul, L.dequantize, L.attend_decode):
+        fn.restype = None
+    _lib = L
+    return _lib
+
+
+def enabled() -> bool:
+    return lib() is not None
+
+
+def _ptr(t: torch.Tensor | None) -> int | None:
+    return None if t is None else t.data_ptr()
+
+
+def qmatmul(ggml_type: int, blocks: torch.Tensor, n: int, k: int, x: torch.Tensor, bias=None, out=None,
+            norm=None, eps: float = 0.0, swiglu: bool = False) -> torch.Tensor:
+    """x (R, k) -> (R, n) through weights kept as blocks (n, k/32 * block bytes).
+
+    `norm`: an RMSNorm weight applied to x first; `swiglu`: x is (R, 2k) [gate | up] and
+    silu(gate) * up is multiplied; `out`: add the product into this (R, n) tensor instead."""
+    x = x.contiguous()
+    R = x.shape[0]
+    y = torch.empty(R, n) if out is None else out
+    lib().qmatmul(ggml_type, blocks.data_ptr(), n, k, x.data_ptr(), R, y.data_ptr(), _ptr(bias),
+                  int(out is not None), _ptr(norm), eps, int(swiglu), torch.get_num_threads())
+    return y
+
+
+def dequantize(ggml_type: int, blocks: torch.Tensor, n: int, k: int) -> torch.Tensor:
+    out = torch.empty(n, k)
+    lib().dequantize(ggml_type, blocks.data_ptr(), n, k, out.data_ptr(), torch.get_num_threads())
+    return out
+
+
+def attend_decode(qkv: torch.Tensor, n_head: int, n_kv: int, head_dim: int, k_ptrs, v_ptrs, caps, slots,
+                  key_mask=None, cos=None, sin=None) -> torch.Tensor:
+    """One new token per row: rotary on its q and k (cos/sin (B, hd/2)), k and v written into the
+    row's cache at `slots[b]`, attention over slots 0..slots[b]. qkv (B, width) is changed in place.
+    k_ptrs/v_ptrs/caps/slots are int64 tensors (B,); key_mask (B, S) uint8 or None.
+    Returns (B, n_head * head_dim)."""
+    B = qkv.shape[0]
+    out = torch.empty(B, n_head * head_dim)
+    mask = key_mask
+    lib().attend_decode(B, n_head, n_kv, head_dim, qkv.data_ptr(), k_ptrs.data_ptr(), v_ptrs.data_ptr(),
+                        caps.data_ptr(), slots.data_ptr(), _ptr(mask), 0 if mask is None else mask.shape[1],
+                        _ptr(cos), _ptr(sin), out.data_ptr(), torch.get_num_threads())
+    return out
+
+
+# --- quantizing float weights into the block layouts ----------------------------------------
+def quantize(w: torch.Tensor, kind: str) -> torch.Tensor:
+    """float (n, k) -> blocks (n, k/32 * bytes) of `kind` (q8_0 or q4_1), as GGUF stores them."""
+    n, k = w.shape
+    g = w.detach().float().reshape(n, k // QK, QK)
+    if kind == "q8_0":
+        d = (g.abs().amax(-1) / 127).half()
+        inv = torch.where(d.float() > 0, 1 / d.float(), torch.zeros(()))
+        q = (g * inv[..., None]).round().clamp(-127, 127).to(torch.int8)
+        parts = [d.view(torch.uint8).reshape(n, -1, 2), q.view(torch.uint8)]
+    elif kind == "q4_1":
+        lo, hi = g.amin(-1), g.amax(-1)
+        d = ((hi - lo) / 15).half()
+        m = lo.half()
+        inv = torch.where(d.float() > 0, 1 / d.float(), torch.zeros(()))
+        q = ((g - m.float()[..., None]) * inv[..., None]).round().clamp(0, 15).to(torch.uint8)
+        nib = q[..., :16] | (q[..., 16:] << 4)
+        parts = [d.view(torch.uint8).reshape(n, -1, 2), m.view(torch.uint8).reshape(n, -1, 2), nib]
+    else:
+        raise ValueError(f"unknown block kind {kind!r}")
+    return torch.cat(parts, dim=-1).reshape(n, -1).contiguous()
+
+
+def main():
+    path = build(verbose=True)
+    print(path if path else "dialogen: no C compiler; decode runs on the plain torch path")
+
+
+if __name__ == "__main__":
+    main()
