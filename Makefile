@@ -6,7 +6,7 @@ CORE := $(VENV)/.core-installed
 DEV := $(VENV)/.dev-installed
 PIP := $(BIN)/python -m pip install -q --disable-pip-version-check
 
-.PHONY: install chat serve test bench clean
+.PHONY: install chat serve test bench bench-peers clean
 
 $(CORE): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -37,6 +37,10 @@ test: $(DEV)
 bench: $(DEV)
 	$(BIN)/python bench/decode.py
 	$(BIN)/python bench/train.py
+
+bench-peers: $(DEV)   # the engines bench/ compares against; builds llama.cpp from source (~7 min on 2 cores)
+	CMAKE_ARGS="$$(sh bench/llamacpp_flags.sh)" $(PIP) --no-cache-dir --force-reinstall --no-deps llama-cpp-python==0.3.36
+	$(PIP) llama-cpp-python==0.3.36
 
 clean:
 	rm -rf $(VENV) *.egg-info

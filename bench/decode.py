@@ -1,11 +1,13 @@
-"""Decode speed: our engine vs transformers on the default model, side by side in one process.
+"""Decode speed: our engine vs llama.cpp and transformers on the default model, side by side in one process.
 
-Same weights (transformers reads our converted checkpoint directory), same prompt, greedy, the same
-number of new tokens (no early stop). Runs alternate between the two so machine noise hits both;
-medians are reported. Also time-to-first-token of turn 1 and turn 20 of a 20-turn chat, where our
-session keeps its KV cache. Prints one JSON line.
+Same GGUF file for us and llama.cpp (llama-cpp-python, installed by `make bench-peers`), same weights
+for transformers (it reads the file converted to float32), the same prompt token ids, greedy, the same
+number of new tokens (no early stop), the same thread count. Runs alternate between the engines so
+machine noise hits all of them; medians are reported. Also beam 5 (ours vs transformers) and the
+time to first token of turn 1 and turn 20 of a 20-turn chat, where our session keeps its KV cache.
+Prints one JSON line; without llama-cpp-python it says so in one line and reports the rest.
 
-    .venv/bin/python bench/decode.py [--new-tokens 128] [--repeats 3]
+    .venv/bin/python bench/decode.py [--threads 2] [--new-tokens 128] [--repeats 3]
 """
 
 import argparse
@@ -30,6 +32,26 @@ def ours_tok_s(engine: Engine, ids: list[int], n: int) -> float:
     gen = Generation(engine.model, engine.tokenizer, ids, engine.model.new_cache(1), s, stop_ids=set()).run()
     assert len(gen.tokens) == n
     return n / (time.perf_counter() - t)
+
+
+def llamacpp_tok_s(llm, ids: list[int], n: int) -> float:
+    t = time.perf_counter()
+    for i, _ in enumerate(llm.generate(ids, temp=0.0, top_k=1, repeat_penalty=1.0, reset=True)):
+        if i + 1 == n:
+            break
+    return n / (time.perf_counter() - t)
+
+
+def load_llamacpp(threads: int):
+    try:
+        from llama_cpp import Llama
+    except ImportError:
+        print("llama.cpp: llama-cpp-python is not installed (make bench-peers); reporting the rest", file=sys.stderr)
+        return None
+    from dialogen.models.loading import default_model_path
+
+    return Llama(model_path=str(default_model_path()), n_ctx=2048, n_threads=threads, n_threads_batch=threads,
+                 verbose=False)
 
 
 def hf_tok_s(model, ids: list[int], n: int) -> float:
@@ -81,12 +103,16 @@ def main():
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--turns", type=int, default=20)
     ap.add_argument("--beam-tokens", type=int, default=32, help="new tokens of the beam-5 runs")
+    ap.add_argument("--threads", type=int, default=2, help="threads of every engine (default: %(default)s)")
     args = ap.parse_args()
+    torch.set_num_threads(args.threads)
     from transformers import AutoModelForCausalLM
 
-    dtypes = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16, "int8": torch.int8}
+    # auto keeps the file's own Q4_1 blocks (and Q8_0 for the tied head): the same weights llama.cpp runs
+    dtypes = {"q4_1": "auto", "int8": "int8", "fp16": "float16", "fp32": "float32"}
     engines = {k: load_engine(None, "auto", dt) for k, dt in dtypes.items()}
     ref = AutoModelForCausalLM.from_pretrained(str(resolve(None)), dtype=torch.float32).eval()
+    llm = load_llamacpp(args.threads)
     from dialogen.chat.messages import parse_messages
 
     fp32 = engines["fp32"]
@@ -94,11 +120,15 @@ def main():
     for e in engines.values():  # warm-up
         ours_tok_s(e, ids, 8)
     hf_tok_s(ref, ids, 8)
-    runs = {"transformers_fp32": [], **{f"ours_{k}": [] for k in engines}}
+    if llm is not None:
+        llamacpp_tok_s(llm, ids, 8)
+    runs = {"transformers_fp32": [], **{f"ours_{k}": [] for k in engines}, **({"llamacpp": []} if llm else {})}
     for r in range(args.repeats):  # alternating, so machine noise hits every engine alike
         runs["transformers_fp32"].append(hf_tok_s(ref, ids, args.new_tokens))
         for k, e in engines.items():
             runs[f"ours_{k}"].append(ours_tok_s(e, ids, args.new_tokens))
+        if llm is not None:
+            runs["llamacpp"].append(llamacpp_tok_s(llm, ids, args.new_tokens))
         print(f"repeat {r + 1}/{args.repeats}: " + ", ".join(f"{k} {v[-1]:.1f}" for k, v in runs.items()),
               file=sys.stderr)
     med = {k: statistics.median(v) for k, v in runs.items()}
@@ -114,7 +144,9 @@ def main():
     tn = statistics.median(t[-1] for t in ttfts)
     print(json.dumps({
         "model": "SmolLM2-135M-Instruct", "new_tokens": args.new_tokens, "prompt_tokens": len(ids),
-        "ours_tok_s": round(best_tok_s, 2), "ours_dtype": str(dtypes[best]).removeprefix("torch."),
+        "ours_tok_s": round(best_tok_s, 2), "ours_dtype": best,
+        "llamacpp_tok_s": round(med["llamacpp"], 2) if llm else None,
+        "ratio_vs_llamacpp": round(best_tok_s / med["llamacpp"], 2) if llm else None,
         **{f"ours_{k}_tok_s": round(med[f"ours_{k}"], 2) for k in engines},
         "transformers_tok_s": round(med["transformers_fp32"], 2),
         "ratio": round(best_tok_s / med["transformers_fp32"], 2),

@@ -86,8 +86,14 @@ static inline __m256i nibbles(const uint8_t *qs) {  /* 16 bytes -> 32 values 0..
     return _mm256_and_si256(both, _mm256_set1_epi8(0x0f));
 }
 static inline __m256 dot_u8_i8(__m256i u, __m256i s) {  /* 8 int32 partial sums as floats */
+#if defined(__AVX512VNNI__) && defined(__AVX512VL__)
+    return _mm256_cvtepi32_ps(_mm256_dpbusd_epi32(_mm256_setzero_si256(), u, s));
+#elif defined(__AVXVNNI__)
+    return _mm256_cvtepi32_ps(_mm256_dpbusd_avx_epi32(_mm256_setzero_si256(), u, s));
+#else
     __m256i p = _mm256_maddubs_epi16(u, s);
     return _mm256_cvtepi32_ps(_mm256_madd_epi16(p, _mm256_set1_epi16(1)));
+#endif
 }
 static inline float hsum(__m256 v) {
     __m128 a = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
@@ -97,41 +103,59 @@ static inline float hsum(__m256 v) {
 }
 #endif
 
-/* y[r] (+)= W[n] . x[r] for rows r < R of a weight row of nb blocks */
-static void row_dot(int type, const uint8_t *w, const xblock *x, int nb, int R, int xstride, float *out) {
+/* out[r] = W[n] . x[r] for RN rows of activations (RN a compile-time constant after inlining):
+ * each weight block is unpacked once and multiplied with every row, accumulators in registers */
 #ifdef __AVX2__
-    __m256 acc[16];
-    float extra[16];
-    for (int r0 = 0; r0 < R; r0 += 16) {
-        int rn = R - r0 < 16 ? R - r0 : 16;
-        for (int r = 0; r < rn; r++) { acc[r] = _mm256_setzero_ps(); extra[r] = 0.f; }
+static inline __attribute__((always_inline)) void rows_dot(int type, const uint8_t *w, const xblock *x, int nb,
+                                                           int xstride, float *out, const int RN) {
+    __m256 acc[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps()};
+    __m256 acc2[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps()};
+    float extra[4] = {0.f, 0.f, 0.f, 0.f}, extra2[4] = {0.f, 0.f, 0.f, 0.f};
+    if (type == Q8_0) {
         for (int b = 0; b < nb; b++) {
-            if (type == Q8_0) {
-                const uint8_t *blk = w + (size_t)b * 34;
-                float d = half_to_float(*(const uint16_t *)blk);
-                __m256i q = _mm256_loadu_si256((const __m256i *)(blk + 2));
-                __m256i aq = _mm256_sign_epi8(q, q);
-                for (int r = 0; r < rn; r++) {
-                    const xblock *xb = x + (size_t)(r0 + r) * xstride + b;
-                    __m256i xv = _mm256_loadu_si256((const __m256i *)xb->q);
-                    __m256 p = dot_u8_i8(aq, _mm256_sign_epi8(xv, q));
-                    acc[r] = _mm256_fmadd_ps(_mm256_set1_ps(d * xb->d), p, acc[r]);
-                }
-            } else {
-                int q41 = type == Q4_1;
-                const uint8_t *blk = w + (size_t)b * (q41 ? 20 : 18);
-                float d = half_to_float(*(const uint16_t *)blk);
-                float m = q41 ? half_to_float(*(const uint16_t *)(blk + 2)) : -8.f * d;
-                __m256i q = nibbles(blk + (q41 ? 4 : 2));
-                for (int r = 0; r < rn; r++) {
-                    const xblock *xb = x + (size_t)(r0 + r) * xstride + b;
-                    __m256i xv = _mm256_loadu_si256((const __m256i *)xb->q);
-                    acc[r] = _mm256_fmadd_ps(_mm256_set1_ps(d * xb->d), dot_u8_i8(q, xv), acc[r]);
-                    extra[r] += m * xb->s;
-                }
+            const uint8_t *blk = w + (size_t)b * 34;
+            float d = half_to_float(*(const uint16_t *)blk);
+            __m256i q = _mm256_loadu_si256((const __m256i *)(blk + 2));
+            __m256i aq = _mm256_sign_epi8(q, q);
+            for (int r = 0; r < RN; r++) {
+                const xblock *xb = x + (size_t)r * xstride + b;
+                __m256i xv = _mm256_loadu_si256((const __m256i *)xb->q);
+                __m256 p = dot_u8_i8(aq, _mm256_sign_epi8(xv, q));
+                __m256 s = _mm256_set1_ps(d * xb->d);
+                if (b & 1) acc2[r] = _mm256_fmadd_ps(s, p, acc2[r]);
+                else acc[r] = _mm256_fmadd_ps(s, p, acc[r]);
             }
         }
-        for (int r = 0; r < rn; r++) out[r0 + r] = hsum(acc[r]) + extra[r];
+    } else {
+        const int q41 = type == Q4_1, bb = q41 ? 20 : 18;
+        for (int b = 0; b < nb; b++) {
+            const uint8_t *blk = w + (size_t)b * bb;
+            float d = half_to_float(*(const uint16_t *)blk);
+            float m = q41 ? half_to_float(*(const uint16_t *)(blk + 2)) : -8.f * d;
+            __m256i q = nibbles(blk + (q41 ? 4 : 2));
+            for (int r = 0; r < RN; r++) {
+                const xblock *xb = x + (size_t)r * xstride + b;
+                __m256i xv = _mm256_loadu_si256((const __m256i *)xb->q);
+                __m256 p = dot_u8_i8(q, xv);
+                __m256 s = _mm256_set1_ps(d * xb->d);
+                if (b & 1) { acc2[r] = _mm256_fmadd_ps(s, p, acc2[r]); extra2[r] += m * xb->s; }
+                else { acc[r] = _mm256_fmadd_ps(s, p, acc[r]); extra[r] += m * xb->s; }
+            }
+        }
+    }
+    for (int r = 0; r < RN; r++) out[r] = hsum(_mm256_add_ps(acc[r], acc2[r])) + extra[r] + extra2[r];
+}
+#endif
+
+/* out[r] = W[n] . x[r] for rows r < R of a weight row of nb blocks */
+static void row_dot(int type, const uint8_t *w, const xblock *x, int nb, int R, int xstride, float *out) {
+#ifdef __AVX2__
+    int r = 0;
+    for (; r + 4 <= R; r += 4) rows_dot(type, w, x + (size_t)r * xstride, nb, xstride, out + r, 4);
+    switch (R - r) {
+        case 3: rows_dot(type, w, x + (size_t)r * xstride, nb, xstride, out + r, 3); break;
+        case 2: rows_dot(type, w, x + (size_t)r * xstride, nb, xstride, out + r, 2); break;
+        case 1: rows_dot(type, w, x + (size_t)r * xstride, nb, xstride, out + r, 1); break;
     }
 #else
     for (int r = 0; r < R; r++) {

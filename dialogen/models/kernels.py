@@ -80,8 +80,23 @@ def lib() -> ctypes.CDLL | None:
     return _lib
 
 
+_off = False
+
+
 def enabled() -> bool:
-    return lib() is not None
+    return not _off and lib() is not None
+
+
+class disabled:
+    """`with kernels.disabled():` runs the plain torch path (the eager reference of the kernels)."""
+
+    def __enter__(self):
+        global _off
+        self._was, _off = _off, True
+
+    def __exit__(self, *exc):
+        global _off
+        _off = self._was
 
 
 def _ptr(t: torch.Tensor | None) -> int | None:

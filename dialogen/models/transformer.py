@@ -177,13 +177,13 @@ class Linear(nn.Linear):
 
     `forward(x, norm, act, residual)` is `residual + W @ act(norm(x)) + b`. Decoding multiplies a
     few rows by each weight, which is bound by memory traffic, so a compact copy is faster there:
-    `blocks` (weights in GGUF's Q4_0/Q4_1/Q8_0 block layouts, multiplied by the native kernel, with
+    `packed` (weights in GGUF's Q4_0/Q4_1/Q8_0 block layouts, multiplied by the native kernel, with
     the RMS norm or SwiGLU fused in) or `compact` (float16/bfloat16). Prefill and training multiply
     many rows, where the float32 weight is faster on CPUs without bf16 hardware.
     """
 
     compact: torch.Tensor | None = None
-    blocks: torch.Tensor | None = None  # (out, in / 32 * block bytes) uint8
+    packed: torch.Tensor | None = None  # blocks (out, in / 32 * block bytes) uint8
     kind: str | None = None  # q4_0, q4_1 or q8_0
 
     def forward(self, x, norm=None, act: str | None = None, residual=None):
@@ -191,14 +191,14 @@ class Linear(nn.Linear):
         # a decode step: one new token for each of a few rows (B, 1, d), outside training
         decode = (x.dim() == 3 and x.shape[1] == 1 and rows <= KERNEL_ROWS
                   and not (self.weight.requires_grad and torch.is_grad_enabled()))
-        if decode and self.blocks is not None and kernels.enabled():
+        if decode and self.packed is not None and kernels.enabled():
             fused = isinstance(norm, RMSNorm)
             if norm is not None and not fused:
                 x = norm(x)
             if act == "gelu":
                 x = F.gelu(x, approximate="tanh")
             out = None if residual is None else residual.view(rows, -1)
-            y = kernels.qmatmul(kernels.GGML_TYPES[self.kind], self.blocks, self.out_features, self.in_features,
+            y = kernels.qmatmul(kernels.GGML_TYPES[self.kind], self.packed, self.out_features, self.in_features,
                                 x.reshape(rows, -1), self.bias, out, norm.weight if fused else None,
                                 norm.eps if fused else 0.0, act == "swiglu")
             return y.view(*x.shape[:-1], -1)
@@ -220,12 +220,12 @@ class Linear(nn.Linear):
     def set_compact(self, dtype: str, blocks: torch.Tensor | None = None, kind: str | None = None):
         """Keep a decode copy: float16/bfloat16, or blocks (given, e.g. as a GGUF file ships them, or
         quantized here for int8/int4); float32 keeps none."""
-        self.compact = self.blocks = self.kind = None
+        self.compact = self.packed = self.kind = None
         if blocks is not None:
-            self.blocks, self.kind = blocks, kind
+            self.packed, self.kind = blocks, kind
         elif dtype in BLOCK_KIND:
             self.kind = BLOCK_KIND[dtype]
-            self.blocks = kernels.quantize(self.weight, self.kind)
+            self.packed = kernels.quantize(self.weight, self.kind)
         elif dtype != "float32":
             self.compact = self.weight.detach().to(getattr(torch, dtype))
 

@@ -1,0 +1,204 @@
+"""The decode engine: native kernels against plain torch, quantized weights against float32, the
+server's batched step against single steps, and GGUF blocks kept exactly as shipped."""
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from dialogen.errors import UserError
+from dialogen.models import kernels
+from dialogen.models.loading import load
+from dialogen.models.transformer import CacheBatch
+
+pytestmark = pytest.mark.skipif(not kernels.enabled(), reason="no C compiler: the native kernels are not built")
+
+KINDS = ["q4_0", "q4_1", "q8_0"]
+
+
+def _ids(n, seed=0, vocab=49152):
+    return torch.randint(0, vocab, (1, n), generator=torch.Generator().manual_seed(seed))
+
+
+def _q4_0(w: torch.Tensor) -> torch.Tensor:
+    """Q4_0 blocks as llama.cpp writes them: d = max-magnitude / -8, q = round(w / d) + 8."""
+    n, k = w.shape
+    g = w.reshape(n, k // 32, 32)
+    idx = g.abs().argmax(-1, keepdim=True)
+    d = (g.gather(-1, idx) / -8).squeeze(-1).half()
+    inv = torch.where(d.float() != 0, 1 / d.float(), torch.zeros(()))
+    q = (g * inv[..., None] + 8.5).floor().clamp(0, 15).to(torch.uint8)
+    nib = q[..., :16] | (q[..., 16:] << 4)
+    return torch.cat([d.view(torch.uint8).reshape(n, -1, 2), nib], -1).reshape(n, -1).contiguous()
+
+
+def _blocks(w, kind):
+    return _q4_0(w) if kind == "q4_0" else kernels.quantize(w, kind)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_block_product_equals_the_dequantized_weight_product(kind):
+    """The kernel multiplies the blocks' own values: against dequantize(blocks) @ x, the only error
+    is the activations' int8 rounding (under 1% of the output scale), for any number of rows."""
+    g = torch.Generator().manual_seed(0)
+    w, bias = torch.randn(96, 128, generator=g), torch.randn(96, generator=g)
+    blocks = _blocks(w, kind)
+    t = kernels.GGML_TYPES[kind]
+    wd = kernels.dequantize(t, blocks, 96, 128)
+    assert (wd - w).abs().max() < (0.1 if kind == "q8_0" else 0.8)
+    for rows in (1, 3, 70):
+        x = torch.randn(rows, 128, generator=g)
+        got = kernels.qmatmul(t, blocks, 96, 128, x, bias=bias)
+        ref = x @ wd.T + bias
+        assert (got - ref).abs().max() < 1e-2 * ref.abs().max()
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_fused_norm_swiglu_and_residual_equal_the_torch_ops(kind):
+    g = torch.Generator().manual_seed(1)
+    w = torch.randn(64, 96, generator=g)
+    blocks, t = _blocks(w, kind), kernels.GGML_TYPES[kind]
+    wd = kernels.dequantize(t, blocks, 64, 96)
+    x, norm = torch.randn(2, 96, generator=g), torch.rand(96, generator=g) + 0.5
+    ref = F.rms_norm(x, (96,), norm, 1e-5) @ wd.T
+    got = kernels.qmatmul(t, blocks, 64, 96, x, norm=norm, eps=1e-5)
+    assert (got - ref).abs().max() < 1e-2 * ref.abs().max()
+    gu = torch.randn(2, 192, generator=g)
+    ref = (F.silu(gu[:, :96]) * gu[:, 96:]) @ wd.T
+    got = kernels.qmatmul(t, blocks, 64, 96, gu, swiglu=True)
+    assert (got - ref).abs().max() < 2e-2 * ref.abs().max()  # heavier-tailed inputs round coarser
+    acc = torch.randn(2, 64, generator=g)
+    expected = acc + x @ wd.T
+    kernels.qmatmul(t, blocks, 64, 96, x, out=acc)
+    assert (acc - expected).abs().max() < 1e-2 * expected.abs().max()
+
+
+def test_default_model_blocks_are_kept_exactly_as_shipped():
+    """The GGUF file's Q4_1/Q8_0 blocks reach the kernels unchanged: dequantizing them gives the
+    gguf package's own dequantization of the file, bit for bit (rows put back in rotary order)."""
+    import gguf
+
+    from dialogen.models.gguf_file import unpermute_rows
+    from dialogen.models.loading import default_model_path
+
+    model = load(None, "auto").model
+    reader = gguf.GGUFReader(str(default_model_path()))
+    tensors = {t.name: t for t in reader.tensors}
+    cfg = model.cfg
+    for name, lin, rows in [("blk.3.ffn_down.weight", model.blocks[3].mlp.down, slice(None)),
+                            ("blk.0.attn_k.weight", model.blocks[0].attn.qkv,
+                             slice(cfg.n_head * cfg.head_dim, (cfg.n_head + cfg.n_kv_head) * cfg.head_dim)),
+                            ("token_embd.weight", model.lm_head, slice(None))]:
+        t = tensors[name]
+        theirs = torch.from_numpy(gguf.quants.dequantize(t.data, t.tensor_type).astype(np.float32))
+        if "attn_k" in name:
+            theirs = unpermute_rows(theirs, cfg.n_kv_head)
+        ours = kernels.dequantize(kernels.GGML_TYPES[lin.kind], lin.packed, lin.out_features, lin.in_features)
+        assert torch.equal(ours[rows], theirs), name
+    assert model.blocks[0].mlp.gate_up.kind == "q4_1" and model.lm_head.kind == "q8_0"
+
+
+@pytest.fixture(scope="module")
+def default_fp32():
+    return load(None, "float32")
+
+
+@pytest.mark.parametrize("dtype,tol", [("float16", 0.005), ("bfloat16", 0.03), ("int8", 0.05), ("int4", 0.05),
+                                       ("auto", 0.05)])
+@torch.no_grad()
+def test_each_decode_dtype_stays_near_float32(default_fp32, dtype, tol):
+    """Decode-step logits of every dtype against float32, as the largest error over the largest logit.
+    Measured on the default model's real weights (about 0.1%, 1%, 2.5%, 2.5%, 2.5%): a tiny random
+    model amplifies any rounding through its saturated attention, so it cannot tell a bug from noise."""
+    base, other = default_fp32.model, load(None, dtype).model
+    ids = torch.tensor([default_fp32.tokenizer.encode_text("The capital of France is Paris. The capital of Italy is")])
+    ca, cb = base.new_cache(1), other.new_cache(1)
+    base(ids[:, :-4], ca), other(ids[:, :-4], cb)
+    for t in range(ids.shape[1] - 4, ids.shape[1]):
+        a, b = base(ids[:, t:t + 1], ca)[0, -1], other(ids[:, t:t + 1], cb)[0, -1]
+        assert (a - b).abs().max() < tol * a.abs().max(), (dtype, t)
+
+
+@pytest.mark.parametrize("dtype", ["float16", "int8"])
+@torch.no_grad()
+def test_greedy_tokens_equal_float32_where_the_dtype_is_exact_enough(default_fp32, dtype):
+    """On the default model, float16 and int8 decode steps pick float32's greedy tokens."""
+    from dialogen.decoding.generate import Generation
+    from dialogen.decoding.settings import Sampling
+
+    base, tok = default_fp32.model, default_fp32.tokenizer
+    other = load(None, dtype).model
+    prompt = tok.encode_text("The capital of France is Paris. The capital of Italy is")
+    s = Sampling(temperature=0, repetition_penalty=1.0, max_new_tokens=12)
+    a = Generation(base, tok, prompt, base.new_cache(1), s, stop_ids=set()).run()
+    b = Generation(other, tok, prompt, other.new_cache(1), s, stop_ids=set()).run()
+    assert a.tokens == b.tokens
+
+
+@pytest.mark.parametrize("fixture", ["tiny_llama", "tiny_gpt2"])
+@pytest.mark.parametrize("dtype", ["float32", "float16"])
+@torch.no_grad()
+def test_native_step_equals_the_plain_torch_step(request, fixture, dtype):
+    """The native decode step (rotary, cache write and attention fused in one call per layer) against
+    the plain torch path on the same weights. The block products have their own tests above."""
+    path, _ = request.getfixturevalue(fixture)
+    model = load(str(path), dtype).model
+    ids = _ids(20, seed=3)
+    with kernels.disabled():
+        cache = model.new_cache(1)
+        model(ids[:, :12], cache)
+        plain = [model(ids[:, t:t + 1], cache)[0, -1] for t in range(12, 20)]
+    cache = model.new_cache(1)
+    model(ids[:, :12], cache)
+    native = [model(ids[:, t:t + 1], cache)[0, -1] for t in range(12, 20)]
+    for a, b in zip(plain, native):
+        scale = a.abs().max()
+        assert (a - b).abs().max() < (1e-4 if dtype == "float32" else 2e-3) * scale  # float16 rounds outputs
+
+
+@pytest.mark.parametrize("fixture", ["tiny_llama", "tiny_gpt2"])
+@torch.no_grad()
+def test_served_batch_step_equals_separate_single_steps(request, fixture):
+    """Three conversations of different lengths stepped together (one attention call per layer over
+    their own caches) give each the logits it gets alone, and advance each cache by one."""
+    path, _ = request.getfixturevalue(fixture)
+    model = load(str(path), "int8").model
+    prompts = [_ids(n, seed=10 + n)[0] for n in (5, 17, 120)]
+    caches = [model.new_cache(1) for _ in prompts]
+    alone = [model.new_cache(1) for _ in prompts]
+    for p, c, d in zip(prompts, caches, alone):
+        model(p[None, :-1], c), model(p[None, :-1], d)
+    last = torch.tensor([int(p[-1]) for p in prompts])[:, None]
+    batched = model(last, CacheBatch(caches))[:, -1]
+    for i, d in enumerate(alone):
+        single = model(last[i:i + 1], d)[0, -1]
+        assert torch.allclose(batched[i], single, atol=1e-5, rtol=0)
+        assert caches[i].length == d.length == len(prompts[i])
+
+
+@torch.no_grad()
+def test_left_padded_batch_decodes_like_single_rows_on_the_native_path(tiny_llama):
+    from dialogen.decoding.batch import generate_batch
+    from dialogen.decoding.generate import Generation
+    from dialogen.decoding.settings import Sampling
+
+    path, _ = tiny_llama
+    loaded = load(str(path), "int8")
+    s = Sampling(temperature=0, repetition_penalty=1.0, max_new_tokens=6)
+    prompts = [_ids(n, seed=n)[0].tolist() for n in (4, 11)]
+    rows = generate_batch(loaded.model, prompts, s, stop_ids=set())
+    for p, row in zip(prompts, rows):
+        alone = Generation(loaded.model, loaded.tokenizer, p, loaded.model.new_cache(1), s, stop_ids=set()).run()
+        assert row.tokens == alone.tokens
+
+
+def test_int4_on_widths_that_do_not_divide_the_group_is_a_one_line_error(tmp_path, smol_tokenizer):
+    import transformers
+
+    cfg = transformers.LlamaConfig(vocab_size=smol_tokenizer.vocab_size, hidden_size=48, intermediate_size=64,
+                                   num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=2)
+    transformers.LlamaForCausalLM(cfg).save_pretrained(tmp_path)
+    smol_tokenizer.save(tmp_path)
+    with pytest.raises(UserError, match=r"--dtype int4 needs input widths that are multiples of 32 \(this model has 48\)"):
+        load(str(tmp_path), "int4")
+    assert load(str(tmp_path), "auto").model.blocks[0].mlp.down.compact is not None  # auto falls back to float16
