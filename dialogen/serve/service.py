@@ -17,7 +17,6 @@ from ..chat.session import Engine, Session
 from ..decoding.settings import Decoding, Sampling
 from ..decoding.strategy import Decoder
 from ..errors import UserError
-from ..models.transformer import DECODE_ROWS
 from .store import Store
 from .worker import Worker
 
@@ -253,9 +252,9 @@ class Service:
         else:
             s.system, s.messages, s.window_start = persona, list(history), 0
             s.sampling, s.max_context_tokens = sampling, budget or self.context_length
-        # the prompt's last tokens go through a full-precision prefill, as in a fresh request, so the
-        # logits match a fresh request's up to float rounding
-        s.min_feed = DECODE_ROWS + 1
+        # the prompt's last tokens go through a full-precision prefill (two or more tokens are never
+        # a decode step), as in a fresh request, so the logits match a fresh request's up to rounding
+        s.min_feed = 2
         return s
 
     def reply(self, session: Session, text: str, sampling: Sampling, decoding: Decoding):
