@@ -147,9 +147,57 @@ static inline __attribute__((always_inline)) void rows_dot(int type, const uint8
 }
 #endif
 
+#ifdef __AVX2__
+/* one weight row of Q4_0/Q4_1 blocks times one activation row: two blocks a step, two chains */
+static float dot_q4_row(int q41, const uint8_t *w, const xblock *x, int nb) {
+    const int bb = q41 ? 20 : 18, off = q41 ? 4 : 2;
+    __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps();
+    float sm0 = 0.f, sm1 = 0.f;
+    int b = 0;
+    for (; b + 2 <= nb; b += 2) {
+        const uint8_t *b0 = w + (size_t)b * bb, *b1 = b0 + bb;
+        uint32_t h0, h1;
+        memcpy(&h0, b0, 4);
+        memcpy(&h1, b1, 4);
+        __m128 dm0 = _mm_cvtph_ps(_mm_cvtsi32_si128((int)h0)), dm1 = _mm_cvtph_ps(_mm_cvtsi32_si128((int)h1));
+        float d0 = _mm_cvtss_f32(dm0), d1 = _mm_cvtss_f32(dm1);
+        float m0 = q41 ? _mm_cvtss_f32(_mm_movehdup_ps(dm0)) : -8.f * d0;
+        float m1 = q41 ? _mm_cvtss_f32(_mm_movehdup_ps(dm1)) : -8.f * d1;
+        __m256 p0 = dot_u8_i8(nibbles(b0 + off), _mm256_loadu_si256((const __m256i *)x[b].q));
+        __m256 p1 = dot_u8_i8(nibbles(b1 + off), _mm256_loadu_si256((const __m256i *)x[b + 1].q));
+        acc0 = _mm256_fmadd_ps(_mm256_set1_ps(d0 * x[b].d), p0, acc0);
+        acc1 = _mm256_fmadd_ps(_mm256_set1_ps(d1 * x[b + 1].d), p1, acc1);
+        sm0 += m0 * x[b].s;
+        sm1 += m1 * x[b + 1].s;
+    }
+    float tail = 0.f;
+    if (b < nb) rows_dot(q41 ? Q4_1 : Q4_0, w + (size_t)b * bb, x + b, 1, 1, &tail, 1);
+    return hsum(_mm256_add_ps(acc0, acc1)) + sm0 + sm1 + tail;
+}
+
+/* one weight row of Q8_0 blocks times one activation row, two blocks a step */
+static float dot_q8_row(const uint8_t *w, const xblock *x, int nb) {
+    __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps();
+    int b = 0;
+    for (; b + 2 <= nb; b += 2) {
+        const uint8_t *b0 = w + (size_t)b * 34, *b1 = b0 + 34;
+        __m256i q0 = _mm256_loadu_si256((const __m256i *)(b0 + 2)), q1 = _mm256_loadu_si256((const __m256i *)(b1 + 2));
+        __m256i x0 = _mm256_loadu_si256((const __m256i *)x[b].q), x1 = _mm256_loadu_si256((const __m256i *)x[b + 1].q);
+        __m256 p0 = dot_u8_i8(_mm256_sign_epi8(q0, q0), _mm256_sign_epi8(x0, q0));
+        __m256 p1 = dot_u8_i8(_mm256_sign_epi8(q1, q1), _mm256_sign_epi8(x1, q1));
+        acc0 = _mm256_fmadd_ps(_mm256_set1_ps(half_to_float(*(const uint16_t *)b0) * x[b].d), p0, acc0);
+        acc1 = _mm256_fmadd_ps(_mm256_set1_ps(half_to_float(*(const uint16_t *)b1) * x[b + 1].d), p1, acc1);
+    }
+    float tail = 0.f;
+    if (b < nb) rows_dot(Q8_0, w + (size_t)b * 34, x + b, 1, 1, &tail, 1);
+    return hsum(_mm256_add_ps(acc0, acc1)) + tail;
+}
+#endif
+
 /* out[r] = W[n] . x[r] for rows r < R of a weight row of nb blocks */
 static void row_dot(int type, const uint8_t *w, const xblock *x, int nb, int R, int xstride, float *out) {
 #ifdef __AVX2__
+    if (R == 1) { out[0] = type == Q8_0 ? dot_q8_row(w, x, nb) : dot_q4_row(type == Q4_1, w, x, nb); return; }
     int r = 0;
     for (; r + 4 <= R; r += 4) rows_dot(type, w, x + (size_t)r * xstride, nb, xstride, out + r, 4);
     switch (R - r) {
@@ -183,33 +231,50 @@ static void row_dot(int type, const uint8_t *w, const xblock *x, int nb, int R, 
 #endif
 }
 
+/* The phases below are work-shared loops (orphaned `omp for`): called by every thread of a parallel
+ * region, each does its share and waits for the others at the end. `qmatmul` runs two of them in a
+ * region; `block_decode` runs a whole transformer block in one region. */
+
+/* xq (R, K/32) = quantize(prepare(x)); x is (R, K), or (R, 2K) for SwiGLU; tmp is (R, K) scratch */
+static void phase_quantize(const float *x, int R, int K, const float *norm, float eps, int act, float *tmp,
+                           xblock *xq) {
+    int xin = act == ACT_SWIGLU ? 2 * K : K;
+    #pragma omp for schedule(static)
+    for (int r = 0; r < R; r++) {
+        prepare_row(x + (size_t)r * xin, K, norm, eps, act, tmp + (size_t)r * K);
+        quantize_row(tmp + (size_t)r * K, xq + (size_t)r * (K / QK), K);
+    }
+}
+
+/* y (R, N) (+)= xq (R, K) @ W (N, K)^T + bias */
+static void phase_matmul(int type, const uint8_t *w, int N, int K, const xblock *xq, int R, float *y,
+                         const float *bias, int accumulate) {
+    int nb = K / QK, bb = block_bytes(type);
+    float out[64];
+    #pragma omp for schedule(static)
+    for (int n = 0; n < N; n++) {
+        for (int r0 = 0; r0 < R; r0 += 64) {
+            int rn = R - r0 < 64 ? R - r0 : 64;
+            row_dot(type, w + (size_t)n * nb * bb, xq + (size_t)r0 * nb, nb, rn, nb, out);
+            for (int r = 0; r < rn; r++) {
+                float v = out[r] + (bias ? bias[n] : 0.f);
+                float *dst = y + (size_t)(r0 + r) * N + n;
+                *dst = accumulate ? *dst + v : v;
+            }
+        }
+    }
+}
+
 /* y (R, N) = prepare(x) (R, K) @ W (N, K)^T + bias, added to what y holds when accumulate is set.
  * x is (R, K), or (R, 2K) for SwiGLU. */
 void qmatmul(int type, const uint8_t *w, int N, int K, const float *x, int R, float *y,
              const float *bias, int accumulate, const float *norm, float eps, int act, int threads) {
-    int nb = K / QK, bb = block_bytes(type), xin = act == ACT_SWIGLU ? 2 * K : K;
-    xblock *xq = malloc(sizeof(xblock) * (size_t)R * nb);
+    xblock *xq = malloc(sizeof(xblock) * (size_t)R * (K / QK));
     float *tmp = malloc(sizeof(float) * (size_t)R * K);
     #pragma omp parallel num_threads(threads)
     {
-        #pragma omp for schedule(static)
-        for (int r = 0; r < R; r++) {
-            prepare_row(x + (size_t)r * xin, K, norm, eps, act, tmp + (size_t)r * K);
-            quantize_row(tmp + (size_t)r * K, xq + (size_t)r * nb, K);
-        }
-        float out[64];
-        #pragma omp for schedule(static)
-        for (int n = 0; n < N; n++) {
-            for (int r0 = 0; r0 < R; r0 += 64) {
-                int rn = R - r0 < 64 ? R - r0 : 64;
-                row_dot(type, w + (size_t)n * nb * bb, xq + (size_t)r0 * nb, nb, rn, nb, out);
-                for (int r = 0; r < rn; r++) {
-                    float v = out[r] + (bias ? bias[n] : 0.f);
-                    float *dst = y + (size_t)(r0 + r) * N + n;
-                    *dst = accumulate ? *dst + v : v;
-                }
-            }
-        }
+        phase_quantize(x, R, K, norm, eps, act, tmp, xq);
+        phase_matmul(type, w, N, K, xq, R, y, bias, accumulate);
     }
     free(xq);
     free(tmp);
@@ -237,65 +302,135 @@ void dequantize(int type, const uint8_t *w, int N, int K, float *out, int thread
     }
 }
 
+static inline float dot(const float *a, const float *b, int n) {
+    int j = 0;
+    float s = 0.f;
+#ifdef __AVX2__
+    __m256 s0 = _mm256_setzero_ps(), s1 = _mm256_setzero_ps();
+    for (; j + 16 <= n; j += 16) {
+        s0 = _mm256_fmadd_ps(_mm256_loadu_ps(a + j), _mm256_loadu_ps(b + j), s0);
+        s1 = _mm256_fmadd_ps(_mm256_loadu_ps(a + j + 8), _mm256_loadu_ps(b + j + 8), s1);
+    }
+    s = hsum(_mm256_add_ps(s0, s1));
+#endif
+    for (; j < n; j++) s += a[j] * b[j];
+    return s;
+}
+
 /* ---- one new token per row against its own KV cache ---------------------------------------
  * qkv (B, (nh + 2 nkv) hd): this step's projections. Row b's cache of this layer starts at
  * kc[b] / vc[b], laid out (nkv, cap[b], hd); the new key and value go to slot[b], and the query
  * attends to slots 0..slot[b] whose key_mask byte is set (key_mask NULL: all of them). Rotary
  * embeddings (rotate-half convention) use cos/sin (B, hd/2) when cos is not NULL.
  * out (B, nh * hd). */
+typedef struct {
+    int B, nh, nkv, hd;
+    const int64_t *kc, *vc, *cap, *slot;
+    const uint8_t *key_mask;
+    int64_t mask_stride;
+    const float *cos, *sin;
+} attn_args;
+
+static void phase_rope_store(const attn_args *a, float *qkv) {  /* rotary on q and k; k, v into the cache */
+    int half = a->hd / 2, hd = a->hd, width = (a->nh + 2 * a->nkv) * hd;
+    #pragma omp for schedule(static)
+    for (int b = 0; b < a->B; b++) {
+        float *row = qkv + (size_t)b * width;
+        if (a->cos) {
+            const float *c = a->cos + (size_t)b * half, *s = a->sin + (size_t)b * half;
+            for (int h = 0; h < a->nh + a->nkv; h++) {
+                float *v = row + h * hd;
+                for (int j = 0; j < half; j++) {
+                    float x1 = v[j], x2 = v[j + half];
+                    v[j] = x1 * c[j] - x2 * s[j];
+                    v[j + half] = x2 * c[j] + x1 * s[j];
+                }
+            }
+        }
+        for (int g = 0; g < a->nkv; g++) {
+            size_t at = ((size_t)g * a->cap[b] + a->slot[b]) * hd;
+            memcpy((float *)a->kc[b] + at, row + (a->nh + g) * hd, sizeof(float) * hd);
+            memcpy((float *)a->vc[b] + at, row + (a->nh + a->nkv + g) * hd, sizeof(float) * hd);
+        }
+    }
+}
+
+static void phase_attend(const attn_args *a, const float *qkv, float *out) {
+    int hd = a->hd, nh = a->nh, group = a->nh / a->nkv, width = (a->nh + 2 * a->nkv) * hd;
+    float scale = 1.f / sqrtf((float)hd), *p = NULL;
+    int room = 0;
+    #pragma omp for schedule(dynamic, 1)
+    for (int bh = 0; bh < a->B * nh; bh++) {
+        int b = bh / nh, h = bh % nh, g = h / group;
+        int n = (int)a->slot[b] + 1;
+        if (n > room) { free(p); room = n > 2 * room ? n : 2 * room; p = malloc(sizeof(float) * room); }
+        const float *q = qkv + (size_t)b * width + h * hd;
+        const float *K = (const float *)a->kc[b] + (size_t)g * a->cap[b] * hd;
+        const float *V = (const float *)a->vc[b] + (size_t)g * a->cap[b] * hd;
+        const uint8_t *m = a->key_mask ? a->key_mask + (size_t)b * a->mask_stride : NULL;
+        float best = -INFINITY;
+        for (int t = 0; t < n; t++) {
+            if (m && !m[t] && t != n - 1) { p[t] = -INFINITY; continue; }
+            p[t] = dot(q, K + (size_t)t * hd, hd) * scale;
+            best = p[t] > best ? p[t] : best;
+        }
+        float total = 0.f;
+        for (int t = 0; t < n; t++) { p[t] = p[t] == -INFINITY ? 0.f : expf(p[t] - best); total += p[t]; }
+        float *o = out + (size_t)b * nh * hd + h * hd, inv = 1.f / total;
+        for (int j = 0; j < hd; j++) o[j] = 0.f;
+        for (int t = 0; t < n; t++) {
+            float w = p[t] * inv;
+            if (w == 0.f) continue;
+            const float *v = V + (size_t)t * hd;
+            for (int j = 0; j < hd; j++) o[j] += w * v[j];
+        }
+    }
+    free(p);
+}
+
 void attend_decode(int B, int nh, int nkv, int hd, float *qkv, const int64_t *kc, const int64_t *vc,
                    const int64_t *cap, const int64_t *slot, const uint8_t *key_mask, int64_t mask_stride,
                    const float *cos, const float *sin, float *out, int threads) {
-    int half = hd / 2, group = nh / nkv, width = (nh + 2 * nkv) * hd;
-    float scale = 1.f / sqrtf((float)hd);
+    attn_args a = {B, nh, nkv, hd, kc, vc, cap, slot, key_mask, mask_stride, cos, sin};
     #pragma omp parallel num_threads(threads)
     {
-        #pragma omp for schedule(static)
-        for (int b = 0; b < B; b++) {  /* rotary on q and k, then write k and v into the cache */
-            float *row = qkv + (size_t)b * width;
-            if (cos) {
-                const float *c = cos + (size_t)b * half, *s = sin + (size_t)b * half;
-                for (int h = 0; h < nh + nkv; h++) {
-                    float *v = row + h * hd;
-                    for (int j = 0; j < half; j++) {
-                        float x1 = v[j], x2 = v[j + half];
-                        v[j] = x1 * c[j] - x2 * s[j];
-                        v[j + half] = x2 * c[j] + x1 * s[j];
-                    }
-                }
-            }
-            for (int g = 0; g < nkv; g++) {
-                size_t at = ((size_t)g * cap[b] + slot[b]) * hd;
-                memcpy((float *)kc[b] + at, row + (nh + g) * hd, sizeof(float) * hd);
-                memcpy((float *)vc[b] + at, row + (nh + nkv + g) * hd, sizeof(float) * hd);
-            }
-        }
-        #pragma omp for schedule(dynamic, 1)
-        for (int bh = 0; bh < B * nh; bh++) {
-            int b = bh / nh, h = bh % nh, g = h / group;
-            int n = (int)slot[b] + 1;
-            const float *q = qkv + (size_t)b * width + h * hd;
-            const float *K = (const float *)kc[b] + (size_t)g * cap[b] * hd;
-            const float *V = (const float *)vc[b] + (size_t)g * cap[b] * hd;
-            const uint8_t *m = key_mask ? key_mask + (size_t)b * mask_stride : NULL;
-            float *p = malloc(sizeof(float) * n), best = -INFINITY;
-            for (int t = 0; t < n; t++) {
-                if (m && !m[t] && t != n - 1) { p[t] = -INFINITY; continue; }
-                float s = 0.f;
-                for (int j = 0; j < hd; j++) s += q[j] * K[(size_t)t * hd + j];
-                p[t] = s * scale;
-                best = p[t] > best ? p[t] : best;
-            }
-            float total = 0.f;
-            for (int t = 0; t < n; t++) { p[t] = p[t] == -INFINITY ? 0.f : expf(p[t] - best); total += p[t]; }
-            float *o = out + (size_t)b * nh * hd + h * hd;
-            for (int j = 0; j < hd; j++) o[j] = 0.f;
-            for (int t = 0; t < n; t++) {
-                float a = p[t] / total;
-                if (a == 0.f) continue;
-                for (int j = 0; j < hd; j++) o[j] += a * V[(size_t)t * hd + j];
-            }
-            free(p);
-        }
+        phase_rope_store(&a, qkv);
+        phase_attend(&a, qkv, out);
     }
+}
+
+/* ---- a whole llama block for one new token per row, in one parallel region -------------------
+ * x (B, d) is the residual stream, updated in place:
+ *   x += o_proj(attention(rope(qkv(rmsnorm1(x)))));  x += down(swiglu(gate_up(rmsnorm2(x)))) */
+typedef struct {
+    int d, nh, nkv, hd, ff;
+    float eps;
+    const float *norm1, *norm2, *qkv_bias;
+    int qkv_type, o_type, gate_up_type, down_type;
+    const uint8_t *qkv, *o, *gate_up, *down;
+} block_weights;
+
+void block_decode(const block_weights *W, float *x, int B, const int64_t *kc, const int64_t *vc,
+                  const int64_t *cap, const int64_t *slot, const uint8_t *key_mask, int64_t mask_stride,
+                  const float *cos, const float *sin, int threads) {
+    int d = W->d, width = (W->nh + 2 * W->nkv) * W->hd, att = W->nh * W->hd, ff = W->ff;
+    int widest = ff > d ? (ff > att ? ff : att) : (d > att ? d : att);
+    attn_args a = {B, W->nh, W->nkv, W->hd, kc, vc, cap, slot, key_mask, mask_stride, cos, sin};
+    float *qkv = malloc(sizeof(float) * (size_t)B * width), *y = malloc(sizeof(float) * (size_t)B * att);
+    float *h = malloc(sizeof(float) * (size_t)B * 2 * ff), *tmp = malloc(sizeof(float) * (size_t)B * widest);
+    xblock *xq = malloc(sizeof(xblock) * (size_t)B * (widest / QK));
+    #pragma omp parallel num_threads(threads)
+    {
+        phase_quantize(x, B, d, W->norm1, W->eps, ACT_NONE, tmp, xq);
+        phase_matmul(W->qkv_type, W->qkv, width, d, xq, B, qkv, W->qkv_bias, 0);
+        phase_rope_store(&a, qkv);
+        phase_attend(&a, qkv, y);
+        phase_quantize(y, B, att, NULL, 0.f, ACT_NONE, tmp, xq);
+        phase_matmul(W->o_type, W->o, d, att, xq, B, x, NULL, 1);
+        phase_quantize(x, B, d, W->norm2, W->eps, ACT_NONE, tmp, xq);
+        phase_matmul(W->gate_up_type, W->gate_up, 2 * ff, d, xq, B, h, NULL, 0);
+        phase_quantize(h, B, ff, NULL, 0.f, ACT_SWIGLU, tmp, xq);
+        phase_matmul(W->down_type, W->down, d, ff, xq, B, x, NULL, 1);
+    }
+    free(qkv); free(y); free(h); free(tmp); free(xq);
 }

@@ -74,7 +74,8 @@ def lib() -> ctypes.CDLL | None:
     L.qmatmul.argtypes = [i, p, i, i, p, i, p, p, i, p, f, i, i]
     L.dequantize.argtypes = [i, p, i, i, p, i]
     L.attend_decode.argtypes = [i, i, i, i, p, p, p, p, p, p, ctypes.c_int64, p, p, p, i]
-    for fn in (L.qmatmul, L.dequantize, L.attend_decode):
+    L.block_decode.argtypes = [p, p, i, p, p, p, p, p, ctypes.c_int64, p, p, i]
+    for fn in (L.qmatmul, L.dequantize, L.attend_decode, L.block_decode):
         fn.restype = None
     _lib = L
     return _lib
@@ -136,6 +137,34 @@ def attend_decode(qkv: torch.Tensor, n_head: int, n_kv: int, head_dim: int, k_pt
                         caps.data_ptr(), slots.data_ptr(), _ptr(mask), 0 if mask is None else mask.shape[1],
                         _ptr(cos), _ptr(sin), out.data_ptr(), torch.get_num_threads())
     return out
+
+
+class BlockWeights(ctypes.Structure):
+    """`block_weights` of kernels.c: one llama block's shapes and weight addresses."""
+
+    _fields_ = [(n, ctypes.c_int) for n in ("d", "nh", "nkv", "hd", "ff")] + [("eps", ctypes.c_float)] + \
+        [(n, ctypes.c_void_p) for n in ("norm1", "norm2", "qkv_bias")] + \
+        [(n, ctypes.c_int) for n in ("qkv_type", "o_type", "gate_up_type", "down_type")] + \
+        [(n, ctypes.c_void_p) for n in ("qkv", "o", "gate_up", "down")]
+
+
+def block_weights(n_head: int, n_kv: int, head_dim: int, norm1, norm2, qkv, o_proj, gate_up, down) -> BlockWeights:
+    """The fused step's view of a llama block (norms: RMSNorm modules; the rest: Linears with blocks).
+    It holds addresses only: the caller keeps the modules (and so their tensors) alive."""
+    return BlockWeights(d=o_proj.out_features, nh=n_head, nkv=n_kv, hd=head_dim, ff=down.in_features, eps=norm1.eps,
+                        norm1=norm1.weight.data_ptr(), norm2=norm2.weight.data_ptr(), qkv_bias=_ptr(qkv.bias),
+                        qkv_type=GGML_TYPES[qkv.kind], o_type=GGML_TYPES[o_proj.kind],
+                        gate_up_type=GGML_TYPES[gate_up.kind], down_type=GGML_TYPES[down.kind],
+                        qkv=qkv.packed.data_ptr(), o=o_proj.packed.data_ptr(), gate_up=gate_up.packed.data_ptr(),
+                        down=down.packed.data_ptr())
+
+
+def block_decode(weights: BlockWeights, x: torch.Tensor, k_ptrs, v_ptrs, caps, slots, key_mask=None, cos=None,
+                 sin=None):
+    """A whole llama block for one new token per row, in place on the residual stream x (B, d)."""
+    lib().block_decode(ctypes.byref(weights), x.data_ptr(), x.shape[0], k_ptrs.data_ptr(), v_ptrs.data_ptr(),
+                       caps.data_ptr(), slots.data_ptr(), _ptr(key_mask), 0 if key_mask is None else key_mask.shape[1],
+                       _ptr(cos), _ptr(sin), torch.get_num_threads())
 
 
 # --- quantizing float weights into the block layouts ----------------------------------------

@@ -185,11 +185,12 @@ class Linear(nn.Linear):
     compact: torch.Tensor | None = None
     packed: torch.Tensor | None = None  # blocks (out, in / 32 * block bytes) uint8
     kind: str | None = None  # q4_0, q4_1 or q8_0
+    everywhere = False  # use the decode copy for every inference product (to measure its quality)
 
     def forward(self, x, norm=None, act: str | None = None, residual=None):
         rows = x.numel() // x.shape[-1]
         # a decode step: one new token for each of a few rows (B, 1, d), outside training
-        decode = (x.dim() == 3 and x.shape[1] == 1 and rows <= KERNEL_ROWS
+        decode = ((self.everywhere or x.dim() == 3 and x.shape[1] == 1 and rows <= KERNEL_ROWS)
                   and not (self.weight.requires_grad and torch.is_grad_enabled()))
         if decode and self.packed is not None and kernels.enabled():
             fused = isinstance(norm, RMSNorm)
@@ -334,7 +335,31 @@ class Block(nn.Module):
         self.norm2, self.mlp = _norm(cfg), MLP(cfg)
 
     def forward(self, x, step: Step):
+        fused = self._fused() if step.table is not None else None
+        if fused is not None:  # the whole block in one native call, on x in place (a decode step)
+            t = step.table
+            kernels.block_decode(fused, x.view(x.shape[0], -1), t.k[self.attn.layer], t.v[self.attn.layer], t.caps,
+                                 t.slots, step.key_mask, step.cos, step.sin)
+            return x
         return self.mlp(self.attn(x, self.norm1, step), self.norm2)
+
+    _fused_key = None
+
+    def _fused(self):
+        """The block's weights for the fused native step: llama blocks whose four products have blocks."""
+        if not isinstance(self.norm1, RMSNorm):
+            return None
+        lins = (self.attn.qkv, self.attn.o_proj, self.mlp.gate_up, self.mlp.down)
+        packed = tuple(m.packed for m in lins)
+        if any(p is None for p in packed) or not kernels.enabled():
+            return None
+        if self._fused_key is None or any(a is not b for a, b in zip(packed, self._fused_key)):
+            # built once per set of decode weights; the key holds them, so their addresses stay valid
+            cfg = self.attn.cfg
+            self._fused_weights = kernels.block_weights(cfg.n_head, cfg.n_kv_head, cfg.head_dim, self.norm1,
+                                                        self.norm2, *lins)
+            self._fused_key = packed
+        return self._fused_weights
 
 
 class Transformer(nn.Module):
