@@ -192,7 +192,46 @@ static float dot_q8_row(const uint8_t *w, const xblock *x, int nb) {
     if (b < nb) rows_dot(Q8_0, w + (size_t)b * 34, x + b, 1, 1, &tail, 1);
     return hsum(_mm256_add_ps(acc0, acc1)) + tail;
 }
+
+/* four consecutive weight rows of Q4_0/Q4_1 blocks times one activation row: each activation block
+ * is loaded once for the four, and the four sums are independent chains */
+static void dot_q4_4rows(int q41, const uint8_t *w, size_t row_bytes, const xblock *x, int nb, float *out) {
+    const int bb = q41 ? 20 : 18, off = q41 ? 4 : 2;
+    __m256 acc[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps()};
+    float sm[4] = {0.f, 0.f, 0.f, 0.f};
+    for (int b = 0; b < nb; b++) {
+        __m256i xv = _mm256_loadu_si256((const __m256i *)x[b].q);
+        float xd = x[b].d, xs = x[b].s;
+        for (int r = 0; r < 4; r++) {
+            const uint8_t *blk = w + r * row_bytes + (size_t)b * bb;
+            uint32_t hm;
+            memcpy(&hm, blk, 4);
+            __m128 dm = _mm_cvtph_ps(_mm_cvtsi32_si128((int)hm));
+            float d = _mm_cvtss_f32(dm), m = q41 ? _mm_cvtss_f32(_mm_movehdup_ps(dm)) : -8.f * d;
+            acc[r] = _mm256_fmadd_ps(_mm256_set1_ps(d * xd), dot_u8_i8(nibbles(blk + off), xv), acc[r]);
+            sm[r] += m * xs;
+        }
+    }
+    for (int r = 0; r < 4; r++) out[r] = hsum(acc[r]) + sm[r];
+}
+
+/* the same for Q8_0 */
+static void dot_q8_4rows(const uint8_t *w, size_t row_bytes, const xblock *x, int nb, float *out) {
+    __m256 acc[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps()};
+    for (int b = 0; b < nb; b++) {
+        __m256i xv = _mm256_loadu_si256((const __m256i *)x[b].q);
+        float xd = x[b].d;
+        for (int r = 0; r < 4; r++) {
+            const uint8_t *blk = w + r * row_bytes + (size_t)b * 34;
+            __m256i q = _mm256_loadu_si256((const __m256i *)(blk + 2));
+            __m256 p = dot_u8_i8(_mm256_sign_epi8(q, q), _mm256_sign_epi8(xv, q));
+            acc[r] = _mm256_fmadd_ps(_mm256_set1_ps(half_to_float(*(const uint16_t *)blk) * xd), p, acc[r]);
+        }
+    }
+    for (int r = 0; r < 4; r++) out[r] = hsum(acc[r]);
+}
 #endif
+
 
 /* out[r] = W[n] . x[r] for rows r < R of a weight row of nb blocks */
 static void row_dot(int type, const uint8_t *w, const xblock *x, int nb, int R, int xstride, float *out) {
@@ -231,6 +270,81 @@ static void row_dot(int type, const uint8_t *w, const xblock *x, int nb, int R, 
 #endif
 }
 
+#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VNNI__)
+/* AVX-512: two blocks a step. The activation row is laid out in pairs of blocks as
+ * [x0[0:16], x1[0:16], x0[16:32], x1[16:32]] (64 int8), matching how two blocks' nibbles unpack,
+ * with the pairs' scales (d) and scaled sums (s) in plain float arrays. */
+#define PAIRS 1
+#define PAIR_MAX_BLOCKS 1024  /* input widths up to 32768 */
+typedef struct { int8_t q[PAIR_MAX_BLOCKS * QK]; float d[PAIR_MAX_BLOCKS], s[PAIR_MAX_BLOCKS]; } xpairs;
+
+static void make_pairs(const xblock *x, int nb, xpairs *p) {
+    for (int b = 0; b + 2 <= nb; b += 2) {
+        int8_t *o = p->q + (size_t)b * QK;
+        memcpy(o, x[b].q, 16);
+        memcpy(o + 16, x[b + 1].q, 16);
+        memcpy(o + 32, x[b].q + 16, 16);
+        memcpy(o + 48, x[b + 1].q + 16, 16);
+    }
+    for (int b = 0; b < nb; b++) { p->d[b] = x[b].d; p->s[b] = x[b].s; }
+}
+
+static inline __m512 pair_scales(__m128 s) {  /* [s0, s1, ..] -> s0 in lanes 0-3 and 8-11, s1 in 4-7, 12-15 */
+    const __m512i idx = _mm512_set_epi32(1, 1, 1, 1, 0, 0, 0, 0, 1, 1, 1, 1, 0, 0, 0, 0);
+    return _mm512_permutexvar_ps(idx, _mm512_castps128_ps512(s));
+}
+
+static float dot_q4_pairs(int q41, const uint8_t *w, const xpairs *x, const xblock *xb, int nb) {
+    const int bb = q41 ? 20 : 18, off = q41 ? 4 : 2;
+    const __m256i mask = _mm256_set1_epi8(0x0f);
+    __m512 acc = _mm512_setzero_ps();
+    __m128 macc = _mm_setzero_ps();
+    int b = 0;
+    for (; b + 2 <= nb; b += 2) {
+        const uint8_t *b0 = w + (size_t)b * bb, *b1 = b0 + bb;
+        __m256i t = _mm256_set_m128i(_mm_loadu_si128((const __m128i *)(b1 + off)),
+                                     _mm_loadu_si128((const __m128i *)(b0 + off)));
+        __m256i lo = _mm256_and_si256(t, mask), hi = _mm256_and_si256(_mm256_srli_epi16(t, 4), mask);
+        __m512i q = _mm512_inserti64x4(_mm512_castsi256_si512(lo), hi, 1);  /* [lo0, lo1, hi0, hi1] */
+        __m512i p = _mm512_dpbusd_epi32(_mm512_setzero_si512(), q, _mm512_loadu_si512(x->q + (size_t)b * QK));
+        uint32_t h0, h1;
+        memcpy(&h0, b0, 4);
+        memcpy(&h1, b1, 4);
+        __m128 dm = _mm_cvtph_ps(_mm_set_epi32(0, 0, (int)h1, (int)h0));  /* [d0, m0, d1, m1] */
+        __m128 d = _mm_shuffle_ps(dm, dm, _MM_SHUFFLE(2, 0, 2, 0));
+        __m128 m = q41 ? _mm_shuffle_ps(dm, dm, _MM_SHUFFLE(3, 1, 3, 1)) : _mm_mul_ps(d, _mm_set1_ps(-8.f));
+        __m128 xd = _mm_castpd_ps(_mm_load_sd((const double *)(x->d + b)));
+        __m128 xs = _mm_castpd_ps(_mm_load_sd((const double *)(x->s + b)));
+        acc = _mm512_fmadd_ps(pair_scales(_mm_mul_ps(d, xd)), _mm512_cvtepi32_ps(p), acc);
+        macc = _mm_fmadd_ps(m, xs, macc);
+    }
+    float tail = 0.f;
+    if (b < nb) rows_dot(q41 ? Q4_1 : Q4_0, w + (size_t)b * bb, xb + b, 1, 1, &tail, 1);
+    return _mm512_reduce_add_ps(acc) + _mm_cvtss_f32(macc) + _mm_cvtss_f32(_mm_movehdup_ps(macc)) + tail;
+}
+
+static float dot_q8_pairs(const uint8_t *w, const xpairs *x, const xblock *xb, int nb) {
+    __m512 acc = _mm512_setzero_ps();
+    int b = 0;
+    for (; b + 2 <= nb; b += 2) {
+        const uint8_t *b0 = w + (size_t)b * 34, *b1 = b0 + 34;
+        __m512i z = _mm512_inserti64x4(_mm512_castsi256_si512(_mm256_loadu_si256((const __m256i *)(b0 + 2))),
+                                       _mm256_loadu_si256((const __m256i *)(b1 + 2)), 1);
+        __m512i q = _mm512_shuffle_i64x2(z, z, _MM_SHUFFLE(3, 1, 2, 0));  /* the pair order of x */
+        __m512i xv = _mm512_loadu_si512(x->q + (size_t)b * QK);
+        __mmask64 neg = _mm512_movepi8_mask(q);
+        __m512i sx = _mm512_mask_sub_epi8(xv, neg, _mm512_setzero_si512(), xv);  /* x * sign(q) */
+        __m512i p = _mm512_dpbusd_epi32(_mm512_setzero_si512(), _mm512_abs_epi8(q), sx);
+        __m128 d = _mm_set_ps(0.f, 0.f, half_to_float(*(const uint16_t *)b1), half_to_float(*(const uint16_t *)b0));
+        __m128 xd = _mm_castpd_ps(_mm_load_sd((const double *)(x->d + b)));
+        acc = _mm512_fmadd_ps(pair_scales(_mm_mul_ps(d, xd)), _mm512_cvtepi32_ps(p), acc);
+    }
+    float tail = 0.f;
+    if (b < nb) rows_dot(Q8_0, w + (size_t)b * 34, xb + b, 1, 1, &tail, 1);
+    return _mm512_reduce_add_ps(acc) + tail;
+}
+#endif
+
 /* The phases below are work-shared loops (orphaned `omp for`): called by every thread of a parallel
  * region, each does its share and waits for the others at the end. `qmatmul` runs two of them in a
  * region; `block_decode` runs a whole transformer block in one region. */
@@ -251,6 +365,37 @@ static void phase_matmul(int type, const uint8_t *w, int N, int K, const xblock 
                          const float *bias, int accumulate) {
     int nb = K / QK, bb = block_bytes(type);
     float out[64];
+#ifdef PAIRS
+    if (R == 1 && nb <= PAIR_MAX_BLOCKS) {  /* a decode step of one row, two blocks a step */
+        static __thread xpairs px;
+        make_pairs(xq, nb, &px);
+        size_t row_bytes = (size_t)nb * bb;
+        #pragma omp for schedule(static)
+        for (int n = 0; n < N; n++) {
+            const uint8_t *wn = w + (size_t)n * row_bytes;
+            float v = (type == Q8_0 ? dot_q8_pairs(wn, &px, xq, nb) : dot_q4_pairs(type == Q4_1, wn, &px, xq, nb))
+                      + (bias ? bias[n] : 0.f);
+            y[n] = accumulate ? y[n] + v : v;
+        }
+        return;
+    }
+#endif
+#ifdef __AVX2__
+    if (R == 1 && N % 4 == 0) {  /* a decode step of one row: four weight rows at a time */
+        size_t row_bytes = (size_t)nb * bb;
+        #pragma omp for schedule(static)
+        for (int n = 0; n < N; n += 4) {
+            const uint8_t *wn = w + (size_t)n * row_bytes;
+            if (type == Q8_0) dot_q8_4rows(wn, row_bytes, xq, nb, out);
+            else dot_q4_4rows(type == Q4_1, wn, row_bytes, xq, nb, out);
+            for (int r = 0; r < 4; r++) {
+                float v = out[r] + (bias ? bias[n + r] : 0.f);
+                y[n + r] = accumulate ? y[n + r] + v : v;
+            }
+        }
+        return;
+    }
+#endif
     #pragma omp for schedule(static)
     for (int n = 0; n < N; n++) {
         for (int r0 = 0; r0 < R; r0 += 64) {
