@@ -35,6 +35,7 @@ def ours_tok_s(engine: Engine, ids: list[int], n: int) -> float:
 
 
 def llamacpp_tok_s(llm, ids: list[int], n: int) -> float:
+    llm.reset()  # else generate() reuses the KV cache of an identical earlier prompt and skips the prefill
     t = time.perf_counter()
     for i, _ in enumerate(llm.generate(ids, temp=0.0, top_k=1, repeat_penalty=1.0, reset=True)):
         if i + 1 == n:

@@ -157,13 +157,14 @@ def test_native_step_equals_the_plain_torch_step(request, fixture, dtype):
 
 
 @pytest.mark.parametrize("fixture", ["tiny_llama", "tiny_gpt2"])
+@pytest.mark.parametrize("lengths", [(5, 17, 120), tuple(range(3, 60, 5))])
 @torch.no_grad()
-def test_served_batch_step_equals_separate_single_steps(request, fixture):
-    """Three conversations of different lengths stepped together (one attention call per layer over
-    their own caches) give each the logits it gets alone, and advance each cache by one."""
+def test_served_batch_step_equals_separate_single_steps(request, fixture, lengths):
+    """Conversations of different lengths stepped together (one attention call per layer over their
+    own caches) give each the logits it gets alone, and advance each cache by one."""
     path, _ = request.getfixturevalue(fixture)
     model = load(str(path), "int8").model
-    prompts = [_ids(n, seed=10 + n)[0] for n in (5, 17, 120)]
+    prompts = [_ids(n, seed=10 + n)[0] for n in lengths]
     caches = [model.new_cache(1) for _ in prompts]
     alone = [model.new_cache(1) for _ in prompts]
     for p, c, d in zip(prompts, caches, alone):

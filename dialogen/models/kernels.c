@@ -271,22 +271,21 @@ static void row_dot(int type, const uint8_t *w, const xblock *x, int nb, int R, 
 }
 
 #if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VNNI__)
-/* AVX-512: two blocks a step. The activation row is laid out in pairs of blocks as
+/* AVX-512: two blocks a step. Each activation row is laid out in pairs of blocks as
  * [x0[0:16], x1[0:16], x0[16:32], x1[16:32]] (64 int8), matching how two blocks' nibbles unpack,
- * with the pairs' scales (d) and scaled sums (s) in plain float arrays. */
+ * with the blocks' scales (d) and scaled sums (s) in plain float arrays. */
 #define PAIRS 1
-#define PAIR_MAX_BLOCKS 1024  /* input widths up to 32768 */
-typedef struct { int8_t q[PAIR_MAX_BLOCKS * QK]; float d[PAIR_MAX_BLOCKS], s[PAIR_MAX_BLOCKS]; } xpairs;
+typedef struct { int8_t *q; float *d, *s; } xpairs;
 
-static void make_pairs(const xblock *x, int nb, xpairs *p) {
+static void make_pairs(const xblock *x, int nb, xpairs p) {
     for (int b = 0; b + 2 <= nb; b += 2) {
-        int8_t *o = p->q + (size_t)b * QK;
+        int8_t *o = p.q + (size_t)b * QK;
         memcpy(o, x[b].q, 16);
         memcpy(o + 16, x[b + 1].q, 16);
         memcpy(o + 32, x[b].q + 16, 16);
         memcpy(o + 48, x[b + 1].q + 16, 16);
     }
-    for (int b = 0; b < nb; b++) { p->d[b] = x[b].d; p->s[b] = x[b].s; }
+    for (int b = 0; b < nb; b++) { p.d[b] = x[b].d; p.s[b] = x[b].s; }
 }
 
 static inline __m512 pair_scales(__m128 s) {  /* [s0, s1, ..] -> s0 in lanes 0-3 and 8-11, s1 in 4-7, 12-15 */
@@ -294,54 +293,52 @@ static inline __m512 pair_scales(__m128 s) {  /* [s0, s1, ..] -> s0 in lanes 0-3
     return _mm512_permutexvar_ps(idx, _mm512_castps128_ps512(s));
 }
 
-static float dot_q4_pairs(int q41, const uint8_t *w, const xpairs *x, const xblock *xb, int nb) {
-    const int bb = q41 ? 20 : 18, off = q41 ? 4 : 2;
+/* out[r] = W[n] . x[r] for RN (1..4) rows, two blocks a step; xb/xstride: the rows as xblocks (odd tail) */
+static inline __attribute__((always_inline)) void pairs_dot(int type, const uint8_t *w, const xpairs *x,
+                                                            const xblock *xb, int xstride, int nb, float *out,
+                                                            const int RN) {
+    const int q41 = type == Q4_1, bb = block_bytes(type), off = q41 ? 4 : 2;
     const __m256i mask = _mm256_set1_epi8(0x0f);
-    __m512 acc = _mm512_setzero_ps();
-    __m128 macc = _mm_setzero_ps();
+    __m512 acc[4] = {_mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps()};
+    __m128 macc[4] = {_mm_setzero_ps(), _mm_setzero_ps(), _mm_setzero_ps(), _mm_setzero_ps()};
     int b = 0;
     for (; b + 2 <= nb; b += 2) {
         const uint8_t *b0 = w + (size_t)b * bb, *b1 = b0 + bb;
-        __m256i t = _mm256_set_m128i(_mm_loadu_si128((const __m128i *)(b1 + off)),
-                                     _mm_loadu_si128((const __m128i *)(b0 + off)));
-        __m256i lo = _mm256_and_si256(t, mask), hi = _mm256_and_si256(_mm256_srli_epi16(t, 4), mask);
-        __m512i q = _mm512_inserti64x4(_mm512_castsi256_si512(lo), hi, 1);  /* [lo0, lo1, hi0, hi1] */
-        __m512i p = _mm512_dpbusd_epi32(_mm512_setzero_si512(), q, _mm512_loadu_si512(x->q + (size_t)b * QK));
-        uint32_t h0, h1;
-        memcpy(&h0, b0, 4);
-        memcpy(&h1, b1, 4);
-        __m128 dm = _mm_cvtph_ps(_mm_set_epi32(0, 0, (int)h1, (int)h0));  /* [d0, m0, d1, m1] */
-        __m128 d = _mm_shuffle_ps(dm, dm, _MM_SHUFFLE(2, 0, 2, 0));
-        __m128 m = q41 ? _mm_shuffle_ps(dm, dm, _MM_SHUFFLE(3, 1, 3, 1)) : _mm_mul_ps(d, _mm_set1_ps(-8.f));
-        __m128 xd = _mm_castpd_ps(_mm_load_sd((const double *)(x->d + b)));
-        __m128 xs = _mm_castpd_ps(_mm_load_sd((const double *)(x->s + b)));
-        acc = _mm512_fmadd_ps(pair_scales(_mm_mul_ps(d, xd)), _mm512_cvtepi32_ps(p), acc);
-        macc = _mm_fmadd_ps(m, xs, macc);
+        __m512i q;
+        __m128 d, m = _mm_setzero_ps();
+        if (type == Q8_0) {
+            __m512i z = _mm512_inserti64x4(_mm512_castsi256_si512(_mm256_loadu_si256((const __m256i *)(b0 + 2))),
+                                           _mm256_loadu_si256((const __m256i *)(b1 + 2)), 1);
+            q = _mm512_shuffle_i64x2(z, z, _MM_SHUFFLE(3, 1, 2, 0));  /* the pair order of x */
+            d = _mm_set_ps(0.f, 0.f, half_to_float(*(const uint16_t *)b1), half_to_float(*(const uint16_t *)b0));
+        } else {
+            __m256i t = _mm256_set_m128i(_mm_loadu_si128((const __m128i *)(b1 + off)),
+                                         _mm_loadu_si128((const __m128i *)(b0 + off)));
+            __m256i lo = _mm256_and_si256(t, mask), hi = _mm256_and_si256(_mm256_srli_epi16(t, 4), mask);
+            q = _mm512_inserti64x4(_mm512_castsi256_si512(lo), hi, 1);  /* [lo0, lo1, hi0, hi1] */
+            uint32_t h0, h1;
+            memcpy(&h0, b0, 4);
+            memcpy(&h1, b1, 4);
+            __m128 dm = _mm_cvtph_ps(_mm_set_epi32(0, 0, (int)h1, (int)h0));  /* [d0, m0, d1, m1] */
+            d = _mm_shuffle_ps(dm, dm, _MM_SHUFFLE(2, 0, 2, 0));
+            m = q41 ? _mm_shuffle_ps(dm, dm, _MM_SHUFFLE(3, 1, 3, 1)) : _mm_mul_ps(d, _mm_set1_ps(-8.f));
+        }
+        __m512i uq = type == Q8_0 ? _mm512_abs_epi8(q) : q;
+        __mmask64 neg = type == Q8_0 ? _mm512_movepi8_mask(q) : 0;
+        for (int r = 0; r < RN; r++) {
+            __m512i xv = _mm512_loadu_si512(x[r].q + (size_t)b * QK);
+            if (type == Q8_0) xv = _mm512_mask_sub_epi8(xv, neg, _mm512_setzero_si512(), xv);  /* x * sign(q) */
+            __m512i p = _mm512_dpbusd_epi32(_mm512_setzero_si512(), uq, xv);
+            __m128 xd = _mm_castpd_ps(_mm_load_sd((const double *)(x[r].d + b)));
+            acc[r] = _mm512_fmadd_ps(pair_scales(_mm_mul_ps(d, xd)), _mm512_cvtepi32_ps(p), acc[r]);
+            if (type != Q8_0) macc[r] = _mm_fmadd_ps(m, _mm_castpd_ps(_mm_load_sd((const double *)(x[r].s + b))), macc[r]);
+        }
     }
-    float tail = 0.f;
-    if (b < nb) rows_dot(q41 ? Q4_1 : Q4_0, w + (size_t)b * bb, xb + b, 1, 1, &tail, 1);
-    return _mm512_reduce_add_ps(acc) + _mm_cvtss_f32(macc) + _mm_cvtss_f32(_mm_movehdup_ps(macc)) + tail;
-}
-
-static float dot_q8_pairs(const uint8_t *w, const xpairs *x, const xblock *xb, int nb) {
-    __m512 acc = _mm512_setzero_ps();
-    int b = 0;
-    for (; b + 2 <= nb; b += 2) {
-        const uint8_t *b0 = w + (size_t)b * 34, *b1 = b0 + 34;
-        __m512i z = _mm512_inserti64x4(_mm512_castsi256_si512(_mm256_loadu_si256((const __m256i *)(b0 + 2))),
-                                       _mm256_loadu_si256((const __m256i *)(b1 + 2)), 1);
-        __m512i q = _mm512_shuffle_i64x2(z, z, _MM_SHUFFLE(3, 1, 2, 0));  /* the pair order of x */
-        __m512i xv = _mm512_loadu_si512(x->q + (size_t)b * QK);
-        __mmask64 neg = _mm512_movepi8_mask(q);
-        __m512i sx = _mm512_mask_sub_epi8(xv, neg, _mm512_setzero_si512(), xv);  /* x * sign(q) */
-        __m512i p = _mm512_dpbusd_epi32(_mm512_setzero_si512(), _mm512_abs_epi8(q), sx);
-        __m128 d = _mm_set_ps(0.f, 0.f, half_to_float(*(const uint16_t *)b1), half_to_float(*(const uint16_t *)b0));
-        __m128 xd = _mm_castpd_ps(_mm_load_sd((const double *)(x->d + b)));
-        acc = _mm512_fmadd_ps(pair_scales(_mm_mul_ps(d, xd)), _mm512_cvtepi32_ps(p), acc);
+    for (int r = 0; r < RN; r++) {
+        float tail = 0.f;
+        if (b < nb) rows_dot(type, w + (size_t)b * bb, xb + (size_t)r * xstride + b, 1, 1, &tail, 1);
+        out[r] = _mm512_reduce_add_ps(acc[r]) + _mm_cvtss_f32(macc[r]) + _mm_cvtss_f32(_mm_movehdup_ps(macc[r])) + tail;
     }
-    float tail = 0.f;
-    if (b < nb) rows_dot(Q8_0, w + (size_t)b * 34, xb + b, 1, 1, &tail, 1);
-    return _mm512_reduce_add_ps(acc) + tail;
 }
 #endif
 
@@ -366,17 +363,37 @@ static void phase_matmul(int type, const uint8_t *w, int N, int K, const xblock 
     int nb = K / QK, bb = block_bytes(type);
     float out[64];
 #ifdef PAIRS
-    if (R == 1 && nb <= PAIR_MAX_BLOCKS) {  /* a decode step of one row, two blocks a step */
-        static __thread xpairs px;
-        make_pairs(xq, nb, &px);
-        size_t row_bytes = (size_t)nb * bb;
+    {  /* two blocks a step, up to four activation rows at a time */
+        size_t row_bytes = (size_t)nb * bb, qbytes = (size_t)nb * QK;
+        char *buf = malloc((size_t)R * (qbytes + 2 * sizeof(float) * nb));
+        xpairs *px = malloc(sizeof(xpairs) * R);
+        for (int r = 0; r < R; r++) {
+            char *at = buf + (size_t)r * (qbytes + 2 * sizeof(float) * nb);
+            px[r] = (xpairs){(int8_t *)at, (float *)(at + qbytes), (float *)(at + qbytes) + nb};
+            make_pairs(xq + (size_t)r * nb, nb, px[r]);
+        }
         #pragma omp for schedule(static)
         for (int n = 0; n < N; n++) {
             const uint8_t *wn = w + (size_t)n * row_bytes;
-            float v = (type == Q8_0 ? dot_q8_pairs(wn, &px, xq, nb) : dot_q4_pairs(type == Q4_1, wn, &px, xq, nb))
-                      + (bias ? bias[n] : 0.f);
-            y[n] = accumulate ? y[n] + v : v;
+            for (int r0 = 0; r0 < R; r0 += 4) {
+                int rn = R - r0 < 4 ? R - r0 : 4;
+                const xpairs *xr = px + r0;
+                const xblock *xbr = xq + (size_t)r0 * nb;
+                switch (rn) {
+                    case 4: pairs_dot(type, wn, xr, xbr, nb, nb, out, 4); break;
+                    case 3: pairs_dot(type, wn, xr, xbr, nb, nb, out, 3); break;
+                    case 2: pairs_dot(type, wn, xr, xbr, nb, nb, out, 2); break;
+                    default: pairs_dot(type, wn, xr, xbr, nb, nb, out, 1); break;
+                }
+                for (int r = 0; r < rn; r++) {
+                    float v = out[r] + (bias ? bias[n] : 0.f);
+                    float *dst = y + (size_t)(r0 + r) * N + n;
+                    *dst = accumulate ? *dst + v : v;
+                }
+            }
         }
+        free(px);
+        free(buf);
         return;
     }
 #endif

@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 
 SOURCE = Path(__file__).with_name("kernels.c")
-FLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c11"]
+FLAGS = ["-O3", "-march=native", "-fno-math-errno", "-fopenmp", "-shared", "-fPIC", "-std=c11"]
 GGML_TYPES = {"q4_0": 2, "q4_1": 3, "q8_0": 8}  # GGUF type numbers of the layouts kept natively
 BLOCK_BYTES = {2: 18, 3: 20, 8: 34}
 QK = 32

@@ -167,7 +167,8 @@ class RMSNorm(nn.Module):
         return F.rms_norm(x, self.weight.shape, self.weight, self.eps)
 
 
-KERNEL_ROWS = 64  # decode steps of at most this many rows use a Linear's decode copy
+KERNEL_ROWS = 64  # decode steps of up to this many rows use a Linear's decode copy, so a row's logits
+# do not depend on how many others share its step
 DECODE_DTYPES = ("float32", "float16", "bfloat16", "int8", "int4")
 BLOCK_KIND = {"int8": "q8_0", "int4": "q4_1"}
 
@@ -335,7 +336,7 @@ class Block(nn.Module):
         self.norm2, self.mlp = _norm(cfg), MLP(cfg)
 
     def forward(self, x, step: Step):
-        fused = self._fused() if step.table is not None else None
+        fused = self._fused() if step.table is not None and x.shape[0] <= KERNEL_ROWS else None
         if fused is not None:  # the whole block in one native call, on x in place (a decode step)
             t = step.table
             kernels.block_decode(fused, x.view(x.shape[0], -1), t.k[self.attn.layer], t.v[self.attn.layer], t.caps,
