@@ -293,14 +293,15 @@ static inline __m512 pair_scales(__m128 s) {  /* [s0, s1, ..] -> s0 in lanes 0-3
     return _mm512_permutexvar_ps(idx, _mm512_castps128_ps512(s));
 }
 
-/* out[r] = W[n] . x[r] for RN (1..4) rows, two blocks a step; xb/xstride: the rows as xblocks (odd tail) */
+/* out[r] = W[n] . x[r] for RN (1..8) rows, two blocks a step; xb/xstride: the rows as xblocks (odd tail) */
 static inline __attribute__((always_inline)) void pairs_dot(int type, const uint8_t *w, const xpairs *x,
                                                             const xblock *xb, int xstride, int nb, float *out,
                                                             const int RN) {
     const int q41 = type == Q4_1, bb = block_bytes(type), off = q41 ? 4 : 2;
     const __m256i mask = _mm256_set1_epi8(0x0f);
-    __m512 acc[4] = {_mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps()};
-    __m128 macc[4] = {_mm_setzero_ps(), _mm_setzero_ps(), _mm_setzero_ps(), _mm_setzero_ps()};
+    __m512 acc[8];
+    __m128 macc[8];
+    for (int r = 0; r < RN; r++) { acc[r] = _mm512_setzero_ps(); macc[r] = _mm_setzero_ps(); }
     int b = 0;
     for (; b + 2 <= nb; b += 2) {
         const uint8_t *b0 = w + (size_t)b * bb, *b1 = b0 + bb;
@@ -363,7 +364,7 @@ static void phase_matmul(int type, const uint8_t *w, int N, int K, const xblock 
     int nb = K / QK, bb = block_bytes(type);
     float out[64];
 #ifdef PAIRS
-    {  /* two blocks a step, up to four activation rows at a time */
+    {  /* two blocks a step, up to eight activation rows at a time */
         size_t row_bytes = (size_t)nb * bb, qbytes = (size_t)nb * QK;
         char *buf = malloc((size_t)R * (qbytes + 2 * sizeof(float) * nb));
         xpairs *px = malloc(sizeof(xpairs) * R);
@@ -375,11 +376,15 @@ static void phase_matmul(int type, const uint8_t *w, int N, int K, const xblock 
         #pragma omp for schedule(static)
         for (int n = 0; n < N; n++) {
             const uint8_t *wn = w + (size_t)n * row_bytes;
-            for (int r0 = 0; r0 < R; r0 += 4) {
-                int rn = R - r0 < 4 ? R - r0 : 4;
+            for (int r0 = 0; r0 < R; r0 += 8) {
+                int rn = R - r0 < 8 ? R - r0 : 8;
                 const xpairs *xr = px + r0;
                 const xblock *xbr = xq + (size_t)r0 * nb;
-                switch (rn) {
+                switch (rn) {  /* a constant row count per case: the accumulators stay in registers */
+                    case 8: pairs_dot(type, wn, xr, xbr, nb, nb, out, 8); break;
+                    case 7: pairs_dot(type, wn, xr, xbr, nb, nb, out, 7); break;
+                    case 6: pairs_dot(type, wn, xr, xbr, nb, nb, out, 6); break;
+                    case 5: pairs_dot(type, wn, xr, xbr, nb, nb, out, 5); break;
                     case 4: pairs_dot(type, wn, xr, xbr, nb, nb, out, 4); break;
                     case 3: pairs_dot(type, wn, xr, xbr, nb, nb, out, 3); break;
                     case 2: pairs_dot(type, wn, xr, xbr, nb, nb, out, 2); break;

@@ -63,12 +63,12 @@ class KVCache:
         self._alloc(capacity)
 
     def _alloc(self, capacity: int):
-        shape = (self.batch, self.cfg.n_kv_head, capacity, self.cfg.head_dim)
-        k = [torch.zeros(shape, dtype=self.dtype) for _ in range(self.cfg.n_layer)]
-        v = [torch.zeros(shape, dtype=self.dtype) for _ in range(self.cfg.n_layer)]
-        for old, new in zip(self.k + self.v, k + v):
-            new[:, :, : self.length] = old[:, :, : self.length]
-        self.k, self.v, self.capacity = k, v, capacity
+        cfg = self.cfg
+        kv = torch.zeros(2, cfg.n_layer, self.batch, cfg.n_kv_head, capacity, cfg.head_dim, dtype=self.dtype)
+        if self.k:
+            kv[..., : self.length, :] = self.kv[..., : self.length, :]
+        self.kv, self.capacity = kv, capacity  # one buffer: a reorder is one copy for all layers
+        self.k, self.v = list(kv[0]), list(kv[1])  # per layer (B, n_kv_head, capacity, head_dim) views
         self._table = self._rows = None
 
     def reserve(self, n_new: int):
@@ -88,8 +88,13 @@ class KVCache:
 
     def reorder(self, index: torch.Tensor):
         """Select batch rows (beam search): row i becomes old row index[i]."""
-        self.k = [t.index_select(0, index) for t in self.k]
-        self.v = [t.index_select(0, index) for t in self.v]
+        if len(index) == self.batch:  # in place, valid tokens only: the buffers (and their addresses) stay
+            moved = (index != torch.arange(self.batch)).nonzero().flatten()  # rows that take another's tokens
+            if len(moved):  # the right side is gathered (copied) before the write
+                self.kv[:, :, moved, :, : self.length] = self.kv[:, :, index[moved], :, : self.length]
+            return
+        self.kv = self.kv.index_select(2, index)
+        self.k, self.v = list(self.kv[0]), list(self.kv[1])
         self.batch = len(index)
         self._table = self._rows = None
 
@@ -108,13 +113,12 @@ class KVCache:
         return self._rows
 
     def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in self.k + self.v)
+        return self.kv.numel() * self.kv.element_size()
 
     def copy(self) -> "KVCache":
         """A new cache holding this one's valid tokens; the two grow apart from here."""
         out = KVCache(self.cfg, self.batch, self.dtype, capacity=max(self.length, 256))
-        for src, dst in zip(self.k + self.v, out.k + out.v):
-            dst[:, :, : self.length] = src[:, :, : self.length]
+        out.kv[..., : self.length, :] = self.kv[..., : self.length, :]
         out.length = self.length
         return out
 
