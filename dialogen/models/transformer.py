@@ -68,8 +68,13 @@ class KVCache:
         if self.k:
             kv[..., : self.length, :] = self.kv[..., : self.length, :]
         self.kv, self.capacity = kv, capacity  # one buffer: a reorder is one copy for all layers
-        self.k, self.v = list(kv[0]), list(kv[1])  # per layer (B, n_kv_head, capacity, head_dim) views
+        self._views()
         self._table = self._rows = None
+
+    def _views(self):
+        """Per layer (B, n_kv_head, capacity, head_dim) views of the buffer (plain selects: writable)."""
+        L = self.cfg.n_layer
+        self.k, self.v = [self.kv[0, i] for i in range(L)], [self.kv[1, i] for i in range(L)]
 
     def reserve(self, n_new: int):
         need = self.length + n_new
@@ -94,7 +99,7 @@ class KVCache:
                 self.kv[:, :, moved, :, : self.length] = self.kv[:, :, index[moved], :, : self.length]
             return
         self.kv = self.kv.index_select(2, index)
-        self.k, self.v = list(self.kv[0]), list(self.kv[1])
+        self._views()
         self.batch = len(index)
         self._table = self._rows = None
 
