@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 
 from .decoding.settings import Sampling, add_decoding_args, decoding_from
@@ -23,6 +24,10 @@ def add_model_args(p: argparse.ArgumentParser):
                         "own Q4_0/Q4_1/Q8_0 blocks, else int8; int8: Q8_0 blocks (a scale per 32 weights); "
                         "int4: Q4_1 blocks (scale and minimum per 32); both need a C compiler for the native "
                         "kernels (built once). float16/bfloat16/float32: plain copies (default: %(default)s)")
+    g.add_argument("--no-kernels", action="store_true",
+                   help="decode on the plain torch path, without the native kernels (fused decode step, block "
+                        "products); slower, for comparison or a machine without a C compiler. "
+                        "Same as DIALOGEN_KERNELS=0")
 
 
 def add_sampling_args(p: argparse.ArgumentParser):
@@ -140,6 +145,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
+    if getattr(args, "no_kernels", False):
+        os.environ["DIALOGEN_KERNELS"] = "0"  # models/kernels.py reads it
     try:
         return args.func(args)
     except UserError as e:

@@ -203,3 +203,109 @@ def test_int4_on_widths_that_do_not_divide_the_group_is_a_one_line_error(tmp_pat
     with pytest.raises(UserError, match=r"--dtype int4 needs input widths that are multiples of 32 \(this model has 48\)"):
         load(str(tmp_path), "int4")
     assert load(str(tmp_path), "auto").model.blocks[0].mlp.down.compact is not None  # auto falls back to float16
+
+
+def test_no_kernels_flag_decodes_on_the_plain_path(tiny_llama, tmp_path, monkeypatch, capsys):
+    """`--no-kernels` turns the native path off: the same greedy reply, from the torch path."""
+    import json
+
+    from dialogen.cli import main
+
+    monkeypatch.setenv("DIALOGEN_KERNELS", "1")  # restored after the test: --no-kernels sets it to 0
+    msgs = tmp_path / "m.json"
+    msgs.write_text(json.dumps([{"role": "user", "content": "Hello there"}]))
+    common = ["generate", str(msgs), "--model", str(tiny_llama[0]), "--template", "chatml", "--dtype", "float32",
+              "--temperature", "0", "--max-new-tokens", "6"]
+    assert main(common) == 0
+    native = json.loads(capsys.readouterr().out)
+    assert main(common + ["--no-kernels"]) == 0 and not kernels.enabled()
+    assert json.loads(capsys.readouterr().out)["reply"] == native["reply"]
+    assert main(common[:-6] + ["--dtype", "int8", "--no-kernels"]) == 2
+    assert "--dtype int8 needs the native decode kernels" in capsys.readouterr().err
+
+
+def _write_gguf(path, hf_model, meta: dict, types: dict):
+    """A llama GGUF of `hf_model` as llama.cpp's converter lays it out (q/k rows permuted for its
+    rotary), each tensor in types[name] (default F32); returns the weights as written, dequantized."""
+    import gguf
+
+    cfg = hf_model.config
+    w = gguf.GGUFWriter(str(path), "llama")
+    w.add_block_count(cfg.num_hidden_layers)
+    w.add_context_length(cfg.max_position_embeddings)
+    w.add_embedding_length(cfg.hidden_size)
+    w.add_feed_forward_length(cfg.intermediate_size)
+    w.add_head_count(cfg.num_attention_heads)
+    w.add_head_count_kv(cfg.num_key_value_heads)
+    w.add_rope_freq_base(10000.0)  # the tiny model's (conftest)
+    w.add_layer_norm_rms_eps(cfg.rms_norm_eps)
+    w.add_tokenizer_model("gpt2")
+    w.add_tokenizer_pre(meta["tokenizer.ggml.pre"])
+    w.add_token_list(meta["tokenizer.ggml.tokens"])
+    w.add_token_types(meta["tokenizer.ggml.token_type"])
+    w.add_token_merges(meta["tokenizer.ggml.merges"])
+    w.add_eos_token_id(meta["tokenizer.ggml.eos_token_id"])
+    names = {"model.embed_tokens": "token_embd", "model.norm": "output_norm", "lm_head": "output"}
+    per_layer = {"input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm", "self_attn.q_proj": "attn_q",
+                 "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v", "self_attn.o_proj": "attn_output",
+                 "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up", "mlp.down_proj": "ffn_down"}
+    written = {}
+    for hf_name, t in hf_model.state_dict().items():
+        stem = hf_name.removesuffix(".weight")
+        if stem.startswith("model.layers."):
+            i, rest = stem.removeprefix("model.layers.").split(".", 1)
+            name = f"blk.{i}.{per_layer[rest]}.weight"
+        else:
+            name = f"{names[stem]}.weight"
+        a = t.detach().float().numpy()
+        heads = {"attn_q": cfg.num_attention_heads, "attn_k": cfg.num_key_value_heads}.get(name.split(".")[-2])
+        if heads:  # llama.cpp's order: the two rotary halves of each head interleaved
+            a = a.reshape(heads, 2, a.shape[0] // heads // 2, -1).swapaxes(1, 2).reshape(a.shape)
+        kind = gguf.GGMLQuantizationType[types.get(name, "F32")]
+        data = gguf.quants.quantize(np.ascontiguousarray(a), kind) if kind.name != "F32" else a
+        w.add_tensor(name, data, raw_dtype=kind)
+        back = gguf.quants.dequantize(data, kind).reshape(a.shape) if kind.name != "F32" else a
+        if heads:
+            back = back.reshape(heads, back.shape[0] // heads // 2, 2, -1).swapaxes(1, 2).reshape(a.shape)
+        written[hf_name] = torch.from_numpy(np.ascontiguousarray(back, dtype=np.float32))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return written
+
+
+@torch.no_grad()
+def test_gguf_read_directly_matches_transformers_and_keeps_its_blocks(tiny_llama, tmp_path, capsys):
+    """A GGUF mixing Q4_0, Q4_1, Q8_0 and Q5_0 tensors: the float32 path equals transformers on the
+    weights as written; the natively kept layouts go to the kernels as blocks; Q5_0 is dequantized,
+    and a line says so."""
+    import copy
+
+    from dialogen.models.loading import default_model_path, read_gguf
+
+    path, ref = tiny_llama
+    _, meta = read_gguf(default_model_path())
+    types = {"token_embd.weight": "Q8_0", "output.weight": "Q8_0", "blk.0.attn_q.weight": "Q4_1",
+             "blk.0.attn_k.weight": "Q4_1", "blk.0.attn_v.weight": "Q4_1", "blk.1.attn_q.weight": "Q4_0",
+             "blk.1.attn_k.weight": "Q4_1", "blk.1.attn_v.weight": "Q5_0", "blk.0.ffn_down.weight": "Q4_0",
+             "blk.1.attn_output.weight": "Q8_0", "blk.0.ffn_gate.weight": "Q4_1", "blk.0.ffn_up.weight": "Q4_1"}
+    written = _write_gguf(tmp_path / "tiny.gguf", ref, meta, types)
+    theirs = copy.deepcopy(ref)
+    theirs.load_state_dict(written)
+    loaded = load(str(tmp_path / "tiny.gguf"), "auto")
+    assert "Q5_0 tensors are dequantized" in capsys.readouterr().err
+    model = loaded.model
+    ids = _ids(24, seed=9)
+    with kernels.disabled():
+        assert (model(ids) - theirs(ids).logits).abs().max() < 1e-4
+    b0, b1 = model.blocks
+    assert (b0.attn.qkv.kind, b0.mlp.gate_up.kind, b0.mlp.down.kind, model.lm_head.kind) == ("q4_1", "q4_1", "q4_0", "q8_0")
+    assert b1.attn.o_proj.kind == "q8_0" and b1.attn.qkv.kind == "q8_0"  # mixed q/k/v: quantized here (auto: int8)
+    qkv = kernels.dequantize(3, b0.attn.qkv.packed, b0.attn.qkv.out_features, 64)
+    assert torch.equal(qkv, b0.attn.qkv.weight)  # the file's own values, in rotary order
+    cache = model.new_cache(1)
+    model(ids[:, :20], cache)
+    steps = torch.stack([model(ids[:, t:t + 1], cache)[0, -1] for t in range(20, 24)])
+    full = theirs(ids).logits[0, 20:]
+    assert (steps - full).abs().max() < 0.05 * full.abs().max()

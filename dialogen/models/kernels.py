@@ -2,8 +2,8 @@
 
 The library is compiled with the system C compiler (`cc -O3 -march=native -fopenmp`) into the
 cache directory the first time it is needed (about a second), keyed by the source and compiler
-flags. Without a compiler, or with DIALOGEN_KERNELS=0, `lib()` is None and the model runs its
-plain torch path: same results within the stated tolerances, slower decode.
+flags. Without a compiler, or with DIALOGEN_KERNELS=0 (`--no-kernels`), `enabled()` is False and the
+model runs its plain torch path: same results within the stated tolerances, slower decode.
 """
 
 from __future__ import annotations
@@ -64,8 +64,6 @@ def lib() -> ctypes.CDLL | None:
     if _tried:
         return _lib
     _tried = True
-    if os.environ.get("DIALOGEN_KERNELS", "1") == "0":
-        return None
     path = build()
     if path is None:
         return None
@@ -85,7 +83,7 @@ _off = False
 
 
 def enabled() -> bool:
-    return not _off and lib() is not None
+    return not _off and os.environ.get("DIALOGEN_KERNELS") != "0" and lib() is not None
 
 
 class disabled:
