@@ -1,0 +1,128 @@
+"""KV caches of the transformer, laid out for both decode paths.
+
+`KVCache` keeps one buffer for all layers, (2, L, B, n_kv_head, capacity, head_dim), grown in chunks, so
+each row's keys of a layer are one contiguous block: the plain torch path slices it, and the native
+kernel attends to it in place through `KernelTable`'s addresses. `CacheBatch` steps many batch-1
+caches (the server's conversations) as one batch without copying them.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+class KVCache:
+    """Keys and values of every layer for a batch, grown in chunks; `length` tokens are valid.
+
+    Each layer's buffer is (B, n_kv_head, capacity, head_dim), so a row's keys are one contiguous
+    block: the native decode kernel attends to them in place through `table()`'s pointers."""
+
+    def __init__(self, cfg, batch: int = 1, dtype=torch.float32, capacity: int = 256):  # cfg: transformer.Config
+        self.cfg, self.batch, self.dtype = cfg, batch, dtype
+        self.length = 0
+        self.k: list[torch.Tensor] = []
+        self.v: list[torch.Tensor] = []
+        self._alloc(capacity)
+
+    def _alloc(self, capacity: int):
+        cfg = self.cfg
+        kv = torch.zeros(2, cfg.n_layer, self.batch, cfg.n_kv_head, capacity, cfg.head_dim, dtype=self.dtype)
+        if self.k:
+            kv[..., : self.length, :] = self.kv[..., : self.length, :]
+        self.kv, self.capacity = kv, capacity  # one buffer: a reorder is one copy for all layers
+        self._views()
+        self._table = self._rows = None
+
+    def _views(self):
+        """Per layer (B, n_kv_head, capacity, head_dim) views of the buffer (plain selects: writable)."""
+        L = self.cfg.n_layer
+        self.k, self.v = [self.kv[0, i] for i in range(L)], [self.kv[1, i] for i in range(L)]
+
+    def reserve(self, n_new: int):
+        need = self.length + n_new
+        if need > self.capacity:
+            self._alloc(max(need, 2 * self.capacity))
+
+    def advance(self, n_new: int):
+        self.length += n_new
+
+    def truncate(self, length: int):
+        self.length = min(length, self.length)
+
+    def positions(self, batch: int, n_new: int) -> torch.Tensor:
+        """(B, T) positions of the next n_new tokens of every row."""
+        return torch.arange(self.length, self.length + n_new).expand(batch, n_new)
+
+    def reorder(self, index: torch.Tensor):
+        """Select batch rows (beam search): row i becomes old row index[i]."""
+        if len(index) == self.batch:  # in place, valid tokens only: the buffers (and their addresses) stay
+            moved = (index != torch.arange(self.batch)).nonzero().flatten()  # rows that take another's tokens
+            if len(moved):  # the right side is gathered (copied) before the write
+                self.kv[:, :, moved, :, : self.length] = self.kv[:, :, index[moved], :, : self.length]
+            return
+        self.kv = self.kv.index_select(2, index)
+        self._views()
+        self.batch = len(index)
+        self._table = self._rows = None
+
+    def table(self) -> "KernelTable":
+        if self._table is None:
+            self._table = KernelTable([self])
+        self._table.slots.fill_(self.length)
+        return self._table
+
+    def row_addresses(self) -> list[tuple[list[int], list[int]]]:
+        """Per row, the addresses of its keys and of its values in every layer."""
+        if self._rows is None:
+            step = [t.stride(0) * t.element_size() for t in self.k]
+            self._rows = [([t.data_ptr() + b * s for t, s in zip(self.k, step)],
+                           [t.data_ptr() + b * s for t, s in zip(self.v, step)]) for b in range(self.batch)]
+        return self._rows
+
+    def nbytes(self) -> int:
+        return self.kv.numel() * self.kv.element_size()
+
+    def copy(self) -> "KVCache":
+        """A new cache holding this one's valid tokens; the two grow apart from here."""
+        out = KVCache(self.cfg, self.batch, self.dtype, capacity=max(self.length, 256))
+        out.kv[..., : self.length, :] = self.kv[..., : self.length, :]
+        out.length = self.length
+        return out
+
+
+class KernelTable:
+    """Where each row's keys and values live, for the native attention kernel: per layer, one
+    address per row (int64 (L, B)), each row's capacity and the slot its next token goes to."""
+
+    def __init__(self, caches: list[KVCache]):
+        rows = [r for c in caches for r in c.row_addresses()]  # (k addresses, v addresses) per row
+        self.k = torch.tensor([k for k, _ in rows]).T.contiguous()  # (L, B)
+        self.v = torch.tensor([v for _, v in rows]).T.contiguous()
+        self.caps = torch.tensor([c.capacity for c in caches for _ in range(c.batch)])
+        self.slots = torch.tensor([c.length for c in caches for _ in range(c.batch)])
+
+
+class CacheBatch:
+    """Many conversations' batch-1 caches stepped together, one new token each (the server).
+
+    `model(ids (B, 1), CacheBatch(caches))` equals B separate `model(ids[i:i+1], caches[i])` calls;
+    the rows attend to their own caches in one kernel call per layer, without copying them."""
+
+    def __init__(self, caches: list[KVCache]):
+        self.caches = caches
+        self.batch = len(caches)
+        self.dtype = caches[0].dtype
+
+    def reserve(self, n_new: int):
+        for c in self.caches:
+            c.reserve(n_new)
+
+    def advance(self, n_new: int):
+        for c in self.caches:
+            c.length += n_new
+
+    def positions(self, batch: int, n_new: int) -> torch.Tensor:
+        return torch.tensor([[c.length] for c in self.caches])
+
+    def table(self) -> KernelTable:
+        return KernelTable(self.caches)
