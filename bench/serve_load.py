@@ -110,12 +110,15 @@ def main(argv=None) -> int:
     ap.add_argument("--max-tokens", type=int, default=24, help="reply length limit per turn")
     ap.add_argument("--phase-limit", type=float, default=300.0, help="seconds each phase may start turns for")
     ap.add_argument("--skip-sequential", action="store_true")
+    ap.add_argument("--threads", type=int, default=None, help="the server's --threads (default: its own default)")
     args = ap.parse_args(argv)
     with tempfile.TemporaryDirectory() as tmp:
         server_args = ["--db", str(Path(tmp) / "bench.db"), "--max-active", str(max(args.clients, 1)),
                        "--max-queue", str(args.clients * 2)]
         if args.model:
             server_args += ["--model", args.model]
+        if args.threads:
+            server_args += ["--threads", str(args.threads)]
         with ServerProcess(server_args) as srv:
             together = asyncio.run(phase(srv.url, args.clients, args.turns, args.max_tokens, args.phase_limit, True))
             worker = srv.health()["worker"]

@@ -39,9 +39,9 @@ def register(sub):
     g.add_argument("--kv-budget-mb", type=float, default=1024,
                    help="memory for kept KV caches: three quarters for live sessions, a quarter for the recent prompts "
                         "of stateless requests; least recently used go first (default: %(default)s)")
-    g.add_argument("--threads", type=int, default=max(1, (os.cpu_count() or 2) // 2),
-                   help="torch threads for model steps; the other cores sample tokens and serve HTTP "
-                        "(default: half the cores, here %(default)s)")
+    g.add_argument("--threads", type=int, default=os.cpu_count() or 1,
+                   help="threads for model steps (default: every core, here %(default)s: the batched model step "
+                        "is most of the work; on 2 cores, 32 clients got 89 tok/s with 2 threads, 67 with 1)")
     g.add_argument("--log-level", default="warning", choices=("debug", "info", "warning", "error"))
     add_model_args(p)
     add_sampling_args(p)
