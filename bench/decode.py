@@ -148,6 +148,9 @@ def main():
         "ours_tok_s": round(best_tok_s, 2), "ours_dtype": best,
         "llamacpp_tok_s": round(med["llamacpp"], 2) if llm else None,
         "ratio_vs_llamacpp": round(best_tok_s / med["llamacpp"], 2) if llm else None,
+        # the same ratio within each repeat, then the median: steadier when the machine's speed drifts
+        "ratio_vs_llamacpp_paired": round(statistics.median(
+            a / b for a, b in zip(runs[f"ours_{best}"], runs["llamacpp"])), 2) if llm else None,
         **{f"ours_{k}_tok_s": round(med[f"ours_{k}"], 2) for k in engines},
         "transformers_tok_s": round(med["transformers_fp32"], 2),
         "ratio": round(best_tok_s / med["transformers_fp32"], 2),

@@ -117,8 +117,6 @@ def unpermute_rows(w: torch.Tensor, n_head: int) -> torch.Tensor:
 
 def read_tensors(path: Path, cfg: Config, tensors: list[dict]) -> tuple[dict, dict]:
     """(float32 state dict in Hugging Face names, {name: (kind, blocks)} of the natively kept tensors)."""
-    import gguf
-
     try:
         data = np.fromfile(path, dtype=np.uint8)
     except OSError as e:
@@ -135,19 +133,26 @@ def read_tensors(path: Path, cfg: Config, tensors: list[dict]) -> tuple[dict, di
             b = torch.from_numpy(raw).view(shape[0], -1)  # (rows, row bytes)
             b = unpermute_rows(b, heads) if heads else b
             blocks[name] = (NATIVE[kind], b)
-            floats[name] = (kernels.dequantize(kind, b, *shape) if kernels.enabled()
-                            else torch.from_numpy(gguf.quants.dequantize(b.numpy(), kind).astype(np.float32)))
+            floats[name] = kernels.dequantize(kind, b, *shape) if kernels.enabled() else _dequantize(b.numpy(), kind)
             continue
         if kind == 0:  # F32
             w = raw.view(np.float32)
         elif kind == 1:  # F16
             w = raw.view(np.float16).astype(np.float32)
         else:
+            import gguf  # only here: importing it costs a fifth of a second of every start
+
             converted.add(gguf.GGMLQuantizationType(kind).name)
-            w = gguf.quants.dequantize(raw.reshape(shape[0] if len(shape) > 1 else 1, -1), kind).astype(np.float32)
+            w = _dequantize(raw.reshape(shape[0] if len(shape) > 1 else 1, -1), kind).numpy()
         w = torch.from_numpy(np.array(w, dtype=np.float32).reshape(shape))
         floats[name] = unpermute_rows(w, heads) if heads else w
     if converted:
         print(f"dialogen: {path.name}: {', '.join(sorted(converted))} tensors are dequantized "
               "(kept natively: Q4_0, Q4_1, Q8_0)", file=sys.stderr)
     return floats, blocks
+
+
+def _dequantize(raw: np.ndarray, kind: int) -> torch.Tensor:
+    import gguf
+
+    return torch.from_numpy(gguf.quants.dequantize(raw, kind).astype(np.float32))

@@ -150,8 +150,7 @@ def decode_copies(model, dtype, native: dict):
 
 
 def build(cfg: Config, sd: dict) -> Transformer:
-    with torch.device("meta"):
-        model = Transformer(cfg)
+    model = Transformer.without_init(cfg)
     if cfg.tie_embeddings:
         sd.pop("lm_head.weight", None)
     missing, unexpected = model.load_state_dict(sd, strict=False, assign=True)

@@ -8,6 +8,7 @@ gate/up into `gate_up`; `models/loading.py` maps between the two layouts.
 
 from __future__ import annotations
 
+import contextvars
 import math
 from dataclasses import asdict, dataclass, field
 
@@ -66,6 +67,15 @@ DECODE_DTYPES = ("float32", "float16", "bfloat16", "int8", "int4")
 BLOCK_KIND = {"int8": "q8_0", "int4": "q4_1"}
 
 
+_skip_init = contextvars.ContextVar("skip_init", default=False)  # set by Transformer.without_init
+
+
+class Embedding(nn.Embedding):
+    def reset_parameters(self):
+        if not _skip_init.get():
+            super().reset_parameters()
+
+
 class Linear(nn.Linear):
     """nn.Linear with an optional input norm, activation and residual, and a decode copy of its weight.
 
@@ -80,6 +90,10 @@ class Linear(nn.Linear):
     packed: torch.Tensor | None = None  # blocks (out, in / 32 * block bytes) uint8
     kind: str | None = None  # q4_0, q4_1 or q8_0
     everywhere = False  # use the decode copy for every inference product (to measure its quality)
+
+    def reset_parameters(self):
+        if not _skip_init.get():
+            super().reset_parameters()
 
     def forward(self, x, norm=None, act: str | None = None, residual=None):
         rows = x.numel() // x.shape[-1]
@@ -269,14 +283,24 @@ class Transformer(nn.Module):
     def __init__(self, cfg: Config):
         super().__init__()
         self.cfg = cfg
-        self.embed = nn.Embedding(cfg.vocab_size, cfg.d_model)
+        self.embed = Embedding(cfg.vocab_size, cfg.d_model)
         if cfg.arch == "gpt2":
-            self.pos_embed = nn.Embedding(cfg.max_seq_len, cfg.d_model)
+            self.pos_embed = Embedding(cfg.max_seq_len, cfg.d_model)
         self.blocks = nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layer))
         self.norm = _norm(cfg)
         self.lm_head = Linear(cfg.d_model, cfg.vocab_size, bias=False)
         if cfg.tie_embeddings:
             self.lm_head.weight = self.embed.weight
+
+    @classmethod
+    def without_init(cls, cfg: Config) -> "Transformer":
+        """Parameters allocated but not initialised, for weights loaded next. (Quicker than the meta
+        device, whose first use in a process imports torch's reference ops: about a second.)"""
+        token = _skip_init.set(True)
+        try:
+            return cls(cfg)
+        finally:
+            _skip_init.reset(token)
 
     def set_decode_dtype(self, dtype):
         """Keep `dtype` copies of the weights for decode steps (float32: none). int8 and int4 keep
