@@ -34,12 +34,14 @@ def _cache_dir() -> Path:
     return Path(base) / "dialogen" / "kernels"
 
 
-def build(verbose: bool = False) -> Path | None:
-    """Compile the library if needed; its path, or None when no compiler works here."""
+def build(verbose: bool = False, march: str = "native") -> Path | None:
+    """Compile the library if needed; its path, or None when no compiler works here. `march` other
+    than native builds a variant for an older CPU (the tests check every SIMD path against the others)."""
     cc = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
     if cc is None:
         return None
-    key = hashlib.sha256(SOURCE.read_bytes() + " ".join([cc, *FLAGS]).encode()).hexdigest()[:16]
+    flags = [f"-march={march}" if f == "-march=native" else f for f in FLAGS]
+    key = hashlib.sha256(SOURCE.read_bytes() + " ".join([cc, *flags]).encode()).hexdigest()[:16]
     target = _cache_dir() / f"kernels-{key}.so"
     if target.exists():
         return target
@@ -47,7 +49,7 @@ def build(verbose: bool = False) -> Path | None:
     fd, tmp = tempfile.mkstemp(suffix=".so", dir=target.parent)
     os.close(fd)
     try:
-        res = subprocess.run([cc, *FLAGS, str(SOURCE), "-o", tmp, "-lm"], capture_output=True, text=True)
+        res = subprocess.run([cc, *flags, str(SOURCE), "-o", tmp, "-lm"], capture_output=True, text=True)
         if res.returncode != 0:
             if verbose:
                 print(f"dialogen: building the decode kernels failed:\n{res.stderr}", file=sys.stderr)
@@ -61,10 +63,14 @@ def build(verbose: bool = False) -> Path | None:
 
 def lib() -> ctypes.CDLL | None:
     global _lib, _tried
-    if _tried:
-        return _lib
-    _tried = True
-    path = build()
+    if not _tried:
+        _tried = True
+        _lib = load_library()
+    return _lib
+
+
+def load_library(march: str = "native") -> ctypes.CDLL | None:
+    path = build(march=march)
     if path is None:
         return None
     L = ctypes.CDLL(str(path))
@@ -75,8 +81,7 @@ def lib() -> ctypes.CDLL | None:
     L.block_decode.argtypes = [p, p, i, p, p, p, p, p, ctypes.c_int64, p, p, i]
     for fn in (L.qmatmul, L.dequantize, L.attend_decode, L.block_decode):
         fn.restype = None
-    _lib = L
-    return _lib
+    return L
 
 
 _off = False
