@@ -11,6 +11,7 @@ from __future__ import annotations
 import ctypes
 import hashlib
 import os
+import platform
 import shutil
 import subprocess
 import sys
@@ -34,6 +35,14 @@ def _cache_dir() -> Path:
     return Path(base) / "dialogen" / "kernels"
 
 
+def _cpu_features() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next((line for line in f if line.startswith(("flags", "Features"))), "")
+    except OSError:
+        return platform.machine()
+
+
 def build(verbose: bool = False, march: str = "native") -> Path | None:
     """Compile the library if needed; its path, or None when no compiler works here. `march` other
     than native builds a variant for an older CPU (the tests check every SIMD path against the others)."""
@@ -41,7 +50,9 @@ def build(verbose: bool = False, march: str = "native") -> Path | None:
     if cc is None:
         return None
     flags = [f"-march={march}" if f == "-march=native" else f for f in FLAGS]
-    key = hashlib.sha256(SOURCE.read_bytes() + " ".join([cc, *flags]).encode()).hexdigest()[:16]
+    # -march=native code runs only where it was built: the CPU's features are part of the key, so a home
+    # directory shared between machines never hands one machine another's build
+    key = hashlib.sha256(SOURCE.read_bytes() + " ".join([cc, *flags, _cpu_features()]).encode()).hexdigest()[:16]
     target = _cache_dir() / f"kernels-{key}.so"
     if target.exists():
         return target
