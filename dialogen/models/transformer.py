@@ -63,7 +63,6 @@ class RMSNorm(nn.Module):
 
 KERNEL_ROWS = 64  # decode steps of up to this many rows use a Linear's decode copy, so a row's logits
 # do not depend on how many others share its step
-DECODE_DTYPES = ("float32", "float16", "bfloat16", "int8", "int4")
 BLOCK_KIND = {"int8": "q8_0", "int4": "q4_1"}
 
 
@@ -301,17 +300,6 @@ class Transformer(nn.Module):
             return cls(cfg)
         finally:
             _skip_init.reset(token)
-
-    def set_decode_dtype(self, dtype):
-        """Keep `dtype` copies of the weights for decode steps (float32: none). int8 and int4 keep
-        Q8_0 / Q4_1 blocks (groups of 32 inputs) and need the native kernels."""
-        dtype = str(dtype).removeprefix("torch.")
-        if dtype not in DECODE_DTYPES:
-            raise ValueError(f"unknown decode dtype {dtype!r}; choose from {', '.join(DECODE_DTYPES)}")
-        for m in self.modules():
-            if isinstance(m, Linear):
-                m.set_compact(dtype)
-        return self
 
     def new_cache(self, batch: int = 1) -> KVCache:
         return KVCache(self.cfg, batch, dtype=self.embed.weight.dtype)
