@@ -1,8 +1,8 @@
 """The native decode kernels (`kernels.c`): built once on this machine, loaded with ctypes.
 
 The library is compiled with the system C compiler (`cc -O3 -march=native -fopenmp`) into the
-cache directory the first time it is needed (about a second), keyed by the source and compiler
-flags. Without a compiler, or with DIALOGEN_KERNELS=0 (`--no-kernels`), `enabled()` is False and the
+cache directory the first time it is needed (a few seconds), keyed by the source, the compiler
+flags and the CPU's features. Without a compiler, or with DIALOGEN_KERNELS=0 (`--no-kernels`), `enabled()` is False and the
 model runs its plain torch path: same results within the stated tolerances, slower decode.
 """
 
@@ -23,7 +23,6 @@ import torch
 SOURCE = Path(__file__).with_name("kernels.c")
 FLAGS = ["-O3", "-march=native", "-fno-math-errno", "-fopenmp", "-shared", "-fPIC", "-std=c11"]
 GGML_TYPES = {"q4_0": 2, "q4_1": 3, "q8_0": 8}  # GGUF type numbers of the layouts kept natively
-BLOCK_BYTES = {2: 18, 3: 20, 8: 34}
 QK = 32
 
 _lib: ctypes.CDLL | None = None
