@@ -10,7 +10,7 @@ import sys
 from .decoding.settings import Sampling, add_decoding_args, decoding_from
 from .errors import UserError
 
-DTYPES = ("auto", "int4", "int8", "float16", "bfloat16", "float32")
+DTYPES = ("auto", "int4", "int8", "float16", "bfloat16", "float32")  # as models/loading.DTYPES (torch-free here)
 
 
 def add_model_args(p: argparse.ArgumentParser):

@@ -75,8 +75,8 @@ def config_from_meta(path: Path, meta: dict, names: set[str]) -> Config:
 def index_dir(path: Path) -> Path:
     """The small cached index of a GGUF file: config, tokenizer, tensor table."""
     st = path.stat()
-    key = hashlib.sha256(f"{path.resolve()}:{st.st_size}:{st.st_mtime_ns}".encode()).hexdigest()[:12]
-    target = cache_dir() / "gguf" / f"{path.stem}-{key}"
+    key = f"{path.resolve()}:{st.st_size}:{st.st_mtime_ns}:v{INDEX_VERSION}"
+    target = cache_dir() / "gguf" / f"{path.stem}-{hashlib.sha256(key.encode()).hexdigest()[:12]}"
     if (target / "index.json").exists():
         return target
     reader, meta = read_gguf(path)

