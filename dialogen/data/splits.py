@@ -18,6 +18,7 @@ import tempfile
 from pathlib import Path
 
 from ..chat.messages import Message
+from ..paths import cache_dir
 from ..errors import UserError
 from .formats import Turn, read_conversations, resolve_format
 
@@ -48,8 +49,6 @@ def assign(n: int, seed: int) -> dict[str, list[int]]:
 
 def split_dir(dataset: str, fmt: str | None, seed: int) -> tuple[str, Path, Path]:
     """(format, data file, cache dir of its split)."""
-    from ..models.loading import cache_dir
-
     fmt, path = resolve_format(dataset, fmt)
     digest = hashlib.sha256()
     try:

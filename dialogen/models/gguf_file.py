@@ -21,6 +21,7 @@ import numpy as np
 import torch
 
 from ..errors import UserError
+from ..paths import cache_dir
 from . import kernels
 from .tokenizer import Tokenizer
 from .transformer import Config
@@ -33,11 +34,6 @@ RENAME = {"token_embd": "model.embed_tokens", "output_norm": "model.norm", "outp
           "attn_output": "self_attn.o_proj", "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj",
           "ffn_down": "mlp.down_proj"}
 NATIVE = {2: "q4_0", 3: "q4_1", 8: "q8_0"}  # GGUF type number -> block layout the kernels multiply
-
-
-def cache_dir() -> Path:
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return Path(base) / "dialogen"
 
 
 def read_gguf(path: Path):

@@ -148,51 +148,6 @@ static inline __attribute__((always_inline)) void rows_dot(int type, const uint8
 #endif
 
 #ifdef __AVX2__
-/* one weight row of Q4_0/Q4_1 blocks times one activation row: two blocks a step, two chains */
-static float dot_q4_row(int q41, const uint8_t *w, const xblock *x, int nb) {
-    const int bb = q41 ? 20 : 18, off = q41 ? 4 : 2;
-    __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps();
-    float sm0 = 0.f, sm1 = 0.f;
-    int b = 0;
-    for (; b + 2 <= nb; b += 2) {
-        const uint8_t *b0 = w + (size_t)b * bb, *b1 = b0 + bb;
-        uint32_t h0, h1;
-        memcpy(&h0, b0, 4);
-        memcpy(&h1, b1, 4);
-        __m128 dm0 = _mm_cvtph_ps(_mm_cvtsi32_si128((int)h0)), dm1 = _mm_cvtph_ps(_mm_cvtsi32_si128((int)h1));
-        float d0 = _mm_cvtss_f32(dm0), d1 = _mm_cvtss_f32(dm1);
-        float m0 = q41 ? _mm_cvtss_f32(_mm_movehdup_ps(dm0)) : -8.f * d0;
-        float m1 = q41 ? _mm_cvtss_f32(_mm_movehdup_ps(dm1)) : -8.f * d1;
-        __m256 p0 = dot_u8_i8(nibbles(b0 + off), _mm256_loadu_si256((const __m256i *)x[b].q));
-        __m256 p1 = dot_u8_i8(nibbles(b1 + off), _mm256_loadu_si256((const __m256i *)x[b + 1].q));
-        acc0 = _mm256_fmadd_ps(_mm256_set1_ps(d0 * x[b].d), p0, acc0);
-        acc1 = _mm256_fmadd_ps(_mm256_set1_ps(d1 * x[b + 1].d), p1, acc1);
-        sm0 += m0 * x[b].s;
-        sm1 += m1 * x[b + 1].s;
-    }
-    float tail = 0.f;
-    if (b < nb) rows_dot(q41 ? Q4_1 : Q4_0, w + (size_t)b * bb, x + b, 1, 1, &tail, 1);
-    return hsum(_mm256_add_ps(acc0, acc1)) + sm0 + sm1 + tail;
-}
-
-/* one weight row of Q8_0 blocks times one activation row, two blocks a step */
-static float dot_q8_row(const uint8_t *w, const xblock *x, int nb) {
-    __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps();
-    int b = 0;
-    for (; b + 2 <= nb; b += 2) {
-        const uint8_t *b0 = w + (size_t)b * 34, *b1 = b0 + 34;
-        __m256i q0 = _mm256_loadu_si256((const __m256i *)(b0 + 2)), q1 = _mm256_loadu_si256((const __m256i *)(b1 + 2));
-        __m256i x0 = _mm256_loadu_si256((const __m256i *)x[b].q), x1 = _mm256_loadu_si256((const __m256i *)x[b + 1].q);
-        __m256 p0 = dot_u8_i8(_mm256_sign_epi8(q0, q0), _mm256_sign_epi8(x0, q0));
-        __m256 p1 = dot_u8_i8(_mm256_sign_epi8(q1, q1), _mm256_sign_epi8(x1, q1));
-        acc0 = _mm256_fmadd_ps(_mm256_set1_ps(half_to_float(*(const uint16_t *)b0) * x[b].d), p0, acc0);
-        acc1 = _mm256_fmadd_ps(_mm256_set1_ps(half_to_float(*(const uint16_t *)b1) * x[b + 1].d), p1, acc1);
-    }
-    float tail = 0.f;
-    if (b < nb) rows_dot(Q8_0, w + (size_t)b * 34, x + b, 1, 1, &tail, 1);
-    return hsum(_mm256_add_ps(acc0, acc1)) + tail;
-}
-
 /* four consecutive weight rows of Q4_0/Q4_1 blocks times one activation row: each activation block
  * is loaded once for the four, and the four sums are independent chains */
 static void dot_q4_4rows(int q41, const uint8_t *w, size_t row_bytes, const xblock *x, int nb, float *out) {
@@ -236,7 +191,6 @@ static void dot_q8_4rows(const uint8_t *w, size_t row_bytes, const xblock *x, in
 /* out[r] = W[n] . x[r] for rows r < R of a weight row of nb blocks */
 static void row_dot(int type, const uint8_t *w, const xblock *x, int nb, int R, int xstride, float *out) {
 #ifdef __AVX2__
-    if (R == 1) { out[0] = type == Q8_0 ? dot_q8_row(w, x, nb) : dot_q4_row(type == Q4_1, w, x, nb); return; }
     int r = 0;
     for (; r + 4 <= R; r += 4) rows_dot(type, w, x + (size_t)r * xstride, nb, xstride, out + r, 4);
     switch (R - r) {

@@ -20,6 +20,8 @@ from pathlib import Path
 
 import torch
 
+from ..paths import cache_dir
+
 SOURCE = Path(__file__).with_name("kernels.c")
 FLAGS = ["-O3", "-march=native", "-fno-math-errno", "-fopenmp", "-shared", "-fPIC", "-std=c11"]
 GGML_TYPES = {"q4_0": 2, "q4_1": 3, "q8_0": 8}  # GGUF type numbers of the layouts kept natively
@@ -27,11 +29,6 @@ QK = 32
 
 _lib: ctypes.CDLL | None = None
 _tried = False
-
-
-def _cache_dir() -> Path:
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return Path(base) / "dialogen" / "kernels"
 
 
 def _cpu_features() -> str:
@@ -52,7 +49,7 @@ def build(verbose: bool = False, march: str = "native") -> Path | None:
     # -march=native code runs only where it was built: the CPU's features are part of the key, so a home
     # directory shared between machines never hands one machine another's build
     key = hashlib.sha256(SOURCE.read_bytes() + " ".join([cc, *flags, _cpu_features()]).encode()).hexdigest()[:16]
-    target = _cache_dir() / f"kernels-{key}.so"
+    target = cache_dir() / "kernels" / f"kernels-{key}.so"
     if target.exists():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)

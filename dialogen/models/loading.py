@@ -22,7 +22,8 @@ import torch
 
 from ..errors import UserError
 from . import kernels
-from .gguf_file import cache_dir, index_dir, read_gguf, read_tensors  # noqa: F401 (cache_dir, read_gguf: re-exported)
+from ..paths import cache_dir
+from .gguf_file import index_dir, read_gguf, read_tensors  # noqa: F401 (read_gguf: for the tests)
 from .tokenizer import Tokenizer
 from .transformer import Config, Linear, Transformer
 
