@@ -3,8 +3,10 @@
 Starts `dialogen serve` (default model unless --model) on a free loopback port with a fresh
 session database. Each client opens a session and sends its turns one after another, streamed
 (so time to first token is measured too). Phase 1 runs all clients at once; phase 2 sends the
-same load one turn at a time. Each phase stops issuing turns at --phase-limit seconds, so the
-whole run is bounded; turns not started are reported, not hidden. Prints one JSON object.
+same load one turn at a time; then the same turns once more through `dialogen chat`'s Session in this
+process (no server), to compare one served conversation with chat. Each served phase stops issuing
+turns at --phase-limit seconds, so the whole run is bounded; turns not started are reported, not
+hidden. Prints one JSON object.
 
     nice .venv/bin/python bench/serve_load.py [--clients 32] [--turns 5] [--max-tokens 24]
 """
@@ -82,6 +84,28 @@ async def phase(url: str, clients: int, turns: int, max_tokens: int, limit: floa
     return summarize(results, wall, clients * turns)
 
 
+def chat_in_process(clients: int, turns: int, max_tokens: int, threads: int | None) -> dict:
+    """The one-at-a-time workload without the server: `dialogen chat`'s Session in this process, the
+    same persona, turns and default sampling (what one served conversation is compared with)."""
+    import torch
+
+    from dialogen.chat.session import Session, load_engine
+    from dialogen.decoding.settings import Sampling
+
+    if threads:
+        torch.set_num_threads(threads)
+    engine = load_engine(None, "auto", "auto")
+    tokens, t0 = 0, time.perf_counter()
+    for c in range(clients):
+        session = Session(engine, system="You are a friendly, concise assistant.",
+                          sampling=Sampling(max_new_tokens=max_tokens))
+        for t in range(turns):
+            tokens += len(session.send(TURNS[(c + t) % len(TURNS)]).run().tokens)
+    wall = time.perf_counter() - t0
+    return {"tokens": tokens, "wall_s": round(wall, 1), "tokens_per_s": round(tokens / wall, 2),
+            "threads": torch.get_num_threads()}
+
+
 def _pct(xs: list[float], q: float) -> float | None:
     if not xs:
         return None
@@ -132,6 +156,10 @@ def main(argv=None) -> int:
                worker["decode_rows"] / max(1, worker["rounds"]), 1)}
     if alone and alone["tokens_per_s"]:
         out["throughput_ratio"] = round(together["tokens_per_s"] / alone["tokens_per_s"], 2)
+        if not args.model:  # the same turns through dialogen chat's Session, in this process
+            chat = chat_in_process(args.clients, args.turns, args.max_tokens, args.threads)
+            out["chat_in_process"] = chat
+            out["one_by_one_vs_chat"] = round(alone["tokens_per_s"] / chat["tokens_per_s"], 2)
     print(json.dumps(out))
     return 0
 
