@@ -211,6 +211,17 @@ BAD = [
     ("unknown scorer", {"messages": [{"role": "user", "content": "hi"}], "scorer": "vibes"}, "scorer"),
     ("mmi without a reverse model", {"messages": [{"role": "user", "content": "hi"}], "num_candidates": 2,
                                      "scorer": "mmi"}, "scorer"),
+    ("role an object", {"messages": [{"role": {"name": "user"}, "content": "hi"}]}, "messages[0].role"),
+    ("role a list", {"messages": [{"role": ["user"], "content": "hi"}]}, "messages[0].role"),
+    ("message a string", {"messages": ["hi"]}, "messages[0]"),
+    ("seed beyond 64 bits", {"messages": [{"role": "user", "content": "hi"}], "seed": 2**64}, "seed"),
+    ("seed a float", {"messages": [{"role": "user", "content": "hi"}], "seed": 1.5}, "seed"),
+    ("n a boolean", {"messages": [{"role": "user", "content": "hi"}], "n": True}, "n"),
+    ("stream a number", {"messages": [{"role": "user", "content": "hi"}], "stream": 1}, "stream"),
+    ("stream_options a list", {"messages": [{"role": "user", "content": "hi"}], "stream_options": []},
+     "stream_options"),
+    ("five stops", {"messages": [{"role": "user", "content": "hi"}], "stop": list("abcde")}, "stop"),
+    ("model a number", {"messages": [{"role": "user", "content": "hi"}], "model": 3}, "model"),
 ]
 
 
@@ -248,6 +259,47 @@ def _raw(server, content: bytes, headers=None):
 def test_malformed_bodies(server, raw, code):
     r = _raw(server, raw)
     assert r.status_code == 400 and r.json()["error"]["code"] == code
+
+
+HI = b'"messages": [{"role": "user", "content": "hi"}]'
+EDGE = [
+    ("surrogate in content", b'{"messages": [{"role": "user", "content": "hi \\ud800"}]}', "messages[0].content",
+     "invalid_string"),
+    ("surrogate in a text part", b'{"messages": [{"role": "user", "content": [{"type": "text", "text": "\\udfff"}]}]}',
+     "messages[0].content[0].text", "invalid_string"),
+    ("surrogate in stop", b'{' + HI + b', "stop": ["a", "\\udc00"]}', "stop[1]", "invalid_string"),
+    ("surrogate in a key", b'{' + HI + b', "\\ud83d": 1}', None, "invalid_string"),
+    ("NaN", b'{' + HI + b', "temperature": NaN}', None, "invalid_json"),
+    ("Infinity", b'{' + HI + b', "top_p": -Infinity}', None, "invalid_json"),
+    ("overflowing float", b'{' + HI + b', "temperature": 1e400}', "temperature", None),
+    ("5000-digit integer", b'{' + HI + b', "seed": ' + b"9" * 5000 + b'}', None, "invalid_json"),
+    ("nested 40 deep", b'{' + HI + b', "x": ' + b"[" * 40 + b"]" * 40 + b'}', None, "invalid_json"),
+    ("nested 5000 deep", b'{' + HI + b', "x": ' + b"[" * 5000 + b"]" * 5000 + b'}', None, "invalid_json"),
+]
+
+
+@pytest.mark.parametrize("name,raw,param,code", EDGE, ids=[e[0] for e in EDGE])
+def test_bad_values_rejected_at_the_edge(server, name, raw, param, code):
+    """Lone surrogates, non-finite numbers, huge integers and deep nesting: a 400 naming the field."""
+    r = _raw(server, raw)
+    err = r.json()["error"]
+    assert r.status_code == 400 and err["type"] == "invalid_request_error" and "\n" not in err["message"]
+    assert err["param"] == param and err["code"] == code
+
+
+def test_bad_content_length_gets_a_json_error(server):
+    import socket
+
+    host, port = server.url.removeprefix("http://").rsplit(":", 1)
+    with socket.create_connection((host, int(port)), timeout=10) as sock:
+        sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: 12x\r\n\r\n{}")
+        data = b""
+        while chunk := sock.recv(65536):
+            data += chunk
+    head, _, body = data.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 400") and b"content-type: application/json" in head.lower()
+    assert json.loads(body)["error"]["code"] == "invalid_http"
+    assert server.health()["status"] == "ok"
 
 
 def test_oversize_body_is_413_and_server_keeps_serving(server, client, model_id):
@@ -305,6 +357,8 @@ def test_cli_without_fastapi_says_what_to_install(monkeypatch, capsys):
 
 SESSION_BAD = [
     ("missing content", {}, "content"),
+    ("seed beyond 64 bits", {"content": "hi", "seed": 2**70}, "seed"),
+    ("content an object", {"content": {"text": "hi"}}, "content"),
     ("empty content", {"content": ""}, "content"),
     ("list content", {"content": ["a", "b"]}, "content"),
     ("max_tokens zero", {"content": "hi", "max_tokens": 0}, "max_tokens"),
@@ -323,8 +377,22 @@ def test_session_turn_bad_input(client, name, body, param):
 
 @pytest.mark.parametrize("body,param", [({"settings": {"temperature": -1}}, "settings.temperature"),
                                         ({"settings": {"colour": "red"}}, "settings.colour"),
-                                        ({"persona": 7}, "persona")])
+                                        ({"settings": {"seed": -(2**63) - 1}}, "settings.seed"),
+                                        ({"settings": {"stop": [""]}}, "settings.stop"),
+                                        ({"settings": []}, "settings"),
+                                        ({"persona": 7}, "persona"),
+                                        ({"persona": ["a"]}, "persona"),
+                                        ({"title": {"a": 1}}, "title")])
 def test_session_create_bad_input(client, body, param):
     with pytest.raises(openai.BadRequestError) as e:
         _session(client, "", body)
     assert e.value.body["param"] == param
+
+
+def test_session_persona_with_a_lone_surrogate_is_refused_and_sessions_still_work(server, client):
+    r = httpx.post(server.url + "/v1/sessions", content=b'{"persona": "pirate \\ud800"}',
+                   headers={"Authorization": f"Bearer {K1}", "Content-Type": "application/json"})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "persona"
+    s = _session(client, "", {"settings": {"seed": 2**63 - 1, "max_tokens": 3}})  # the largest seed is fine
+    for text in ("one", "two"):
+        assert _session(client, f"/{s['id']}/messages", {"content": text})["finish_reason"] in ("stop", "length")

@@ -13,6 +13,8 @@ from dataclasses import dataclass, field
 from ..errors import UserError
 
 SCORER_NAMES = ("logprob", "mmi", "discriminator")  # the rerankers of `rerank.SCORERS`
+SEED_MIN, SEED_MAX = -(2**63), 2**63 - 1  # a signed 64-bit seed (torch takes any 64-bit value)
+MAX_STOP_CHARS = 500_000  # all stop strings of one reply together, in characters
 
 
 @dataclass
@@ -39,10 +41,14 @@ class Sampling:
             ("presence_penalty", self.presence_penalty >= 0, ">= 0"),
             ("no_repeat_ngram", self.no_repeat_ngram >= 0, ">= 0"),
             ("max_new_tokens", self.max_new_tokens >= 1, ">= 1"),
+            ("seed", self.seed is None or SEED_MIN <= self.seed <= SEED_MAX, "in [-2**63, 2**63 - 1]"),
         ]
         for name, ok, rule in checks:
             if not ok:
                 raise UserError(f"--{name.replace('_', '-')} must be {rule}, got {getattr(self, name)}")
+        total = sum(len(s) for s in self.stop)
+        if total > MAX_STOP_CHARS:
+            raise UserError(f"--stop: the stop strings are {total} characters in all; the limit is {MAX_STOP_CHARS}")
 
     def replace(self, **changes) -> "Sampling":
         return dataclasses.replace(self, **{k: v for k, v in changes.items() if v is not None})

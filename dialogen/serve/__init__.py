@@ -4,7 +4,8 @@
   app.py          the FastAPI app: auth, limits, errors, health, models, the page
   completions.py  POST /v1/chat/completions (plain and streamed)
   sessions.py     /v1/sessions: stored conversations with live KV caches
-  protocol.py     request checking and OpenAI-shaped response objects
+  protocol.py     reading request bodies, OpenAI-shaped errors and response objects
+  schema.py       request bodies as pydantic models (OpenAI schema, strict types)
   service.py      what the routes drive: engine, store, KV-cache LRU, API keys
   worker.py       the one model thread: bounded queue, rounds, cancellation
   batching.py     one decode step for many conversations, each with its own cache

@@ -25,7 +25,7 @@ STATIC = Path(__file__).parent / "static"
 log = logging.getLogger("dialogen.serve")
 
 
-def create_app(svc: Service) -> FastAPI:
+def create_app(svc: Service, cors_origins=(), allowed_hosts=()) -> FastAPI:
     app = FastAPI(title="dialogen", docs_url=None, redoc_url=None, openapi_url=None)
     app.state.svc = svc
     started = int(time.time())

@@ -151,10 +151,31 @@ def run(svc, sock: socket.socket, log_level: str = "warning") -> int:
     host, port = sock.getsockname()[:2]
     shown = f"[{host}]" if ":" in host else host
     print(f"dialogen serve: {svc.model_name} on http://{shown}:{port}/ (OpenAI API at /v1)", flush=True)
-    config = uvicorn.Config(app, log_level=log_level, timeout_graceful_shutdown=3)
+    config = uvicorn.Config(app, log_level=log_level, timeout_graceful_shutdown=3, http=json_error_protocol())
     server = uvicorn.Server(config)
     try:
         server.run(sockets=[sock])
     finally:
         svc.close()
     return 0
+
+
+def json_error_protocol():
+    """uvicorn's HTTP protocol, answering a request it cannot parse (a bad Content-Length, a
+    malformed header) with OpenAI's JSON error instead of plain text."""
+    import json
+
+    from uvicorn.protocols.http.auto import AutoHTTPProtocol
+
+    from .protocol import error_body
+
+    class Protocol(AutoHTTPProtocol):
+        def send_400_response(self, msg: str):
+            body = json.dumps(error_body(f"malformed HTTP request: {msg}", "invalid_request_error", None,
+                                         "invalid_http")).encode()
+            head = (b"HTTP/1.1 400 Bad Request\r\ncontent-type: application/json\r\n"
+                    b"content-length: %d\r\nconnection: close\r\n\r\n" % len(body))
+            self.transport.write(head + body)
+            self.transport.close()
+
+    return Protocol

@@ -12,9 +12,11 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
 from ..chat.messages import Message
+from ..decoding.settings import SEED_MIN
 from . import protocol as P
 from .app import Channel, ClientGone, job_error, read_json, submit_all
 from .protocol import ApiError
+from .schema import ChatRequest
 from .service import Service
 
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
@@ -37,19 +39,16 @@ def add_routes(app: FastAPI, svc: Service):
 def parse_request(svc: Service, body: dict) -> dict:
     """Check a request body; returns the plain values the jobs need."""
     P.refuse_unsupported(body)
-    model = body.get("model")
-    if model is not None and not isinstance(model, str):
-        raise ApiError(400, "'model' must be a string", "model")
-    if not svc.accepts_model(model):
-        raise ApiError(404, f"the model '{model}' does not exist; this server serves '{svc.model_name}'",
+    req = P.validate(ChatRequest, body)
+    if not svc.accepts_model(req.model):
+        raise ApiError(404, f"the model '{req.model}' does not exist; this server serves '{svc.model_name}'",
                        "model", "model_not_found")
-    messages = P.parse_chat_messages(body)
-    n = P.number(body, "n", 1, svc.limits.max_n, integer=True) or 1
-    stream = P.boolean(body, "stream")
-    opts = body.get("stream_options")
-    if opts is not None and not isinstance(opts, dict):
-        raise ApiError(400, "'stream_options' must be an object", "stream_options")
-    changes = P.sampling_changes(body, svc.limits.max_tokens)
+    messages = P.chat_messages(req)
+    n = req.n or 1
+    if n > svc.limits.max_n:
+        raise ApiError(400, f"'n' must be at most {svc.limits.max_n} on this server, got {n}", "n")
+    stream = bool(req.stream)
+    changes = P.sampling_changes(req, svc.limits.max_tokens)
     has_system = messages[0].role == "system"
     system = messages[0].content if has_system else svc.default_persona
     history = messages[1 if has_system else 0:-1]
@@ -63,16 +62,16 @@ def parse_request(svc: Service, body: dict) -> dict:
         if changes["max_new_tokens"] < 1:
             raise P.context_error(prompt, 1, ctx)
     sampling = P.make_sampling(svc.sampling, changes)
-    decoding = P.make_decoding(svc.decoding, P.decoding_changes(body, svc.limits.max_candidates))
+    decoding = P.make_decoding(svc.decoding, P.decoding_changes(req, svc.limits.max_candidates))
     return {"system": system, "history": history, "user": messages[-1].content, "n": n, "stream": stream,
-            "include_usage": bool((opts or {}).get("include_usage")), "sampling": sampling, "decoding": decoding,
-            "prompt_tokens": prompt, "id": P.new_id(), "created": int(time.time())}
+            "include_usage": bool(req.stream_options and req.stream_options.include_usage), "sampling": sampling,
+            "decoding": decoding, "prompt_tokens": prompt, "id": P.new_id(), "created": int(time.time())}
 
 
 def _choice_job(svc: Service, req: dict, index: int):
     sampling = req["sampling"]
-    if sampling.seed is not None and index:
-        sampling = sampling.replace(seed=sampling.seed + index)
+    if sampling.seed is not None and index:  # seed + index, wrapped within the 64-bit range
+        sampling = sampling.replace(seed=(sampling.seed + index - SEED_MIN) % 2**64 + SEED_MIN)
 
     def run(job):
         budget = svc.context_length - sampling.max_new_tokens

@@ -1,9 +1,10 @@
-"""The OpenAI chat-completions protocol: request checking and response objects.
+"""The OpenAI chat-completions protocol: reading request bodies, errors, response objects.
 
-Request bodies are read and checked here by hand, not by a schema library, so that every
-mistake gets one OpenAI-style error naming the field: `{"error": {"message", "type", "param",
-"code"}}`. Checked fields map onto `Sampling`; unknown fields are ignored, as OpenAI does,
-except features this server does not have (tools, logprobs, ...), which are refused.
+A body is read as JSON here (UTF-8, finite numbers, no lone surrogates, bounded nesting), then
+parsed by the pydantic models of `schema.py`; every mistake gets one OpenAI-style error naming
+the field: `{"error": {"message", "type", "param", "code"}}`. Parsed fields map onto `Sampling`
+and `Decoding`; unknown fields are ignored, as OpenAI does, except features this server does not
+have (tools, logprobs, ...), which are refused.
 """
 
 from __future__ import annotations
@@ -13,11 +14,17 @@ import math
 import secrets
 import time
 
+from pydantic import BaseModel, ValidationError
+
 from ..chat.messages import Message
-from ..decoding.settings import CANDIDATE_SOURCES, Sampling
+from ..decoding.settings import Sampling
 from ..errors import UserError
+from .schema import ChatRequest, DecodeFields, first_error, kind
 
 ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
+SAMPLING_FIELDS = ("temperature", "top_p", "top_k", "repetition_penalty", "frequency_penalty", "presence_penalty",
+                   "no_repeat_ngram", "seed", "stop")
+DECODING_FIELDS = ("num_candidates", "beam_size", "candidates", "scorer", "length_penalty")
 UNSUPPORTED = ("tools", "functions", "tool_choice", "function_call", "logprobs", "top_logprobs", "audio",
                "prediction", "logit_bias")
 
@@ -40,7 +47,11 @@ def error_body(message: str, type: str, param: str | None = None, code: str | No
     return {"error": {"message": message, "type": type, "param": param, "code": code}}
 
 
+MAX_DEPTH = 32  # nesting of objects and arrays in a request body (OpenAI's bodies need about 5)
+
+
 def parse_json_body(raw: bytes) -> dict:
+    """The body as plain JSON values: UTF-8, finite numbers, no lone surrogates, bounded nesting."""
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as e:
@@ -49,55 +60,80 @@ def parse_json_body(raw: bytes) -> dict:
     if not text.strip():
         raise ApiError(400, "the request body is empty; expected a JSON object", code="invalid_json")
     try:
-        body = json.loads(text)
+        body = json.loads(text, parse_constant=_no_constant)
     except json.JSONDecodeError as e:
         raise ApiError(400, f"the request body is not valid JSON: {e.msg} at line {e.lineno} column {e.colno}",
                        code="invalid_json") from None
+    except ValueError as e:  # NaN/Infinity, or an integer of thousands of digits
+        raise ApiError(400, f"the request body is not valid JSON: {str(e).split(':')[0]}",
+                       code="invalid_json") from None
+    except RecursionError:
+        raise ApiError(400, f"the request body nests objects and arrays deeper than {MAX_DEPTH} levels",
+                       code="invalid_json") from None
     if not isinstance(body, dict):
-        raise ApiError(400, f"the request body must be a JSON object, got {_kind(body)}", code="invalid_json")
+        raise ApiError(400, f"the request body must be a JSON object, got {kind(body)}", code="invalid_json")
+    _check_values(body)
     return body
 
 
-def _kind(v) -> str:
-    return {dict: "an object", list: "an array", str: "a string", bool: "a boolean", type(None): "null"}.get(
-        type(v), "a number")
+def _no_constant(name: str):
+    raise ValueError(f"{name} is not a JSON number")
 
 
-# --- fields ---------------------------------------------------------------------------------
-def number(body: dict, key: str, lo: float | None = None, hi: float | None = None, lo_open: bool = False,
-           integer: bool = False):
-    """body[key] as a number within [lo, hi] (or (lo, hi] with lo_open); None when absent or null."""
-    v = body.get(key)
-    if v is None:
-        return None
-    ok_type = isinstance(v, int) if integer else isinstance(v, (int, float))
-    if isinstance(v, bool) or not ok_type or (isinstance(v, float) and not math.isfinite(v)):
-        raise ApiError(400, f"'{key}' must be {'an integer' if integer else 'a number'}, got {_kind(v)}", key)
-    below = lo is not None and (v <= lo if lo_open else v < lo)
-    if below or (hi is not None and v > hi):
-        left = "(" if lo_open else "["
-        raise ApiError(400, f"'{key}' must be in {left}{lo if lo is not None else '-inf'}, "
-                            f"{hi if hi is not None else 'inf'}], got {v}", key)
-    return v
+def _check_values(body: dict):
+    """Walk the parsed body once, without recursion: depth, finite numbers, strings that encode
+    as UTF-8. A path is a linked (parent, key) pair, formatted only for an error."""
+    todo = [(body, None, 1)]
+    while todo:
+        v, at, depth = todo.pop()
+        if isinstance(v, (dict, list)):
+            if depth > MAX_DEPTH:
+                raise ApiError(400, f"the request body nests objects and arrays deeper than {MAX_DEPTH} levels",
+                               code="invalid_json")
+            for k, x in v.items() if isinstance(v, dict) else enumerate(v):
+                if isinstance(k, str) and _surrogate_at(k) is not None:  # before the key is part of a path
+                    where = f"a key in '{_path(at)}'" if at else "a key"
+                    raise _surrogate_error(where, None, k)
+                todo.append((x, (at, k), depth + 1))
+        elif isinstance(v, str) and _surrogate_at(v) is not None:
+            raise _surrogate_error(f"'{_path(at)}'", _path(at), v)
+        elif isinstance(v, float) and not math.isfinite(v):  # 1e400 parses as infinity
+            raise ApiError(400, f"'{_path(at)}' is not a finite number", _path(at))
 
 
-def boolean(body: dict, key: str, default: bool = False) -> bool:
-    v = body.get(key)
-    if v is None:
-        return default
-    if not isinstance(v, bool):
-        raise ApiError(400, f"'{key}' must be true or false, got {_kind(v)}", key)
-    return v
+def _path(at) -> str | None:
+    """(((None, 'messages'), 0), 'content') -> 'messages[0].content'."""
+    parts = []
+    while at is not None:
+        at, k = at
+        parts.append(f"[{k}]" if isinstance(k, int) else f".{k}")
+    out = "".join(reversed(parts)).lstrip(".")
+    return (out if len(out) <= 80 else out[:77] + "...") or None
 
 
-def stop_list(body: dict, key: str = "stop") -> list[str] | None:
-    v = body.get(key)
-    if v is None:
-        return None
-    items = [v] if isinstance(v, str) else v
-    if not isinstance(items, list) or len(items) > 4 or not all(isinstance(s, str) and s for s in items):
-        raise ApiError(400, f"'{key}' must be a non-empty string or a list of up to 4 non-empty strings", key)
-    return list(items)
+def _surrogate_at(s: str) -> int | None:
+    try:
+        s.encode("utf-8")
+    except UnicodeEncodeError as e:
+        return e.start
+    return None
+
+
+def _surrogate_error(where: str, param: str | None, s: str) -> ApiError:
+    i = _surrogate_at(s)
+    return ApiError(400, f"{where} has a lone surrogate (\\u{ord(s[i]):04x}) at character {i}: not valid Unicode "
+                         "text", param, code="invalid_string")
+
+
+def validate(model: type[BaseModel], body: dict, where: str | None = None):
+    """`model` parsed from `body`; the first mistake as a 400 naming the field (under `where`)."""
+    try:
+        return model.model_validate(body)
+    except ValidationError as e:
+        param, message = first_error(e)
+        if where:
+            param, message = f"{where}.{param}", f"{where}: {message}"
+        raise ApiError(400, message, param) from None
 
 
 def refuse_unsupported(body: dict):
@@ -111,44 +147,25 @@ def refuse_unsupported(body: dict):
                        "response_format", code="unsupported_parameter")
 
 
-def sampling_changes(body: dict, max_tokens_limit: int) -> dict:
-    """The decoding fields present in `body`, as `Sampling` field changes (absent fields left out)."""
-    changes = {
-        "temperature": number(body, "temperature", 0, 2),
-        "top_p": number(body, "top_p", 0, 1, lo_open=True),
-        "top_k": number(body, "top_k", 0, None, integer=True),
-        "repetition_penalty": number(body, "repetition_penalty", 0, None, lo_open=True),
-        "frequency_penalty": number(body, "frequency_penalty", 0, 2),
-        "presence_penalty": number(body, "presence_penalty", 0, 2),
-        "no_repeat_ngram": number(body, "no_repeat_ngram", 0, None, integer=True),
-        "seed": number(body, "seed", integer=True),
-        "stop": stop_list(body),
-    }
-    mt = number(body, "max_completion_tokens", integer=True)
-    mt = number(body, "max_tokens", integer=True) if mt is None else mt
+def sampling_changes(fields: DecodeFields, max_tokens_limit: int) -> dict:
+    """The decoding fields set in `fields`, as `Sampling` field changes (unset fields left out)."""
+    changes = fields.model_dump(include=set(SAMPLING_FIELDS), exclude_none=True)
+    key = "max_completion_tokens" if getattr(fields, "max_completion_tokens", None) is not None else "max_tokens"
+    mt = getattr(fields, key)
     if mt is not None:
-        key = "max_completion_tokens" if body.get("max_completion_tokens") is not None else "max_tokens"
-        if mt <= 0:
-            raise ApiError(400, f"'{key}' must be at least 1, got {mt}", key)
         if mt > max_tokens_limit:
             raise ApiError(400, f"'{key}' must be at most {max_tokens_limit} on this server, got {mt}", key)
         changes["max_new_tokens"] = mt
-    return {k: v for k, v in changes.items() if v is not None}
+    return changes
 
 
-def decoding_changes(body: dict, max_candidates: int) -> dict:
+def decoding_changes(fields: DecodeFields, max_candidates: int) -> dict:
     """Search and reranking fields (beam search, sample-and-rank) as `Decoding` field changes."""
-    from ..decoding.rerank import SCORERS
-
-    changes = {"num_candidates": number(body, "num_candidates", 1, max_candidates, integer=True),
-               "beam_size": number(body, "beam_size", 1, max_candidates, integer=True),
-               "length_penalty": number(body, "length_penalty", 0, 10)}
-    for key, allowed in (("candidates", CANDIDATE_SOURCES), ("scorer", tuple(SCORERS))):
-        v = body.get(key)
-        if v is not None and v not in allowed:
-            raise ApiError(400, f"'{key}' must be one of: {', '.join(allowed)}", key)
-        changes[key] = v
-    return {k: v for k, v in changes.items() if v is not None}
+    changes = fields.model_dump(include=set(DECODING_FIELDS), exclude_none=True)
+    for key in ("num_candidates", "beam_size"):
+        if changes.get(key, 1) > max_candidates:
+            raise ApiError(400, f"'{key}' must be at most {max_candidates} on this server, got {changes[key]}", key)
+    return changes
 
 
 def make_decoding(base, changes: dict):
@@ -171,42 +188,15 @@ def make_decoding(base, changes: dict):
 def make_sampling(base: Sampling, changes: dict) -> Sampling:
     try:
         return base.replace(**changes)
-    except UserError as e:  # the range checks above cover the fields; this catches combinations
+    except UserError as e:  # the schema covers the fields; this catches combinations
         raise ApiError(400, str(e)) from None
 
 
-def content_text(v, where: str) -> str:
-    """A message content: a string, or a list of text parts; never empty."""
-    if isinstance(v, list) and all(isinstance(p, dict) and p.get("type") == "text" and isinstance(p.get("text"), str)
-                                   for p in v):
-        v = "".join(p["text"] for p in v)
-    if not isinstance(v, str):
-        raise ApiError(400, f"'{where}' must be a string (or a list of text parts), got {_kind(v)}", where)
-    if not v.strip():
-        raise ApiError(400, f"'{where}' is empty", where)
-    return v
-
-
-def parse_chat_messages(body: dict) -> list[Message]:
-    if "messages" not in body:
-        raise ApiError(400, "'messages' is required", "messages")
-    msgs = body["messages"]
-    if not isinstance(msgs, list) or not msgs:
-        raise ApiError(400, "'messages' must be a non-empty array of {role, content} objects", "messages")
-    out = []
-    for i, m in enumerate(msgs):
-        at = f"messages[{i}]"
-        if not isinstance(m, dict):
-            raise ApiError(400, f"'{at}' must be an object with 'role' and 'content'", at)
-        role = m.get("role")
-        if role not in ROLES:
-            shown = json.dumps(role, ensure_ascii=False)[:40]
-            raise ApiError(400, f"'{at}.role' is {shown}; expected one of: {', '.join(ROLES)}", f"{at}.role")
-        if "content" not in m:
-            raise ApiError(400, f"'{at}.content' is required", f"{at}.content")
-        out.append(Message(ROLES[role], content_text(m["content"], f"{at}.content")))
+def chat_messages(req: ChatRequest) -> list[Message]:
+    out = [Message(ROLES[m.role], m.content) for m in req.messages]
     if out[-1].role != "user":
-        raise ApiError(400, f"the last message must have role 'user', got '{out[-1].role}'", f"messages[{len(out) - 1}].role")
+        raise ApiError(400, f"the last message must have role 'user', got '{out[-1].role}'",
+                       f"messages[{len(out) - 1}].role")
     return out
 
 

@@ -23,27 +23,20 @@ from . import protocol as P
 from .app import Channel, ClientGone, job_error, read_json, submit_all
 from .completions import SSE_HEADERS, candidates
 from .protocol import ApiError
+from .schema import SessionCreate, SessionTurn, Settings
 from .service import Service
 
-SETTINGS_KEYS = ("temperature", "top_p", "top_k", "repetition_penalty", "frequency_penalty", "presence_penalty",
-                 "no_repeat_ngram", "seed", "stop", "max_tokens", "num_candidates", "beam_size", "candidates",
-                 "scorer", "length_penalty")
-MAX_PERSONA = 20_000
 
 
 def add_routes(app: FastAPI, svc: Service):
     @app.post("/v1/sessions")
     async def create(request: Request):
         body = await read_json(request, svc.limits.max_body_bytes)
-        persona = body.get("persona")
-        if persona is not None and (not isinstance(persona, str) or len(persona) > MAX_PERSONA):
-            raise ApiError(400, f"'persona' must be a string of at most {MAX_PERSONA} characters", "persona")
-        title = body.get("title") or ""
-        if not isinstance(title, str):
-            raise ApiError(400, "'title' must be a string", "title")
-        settings = check_settings(svc, body.get("settings"))
-        persona = resolve_persona(persona) or svc.default_persona  # a preset name becomes its text
-        row = svc.store.create(request.state.owner, persona, settings, title[:200])
+        req = P.validate(SessionCreate, body)
+        check_settings(svc, req.settings)
+        settings = {k: v for k, v in (body.get("settings") or {}).items() if v is not None}  # stored as given
+        persona = resolve_persona(req.persona) or svc.default_persona  # a preset name becomes its text
+        row = svc.store.create(request.state.owner, persona, settings, (req.title or "")[:200])
         return _session_obj(row, [])
 
     @app.get("/v1/sessions")
@@ -75,16 +68,14 @@ async def start_turn(svc: Service, sid: str, request: Request):
     """Check a user turn, claim the session, queue the reply; stream it or wait for it."""
     body = await read_json(request, svc.limits.max_body_bytes)
     row = _owned(svc, sid, request)
-    text = P.content_text(body.get("content"), "content") if "content" in body else None
-    if text is None:
-        raise ApiError(400, "'content' is required: the user's message", "content")
-    stream = P.boolean(body, "stream")
-    changes = {**P.sampling_changes(row["settings"], svc.limits.max_tokens),
-               **P.sampling_changes(body, svc.limits.max_tokens)}
+    req = P.validate(SessionTurn, body)
+    stored = P.validate(Settings, row["settings"], "settings")
+    changes = {**P.sampling_changes(stored, svc.limits.max_tokens), **P.sampling_changes(req, svc.limits.max_tokens)}
     sampling = P.make_sampling(svc.sampling, changes)
-    search = {**P.decoding_changes(row["settings"], svc.limits.max_candidates),
-              **P.decoding_changes(body, svc.limits.max_candidates)}
+    search = {**P.decoding_changes(stored, svc.limits.max_candidates),
+              **P.decoding_changes(req, svc.limits.max_candidates)}
     decoding = P.make_decoding(svc.decoding, search)
+    text, stream = req.content, bool(req.stream)
     _check_fits(svc, row["persona"], text, sampling.max_new_tokens)
     claim = svc.sessions.claim(sid)
     if claim is None:
@@ -106,21 +97,15 @@ async def start_turn(svc: Service, sid: str, request: Request):
     return await _collect(svc, sid, turn_id, channel, jobs[0], request)
 
 
-def check_settings(svc: Service, settings) -> dict:
+def check_settings(svc: Service, settings: Settings | None):
+    """Parsed settings within the server's limits (max_tokens, num_candidates) and combinable."""
     if settings is None:
-        return {}
-    if not isinstance(settings, dict):
-        raise ApiError(400, "'settings' must be an object", "settings")
-    unknown = sorted(set(settings) - set(SETTINGS_KEYS))
-    if unknown:
-        raise ApiError(400, f"'settings.{unknown[0]}' is not a decoding setting; known: {', '.join(SETTINGS_KEYS)}",
-                       f"settings.{unknown[0]}")
+        return
     try:
         P.make_sampling(svc.sampling, P.sampling_changes(settings, svc.limits.max_tokens))
         P.make_decoding(svc.decoding, P.decoding_changes(settings, svc.limits.max_candidates))
     except ApiError as e:
         raise ApiError(400, f"settings: {e.message}", f"settings.{e.param}" if e.param else "settings") from None
-    return {k: v for k, v in settings.items() if v is not None}
 
 
 def _check_fits(svc: Service, persona: str | None, text: str, max_tokens: int):
