@@ -25,7 +25,7 @@ class InProcessServer:
         limits = Limits(max_body_bytes=200_000, max_tokens=max_tokens, kv_budget_bytes=64 << 20)
         self.svc = Service(engine, Store(db), Keys(list(keys)), limits, Sampling(max_new_tokens=max_tokens),
                            "tiny-chat", max_active=4, max_queue=16)
-        self.app = create_app(self.svc, cors_origins=list(cors_origins), allowed_hosts=list(allowed_hosts))
+        self.app = create_app(self.svc, "127.0.0.1", allowed_hosts, cors_origins)
 
     def request(self, method: str, path: str, timeout: float = 30.0, **kw) -> httpx.Response:
         async def go():

@@ -14,13 +14,15 @@ from dialogen.serve.launch import ServerProcess
 
 K1, K2 = "key-one", "key-two"
 BODY_LIMIT = 20_000
+ORIGIN = "http://app.example:3000"
 
 
 @pytest.fixture(scope="module")
 def server(tiny_llama, tmp_path_factory):
     db = tmp_path_factory.mktemp("serve") / "sessions.db"
     args = ["--model", str(tiny_llama[0]), "--template", "chatml", "--api-key", K1, "--api-key", K2,
-            "--db", str(db), "--model-name", "tiny-chat", "--max-body-bytes", str(BODY_LIMIT), "--max-tokens-limit", "200"]
+            "--db", str(db), "--model-name", "tiny-chat", "--max-body-bytes", str(BODY_LIMIT), "--max-tokens-limit", "200",
+            "--allowed-host", "chat.internal", "--cors-origin", ORIGIN]
     with ServerProcess(args) as srv:
         yield srv
 
@@ -396,3 +398,80 @@ def test_session_persona_with_a_lone_surrogate_is_refused_and_sessions_still_wor
     s = _session(client, "", {"settings": {"seed": 2**63 - 1, "max_tokens": 3}})  # the largest seed is fine
     for text in ("one", "two"):
         assert _session(client, f"/{s['id']}/messages", {"content": text})["finish_reason"] in ("stop", "length")
+
+
+def _get(server, path, headers=None, method="GET"):
+    return httpx.request(method, server.url + path, headers=headers or {}, timeout=30)
+
+
+@pytest.mark.parametrize("path", ["/health", "/", "/v1/models"])
+def test_foreign_host_gets_403(server, path):
+    """DNS rebinding: a page whose name now points at 127.0.0.1 sends its own name as Host."""
+    port = server.url.rsplit(":", 1)[1]
+    auth = {"Authorization": f"Bearer {K1}"}
+    for host in ("evil.example", f"evil.example:{port}", "127.0.0.1.evil.example", "localhost.evil.example"):
+        r = _get(server, path, {"Host": host, **auth})
+        assert r.status_code == 403 and r.json()["error"]["code"] == "host_not_allowed"
+    for host in (f"localhost:{port}", f"127.0.0.1:{port}", "chat.internal", f"CHAT.internal:{port}"):
+        assert _get(server, path, {"Host": host, **auth}).status_code == 200
+
+
+def test_cross_origin_requests_refused_unless_listed(server):
+    body = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
+    auth = {"Authorization": f"Bearer {K1}"}
+    for origin in ("http://evil.example", "null", "http://app.example:3001", "https://app.example:3000"):
+        r = httpx.post(server.url + "/v1/chat/completions", json=body, headers={"Origin": origin, **auth}, timeout=30)
+        assert r.status_code == 403 and r.json()["error"]["code"] == "origin_not_allowed"
+        assert "access-control-allow-origin" not in r.headers
+    same = httpx.post(server.url + "/v1/chat/completions", json=body, headers={"Origin": server.url, **auth},
+                      timeout=60)
+    assert same.status_code == 200  # the page's own origin
+    pre = httpx.options(server.url + "/v1/chat/completions", headers={
+        "Origin": ORIGIN, "Access-Control-Request-Method": "POST",
+        "Access-Control-Request-Headers": "authorization, content-type"})
+    assert pre.status_code == 204 and pre.headers["access-control-allow-origin"] == ORIGIN
+    assert "POST" in pre.headers["access-control-allow-methods"]
+    assert pre.headers["access-control-allow-headers"] == "authorization, content-type"
+    listed = httpx.post(server.url + "/v1/chat/completions", json=body, headers={"Origin": ORIGIN, **auth}, timeout=60)
+    assert listed.status_code == 200 and listed.headers["access-control-allow-origin"] == ORIGIN
+    unauthorized = httpx.get(server.url + "/v1/models", headers={"Origin": ORIGIN})
+    assert unauthorized.status_code == 401 and unauthorized.headers["access-control-allow-origin"] == ORIGIN
+
+
+@pytest.mark.parametrize("ctype", ["text/plain", "application/x-www-form-urlencoded", "multipart/form-data; b=x",
+                                   None])
+def test_post_bodies_must_be_json(server, ctype):
+    """A form or a text/plain fetch (which needs no preflight) cannot reach the API."""
+    h = {"Authorization": f"Bearer {K1}", **({"Content-Type": ctype} if ctype else {})}
+    raw = json.dumps({"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}).encode()
+    for path in ("/v1/chat/completions", "/v1/sessions"):
+        r = httpx.post(server.url + path, content=raw, headers=h, timeout=30)
+        assert r.status_code == 415 and r.json()["error"]["code"] == "unsupported_media_type"
+    ok = httpx.post(server.url + "/v1/sessions", content=b"{}", headers={
+        "Authorization": f"Bearer {K1}", "Content-Type": "application/json; charset=utf-8"})
+    assert ok.status_code == 200
+
+
+def test_head_and_options_answer_and_health_hides_activity_without_a_key(server):
+    assert _get(server, "/health", method="HEAD").status_code == 200
+    assert _get(server, "/v1/models", {"Authorization": f"Bearer {K1}"}, "HEAD").status_code == 200
+    assert _get(server, "/v1/models", method="HEAD").status_code == 401
+    plain = _get(server, "/v1/sessions", method="OPTIONS")
+    assert plain.status_code == 204 and "POST" in plain.headers["allow"]
+    public = _get(server, "/health").json()
+    assert public["status"] == "ok" and public["model"] == "tiny-chat"
+    assert not {"worker", "live_sessions", "kv_cache_bytes", "evictions"} & set(public)
+    wrong = _get(server, "/health", {"Authorization": "Bearer nope"}).json()
+    assert "worker" not in wrong
+    full = _get(server, "/health", {"Authorization": f"Bearer {K2}"}).json()
+    assert full["worker"]["max_active"] == 32 and "live_sessions" in full
+
+
+def test_cli_checks_cors_origins_and_allowed_hosts(capsys):
+    from dialogen.cli import main
+
+    for flags in (["--cors-origin", "app.example"], ["--cors-origin", "http://app.example/page"],
+                  ["--allowed-host", "http://x"]):
+        assert main(["serve", *flags]) == 2
+        err = capsys.readouterr().err
+        assert flags[0] in err and len(err.strip().splitlines()) == 1

@@ -4,9 +4,12 @@ Skips only when /usr/bin/chromium is absent (CI installs it in .ci/run). Playwri
 downloads a browser here: it is pointed at the system one.
 """
 
+import http.server
 import os
 import re
+import threading
 
+import httpx
 import pytest
 
 from dialogen.serve.launch import ServerProcess
@@ -28,11 +31,71 @@ WATCH = """() => {
 
 
 @pytest.fixture(scope="module")
-def server(tiny_llama, tmp_path_factory):
+def other_site():
+    """Another web site on this machine: http://127.0.0.1:PORT (listed with --cors-origin) and
+    http://localhost:PORT (the same pages, but another origin, not listed)."""
+    class Page(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            body = b"<!doctype html><title>other site</title><p>another origin"
+            self.send_response(200)
+            self.send_header("Content-Type", "text/html")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args):
+            pass
+
+    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Page)
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    port = httpd.server_address[1]
+    yield f"http://127.0.0.1:{port}", f"http://localhost:{port}"
+    httpd.shutdown()
+
+
+@pytest.fixture(scope="module")
+def server(tiny_llama, tmp_path_factory, other_site):
     db = tmp_path_factory.mktemp("browser") / "sessions.db"
     with ServerProcess(["--model", str(tiny_llama[0]), "--template", "chatml", "--db", str(db),
-                        "--model-name", "tiny-chat", "--temperature", "0"]) as srv:
+                        "--model-name", "tiny-chat", "--temperature", "0", "--cors-origin", other_site[0]]) as srv:
         yield srv
+
+
+# from another site's page: a JSON POST (with a CORS preflight), and a form-like text/plain POST
+CALL = """async ([url, body, type]) => {
+  try {
+    const r = await fetch(url, {method: "POST", headers: {"Content-Type": type}, body: JSON.stringify(body),
+                                mode: type === "application/json" ? "cors" : "no-cors"});
+    return {status: r.status, type: r.type, body: r.type === "opaque" ? null : await r.json()};
+  } catch (e) {
+    return {error: String(e)};
+  }
+}"""
+
+
+def test_listed_origin_works_from_the_browser_and_others_do_not(server, other_site, tmp_path):
+    sync_api = pytest.importorskip("playwright.sync_api")
+    listed, unlisted = other_site
+    chat = [server.url + "/v1/chat/completions",
+            {"messages": [{"role": "user", "content": "Hi from another site"}], "max_tokens": 4}]
+    with sync_api.sync_playwright() as p:
+        ctx = p.chromium.launch_persistent_context(str(tmp_path / "profile"), executable_path=CHROMIUM,
+                                                   headless=True, args=ARGS)
+        try:
+            page = ctx.new_page()
+            page.goto(listed + "/")
+            ok = page.evaluate(CALL, [*chat, "application/json"])
+            assert ok["status"] == 200 and ok["body"]["choices"][0]["message"]["content"], ok
+            page.goto(unlisted + "/")
+            refused = page.evaluate(CALL, [*chat, "application/json"])
+            assert "error" in refused and "Failed to fetch" in refused["error"], refused
+            before = httpx.get(server.url + "/v1/sessions").json()["data"]
+            blind = page.evaluate(CALL, [server.url + "/v1/sessions", {"persona": "planted"}, "text/plain"])
+            assert blind.get("type") == "opaque"  # the browser sent it; the server must not have acted on it
+            assert httpx.get(server.url + "/v1/sessions").json()["data"] == before
+        finally:
+            ctx.close()
+
 
 
 def test_page_sends_a_message_and_streams_the_reply(server, tmp_path):

@@ -2,6 +2,7 @@
 
   cli.py          the command: flags, checks, binding, uvicorn
   app.py          the FastAPI app: auth, limits, errors, health, models, the page
+  guard.py        Host and Origin checks (DNS rebinding, cross-site requests), CORS, JSON-only POSTs
   completions.py  POST /v1/chat/completions (plain and streamed)
   sessions.py     /v1/sessions: stored conversations with live KV caches
   protocol.py     reading request bodies, OpenAI-shaped errors and response objects

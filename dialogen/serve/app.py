@@ -17,6 +17,7 @@ from fastapi.staticfiles import StaticFiles
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..errors import UserError
+from .guard import Guard
 from .protocol import ApiError, error_body, parse_json_body
 from .service import Service
 from .worker import Busy
@@ -25,7 +26,9 @@ STATIC = Path(__file__).parent / "static"
 log = logging.getLogger("dialogen.serve")
 
 
-def create_app(svc: Service, cors_origins=(), allowed_hosts=()) -> FastAPI:
+def create_app(svc: Service, bound_host: str = "127.0.0.1", allowed_hosts=(), cors_origins=()) -> FastAPI:
+    """The app; `bound_host`, `allowed_hosts` and `cors_origins` set which Host and Origin headers
+    are served (see guard.py)."""
     app = FastAPI(title="dialogen", docs_url=None, redoc_url=None, openapi_url=None)
     app.state.svc = svc
     started = int(time.time())
@@ -46,15 +49,18 @@ def create_app(svc: Service, cors_origins=(), allowed_hosts=()) -> FastAPI:
         return JSONResponse(error_body(f"internal error: {type(e).__name__}", "server_error"), status_code=500)
 
     app.add_middleware(AuthMiddleware, keys=svc.keys)
+    app.add_middleware(Guard, bound_host=bound_host, allowed_hosts=allowed_hosts, cors_origins=cors_origins)
 
-    @app.get("/health")
-    async def health():
-        return {"status": "ok", "model": svc.model_name, "context_length": svc.context_length,
-                "worker": svc.worker.load(), "live_sessions": len(svc.sessions),
-                "kv_cache_bytes": svc.sessions.nbytes(), "evictions": svc.sessions.evictions,
-                "defaults": svc.defaults()}
+    @app.api_route("/health", methods=["GET", "HEAD"])
+    async def health(request: Request):
+        out = {"status": "ok", "model": svc.model_name, "context_length": svc.context_length,
+               "defaults": svc.defaults()}
+        if svc.keys.owner(request.headers.get("authorization")) is not None:  # what the clients are doing:
+            out.update({"worker": svc.worker.load(), "live_sessions": len(svc.sessions),  # for key holders only
+                        "kv_cache_bytes": svc.sessions.nbytes(), "evictions": svc.sessions.evictions})
+        return out
 
-    @app.get("/v1/models")
+    @app.api_route("/v1/models", methods=["GET", "HEAD"])
     async def models():
         return {"object": "list", "data": [_model_card(svc, started)]}
 

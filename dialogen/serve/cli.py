@@ -26,6 +26,12 @@ def register(sub):
     g.add_argument("--api-key", action="append", default=[], help="accept this API key (repeatable)")
     g.add_argument("--api-keys-file", default=None, help="file with one API key per line (# comments)")
     g.add_argument("--insecure", action="store_true", help="allow a non-loopback --host without API keys")
+    g.add_argument("--allowed-host", action="append", default=[], metavar="NAME",
+                   help="also serve requests whose Host header names NAME (repeatable); by default only the bound "
+                        "address, localhost and loopback addresses, against DNS rebinding")
+    g.add_argument("--cors-origin", action="append", default=[], metavar="ORIGIN",
+                   help="allow cross-origin requests (CORS) from this origin, e.g. http://localhost:3000 "
+                        "(repeatable); other origins get 403")
     g.add_argument("--db", default=None, help="session database (SQLite); default: "
                    "$XDG_DATA_HOME/dialogen/sessions.sqlite3")
     g.add_argument("--model-name", default=None, help="the model id clients see (default: from the model path)")
@@ -88,6 +94,13 @@ def check_args(args):
             raise UserError(f"{flag} must be >= {lo}, got {v}")
     if args.port > 65535:
         raise UserError(f"--port must be <= 65535, got {args.port}")
+    for origin in args.cors_origin:
+        if not re.fullmatch(r"https?://[^/\s]+", origin.rstrip("/")):
+            raise UserError(f"--cors-origin {origin!r}: expected an origin such as http://localhost:3000 "
+                            "(scheme, host and optional port; no path)")
+    for name in args.allowed_host:
+        if not re.fullmatch(r"[A-Za-z0-9.:\[\]_-]+", name):
+            raise UserError(f"--allowed-host {name!r}: expected a host name or address, without scheme or path")
     keys = read_keys(args)
     if not keys and not is_loopback(args.host) and not args.insecure:
         raise UserError(f"--host {args.host} is not a loopback address and no API key is set: anyone who can "
@@ -139,15 +152,15 @@ def cmd_serve(args) -> int:
     svc = Service(engine, store, Keys(keys), limits, sampling, name, args.max_active, args.max_queue,
                   decoding)
     svc.default_persona = resolve_persona(args.system)  # for sessions and requests without a system message
-    return run(svc, sock, args.log_level)
+    return run(svc, sock, args.log_level, [args.host, *args.allowed_host], args.cors_origin)
 
 
-def run(svc, sock: socket.socket, log_level: str = "warning") -> int:
+def run(svc, sock: socket.socket, log_level: str = "warning", allowed_hosts=(), cors_origins=()) -> int:
     import uvicorn
 
     from .app import create_app
 
-    app = create_app(svc)
+    app = create_app(svc, sock.getsockname()[0], allowed_hosts, cors_origins)
     host, port = sock.getsockname()[:2]
     shown = f"[{host}]" if ":" in host else host
     print(f"dialogen serve: {svc.model_name} on http://{shown}:{port}/ (OpenAI API at /v1)", flush=True)
