@@ -55,9 +55,11 @@ class Keys:
 
 
 class Claim:
-    """One turn's hold on a session; `job` is the job generating it, once submitted."""
+    """One turn's hold on a session; `job` is the job generating it, once submitted; `holder`
+    its claim in the store."""
 
     job = None
+    holder: str | None = None
 
 
 class SessionCache:

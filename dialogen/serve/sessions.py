@@ -7,7 +7,8 @@
   DELETE /v1/sessions/{id}
 
 A turn is committed to the store when its reply is complete; a reply cut off (client gone,
-server killed) leaves the stored history as it was. One turn at a time per session (409).
+server killed) leaves the stored history as it was. One turn at a time per session (409), across
+server processes sharing the database too: see store.py.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from .completions import SSE_HEADERS, candidates
 from .protocol import ApiError
 from .schema import SessionCreate, SessionTurn, Settings
 from .service import Service
+from .store import Conflict
 
 
 
@@ -78,14 +80,22 @@ async def start_turn(svc: Service, sid: str, request: Request):
     text, stream = req.content, bool(req.stream)
     _check_fits(svc, row["persona"], text, sampling.max_new_tokens)
     claim = svc.sessions.claim(sid)
-    if claim is None:
+    holder = svc.store.claim(sid) if claim is not None else None  # no other process writes it either
+    if holder is None:
+        if claim is not None:
+            svc.sessions.release(sid, claim)
         raise ApiError(409, f"session '{sid}' is already generating a reply; wait for it to finish",
                        code="session_busy")
+    claim.holder = holder
+
+    def release():
+        svc.store.release(sid, holder)
+        svc.sessions.release(sid, claim)
+
     channel = Channel()
-    release = lambda: svc.sessions.release(sid, claim)  # noqa: E731
     try:
-        jobs = submit_all(svc, [_turn_job(svc, row, request.state.owner, text, (sampling, decoding), release)],
-                          channel)
+        jobs = submit_all(svc, [_turn_job(svc, row, request.state.owner, text, (sampling, decoding), claim,
+                                          release)], channel)
     except ApiError:
         release()
         raise
@@ -137,22 +147,15 @@ def _session_obj(row: dict, messages: list | None) -> dict:
     return out
 
 
-def _turn_job(svc: Service, row: dict, owner: str, text: str, decode: tuple, release):
+def _turn_job(svc: Service, row: dict, owner: str, text: str, decode: tuple, claim, release):
     sid = row["id"]
     sampling, decoding = decode
 
     def run(job):
         try:
-            session = svc.sessions.get(sid)
-            if session is None:  # first turn since start or eviction: rebuilt from the stored history
-                row_now = svc.store.get(sid, owner)  # read again: a turn may have ended since the request came
-                if row_now is None:
-                    raise ApiError(404, f"no session '{sid}'", "session_id", "session_not_found")
-                history = [Message(m["role"], m["content"]) for m in row_now["messages"]]
-                session = svc.new_session(row["persona"], sampling, history)
-                svc.sessions.put(sid, session)
+            session = _live_session(svc, sid, owner, row["persona"], sampling)
             session.max_context_tokens = svc.context_length - sampling.max_new_tokens
-            done = _generate(svc, job, session, sid, text, sampling, decoding)
+            done = _generate(svc, job, session, sid, text, (sampling, decoding), claim.holder)
         finally:
             release()  # before the client hears "done", so its next turn finds the session free
         job.emit(("done", done))
@@ -160,13 +163,39 @@ def _turn_job(svc: Service, row: dict, owner: str, text: str, decode: tuple, rel
     return run
 
 
-def _generate(svc: Service, job, session, sid: str, text: str, sampling, decoding) -> dict:
+def _live_session(svc: Service, sid: str, owner: str, persona: str | None, sampling):
+    """The session with its KV cache, holding the whole stored history: the kept one, unless the
+    store has turns it lacks (another server wrote them) or it was evicted; then rebuilt."""
+    session = svc.sessions.get(sid)
+    stored = svc.store.count(sid)
+    if stored is None:
+        raise _not_found(sid)
+    if session is not None and len(session.messages) == stored:
+        return session
+    row_now = svc.store.get(sid, owner)  # read under the claim: no turn is added meanwhile
+    if row_now is None:
+        raise _not_found(sid)
+    history = [Message(m["role"], m["content"]) for m in row_now["messages"]]
+    session = svc.new_session(persona, sampling, history)
+    svc.sessions.put(sid, session)
+    return session
+
+
+LEASE_RENEW = 10.0  # seconds between renewals of a generating turn's claim
+
+
+def _generate(svc: Service, job, session, sid: str, text: str, decode: tuple, holder: str) -> dict:
     """Generate and commit the turn; returns the "done" event's payload."""
+    sampling, decoding = decode
     before = len(session.messages)
     try:
         gen, prompt, cached = svc.reply(session, text, sampling, decoding)
+        renewed = time.monotonic()
         for delta in gen:
             job.emit(("delta", delta))
+            if time.monotonic() - renewed > LEASE_RENEW:
+                svc.store.renew(sid, holder)
+                renewed = time.monotonic()
     except BaseException:
         del session.messages[before:]  # the turn never happened: memory matches the store
         raise
@@ -175,7 +204,12 @@ def _generate(svc: Service, job, session, sid: str, text: str, sampling, decodin
     meta = {"finish_reason": gen.finish_reason, "completion_tokens": len(gen.tokens)}
     if cands is not None:
         meta["candidates"] = cands
-    if not svc.store.add_turn(sid, text, gen.text, meta):
+    try:
+        added = svc.store.add_turn(sid, text, gen.text, meta, expected=before)
+    except Conflict as e:  # another writer got in (a claim whose lease ran out): this reply is void
+        svc.sessions.drop(sid)
+        raise ApiError(409, f"{e}; send the turn again", "session_id", "session_conflict") from None
+    if not added:
         svc.sessions.drop(sid)
         raise ApiError(404, f"session '{sid}' was deleted during the reply", "session_id", "session_not_found")
     return {"finish_reason": gen.finish_reason, "tokens": len(gen.tokens), "text": gen.text,

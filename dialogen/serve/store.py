@@ -4,11 +4,17 @@ A turn (the user message and the reply) is written in one transaction with synch
 so once the client has seen the turn complete it survives a crash or `kill -9`; a turn cut off
 mid-reply was never written. Sessions belong to an owner (a hash of the API key that made
 them, never the key itself); every read and write is scoped to the owner.
+
+One writer per session, even with several server processes on one file: a turn first takes the
+session's claim (a row naming the holder's process, with a lease it renews while it generates;
+a dead process's claim is free at once, a live one's when its lease runs out), and is appended
+only if the session still has the message count its reply was computed on (compare-and-set).
 """
 
 from __future__ import annotations
 
 import json
+import os
 import secrets
 import sqlite3
 import threading
@@ -37,7 +43,19 @@ CREATE TABLE IF NOT EXISTS messages (
     meta TEXT,
     PRIMARY KEY (session_id, seq)
 );
+CREATE TABLE IF NOT EXISTS claims (
+    session_id TEXT PRIMARY KEY REFERENCES sessions (id) ON DELETE CASCADE,
+    holder TEXT NOT NULL,
+    pid INTEGER NOT NULL,
+    expires REAL NOT NULL
+);
 """
+CLAIM_LEASE = 120.0  # seconds a claim holds without renewal; a generating turn renews it
+
+
+class Conflict(Exception):
+    """The session's stored history is not the one a turn was computed on (another writer)."""
+
 
 
 class Store:
@@ -105,15 +123,47 @@ class Store:
             cur = self._db.execute("DELETE FROM sessions WHERE id = ? AND owner = ?", (sid, owner))
         return cur.rowcount > 0
 
-    def add_turn(self, sid: str, user: str, reply: str, meta: dict | None = None) -> bool:
-        """Append a user message and its reply atomically; False if the session is gone."""
+    def count(self, sid: str) -> int | None:
+        """How many messages the session has stored (None when it does not exist)."""
+        with self._lock:
+            row = self._db.execute("SELECT (SELECT COUNT(*) FROM messages WHERE session_id = ?) FROM sessions "
+                                   "WHERE id = ?", (sid, sid)).fetchone()
+        return None if row is None else row[0]
+
+    def claim(self, sid: str, lease: float = CLAIM_LEASE) -> str | None:
+        """Take the session for one turn: a holder token, or None while another turn holds it."""
+        holder, now = secrets.token_hex(8), time.time()
+        with self._lock, self._db:
+            self._db.execute("BEGIN IMMEDIATE")
+            row = self._db.execute("SELECT pid, expires FROM claims WHERE session_id = ?", (sid,)).fetchone()
+            if row is not None and row["expires"] > now and _alive(row["pid"]):
+                return None
+            self._db.execute("INSERT OR REPLACE INTO claims VALUES (?, ?, ?, ?)", (sid, holder, os.getpid(), now + lease))
+        return holder
+
+    def renew(self, sid: str, holder: str, lease: float = CLAIM_LEASE):
+        with self._lock, self._db:
+            self._db.execute("UPDATE claims SET expires = ? WHERE session_id = ? AND holder = ?",
+                             (time.time() + lease, sid, holder))
+
+    def release(self, sid: str, holder: str):
+        with self._lock, self._db:
+            self._db.execute("DELETE FROM claims WHERE session_id = ? AND holder = ?", (sid, holder))
+
+    def add_turn(self, sid: str, user: str, reply: str, meta: dict | None = None, expected: int | None = None) -> bool:
+        """Append a user message and its reply atomically; False if the session is gone.
+
+        With `expected`, only onto a history of that many messages; else `Conflict`."""
         now = time.time()
         with self._lock, self._db:
             self._db.execute("BEGIN IMMEDIATE")
-            row = self._db.execute("SELECT title, (SELECT COALESCE(MAX(seq), -1) FROM messages WHERE session_id = ?) "
-                                   "FROM sessions WHERE id = ?", (sid, sid)).fetchone()
+            row = self._db.execute("SELECT title, (SELECT COALESCE(MAX(seq), -1) FROM messages WHERE session_id = ?), "
+                                   "(SELECT COUNT(*) FROM messages WHERE session_id = ?) FROM sessions WHERE id = ?",
+                                   (sid, sid, sid)).fetchone()
             if row is None:
                 return False
+            if expected is not None and row[2] != expected:
+                raise Conflict(f"session '{sid}' has {row[2]} stored messages; the turn was computed on {expected}")
             title, seq = row[0], row[1] + 1
             self._db.execute("INSERT INTO messages VALUES (?, ?, 'user', ?, ?, NULL)", (sid, seq, user, now))
             self._db.execute("INSERT INTO messages VALUES (?, ?, 'assistant', ?, ?, ?)",
@@ -121,6 +171,17 @@ class Store:
             self._db.execute("UPDATE sessions SET updated = ?, title = ? WHERE id = ?",
                              (now, title or _title(user), sid))
         return True
+
+
+def _alive(pid: int) -> bool:
+    """Whether a process with this id runs (SQLite WAL files are shared on one machine only)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # it exists, under another user
+        return True
+    return True
 
 
 def _title(text: str, n: int = 60) -> str:
