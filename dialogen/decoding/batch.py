@@ -17,6 +17,7 @@ from .beam import Candidate
 from .generate import make_generator, room
 from .processors import next_token
 from .settings import Sampling
+from .stops import StopMatcher
 
 
 def reply_text(tokenizer, tokens: list[int], stops: list[str]) -> tuple[str, bool]:
@@ -89,6 +90,8 @@ def _decode(model, cache, logits, histories: list[list[int]], s: Sampling, stop_
     logprob = [0.0] * n
     rows = list(range(n))  # cache row r holds example rows[r]
     limits = [room(model, len(h), s.max_new_tokens) for h in histories]
+    first = StopMatcher(s.stop)
+    matchers = [first] + [first.fresh() for _ in range(n - 1)]  # one per row, one set of tables
     for t in range(max(limits)):
         logp = torch.log_softmax(logits.float(), dim=-1)  # (B, V)
         keep, feed = [], []
@@ -100,7 +103,8 @@ def _decode(model, cache, logits, histories: list[list[int]], s: Sampling, stop_
                 continue
             replies[i].append(tok)
             histories[i].append(tok)
-            if s.stop and reply_text(tokenizer, replies[i], s.stop)[1]:
+            text = tokenizer.decode(replies[i]).rstrip("\ufffd") if s.stop and tokenizer is not None else ""
+            if text and matchers[i].update(text) is not None:
                 out[i] = Candidate(replies[i], logprob[i], finish_reason="stop")
                 continue
             if len(replies[i]) == limits[i]:

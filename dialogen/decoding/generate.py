@@ -12,6 +12,7 @@ import torch
 
 from .processors import next_token
 from .settings import Sampling
+from .stops import StopMatcher
 
 
 def make_generator(seed: int | None) -> torch.Generator:
@@ -87,6 +88,7 @@ class Generation(Stream):
         self.tokens: list[int] = []
         self.text = ""
         self.on_finish = on_finish
+        self._stops = StopMatcher(sampling.stop)
 
     def _produce(self):
         g = make_generator(self.s.seed)
@@ -115,17 +117,12 @@ class Generation(Stream):
 
     def _delta(self, final: bool = False) -> tuple[str, bool]:
         full = self.tokenizer.decode(self.tokens)
-        stopped = False
-        for s in self.s.stop:
-            if s and s in full:
-                full, stopped = full[: full.index(s)], True
-        if not stopped and not final:
-            if full.endswith("\ufffd"):  # an incomplete UTF-8 sequence: wait for the next token
-                return "", False
-            hold = max((k for s in self.s.stop for k in range(1, len(s)) if full.endswith(s[:k])), default=0)
-            full = full[: len(full) - hold]
-        if final:
-            full = full.rstrip("\ufffd")
+        settled = full if final else full.rstrip("\ufffd")  # an incomplete UTF-8 sequence waits for the next token
+        cut = self._stops.update(settled)
+        if cut is not None:
+            full = settled[:cut]
+        else:
+            full = settled.rstrip("\ufffd") if final else settled[: len(settled) - self._stops.hold]
         delta = full[len(self.text):] if full.startswith(self.text) else ""
         self.text = full if full.startswith(self.text) else self.text
-        return delta, stopped
+        return delta, cut is not None
