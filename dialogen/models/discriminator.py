@@ -10,7 +10,7 @@ generator's vocabulary (`Tokenizer.fingerprint()` is stored and checked).
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
@@ -19,6 +19,7 @@ from torch import nn
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
 from ..errors import UserError
+from .config_values import check_weights, config_from_dict
 
 MODEL_TYPE = "dialogen-discriminator"
 CELLS = {"gru": nn.GRU, "lstm": nn.LSTM}
@@ -168,16 +169,13 @@ def load_discriminator(path, flag: str = "--discriminator"):
     if conf.get("model_type") != MODEL_TYPE:
         raise UserError(f"{flag} {path}: model_type {conf.get('model_type')!r} is not a discriminator "
                         f"(train one with `dialogen train-discriminator`)")
-    names = {f.name for f in fields(DiscConfig)}
-    try:
-        cfg = DiscConfig(**{k: v for k, v in conf.items() if k in names})
-    except (TypeError, UserError) as e:
-        raise UserError(f"{flag} {conf_path}: {e}") from None
+    if not isinstance(conf, dict):
+        raise UserError(f"{flag} {conf_path}: expected a JSON object")
+    cfg = config_from_dict(DiscConfig, conf, f"{flag} {conf_path}", required=("vocab_size", "sep_id"))
+    sd = read_state_dict(path)
+    check_weights(Discriminator, cfg, sd, f"{flag} {path}")
     disc = Discriminator(cfg)
-    try:
-        missing, unexpected = disc.load_state_dict(read_state_dict(path), strict=False)
-    except RuntimeError as e:
-        raise UserError(f"{flag} {path}: weights do not match config.json ({str(e).splitlines()[-1].strip()})") from None
+    missing, unexpected = disc.load_state_dict(sd, strict=False)
     if missing or unexpected:
         raise UserError(f"{flag} {path}: weights do not match config.json: missing {missing[:3]}")
     meta_path = path / "dialogen.json"

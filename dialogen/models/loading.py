@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import json
+import math
 import os
 import shutil
 import sys
@@ -22,6 +23,7 @@ import torch
 
 from ..errors import UserError
 from . import kernels
+from .config_values import MAX_SIZE, shown
 from ..paths import cache_dir
 from .gguf_file import index_dir, read_gguf, read_tensors  # noqa: F401 (read_gguf: for the tests)
 from .tokenizer import Tokenizer
@@ -84,7 +86,15 @@ def load(spec: str | None = None, dtype="float32") -> Loaded:
 
         return Loaded(load_rnn(path, cfg), Tokenizer.from_dir(path), path, meta)
     sd = read_state_dict(path)
-    model = build(cfg, hf_to_ours(cfg, sd))
+    keys = LLAMA_KEYS if cfg.arch == "llama" else GPT2_KEYS
+    try:
+        ours = hf_to_ours(cfg, sd)
+    except KeyError as e:
+        raise UserError(f"{path}/config.json: {keys['n_layer']}={cfg.n_layer} does not match the weights: tensor {e} "
+                        "is missing") from None
+    except RuntimeError as e:  # q, k and v (or gate and up) that cannot be joined
+        raise UserError(f"{path}: the weights do not fit together ({str(e).splitlines()[0]})") from None
+    model = build(cfg, ours, f"{path}/config.json", keys)
     decode_copies(model, dtype, {})
     return Loaded(model, Tokenizer.from_dir(path), path, meta)
 
@@ -95,7 +105,7 @@ def load_gguf(path: Path, dtype="auto") -> Loaded:
     cfg = Config(**index["config"])
     floats, blocks = read_tensors(path, cfg, index["tensors"])
     try:
-        model = build(cfg, hf_to_ours(cfg, floats))
+        model = build(cfg, hf_to_ours(cfg, floats), str(path))
     except KeyError as e:
         raise UserError(f"{path}: tensor {e} is missing") from None
     decode_copies(model, dtype, native_blocks(cfg, blocks))
@@ -153,10 +163,14 @@ def decode_copies(model, dtype, native: dict):
             m.set_compact("int4" if dtype == "int4" else "int8")
 
 
-def build(cfg: Config, sd: dict) -> Transformer:
-    model = Transformer.without_init(cfg)
+def build(cfg: Config, sd: dict, where: str = "the checkpoint", keys: dict | None = None) -> Transformer:
+    """The model with the weights `sd` (our names); their shapes are checked against `cfg` first,
+    so a config that does not match its weights allocates nothing. `keys`: our Config field ->
+    the name of its config key, for errors."""
     if cfg.tie_embeddings:
         sd.pop("lm_head.weight", None)
+    check_shapes(cfg, sd, where, keys or {})
+    model = Transformer.without_init(cfg)
     missing, unexpected = model.load_state_dict(sd, strict=False, assign=True)
     missing = [m for m in missing if not (cfg.tie_embeddings and m == "lm_head.weight")]
     if missing or unexpected:
@@ -166,11 +180,89 @@ def build(cfg: Config, sd: dict) -> Transformer:
     return model.float().eval()
 
 
+def expected_shapes(cfg: Config) -> dict[str, tuple[tuple[int, ...], tuple[str, ...]]]:
+    """Our tensor name -> (its shape under `cfg`, the Config fields that set it)."""
+    v, d, f, hd = cfg.vocab_size, cfg.d_model, cfg.d_ff, cfg.head_dim
+    qkv = (cfg.n_head + 2 * cfg.n_kv_head) * hd
+    heads = ("n_head", "n_kv_head", "head_dim")
+    out = {"embed.weight": ((v, d), ("vocab_size", "d_model")), "norm.weight": ((d,), ("d_model",))}
+    if cfg.arch == "gpt2":
+        out["pos_embed.weight"] = ((cfg.max_seq_len, d), ("max_seq_len", "d_model"))
+        out["norm.bias"] = ((d,), ("d_model",))
+    if not cfg.tie_embeddings:
+        out["lm_head.weight"] = ((v, d), ("vocab_size", "d_model"))
+    for i in range(cfg.n_layer):
+        b = f"blocks.{i}."
+        out[b + "attn.qkv.weight"] = ((qkv, d), (*heads, "d_model"))
+        out[b + "attn.o_proj.weight"] = ((d, cfg.n_head * hd), ("d_model", *heads))
+        out[b + "mlp.down.weight"] = ((d, f), ("d_model", "d_ff"))
+        for norm in ("norm1", "norm2"):
+            out[b + norm + ".weight"] = ((d,), ("d_model",))
+        if cfg.arch == "gpt2":
+            out[b + "mlp.up.weight"] = ((f, d), ("d_ff", "d_model"))
+            for name, n, why in (("attn.qkv", qkv, heads), ("attn.o_proj", d, ("d_model",)), ("mlp.up", f, ("d_ff",)),
+                                 ("mlp.down", d, ("d_model",)), ("norm1", d, ("d_model",)), ("norm2", d, ("d_model",))):
+                out[b + name + ".bias"] = ((n,), why)
+        else:
+            out[b + "mlp.gate_up.weight"] = ((2 * f, d), ("d_ff", "d_model"))
+            if cfg.attn_bias:
+                out[b + "attn.qkv.bias"] = ((qkv,), heads)
+    return out
+
+
+def check_shapes(cfg: Config, sd: dict, where: str, keys: dict):
+    want = expected_shapes(cfg)
+    for name, (shape, fields) in want.items():
+        t = sd.get(name)
+        if t is not None and tuple(t.shape) != shape:
+            named = ", ".join(dict.fromkeys(keys.get(f, f) for f in fields))
+            raise UserError(f"{where}: {named} do not match the weights: {name} is {list(t.shape)}, "
+                            f"the config makes it {list(shape)}")
+    missing = [k for k in want if k not in sd]
+    if missing:
+        raise UserError(f"{where}: {keys.get('n_layer', 'n_layer')}={cfg.n_layer} does not match the weights: "
+                        f"{missing[0]} is missing")
+
+
 # --- config ---------------------------------------------------------------------------------
+# our Config field -> the config.json key it comes from
+LLAMA_KEYS = {"vocab_size": "vocab_size", "n_layer": "num_hidden_layers", "n_head": "num_attention_heads",
+              "n_kv_head": "num_key_value_heads", "d_model": "hidden_size", "d_ff": "intermediate_size",
+              "head_dim": "head_dim", "max_seq_len": "max_position_embeddings", "rope_theta": "rope_theta",
+              "norm_eps": "rms_norm_eps"}
+GPT2_KEYS = {"vocab_size": "vocab_size", "n_layer": "n_layer", "n_head": "n_head", "n_kv_head": "n_head",
+             "d_model": "n_embd", "d_ff": "n_inner", "head_dim": "n_embd", "max_seq_len": "n_positions",
+             "norm_eps": "layer_norm_epsilon"}
+
+
+def check_config_values(c: dict, keys: dict, where: str):
+    """Types and ranges of a config.json's values, before any arithmetic on them: sizes are
+    positive integers, rates positive finite numbers, switches booleans, heads divide evenly."""
+    for field, key in keys.items():
+        v = c.get(key)
+        if v is None or (field == "head_dim" and key == "head_dim" and v == 0):
+            continue
+        if field in ("rope_theta", "norm_eps"):
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v <= 0:
+                raise UserError(f"{where}: {key} must be a positive number, got {shown(v)}")
+        elif isinstance(v, bool) or not isinstance(v, int) or not 1 <= v <= MAX_SIZE:
+            raise UserError(f"{where}: {key} must be an integer in [1, {MAX_SIZE}], got {shown(v)}")
+    for key in ("tie_word_embeddings", "attention_bias"):
+        if c.get(key) is not None and not isinstance(c[key], bool):
+            raise UserError(f"{where}: {key} must be true or false, got {shown(c[key])}")
+    heads, kv = c.get(keys["n_head"]), c.get(keys["n_kv_head"]) or c.get(keys["n_head"])
+    width = c.get(keys["d_model"])
+    if heads and not c.get("head_dim") and width % heads:
+        raise UserError(f"{where}: {keys['d_model']}={width} is not divisible by {keys['n_head']}={heads}")
+    if heads and kv and heads % kv:
+        raise UserError(f"{where}: {keys['n_head']}={heads} is not a multiple of {keys['n_kv_head']}={kv}")
+
+
 def config_from_hf(c: dict, where: Path) -> tuple[Config, str]:
     mt = c.get("model_type")
     try:
         if mt in ("llama", "mistral", "qwen2"):
+            check_config_values(c, LLAMA_KEYS, f"{where}/config.json")
             rope = c.get("rope_scaling") or c.get("rope_parameters") or {}
             kind = rope.get("rope_type", rope.get("type", "default"))
             if kind != "default":
@@ -189,6 +281,7 @@ def config_from_hf(c: dict, where: Path) -> tuple[Config, str]:
             act = c.get("activation_function", "gelu_new")
             if act not in ("gelu_new", "gelu_pytorch_tanh"):
                 raise UserError(f"{where}/config.json: gpt2 activation {act!r} is not supported")
+            check_config_values(c, GPT2_KEYS, f"{where}/config.json")
             d = c["n_embd"]
             return Config(
                 arch="gpt2", vocab_size=c["vocab_size"], n_layer=c["n_layer"], n_head=c["n_head"],

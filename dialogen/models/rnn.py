@@ -15,7 +15,7 @@ drive it like a transformer, except that it cannot extend a cached prompt (`reus
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
@@ -23,6 +23,7 @@ from torch import nn
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
 from ..errors import UserError
+from .config_values import check_weights, config_from_dict
 
 CELLS = {"gru": nn.GRU, "lstm": nn.LSTM}
 ATTENTIONS = ("additive", "dot", "general")
@@ -329,32 +330,16 @@ def save_rnn(directory, model: RNNSeq2Seq, tokenizer, meta: dict) -> Path:
     return atomic_dir(Path(directory), write)
 
 
-def config_from_dict(c: dict, where: str) -> RNNConfig:
-    names = {f.name for f in fields(RNNConfig)}
-    if "vocab_size" not in c:
-        raise UserError(f"{where}: missing field 'vocab_size'")
-    kwargs = {k: v for k, v in c.items() if k in names}
-    for f in fields(RNNConfig):
-        want = {"int": int, "float": (int, float), "bool": bool, "str": str}[f.type]
-        v = kwargs.get(f.name)
-        if v is not None and (not isinstance(v, want) or (f.type == "int" and isinstance(v, bool))):
-            raise UserError(f"{where}: field {f.name!r} must be {f.type}, got {v!r}")
-    try:
-        return RNNConfig(**kwargs)
-    except UserError as e:
-        raise UserError(f"{where}: {e}") from None
-
-
 def load_rnn(path, config: dict) -> RNNSeq2Seq:
     from .loading import read_state_dict
 
     path = Path(path)
-    cfg = config_from_dict(config, f"{path / 'config.json'}")
+    where = f"{path / 'config.json'}"
+    cfg = config_from_dict(RNNConfig, config, where)
+    sd = read_state_dict(path)
+    check_weights(RNNSeq2Seq, cfg, sd, str(path))
     model = RNNSeq2Seq(cfg)
-    try:
-        missing, unexpected = model.load_state_dict(read_state_dict(path), strict=False)
-    except RuntimeError as e:  # a tensor's shape differs from what config.json implies
-        raise UserError(f"{path}: weights do not match config.json ({str(e).splitlines()[-1].strip()})") from None
+    missing, unexpected = model.load_state_dict(sd, strict=False)
     if missing or unexpected:
         raise UserError(f"{path}: weights do not match config.json: missing {missing[:3]}, unexpected {unexpected[:3]}")
     return model.eval()
