@@ -89,15 +89,11 @@ def cmd_chat(args) -> int:
 def cmd_generate(args) -> int:
     from .chat.messages import parse_messages
 
+    from .textio import load_json, read_file, read_stdin
+
     where = args.input if args.input != "-" else "<stdin>"
-    try:
-        raw = sys.stdin.read() if args.input == "-" else open(args.input, encoding="utf-8").read()
-    except OSError as e:
-        raise UserError(f"{where}: cannot read ({e.strerror})") from None
-    try:
-        data = json.loads(raw)
-    except json.JSONDecodeError as e:
-        raise UserError(f"{where}:{e.lineno}: not valid JSON ({e.msg})") from None
+    sampling_from(args)  # a bad flag is reported before the input is read
+    data = load_json(read_stdin() if args.input == "-" else read_file(args.input), where)
     messages = parse_messages(data, where)
     if not messages or messages[-1].role != "user":
         raise UserError(f"{where}: the last message must have role 'user'")

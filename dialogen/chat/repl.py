@@ -5,6 +5,7 @@ from __future__ import annotations
 import sys
 
 from ..errors import UserError
+from ..textio import EncodingError, check_line, decode
 from .session import Session
 
 HELP = """commands:
@@ -60,6 +61,17 @@ def stream_reply(session: Session, text: str, out=sys.stdout) -> None:
     out.flush()
 
 
+def read_line(interactive: bool, lineno: int) -> str:
+    """The next input line: typed with line editing, or piped bytes decoded strictly (EOFError at the end)."""
+    raw_stdin = getattr(sys.stdin, "buffer", None)
+    if interactive or raw_stdin is None:
+        return input(">>> " if interactive else "")
+    raw = raw_stdin.readline()
+    if not raw:
+        raise EOFError
+    return decode(raw, "<stdin>", lineno).rstrip("\r\n")
+
+
 def run(session: Session, interactive: bool) -> int:
     if interactive:
         try:
@@ -68,19 +80,30 @@ def run(session: Session, interactive: bool) -> int:
             pass
         print(f"dialogen chat with {session.engine.name} ({session.engine.template.name} template). "
               "/help for commands, Ctrl-D to quit.", file=sys.stderr)
+    lineno = 0
     while True:
         try:
-            line = input(">>> " if interactive else "")
+            lineno += 1
+            line = read_line(interactive, lineno)
+        except UnicodeDecodeError as e:  # typed at a terminal whose stdin is decoded strictly
+            print(f"dialogen: error: <stdin>:{lineno}: not valid UTF-8 ({e.reason})", file=sys.stderr)
+            if not interactive:
+                return 2
+            continue
         except EOFError:
             if interactive:
                 print()
             return 0
+        except EncodingError as e:
+            print(f"dialogen: error: {e}", file=sys.stderr)
+            return 2
         except KeyboardInterrupt:
             print("\n(use /exit or Ctrl-D to quit)", file=sys.stderr)
             continue
         if not line.strip():
             continue
         try:
+            check_line(line, f"<stdin>:{lineno}")  # undecodable bytes arrive as lone surrogates
             if line.startswith("/") and interactive:
                 if not command(session, line):
                     return 0

@@ -19,6 +19,7 @@ import torch
 from ..decoding.generate import Generation
 from ..decoding.settings import Sampling
 from ..errors import UserError
+from ..textio import load_json, read_file
 from .messages import Message, parse_messages
 from .templates import Template, default_template_name, get_template
 
@@ -149,12 +150,7 @@ class Session:
 
     def load(self, path: str | Path):
         path = Path(path)
-        try:
-            data = json.loads(path.read_text(encoding="utf-8"))
-        except OSError as e:
-            raise UserError(f"{path}: cannot read ({e.strerror})") from None
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise UserError(f"{path}: not valid JSON ({e})") from None
+        data = load_json(read_file(path), str(path))
         if isinstance(data, list):
             data = {"messages": data}
         if not isinstance(data, dict) or not isinstance(data.get("system", None), (str, type(None))):

@@ -31,7 +31,8 @@ class Example:
     labels: list[int]  # ids where trained, IGNORE_INDEX elsewhere; same length as ids
 
     def trained(self) -> int:
-        return sum(1 for x in self.labels if x != IGNORE_INDEX)
+        """Labels that get a loss: not one on the first token, which nothing before it predicts."""
+        return sum(1 for x in self.labels[1:] if x != IGNORE_INDEX)
 
 
 @dataclass

@@ -19,13 +19,13 @@ counted instead, and the reasons are returned.
 
 from __future__ import annotations
 
-import json
 import re
 from dataclasses import dataclass
 from pathlib import Path
 
 from ..chat.messages import Message, parse_messages
 from ..errors import UserError
+from ..textio import EncodingError, decode, load_json, read_file
 
 
 @dataclass
@@ -70,7 +70,9 @@ def chitchat_path() -> Path:
 
 
 def read_chitchat(path: Path, skip_bad: bool = False) -> Parsed:
-    data = json.loads(path.read_text(encoding="utf-8"))
+    data = load_json(read_file(path), str(path))
+    if not isinstance(data, dict):
+        raise UserError(f"{path}: expected the chitchat dataset's JSON object of conversations")
     out = []
     for conv in data.values():
         turns: list[tuple[str, str]] = []  # (sender, text)
@@ -90,11 +92,9 @@ def read_chitchat(path: Path, skip_bad: bool = False) -> Parsed:
 
 
 # --- JSONL ----------------------------------------------------------------------------------
-def _jsonl_line(line: str, where: str) -> list[Message]:
-    try:
-        obj = json.loads(line)
-    except json.JSONDecodeError as e:
-        raise UserError(f"{where}: not valid JSON ({e.msg} at column {e.colno})") from None
+def _jsonl_line(line: str, where: str, lineno: int) -> list[Message]:
+    obj = load_json(line, where, lineno)
+    where = f"{where}:{lineno}"
     if not isinstance(obj, dict) or "messages" not in obj:
         raise UserError(f"{where}: expected an object with a 'messages' list")
     messages = parse_messages(obj["messages"], f"{where}: messages")
@@ -116,9 +116,9 @@ def read_jsonl(path: Path, skip_bad: bool = False) -> Parsed:
         if not line.strip():
             continue
         try:
-            out.append(_jsonl_line(line, f"{path}:{lineno}"))
+            out.append(_jsonl_line(line, str(path), lineno))
         except UserError as e:
-            if not skip_bad:
+            if not skip_bad or isinstance(e, EncodingError):  # a wrong encoding is the file's, not a line's
                 raise
             skipped.append(str(e))
     return Parsed(out, skipped)
@@ -179,11 +179,12 @@ FORMATS = {"chitchat": read_chitchat, "jsonl": read_jsonl, "tsv": read_tsv, "tex
 
 
 def _lines(path: Path):
+    """The file's lines, each decoded strictly: not UTF-8 stops the read at `file:line`, with
+    or without --skip-bad (a file in another encoding has no good lines to keep)."""
     try:
-        with open(path, encoding="utf-8") as f:
-            yield from f
-    except UnicodeDecodeError as e:
-        raise UserError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
+        with open(path, "rb") as f:
+            for lineno, raw in enumerate(f, 1):
+                yield decode(raw, str(path), lineno)
     except OSError as e:
         raise UserError(f"{path}: cannot read ({e.strerror})") from None
 

@@ -8,6 +8,7 @@ from dataclasses import dataclass, fields
 
 from ..chat.templates import TEMPLATES
 from ..data.dataset import TRAIN_ON
+from ..decoding.settings import SEED_MAX
 from ..errors import UserError
 
 
@@ -68,6 +69,9 @@ class TrainOptions:
                 raise UserError(f"{flag} must be >= 1, got {v}")
             if isinstance(v, (int, float)) and not isinstance(v, bool) and v < 0:
                 raise UserError(f"{flag} must be >= 0, got {v}")
+        for name in ("seed", "split_seed"):
+            if getattr(self, name) > SEED_MAX:
+                raise UserError(f"--{name.replace('_', '-')} must be at most 2**63 - 1, got {getattr(self, name)}")
         if self.lr <= 0 or not math.isfinite(self.lr):
             raise UserError(f"--lr must be a positive number, got {self.lr}")
         if self.train_on not in TRAIN_ON:

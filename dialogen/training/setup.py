@@ -4,6 +4,8 @@ parts, and AdamW with a warmup + cosine schedule."""
 from __future__ import annotations
 
 import math
+import shutil
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -16,6 +18,27 @@ from ..models.transformer import Transformer
 from . import checkpoint as ckpt
 from .options import TrainOptions
 from .scratch import gpt2_config, train_tokenizer
+
+
+@contextmanager
+def undo_on_failure(out: Path, main: bool = True):
+    """Whatever the block adds to `out` (and `out` itself, and parents it makes) is removed if it
+    fails; what was there before is never touched."""
+    top = out.absolute()
+    while not top.parent.exists():
+        top = top.parent
+    made = None if top.exists() else top  # the outermost directory that this run creates
+    before = set(out.iterdir()) if out.is_dir() else set()
+    try:
+        yield
+    except BaseException:
+        if main:
+            if made is not None:
+                shutil.rmtree(made, ignore_errors=True)
+            elif out.is_dir():
+                for entry in set(out.iterdir()) - before:
+                    shutil.rmtree(entry, ignore_errors=True) if entry.is_dir() else entry.unlink(missing_ok=True)
+        raise
 
 
 def build_model(opts: TrainOptions, d, train_convs):

@@ -33,7 +33,7 @@ from . import checkpoint as ckpt
 from .distributed import Dist, setup, teardown
 from .loss import LossModel
 from .options import TrainOptions
-from .setup import build_model, make_optimizer
+from .setup import build_model, make_optimizer, undo_on_failure
 
 
 @dataclass
@@ -74,7 +74,14 @@ def train(opts: TrainOptions, on_step=None) -> dict:
 
 def _train(opts: TrainOptions, d: Dist, on_step, began: float) -> dict:
     out = Path(opts.out)
-    ckpt.check_output_dir(out, opts.resume)
+    with undo_on_failure(out, d.main):  # a run that fails its checks leaves --out as it found it
+        ckpt.check_output_dir(out, opts.resume)
+        loop, step = _prepare(opts, d, out, began)
+    return loop.run(step, on_step)
+
+
+def _prepare(opts: TrainOptions, d: Dist, out: Path, began: float):
+    """Everything before the first step, every check included: (the loop, the step it starts at)."""
     train_convs = load_split(opts.data, "train", opts.format, opts.split_seed, opts.skip_bad)
     valid_convs = load_split(opts.data, "valid", opts.format, opts.split_seed, opts.skip_bad)[: opts.val_conversations]
     if not train_convs:
@@ -82,9 +89,7 @@ def _train(opts: TrainOptions, d: Dist, on_step, began: float) -> dict:
     model, tokenizer, tname, state = build_model(opts, d, train_convs)
     template = get_template(tname, tokenizer)
     examples, stats = build_examples(train_convs, tokenizer, template, opts.max_len, opts.train_on, opts.reverse)
-    if stats.trained_tokens == 0:
-        hint = "" if opts.train_on == "both" else " (no assistant turns? try --train-on both)"
-        raise UserError(f"{opts.data}: no trainable tokens in the training split{hint}")
+    check_trainable(opts, stats)
     if opts.pack:
         examples = pack(examples, opts.max_len, opts.seed)
     valid, _ = build_examples(valid_convs, tokenizer, template, opts.max_len, "assistant", opts.reverse)
@@ -106,7 +111,19 @@ def _train(opts: TrainOptions, d: Dist, on_step, began: float) -> dict:
         print(f"dialogen: {stats.conversations} conversations -> {len(examples)} examples, "
               f"{stats.trained_tokens} trained tokens of {stats.tokens}; {total} steps of {G} x {opts.batch_size}",
               flush=True)
-    return loop.run(step, on_step)
+    return loop, step
+
+
+def check_trainable(opts: TrainOptions, stats):
+    """Refuse a training split that would train nothing, or only turns cut short."""
+    if stats.trained_tokens == 0:
+        hint = "" if opts.train_on == "both" else " (no assistant turns? try --train-on both)"
+        if stats.trained_turns:  # there were turns to train: none survived the windows
+            hint = f" (--max-len {opts.max_len} is too small for one turn)"
+        raise UserError(f"{opts.data}: no trainable tokens in the training split{hint}")
+    if stats.truncated == stats.windows:
+        raise UserError(f"--max-len {opts.max_len} is too small for one turn: all {stats.windows} examples of the "
+                        "training split are cut inside a turn, so no reply would be learnt to its end")
 
 
 def _public(opts: TrainOptions) -> dict:
