@@ -48,7 +48,8 @@ def command(session: Session, line: str, out=sys.stdout) -> bool:
     return True
 
 
-def stream_reply(session: Session, text: str, out=sys.stdout) -> None:
+def stream_reply(session: Session, text: str, out=None) -> None:
+    out = out or sys.stdout  # looked up now, so a redirected stdout is followed
     gen = session.send(text)
     try:
         for delta in gen:

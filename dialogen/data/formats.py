@@ -19,6 +19,7 @@ counted instead, and the reasons are returned.
 
 from __future__ import annotations
 
+import json
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -73,22 +74,39 @@ def read_chitchat(path: Path, skip_bad: bool = False) -> Parsed:
     data = load_json(read_file(path), str(path))
     if not isinstance(data, dict):
         raise UserError(f"{path}: expected the chitchat dataset's JSON object of conversations")
-    out = []
-    for conv in data.values():
-        turns: list[tuple[str, str]] = []  # (sender, text)
-        for group in conv.get("messages", []):
-            for utt in group:
-                text = " ".join(utt.get("text", "").split())
-                if not text:
-                    continue
-                if turns and turns[-1][0] == utt.get("sender"):
-                    turns[-1] = (turns[-1][0], turns[-1][1] + " " + text)
-                else:
-                    turns.append((utt.get("sender"), text))
-        if len(turns) < 2:  # nothing to answer
+    out, skipped = [], []
+    for key, conv in data.items():
+        try:
+            turns = _chitchat_turns(conv, f"{path}: conversation {json.dumps(key)[:40]}")
+        except UserError as e:
+            if not skip_bad:
+                raise
+            skipped.append(str(e))
             continue
-        out.append(alternate([t for _, t in turns]))
-    return Parsed(out, [])
+        if len(turns) >= 2:  # else nothing to answer
+            out.append(alternate([t for _, t in turns]))
+    return Parsed(out, skipped)
+
+
+def _chitchat_turns(conv, where: str) -> list[tuple[str, str]]:
+    """(sender, text) turns: consecutive messages of one sender joined."""
+    groups = conv.get("messages", []) if isinstance(conv, dict) else None
+    if not isinstance(groups, list) or not all(isinstance(g, list) for g in groups):
+        raise UserError(f"{where}: expected {{\"messages\": [[{{\"sender\", \"text\"}}, ...], ...]}}")
+    turns: list[tuple[str, str]] = []
+    for group in groups:
+        for utt in group:
+            if not isinstance(utt, dict) or not isinstance(utt.get("text", ""), str):
+                raise UserError(f"{where}: a message must be an object with a string 'text'")
+            text = " ".join(utt.get("text", "").split())
+            if not text:
+                continue
+            sender = json.dumps(utt.get("sender"))
+            if turns and turns[-1][0] == sender:
+                turns[-1] = (sender, turns[-1][1] + " " + text)
+            else:
+                turns.append((sender, text))
+    return turns
 
 
 # --- JSONL ----------------------------------------------------------------------------------

@@ -52,6 +52,9 @@ def top_p_filter(logits, p: float):
     return logits.masked_fill(mask, float("-inf"))
 
 
+MIN_TEMPERATURE = 1e-6  # below it, logits divided by the temperature overflow float32 to inf (then NaN)
+
+
 def next_token(logits, s: Sampling, generator: torch.Generator | None, history: list[int], reply: list[int]) -> int:
     """One decoding step on (V,) logits."""
     logits = logits.float()
@@ -64,7 +67,7 @@ def next_token(logits, s: Sampling, generator: torch.Generator | None, history: 
         logits[banned] = float("-inf")
     if s.temperature == 0:
         return int(torch.argmax(logits))
-    logits = logits / s.temperature
+    logits = logits / max(s.temperature, MIN_TEMPERATURE)
     if 0 < s.top_k < logits.shape[-1]:  # sample among the k best: top-p then sorts k values, not the vocabulary
         values, index = torch.topk(logits, s.top_k)
         values = top_p_filter(values, s.top_p)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import secrets
 import time
 
@@ -44,7 +45,16 @@ class ApiError(Exception):
 
 
 def error_body(message: str, type: str, param: str | None = None, code: str | None = None) -> dict:
-    return {"error": {"message": message, "type": type, "param": param, "code": code}}
+    """OpenAI's error object; the message is one line of valid text whatever the client sent
+    (an echoed model name or session id may hold newlines or lone surrogates)."""
+    return {"error": {"message": one_line(message), "type": type, "param": None if param is None else one_line(param),
+                      "code": code}}
+
+
+def one_line(text: str, limit: int = 1000) -> str:
+    text = text.encode("utf-8", "backslashreplace").decode("utf-8")
+    text = re.sub(r"[\x00-\x1f\x7f]", lambda m: f"\\x{ord(m.group()):02x}", text)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 MAX_DEPTH = 32  # nesting of objects and arrays in a request body (OpenAI's bodies need about 5)
