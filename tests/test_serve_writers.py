@@ -56,6 +56,27 @@ def test_a_dead_process_claim_is_free_at_once(tmp_path):
         store.close()
 
 
+def test_a_restarted_process_with_the_same_pid_is_not_the_holder(tmp_path):
+    """In a container a restarted server often gets the same pid: its start time tells them apart."""
+    import os
+    import sqlite3
+
+    from dialogen.serve.store import process_key
+
+    store = Store(tmp_path / "s.db")
+    sid = store.create("", None, {})["id"]
+    me = process_key(os.getpid())
+    assert me is not None and store.claim(sid) is not None
+    db = sqlite3.connect(tmp_path / "s.db")
+    with db:
+        db.execute("UPDATE claims SET process = ?", (f"{os.getpid()}:1",))  # same pid, another start time
+    db.close()
+    try:
+        assert store.claim(sid) is not None
+    finally:
+        store.close()
+
+
 # --- two servers ------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def servers(tiny_llama, tmp_path_factory):

@@ -6,7 +6,7 @@ mid-reply was never written. Sessions belong to an owner (a hash of the API key 
 them, never the key itself); every read and write is scoped to the owner.
 
 One writer per session, even with several server processes on one file: a turn first takes the
-session's claim (a row naming the holder's process, with a lease it renews while it generates;
+session's claim (a row naming the holder's process by pid and start time, with a lease it renews while it generates;
 a dead process's claim is free at once, a live one's when its lease runs out), and is appended
 only if the session still has the message count its reply was computed on (compare-and-set).
 """
@@ -46,7 +46,7 @@ CREATE TABLE IF NOT EXISTS messages (
 CREATE TABLE IF NOT EXISTS claims (
     session_id TEXT PRIMARY KEY REFERENCES sessions (id) ON DELETE CASCADE,
     holder TEXT NOT NULL,
-    pid INTEGER NOT NULL,
+    process TEXT NOT NULL,
     expires REAL NOT NULL
 );
 """
@@ -135,10 +135,11 @@ class Store:
         holder, now = secrets.token_hex(8), time.time()
         with self._lock, self._db:
             self._db.execute("BEGIN IMMEDIATE")
-            row = self._db.execute("SELECT pid, expires FROM claims WHERE session_id = ?", (sid,)).fetchone()
-            if row is not None and row["expires"] > now and _alive(row["pid"]):
+            row = self._db.execute("SELECT process, expires FROM claims WHERE session_id = ?", (sid,)).fetchone()
+            if row is not None and row["expires"] > now and _running(row["process"]):
                 return None
-            self._db.execute("INSERT OR REPLACE INTO claims VALUES (?, ?, ?, ?)", (sid, holder, os.getpid(), now + lease))
+            self._db.execute("INSERT OR REPLACE INTO claims VALUES (?, ?, ?, ?)",
+                             (sid, holder, process_key(os.getpid()), now + lease))
         return holder
 
     def renew(self, sid: str, holder: str, lease: float = CLAIM_LEASE):
@@ -173,15 +174,32 @@ class Store:
         return True
 
 
-def _alive(pid: int) -> bool:
-    """Whether a process with this id runs (SQLite WAL files are shared on one machine only)."""
+def process_key(pid: int) -> str | None:
+    """'pid:start time' of a running process (Linux: a restarted server that got the same pid, as
+    in a container, is told apart), else 'pid'; None when no process has this pid. SQLite WAL
+    files are shared on one machine only, so the claims' processes are this machine's."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            return f"{pid}:{f.read().rsplit(b')', 1)[1].split()[19].decode()}"
+    except FileNotFoundError:
+        return None if os.path.isdir("/proc/self") else _kill_probe(pid)
+    except (OSError, IndexError):
+        return _kill_probe(pid)
+
+
+def _kill_probe(pid: int) -> str | None:
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
-        return False
+        return None
     except OSError:  # it exists, under another user
-        return True
-    return True
+        pass
+    return str(pid)
+
+
+def _running(process: str) -> bool:
+    pid = process.split(":", 1)[0]
+    return pid.isdigit() and process_key(int(pid)) in (process, pid)
 
 
 def _title(text: str, n: int = 60) -> str:
