@@ -6,9 +6,10 @@ mid-reply was never written. Sessions belong to an owner (a hash of the API key 
 them, never the key itself); every read and write is scoped to the owner.
 
 One writer per session, even with several server processes on one file: a turn first takes the
-session's claim (a row naming the holder's process by pid and start time, with a lease it renews while it generates;
-a dead process's claim is free at once, a live one's when its lease runs out), and is appended
-only if the session still has the message count its reply was computed on (compare-and-set).
+session's claim (a row naming the holder's process by pid and start time, with a lease it renews
+while it generates; a dead process's claim is free at once, a live one's when its lease runs
+out), and is appended only if the session still has the message count its reply was computed on
+(compare-and-set).
 """
 
 from __future__ import annotations
