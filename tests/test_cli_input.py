@@ -125,3 +125,11 @@ def test_scratch_run_failing_its_checks_leaves_no_tokenizer(tmp_path, capsys):
 def test_a_label_on_the_first_token_trains_nothing():
     assert Example([5, 6, 7], [5, IGNORE_INDEX, 7]).trained() == 1
     assert Example([5], [5]).trained() == 0
+
+
+def test_command_line_bytes_that_are_not_utf8(tiny_llama):
+    run = subprocess.run([sys.executable.encode(), b"-m", b"dialogen", b"generate", b"-", b"--model",
+                          str(tiny_llama[0]).encode(), b"--system", b"caf\xe9"], input=b"[]", capture_output=True,
+                         timeout=120, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    err = run.stderr.decode()
+    assert run.returncode == 2 and "argument 7 is not valid UTF-8" in err and "Traceback" not in err, err
