@@ -142,9 +142,11 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv=None) -> int:
     from .textio import lone_surrogate
 
-    for i, arg in enumerate(sys.argv[1:] if argv is None else argv, 1):
+    given = sys.argv[1:] if argv is None else argv
+    for i, arg in enumerate(given):
         if lone_surrogate(arg) is not None:  # bytes that were not UTF-8 in the command line
-            print(f"dialogen: error: argument {i} is not valid UTF-8 text", file=sys.stderr)
+            after = f" (after {given[i - 1]})" if i and lone_surrogate(given[i - 1]) is None else ""
+            print(f"dialogen: error: argument {i + 1}{after} is not valid UTF-8 text", file=sys.stderr)
             return 2
     args = build_parser().parse_args(argv)
     if getattr(args, "no_kernels", False):

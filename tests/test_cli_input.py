@@ -132,4 +132,4 @@ def test_command_line_bytes_that_are_not_utf8(tiny_llama):
                           str(tiny_llama[0]).encode(), b"--system", b"caf\xe9"], input=b"[]", capture_output=True,
                          timeout=120, env={**os.environ, "OMP_NUM_THREADS": "1"})
     err = run.stderr.decode()
-    assert run.returncode == 2 and "argument 7 is not valid UTF-8" in err and "Traceback" not in err, err
+    assert run.returncode == 2 and "argument 6 (after --system) is not valid UTF-8" in err and "Traceback" not in err, err
