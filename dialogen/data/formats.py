@@ -197,12 +197,14 @@ FORMATS = {"chitchat": read_chitchat, "jsonl": read_jsonl, "tsv": read_tsv, "tex
 
 
 def _lines(path: Path):
-    """The file's lines, each decoded strictly: not UTF-8 stops the read at `file:line`, with
-    or without --skip-bad (a file in another encoding has no good lines to keep)."""
+    """The file's lines (universal newlines). Not UTF-8 stops the read at `file:line`, with or
+    without --skip-bad (a file in another encoding has no good lines to keep)."""
     try:
-        with open(path, "rb") as f:
-            for lineno, raw in enumerate(f, 1):
-                yield decode(raw, str(path), lineno)
+        with open(path, encoding="utf-8") as f:
+            yield from f
+    except UnicodeDecodeError as e:  # the text reader decodes in blocks: find the line in the bytes
+        decode(path.read_bytes(), str(path))
+        raise EncodingError(f"{path}: not UTF-8 text ({e.reason})") from None  # (changed since)
     except OSError as e:
         raise UserError(f"{path}: cannot read ({e.strerror})") from None
 
