@@ -1,13 +1,17 @@
 """Tokenizer: a Hugging Face `tokenizers.Tokenizer` plus the special tokens a chat needs.
 
-Two encoders share one vocabulary: `encode_text` treats every character a user typed as text
-(`<|im_end|>` typed by a user is never the control token), `encode_template` parses the special
-tokens a chat template writes.
+Every added token of the vocabulary is a control token here, whatever its `special` flag says
+(real files often leave it false). Three encoders share one vocabulary:
+- `encode_template` parses control tokens, as transformers does by default;
+- `encode_text` never produces one: `<|im_end|>` typed by a user stays those characters;
+- `encode_chat` tokenizes a rendered chat whole, as transformers' `apply_chat_template` does, but no
+  control token may come from inside a message's content.
 """
 
 from __future__ import annotations
 
 import json
+from bisect import bisect_left
 from pathlib import Path
 
 from tokenizers import AddedToken, Regex, Tokenizer as HFTokenizer, decoders, models, pre_tokenizers
@@ -37,11 +41,11 @@ class Tokenizer:
     def __init__(self, hf: HFTokenizer, eos_token: str | None = None, bos_token: str | None = None,
                  pad_token: str | None = None, chat_template: str | None = None):
         self._tmpl = hf
-        self._text = HFTokenizer.from_str(hf.to_str())
-        self._text.encode_special_tokens = True
+        self._text = _without_added_tokens(hf)
         self.eos_token, self.bos_token, self.chat_template = eos_token, bos_token, chat_template
         self.pad_token = pad_token or eos_token
-        self.special_ids = {t.content: i for i, t in hf.get_added_tokens_decoder().items() if t.special}
+        self.control_ids = {t.content: i for i, t in hf.get_added_tokens_decoder().items()}
+        self._control = frozenset(self.control_ids.values())
 
     # --- encoding -------------------------------------------------------------------------
     def encode_text(self, text: str) -> list[int]:
@@ -49,6 +53,50 @@ class Tokenizer:
 
     def encode_template(self, text: str) -> list[int]:
         return self._tmpl.encode(text, add_special_tokens=False).ids if text else []
+
+    def encode_chat(self, text: str, spans: list[tuple[int, int]]) -> tuple[list[int], list[tuple[int, int]]]:
+        """A rendered chat -> (ids, character offsets), tokenized as one string.
+
+        `spans` are the (start, end) character ranges of message contents, in text order. Where a
+        control token would overlap one, that span alone is encoded again as plain text, cut off
+        from its neighbours; everywhere else the ids are those of the whole string.
+        """
+        plain: list[tuple[int, int]] = []
+        while True:
+            ids, offsets = self._encode_pieces(text, plain)
+            bad = self._spans_with_control(ids, offsets, spans)
+            if not bad or set(bad) <= set(plain):
+                return ids, offsets
+            plain = sorted(set(plain) | set(bad))
+
+    def _encode_pieces(self, text: str, plain: list[tuple[int, int]]):
+        """Template text between the `plain` spans parsed for control tokens, the spans as text."""
+        pieces, pos = [], 0
+        for a, b in plain:
+            pieces += [(pos, a, self._tmpl), (a, b, self._text)]
+            pos = b
+        pieces.append((pos, len(text), self._tmpl))
+        ids: list[int] = []
+        offsets: list[tuple[int, int]] = []
+        for lo, hi, enc in pieces:
+            if hi > lo:
+                out = enc.encode(text[lo:hi], add_special_tokens=False)
+                ids += out.ids
+                offsets += [(s + lo, e + lo) for s, e in out.offsets]
+        return ids, offsets
+
+    def _spans_with_control(self, ids, offsets, spans) -> list[tuple[int, int]]:
+        starts = [a for a, _ in spans]
+        bad = []
+        for tok, (s, e) in zip(ids, offsets):
+            if tok not in self._control:
+                continue
+            k = bisect_left(starts, e) - 1  # the last span starting before the token ends
+            while k >= 0 and spans[k][1] > s:
+                if spans[k][1] > spans[k][0]:
+                    bad.append(spans[k])
+                k -= 1
+        return bad
 
     def decode(self, ids, skip_special: bool = False) -> str:
         return self._tmpl.decode(list(ids), skip_special_tokens=skip_special)
@@ -132,6 +180,13 @@ class Tokenizer:
 
         return cls(hf, eos_token=tok("eos_token_id"), bos_token=tok("bos_token_id"),
                    pad_token=tok("padding_token_id"), chat_template=meta.get("tokenizer.chat_template"))
+
+
+def _without_added_tokens(hf: HFTokenizer) -> HFTokenizer:
+    """The same vocabulary with no added tokens, so no control token can be matched in text."""
+    spec = json.loads(hf.to_str())
+    spec["added_tokens"] = []
+    return HFTokenizer.from_str(json.dumps(spec))
 
 
 def _token_str(t):
