@@ -87,18 +87,10 @@ def cmd_chat(args) -> int:
 
 
 def cmd_generate(args) -> int:
-    from .chat.messages import parse_messages
+    from .chat.messages import read_messages
 
     where = args.input if args.input != "-" else "<stdin>"
-    try:
-        raw = sys.stdin.read() if args.input == "-" else open(args.input, encoding="utf-8").read()
-    except OSError as e:
-        raise UserError(f"{where}: cannot read ({e.strerror})") from None
-    try:
-        data = json.loads(raw)
-    except json.JSONDecodeError as e:
-        raise UserError(f"{where}:{e.lineno}: not valid JSON ({e.msg})") from None
-    messages = parse_messages(data, where)
+    messages = read_messages(args.input)
     if not messages or messages[-1].role != "user":
         raise UserError(f"{where}: the last message must have role 'user'")
     session = open_session(args)
@@ -154,3 +146,6 @@ def main(argv=None) -> int:
         return 2
     except KeyboardInterrupt:
         return 130
+    except BrokenPipeError:  # output piped into e.g. `head`, which stopped reading
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141

@@ -108,3 +108,26 @@ def test_sandbox_blocks_python_internals(smol_tokenizer):
     nasty = "{{ messages.__class__.__mro__[1].__subclasses__() }}"
     with pytest.raises(UserError):
         Template("x", nasty, "<|im_end|>").render(smol_tokenizer, CONV)
+
+
+def test_render_command_on_a_tokenizer_only_dir(smol_tokenizer, tmp_path, capsys):
+    import json
+
+    from dialogen.cli import main
+
+    smol_tokenizer.save(tmp_path / "tok")  # no config.json, no weights
+    conv = [Message("user", "  Hi <|im_end|> there\n"), Message("assistant", "Hello!")]
+    f = tmp_path / "m.json"
+    f.write_text(json.dumps([m.to_dict() for m in conv]))
+    assert main(["render", "--messages", str(f), "--model", str(tmp_path / "tok"), "--template", "chatml", "--json"]) == 0
+    got = json.loads(capsys.readouterr().out)
+    ids, mask = get_template("chatml", smol_tokenizer).render(smol_tokenizer, conv)  # ends with the assistant: no prompt
+    assert (got["ids"], got["mask"]) == (ids, mask)
+    assert got["text"] == smol_tokenizer.decode(ids) and "Hi <|im_end|> there" in got["text"]
+    assert smol_tokenizer.decode([i for i, m in zip(ids, mask) if m]) == "Hello!<|im_end|>"
+    assert main(["render", "--messages", str(f), "--model", str(tmp_path / "tok")]) == 0  # the table, model's template
+    out = capsys.readouterr().out
+    assert "template jinja" in out and "<|im_start|>assistant" not in out.split("tokens")[0]
+    f.write_text('[{"role": "robot", "content": "x"}]')
+    assert main(["render", "--messages", str(f), "--model", str(tmp_path / "tok")]) == 2
+    assert f"{f}[0].role" in capsys.readouterr().err

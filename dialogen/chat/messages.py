@@ -34,3 +34,24 @@ def parse_messages(data, where: str = "messages") -> list[Message]:
             raise UserError(f"{at}.content: expected a string, got {type(content).__name__}")
         out.append(Message(role, content))
     return out
+
+
+def read_messages(path: str) -> list[Message]:
+    """A messages JSON file ('-' for stdin) -> messages; errors name the file and line."""
+    import json
+    import sys
+
+    where = "<stdin>" if path == "-" else path
+    try:
+        raw = sys.stdin.buffer.read() if path == "-" else open(path, "rb").read()
+        text = raw.decode("utf-8")
+    except OSError as e:
+        raise UserError(f"{where}: cannot read ({e.strerror})") from None
+    except UnicodeDecodeError as e:
+        line = raw[: e.start].count(b"\n") + 1
+        raise UserError(f"{where}:{line}: not valid UTF-8 (byte {e.start})") from None
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise UserError(f"{where}:{e.lineno}: not valid JSON ({e.msg})") from None
+    return parse_messages(data, where)

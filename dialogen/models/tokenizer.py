@@ -127,6 +127,7 @@ class Tokenizer:
     # --- files ----------------------------------------------------------------------------
     def save(self, directory: Path):
         directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
         self._tmpl.save(str(directory / "tokenizer.json"))
         conf = {"eos_token": self.eos_token, "bos_token": self.bos_token, "pad_token": self.pad_token,
                 "chat_template": self.chat_template, "tokenizer_class": "PreTrainedTokenizerFast"}
