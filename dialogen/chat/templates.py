@@ -194,6 +194,10 @@ class Template:
         """The end-of-turn marker, when the vocabulary has no single token for it."""
         return [] if len(tokenizer.encode_template(self.end_of_turn)) == 1 else [self.end_of_turn]
 
+    def stop_meta(self, tokenizer) -> dict:
+        """Where a reply ends, for a checkpoint's dialogen.json (and its generation_config.json)."""
+        return {"stop_ids": sorted(self.stop_ids(tokenizer)), "stop_strings": self.stop_strings(tokenizer)}
+
 
 def _mask(offsets: list[tuple[int, int]], regions: list[tuple[int, int]]) -> list[int]:
     """1 for each token whose characters overlap a region; both lists in text order."""
