@@ -208,3 +208,15 @@ def test_fuzz_no_control_id_from_content(fuzz_tokenizers, data):
     for i, (s, e) in zip(ids, offsets):
         if i in control:
             assert not any(a < e and s < b for a, b, _ in spans), (key, text[s:e])
+
+
+@settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(data=st.data())
+def test_fuzz_segment_encoding_equals_the_tokenizers_own(fuzz_tokenizers, data):
+    """Rendered chats are encoded piece by piece between control tokens (the pieces are cached);
+    the ids and offsets are those of the tokenizer on the whole string."""
+    tok = fuzz_tokenizers[data.draw(st.sampled_from(sorted(fuzz_tokenizers)), label="tokenizer")]
+    assert tok._splitter is not None
+    text = data.draw(st.lists(st.sampled_from(FRAGMENTS), max_size=20).map("".join), label="text")
+    whole = tok._tmpl.encode(text, add_special_tokens=False)
+    assert tok.encode_chat(text, []) == (whole.ids, whole.offsets)

@@ -16,7 +16,8 @@ from __future__ import annotations
 
 import json
 import re
-from dataclasses import dataclass
+from bisect import bisect_left, bisect_right
+from dataclasses import dataclass, field
 from datetime import datetime
 from functools import lru_cache
 
@@ -72,9 +73,22 @@ class _Generation(Extension):
         return nodes.Scope(body)
 
 
+class _Sandbox(ImmutableSandboxedEnvironment):
+    """The immutable sandbox with its attribute verdicts remembered: each depends only on the
+    object's type and the attribute's name, and rendering asks for the same few many times."""
+    _verdicts: dict = {}
+
+    def is_safe_attribute(self, obj, attr, value):
+        key = (type(obj), attr)
+        ok = self._verdicts.get(key)
+        if ok is None:
+            ok = self._verdicts[key] = super().is_safe_attribute(obj, attr, value)
+        return ok
+
+
 @lru_cache(maxsize=16)
 def _compile(source: str):
-    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=[_Generation, loopcontrols])
+    env = _Sandbox(trim_blocks=True, lstrip_blocks=True, extensions=[_Generation, loopcontrols])
     env.filters["tojson"] = _tojson
     env.globals["raise_exception"] = _raise
     env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
@@ -98,6 +112,13 @@ def _align(text: str, pieces: list[str], contents: list[str]) -> list[tuple[int,
     (`pieces[0::2]`) with each slot (`pieces[1::2]`) filled by its content, possibly trimmed.
     None when no such filling exists (the template's text depends on the contents)."""
     frame, slots = pieces[0::2], [int(i) for i in pieces[1::2]]
+    if len(text) == sum(map(len, frame)) + sum(len(contents[i]) for i in slots):  # likely: contents as they are
+        spans, pos = [], len(frame[0])
+        for k, i in enumerate(slots):
+            spans.append((pos, pos + len(contents[i]), i))
+            pos += len(contents[i]) + len(frame[k + 1])
+        if "".join(x for k, i in enumerate(slots) for x in (frame[k], contents[i])) + frame[-1] == text:
+            return spans
     if not text.startswith(frame[0]):
         return None
     stack = [(0, len(frame[0]), 0)]  # (slot, position in text, next candidate), depth-first
@@ -128,6 +149,7 @@ class Template:
     name: str
     source: str
     end_of_turn: str
+    _frames: dict = field(default_factory=dict, repr=False, compare=False)  # (roles, prompt) -> placeholder rendering
 
     def _render(self, tokenizer, messages: list[Message], contents: list[str], add_generation_prompt: bool) -> str:
         data = [{"role": m.role, "content": c} for m, c in zip(messages, contents)]
@@ -144,8 +166,14 @@ class Template:
         """The rendered text and each content's character span (start, end, message index), in
         text order. A template whose own text depends on the contents (or that changes them
         beyond trimming) gets its placeholder rendering with the contents spliced in whole."""
-        slots = [f"{_OPEN}{i}{_CLOSE}" for i in range(len(messages))]
-        pieces = _SLOT.split(self._render(tokenizer, messages, slots, add_generation_prompt))
+        key = (tuple(m.role for m in messages), add_generation_prompt, tokenizer.bos_token, tokenizer.eos_token)
+        pieces = self._frames.get(key)
+        if pieces is None:
+            slots = [f"{_OPEN}{i}{_CLOSE}" for i in range(len(messages))]
+            pieces = _SLOT.split(self._render(tokenizer, messages, slots, add_generation_prompt))
+            if len(self._frames) > 4096:
+                self._frames.clear()
+            self._frames[key] = pieces
         contents = [m.content for m in messages]
         text = self._render(tokenizer, messages, contents, add_generation_prompt)
         spans = _align(text, pieces, contents)
@@ -201,12 +229,14 @@ class Template:
 
 def _mask(offsets: list[tuple[int, int]], regions: list[tuple[int, int]]) -> list[int]:
     """1 for each token whose characters overlap a region; both lists in text order."""
-    mask, r = [], 0
-    for s, e in offsets:
-        while r < len(regions) and regions[r][1] <= s:
-            r += 1
-        on = r < len(regions) and regions[r][0] < max(e, s + 1)
-        mask.append(int(on))
+    mask = [0] * len(offsets)
+    if not regions:
+        return mask
+    starts = [s for s, _ in offsets]
+    ends = [max(e, s + 1) for s, e in offsets]  # an empty token counts as its position's character
+    for rs, re_ in regions:
+        first, last = bisect_right(ends, rs), bisect_left(starts, re_)
+        mask[first:last] = [1] * max(0, last - first)
     return mask
 
 

@@ -11,6 +11,7 @@ Every added token of the vocabulary is a control token here, whatever its `speci
 from __future__ import annotations
 
 import json
+import re
 from bisect import bisect_left
 from pathlib import Path
 
@@ -46,6 +47,8 @@ class Tokenizer:
         self.pad_token = pad_token or eos_token
         self.control_ids = {t.content: i for i, t in hf.get_added_tokens_decoder().items()}
         self._control = frozenset(self.control_ids.values())
+        self._splitter = _control_splitter(hf)
+        self._segments: dict[str, tuple[list[int], list[tuple[int, int]]]] = {}
 
     # --- encoding -------------------------------------------------------------------------
     def encode_text(self, text: str) -> list[int]:
@@ -79,18 +82,47 @@ class Tokenizer:
         ids: list[int] = []
         offsets: list[tuple[int, int]] = []
         for lo, hi, enc in pieces:
-            if hi > lo:
+            if hi <= lo:
+                continue
+            if enc is self._tmpl and self._splitter is not None:
+                self._encode_by_segments(text, lo, hi, ids, offsets)
+            else:
                 out = enc.encode(text[lo:hi], add_special_tokens=False)
                 ids += out.ids
                 offsets += [(s + lo, e + lo) for s, e in out.offsets]
         return ids, offsets
 
+    def _encode_by_segments(self, text: str, lo: int, hi: int, ids: list, offsets: list):
+        """text[lo:hi] with control tokens parsed, as the tokenizer itself does it: cut at each
+        control token, each piece between encoded alone. The pieces recur (a chat's turns are
+        rendered many times into training windows), so their encodings are kept."""
+        pos = lo
+        for m in self._splitter.finditer(text, lo, hi):
+            self._segment(text, pos, m.start(), ids, offsets)
+            ids.append(self.control_ids[m.group()])
+            offsets.append(m.span())
+            pos = m.end()
+        self._segment(text, pos, hi, ids, offsets)
+
+    def _segment(self, text: str, lo: int, hi: int, ids: list, offsets: list):
+        if hi <= lo:
+            return
+        piece = text[lo:hi]
+        got = self._segments.get(piece)
+        if got is None:
+            out = self._text.encode(piece, add_special_tokens=False)
+            if len(self._segments) > 200_000:
+                self._segments.clear()
+            got = self._segments[piece] = (out.ids, out.offsets)
+        ids += got[0]
+        offsets += [(s + lo, e + lo) for s, e in got[1]]
+
     def _spans_with_control(self, ids, offsets, spans) -> list[tuple[int, int]]:
         starts = [a for a, _ in spans]
         bad = []
-        for tok, (s, e) in zip(ids, offsets):
-            if tok not in self._control:
-                continue
+        control = self._control
+        for j in [j for j, tok in enumerate(ids) if tok in control]:
+            s, e = offsets[j]
             k = bisect_left(starts, e) - 1  # the last span starting before the token ends
             while k >= 0 and spans[k][1] > s:
                 if spans[k][1] > spans[k][0]:
@@ -181,6 +213,16 @@ class Tokenizer:
 
         return cls(hf, eos_token=tok("eos_token_id"), bos_token=tok("bos_token_id"),
                    pad_token=tok("padding_token_id"), chat_template=meta.get("tokenizer.chat_template"))
+
+
+def _control_splitter(hf: HFTokenizer):
+    """A pattern finding control tokens as the tokenizer does (leftmost, then longest), or None
+    when some added token is matched in another way (after normalization, or eating spaces)."""
+    added = json.loads(hf.to_str())["added_tokens"]
+    if not added or any(t["normalized"] or t["lstrip"] or t["rstrip"] or t["single_word"] for t in added):
+        return None
+    tokens = sorted((t["content"] for t in added), key=len, reverse=True)
+    return re.compile("|".join(re.escape(t) for t in tokens))
 
 
 def _without_added_tokens(hf: HFTokenizer) -> HFTokenizer:
