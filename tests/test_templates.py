@@ -131,3 +131,12 @@ def test_render_command_on_a_tokenizer_only_dir(smol_tokenizer, tmp_path, capsys
     f.write_text('[{"role": "robot", "content": "x"}]')
     assert main(["render", "--messages", str(f), "--model", str(tmp_path / "tok")]) == 2
     assert f"{f}[0].role" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("source", ["{% for i in range(10**9) %}x{% endfor %}", "{{ messages[0]['content'] + none }}",
+                                    "{{ messages[99]['content'].strip() }}"])
+def test_a_template_that_fails_at_run_time_is_a_user_error(smol_tokenizer, source):
+    from dialogen.chat.templates import Template
+
+    with pytest.raises(UserError, match="chat template 'x' failed"):
+        Template("x", source, "<|im_end|>").render(smol_tokenizer, CONV)
