@@ -87,14 +87,11 @@ def cmd_chat(args) -> int:
 
 
 def cmd_generate(args) -> int:
-    from .chat.messages import parse_messages
-
-    from .textio import load_json, read_file, read_stdin
+    from .chat.messages import read_messages
 
     where = args.input if args.input != "-" else "<stdin>"
     sampling_from(args)  # a bad flag is reported before the input is read
-    data = load_json(read_stdin() if args.input == "-" else read_file(args.input), where)
-    messages = parse_messages(data, where)
+    messages = read_messages(args.input)
     if not messages or messages[-1].role != "user":
         raise UserError(f"{where}: the last message must have role 'user'")
     session = open_session(args)
@@ -158,3 +155,6 @@ def main(argv=None) -> int:
         return 2
     except KeyboardInterrupt:
         return 130
+    except BrokenPipeError:  # output piped into e.g. `head`, which stopped reading
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141

@@ -11,19 +11,10 @@ from dialogen.data import read_conversations
 from dialogen.data.batches import bucket_batches, collate, pack
 from dialogen.data.dataset import IGNORE_INDEX, build_examples, render_turns, trained_flags, windows
 from dialogen.data.reverse import reverse_example_ids
+from rendering import expected
 
 U1, A1, U2, A2 = "Hi there", "Hello! How can I help?", "What is 2+2?", "4."
 CONV = [Message("user", U1), Message("assistant", A1), Message("user", U2), Message("assistant", A2)]
-
-
-def expected(tok, pieces):
-    """pieces: (text, kind, trained), kind 't' = template text (special tokens parsed), 'c' = content."""
-    ids, labels = [], []
-    for text, kind, trained in pieces:
-        toks = tok.encode_template(text) if kind == "t" else tok.encode_text(text)
-        ids += toks
-        labels += toks if trained else [IGNORE_INDEX] * len(toks)
-    return ids, labels
 
 
 def one(tok, template, conv, train_on="assistant"):
@@ -53,7 +44,7 @@ def test_render_turns_agrees_with_template_render(smol_tokenizer, name, train_on
 
 
 def test_chatml_assistant_turns(smol_tokenizer):
-    assert one(smol_tokenizer, "chatml", CONV) == expected(smol_tokenizer, [
+    assert one(smol_tokenizer, "chatml", CONV) == expected(smol_tokenizer, labels=True, pieces=[
         ("<|im_start|>user\n", "t", 0), (U1, "c", 0), ("<|im_end|>\n<|im_start|>assistant\n", "t", 0),
         (A1, "c", 1), ("<|im_end|>", "t", 1), ("\n<|im_start|>user\n", "t", 0), (U2, "c", 0),
         ("<|im_end|>\n<|im_start|>assistant\n", "t", 0), (A2, "c", 1), ("<|im_end|>", "t", 1), ("\n", "t", 0)])
@@ -73,24 +64,24 @@ def test_chatml_hand_checked_positions(smol_tokenizer):
 
 
 def test_llama2_end_of_turn_is_trained(smol_tokenizer):
-    assert one(smol_tokenizer, "llama2", CONV) == expected(smol_tokenizer, [
+    assert one(smol_tokenizer, "llama2", CONV) == expected(smol_tokenizer, labels=True, pieces=[
         ("<s>[INST] ", "t", 0), (U1, "c", 0), (" [/INST] ", "t", 0), (A1, "c", 1), ("</s>", "t", 1),
         ("<s>[INST] ", "t", 0), (U2, "c", 0), (" [/INST] ", "t", 0), (A2, "c", 1), ("</s>", "t", 1)])
 
 
 def test_dialogpt_both_trains_every_turn_after_the_first(smol_tokenizer):
     eot = smol_tokenizer.eos_token
-    assert one(smol_tokenizer, "dialogpt", CONV, "both") == expected(smol_tokenizer, [
+    assert one(smol_tokenizer, "dialogpt", CONV, "both") == expected(smol_tokenizer, labels=True, pieces=[
         (U1, "c", 0), (eot, "t", 0), (A1, "c", 1), (eot, "t", 1), (U2, "c", 1), (eot, "t", 1),
         (A2, "c", 1), (eot, "t", 1)])
-    assert one(smol_tokenizer, "dialogpt", CONV, "assistant") == expected(smol_tokenizer, [
+    assert one(smol_tokenizer, "dialogpt", CONV, "assistant") == expected(smol_tokenizer, labels=True, pieces=[
         (U1, "c", 0), (eot, "t", 0), (A1, "c", 1), (eot, "t", 1), (U2, "c", 0), (eot, "t", 0),
         (A2, "c", 1), (eot, "t", 1)])
 
 
 def test_model_jinja_template_with_its_default_system_prompt(smol_tokenizer):
     sys_default = "You are a helpful AI assistant named SmolLM, trained by Hugging Face"
-    assert one(smol_tokenizer, "jinja", CONV[:2]) == expected(smol_tokenizer, [
+    assert one(smol_tokenizer, "jinja", CONV[:2]) == expected(smol_tokenizer, labels=True, pieces=[
         ("<|im_start|>system\n" + sys_default + "<|im_end|>\n<|im_start|>user\n", "t", 0), (U1, "c", 0),
         ("<|im_end|>\n<|im_start|>assistant\n", "t", 0), (A1, "c", 1), ("<|im_end|>", "t", 1), ("\n", "t", 0)])
 
@@ -102,7 +93,7 @@ def test_each_format_through_to_labels(smol_tokenizer, tmp_path):
     (tmp_path / "d.tsv").write_text("0.0 a EOS 1.0 b EOS 1.0 c\t1.0 d\n")
     (tmp_path / "d.txt").write_text("a\nb\n")
     conv = read_conversations(str(tmp_path / "d.jsonl")).conversations[0]
-    assert one(smol_tokenizer, "chatml", conv) == expected(smol_tokenizer, [
+    assert one(smol_tokenizer, "chatml", conv) == expected(smol_tokenizer, labels=True, pieces=[
         (f"{start}system\n", "t", 0), ("P", "c", 0), (f"{eot}\n{start}user\n", "t", 0), (U1, "c", 0),
         (f"{eot}\n{start}assistant\n", "t", 0), (A1, "c", 1), (eot, "t", 1), ("\n", "t", 0)])
     # TSV: turns alternate backwards from the response (the assistant's)
@@ -110,11 +101,11 @@ def test_each_format_through_to_labels(smol_tokenizer, tmp_path):
     assert [(m.role, m.content, m.weight) for m in conv] == [
         ("user", "a", 0.0), ("assistant", "b", 1.0), ("user", "c", 1.0), ("assistant", "d", 1.0)]
     eot = smol_tokenizer.eos_token
-    assert one(smol_tokenizer, "dialogpt", conv, "both") == expected(smol_tokenizer, [
+    assert one(smol_tokenizer, "dialogpt", conv, "both") == expected(smol_tokenizer, labels=True, pieces=[
         ("a", "c", 0), (eot, "t", 0), ("b", "c", 1), (eot, "t", 1), ("c", "c", 1), (eot, "t", 1),
         ("d", "c", 1), (eot, "t", 1)])
     conv = read_conversations(str(tmp_path / "d.txt")).conversations[0]
-    assert one(smol_tokenizer, "chatml", conv) == expected(smol_tokenizer, [
+    assert one(smol_tokenizer, "chatml", conv) == expected(smol_tokenizer, labels=True, pieces=[
         (f"{start}user\n", "t", 0), ("a", "c", 0), (f"{eot}\n{start}assistant\n", "t", 0), ("b", "c", 1),
         (eot, "t", 1), ("\n", "t", 0)])
 
@@ -124,7 +115,7 @@ def test_weight_zero_turn_is_not_trained(smol_tokenizer, tmp_path):
     conv = read_conversations(str(tmp_path / "w.tsv")).conversations[0]
     assert [m.weight for m in conv] == [1.0, 0.0, 1.0, 1.0]
     eot = smol_tokenizer.eos_token
-    assert one(smol_tokenizer, "dialogpt", conv, "both") == expected(smol_tokenizer, [
+    assert one(smol_tokenizer, "dialogpt", conv, "both") == expected(smol_tokenizer, labels=True, pieces=[
         ("a", "c", 0), (eot, "t", 0), ("b", "c", 0), (eot, "t", 0), ("c", "c", 1), (eot, "t", 1),
         ("d", "c", 1), (eot, "t", 1)])
 
@@ -160,7 +151,10 @@ def test_long_conversation_windows_cover_every_turn_once(smol_tokenizer, name):
         assert text.count("question number") >= 1  # context from a user turn
         got += trained_runs(smol_tokenizer, ids, [i if m else IGNORE_INDEX for i, m in zip(ids, mask)])
     want = trained_runs(smol_tokenizer, full_ids, [i if m else IGNORE_INDEX for i, m in zip(full_ids, full_mask)])
-    assert got == want  # every assistant turn, in order, exactly once
+    # every assistant turn, in order, exactly once. A vocabulary without a '</s>' token may merge its
+    # last character with the next turn's '<' in one token; a window that ends there has no next turn.
+    eot = tpl.end_of_turn
+    assert [r[:r.index(eot) + len(eot)] for r in got] == [r[:r.index(eot) + len(eot)] for r in want]
 
 
 def test_a_turn_longer_than_the_window_is_cut_and_counted(smol_tokenizer):
@@ -177,7 +171,7 @@ def test_reverse_example_format(smol_tokenizer):
            Message("user", "c4")]
     ids, mask = reverse_example_ids(smol_tokenizer, tpl, ctx, "reply", max_turns=3)
     eot, st = "<|im_end|>", "<|im_start|>"
-    assert (ids, [i if m else IGNORE_INDEX for i, m in zip(ids, mask)]) == expected(smol_tokenizer, [
+    assert (ids, [i if m else IGNORE_INDEX for i, m in zip(ids, mask)]) == expected(smol_tokenizer, labels=True, pieces=[
         (f"{st}user\n", "t", 0), ("reply", "c", 0), (f"{eot}\n{st}assistant\n", "t", 0), ("c4", "c", 1),
         (eot, "t", 1), (f"\n{st}user\n", "t", 0), ("c3", "c", 1), (eot, "t", 1),
         (f"\n{st}assistant\n", "t", 0), ("c2", "c", 1), (eot, "t", 1), ("\n", "t", 0)])
@@ -221,7 +215,7 @@ def test_inspect_data_command(tiny_llama, tmp_path, capsys):
                  "--rows", "0", "--color", "never"]) == 0
     out = capsys.readouterr().out
     rows = [line for line in out.splitlines() if line.rstrip().endswith(("| YES", "| no"))]
-    ids, labels = expected(smol_tokenizer_of(path), [
+    ids, labels = expected(smol_tokenizer_of(path), labels=True, pieces=[
         ("<|im_start|>user\n", "t", 0), (U1, "c", 0), ("<|im_end|>\n<|im_start|>assistant\n", "t", 0),
         (A1, "c", 1), ("<|im_end|>", "t", 1), ("\n<|im_start|>user\n", "t", 0), (U2, "c", 0),
         ("<|im_end|>\n<|im_start|>assistant\n", "t", 0), (A2, "c", 1), ("<|im_end|>", "t", 1), ("\n", "t", 0)])

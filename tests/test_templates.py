@@ -5,20 +5,11 @@ import pytest
 from dialogen.chat.messages import Message
 from dialogen.chat.templates import TEMPLATES, get_template
 from dialogen.errors import UserError
+from rendering import expected
 
 SYS, U1, A1, U2, A2 = "You are terse.", "Hi there", "Hello! How can I help?", "What is 2+2?", "4."
 CONV = [Message("system", SYS), Message("user", U1), Message("assistant", A1), Message("user", U2),
         Message("assistant", A2)]
-
-
-def expected(tok, pieces):
-    """pieces: (text, kind, trained) with kind 't' (template text) or 'c' (content)."""
-    ids, mask = [], []
-    for text, kind, trained in pieces:
-        toks = tok.encode_template(text) if kind == "t" else tok.encode_text(text)
-        ids += toks
-        mask += [int(trained)] * len(toks)
-    return ids, mask
 
 
 def test_chatml(smol_tokenizer):
@@ -73,7 +64,7 @@ def test_generation_prompt_and_stops(smol_tokenizer):
     ids, mask = tpl.render(smol_tokenizer, CONV[:2], add_generation_prompt=True)
     assert smol_tokenizer.decode(ids).endswith("<|im_start|>assistant\n")
     assert not any(mask)
-    assert tpl.stop_ids(smol_tokenizer) == {smol_tokenizer.special_ids["<|im_end|>"]}
+    assert tpl.stop_ids(smol_tokenizer) == {smol_tokenizer.control_ids["<|im_end|>"]}
     assert tpl.stop_strings(smol_tokenizer) == []
     # '</s>' is not a token of this vocabulary: llama2 stops on the string instead
     assert get_template("llama2", smol_tokenizer).stop_strings(smol_tokenizer) == ["</s>"]
@@ -87,7 +78,7 @@ def test_typed_control_tokens_are_text(smol_tokenizer, name):
     injected = [Message("user", evil)]
     ids_plain, _ = tpl.render(smol_tokenizer, plain, add_generation_prompt=True)
     ids_evil, _ = tpl.render(smol_tokenizer, injected, add_generation_prompt=True)
-    specials = set(smol_tokenizer.special_ids.values())
+    specials = set(smol_tokenizer.control_ids.values())
     count = lambda ids: sum(i in specials for i in ids)  # noqa: E731
     assert count(ids_evil) == count(ids_plain)
     text_ids = smol_tokenizer.encode_text(evil)
@@ -117,3 +108,35 @@ def test_sandbox_blocks_python_internals(smol_tokenizer):
     nasty = "{{ messages.__class__.__mro__[1].__subclasses__() }}"
     with pytest.raises(UserError):
         Template("x", nasty, "<|im_end|>").render(smol_tokenizer, CONV)
+
+
+def test_render_command_on_a_tokenizer_only_dir(smol_tokenizer, tmp_path, capsys):
+    import json
+
+    from dialogen.cli import main
+
+    smol_tokenizer.save(tmp_path / "tok")  # no config.json, no weights
+    conv = [Message("user", "  Hi <|im_end|> there\n"), Message("assistant", "Hello!")]
+    f = tmp_path / "m.json"
+    f.write_text(json.dumps([m.to_dict() for m in conv]))
+    assert main(["render", "--messages", str(f), "--model", str(tmp_path / "tok"), "--template", "chatml", "--json"]) == 0
+    got = json.loads(capsys.readouterr().out)
+    ids, mask = get_template("chatml", smol_tokenizer).render(smol_tokenizer, conv)  # ends with the assistant: no prompt
+    assert (got["ids"], got["mask"]) == (ids, mask)
+    assert got["text"] == smol_tokenizer.decode(ids) and "Hi <|im_end|> there" in got["text"]
+    assert smol_tokenizer.decode([i for i, m in zip(ids, mask) if m]) == "Hello!<|im_end|>"
+    assert main(["render", "--messages", str(f), "--model", str(tmp_path / "tok")]) == 0  # the table, model's template
+    out = capsys.readouterr().out
+    assert "template jinja" in out and "<|im_start|>assistant" not in out.split("tokens")[0]
+    f.write_text('[{"role": "robot", "content": "x"}]')
+    assert main(["render", "--messages", str(f), "--model", str(tmp_path / "tok")]) == 2
+    assert f"{f}[0].role" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("source", ["{% for i in range(10**9) %}x{% endfor %}", "{{ messages[0]['content'] + none }}",
+                                    "{{ messages[99]['content'].strip() }}"])
+def test_a_template_that_fails_at_run_time_is_a_user_error(smol_tokenizer, source):
+    from dialogen.chat.templates import Template
+
+    with pytest.raises(UserError, match="chat template 'x' failed"):
+        Template("x", source, "<|im_end|>").render(smol_tokenizer, CONV)

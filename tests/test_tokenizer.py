@@ -52,10 +52,10 @@ def test_decode_round_trips(smol_tokenizer):
 def test_typed_control_tokens_stay_text(smol_tokenizer, reference):
     text = TEXTS[-2]
     ids = smol_tokenizer.encode_text(text)
-    assert not set(ids) & set(smol_tokenizer.special_ids.values())
+    assert not set(ids) & set(smol_tokenizer.control_ids.values())
     # the template encoder does parse them, as transformers does by default
     assert smol_tokenizer.encode_template(text) == reference.encode(text, add_special_tokens=False)
-    assert smol_tokenizer.special_ids["<|im_end|>"] in smol_tokenizer.encode_template(text)
+    assert smol_tokenizer.control_ids["<|im_end|>"] in smol_tokenizer.encode_template(text)
 
 
 def test_special_tokens_from_metadata(smol_tokenizer):

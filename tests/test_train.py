@@ -193,3 +193,64 @@ def test_bad_flags_and_resume_mismatch(data, tmp_path, capsys):
     assert code == 2 and "already holds a run" in err
     code, err = run_cli(capsys, *base, "--resume", "--batch-size", "3")
     assert code == 2 and "cannot resume: batch_size was 8, now 3" in err
+
+
+def _stops_at_end_of_turn(path, eot: int):
+    """transformers' generate, with the checkpoint's generation_config, stops when the end-of-turn
+    token comes (forced at the third new token here; without the config it would run on)."""
+    from transformers import AutoModelForCausalLM, LogitsProcessor, LogitsProcessorList
+
+    class ForceAtThird(LogitsProcessor):
+        def __init__(self, start):
+            self.start = start
+
+        def __call__(self, input_ids, scores):
+            if input_ids.shape[1] - self.start == 2:
+                scores = torch.full_like(scores, -float("inf"))
+                scores[:, eot] = 0
+            return scores
+
+    model = AutoModelForCausalLM.from_pretrained(str(path))
+    prompt = torch.tensor([[5, 6, 7]])
+    out = model.generate(prompt, max_new_tokens=10, do_sample=False, logits_processor=LogitsProcessorList([ForceAtThird(3)]))
+    return out[0, 3:].tolist()
+
+
+@pytest.mark.parametrize("kind", ["scratch", "finetune"])
+def test_checkpoints_behave_the_same_in_transformers(kind, data, tiny_llama, tmp_path):
+    from transformers import AutoTokenizer
+
+    from dialogen.chat.messages import Message
+    from dialogen.chat.templates import get_template
+
+    opts = (dict(SCRATCH, template="chatml") if kind == "scratch" else
+            dict(init=str(tiny_llama[0]), template="chatml", max_len=64, batch_size=2, lr=1e-3, warmup_steps=1,
+                 progress=False))
+    train(TrainOptions(out=str(tmp_path / "m"), data=data, max_steps=1, eval_every=0, **opts))
+    path = tmp_path / "m/last"
+    loaded = load(str(path))
+    tok, vocab = loaded.tokenizer, loaded.model.cfg.vocab_size
+    eot = tok.token_id("<|im_end|>")
+    config = json.loads((path / "config.json").read_text())
+    gen = json.loads((path / "generation_config.json").read_text())
+    assert all(0 <= config[k] < vocab for k in ("bos_token_id", "eos_token_id", "pad_token_id"))
+    assert eot in gen["eos_token_id"]
+    if kind == "scratch":  # the vocabulary's eos (<|endoftext|>) is not where a ChatML turn ends
+        assert tok.eos_id != eot
+    new = _stops_at_end_of_turn(path, eot)
+    assert new[-1] == eot and len(new) == 3
+    ref = AutoTokenizer.from_pretrained(str(path))
+    conv = [Message("user", "the cat sat"), Message("assistant", "on a mat"), Message("user", "and the dog?")]
+    want = ref.apply_chat_template([m.to_dict() for m in conv], tokenize=True, add_generation_prompt=True,
+                                   return_dict=False)
+    assert list(want) == get_template("chatml", tok).render(tok, conv, add_generation_prompt=True)[0]
+
+
+def test_every_builtin_template_is_saved_with_the_checkpoint(data, tmp_path):
+    from dialogen.chat.templates import TEMPLATES
+    from dialogen.models.tokenizer import Tokenizer
+
+    for name in ("dialogpt", "llama2"):
+        train(TrainOptions(out=str(tmp_path / name), data=data, max_steps=1, eval_every=0, **dict(SCRATCH, template=name)))
+        saved = Tokenizer.from_dir(tmp_path / name / "last")
+        assert saved.chat_template == TEMPLATES[name][0]

@@ -34,3 +34,12 @@ def parse_messages(data, where: str = "messages") -> list[Message]:
             raise UserError(f"{at}.content: expected a string, got {type(content).__name__}")
         out.append(Message(role, content))
     return out
+
+
+def read_messages(path: str) -> list[Message]:
+    """A messages JSON file ('-' for stdin) -> messages; errors name the file and line (bytes
+    that are not UTF-8, lone surrogates, JSON mistakes) or the element and field."""
+    from ..textio import load_json, read_file, read_stdin
+
+    where = "<stdin>" if path == "-" else path
+    return parse_messages(load_json(read_stdin() if path == "-" else read_file(path), where), where)

@@ -1,23 +1,28 @@
-"""Chat templates: a conversation -> (token ids, assistant mask).
+"""Chat templates: a conversation -> (token ids, assistant mask), as the model was trained to see it.
 
-Every template is Jinja source, the built-in ones and a model's own alike, rendered in a
-sandbox. Message contents never pass through the template: each is replaced by a private-use
-placeholder, the rendered text is split at the placeholders, template text is encoded with its
-special tokens and contents are encoded as plain text. So a user who types `<|im_end|>` gets
-those characters, and the mask knows exactly which tokens came from which message.
+Every template is Jinja source, the built-in ones and a model's own alike, rendered in a sandbox
+like transformers' `apply_chat_template`: the real text with the contents in it (so `trim` and
+`.strip()` act on them), tokenized as one string. A second rendering with a placeholder for each
+content gives the template's own text; matching the two gives each content's character span.
+The spans are what the mask and the injection guard use: no control token may come from inside a
+content (`Tokenizer.encode_chat`), so a user who types `<|im_end|>` gets those characters.
 
 Mask rule: the tokens of a trained message's content are on, and so is the template text after
-it up to and including the end-of-turn marker, so the model learns to stop.
+it up to and including the end-of-turn marker, so the model learns to stop. A token that spans
+template text and content (` Hello` after `[/INST]`) counts as the content's.
 """
 
 from __future__ import annotations
 
+import json
 import re
-from dataclasses import dataclass
+from bisect import bisect_left, bisect_right
+from dataclasses import dataclass, field
 from datetime import datetime
 from functools import lru_cache
 
-from jinja2 import TemplateError
+from jinja2 import TemplateError, nodes
+from jinja2.ext import Extension, loopcontrols
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
 from ..errors import UserError
@@ -34,7 +39,7 @@ LLAMA2 = (
     "{% for m in msgs %}{% if m['role'] == 'assistant' %}{{ ' ' + m['content'] + '</s>' }}"
     "{% else %}{{ '<s>[INST] ' }}{% if loop.first and sys is not none %}"
     "{{ '<<SYS>>\\n' + sys + '\\n<</SYS>>\\n\\n' }}{% endif %}{{ m['content'] + ' [/INST]' }}{% endif %}{% endfor %}"
-    "{% if add_generation_prompt %}{{ ' ' }}{% endif %}"
+    "{% if add_generation_prompt %}{% endif %}"
 )
 DIALOGPT = "{% for m in messages %}{{ m['content'] + eos_token }}{% endfor %}"
 
@@ -54,9 +59,37 @@ def _raise(msg):
     raise TemplateError(msg)
 
 
+def _tojson(x, ensure_ascii=False, indent=None, separators=None, sort_keys=False):
+    return json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
+
+
+class _Generation(Extension):
+    """`{% generation %}...{% endgeneration %}` (marks assistant text in some templates): the body as is."""
+    tags = {"generation"}
+
+    def parse(self, parser):
+        next(parser.stream)
+        body = parser.parse_statements(("name:endgeneration",), drop_needle=True)
+        return nodes.Scope(body)
+
+
+class _Sandbox(ImmutableSandboxedEnvironment):
+    """The immutable sandbox with its attribute verdicts remembered: each depends only on the
+    object's type and the attribute's name, and rendering asks for the same few many times."""
+    _verdicts: dict = {}
+
+    def is_safe_attribute(self, obj, attr, value):
+        key = (type(obj), attr)
+        ok = self._verdicts.get(key)
+        if ok is None:
+            ok = self._verdicts[key] = super().is_safe_attribute(obj, attr, value)
+        return ok
+
+
 @lru_cache(maxsize=16)
 def _compile(source: str):
-    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
+    env = _Sandbox(trim_blocks=True, lstrip_blocks=True, extensions=[_Generation, loopcontrols])
+    env.filters["tojson"] = _tojson
     env.globals["raise_exception"] = _raise
     env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
     try:
@@ -65,20 +98,92 @@ def _compile(source: str):
         raise UserError(f"chat template does not compile: {e}") from None
 
 
+def _trims(content: str) -> list[str]:
+    """What a template may make of a content: itself or trimmed (`trim`, `.strip()` and kin)."""
+    out = []
+    for x in (content, content.strip(), content.lstrip(), content.rstrip()):
+        if x not in out:
+            out.append(x)
+    return out
+
+
+def _align(text: str, pieces: list[str], contents: list[str]) -> list[tuple[int, int, int]] | None:
+    """Content spans (start, end, message index) such that `text` is the template's own text
+    (`pieces[0::2]`) with each slot (`pieces[1::2]`) filled by its content, possibly trimmed.
+    None when no such filling exists (the template's text depends on the contents)."""
+    frame, slots = pieces[0::2], [int(i) for i in pieces[1::2]]
+    if len(text) == sum(map(len, frame)) + sum(len(contents[i]) for i in slots):  # likely: contents as they are
+        spans, pos = [], len(frame[0])
+        for k, i in enumerate(slots):
+            spans.append((pos, pos + len(contents[i]), i))
+            pos += len(contents[i]) + len(frame[k + 1])
+        if "".join(x for k, i in enumerate(slots) for x in (frame[k], contents[i])) + frame[-1] == text:
+            return spans
+    if not text.startswith(frame[0]):
+        return None
+    stack = [(0, len(frame[0]), 0)]  # (slot, position in text, next candidate), depth-first
+    chosen: list[tuple[int, int, int]] = []
+    dead: set[tuple[int, int]] = set()
+    while stack:
+        k, pos, c = stack.pop()
+        del chosen[k:]
+        if k == len(slots):
+            if pos == len(text):
+                return chosen
+            continue
+        cands = _trims(contents[slots[k]])
+        if c >= len(cands) or (k, pos) in dead:
+            dead.add((k, pos))
+            continue
+        stack.append((k, pos, c + 1))
+        x, after = cands[c], frame[k + 1]
+        end = pos + len(x)
+        if text.startswith(x, pos) and text.startswith(after, end):
+            chosen.append((pos, end, slots[k]))
+            stack.append((k + 1, end + len(after), 0))
+    return None
+
+
 @dataclass
 class Template:
     name: str
     source: str
     end_of_turn: str
+    _frames: dict = field(default_factory=dict, repr=False, compare=False)  # (roles, prompt) -> placeholder rendering
 
-    def _render_text(self, tokenizer, messages: list[Message], add_generation_prompt: bool) -> str:
-        slots = [{"role": m.role, "content": f"{_OPEN}{i}{_CLOSE}"} for i, m in enumerate(messages)]
+    def _render(self, tokenizer, messages: list[Message], contents: list[str], add_generation_prompt: bool) -> str:
+        data = [{"role": m.role, "content": c} for m, c in zip(messages, contents)]
+        tokens = {"bos_token": tokenizer.bos_token or "", "eos_token": tokenizer.eos_token or "",
+                  "pad_token": tokenizer.pad_token or ""}
         try:
-            return _compile(self.source).render(
-                messages=slots, add_generation_prompt=add_generation_prompt,
-                bos_token=tokenizer.bos_token or "", eos_token=tokenizer.eos_token or "", tools=None)
-        except TemplateError as e:
+            return _compile(self.source).render(messages=data, add_generation_prompt=add_generation_prompt,
+                                                tools=None, documents=None, **tokens)
+        except Exception as e:  # a template is data: whatever it raises is the template's error
             raise UserError(f"chat template {self.name!r} failed: {e}") from None
+
+    def layout(self, tokenizer, messages: list[Message],
+               add_generation_prompt: bool = False) -> tuple[str, list[tuple[int, int, int]]]:
+        """The rendered text and each content's character span (start, end, message index), in
+        text order. A template whose own text depends on the contents (or that changes them
+        beyond trimming) gets its placeholder rendering with the contents spliced in whole."""
+        key = (tuple(m.role for m in messages), add_generation_prompt, tokenizer.bos_token, tokenizer.eos_token)
+        pieces = self._frames.get(key)
+        if pieces is None:
+            slots = [f"{_OPEN}{i}{_CLOSE}" for i in range(len(messages))]
+            pieces = _SLOT.split(self._render(tokenizer, messages, slots, add_generation_prompt))
+            if len(self._frames) > 4096:
+                self._frames.clear()
+            self._frames[key] = pieces
+        contents = [m.content for m in messages]
+        text = self._render(tokenizer, messages, contents, add_generation_prompt)
+        spans = _align(text, pieces, contents)
+        if spans is None:
+            text, spans = pieces[0], []
+            for k in range(1, len(pieces), 2):
+                i = int(pieces[k])
+                spans.append((len(text), len(text) + len(contents[i]), i))
+                text += contents[i] + pieces[k + 1]
+        return text, spans
 
     def render(self, tokenizer, messages: list[Message], add_generation_prompt: bool = False,
                train_roles=("assistant",), trained: list[bool] | None = None) -> tuple[list[int], list[int]]:
@@ -89,30 +194,22 @@ class Template:
         """
         if trained is None:
             trained = [m.role in train_roles for m in messages]
-        text = self._render_text(tokenizer, messages, add_generation_prompt)
-        ids: list[int] = []
-        mask: list[int] = []
-        pieces = _SLOT.split(text)  # template text, index, template text, index, ...
-        trained_turn_open = False
-        for k, piece in enumerate(pieces):
-            if k % 2:  # a message's content
-                i = int(piece)
-                toks = tokenizer.encode_text(messages[i].content)
-                trained_turn_open = trained[i]
-                ids += toks
-                mask += [int(trained_turn_open)] * len(toks)
+        text, spans = self.layout(tokenizer, messages, add_generation_prompt)
+        ids, offsets = tokenizer.encode_chat(text, [(a, b) for a, b, _ in spans])
+        regions = self._trained_regions(text, spans, trained)
+        return ids, _mask(offsets, regions)
+
+    def _trained_regions(self, text: str, spans, trained: list[bool]) -> list[tuple[int, int]]:
+        """Character ranges trained: a trained content and its end-of-turn marker, in text order."""
+        eot = self.end_of_turn
+        out = []
+        for j, (a, b, i) in enumerate(spans):
+            if not trained[i]:
                 continue
-            if trained_turn_open and self.end_of_turn in piece:
-                cut = piece.index(self.end_of_turn) + len(self.end_of_turn)
-                head = tokenizer.encode_template(piece[:cut])
-                ids += head
-                mask += [1] * len(head)
-                piece = piece[cut:]
-            trained_turn_open = False
-            toks = tokenizer.encode_template(piece)
-            ids += toks
-            mask += [0] * len(toks)
-        return ids, mask
+            nxt = spans[j + 1][0] if j + 1 < len(spans) else len(text)
+            cut = text.find(eot, b, nxt) if eot else -1
+            out.append((a, b if cut < 0 else cut + len(eot)))
+        return out
 
     def stop_ids(self, tokenizer) -> set[int]:
         ids = {tokenizer.eos_id} if tokenizer.eos_id is not None else set()
@@ -124,6 +221,23 @@ class Template:
     def stop_strings(self, tokenizer) -> list[str]:
         """The end-of-turn marker, when the vocabulary has no single token for it."""
         return [] if len(tokenizer.encode_template(self.end_of_turn)) == 1 else [self.end_of_turn]
+
+    def stop_meta(self, tokenizer) -> dict:
+        """Where a reply ends, for a checkpoint's dialogen.json (and its generation_config.json)."""
+        return {"stop_ids": sorted(self.stop_ids(tokenizer)), "stop_strings": self.stop_strings(tokenizer)}
+
+
+def _mask(offsets: list[tuple[int, int]], regions: list[tuple[int, int]]) -> list[int]:
+    """1 for each token whose characters overlap a region; both lists in text order."""
+    mask = [0] * len(offsets)
+    if not regions:
+        return mask
+    starts = [s for s, _ in offsets]
+    ends = [max(e, s + 1) for s, e in offsets]  # an empty token counts as its position's character
+    for rs, re_ in regions:
+        first, last = bisect_right(ends, rs), bisect_left(starts, re_)
+        mask[first:last] = [1] * max(0, last - first)
+    return mask
 
 
 def get_template(name: str, tokenizer) -> Template:
@@ -143,9 +257,10 @@ def get_template(name: str, tokenizer) -> Template:
 
 def _find_end_of_turn(tpl: Template, tokenizer) -> str:
     """The special token a template writes right after an assistant's content."""
-    text = tpl._render_text(tokenizer, [Message("user", "u"), Message("assistant", "a")], False)
+    msgs = [Message("user", "u"), Message("assistant", "a")]
+    text = tpl._render(tokenizer, msgs, [f"{_OPEN}{i}{_CLOSE}" for i in range(2)], False)
     after = text.split(f"{_OPEN}1{_CLOSE}", 1)[-1].lstrip()
-    specials = sorted(tokenizer.special_ids, key=len, reverse=True)
+    specials = sorted(tokenizer.control_ids, key=len, reverse=True)
     return next((s for s in specials if after.startswith(s)), tokenizer.eos_token or "")
 
 
@@ -154,6 +269,6 @@ def default_template_name(meta: dict, tokenizer, arch: str) -> str:
         return meta["template"]
     if tokenizer.chat_template:
         return "jinja"
-    if "<|im_start|>" in tokenizer.special_ids:
+    if "<|im_start|>" in tokenizer.control_ids:
         return "chatml"
     return "dialogpt" if arch == "gpt2" else "chatml"

@@ -57,21 +57,47 @@ def highlighted(tokenizer, ex: Example, color: bool) -> str:
     return "".join(out)
 
 
-def cmd_inspect(args) -> int:
+def tokenizer_and_template(model: str, template: str):
+    """(tokenizer, template, name) of a --model value, reading no weights: a .gguf file's metadata,
+    or a directory with a tokenizer (config.json and weights are optional)."""
+    from pathlib import Path
+
     from ..chat.templates import default_template_name, get_template
-    from ..models.loading import resolve
+    from ..models.gguf_file import read_gguf
+    from ..models.loading import default_model_path
     from ..models.tokenizer import Tokenizer
+
+    path = default_model_path() if model in ("", "default") else Path(model).expanduser()
+    if path.is_file() and path.suffix == ".gguf":
+        _, gguf_meta = read_gguf(path)
+        tokenizer, meta, arch = Tokenizer.from_gguf(gguf_meta), {}, gguf_meta.get("general.architecture", "llama")
+    elif path.is_dir():
+        tokenizer = Tokenizer.from_dir(path)
+        meta = _json(path / "dialogen.json")
+        arch = _json(path / "config.json").get("model_type", "llama")
+    else:
+        raise UserError(f"{path}: no such .gguf file or model directory")
+    name = template if template != "auto" else default_template_name(meta, tokenizer, arch)
+    return tokenizer, get_template(name, tokenizer), name
+
+
+def _json(path) -> dict:
+    if not path.exists():
+        return {}
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise UserError(f"{path}: not valid JSON ({e})") from None
+    return data if isinstance(data, dict) else {}
+
+
+def cmd_inspect(args) -> int:
     from . import load_split
 
     if args.n < 0 or args.rows < 0 or args.max_len < 1:
         raise UserError("-n and --rows must be >= 0, --max-len >= 1")
     convs = load_split(args.data, args.split, args.format, args.split_seed, args.skip_bad)
-    path = resolve(None if args.model == "default" else args.model)
-    tokenizer = Tokenizer.from_dir(path)
-    meta = json.loads((path / "dialogen.json").read_text()) if (path / "dialogen.json").exists() else {}
-    arch = json.loads((path / "config.json").read_text()).get("model_type", "llama")
-    name = args.template if args.template != "auto" else default_template_name(meta, tokenizer, arch)
-    template = get_template(name, tokenizer)
+    tokenizer, template, name = tokenizer_and_template(args.model, args.template)
     color = args.color == "always" or (args.color == "auto" and sys.stdout.isatty())
     shown, _ = build_examples(convs[: args.n], tokenizer, template, args.max_len, args.train_on, args.reverse)
     for k, ex in enumerate(shown[: args.n]):
@@ -90,8 +116,45 @@ def cmd_inspect(args) -> int:
     return 0
 
 
+def cmd_render(args) -> int:
+    from ..chat.messages import read_messages
+
+    messages = read_messages(args.messages)
+    tokenizer, template, name = tokenizer_and_template(args.model, args.template)
+    gen = {"yes": True, "no": False}.get(args.generation_prompt, not messages or messages[-1].role != "assistant")
+    text = template.layout(tokenizer, messages, gen)[0]
+    ids, mask = template.render(tokenizer, messages, gen)
+    if args.json:
+        print(json.dumps({"text": text, "ids": ids, "mask": mask}, ensure_ascii=False))
+        return 0
+    print(f"template {name}, {len(messages)} messages, generation prompt {'on' if gen else 'off'}: "
+          f"{len(ids)} tokens, {sum(mask)} trained")
+    print("text:")
+    print("  " + text.replace("\n", "\n  "))
+    print("tokens (index, id, token, trained):")
+    for k, (i, m) in enumerate(zip(ids, mask)):
+        print(f"  {k:>5} {i:>7}  {_show(tokenizer.decode([i])):<24} {'YES' if m else 'no'}")
+    return 0
+
+
 def register(sub):
     from ..training.cli import add_data_args
+
+    p = sub.add_parser("render", help="show what the model sees for a list of messages: text, ids, mask",
+                       description='Renders a JSON list of {"role", "content"} messages with a model\'s chat '
+                                   "template and tokenizer, tokenized as the model sees it, and prints the text, "
+                                   "each token id and whether training puts loss on it. Reads no weights: a "
+                                   "tokenizer directory or a .gguf file is enough.")
+    p.add_argument("--messages", default="-", help="messages JSON file (default: stdin)")
+    p.add_argument("--model", default="default", help="a .gguf file or a directory with a tokenizer (default: the "
+                                                     "embedded model)")
+    p.add_argument("--template", default="auto", help="chat template: chatml, llama2, dialogpt, jinja (default: the "
+                                                      "model's own)")
+    p.add_argument("--generation-prompt", default="auto", choices=["auto", "yes", "no"],
+                   help="append the assistant's turn opening; auto: unless the last message is the "
+                        "assistant's (default: %(default)s)")
+    p.add_argument("--json", action="store_true", help='print {"text", "ids", "mask"} as one JSON line')
+    p.set_defaults(func=cmd_render)
 
     p = sub.add_parser("inspect-data", help="show examples of a dataset as the model sees them, with the loss mask",
                        description="Renders N examples with a model's tokenizer and chat template and prints, for "

@@ -407,11 +407,28 @@ def save_checkpoint(directory: Path, cfg: Config, model: torch.nn.Module, tokeni
     def write(tmp: Path):
         sd = ours_to_hf(cfg, {k: v.float() for k, v in model.state_dict().items()})
         save_file(sd, str(tmp / "model.safetensors"), metadata={"format": "pt"})
-        (tmp / "config.json").write_text(json.dumps(config_to_hf(cfg), indent=1))
+        write_configs(tmp, cfg, tokenizer, meta.get("stop_ids"), meta.get("stop_strings"))
         tokenizer.save(tmp)
         (tmp / "dialogen.json").write_text(json.dumps(meta, indent=1))
 
     atomic_dir(Path(directory), write)
+
+
+def write_configs(directory: Path, cfg: Config, tokenizer: Tokenizer, stop_ids=None, stop_strings=None):
+    """config.json and generation_config.json as transformers reads them: special token ids that
+    exist in the vocabulary, and generation that stops where a dialogen chat stops (the template's
+    end-of-turn ids, or strings when the vocabulary has no single token for the marker)."""
+    def known(i):
+        return i if i is not None and 0 <= i < cfg.vocab_size else None
+
+    ids = {"bos_token_id": known(tokenizer.token_id(tokenizer.bos_token)), "eos_token_id": known(tokenizer.eos_id),
+           "pad_token_id": known(tokenizer.token_id(tokenizer.pad_token))}
+    (directory / "config.json").write_text(json.dumps({**config_to_hf(cfg), **ids}, indent=1))
+    stops = sorted({known(i) for i in (stop_ids or [])} - {None}) or ids["eos_token_id"]
+    gen = {**ids, "eos_token_id": stops}
+    if stop_strings:
+        gen["stop_strings"] = list(stop_strings)
+    (directory / "generation_config.json").write_text(json.dumps(gen, indent=1))
 
 
 def atomic_dir(target: Path, write) -> Path:
@@ -452,8 +469,9 @@ def _convert_gguf(path: Path, out: Path):
     cfg = Config(**index["config"])
     floats, _ = read_tensors(path, cfg, index["tensors"])
     save_file({k: v.contiguous() for k, v in floats.items()}, str(out / "model.safetensors"), metadata={"format": "pt"})
-    (out / "config.json").write_text(json.dumps(config_to_hf(cfg), indent=1))
-    Tokenizer.from_dir(where).save(out)
+    tokenizer = Tokenizer.from_dir(where)
+    write_configs(out, cfg, tokenizer)
+    tokenizer.save(out)
     (out / "dialogen.json").write_text(json.dumps({"template": "jinja", "source": str(path)}, indent=1))
 
 

@@ -1,13 +1,18 @@
 """Tokenizer: a Hugging Face `tokenizers.Tokenizer` plus the special tokens a chat needs.
 
-Two encoders share one vocabulary: `encode_text` treats every character a user typed as text
-(`<|im_end|>` typed by a user is never the control token), `encode_template` parses the special
-tokens a chat template writes.
+Every added token of the vocabulary is a control token here, whatever its `special` flag says
+(real files often leave it false). Three encoders share one vocabulary:
+- `encode_template` parses control tokens, as transformers does by default;
+- `encode_text` never produces one: `<|im_end|>` typed by a user stays those characters;
+- `encode_chat` tokenizes a rendered chat whole, as transformers' `apply_chat_template` does, but no
+  control token may come from inside a message's content.
 """
 
 from __future__ import annotations
 
 import json
+import re
+from bisect import bisect_left
 from pathlib import Path
 
 from tokenizers import AddedToken, Regex, Tokenizer as HFTokenizer, decoders, models, pre_tokenizers
@@ -37,11 +42,13 @@ class Tokenizer:
     def __init__(self, hf: HFTokenizer, eos_token: str | None = None, bos_token: str | None = None,
                  pad_token: str | None = None, chat_template: str | None = None):
         self._tmpl = hf
-        self._text = HFTokenizer.from_str(hf.to_str())
-        self._text.encode_special_tokens = True
+        self._text = _without_added_tokens(hf)
         self.eos_token, self.bos_token, self.chat_template = eos_token, bos_token, chat_template
         self.pad_token = pad_token or eos_token
-        self.special_ids = {t.content: i for i, t in hf.get_added_tokens_decoder().items() if t.special}
+        self.control_ids = {t.content: i for i, t in hf.get_added_tokens_decoder().items()}
+        self._control = frozenset(self.control_ids.values())
+        self._splitter = _control_splitter(hf)
+        self._segments: dict[str, tuple[list[int], list[tuple[int, int]]]] = {}
 
     # --- encoding -------------------------------------------------------------------------
     def encode_text(self, text: str) -> list[int]:
@@ -49,6 +56,79 @@ class Tokenizer:
 
     def encode_template(self, text: str) -> list[int]:
         return self._tmpl.encode(text, add_special_tokens=False).ids if text else []
+
+    def encode_chat(self, text: str, spans: list[tuple[int, int]]) -> tuple[list[int], list[tuple[int, int]]]:
+        """A rendered chat -> (ids, character offsets), tokenized as one string.
+
+        `spans` are the (start, end) character ranges of message contents, in text order. Where a
+        control token would overlap one, that span alone is encoded again as plain text, cut off
+        from its neighbours; everywhere else the ids are those of the whole string.
+        """
+        plain: list[tuple[int, int]] = []
+        while True:
+            ids, offsets = self._encode_pieces(text, plain)
+            bad = self._spans_with_control(ids, offsets, spans)
+            if not bad or set(bad) <= set(plain):
+                return ids, offsets
+            plain = sorted(set(plain) | set(bad))
+
+    def _encode_pieces(self, text: str, plain: list[tuple[int, int]]):
+        """Template text between the `plain` spans parsed for control tokens, the spans as text."""
+        pieces, pos = [], 0
+        for a, b in plain:
+            pieces += [(pos, a, self._tmpl), (a, b, self._text)]
+            pos = b
+        pieces.append((pos, len(text), self._tmpl))
+        ids: list[int] = []
+        offsets: list[tuple[int, int]] = []
+        for lo, hi, enc in pieces:
+            if hi <= lo:
+                continue
+            if enc is self._tmpl and self._splitter is not None:
+                self._encode_by_segments(text, lo, hi, ids, offsets)
+            else:
+                out = enc.encode(text[lo:hi], add_special_tokens=False)
+                ids += out.ids
+                offsets += [(s + lo, e + lo) for s, e in out.offsets]
+        return ids, offsets
+
+    def _encode_by_segments(self, text: str, lo: int, hi: int, ids: list, offsets: list):
+        """text[lo:hi] with control tokens parsed, as the tokenizer itself does it: cut at each
+        control token, each piece between encoded alone. The pieces recur (a chat's turns are
+        rendered many times into training windows), so their encodings are kept."""
+        pos = lo
+        for m in self._splitter.finditer(text, lo, hi):
+            self._segment(text, pos, m.start(), ids, offsets)
+            ids.append(self.control_ids[m.group()])
+            offsets.append(m.span())
+            pos = m.end()
+        self._segment(text, pos, hi, ids, offsets)
+
+    def _segment(self, text: str, lo: int, hi: int, ids: list, offsets: list):
+        if hi <= lo:
+            return
+        piece = text[lo:hi]
+        got = self._segments.get(piece)
+        if got is None:
+            out = self._text.encode(piece, add_special_tokens=False)
+            if len(self._segments) > 200_000:
+                self._segments.clear()
+            got = self._segments[piece] = (out.ids, out.offsets)
+        ids += got[0]
+        offsets += [(s + lo, e + lo) for s, e in got[1]]
+
+    def _spans_with_control(self, ids, offsets, spans) -> list[tuple[int, int]]:
+        starts = [a for a, _ in spans]
+        bad = []
+        control = self._control
+        for j in [j for j, tok in enumerate(ids) if tok in control]:
+            s, e = offsets[j]
+            k = bisect_left(starts, e) - 1  # the last span starting before the token ends
+            while k >= 0 and spans[k][1] > s:
+                if spans[k][1] > spans[k][0]:
+                    bad.append(spans[k])
+                k -= 1
+        return bad
 
     def decode(self, ids, skip_special: bool = False) -> str:
         return self._tmpl.decode(list(ids), skip_special_tokens=skip_special)
@@ -79,6 +159,7 @@ class Tokenizer:
     # --- files ----------------------------------------------------------------------------
     def save(self, directory: Path):
         directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
         self._tmpl.save(str(directory / "tokenizer.json"))
         conf = {"eos_token": self.eos_token, "bos_token": self.bos_token, "pad_token": self.pad_token,
                 "chat_template": self.chat_template, "tokenizer_class": "PreTrainedTokenizerFast"}
@@ -132,6 +213,23 @@ class Tokenizer:
 
         return cls(hf, eos_token=tok("eos_token_id"), bos_token=tok("bos_token_id"),
                    pad_token=tok("padding_token_id"), chat_template=meta.get("tokenizer.chat_template"))
+
+
+def _control_splitter(hf: HFTokenizer):
+    """A pattern finding control tokens as the tokenizer does (leftmost, then longest), or None
+    when some added token is matched in another way (after normalization, or eating spaces)."""
+    added = json.loads(hf.to_str())["added_tokens"]
+    if not added or any(t["normalized"] or t["lstrip"] or t["rstrip"] or t["single_word"] for t in added):
+        return None
+    tokens = sorted((t["content"] for t in added), key=len, reverse=True)
+    return re.compile("|".join(re.escape(t) for t in tokens))
+
+
+def _without_added_tokens(hf: HFTokenizer) -> HFTokenizer:
+    """The same vocabulary with no added tokens, so no control token can be matched in text."""
+    spec = json.loads(hf.to_str())
+    spec["added_tokens"] = []
+    return HFTokenizer.from_str(json.dumps(spec))
 
 
 def _token_str(t):

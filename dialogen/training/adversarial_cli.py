@@ -199,8 +199,10 @@ def cmd_train_adversarial(args) -> int:
 
     rows = train_adversarial(model, disc, tok, template.stop_ids(tok), train, valid, settings, log, show)
     plot = plot_log(rows, log.with_suffix(".png"), f"adversarial training of {args.generator}")
-    meta = {**meta, "adversarial": {"from": str(args.generator), "discriminator": str(Path(args.discriminator).resolve()),
-                                    "settings": settings_dict(settings), "log": str(log)}}
+    tok.chat_template = template.source  # the saved generator carries its template, as a trained model does
+    meta = {**meta, "template": template.name, **template.stop_meta(tok),
+            "adversarial": {"from": str(args.generator), "discriminator": str(Path(args.discriminator).resolve()),
+                            "settings": settings_dict(settings), "log": str(log)}}
     save_generator(out, model.eval(), tok, meta)
     d_out = Path(args.discriminator_out) if args.discriminator_out else out.with_name(out.name + "-discriminator")
     save_discriminator(d_out, disc.eval(), tok, {"adversarial_of": str(out.resolve())})

@@ -30,7 +30,7 @@ def train_tokenizer(conversations: list[list[Message]], vocab_size: int, templat
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
     texts = (m.content for conv in conversations for m in conv)
     hf.train_from_iterator(texts, trainer)
-    return Tokenizer(hf, eos_token=EOS, pad_token=EOS)
+    return Tokenizer(hf, eos_token=EOS, bos_token=EOS, pad_token=EOS)  # as GPT-2 has them
 
 
 def gpt2_config(vocab_size: int, n_layer: int, n_head: int, d_model: int, context: int) -> Config:

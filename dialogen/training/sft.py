@@ -103,7 +103,8 @@ def _prepare(opts: TrainOptions, d: Dist, out: Path, began: float):
     step, best = 0, math.inf
     if state is not None:
         step, best = _restore(state, order, optimizer, scheduler)
-    meta = {"template": tname, "train": {**_public(opts), "data_stats": stats.to_dict()}}
+    tokenizer.chat_template = template.source  # checkpoints carry the template they were trained with
+    meta = {"template": tname, **template.stop_meta(tokenizer), "train": {**_public(opts), "data_stats": stats.to_dict()}}
     if opts.reverse:
         meta["reverse"] = {"context_turns": REVERSE_CONTEXT_TURNS}
     loop = Loop(opts, d, model, tokenizer, meta, optimizer, scheduler, plan, examples, valid, order, total, best, began)
