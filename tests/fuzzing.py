@@ -55,8 +55,8 @@ MESSAGE = st.fixed_dictionaries({"role": st.sampled_from(["system", "developer",
 LAST = st.fixed_dictionaries({"role": st.just("user"), "content": CONTENT})
 DECODE_FIELDS = {
     "temperature": st.floats(0, 2), "top_p": st.floats(0.01, 1), "top_k": st.integers(0, 100),
-    "repetition_penalty": st.floats(0.5, 3), "frequency_penalty": st.floats(0, 2),
-    "presence_penalty": st.floats(0, 2), "no_repeat_ngram": st.integers(0, 4),
+    "repetition_penalty": st.floats(0.5, 3), "frequency_penalty": st.floats(-2, 2),
+    "presence_penalty": st.floats(-2, 2), "no_repeat_ngram": st.integers(0, 4),
     "seed": st.integers(-(2**63), 2**63 - 1), "stop": st.one_of(WORDS, st.lists(WORDS, min_size=1, max_size=4)),
     "max_tokens": st.integers(1, 4), "num_candidates": st.integers(1, 3), "beam_size": st.integers(1, 3),
     "candidates": st.sampled_from(["beam", "sample"]), "scorer": st.just("logprob"),
@@ -65,7 +65,8 @@ DECODE_FIELDS = {
 CHAT_BODY = bodies({"messages": st.tuples(st.lists(MESSAGE, max_size=2), LAST).map(lambda t: [*t[0], t[1]])}, {
     "model": st.sampled_from(["tiny-chat", "default", "dialogen"]), "n": st.integers(1, 3),
     "stream": st.booleans(), "stream_options": st.fixed_dictionaries({"include_usage": st.booleans()}),
-    "max_completion_tokens": st.integers(1, 4), "tools": st.just([]), "response_format": st.just({"type": "text"}),
+    "max_completion_tokens": st.integers(1, 4), "tools": st.just([]), "tool_choice": st.just("none"),
+    "response_format": st.just({"type": "text"}),
     **DECODE_FIELDS})
 SESSION_BODY = bodies({}, {"persona": st.one_of(WORDS, st.sampled_from(["pirate", "You are kind."])),
                            "title": WORDS, "settings": st.fixed_dictionaries({}, optional=DECODE_FIELDS)})

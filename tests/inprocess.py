@@ -14,7 +14,7 @@ import httpx
 class InProcessServer:
     """`dialogen serve`'s app on a model directory, with a session store at `db`."""
 
-    def __init__(self, model_dir, db, max_tokens: int = 4, keys=(), cors_origins=(), allowed_hosts=()):
+    def __init__(self, model_dir, db, max_tokens: int = 4, keys=(), cors_origins=(), allowed_hosts=(), **service):
         from dialogen.chat.session import load_engine
         from dialogen.decoding.settings import Sampling
         from dialogen.serve.app import create_app
@@ -24,7 +24,7 @@ class InProcessServer:
         engine = load_engine(str(model_dir), "chatml")
         limits = Limits(max_body_bytes=200_000, max_tokens=max_tokens, kv_budget_bytes=64 << 20)
         self.svc = Service(engine, Store(db), Keys(list(keys)), limits, Sampling(max_new_tokens=max_tokens),
-                           "tiny-chat", max_active=4, max_queue=16)
+                           "tiny-chat", max_active=4, max_queue=16, **service)
         self.app = create_app(self.svc, "127.0.0.1", allowed_hosts, cors_origins)
 
     def request(self, method: str, path: str, timeout: float = 30.0, **kw) -> httpx.Response:

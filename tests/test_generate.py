@@ -37,6 +37,17 @@ def test_frequency_and_presence():
     assert out.tolist() == [-2.0, 0.0, -1.5]
 
 
+def test_negative_penalties_favour_repeats():
+    """OpenAI's range is [-2, 2]: below zero, tokens already in the reply gain."""
+    out = P.frequency_presence(torch.zeros(3), [0, 0, 2], -0.5, -2.0)
+    assert out.tolist() == [3.0, 0.0, 2.5]
+    s = Sampling(temperature=0, repetition_penalty=1.0, presence_penalty=-2.0)
+    assert P.next_token(torch.tensor([1.0, 0.0, 0.5]), s, None, [2], [2]) == 2  # 0.5 + 2 beats 1.0
+    for bad in (-2.01, 2.5):
+        with pytest.raises(UserError, match="--presence-penalty"):
+            Sampling(presence_penalty=bad)
+
+
 def test_banned_ngrams():
     assert P.banned_ngram_tokens([1, 2, 3, 1, 2], 3) == [3]
     assert sorted(P.banned_ngram_tokens([5, 6, 5, 7, 5], 2)) == [6, 7]
@@ -44,7 +55,7 @@ def test_banned_ngrams():
 
 
 @pytest.mark.parametrize("flag, value", [("top_p", 0.0), ("top_p", 1.5), ("temperature", -1),
-                                          ("repetition_penalty", 0), ("frequency_penalty", -0.1),
+                                          ("repetition_penalty", 0), ("frequency_penalty", -2.1),
                                           ("max_new_tokens", 0), ("top_k", -1)])
 def test_bad_settings_name_the_flag(flag, value):
     with pytest.raises(UserError, match=f"--{flag.replace('_', '-')}"):

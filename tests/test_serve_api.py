@@ -21,7 +21,7 @@ ORIGIN = "http://app.example:3000"
 def server(tiny_llama, tmp_path_factory):
     db = tmp_path_factory.mktemp("serve") / "sessions.db"
     args = ["--model", str(tiny_llama[0]), "--template", "chatml", "--api-key", K1, "--api-key", K2,
-            "--db", str(db), "--model-name", "tiny-chat", "--max-body-bytes", str(BODY_LIMIT), "--max-tokens-limit", "200",
+            "--db", str(db), "--model-name", "tiny-chat", "--model-alias", "tiny-alias", "--max-body-bytes", str(BODY_LIMIT), "--max-tokens-limit", "200",
             "--allowed-host", "chat.internal", "--cors-origin", ORIGIN]
     with ServerProcess(args) as srv:
         yield srv
@@ -44,7 +44,7 @@ def _prompt_tokens(path, messages):
 
 def test_models_and_health(client, server):
     models = client.models.list().data
-    assert [m.id for m in models] == ["tiny-chat"] and models[0].owned_by == "dialogen"
+    assert [m.id for m in models] == ["tiny-chat", "tiny-alias"] and models[0].owned_by == "dialogen"
     health = server.health()
     assert health["status"] == "ok" and health["context_length"] == 256
 
@@ -204,8 +204,16 @@ BAD = [
      "messages"),
     ("temperature", {"messages": [{"role": "user", "content": "hi"}], "temperature": 3}, "temperature"),
     ("top_p zero", {"messages": [{"role": "user", "content": "hi"}], "top_p": 0}, "top_p"),
-    ("negative penalty", {"messages": [{"role": "user", "content": "hi"}], "presence_penalty": -1},
+    ("penalty below -2", {"messages": [{"role": "user", "content": "hi"}], "presence_penalty": -2.5},
      "presence_penalty"),
+    ("penalty above 2", {"messages": [{"role": "user", "content": "hi"}], "frequency_penalty": 2.01},
+     "frequency_penalty"),
+    ("tools with tool_choice auto", {"messages": [{"role": "user", "content": "hi"}], "tool_choice": "auto",
+                                     "tools": [{"type": "function", "function": {"name": "f"}}]}, "tools"),
+    ("tool_choice required", {"messages": [{"role": "user", "content": "hi"}], "tool_choice": "required"},
+     "tool_choice"),
+    ("grammar", {"messages": [{"role": "user", "content": "hi"}], "grammar": "root ::= \"yes\""}, "grammar"),
+    ("logit_bias", {"messages": [{"role": "user", "content": "hi"}], "logit_bias": {"42": 5}}, "logit_bias"),
     ("n too big", {"messages": [{"role": "user", "content": "hi"}], "n": 50}, "n"),
     ("stop not strings", {"messages": [{"role": "user", "content": "hi"}], "stop": [1, 2]}, "stop"),
     ("tools", {"messages": [{"role": "user", "content": "hi"}], "tools": [{"type": "function"}]}, "tools"),
@@ -243,8 +251,63 @@ def test_bad_input_through_the_typed_client(client, model_id):
         client.chat.completions.create(model=model_id, messages=[{"role": "robot", "content": "hi"}])
     with pytest.raises(openai.BadRequestError, match="max_tokens"):
         client.chat.completions.create(model=model_id, messages=[{"role": "user", "content": "hi"}], max_tokens=0)
-    with pytest.raises(openai.NotFoundError, match="gpt-4o"):
-        client.chat.completions.create(model="gpt-4o", messages=[{"role": "user", "content": "hi"}])
+    image = [{"type": "text", "text": "what is this?"}, {"type": "image_url", "image_url": {"url": "data:,"}}]
+    with pytest.raises(openai.BadRequestError, match="only text content is supported") as e:
+        client.chat.completions.create(model=model_id, messages=[{"role": "user", "content": image}])
+    assert e.value.body["param"] == "messages[0].content"
+
+
+def test_any_model_name_is_answered_by_the_served_model(client):
+    """langchain's default name, for one: the reply says which model answered."""
+    for name in ("gpt-3.5-turbo", "tiny-alias"):
+        r = client.chat.completions.create(model=name, messages=[{"role": "user", "content": "hi"}], max_tokens=2)
+        assert r.model == "tiny-chat" and r.choices[0].message.content is not None
+    assert client.models.retrieve("gpt-4o").id == "tiny-chat"
+    assert client.models.retrieve("tiny-alias").id == "tiny-alias"
+
+
+def test_strict_model_names_restore_the_404(tiny_llama, tmp_path):
+    from inprocess import InProcessServer
+
+    srv = InProcessServer(tiny_llama[0], tmp_path / "s.db", aliases=["chat-alias"], strict_model_names=True)
+    try:
+        body = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 1}
+        r = srv.request("POST", "/v1/chat/completions", json={**body, "model": "gpt-4o"})
+        assert r.status_code == 404 and r.json()["error"]["code"] == "model_not_found"
+        assert "'tiny-chat', 'chat-alias'" in r.json()["error"]["message"]
+        assert srv.request("GET", "/v1/models/gpt-4o").status_code == 404
+        for name in ("tiny-chat", "chat-alias"):
+            ok = srv.request("POST", "/v1/chat/completions", json={**body, "model": name})
+            assert ok.status_code == 200 and ok.json()["model"] == "tiny-chat"
+        assert [m["id"] for m in srv.request("GET", "/models").json()["data"]] == ["tiny-chat", "chat-alias"]
+    finally:
+        srv.close()
+
+
+def test_a_base_url_without_v1_works(server, model_id):
+    bare = openai.OpenAI(base_url=server.url, api_key=K1, max_retries=0, timeout=60)
+    assert [m.id for m in bare.models.list().data] == ["tiny-chat", "tiny-alias"]
+    r = bare.chat.completions.create(model=model_id, messages=[{"role": "user", "content": "hi"}], max_tokens=3)
+    assert r.object == "chat.completion" and r.choices[0].message.content is not None
+    streamed = list(bare.chat.completions.create(model=model_id, messages=[{"role": "user", "content": "hi"}],
+                                                 max_tokens=3, stream=True))
+    assert streamed[-1].choices[0].finish_reason in ("stop", "length")
+    assert httpx.post(server.url + "/chat/completions", json={}).status_code == 401  # they need the key too
+    assert httpx.get(server.url + "/models").status_code == 401
+
+
+def test_unknown_fields_are_ignored_and_named_in_a_header(server):
+    body = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2, "mirostat": 2, "user": "u1",
+            "tools": [{"type": "function", "function": {"name": "f"}}], "tool_choice": "none",
+            "presence_penalty": -2, "frequency_penalty": -0.5}
+    for stream in (False, True):
+        r = httpx.post(server.url + "/v1/chat/completions", json={**body, "stream": stream},
+                       headers={"Authorization": f"Bearer {K1}"}, timeout=60)
+        assert r.status_code == 200
+        assert r.headers["x-dialogen-ignored-fields"] == "mirostat, user, tools"
+    plain = httpx.post(server.url + "/v1/chat/completions", json={"messages": body["messages"], "max_tokens": 1},
+                       headers={"Authorization": f"Bearer {K1}"}, timeout=60)
+    assert plain.status_code == 200 and "x-dialogen-ignored-fields" not in plain.headers
 
 
 def _raw(server, content: bytes, headers=None):
@@ -330,6 +393,10 @@ def test_web_page_and_unknown_routes(server):
         assert httpx.get(f"{server.url}/static/{asset}").status_code == 200
     r = httpx.get(server.url + "/v1/nothing", headers={"Authorization": f"Bearer {K1}"})
     assert r.status_code == 404 and set(r.json()["error"]) == {"message", "type", "param", "code"}
+    listed = r.json()["error"]["message"]
+    for route in ("POST /v1/chat/completions", "POST /chat/completions", "GET /v1/models", "GET /models",
+                  "POST /v1/sessions", "GET /health"):
+        assert route in listed
 
 
 def test_cli_refuses_public_host_without_keys_and_bad_key_files(tmp_path, capsys):

@@ -23,8 +23,8 @@ class Sampling:
     top_k: int = 40  # 0 -> off
     top_p: float = 0.9  # 1 -> off
     repetition_penalty: float = 1.1  # 1 -> off; over the last `penalty_window` tokens
-    frequency_penalty: float = 0.0  # subtracted once per earlier occurrence in the reply
-    presence_penalty: float = 0.0  # subtracted once if the token occurred in the reply
+    frequency_penalty: float = 0.0  # in [-2, 2]: subtracted once per earlier occurrence in the reply
+    presence_penalty: float = 0.0  # in [-2, 2]: subtracted once if the token occurred in the reply
     no_repeat_ngram: int = 0  # 0 -> off; never emit an n-gram that already occurred
     penalty_window: int = 64
     max_new_tokens: int = 256
@@ -37,8 +37,8 @@ class Sampling:
             ("top_k", self.top_k >= 0, ">= 0"),
             ("top_p", 0 < self.top_p <= 1, "in (0, 1]"),
             ("repetition_penalty", self.repetition_penalty > 0, "> 0"),
-            ("frequency_penalty", self.frequency_penalty >= 0, ">= 0"),
-            ("presence_penalty", self.presence_penalty >= 0, ">= 0"),
+            ("frequency_penalty", -2 <= self.frequency_penalty <= 2, "in [-2, 2] (negative: favour repeats)"),
+            ("presence_penalty", -2 <= self.presence_penalty <= 2, "in [-2, 2] (negative: favour repeats)"),
             ("no_repeat_ngram", self.no_repeat_ngram >= 0, ">= 0"),
             ("max_new_tokens", self.max_new_tokens >= 1, ">= 1"),
             ("seed", self.seed is None or SEED_MIN <= self.seed <= SEED_MAX, "in [-2**63, 2**63 - 1]"),

@@ -1,7 +1,9 @@
 """The FastAPI application: auth, body limits, OpenAI-shaped errors, health, models, the web page.
 
-Endpoints are added by `completions.py` (POST /v1/chat/completions) and `sessions.py`
-(/v1/sessions...). Every error leaves as `{"error": {"message", "type", "param", "code"}}`.
+Endpoints are added by `completions.py` (POST /v1/chat/completions), `text.py` (POST
+/v1/completions) and `sessions.py` (/v1/sessions...). The OpenAI routes also answer without the
+`/v1` prefix (`UNPREFIXED`), for clients whose base URL lacks it. Every error leaves as
+`{"error": {"message", "type", "param", "code"}}`; a 404 lists the routes that exist.
 """
 
 from __future__ import annotations
@@ -24,6 +26,12 @@ from .worker import Busy
 
 STATIC = Path(__file__).parent / "static"
 log = logging.getLogger("dialogen.serve")
+UNPREFIXED = ("/chat/completions", "/completions", "/models")  # also served without /v1, as llama.cpp does
+
+
+def needs_key(path: str) -> bool:
+    """The API's paths: /v1/... and the unprefixed OpenAI routes (not the page, /static, /health)."""
+    return path.startswith("/v1/") or any(path == p or path.startswith(p + "/") for p in UNPREFIXED)
 
 
 def create_app(svc: Service, bound_host: str = "127.0.0.1", allowed_hosts=(), cors_origins=()) -> FastAPI:
@@ -41,6 +49,8 @@ def create_app(svc: Service, bound_host: str = "127.0.0.1", allowed_hosts=(), co
     async def http_error(request: Request, e: StarletteHTTPException):
         code = {404: "not_found", 405: "method_not_allowed"}.get(e.status_code)
         msg = f"{request.method} {request.url.path}: {e.detail}"
+        if e.status_code == 404:
+            msg += "; the routes are: " + ", ".join(route_list(app))
         return JSONResponse(error_body(msg, "invalid_request_error", None, code), status_code=e.status_code)
 
     @app.exception_handler(Exception)
@@ -60,16 +70,17 @@ def create_app(svc: Service, bound_host: str = "127.0.0.1", allowed_hosts=(), co
                         "kv_cache_bytes": svc.sessions.nbytes(), "evictions": svc.sessions.evictions})
         return out
 
-    @app.api_route("/v1/models", methods=["GET", "HEAD"])
     async def models():
-        return {"object": "list", "data": [_model_card(svc, started)]}
+        return {"object": "list", "data": [_model_card(n, svc, started) for n in svc.model_names()]}
 
-    @app.get("/v1/models/{name:path}")
     async def model(name: str):
         if not svc.accepts_model(name):
-            raise ApiError(404, f"the model '{name}' does not exist; this server serves '{svc.model_name}'",
-                           "model", "model_not_found")
-        return _model_card(svc, started)
+            raise model_not_found(svc, name)
+        return _model_card(name if name in svc.model_names() else svc.model_name, svc, started)
+
+    for prefix in ("/v1", ""):
+        app.add_api_route(prefix + "/models", models, methods=["GET", "HEAD"])
+        app.add_api_route(prefix + "/models/{name:path}", model, methods=["GET"])
 
     @app.get("/", include_in_schema=False)
     async def index():
@@ -86,7 +97,7 @@ def create_app(svc: Service, bound_host: str = "127.0.0.1", allowed_hosts=(), co
 
 
 class AuthMiddleware:
-    """Every /v1/ request needs a known API key (when keys are configured); sets state.owner.
+    """Every API request (/v1/..., or an unprefixed OpenAI route) needs a known API key (when keys are configured); sets state.owner.
 
     Plain ASGI rather than a decorator middleware, so streamed responses and client
     disconnects pass through untouched.
@@ -96,7 +107,7 @@ class AuthMiddleware:
         self.app, self.keys = app, keys
 
     async def __call__(self, scope, receive, send):
-        if scope["type"] == "http" and scope["path"].startswith("/v1/"):
+        if scope["type"] == "http" and needs_key(scope["path"]):
             header = dict(scope["headers"]).get(b"authorization", b"").decode("latin-1")
             owner = self.keys.owner(header)
             if owner is None:
@@ -109,9 +120,26 @@ class AuthMiddleware:
         await self.app(scope, receive, send)
 
 
-def _model_card(svc: Service, created: int) -> dict:
-    return {"id": svc.model_name, "object": "model", "created": created, "owned_by": "dialogen",
+def _model_card(name: str, svc: Service, created: int) -> dict:
+    return {"id": name, "object": "model", "created": created, "owned_by": "dialogen",
             "context_length": svc.context_length}
+
+
+def model_not_found(svc: Service, name) -> ApiError:
+    names = ", ".join(f"'{n}'" for n in svc.model_names())
+    return ApiError(404, f"the model '{name}' does not exist; this server serves {names} (--strict-model-names)",
+                    "model", "model_not_found")
+
+
+def route_list(app: FastAPI) -> list[str]:
+    """'GET /v1/models', 'POST /v1/chat/completions', ...: the routes a client can call."""
+    out = []
+    for r in app.routes:
+        methods = sorted(getattr(r, "methods", None) or ())
+        path = getattr(r, "path", "")
+        if methods and path:
+            out += [f"{m} {path}" for m in methods if m != "HEAD"]
+    return list(dict.fromkeys(out))
 
 
 # --- helpers for the routes ------------------------------------------------------------------

@@ -35,6 +35,11 @@ def register(sub):
     g.add_argument("--db", default=None, help="session database (SQLite); default: "
                    "$XDG_DATA_HOME/dialogen/sessions.sqlite3")
     g.add_argument("--model-name", default=None, help="the model id clients see (default: from the model path)")
+    g.add_argument("--model-alias", action="append", default=[], metavar="NAME",
+                   help="another name for the served model, listed in /v1/models (repeatable)")
+    g.add_argument("--strict-model-names", action="store_true",
+                   help="answer only the model's own name and its aliases (404 for others); by default any "
+                        "requested name is answered by the one served model, as llama.cpp's server does")
     g.add_argument("--max-active", type=int, default=32, help="replies generated at once (default: %(default)s)")
     g.add_argument("--max-queue", type=int, default=64,
                    help="requests waiting beyond --max-active before 503 (default: %(default)s)")
@@ -98,6 +103,9 @@ def check_args(args):
         if not re.fullmatch(r"https?://[^/\s]+", origin.rstrip("/")):
             raise UserError(f"--cors-origin {origin!r}: expected an origin such as http://localhost:3000 "
                             "(scheme, host and optional port; no path)")
+    for name in args.model_alias:
+        if not name.strip() or len(name) > 200:
+            raise UserError(f"--model-alias {name[:50]!r}: expected a name of 1 to 200 characters")
     for name in args.allowed_host:
         if not re.fullmatch(r"[A-Za-z0-9.:\[\]_-]+", name):
             raise UserError(f"--allowed-host {name!r}: expected a host name or address, without scheme or path")
@@ -150,7 +158,7 @@ def cmd_serve(args) -> int:
                     kv_budget_bytes=int(args.kv_budget_mb * 2**20))
     name = args.model_name or re.sub(r"-[0-9a-f]{12}$", "", engine.name)
     svc = Service(engine, store, Keys(keys), limits, sampling, name, args.max_active, args.max_queue,
-                  decoding)
+                  decoding, args.model_alias, args.strict_model_names)
     svc.default_persona = resolve_persona(args.system)  # for sessions and requests without a system message
     return run(svc, sock, args.log_level, [args.host, *args.allowed_host], args.cors_origin)
 

@@ -1,4 +1,5 @@
-"""POST /v1/chat/completions: OpenAI's chat-completions protocol, plain or streamed (SSE).
+"""POST /v1/chat/completions (and /chat/completions): OpenAI's chat-completions protocol, plain or
+streamed (SSE).
 
 Stateless: each request carries the whole conversation. Each of the `n` choices is one job on
 the worker (choice i samples with seed + i when a seed is given, so choices differ but repeat).
@@ -14,7 +15,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from ..chat.messages import Message
 from ..decoding.settings import SEED_MIN
 from . import protocol as P
-from .app import Channel, ClientGone, job_error, read_json, submit_all
+from .app import Channel, ClientGone, job_error, model_not_found, read_json, submit_all
 from .protocol import ApiError
 from .schema import ChatRequest
 from .service import Service
@@ -23,26 +24,33 @@ SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 
 
 def add_routes(app: FastAPI, svc: Service):
-    @app.post("/v1/chat/completions")
     async def chat_completions(request: Request):
         body = await read_json(request, svc.limits.max_body_bytes)
         req = parse_request(svc, body)
         req["owner"] = request.state.owner
         channel = Channel()
         jobs = submit_all(svc, [_choice_job(svc, req, i) for i in range(req["n"])], channel)
+        headers = P.ignored_header(req["ignored"])
         if req["stream"]:
             return StreamingResponse(_stream(svc, req, channel, jobs), media_type="text/event-stream",
-                                     headers=SSE_HEADERS)
-        return await _collect(svc, req, channel, jobs, request)
+                                     headers={**SSE_HEADERS, **headers})
+        out = await _collect(svc, req, channel, jobs, request)
+        return out if isinstance(out, JSONResponse) else JSONResponse(out, headers=headers)
+
+    for path in ("/v1/chat/completions", "/chat/completions"):
+        app.add_api_route(path, chat_completions, methods=["POST"])
 
 
 def parse_request(svc: Service, body: dict) -> dict:
     """Check a request body; returns the plain values the jobs need."""
-    P.refuse_unsupported(body)
+    ignored = P.refuse_unsupported(body, {*ChatRequest.model_fields, "response_format"})
+    fmt = body.get("response_format")
+    if fmt is not None and not (isinstance(fmt, dict) and fmt.get("type") == "text"):
+        raise ApiError(400, "'response_format' other than {\"type\": \"text\"} is not supported",
+                       "response_format", code="unsupported_parameter")
     req = P.validate(ChatRequest, body)
     if not svc.accepts_model(req.model):
-        raise ApiError(404, f"the model '{req.model}' does not exist; this server serves '{svc.model_name}'",
-                       "model", "model_not_found")
+        raise model_not_found(svc, req.model)
     messages = P.chat_messages(req)
     n = req.n or 1
     if n > svc.limits.max_n:
@@ -64,6 +72,7 @@ def parse_request(svc: Service, body: dict) -> dict:
     sampling = P.make_sampling(svc.sampling, changes)
     decoding = P.make_decoding(svc.decoding, P.decoding_changes(req, svc.limits.max_candidates))
     return {"system": system, "history": history, "user": messages[-1].content, "n": n, "stream": stream,
+            "ignored": ignored,
             "include_usage": bool(req.stream_options and req.stream_options.include_usage), "sampling": sampling,
             "decoding": decoding, "prompt_tokens": prompt, "id": P.new_id(), "created": int(time.time())}
 

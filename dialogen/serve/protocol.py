@@ -3,8 +3,9 @@
 A body is read as JSON here (UTF-8, finite numbers, no lone surrogates, bounded nesting), then
 parsed by the pydantic models of `schema.py`; every mistake gets one OpenAI-style error naming
 the field: `{"error": {"message", "type", "param", "code"}}`. Parsed fields map onto `Sampling`
-and `Decoding`; unknown fields are ignored, as OpenAI does, except features this server does not
-have (tools, logprobs, ...), which are refused.
+and `Decoding`. A field the server does not act on is ignored and named in the response header
+`x-dialogen-ignored-fields`; a feature that would change the reply and that this server does not
+have (tools to call, a `grammar`, `logit_bias`, ...) is refused with a 400 naming it.
 """
 
 from __future__ import annotations
@@ -26,8 +27,11 @@ ROLES = {"system": "system", "developer": "system", "user": "user", "assistant":
 SAMPLING_FIELDS = ("temperature", "top_p", "top_k", "repetition_penalty", "frequency_penalty", "presence_penalty",
                    "no_repeat_ngram", "seed", "stop")
 DECODING_FIELDS = ("num_candidates", "beam_size", "candidates", "scorer", "length_penalty")
-UNSUPPORTED = ("tools", "functions", "tool_choice", "function_call", "logprobs", "top_logprobs", "audio",
-               "prediction", "logit_bias")
+# fields that would change the reply, which this server cannot honour: refused rather than ignored
+UNSUPPORTED = {"functions": "function calling", "function_call": "function calling", "audio": "audio output",
+               "prediction": "predicted outputs", "logit_bias": "logit_bias",
+               "grammar": "a GBNF 'grammar' (use response_format with a JSON schema)"}
+IGNORED_HEADER = "x-dialogen-ignored-fields"
 
 
 class ApiError(Exception):
@@ -146,15 +150,31 @@ def validate(model: type[BaseModel], body: dict, where: str | None = None):
         raise ApiError(400, message, param) from None
 
 
-def refuse_unsupported(body: dict):
-    for key in UNSUPPORTED:
+def refuse_unsupported(body: dict, known) -> list[str]:
+    """400 for a feature the server lacks; returns the top-level fields it will ignore (those not
+    in `known`), for the `x-dialogen-ignored-fields` header."""
+    for key, what in UNSUPPORTED.items():
         v = body.get(key)
-        if v not in (None, False, [], {}):
-            raise ApiError(400, f"'{key}' is not supported by this server", key, code="unsupported_parameter")
-    fmt = body.get("response_format")
-    if fmt is not None and not (isinstance(fmt, dict) and fmt.get("type") == "text"):
-        raise ApiError(400, "'response_format' other than {\"type\": \"text\"} is not supported",
-                       "response_format", code="unsupported_parameter")
+        if v not in (None, False, [], {}, ""):
+            raise ApiError(400, f"'{key}': {what} is not supported by this server", key,
+                           code="unsupported_parameter")
+    tools, choice = body.get("tools"), body.get("tool_choice")
+    if choice not in (None, "none", "auto"):
+        raise ApiError(400, f"'tool_choice': only \"none\" is supported (this server calls no tools), got "
+                            f"{json.dumps(choice)[:60]}", "tool_choice", code="unsupported_parameter")
+    if tools not in (None, []) and choice != "none":
+        raise ApiError(400, "'tools': this server calls no tools; send tool_choice \"none\" to have them ignored",
+                       "tools", code="unsupported_parameter")
+    return [k for k in body if k not in known and k != "tool_choice" and not (k == "tools" and not tools)]
+
+
+def ignored_header(names: list[str]) -> dict:
+    """The header naming ignored fields (printable ASCII, bounded), or no header."""
+    if not names:
+        return {}
+    shown = [one_line(n, 60).encode("ascii", "backslashreplace").decode("ascii").replace(",", "\\x2c")
+             for n in names[:20]]
+    return {IGNORED_HEADER: ", ".join(shown) + (", ..." if len(names) > 20 else "")}
 
 
 def sampling_changes(fields: DecodeFields, max_tokens_limit: int) -> dict:

@@ -5,7 +5,8 @@ lone surrogates, bounded nesting); these models check types and ranges in strict
 "9" for 9, no 1 for true, no 1.0 for an integer) and `validate` turns the first failure into
 one OpenAI error naming the field: `'messages[0].role' should be ...`. Fields with limits set
 by the server's flags (max_tokens, n, num_candidates) are checked after parsing, in protocol.py.
-Unknown fields are ignored, as OpenAI does, except in session settings, which are stored.
+Unknown fields are ignored, as OpenAI does (the routes name them in a response header), except in
+session settings, which are stored.
 """
 
 from __future__ import annotations
@@ -31,9 +32,13 @@ def kind(v) -> str:
 
 def _joined_text_parts(v):
     """A message content: a string, or OpenAI's list of text parts joined into one."""
-    if isinstance(v, list) and all(isinstance(p, dict) and p.get("type") == "text" and isinstance(p.get("text"), str)
-                                   for p in v):
-        return "".join(p["text"] for p in v)
+    if isinstance(v, list) and all(isinstance(p, dict) for p in v):
+        other = next((p.get("type") for p in v if p.get("type") != "text"), None)
+        if other is not None:
+            raise PydanticCustomError("content_type", "only text content is supported, got a part of type {t}",
+                                      {"t": json.dumps(other)[:40]})
+        if all(isinstance(p.get("text"), str) for p in v):
+            return "".join(p["text"] for p in v)
     if not isinstance(v, str):
         raise PydanticCustomError("content_type", "must be a string (or a list of text parts), got {kind}",
                                   {"kind": kind(v)})
@@ -76,8 +81,8 @@ class DecodeFields(Body):
     top_p: float | None = Field(None, gt=0, le=1)
     top_k: Count | None = None
     repetition_penalty: float | None = Field(None, gt=0, le=1e6)
-    frequency_penalty: float | None = Field(None, ge=0, le=2)
-    presence_penalty: float | None = Field(None, ge=0, le=2)
+    frequency_penalty: float | None = Field(None, ge=-2, le=2)
+    presence_penalty: float | None = Field(None, ge=-2, le=2)
     no_repeat_ngram: Count | None = None
     seed: int | None = Field(None, ge=SEED_MIN, le=SEED_MAX)
     stop: Stop | None = None

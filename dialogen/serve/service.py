@@ -202,7 +202,7 @@ def _common_messages(a: list[Message], b: list[Message]) -> int:
 class Service:
     def __init__(self, engine: Engine, store: Store, keys: Keys, limits: Limits, sampling: Sampling | None = None,
                  model_name: str | None = None, max_active: int = 32, max_queue: int = 64,
-                 decoding: Decoding | None = None):
+                 decoding: Decoding | None = None, aliases=(), strict_model_names: bool = False):
         self.worker = Worker(engine.model, max_active=max_active, max_queue=max_queue)
         # sessions see the proxy: their model calls queue on the worker thread
         self.engine = Engine(self.worker.proxy, engine.tokenizer, engine.template, engine.context_length, engine.name)
@@ -211,6 +211,9 @@ class Service:
         self.decoding = decoding or Decoding()
         self.decoder = Decoder(self.engine, self.decoding)  # loads a configured scorer (e.g. MMI) once
         self.model_name = model_name or engine.name
+        # extra names listed in /v1/models; with `strict_model_names` only these (and the model's) are served
+        self.aliases = [a for a in dict.fromkeys(aliases) if a != self.model_name]
+        self.strict_model_names = strict_model_names
         # the KV-cache budget: three quarters for sessions, a quarter for stateless conversations
         self.prefixes = PrefixPool(limits.kv_budget_bytes // 4)
         self.sessions = SessionCache(limits.kv_budget_bytes - self.prefixes.budget)
@@ -220,8 +223,14 @@ class Service:
     def context_length(self) -> int:
         return self.engine.context_length
 
+    def model_names(self) -> list[str]:
+        """The names /v1/models lists: the model's, then its aliases."""
+        return [self.model_name, *self.aliases]
+
     def accepts_model(self, name) -> bool:
-        return name in (None, self.model_name, "default", "dialogen")
+        """One model is served: any name reaches it, unless names are strict (then only its own,
+        its aliases, 'default' and 'dialogen')."""
+        return not self.strict_model_names or name in (None, *self.model_names(), "default", "dialogen")
 
     def defaults(self) -> dict:
         """The decoding a request gets for the fields it leaves out (OpenAI names)."""
