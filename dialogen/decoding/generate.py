@@ -10,7 +10,8 @@ from collections.abc import Iterator
 
 import torch
 
-from .processors import next_token
+from .constrain import matcher_for
+from .processors import draw, shape_logits, token_logprobs
 from .settings import Sampling
 from .stops import StopMatcher
 
@@ -78,6 +79,9 @@ class Generation(Stream):
     """A sampled (or greedy) reply, streamed token by token.
 
     A delta never ends inside a multi-byte character and never shows a prefix of a stop string.
+    With `sampling.logprobs` set, `logprobs[i]` is (log-probability, [(token, log-probability)
+    of the most likely]) of `tokens[i]` under the distribution it was drawn from (see
+    `processors.shape_logits`); with `sampling.constraint`, tokens outside the grammar are masked.
     """
 
     def __init__(self, model, tokenizer, feed: list[int], cache, sampling: Sampling, stop_ids: set[int],
@@ -86,6 +90,7 @@ class Generation(Stream):
         self.s, self.stop_ids = sampling, stop_ids
         self.history = list(history if history is not None else feed)
         self.tokens: list[int] = []
+        self.logprobs: list[tuple[float, list[tuple[int, float]]]] = []
         self.text = ""
         self.on_finish = on_finish
         self._stops = StopMatcher(sampling.stop)
@@ -94,11 +99,18 @@ class Generation(Stream):
         g = make_generator(self.s.seed)
         limit = room(self.model, len(self.history), self.s.max_new_tokens)
         logits = step(self.model, self.feed, self.cache)
+        grammar = matcher_for(self.s, self.tokenizer, logits.shape[-1], self.stop_ids)
         for _ in range(limit):
-            tok = next_token(logits, self.s, g, self.history, self.tokens)
+            shaped = shape_logits(logits, self.s, self.history, self.tokens,
+                                  grammar.allowed() if grammar is not None else None)
+            tok = draw(shaped, self.s, g)
             if tok in self.stop_ids:
                 self.finish_reason = "stop"
                 break
+            if grammar is not None:
+                grammar.accept(tok)
+            if self.s.logprobs is not None:
+                self.logprobs.append(token_logprobs(shaped, tok, self.s.logprobs))
             self.tokens.append(tok)
             self.history.append(tok)
             delta, stopped = self._delta()

@@ -55,8 +55,12 @@ def top_p_filter(logits, p: float):
 MIN_TEMPERATURE = 1e-6  # below it, logits divided by the temperature overflow float32 to inf (then NaN)
 
 
-def next_token(logits, s: Sampling, generator: torch.Generator | None, history: list[int], reply: list[int]) -> int:
-    """One decoding step on (V,) logits."""
+def shape_logits(logits, s: Sampling, history: list[int], reply: list[int], allowed=None):
+    """(V,) float32 logits as the sampler draws from them: the repetition penalty (over the last
+    `penalty_window` tokens of `history`), frequency and presence penalties (over `reply`), banned
+    n-grams and, with `allowed` (a (V,) bool mask from a constraint), every other token at -inf;
+    then divided by the temperature when it is above 0. Their log-softmax is what `logprobs`
+    report; top-k and top-p cut the draw afterwards and are not part of it."""
     logits = logits.float()
     window = history[-s.penalty_window:] if s.penalty_window > 0 else history
     logits = repetition_penalty(logits, window, s.repetition_penalty)
@@ -65,12 +69,36 @@ def next_token(logits, s: Sampling, generator: torch.Generator | None, history: 
     if banned:
         logits = logits.clone()
         logits[banned] = float("-inf")
+    if allowed is not None:
+        logits = logits.masked_fill(~allowed, float("-inf"))
+    if s.temperature > 0:
+        logits = logits / max(s.temperature, MIN_TEMPERATURE)
+    return logits
+
+
+def draw(logits, s: Sampling, generator: torch.Generator | None) -> int:
+    """A token from shaped (V,) logits: the best at temperature 0, else a sample within top-k and top-p."""
     if s.temperature == 0:
         return int(torch.argmax(logits))
-    logits = logits / max(s.temperature, MIN_TEMPERATURE)
     if 0 < s.top_k < logits.shape[-1]:  # sample among the k best: top-p then sorts k values, not the vocabulary
         values, index = torch.topk(logits, s.top_k)
         values = top_p_filter(values, s.top_p)
         return int(index[torch.multinomial(values.softmax(-1), 1, generator=generator)])
     logits = top_p_filter(logits, s.top_p)
     return int(torch.multinomial(logits.softmax(-1), 1, generator=generator))
+
+
+def next_token(logits, s: Sampling, generator: torch.Generator | None, history: list[int], reply: list[int],
+               allowed=None) -> int:
+    """One decoding step on (V,) logits."""
+    return draw(shape_logits(logits, s, history, reply, allowed), s, generator)
+
+
+def token_logprobs(shaped, token: int, top: int) -> tuple[float, list[tuple[int, float]]]:
+    """(log-probability of `token`, the `top` most likely tokens with theirs) under shaped (V,) logits."""
+    logp = torch.log_softmax(shaped, dim=-1)
+    alternatives = []
+    if top > 0:
+        values, index = torch.topk(logp, min(top, logp.shape[-1]))
+        alternatives = [(int(i), float(v)) for i, v in zip(index, values)]
+    return float(logp[token]), alternatives

@@ -15,6 +15,7 @@ from ..errors import UserError
 SCORER_NAMES = ("logprob", "mmi", "discriminator")  # the rerankers of `rerank.SCORERS`
 SEED_MIN, SEED_MAX = -(2**63), 2**63 - 1  # a signed 64-bit seed (torch takes any 64-bit value)
 MAX_STOP_CHARS = 500_000  # all stop strings of one reply together, in characters
+MAX_TOP_LOGPROBS = 20  # OpenAI's limit on top_logprobs
 
 
 @dataclass
@@ -30,9 +31,13 @@ class Sampling:
     max_new_tokens: int = 256
     seed: int | None = None
     stop: list[str] = field(default_factory=list)
+    logprobs: int | None = None  # None -> off; k -> each token's log-probability and the k most likely (<= 20)
+    constraint: object | None = None  # a `constrain.Grammar` the reply must match (e.g. a JSON schema)
 
     def __post_init__(self):
         checks = [
+            ("logprobs", self.logprobs is None or 0 <= self.logprobs <= MAX_TOP_LOGPROBS,
+             f"in 0..{MAX_TOP_LOGPROBS}"),
             ("temperature", self.temperature >= 0, ">= 0"),
             ("top_k", self.top_k >= 0, ">= 0"),
             ("top_p", 0 < self.top_p <= 1, "in (0, 1]"),

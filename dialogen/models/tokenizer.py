@@ -133,6 +133,17 @@ class Tokenizer:
     def decode(self, ids, skip_special: bool = False) -> str:
         return self._tmpl.decode(list(ids), skip_special_tokens=skip_special)
 
+    def backend_json(self) -> str:
+        """The whole tokenizer (vocabulary, merges, added tokens) as `tokenizers` JSON."""
+        return self._tmpl.to_str()
+
+    def token_bytes(self, token: int) -> bytes:
+        """The bytes a token stands for (a byte-level token may hold part of a UTF-8 character)."""
+        table = self.__dict__.get("_byte_table")
+        if table is None:
+            table = self._byte_table = _byte_table(self._tmpl)
+        return table[token] if 0 <= token < len(table) else b""
+
     def token_id(self, token: str | None) -> int | None:
         return None if token is None else self._tmpl.token_to_id(token)
 
@@ -213,6 +224,28 @@ class Tokenizer:
 
         return cls(hf, eos_token=tok("eos_token_id"), bos_token=tok("bos_token_id"),
                    pad_token=tok("padding_token_id"), chat_template=meta.get("tokenizer.chat_template"))
+
+
+def _byte_table(hf: HFTokenizer) -> list[bytes]:
+    """Every token's bytes. Byte-level vocabularies spell bytes with GPT-2's printable stand-ins
+    (`Ġ` for a space); others (SentencePiece style) use `▁` and `<0xNN>` byte tokens."""
+    printable = [*range(0x21, 0x7F), *range(0xA1, 0xAD), *range(0xAE, 0x100)]
+    stand_in = {chr(b): b for b in printable}
+    stand_in.update({chr(0x100 + i): b for i, b in enumerate(b for b in range(256) if b not in printable)})
+    added = {i: t.content for i, t in hf.get_added_tokens_decoder().items()}
+    byte_level = "ByteLevel" in json.dumps(json.loads(hf.to_str()).get("decoder"))
+    table = []
+    for i in range(hf.get_vocab_size(with_added_tokens=True)):
+        piece = hf.id_to_token(i)
+        if i in added or piece is None:
+            table.append((added.get(i) or "").encode("utf-8"))
+        elif byte_level and all(c in stand_in for c in piece):
+            table.append(bytes(stand_in[c] for c in piece))
+        elif re.fullmatch(r"<0x[0-9A-Fa-f]{2}>", piece):
+            table.append(bytes([int(piece[3:5], 16)]))
+        else:
+            table.append(piece.replace("\u2581", " ").encode("utf-8"))
+    return table
 
 
 def _control_splitter(hf: HFTokenizer):

@@ -69,8 +69,9 @@ def parse_request(svc: Service, body: dict) -> dict:
         changes["max_new_tokens"] = min(svc.sampling.max_new_tokens, ctx - prompt)
         if changes["max_new_tokens"] < 1:
             raise P.context_error(prompt, 1, ctx)
-    sampling = P.make_sampling(svc.sampling, changes)
     decoding = P.make_decoding(svc.decoding, P.decoding_changes(req, svc.limits.max_candidates))
+    changes["logprobs"] = P.logprobs_setting(req, decoding.searches)
+    sampling = P.make_sampling(svc.sampling, changes)
     return {"system": system, "history": history, "user": messages[-1].content, "n": n, "stream": stream,
             "ignored": ignored,
             "include_usage": bool(req.stream_options and req.stream_options.include_usage), "sampling": sampling,
@@ -88,14 +89,35 @@ def _choice_job(svc: Service, req: dict, index: int):
         session = svc.stateless_session(req["owner"], req["system"], sampling, req["history"], req["user"], budget,
                                         pooled=not searches)
         gen, prompt, cached = svc.reply(session, req["user"], sampling, req["decoding"])
+        logprobs = Logprobs(svc.engine.tokenizer, gen, sampling.logprobs is not None)
         for delta in gen:
-            job.emit(("delta", delta))
+            job.emit(("delta", (delta, logprobs.new())))
         if not searches:  # its KV cache holds this prompt: keep it for the next turn
             svc.prefixes.give(req["owner"], session, prompt)
         job.emit(("done", {"finish_reason": gen.finish_reason, "tokens": len(gen.tokens), "text": gen.text,
-                           "cached_tokens": cached, "candidates": candidates(gen)}))
+                           "cached_tokens": cached, "candidates": candidates(gen), "logprobs_tail": logprobs.new(),
+                           "logprobs": logprobs.all()}))
 
     return run
+
+
+class Logprobs:
+    """A reply's token logprobs in OpenAI's shape, handed out as the stream goes (None when not asked)."""
+
+    def __init__(self, tokenizer, gen, wanted: bool):
+        self.tokenizer, self.gen, self.wanted, self.sent = tokenizer, gen, wanted, 0
+
+    def new(self) -> list | None:
+        """The items of the tokens sampled since the last call: a chunk's share."""
+        if not self.wanted:
+            return None
+        end = len(self.gen.logprobs)
+        out = P.token_logprobs(self.tokenizer, self.gen.tokens[self.sent:end], self.gen.logprobs[self.sent:end])
+        self.sent = end
+        return out
+
+    def all(self) -> list | None:
+        return P.token_logprobs(self.tokenizer, self.gen.tokens, self.gen.logprobs) if self.wanted else None
 
 
 def candidates(gen) -> list[dict] | None:
@@ -121,8 +143,8 @@ async def _collect(svc: Service, req: dict, channel: Channel, jobs: list, reques
     finally:
         for j in jobs:
             j.cancel()
-    choices = [P.choice(i, results[i]["text"], results[i]["finish_reason"], results[i]["candidates"])
-               for i in range(req["n"])]
+    choices = [P.choice(i, results[i]["text"], results[i]["finish_reason"], results[i]["candidates"],
+                        results[i]["logprobs"]) for i in range(req["n"])]
     tokens = sum(r["tokens"] for r in results.values())
     cached = min(r["cached_tokens"] for r in results.values())
     return P.completion(req["id"], svc.model_name, choices, P.usage(req["prompt_tokens"], tokens, cached),
@@ -142,12 +164,13 @@ async def _stream(svc: Service, req: dict, channel: Channel, jobs: list):
         while done < req["n"]:
             index, kind, payload = await channel.get()
             if kind == "delta":
-                yield P.sse(P.chunk(cid, model, created, [P.delta_choice(index, {"content": payload})]))
+                text, logprobs = payload
+                yield P.sse(P.chunk(cid, model, created, [P.delta_choice(index, {"content": text}, None, logprobs)]))
             elif kind == "done":
                 done += 1
                 tokens += payload["tokens"]
                 cached.append(payload["cached_tokens"])
-                final = P.delta_choice(index, {}, payload["finish_reason"])
+                final = P.delta_choice(index, {}, payload["finish_reason"], payload["logprobs_tail"])
                 if payload["candidates"] is not None:
                     final["candidates"] = payload["candidates"]
                 yield P.sse(P.chunk(cid, model, created, [final]))

@@ -198,6 +198,32 @@ def decoding_changes(fields: DecodeFields, max_candidates: int) -> dict:
     return changes
 
 
+def logprobs_setting(req, searches: bool) -> int | None:
+    """`Sampling.logprobs` for a request's `logprobs` and `top_logprobs` (None: not asked)."""
+    if req.top_logprobs is not None and not req.logprobs:
+        raise ApiError(400, "'top_logprobs' needs 'logprobs': true", "top_logprobs")
+    if not req.logprobs:
+        return None
+    if searches:
+        raise ApiError(400, "'logprobs' are given for a sampled or greedy reply, not with 'beam_size' or "
+                            "'num_candidates' above 1 (each candidate carries its scores instead)", "logprobs")
+    return req.top_logprobs or 0
+
+
+def token_logprobs(tokenizer, tokens: list[int], entries: list) -> list[dict]:
+    """OpenAI's `logprobs.content` items for `tokens` and their (logprob, alternatives) entries."""
+    def item(tok: int, lp: float) -> dict:
+        raw = tokenizer.token_bytes(tok)
+        try:
+            text = raw.decode("utf-8")
+        except UnicodeDecodeError:  # part of a character: OpenAI spells it as its bytes
+            text = "bytes:" + "".join(f"\\x{b:02x}" for b in raw)
+        return {"token": text, "logprob": max(lp, -9999.0), "bytes": list(raw)}
+
+    return [{**item(tok, lp), "top_logprobs": [item(t, v) for t, v in alts]}
+            for tok, (lp, alts) in zip(tokens, entries)]
+
+
 def make_decoding(base, changes: dict):
     candidates, beam = changes.get("candidates", base.candidates), changes.get("beam_size", base.beam_size)
     if candidates == "sample" and beam > 1:
@@ -246,9 +272,10 @@ def completion(cid: str, model: str, choices: list[dict], usage: dict, created: 
             "choices": choices, "usage": usage, "system_fingerprint": None}
 
 
-def choice(index: int, text: str, finish_reason: str, candidates: list | None = None) -> dict:
+def choice(index: int, text: str, finish_reason: str, candidates: list | None = None,
+           logprobs: list | None = None) -> dict:
     out = {"index": index, "message": {"role": "assistant", "content": text}, "finish_reason": finish_reason,
-           "logprobs": None}
+           "logprobs": None if logprobs is None else {"content": logprobs, "refusal": None}}
     if candidates is not None:
         out["candidates"] = candidates
     return out
@@ -262,8 +289,9 @@ def chunk(cid: str, model: str, created: int, choices: list[dict], usage: dict |
     return out
 
 
-def delta_choice(index: int, delta: dict, finish_reason: str | None = None) -> dict:
-    return {"index": index, "delta": delta, "finish_reason": finish_reason, "logprobs": None}
+def delta_choice(index: int, delta: dict, finish_reason: str | None = None, logprobs: list | None = None) -> dict:
+    return {"index": index, "delta": delta, "finish_reason": finish_reason,
+            "logprobs": None if logprobs is None else {"content": logprobs, "refusal": None}}
 
 
 def usage(prompt: int, completion_tokens: int, cached: int | None = None) -> dict:

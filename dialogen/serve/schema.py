@@ -18,7 +18,8 @@ from typing import Annotated, Literal
 from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, ValidationError
 from pydantic_core import PydanticCustomError
 
-from ..decoding.settings import CANDIDATE_SOURCES, MAX_STOP_CHARS, SCORER_NAMES, SEED_MAX, SEED_MIN
+from ..decoding.settings import (CANDIDATE_SOURCES, MAX_STOP_CHARS, MAX_TOP_LOGPROBS, SCORER_NAMES, SEED_MAX,
+                                 SEED_MIN)
 
 INT64_MAX = 2**63 - 1
 MAX_PERSONA = 20_000
@@ -130,6 +131,8 @@ class ChatRequest(DecodeFields):
     stream: bool | None = None
     stream_options: StreamOptions | None = None
     max_completion_tokens: Positive | None = None
+    logprobs: bool | None = None
+    top_logprobs: Annotated[int, Field(ge=0, le=MAX_TOP_LOGPROBS)] | None = None
 
 
 def param_name(loc) -> str:
