@@ -71,6 +71,10 @@ CHAT_BODY = bodies({"messages": st.tuples(st.lists(MESSAGE, max_size=2), LAST).m
 SESSION_BODY = bodies({}, {"persona": st.one_of(WORDS, st.sampled_from(["pirate", "You are kind."])),
                            "title": WORDS, "settings": st.fixed_dictionaries({}, optional=DECODE_FIELDS)})
 TURN_BODY = bodies({"content": CONTENT}, {"stream": st.booleans(), **DECODE_FIELDS})
+TEXT_BODY = bodies({"prompt": st.one_of(WORDS, st.lists(WORDS, min_size=1, max_size=2))}, {
+    "model": st.sampled_from(["tiny-chat", "gpt-3.5-turbo-instruct"]), "n": st.integers(1, 2),
+    "stream": st.booleans(), "logprobs": st.integers(0, 5), "echo": st.just(False),
+    **{k: v for k, v in DECODE_FIELDS.items() if k not in ("num_candidates", "beam_size")}})
 
 # a body: a route's fields, any JSON at all, or bytes that may not be JSON (or UTF-8) at all
 RAW = st.one_of(st.binary(max_size=60), st.sampled_from([b"", b"{", b"[]", b'{"a": NaN}', b"[" * 5000,
@@ -86,13 +90,16 @@ CONTENT_TYPES = st.sampled_from(["application/json"] * 6 + ["application/json; c
 SESSION_ID = st.one_of(st.just("{sid}"), st.just("{sid}"), st.just("sess_0123"), st.just("..%2F..%2Fhealth"),
                        TEXT.map(lambda s: quote(s.encode("utf-8", "surrogatepass"), safe="")))
 REQUEST = st.one_of(
-    st.tuples(st.just("POST"), st.just("/v1/chat/completions"), body_for(CHAT_BODY), CONTENT_TYPES),
+    st.tuples(st.just("POST"), st.sampled_from(["/v1/chat/completions", "/chat/completions"]), body_for(CHAT_BODY),
+              CONTENT_TYPES),
+    st.tuples(st.just("POST"), st.sampled_from(["/v1/completions", "/completions"]), body_for(TEXT_BODY),
+              CONTENT_TYPES),
     st.tuples(st.just("POST"), st.just("/v1/sessions"), body_for(SESSION_BODY), CONTENT_TYPES),
     st.tuples(st.just("POST"), SESSION_ID.map(lambda s: f"/v1/sessions/{s}/messages"), body_for(TURN_BODY),
               CONTENT_TYPES),
     st.tuples(st.sampled_from(["GET", "DELETE", "HEAD", "OPTIONS", "PUT"]),
               st.one_of(SESSION_ID.map(lambda s: f"/v1/sessions/{s}"), st.sampled_from(
-                  ["/v1/sessions", "/v1/models", "/v1/models/tiny-chat", "/health", "/", "/v1/nothing"])),
+                  ["/v1/sessions", "/v1/models", "/models", "/v1/models/tiny-chat", "/health", "/", "/v1/nothing"])),
               st.just(b""), st.just("")),
 )
 

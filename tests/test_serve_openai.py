@@ -43,6 +43,23 @@ def typed(cls, obj):
         return cls.model_validate_json(obj.model_dump_json(exclude_unset=True))
 
 
+def typed_chunk(obj):
+    """A streamed legacy completion chunk validated as `Completion`. The client types its chunks as
+    `Completion`, whose `finish_reason` cannot be null, yet OpenAI's own stream sends null until a
+    choice ends: only that field is let through as null."""
+    data = obj.model_dump(exclude_unset=True)
+    open_choices = [c["index"] for c in data["choices"] if c["finish_reason"] is None]
+    for c in data["choices"]:
+        c["finish_reason"] = c["finish_reason"] or "stop"
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        out = Completion.model_validate_json(json.dumps(data))
+    for c in out.choices:
+        if c.index in open_choices:
+            c.finish_reason = None
+    return out
+
+
 def _byte_ids(path) -> dict[bytes, int]:
     """Token bytes -> id, from the tokenizer file and transformers' own GPT-2 byte table."""
     from tokenizers import Tokenizer as HF
@@ -143,3 +160,54 @@ def test_bad_logprobs_requests(client, body, param):
         client.post("/chat/completions", body={"messages": [{"role": "user", "content": "hi"}], **body},
                     cast_to=object)
     assert e.value.body["param"] == param
+
+
+def test_legacy_completion_plain_and_streamed(client, tiny_llama):
+    """A plain prompt, no template: greedy tokens equal transformers' own greedy generation."""
+    path, hf_model = tiny_llama
+    prompt = "Once upon a time, in a land far away,"
+    ids = Tokenizer.from_dir(path).encode_template(prompt)
+    with torch.no_grad():
+        want = hf_model.generate(torch.tensor([ids]), max_new_tokens=10, do_sample=False, pad_token_id=0,
+                                 eos_token_id=None)[0, len(ids):].tolist()
+    args = dict(model="gpt-3.5-turbo-instruct", prompt=prompt, max_tokens=10, temperature=0,
+                extra_body={"repetition_penalty": 1.0})
+    r = typed(Completion, client.completions.create(**args))
+    assert r.object == "text_completion" and r.model == "tiny" and r.id.startswith("cmpl-")
+    assert r.choices[0].text == Tokenizer.from_dir(path).decode(want) and r.choices[0].finish_reason == "length"
+    assert (r.usage.prompt_tokens, r.usage.completion_tokens) == (len(ids), 10)
+    chunks = [typed_chunk(c) for c in client.completions.create(stream=True, stream_options={
+        "include_usage": True}, **args)]
+    assert all(c.object == "text_completion" and c.id == chunks[0].id for c in chunks)
+    assert "".join(c.choices[0].text for c in chunks if c.choices) == r.choices[0].text
+    assert [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason] == ["length"]
+    assert chunks[-1].usage.completion_tokens == 10
+
+
+def test_legacy_completion_stop_prompts_and_logprobs(client, server):
+    full = client.completions.create(model="tiny", prompt="The cat", max_tokens=12, temperature=0).choices[0].text
+    word = full.split()[2]
+    cut = client.completions.create(model="tiny", prompt="The cat", max_tokens=12, temperature=0, stop=[word])
+    assert cut.choices[0].text == full[: full.index(word)] and cut.choices[0].finish_reason == "stop"
+    many = typed(Completion, client.completions.create(model="tiny", prompt=["The cat", "A dog"], n=2, max_tokens=4,
+                                                       temperature=1.0, seed=7, logprobs=3))
+    assert [c.index for c in many.choices] == [0, 1, 2, 3]
+    assert many.choices[0].text != many.choices[1].text  # seed + index
+    lp = many.choices[0].logprobs
+    assert len(lp.tokens) == len(lp.token_logprobs) == len(lp.top_logprobs) == 4
+    assert all(len(t) <= 3 and max(t.values()) >= v for t, v in zip(lp.top_logprobs, lp.token_logprobs))
+    assert lp.text_offset[0] == 0 and "".join(lp.tokens) == many.choices[0].text
+    bare = httpx.post(server.url + "/completions", json={"prompt": "hi", "max_tokens": 2},
+                      headers={"Authorization": f"Bearer {KEY}"}, timeout=60)
+    assert bare.status_code == 200 and bare.json()["object"] == "text_completion"
+
+
+@pytest.mark.parametrize("body,param", [({}, "prompt"), ({"prompt": ""}, "prompt[0]"), ({"prompt": 5}, "prompt"),
+                                        ({"prompt": "hi", "echo": True}, "echo"),
+                                        ({"prompt": "hi", "best_of": 3}, "best_of"),
+                                        ({"prompt": "hi", "logprobs": 6}, "logprobs"),
+                                        ({"prompt": "hello " * 300}, "prompt")])
+def test_legacy_completion_bad_input(client, body, param):
+    with pytest.raises(openai.BadRequestError) as e:
+        client.post("/completions", body=body, cast_to=object)
+    assert e.value.body["param"] == param and "\n" not in e.value.body["message"]

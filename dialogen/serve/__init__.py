@@ -4,6 +4,7 @@
   app.py          the FastAPI app: auth, limits, errors, health, models, the page
   guard.py        Host and Origin checks (DNS rebinding, cross-site requests), CORS, JSON-only POSTs
   completions.py  POST /v1/chat/completions (plain and streamed)
+  text.py         POST /v1/completions: legacy text completion, no template
   sessions.py     /v1/sessions: stored conversations with live KV caches
   protocol.py     reading request bodies, OpenAI-shaped errors and response objects
   schema.py       request bodies as pydantic models (OpenAI schema, strict types)

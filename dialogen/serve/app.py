@@ -90,8 +90,10 @@ def create_app(svc: Service, bound_host: str = "127.0.0.1", allowed_hosts=(), co
 
     from .completions import add_routes as completion_routes
     from .sessions import add_routes as session_routes
+    from .text import add_routes as text_routes
 
     completion_routes(app, svc)
+    text_routes(app, svc)
     session_routes(app, svc)
     return app
 

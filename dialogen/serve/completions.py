@@ -61,14 +61,7 @@ def parse_request(svc: Service, body: dict) -> dict:
     system = messages[0].content if has_system else svc.default_persona
     history = messages[1 if has_system else 0:-1]
     prompt = svc.prompt_len(([Message("system", system)] if system else []) + messages[1 if has_system else 0:])
-    ctx = svc.context_length
-    if "max_new_tokens" in changes:
-        if prompt + changes["max_new_tokens"] > ctx:
-            raise P.context_error(prompt, changes["max_new_tokens"], ctx)
-    else:  # no max_tokens: up to the server default, within what the context leaves
-        changes["max_new_tokens"] = min(svc.sampling.max_new_tokens, ctx - prompt)
-        if changes["max_new_tokens"] < 1:
-            raise P.context_error(prompt, 1, ctx)
+    fit_reply(svc, changes, prompt)
     decoding = P.make_decoding(svc.decoding, P.decoding_changes(req, svc.limits.max_candidates))
     changes["logprobs"] = P.logprobs_setting(req, decoding.searches)
     sampling = P.make_sampling(svc.sampling, changes)
@@ -78,10 +71,28 @@ def parse_request(svc: Service, body: dict) -> dict:
             "decoding": decoding, "prompt_tokens": prompt, "id": P.new_id(), "created": int(time.time())}
 
 
+def fit_reply(svc: Service, changes: dict, prompt: int, param: str = "messages"):
+    """Check that the prompt and max_tokens fit the context; without max_tokens, set it to the
+    server's default within what the context leaves."""
+    ctx = svc.context_length
+    if "max_new_tokens" in changes:
+        if prompt + changes["max_new_tokens"] > ctx:
+            raise P.context_error(prompt, changes["max_new_tokens"], ctx, param)
+    else:
+        changes["max_new_tokens"] = min(svc.sampling.max_new_tokens, ctx - prompt)
+        if changes["max_new_tokens"] < 1:
+            raise P.context_error(prompt, 1, ctx, param)
+
+
+def choice_sampling(sampling, index: int):
+    """Choice `index` samples with seed + index (wrapped within the 64-bit range): choices differ but repeat."""
+    if sampling.seed is None or not index:
+        return sampling
+    return sampling.replace(seed=(sampling.seed + index - SEED_MIN) % 2**64 + SEED_MIN)
+
+
 def _choice_job(svc: Service, req: dict, index: int):
-    sampling = req["sampling"]
-    if sampling.seed is not None and index:  # seed + index, wrapped within the 64-bit range
-        sampling = sampling.replace(seed=(sampling.seed + index - SEED_MIN) % 2**64 + SEED_MIN)
+    sampling = choice_sampling(req["sampling"], index)
 
     def run(job):
         budget = svc.context_length - sampling.max_new_tokens
@@ -128,9 +139,22 @@ def candidates(gen) -> list[dict] | None:
 
 
 async def _collect(svc: Service, req: dict, channel: Channel, jobs: list, request: Request):
+    results = await collect_all(channel, jobs, request)
+    if isinstance(results, JSONResponse):
+        return results
+    choices = [P.choice(i, results[i]["text"], results[i]["finish_reason"], results[i]["candidates"],
+                        results[i]["logprobs"]) for i in range(req["n"])]
+    tokens = sum(r["tokens"] for r in results.values())
+    cached = min(r["cached_tokens"] for r in results.values())
+    return P.completion(req["id"], svc.model_name, choices, P.usage(req["prompt_tokens"], tokens, cached),
+                        req["created"])
+
+
+async def collect_all(channel: Channel, jobs: list, request: Request) -> dict | JSONResponse:
+    """Every job's "done" payload by index (or the 499 answer when the client left)."""
     results: dict[int, dict] = {}
     try:
-        while len(results) < req["n"]:
+        while len(results) < len(jobs):
             index, kind, payload = await channel.get(request)
             if kind == "done":
                 results[index] = payload
@@ -143,44 +167,62 @@ async def _collect(svc: Service, req: dict, channel: Channel, jobs: list, reques
     finally:
         for j in jobs:
             j.cancel()
-    choices = [P.choice(i, results[i]["text"], results[i]["finish_reason"], results[i]["candidates"],
-                        results[i]["logprobs"]) for i in range(req["n"])]
-    tokens = sum(r["tokens"] for r in results.values())
-    cached = min(r["cached_tokens"] for r in results.values())
-    return P.completion(req["id"], svc.model_name, choices, P.usage(req["prompt_tokens"], tokens, cached),
-                        req["created"])
+    return results
 
 
 async def _stream(svc: Service, req: dict, channel: Channel, jobs: list):
-    """SSE chunks: a role chunk per choice, content deltas, a finish chunk per choice, [DONE].
-
-    If the client disconnects, the server cancels this generator, and `finally` cancels the jobs.
-    """
+    """SSE chunks: a role chunk per choice, content deltas, a finish chunk per choice, [DONE]."""
     cid, model, created = req["id"], svc.model_name, req["created"]
-    done, tokens, cached = 0, 0, []
+    for i in range(req["n"]):
+        yield P.sse(P.chunk(cid, model, created, [P.delta_choice(i, {"role": "assistant", "content": ""})]))
+
+    def delta(index, payload):
+        text, logprobs = payload
+        return P.chunk(cid, model, created, [P.delta_choice(index, {"content": text}, None, logprobs)])
+
+    def done(index, payload):
+        final = P.delta_choice(index, {}, payload["finish_reason"], payload["logprobs_tail"])
+        if payload["candidates"] is not None:
+            final["candidates"] = payload["candidates"]
+        return P.chunk(cid, model, created, [final])
+
+    def usage(finished):
+        if not req["include_usage"]:
+            return None
+        used = P.usage(req["prompt_tokens"], sum(p["tokens"] for p in finished),
+                       min(p["cached_tokens"] for p in finished))
+        return P.chunk(cid, model, created, [], used)
+
     try:
-        for i in range(req["n"]):
-            yield P.sse(P.chunk(cid, model, created, [P.delta_choice(i, {"role": "assistant", "content": ""})]))
-        while done < req["n"]:
+        async for event in sse_events(channel, jobs, delta, done, usage):
+            yield event
+    finally:  # also when the client left during the role chunks, before sse_events started
+        for j in jobs:
+            j.cancel()
+
+
+async def sse_events(channel: Channel, jobs: list, delta, done, last):
+    """The jobs' events as SSE: `delta(index, payload)` and `done(index, payload)` make chunks,
+    `last(done payloads)` a final chunk (or None); then [DONE]. A job's error ends the stream with
+    its error object. If the client disconnects, the server cancels this generator, and `finally`
+    cancels the jobs."""
+    finished = []
+    try:
+        while len(finished) < len(jobs):
             index, kind, payload = await channel.get()
             if kind == "delta":
-                text, logprobs = payload
-                yield P.sse(P.chunk(cid, model, created, [P.delta_choice(index, {"content": text}, None, logprobs)]))
+                yield P.sse(delta(index, payload))
             elif kind == "done":
-                done += 1
-                tokens += payload["tokens"]
-                cached.append(payload["cached_tokens"])
-                final = P.delta_choice(index, {}, payload["finish_reason"], payload["logprobs_tail"])
-                if payload["candidates"] is not None:
-                    final["candidates"] = payload["candidates"]
-                yield P.sse(P.chunk(cid, model, created, [final]))
+                finished.append(payload)
+                yield P.sse(done(index, payload))
             elif kind == "error":
                 yield P.sse(job_error(payload).body())
                 return
             else:
                 return
-        if req["include_usage"]:
-            yield P.sse(P.chunk(cid, model, created, [], P.usage(req["prompt_tokens"], tokens, min(cached))))
+        final = last(finished)
+        if final is not None:
+            yield P.sse(final)
         yield P.sse("[DONE]")
     finally:
         for j in jobs:

@@ -135,6 +135,34 @@ class ChatRequest(DecodeFields):
     top_logprobs: Annotated[int, Field(ge=0, le=MAX_TOP_LOGPROBS)] | None = None
 
 
+def _prompt_list(v):
+    """A completion prompt: a string, or a list of them (one choice group each)."""
+    if isinstance(v, str):
+        return [v]
+    if not isinstance(v, list) or not all(isinstance(p, str) for p in v):
+        raise PydanticCustomError("content_type", "must be a string or a list of strings, got {kind}",
+                                  {"kind": kind(v)})
+    return v
+
+
+Prompts = Annotated[list[Annotated[str, AfterValidator(_not_blank)]], BeforeValidator(_prompt_list),
+                    Field(min_length=1, max_length=16)]
+
+
+class CompletionRequest(DecodeFields):
+    """POST /v1/completions: OpenAI's legacy text completion (a plain prompt, no chat template)."""
+
+    model: str | None = None
+    prompt: Prompts
+    n: Positive | None = None
+    stream: bool | None = None
+    stream_options: StreamOptions | None = None
+    logprobs: Annotated[int, Field(ge=0, le=5)] | None = None  # the legacy API's limit
+    echo: bool | None = None
+    suffix: str | None = None
+    best_of: Positive | None = None
+
+
 def param_name(loc) -> str:
     """('messages', 0, 'content') -> 'messages[0].content'; a stop string's error names 'stop'."""
     out = ""
