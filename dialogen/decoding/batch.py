@@ -14,6 +14,7 @@ import torch
 
 from ..errors import UserError
 from .beam import Candidate
+from .constrain import matcher_for
 from .generate import make_generator, room
 from .processors import next_token
 from .settings import Sampling
@@ -92,15 +93,20 @@ def _decode(model, cache, logits, histories: list[list[int]], s: Sampling, stop_
     limits = [room(model, len(h), s.max_new_tokens) for h in histories]
     first = StopMatcher(s.stop)
     matchers = [first] + [first.fresh() for _ in range(n - 1)]  # one per row, one set of tables
+    grammars = [matcher_for(s, tokenizer, logits.shape[-1], stop_ids) for _ in range(n)]  # None without one
     for t in range(max(limits)):
         logp = torch.log_softmax(logits.float(), dim=-1)  # (B, V)
         keep, feed = [], []
         for r, i in enumerate(rows):
-            tok = next_token(logits[r], s, gens[i], histories[i], replies[i])
+            g, left = grammars[i], limits[i] - len(replies[i])
+            tok = next_token(logits[r], s, gens[i], histories[i], replies[i], g.allowed(left) if g else None)
+            tok = g.fit(tok, left) if g else tok  # closed in time (see constrain.py)
             logprob[i] += float(logp[r, tok])
             if tok in stop_ids:
                 out[i] = Candidate(replies[i], logprob[i], finish_reason="stop", stop_token=tok)
                 continue
+            if g is not None:
+                g.accept(tok)
             replies[i].append(tok)
             histories[i].append(tok)
             text = tokenizer.decode(replies[i]).rstrip("\ufffd") if s.stop and tokenizer is not None else ""

@@ -111,8 +111,9 @@ class _Finished:
 
 
 def _step_logprobs(logits, beams: list[list[int]], prompt: list[int], s: BeamSettings, table, stop: list[int],
-                   t: int):
-    """(search log-probs, model log-probs), both (B, V), for the next token of every beam."""
+                   t: int, grammars=None):
+    """(search log-probs, model log-probs), both (B, V), for the next token of every beam; with
+    `grammars` (a matcher per beam), tokens outside the grammar are at -inf in the search's."""
     logits = logits.float()
     raw = torch.log_softmax(logits, dim=-1)
     rows = []
@@ -130,7 +131,22 @@ def _step_logprobs(logits, beams: list[list[int]], prompt: list[int], s: BeamSet
             search[b, sorted(banned)] = float("-inf")
     if t < s.min_new_tokens and stop:
         search[:, stop] = float("-inf")
+    if grammars is not None:  # within a margin of the budget, only the closing path (see constrain.py)
+        left = s.max_new_tokens - t
+        search.masked_fill_(~torch.stack([g.allowed(left, margin=4) for g in grammars]), float("-inf"))
     return search, raw
+
+
+def _advance(grammars: list, parents: list[int], tokens: list[int]) -> list:
+    """Each new beam's matcher: its parent's (a copy when the parent has several children), after its token."""
+    left = {p: parents.count(p) for p in parents}
+    out = []
+    for p, tok in zip(parents, tokens):
+        left[p] -= 1
+        g = grammars[p].copy() if left[p] else grammars[p]  # the last child takes the parent's own
+        g.accept(tok)
+        out.append(g)
+    return out
 
 
 def _bound(running_sums: list[float], s: BeamSettings, cur_len: int) -> float:
@@ -169,11 +185,13 @@ def _select(total, raw, beams, raw_sums, s: BeamSettings, stop_ids: set[int], k:
 
 @torch.inference_mode()
 def beam_search(model, prompt: list[int], s: BeamSettings, stop_ids: set[int],
-                context: list[list[int]] | None = None) -> list[Candidate]:
+                context: list[list[int]] | None = None, grammar=None) -> list[Candidate]:
     """The n-best replies to `prompt` (at most `beam_size`), best first.
 
     `context` holds the token segments `block_context_ngram` blocks against, e.g. the encoded
-    text of each earlier message (default: the whole prompt as one segment).
+    text of each earlier message (default: the whole prompt as one segment). `grammar(V)` makes a
+    `constrain.Matcher` for a vocabulary of V tokens: every beam then stays within the grammar
+    (a beam that splits copies its matcher), and a beam ends on a stop token only where it is complete.
     """
     if not prompt:
         raise UserError("beam search needs a non-empty prompt")
@@ -187,14 +205,17 @@ def beam_search(model, prompt: list[int], s: BeamSettings, stop_ids: set[int],
     done = _Finished(s.beam_size)
     rows_in_cache = 1
     k = (len(stop) + 1) * s.beam_size  # enough moves that beam_size of them can keep running
+    grammars = [grammar(logits.shape[-1])] if grammar is not None else None
     for t in range(s.max_new_tokens):
-        search, raw = _step_logprobs(logits, beams, prompt, s, table, stop, t)
+        search, raw = _step_logprobs(logits, beams, prompt, s, table, stop, t, grammars)
         total = torch.tensor(sums)[:, None] + search  # (B, V)
         parents, tokens, sums, raw_sums = _select(total, raw, beams, raw_sums, s, stop_ids,
                                                   min(k, total.numel()), t, done)
         if not parents:
             break
         beams = [beams[p] + [tok] for p, tok in zip(parents, tokens)]
+        if grammars is not None:
+            grammars = _advance(grammars, parents, tokens)
         if done.full() and (s.early_stopping or _bound(sums, s, t + 1) <= done.worst()):
             break
         if t + 1 == s.max_new_tokens:

@@ -8,6 +8,15 @@ beam's ranking), so the text always stays inside the grammar; the stop tokens ar
 where the grammar is complete, so a reply that stops is a whole sentence of it. JSON comes with
 fixed separators (`", "`, `": "`) and no free whitespace: a model cannot loop on blank lines.
 
+A token budget (max_tokens) would still cut a reply inside the grammar. So a matcher also knows
+how to close: its closing path is a short way to a complete sentence by a fixed rule (at each
+step the allowed token best at closing: `"` followed only by `}` and `]`, else only `}` and `]`,
+else also `:` and spaces, else also `0`, else any; longer first), and the reply keeps the invariant "the closing
+path fits in the tokens left": a sampled token after which it would not fit is replaced by the
+first token of the closing path (`fit`). A reply that runs out of budget thus ends closed, e.g.
+`{"city": "Lis"}`, instead of cut. Beam search, which ranks many tokens at once, gets only the
+closing token once the path needs all but a margin of the tokens left (`allowed(left, margin)`).
+
 `Grammar` is plain data (what `Sampling.constraint` holds); `Matcher` is one reply's position in
 it, made for a tokenizer, a vocabulary size and the stop tokens. Needs `pip install llguidance`
 (the `json` extra).
@@ -23,7 +32,7 @@ import torch
 
 from ..errors import UserError
 
-JSON_OPTIONS = {"whitespace_flexible": False}  # ", " and ": " between items; no runs of blank lines
+JSON_OPTIONS = {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": "}  # no runs of blank lines
 
 
 def _llguidance():
@@ -72,6 +81,28 @@ class Grammar:
             raise UserError(f"the JSON schema cannot be used: {error.splitlines()[0][:300]}")
 
 
+# the closing classes, best first: (first bytes allowed, bytes allowed); inside a string `"` always
+# wins (it closes it), so `]` as string content is never taken for a bracket
+CLOSERS = ((b'"', b'"}]'), (b'}]', b'}]'), (b'"}]: ', b'"}]: '), (b'"}]: 0', b'"}]: 0'))
+WATCH = 128  # the closing path is followed once the tokens left are this many or fewer
+
+
+def _closing_rank(tokenizer, vocab_size: int) -> torch.Tensor:
+    """(V,) int: how good each token is at closing a JSON text (lower is better; see the module doc)."""
+    cache = tokenizer.__dict__.setdefault("_closing_rank", {})
+    if vocab_size not in cache:
+        rank = torch.full((vocab_size,), 64 * len(CLOSERS) + 63, dtype=torch.int32)
+        for i in range(min(vocab_size, tokenizer.vocab_size)):
+            raw = tokenizer.token_bytes(i)
+            if not raw:
+                continue
+            cls = next((k for k, (head, chars) in enumerate(CLOSERS)
+                        if raw[0] in head and all(b in chars for b in raw)), len(CLOSERS))
+            rank[i] = 64 * cls + 63 - min(len(raw), 63)
+        cache[vocab_size] = rank
+    return cache[vocab_size]
+
+
 def _engine_tokenizer(tokenizer, vocab_size: int, stop_ids: frozenset):
     """llguidance's view of `tokenizer` (built once per vocabulary size and stop set: ~0.5 s)."""
     cache = tokenizer.__dict__.setdefault("_llguidance", {})
@@ -96,14 +127,58 @@ class Matcher:
                                      log_level=0)
         self._m = _matcher
         self._bits = np.zeros((vocab_size + 31) // 32, dtype=np.int32)
+        self._stops = torch.tensor(sorted(self.stop_ids), dtype=torch.long)
+        self._rank = _closing_rank(tokenizer, vocab_size)
+        self._closing: tuple[int, int] | None = None  # (length, first token) of the closing path, when known
         self._raise_on_error()
 
-    def allowed(self) -> torch.Tensor:
-        """(V,) bool: the tokens that keep the text within the grammar (stop tokens once it is complete)."""
-        self._m.unsafe_compute_mask_ptr(self._bits.ctypes.data, self._bits.nbytes)
-        self._raise_on_error()
+    def _mask(self, m) -> torch.Tensor:
+        m.unsafe_compute_mask_ptr(self._bits.ctypes.data, self._bits.nbytes)
+        if m.is_error():
+            raise UserError(f"constrained decoding failed: {m.get_error()[:300]}")
         bits = np.unpackbits(self._bits.view(np.uint8), bitorder="little")[: self.vocab_size]
         return torch.from_numpy(bits.astype(bool))
+
+    def allowed(self, left: int | None = None, margin: int = 0) -> torch.Tensor:
+        """(V,) bool: the tokens that keep the text within the grammar (stop tokens once it is complete).
+        With `left` (tokens the reply may still have, this one included): only the closing path's
+        token once that path needs more than `left - margin` of them."""
+        mask = self._mask(self._m)
+        self._closing = None
+        if left is None or left > WATCH + margin:
+            return mask
+        self._closing = self._closing_path(self._m.deep_copy(), mask)
+        length, first = self._closing
+        if length + margin < left:
+            return mask
+        only = torch.zeros_like(mask)
+        only[first] = True
+        return only
+
+    def fit(self, token: int, left: int) -> int:
+        """`token`, or the closing path's first token if after `token` the path would not fit in the
+        tokens then left (call after `allowed(left)`)."""
+        if self._closing is None or token in self.stop_ids:
+            return token
+        after = self._m.deep_copy()
+        if not after.consume_token(token):
+            return self._closing[1]
+        return token if self._closing_path(after)[0] <= left - 1 else self._closing[1]
+
+    def _closing_path(self, m, mask: torch.Tensor | None = None, limit: int = 256) -> tuple[int, int]:
+        """(tokens to a complete sentence, the stop token included; its first token) from matcher `m`,
+        which it consumes."""
+        first = None
+        for n in range(limit):
+            mask = self._mask(m) if mask is None else mask
+            if bool(mask[self._stops].any()):
+                return n + 1, int(self._stops[mask[self._stops]][0]) if first is None else first
+            tok = int(torch.argmin(torch.where(mask, self._rank, torch.iinfo(torch.int32).max)))
+            first = tok if first is None else first
+            if not m.consume_token(tok):
+                break
+            mask = None
+        return limit + 1, first if first is not None else 0
 
     def accept(self, token: int):
         if token in self.stop_ids:

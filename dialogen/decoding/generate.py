@@ -100,10 +100,12 @@ class Generation(Stream):
         limit = room(self.model, len(self.history), self.s.max_new_tokens)
         logits = step(self.model, self.feed, self.cache)
         grammar = matcher_for(self.s, self.tokenizer, logits.shape[-1], self.stop_ids)
-        for _ in range(limit):
+        for i in range(limit):
             shaped = shape_logits(logits, self.s, self.history, self.tokens,
-                                  grammar.allowed() if grammar is not None else None)
+                                  grammar.allowed(limit - i) if grammar is not None else None)
             tok = draw(shaped, self.s, g)
+            if grammar is not None:  # closed in time: the rest of the grammar fits in the tokens left
+                tok = grammar.fit(tok, limit - i)
             if tok in self.stop_ids:
                 self.finish_reason = "stop"
                 break

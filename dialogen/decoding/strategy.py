@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from .batch import reply_text, sample_replies
 from .beam import BeamSettings, Candidate, beam_search
+from .constrain import Matcher
 from .generate import Stream
 from .rerank import make_scorer, rerank
 from .settings import Decoding, Sampling
@@ -69,7 +70,9 @@ class Decoder:
         else:
             settings = beam_settings(s, d)
             segments = [eng.tokenizer.encode_text(m.content) for m in context if m.role != "system"]
-            cands = beam_search(eng.model, prompt, settings, stop_ids, context=segments or [prompt])
+            grammar = None if s.constraint is None else (
+                lambda vocab: Matcher(s.constraint, eng.tokenizer, vocab, stop_ids))
+            cands = beam_search(eng.model, prompt, settings, stop_ids, context=segments or [prompt], grammar=grammar)
             for c in cands:
                 c.text = reply_text(eng.tokenizer, c.tokens, s.stop)[0]
         return cands, rerank(self.scorer(d), context, cands)

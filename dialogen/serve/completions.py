@@ -43,11 +43,7 @@ def add_routes(app: FastAPI, svc: Service):
 
 def parse_request(svc: Service, body: dict) -> dict:
     """Check a request body; returns the plain values the jobs need."""
-    ignored = P.refuse_unsupported(body, {*ChatRequest.model_fields, "response_format"})
-    fmt = body.get("response_format")
-    if fmt is not None and not (isinstance(fmt, dict) and fmt.get("type") == "text"):
-        raise ApiError(400, "'response_format' other than {\"type\": \"text\"} is not supported",
-                       "response_format", code="unsupported_parameter")
+    ignored = P.refuse_unsupported(body, ChatRequest.model_fields)
     req = P.validate(ChatRequest, body)
     if not svc.accepts_model(req.model):
         raise model_not_found(svc, req.model)

@@ -180,6 +180,8 @@ def ignored_header(names: list[str]) -> dict:
 def sampling_changes(fields: DecodeFields, max_tokens_limit: int) -> dict:
     """The decoding fields set in `fields`, as `Sampling` field changes (unset fields left out)."""
     changes = fields.model_dump(include=set(SAMPLING_FIELDS), exclude_none=True)
+    if fields.response_format is not None:
+        changes["constraint"] = constraint(fields.response_format)
     key = "max_completion_tokens" if getattr(fields, "max_completion_tokens", None) is not None else "max_tokens"
     mt = getattr(fields, key)
     if mt is not None:
@@ -187,6 +189,24 @@ def sampling_changes(fields: DecodeFields, max_tokens_limit: int) -> dict:
             raise ApiError(400, f"'{key}' must be at most {max_tokens_limit} on this server, got {mt}", key)
         changes["max_new_tokens"] = mt
     return changes
+
+
+def constraint(fmt):
+    """The `Grammar` a response_format asks for (None for text); a schema it cannot use gets 400."""
+    from ..decoding.constrain import Grammar
+
+    if fmt.type == "text":
+        return None
+    if fmt.type == "json_object":
+        return Grammar.json_object()
+    if fmt.json_schema is None:
+        raise ApiError(400, "'response_format': type json_schema needs 'json_schema': {\"name\": ..., \"schema\": {...}}",
+                       "response_format.json_schema")
+    try:
+        return Grammar.json_schema(fmt.json_schema.json_schema)
+    except UserError as e:
+        raise ApiError(400, f"'response_format.json_schema.schema': {e}", "response_format.json_schema.schema",
+                       code="invalid_json_schema") from None
 
 
 def decoding_changes(fields: DecodeFields, max_candidates: int) -> dict:

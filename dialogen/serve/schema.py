@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import json
 import re
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, ValidationError
 from pydantic_core import PydanticCustomError
@@ -75,6 +75,26 @@ class Body(BaseModel):
     model_config = ConfigDict(strict=True, extra="ignore", allow_inf_nan=False)
 
 
+def _schema_value(v):
+    if not isinstance(v, (dict, bool)):
+        raise PydanticCustomError("content_type", "must be a JSON schema (an object), got {kind}", {"kind": kind(v)})
+    return v
+
+
+class JsonSchemaFormat(Body):
+    name: str | None = Field(None, max_length=64)
+    description: str | None = None
+    json_schema: Annotated[Any, AfterValidator(_schema_value)] = Field(alias="schema")
+    strict: bool | None = None
+
+
+class ResponseFormat(Body):
+    """OpenAI's `response_format`: free text, any JSON object, or JSON matching a schema."""
+
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchemaFormat | None = None
+
+
 class DecodeFields(Body):
     """The decoding fields a request (or a session's settings) may set; None: the server's default."""
 
@@ -93,6 +113,7 @@ class DecodeFields(Body):
     candidates: Literal[CANDIDATE_SOURCES] | None = None
     scorer: Literal[SCORER_NAMES] | None = None
     length_penalty: float | None = Field(None, ge=0, le=10)
+    response_format: ResponseFormat | None = None
 
 
 class Settings(DecodeFields):
