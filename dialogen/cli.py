@@ -54,11 +54,37 @@ def add_sampling_args(p: argparse.ArgumentParser):
                         "and at least half the context)")
 
 
+def add_constraint_args(p: argparse.ArgumentParser):
+    g = p.add_argument_group("structured output")
+    x = g.add_mutually_exclusive_group()
+    x.add_argument("--json-schema", metavar="FILE", default=None,
+                   help="every reply is JSON matching this JSON schema (a token mask at each step; needs "
+                        "pip install 'dialogen[json]')")
+    x.add_argument("--json", action="store_true", help="every reply is a JSON object")
+
+
 def sampling_from(args):
     return Sampling(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
                     repetition_penalty=args.repetition_penalty, frequency_penalty=args.frequency_penalty,
                     presence_penalty=args.presence_penalty, no_repeat_ngram=args.no_repeat_ngram,
-                    max_new_tokens=args.max_new_tokens, seed=args.seed, stop=args.stop)
+                    max_new_tokens=args.max_new_tokens, seed=args.seed, stop=args.stop,
+                    constraint=constraint_from(args))
+
+
+def constraint_from(args):
+    """The grammar of --json-schema FILE or --json (None without them)."""
+    if not getattr(args, "json_schema", None) and not getattr(args, "json", False):
+        return None
+    from .decoding.constrain import Grammar  # lazily: numpy and torch stay out of --help
+    from .textio import load_json, read_file
+
+    if args.json:
+        return Grammar.json_object()
+    try:
+        return Grammar.json_schema(load_json(read_file(args.json_schema), args.json_schema))
+    except UserError as e:
+        msg = str(e)
+        raise UserError(msg if msg.startswith(args.json_schema) else f"--json-schema {args.json_schema}: {msg}") from None
 
 
 def open_session(args):
@@ -116,6 +142,7 @@ def build_parser() -> argparse.ArgumentParser:
                                    "user turn and each reply is printed on its own line.")
     add_model_args(p)
     add_sampling_args(p)
+    add_constraint_args(p)
     add_decoding_args(p)
     p.set_defaults(func=cmd_chat)
 
@@ -125,6 +152,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("input", nargs="?", default="-", help="messages JSON file (default: stdin)")
     add_model_args(p)
     add_sampling_args(p)
+    add_constraint_args(p)
     add_decoding_args(p)
     p.set_defaults(func=cmd_generate)
     from .serve.cli import register as _r; _r(sub)

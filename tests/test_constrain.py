@@ -109,3 +109,23 @@ def test_a_reply_out_of_budget_is_closed_not_cut(tiny):
     beams = beam_search(model, prompt, BeamSettings(beam_size=2, max_new_tokens=14), _stop(tok),
                         grammar=lambda vocab: Matcher(Grammar.json_object(), tok, vocab, _stop(tok)))
     assert beams and all(isinstance(json.loads(tok.decode(c.tokens)), dict) for c in beams)
+
+
+def test_cli_json_schema_and_json(tiny_llama, tmp_path, capsys):
+    from dialogen.cli import main
+
+    schema = tmp_path / "schema.json"
+    schema.write_text(json.dumps(SCHEMA))
+    msgs = tmp_path / "msgs.json"
+    msgs.write_text(json.dumps([{"role": "user", "content": "Book a table."}]))
+    base = ["generate", str(msgs), "--model", str(tiny_llama[0]), "--template", "chatml", "--temperature", "1",
+            "--seed", "4", "--max-new-tokens", "60"]
+    assert main([*base, "--json-schema", str(schema)]) == 0
+    jsonschema.validate(json.loads(json.loads(capsys.readouterr().out)["reply"]), SCHEMA)
+    assert main([*base, "--json", "--max-new-tokens", "9"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert isinstance(json.loads(out["reply"]), dict) and out["tokens"] < 9
+    schema.write_text('{"type": "object", "properties": {"a": {"type": 5}}}')
+    assert main([*base, "--json-schema", str(schema)]) == 2
+    err = capsys.readouterr().err
+    assert f"--json-schema {schema}" in err and len(err.strip().splitlines()) == 1

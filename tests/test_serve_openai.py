@@ -211,3 +211,21 @@ def test_legacy_completion_bad_input(client, body, param):
     with pytest.raises(openai.BadRequestError) as e:
         client.post("/completions", body=body, cast_to=object)
     assert e.value.body["param"] == param and "\n" not in e.value.body["message"]
+
+
+def test_response_format_on_completions_and_session_turns(client, server):
+    """A random tiny model never closes JSON on its own: the budget's closing path does."""
+    for max_tokens in (5, 17):
+        r = client.completions.create(model="tiny", prompt="JSON:", max_tokens=max_tokens, temperature=1.0, seed=2,
+                                      extra_body={"response_format": {"type": "json_object"}})
+        assert isinstance(json.loads(r.choices[0].text), dict) and r.choices[0].finish_reason == "stop"
+    schema = {"type": "object", "required": ["ok"], "properties": {"ok": {"type": "boolean"}}}
+    fmt = {"type": "json_schema", "json_schema": {"name": "flag", "schema": schema}}
+    s = client.post("/sessions", body={"settings": {"response_format": fmt, "max_tokens": 12}}, cast_to=object)
+    for text in ("Is it on?", "And now?"):
+        turn = client.post(f"/sessions/{s['id']}/messages", body={"content": text, "temperature": 1.0},
+                           cast_to=object)
+        assert isinstance(json.loads(turn["message"]["content"])["ok"], bool)
+    plain = client.post(f"/sessions/{s['id']}/messages", body={"content": "Say hi.", "max_tokens": 4,
+                                                               "response_format": {"type": "text"}}, cast_to=object)
+    assert plain["finish_reason"] == "length" and not plain["message"]["content"].startswith("{")

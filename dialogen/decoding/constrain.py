@@ -59,7 +59,7 @@ class Grammar:
                 raise UserError(f"the JSON schema is not valid JSON: {e.msg} at line {e.lineno} column {e.colno}") from None
         if not isinstance(schema, (dict, bool)):
             raise UserError(f"a JSON schema must be an object, got {type(schema).__name__}")
-        g = cls(json.dumps(schema, ensure_ascii=False, sort_keys=True))
+        g = cls(json.dumps(schema, ensure_ascii=False))  # key order kept: properties come in schema order
         g.check()
         return g
 
@@ -103,6 +103,16 @@ def _closing_rank(tokenizer, vocab_size: int) -> torch.Tensor:
     return cache[vocab_size]
 
 
+def _closing_order(rank: torch.Tensor) -> list[int]:
+    """The tokens of the closing classes (not the "any" class), best first."""
+    cache = _closing_order.__dict__.setdefault("cache", {})
+    key = id(rank)
+    if key not in cache:
+        picked = torch.nonzero(rank < 64 * len(CLOSERS)).flatten()
+        cache[key] = picked[torch.argsort(rank[picked], stable=True)].tolist()
+    return cache[key]
+
+
 def _engine_tokenizer(tokenizer, vocab_size: int, stop_ids: frozenset):
     """llguidance's view of `tokenizer` (built once per vocabulary size and stop set: ~0.5 s)."""
     cache = tokenizer.__dict__.setdefault("_llguidance", {})
@@ -130,6 +140,7 @@ class Matcher:
         self._stops = torch.tensor(sorted(self.stop_ids), dtype=torch.long)
         self._rank = _closing_rank(tokenizer, vocab_size)
         self._closing: tuple[int, int] | None = None  # (length, first token) of the closing path, when known
+        self._last = b""  # the bytes of the last token taken
         self._raise_on_error()
 
     def _mask(self, m) -> torch.Tensor:
@@ -147,7 +158,7 @@ class Matcher:
         self._closing = None
         if left is None or left > WATCH + margin:
             return mask
-        self._closing = self._closing_path(self._m.deep_copy(), mask)
+        self._closing = self._closing_path()
         length, first = self._closing
         if length + margin < left:
             return mask
@@ -160,29 +171,58 @@ class Matcher:
         tokens then left (call after `allowed(left)`)."""
         if self._closing is None or token in self.stop_ids:
             return token
-        after = self._m.deep_copy()
-        if not after.consume_token(token):
-            return self._closing[1]
-        return token if self._closing_path(after)[0] <= left - 1 else self._closing[1]
+        if not self._m.consume_token(token):
+            raise RuntimeError(f"the grammar refused token {token}, which its mask allowed")
+        length = self._closing_path(self.tokenizer.token_bytes(token))[0]
+        self._m.rollback(1)
+        return token if length <= left - 1 else self._closing[1]
 
-    def _closing_path(self, m, mask: torch.Tensor | None = None, limit: int = 256) -> tuple[int, int]:
-        """(tokens to a complete sentence, the stop token included; its first token) from matcher `m`,
-        which it consumes."""
-        first = None
-        for n in range(limit):
-            mask = self._mask(m) if mask is None else mask
-            if bool(mask[self._stops].any()):
-                return n + 1, int(self._stops[mask[self._stops]][0]) if first is None else first
-            tok = int(torch.argmin(torch.where(mask, self._rank, torch.iinfo(torch.int32).max)))
-            first = tok if first is None else first
-            if not m.consume_token(tok):
-                break
-            mask = None
-        return limit + 1, first if first is not None else 0
+    def _numeric(self) -> torch.Tensor:
+        """(V,) bool: tokens that would go on with a number (first byte a digit, `.`, `e`, `E`, `+`, `-`)."""
+        cache = self.tokenizer.__dict__.setdefault("_numeric", {})
+        if self.vocab_size not in cache:
+            table = torch.zeros(self.vocab_size, dtype=torch.bool)
+            for i in range(min(self.vocab_size, self.tokenizer.vocab_size)):
+                raw = self.tokenizer.token_bytes(i)
+                table[i] = bool(raw) and raw[:1] in b"0123456789.eE+-"
+            cache[self.vocab_size] = table
+        return cache[self.vocab_size]
+
+    def _closing_path(self, after: bytes | None = None, limit: int = 256) -> tuple[int, int]:
+        """(tokens to a complete sentence, the stop token included; its first token) from here.
+        Walks the matcher along the path and rolls it back; each step tries the few closing tokens
+        in order (`validate_tokens` costs microseconds), and computes a whole mask only when none fits."""
+        order, numeric = _closing_order(self._rank), self._numeric()
+        first, n = None, 0
+        last = self._last if after is None else after
+        try:
+            while n < limit and not self._m.is_accepting():
+                digit = last[-1:].isdigit()  # after a digit, more digits would only lengthen the number
+                tok = next((t for t in order if not (digit and numeric[t]) and self._m.validate_tokens([t]) == 1),
+                           None)
+                if tok is None:  # no closing character fits (an enum's letters, a required key): what the
+                    forced = self._m.compute_ff_tokens()  # grammar forces, else the best allowed token
+                    mask = self._mask(self._m) if not forced else None
+                    if mask is not None and digit and bool((mask & ~numeric).any()):
+                        mask &= ~numeric
+                    tok = forced[0] if forced else int(torch.argmin(torch.where(
+                        mask, self._rank, torch.iinfo(torch.int32).max)))
+                if not self._m.consume_token(tok):
+                    return limit + 1, first if first is not None else tok
+                first = tok if first is None else first
+                last = self.tokenizer.token_bytes(tok)
+                n += 1
+            if n == 0:  # complete already: the path is the stop token
+                return 1, min(self.stop_ids)
+            return n + 1, first
+        finally:
+            if n:
+                self._m.rollback(n)
 
     def accept(self, token: int):
         if token in self.stop_ids:
             return
+        self._last = self.tokenizer.token_bytes(token)
         if not self._m.consume_token(token):
             self._raise_on_error()
             raise RuntimeError(f"the grammar refused token {token}, which its mask allowed")
@@ -193,7 +233,9 @@ class Matcher:
 
     def copy(self) -> "Matcher":
         """An independent matcher at the same place (a beam that splits)."""
-        return Matcher(self.grammar, self.tokenizer, self.vocab_size, self.stop_ids, self._m.deep_copy())
+        twin = Matcher(self.grammar, self.tokenizer, self.vocab_size, self.stop_ids, self._m.deep_copy())
+        twin._last = self._last
+        return twin
 
     def _raise_on_error(self):
         if self._m.is_error():

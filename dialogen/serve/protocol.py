@@ -10,6 +10,7 @@ have (tools to call, a `grammar`, `logit_bias`, ...) is refused with a 400 namin
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import re
@@ -263,9 +264,12 @@ def make_decoding(base, changes: dict):
 
 def make_sampling(base: Sampling, changes: dict) -> Sampling:
     try:
-        return base.replace(**changes)
+        s = base.replace(**changes)
     except UserError as e:  # the schema covers the fields; this catches combinations
         raise ApiError(400, str(e)) from None
+    if "constraint" in changes:  # None too: response_format text lifts a session's stored JSON format
+        s = dataclasses.replace(s, constraint=changes["constraint"])
+    return s
 
 
 def chat_messages(req: ChatRequest) -> list[Message]:
