@@ -38,32 +38,24 @@ class MaskClock:
     """Wraps Matcher.allowed and Matcher.fit to add up the time spent in them."""
 
     def __init__(self):
-        self.seconds, self.calls = 0.0, 0
-        self._allowed, self._fit = constrain.Matcher.allowed, constrain.Matcher.fit
+        self.seconds = 0.0
+        self._saved = constrain.Matcher.allowed, constrain.Matcher.fit
+
+    def _timed(self, fn):
+        def wrapped(*a, **k):
+            t0 = CLOCK()
+            try:
+                return fn(*a, **k)
+            finally:
+                self.seconds += CLOCK() - t0
+        return wrapped
 
     def __enter__(self):
-        clock = self
-
-        def allowed(m, *a, **k):
-            t0 = CLOCK()
-            try:
-                return clock._allowed(m, *a, **k)
-            finally:
-                clock.seconds += CLOCK() - t0
-                clock.calls += 1
-
-        def fit(m, *a, **k):
-            t0 = CLOCK()
-            try:
-                return clock._fit(m, *a, **k)
-            finally:
-                clock.seconds += CLOCK() - t0
-
-        constrain.Matcher.allowed, constrain.Matcher.fit = allowed, fit
+        constrain.Matcher.allowed, constrain.Matcher.fit = (self._timed(f) for f in self._saved)
         return self
 
     def __exit__(self, *exc):
-        constrain.Matcher.allowed, constrain.Matcher.fit = self._allowed, self._fit
+        constrain.Matcher.allowed, constrain.Matcher.fit = self._saved
 
 
 CLOCK = time.process_time  # CPU seconds of this process: steadier than wall time on a shared machine
