@@ -32,7 +32,8 @@ def register(sub):
     g.add_argument("--cors-origin", action="append", default=[], metavar="ORIGIN",
                    help="allow cross-origin requests (CORS) from this origin, e.g. http://localhost:3000 "
                         "(repeatable); other origins get 403")
-    g.add_argument("--db", default=None, help="session database (SQLite); default: "
+    g.add_argument("--db", default=None, help="session store: an SQLite file, or postgresql://USER@HOST/DB for "
+                   "several replicas sharing sessions (pip install 'dialogen[postgres]'); default: "
                    "$XDG_DATA_HOME/dialogen/sessions.sqlite3")
     g.add_argument("--model-name", default=None, help="the model id clients see (default: from the model path)")
     g.add_argument("--max-active", type=int, default=32, help="replies generated at once (default: %(default)s)")
@@ -137,14 +138,14 @@ def cmd_serve(args) -> int:
     from ..chat.session import load_engine
     from ..cli import sampling_from
     from .service import Keys, Limits, Service
-    from .store import Store
+    from .store import open_store
 
     sampling = sampling_from(args)
     decoding = decoding_from(args, strict=False)  # the default search; requests may ask for one without it
     torch.set_num_threads(args.threads)
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s")
     sock = bind(args.host, args.port)
-    store = Store(args.db or default_db())
+    store = open_store(args.db or default_db())
     engine = load_engine(args.model, args.template, args.dtype)
     limits = Limits(max_body_bytes=args.max_body_bytes, max_tokens=args.max_tokens_limit, max_n=args.max_n,
                     kv_budget_bytes=int(args.kv_budget_mb * 2**20))
