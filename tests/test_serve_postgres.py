@@ -109,3 +109,31 @@ def test_an_unreachable_database_is_one_line(capsys):
     assert main(["serve", "--db", "postgresql://postgres:secret@127.0.0.1:1/none", "--port", "0"]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "cannot connect to PostgreSQL" in err and "secret" not in err
+
+
+def test_keys_and_ownership_hold_across_replicas(tiny_llama, pg_dsn):
+    import httpx
+
+    from dialogen.serve.launch import ServerProcess
+
+    args = ["--model", str(tiny_llama[0]), "--template", "chatml", "--db", pg_dsn, "--api-key", "key-one",
+            "--api-key", "key-two"]
+    a = ServerProcess(args).start()
+    try:
+        b = ServerProcess(args).start()
+    except BaseException:
+        a.stop()
+        raise
+    one, two = ({"Authorization": f"Bearer {k}"} for k in ("key-one", "key-two"))
+    try:
+        sid = httpx.post(a.url + "/v1/sessions", json={}, headers=one).json()["id"]
+        r = httpx.post(f"{b.url}/v1/sessions/{sid}/messages", json={"content": "hi", "max_tokens": 3}, headers=one,
+                       timeout=120)
+        assert r.status_code == 200  # the other replica serves the owner's session
+        assert httpx.get(f"{b.url}/v1/sessions/{sid}", headers=two).status_code == 404  # not another key's
+        assert httpx.get(f"{a.url}/v1/sessions/{sid}").status_code == 401
+        assert [s["id"] for s in httpx.get(f"{b.url}/v1/sessions", headers=one).json()["data"]] == [sid]
+        assert httpx.get(f"{a.url}/v1/sessions", headers=two).json()["data"] == []
+    finally:
+        a.stop()
+        b.stop()
