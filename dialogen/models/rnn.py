@@ -317,7 +317,7 @@ def save_rnn(directory, model: RNNSeq2Seq, tokenizer, meta: dict) -> Path:
     """An HF-style checkpoint dir, written atomically."""
     from safetensors.torch import save_file
 
-    from .loading import atomic_dir
+    from .files import atomic_dir
 
     def write(tmp: Path):
         sd = {k: v.detach().float().contiguous() for k, v in model.state_dict().items()}
@@ -331,7 +331,7 @@ def save_rnn(directory, model: RNNSeq2Seq, tokenizer, meta: dict) -> Path:
 
 
 def load_rnn(path, config: dict) -> RNNSeq2Seq:
-    from .loading import read_state_dict
+    from .files import read_state_dict
 
     path = Path(path)
     where = f"{path / 'config.json'}"

@@ -61,14 +61,6 @@ class Conflict(Exception):
 
 
 
-def open_store(db: str | Path):
-    """The session store a --db value names: a postgresql:// URL (replicas sharing sessions, see
-    pgstore.py) or an SQLite file."""
-    from .pgstore import PgStore, is_postgres
-
-    return PgStore(str(db)) if is_postgres(str(db)) else Store(db)
-
-
 class Reads:
     """The reads both stores share, written once: SQL with '?' placeholders (`_sql` rewrites them
     for another driver), run on `self._db` inside `self._snapshot()`."""
