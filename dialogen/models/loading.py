@@ -21,6 +21,7 @@ import torch
 from ..errors import UserError
 from . import kernels
 from .config_values import MAX_SIZE, shown
+from .family import is_encoder_decoder
 from .files import atomic_dir, read_state_dict
 from ..paths import cache_dir
 from .gguf_file import index_dir, read_gguf, read_tensors  # noqa: F401 (read_gguf: for the tests)
@@ -379,7 +380,7 @@ def save_checkpoint(directory: Path, cfg: Config, model: torch.nn.Module, tokeni
     """Write a checkpoint directory atomically: a temp dir beside it, then a rename."""
     from safetensors.torch import save_file
 
-    if hasattr(model, "teacher_forced"):  # the recurrent family writes its own layout
+    if is_encoder_decoder(model):  # the recurrent family writes its own layout
         from .rnn import save_rnn
 
         save_rnn(directory, model, tokenizer, meta)

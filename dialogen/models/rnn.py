@@ -24,6 +24,7 @@ from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
 from ..errors import UserError
 from .config_values import check_weights, config_from_dict
+from .family import ENCODER_DECODER
 
 CELLS = {"gru": nn.GRU, "lstm": nn.LSTM}
 ATTENTIONS = ("additive", "dot", "general")
@@ -159,7 +160,8 @@ class RNNState:
 
 
 class RNNSeq2Seq(nn.Module):
-    reuses_prefix = False  # a session re-encodes the whole prompt each turn
+    family = ENCODER_DECODER
+    reuses_prefix = False  # a session re-encodes the whole prompt each turn (models/family.py)
 
     def __init__(self, cfg: RNNConfig):
         super().__init__()
