@@ -19,7 +19,6 @@ KNOWN_UPWARD = {  # (importer, imported) still to move
     ("dialogen.serve.cli", "dialogen.cli"),
 }
 KNOWN_CYCLES = {
-    frozenset({"dialogen.serve.app", "dialogen.serve.completions", "dialogen.serve.sessions"}),
     frozenset({"dialogen.cli", "dialogen.eval.run", "dialogen.serve.cli"}),
 }
 

@@ -5,6 +5,7 @@
   guard.py        Host and Origin checks (DNS rebinding, cross-site requests), CORS, JSON-only POSTs
   completions.py  POST /v1/chat/completions (plain and streamed)
   text.py         POST /v1/completions: legacy text completion, no template
+  channel.py      what the routes share: body reading, job submission, events from job threads
   sessions.py     /v1/sessions: stored conversations with live KV caches
   protocol.py     reading request bodies, OpenAI-shaped errors and response objects
   schema.py       request bodies as pydantic models (OpenAI schema, strict types)

@@ -8,7 +8,6 @@ Endpoints are added by `completions.py` (POST /v1/chat/completions), `text.py` (
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import time
 from pathlib import Path
@@ -18,11 +17,9 @@ from fastapi.responses import FileResponse, JSONResponse
 from fastapi.staticfiles import StaticFiles
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from ..errors import UserError
 from .guard import Guard
-from .protocol import ApiError, error_body, parse_json_body
+from .protocol import ApiError, error_body, model_not_found
 from .service import Service
-from .worker import Busy
 
 STATIC = Path(__file__).parent / "static"
 log = logging.getLogger("dialogen.serve")
@@ -75,7 +72,7 @@ def create_app(svc: Service, bound_host: str = "127.0.0.1", allowed_hosts=(), co
 
     async def model(name: str):
         if not svc.accepts_model(name):
-            raise model_not_found(svc, name)
+            raise model_not_found(svc.model_names(), name)
         return _model_card(name if name in svc.model_names() else svc.model_name, svc, started)
 
     for prefix in ("/v1", ""):
@@ -127,12 +124,6 @@ def _model_card(name: str, svc: Service, created: int) -> dict:
             "context_length": svc.context_length}
 
 
-def model_not_found(svc: Service, name) -> ApiError:
-    names = ", ".join(f"'{n}'" for n in svc.model_names())
-    return ApiError(404, f"the model '{name}' does not exist; this server serves {names} (--strict-model-names)",
-                    "model", "model_not_found")
-
-
 def route_list(app: FastAPI) -> list[str]:
     """'GET /v1/models', 'POST /v1/chat/completions', ...: the routes a client can call."""
     out = []
@@ -142,74 +133,3 @@ def route_list(app: FastAPI) -> list[str]:
         if methods and path:
             out += [f"{m} {path}" for m in methods if m != "HEAD"]
     return list(dict.fromkeys(out))
-
-
-# --- helpers for the routes ------------------------------------------------------------------
-async def read_json(request: Request, limit: int) -> dict:
-    """The body as a JSON object; 413 past `limit` bytes (checked while reading, not only the header)."""
-    declared = request.headers.get("content-length")
-    if declared and declared.isdigit() and int(declared) > limit:
-        raise ApiError(413, f"the request body is {declared} bytes; the limit is {limit}", code="request_too_large")
-    parts, size = [], 0
-    async for part in request.stream():
-        size += len(part)
-        if size > limit:
-            raise ApiError(413, f"the request body is over the limit of {limit} bytes", code="request_too_large")
-        parts.append(part)
-    return parse_json_body(b"".join(parts))
-
-
-class Channel:
-    """Events from job threads into this request's event loop."""
-
-    def __init__(self):
-        self.loop = asyncio.get_running_loop()
-        self.queue: asyncio.Queue = asyncio.Queue()
-
-    def sender(self, index: int):
-        def emit(event):
-            kind, payload = event
-            self.loop.call_soon_threadsafe(self.queue.put_nowait, (index, kind, payload))
-        return emit
-
-    async def get(self, request: Request | None = None, poll: float = 0.5):
-        """The next event; with `request`, raises Cancelled-like ApiError when the client left."""
-        while True:
-            try:
-                return await asyncio.wait_for(self.queue.get(), poll)
-            except asyncio.TimeoutError:
-                if request is not None and await request.is_disconnected():
-                    raise ClientGone() from None
-
-
-class ClientGone(Exception):
-    pass
-
-
-def submit_all(svc: Service, fns: list, channel: Channel) -> list:
-    """Submit one job per function; all or none (503 when the queue is full)."""
-    jobs = []
-    try:
-        for i, fn in enumerate(fns):
-            jobs.append(svc.worker.submit(fn, channel.sender(i)))
-    except Busy:
-        for j in jobs:
-            j.cancel()
-        load = svc.worker.load()
-        raise ApiError(503, f"the server is busy ({load['running']} replies running, {load['queued']} queued); "
-                            "retry shortly", code="server_busy", type="server_error",
-                       headers={"Retry-After": str(retry_after(svc))}) from None
-    return jobs
-
-
-def retry_after(svc: Service) -> int:
-    load = svc.worker.load()
-    return max(1, min(30, 1 + load["queued"] // max(1, load["max_active"])))
-
-
-def job_error(e: BaseException) -> ApiError:
-    if isinstance(e, ApiError):
-        return e
-    if isinstance(e, UserError):
-        return ApiError(400, str(e))
-    return ApiError(500, f"generation failed: {type(e).__name__}: {e}", type="server_error")

@@ -15,7 +15,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from ..chat.messages import Message
 from ..decoding.settings import SEED_MIN
 from . import protocol as P
-from .app import Channel, ClientGone, job_error, model_not_found, read_json, submit_all
+from .channel import Channel, ClientGone, job_error, read_json, submit_all
 from .protocol import ApiError
 from .schema import ChatRequest
 from .service import Service
@@ -46,7 +46,7 @@ def parse_request(svc: Service, body: dict) -> dict:
     ignored = P.refuse_unsupported(body, ChatRequest.model_fields)
     req = P.validate(ChatRequest, body)
     if not svc.accepts_model(req.model):
-        raise model_not_found(svc, req.model)
+        raise P.model_not_found(svc.model_names(), req.model)
     messages = P.chat_messages(req)
     n = req.n or 1
     if n > svc.limits.max_n:

@@ -283,6 +283,13 @@ def chat_messages(req: ChatRequest) -> list[Message]:
     return out
 
 
+def model_not_found(names: list[str], name) -> ApiError:
+    """404 for a model name this server does not answer (with --strict-model-names)."""
+    listed = ", ".join(f"'{n}'" for n in names)
+    return ApiError(404, f"the model '{name}' does not exist; this server serves {listed} (--strict-model-names)",
+                    "model", "model_not_found")
+
+
 def context_error(prompt_tokens: int, max_tokens: int, context: int, param: str = "messages") -> ApiError:
     return ApiError(400, f"this model's context is {context} tokens; the prompt needs {prompt_tokens} and "
                          f"max_tokens is {max_tokens} ({prompt_tokens + max_tokens} in all). Shorten the "

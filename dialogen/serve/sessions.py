@@ -21,7 +21,7 @@ from fastapi.responses import StreamingResponse
 from ..chat.messages import Message
 from ..chat.personas import resolve_persona
 from . import protocol as P
-from .app import Channel, ClientGone, job_error, read_json, submit_all
+from .channel import Channel, ClientGone, job_error, read_json, submit_all
 from .completions import SSE_HEADERS, candidates
 from .protocol import ApiError
 from .schema import SessionCreate, SessionTurn, Settings

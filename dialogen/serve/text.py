@@ -16,7 +16,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 
 from ..decoding.generate import Generation
 from . import protocol as P
-from .app import Channel, model_not_found, read_json, submit_all
+from .channel import Channel, read_json, submit_all
 from .completions import SSE_HEADERS, choice_sampling, collect_all, fit_reply, sse_events
 from .protocol import ApiError
 from .schema import CompletionRequest
@@ -48,7 +48,7 @@ def parse_request(svc: Service, body: dict) -> dict:
     ignored = P.refuse_unsupported(body, CompletionRequest.model_fields)
     req = P.validate(CompletionRequest, body)
     if not svc.accepts_model(req.model):
-        raise model_not_found(svc, req.model)
+        raise P.model_not_found(svc.model_names(), req.model)
     for key, ok in (("echo", not req.echo), ("suffix", not req.suffix), ("best_of", (req.best_of or 1) <= 1),
                     ("beam_size", (req.beam_size or 1) <= 1), ("num_candidates", (req.num_candidates or 1) <= 1)):
         if not ok:

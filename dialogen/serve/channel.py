@@ -1,0 +1,83 @@
+"""What the routes share: reading a body, the channel from job threads to the request, submitting
+jobs (all or none; 503 when the queue is full), and turning a job's failure into an API error."""
+
+from __future__ import annotations
+
+import asyncio
+
+from fastapi import Request
+
+from ..errors import UserError
+from .protocol import ApiError, parse_json_body
+from .service import Service
+from .worker import Busy
+
+
+async def read_json(request: Request, limit: int) -> dict:
+    """The body as a JSON object; 413 past `limit` bytes (checked while reading, not only the header)."""
+    declared = request.headers.get("content-length")
+    if declared and declared.isdigit() and int(declared) > limit:
+        raise ApiError(413, f"the request body is {declared} bytes; the limit is {limit}", code="request_too_large")
+    parts, size = [], 0
+    async for part in request.stream():
+        size += len(part)
+        if size > limit:
+            raise ApiError(413, f"the request body is over the limit of {limit} bytes", code="request_too_large")
+        parts.append(part)
+    return parse_json_body(b"".join(parts))
+
+
+class Channel:
+    """Events from job threads into this request's event loop."""
+
+    def __init__(self):
+        self.loop = asyncio.get_running_loop()
+        self.queue: asyncio.Queue = asyncio.Queue()
+
+    def sender(self, index: int):
+        def emit(event):
+            kind, payload = event
+            self.loop.call_soon_threadsafe(self.queue.put_nowait, (index, kind, payload))
+        return emit
+
+    async def get(self, request: Request | None = None, poll: float = 0.5):
+        """The next event; with `request`, raises Cancelled-like ApiError when the client left."""
+        while True:
+            try:
+                return await asyncio.wait_for(self.queue.get(), poll)
+            except asyncio.TimeoutError:
+                if request is not None and await request.is_disconnected():
+                    raise ClientGone() from None
+
+
+class ClientGone(Exception):
+    pass
+
+
+def submit_all(svc: Service, fns: list, channel: Channel) -> list:
+    """Submit one job per function; all or none (503 when the queue is full)."""
+    jobs = []
+    try:
+        for i, fn in enumerate(fns):
+            jobs.append(svc.worker.submit(fn, channel.sender(i)))
+    except Busy:
+        for j in jobs:
+            j.cancel()
+        load = svc.worker.load()
+        raise ApiError(503, f"the server is busy ({load['running']} replies running, {load['queued']} queued); "
+                            "retry shortly", code="server_busy", type="server_error",
+                       headers={"Retry-After": str(retry_after(svc))}) from None
+    return jobs
+
+
+def retry_after(svc: Service) -> int:
+    load = svc.worker.load()
+    return max(1, min(30, 1 + load["queued"] // max(1, load["max_active"])))
+
+
+def job_error(e: BaseException) -> ApiError:
+    if isinstance(e, ApiError):
+        return e
+    if isinstance(e, UserError):
+        return ApiError(400, str(e))
+    return ApiError(500, f"generation failed: {type(e).__name__}: {e}", type="server_error")
