@@ -10,7 +10,7 @@ import httpx
 import openai
 import pytest
 import torch
-from openai.types import Completion
+from openai.types import Completion, Model
 from openai.types.chat import ChatCompletion, ChatCompletionChunk
 
 from dialogen.chat.messages import Message
@@ -219,6 +219,10 @@ def test_response_format_on_completions_and_session_turns(client, server):
         r = client.completions.create(model="tiny", prompt="JSON:", max_tokens=max_tokens, temperature=1.0, seed=2,
                                       extra_body={"response_format": {"type": "json_object"}})
         assert isinstance(json.loads(r.choices[0].text), dict) and r.choices[0].finish_reason == "stop"
+    for search in ({"beam_size": 2}, {"num_candidates": 2, "candidates": "sample", "temperature": 1.0}):
+        r = client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "JSON?"}],
+                                           max_tokens=9, response_format={"type": "json_object"}, extra_body=search)
+        assert all(isinstance(json.loads(c["text"]), dict) for c in r.choices[0].model_extra["candidates"])
     schema = {"type": "object", "required": ["ok"], "properties": {"ok": {"type": "boolean"}}}
     fmt = {"type": "json_schema", "json_schema": {"name": "flag", "schema": schema}}
     s = client.post("/sessions", body={"settings": {"response_format": fmt, "max_tokens": 12}}, cast_to=object)
@@ -229,3 +233,11 @@ def test_response_format_on_completions_and_session_turns(client, server):
     plain = client.post(f"/sessions/{s['id']}/messages", body={"content": "Say hi.", "max_tokens": 4,
                                                                "response_format": {"type": "text"}}, cast_to=object)
     assert plain["finish_reason"] == "length" and not plain["message"]["content"].startswith("{")
+
+
+def test_models_and_streamed_usage_match_the_client_types(client):
+    assert [typed(Model, m).id for m in client.models.list().data] == ["tiny"]
+    chunks = list(client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "hi"}],
+                                                 max_tokens=3, stream=True, stream_options={"include_usage": True}))
+    typed_chunks = [typed(ChatCompletionChunk, c) for c in chunks]
+    assert typed_chunks[-1].choices == [] and typed_chunks[-1].usage.completion_tokens >= 1
