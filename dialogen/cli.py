@@ -60,7 +60,7 @@ def add_constraint_args(p: argparse.ArgumentParser):
     x.add_argument("--json-schema", metavar="FILE", default=None,
                    help="every reply is JSON matching this JSON schema (a token mask at each step; needs "
                         "pip install 'dialogen[json]')")
-    x.add_argument("--json", action="store_true", help="every reply is a JSON object")
+    x.add_argument("--json", dest="json_object", action="store_true", help="every reply is a JSON object")
 
 
 def sampling_from(args):
@@ -73,12 +73,12 @@ def sampling_from(args):
 
 def constraint_from(args):
     """The grammar of --json-schema FILE or --json (None without them)."""
-    if not getattr(args, "json_schema", None) and not getattr(args, "json", False):
-        return None
+    if not getattr(args, "json_schema", None) and not getattr(args, "json_object", False):
+        return None  # (eval's own --json, for its output, is another flag)
     from .decoding.constrain import Grammar  # lazily: numpy and torch stay out of --help
     from .textio import load_json, read_file
 
-    if args.json:
+    if args.json_object:
         return Grammar.json_object()
     try:
         return Grammar.json_schema(load_json(read_file(args.json_schema), args.json_schema))

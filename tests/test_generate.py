@@ -48,6 +48,15 @@ def test_negative_penalties_favour_repeats():
             Sampling(presence_penalty=bad)
 
 
+def test_a_grammar_mask_outranks_an_ngram_ban():
+    """When the only token a grammar allows is banned by no_repeat_ngram, the grammar's token is kept."""
+    s = Sampling(temperature=0, repetition_penalty=1.0, no_repeat_ngram=1)
+    only = torch.tensor([False, True, False])
+    assert P.next_token(torch.tensor([0.0, 1.0, 2.0]), s, None, [1], [1], only) == 1
+    both = torch.tensor([True, True, False])  # another allowed token: the ban holds
+    assert P.next_token(torch.tensor([0.0, 1.0, 2.0]), s, None, [1], [1], both) == 0
+
+
 def test_banned_ngrams():
     assert P.banned_ngram_tokens([1, 2, 3, 1, 2], 3) == [3]
     assert sorted(P.banned_ngram_tokens([5, 6, 5, 7, 5], 2)) == [6, 7]

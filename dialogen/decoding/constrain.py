@@ -87,8 +87,9 @@ CLOSERS = ((b'"', b'"}]'), (b'}]', b'}]'), (b'"}]: ', b'"}]: '), (b'"}]: 0', b'"
 WATCH = 128  # the closing path is followed once the tokens left are this many or fewer
 
 
-def _closing_rank(tokenizer, vocab_size: int) -> torch.Tensor:
-    """(V,) int: how good each token is at closing a JSON text (lower is better; see the module doc)."""
+def _closing_rank(tokenizer, vocab_size: int) -> tuple[torch.Tensor, list[int]]:
+    """((V,) int: how good each token is at closing a JSON text, lower is better (see the module doc);
+    the tokens of the closing classes, not the "any" class, best first)."""
     cache = tokenizer.__dict__.setdefault("_closing_rank", {})
     if vocab_size not in cache:
         rank = torch.full((vocab_size,), 64 * len(CLOSERS) + 63, dtype=torch.int32)
@@ -99,18 +100,9 @@ def _closing_rank(tokenizer, vocab_size: int) -> torch.Tensor:
             cls = next((k for k, (head, chars) in enumerate(CLOSERS)
                         if raw[0] in head and all(b in chars for b in raw)), len(CLOSERS))
             rank[i] = 64 * cls + 63 - min(len(raw), 63)
-        cache[vocab_size] = rank
-    return cache[vocab_size]
-
-
-def _closing_order(rank: torch.Tensor) -> list[int]:
-    """The tokens of the closing classes (not the "any" class), best first."""
-    cache = _closing_order.__dict__.setdefault("cache", {})
-    key = id(rank)
-    if key not in cache:
         picked = torch.nonzero(rank < 64 * len(CLOSERS)).flatten()
-        cache[key] = picked[torch.argsort(rank[picked], stable=True)].tolist()
-    return cache[key]
+        cache[vocab_size] = rank, picked[torch.argsort(rank[picked], stable=True)].tolist()
+    return cache[vocab_size]
 
 
 def _engine_tokenizer(tokenizer, vocab_size: int, stop_ids: frozenset):
@@ -138,7 +130,7 @@ class Matcher:
         self._m = _matcher
         self._bits = np.zeros((vocab_size + 31) // 32, dtype=np.int32)
         self._stops = torch.tensor(sorted(self.stop_ids), dtype=torch.long)
-        self._rank = _closing_rank(tokenizer, vocab_size)
+        self._rank, self._order = _closing_rank(tokenizer, vocab_size)
         self._closing: tuple[int, int] | None = None  # (length, first token) of the closing path, when known
         self._last = b""  # the bytes of the last token taken
         self._raise_on_error()
@@ -192,7 +184,7 @@ class Matcher:
         """(tokens to a complete sentence, the stop token included; its first token) from here.
         Walks the matcher along the path and rolls it back; each step tries the few closing tokens
         in order (`validate_tokens` costs microseconds), and computes a whole mask only when none fits."""
-        order, numeric = _closing_order(self._rank), self._numeric()
+        order, numeric = self._order, self._numeric()
         first, n = None, 0
         last = self._last if after is None else after
         try:

@@ -65,12 +65,14 @@ def shape_logits(logits, s: Sampling, history: list[int], reply: list[int], allo
     window = history[-s.penalty_window:] if s.penalty_window > 0 else history
     logits = repetition_penalty(logits, window, s.repetition_penalty)
     logits = frequency_presence(logits, reply, s.frequency_penalty, s.presence_penalty)
-    banned = banned_ngram_tokens(reply, s.no_repeat_ngram)
-    if banned:
-        logits = logits.clone()
-        logits[banned] = float("-inf")
     if allowed is not None:
         logits = logits.masked_fill(~allowed, float("-inf"))
+    banned = banned_ngram_tokens(reply, s.no_repeat_ngram)
+    if banned:
+        kept = logits.clone()
+        kept[banned] = float("-inf")
+        if allowed is None or bool(torch.isfinite(kept).any()):  # a grammar's only way on may be banned: it wins
+            logits = kept
     if s.temperature > 0:
         logits = logits / max(s.temperature, MIN_TEMPERATURE)
     return logits
