@@ -39,9 +39,10 @@ def add_sampling_args(p: argparse.ArgumentParser):
     g.add_argument("--repetition-penalty", type=float, default=d.repetition_penalty,
                    help="> 1 discourages tokens seen in the last 64 tokens; 1 = off (default: %(default)s)")
     g.add_argument("--frequency-penalty", type=float, default=d.frequency_penalty,
-                   help="subtracted per earlier use of a token in the reply (default: %(default)s)")
+                   help="subtracted per earlier use of a token in the reply, -2 to 2; negative favours repeats "
+                        "(default: %(default)s)")
     g.add_argument("--presence-penalty", type=float, default=d.presence_penalty,
-                   help="subtracted once if a token was used in the reply (default: %(default)s)")
+                   help="subtracted once if a token was used in the reply, -2 to 2 (default: %(default)s)")
     g.add_argument("--no-repeat-ngram", type=int, default=d.no_repeat_ngram,
                    help="never repeat an n-gram of this size within a reply; 0 = off (default: %(default)s)")
     g.add_argument("--max-new-tokens", type=int, default=d.max_new_tokens, help="reply length limit (default: %(default)s)")

@@ -135,8 +135,8 @@ def test_cli_mmi_tokenizer_mismatch_is_one_line_exit_2(tiny_llama, tiny_gpt2, tm
     (["--top-p", "0"], "--top-p"),
     (["--top-p", "1.5"], "--top-p"),
     (["--repetition-penalty", "-1"], "--repetition-penalty"),
-    (["--frequency-penalty", "-0.5"], "--frequency-penalty"),
-    (["--presence-penalty", "-1"], "--presence-penalty"),
+    (["--frequency-penalty", "-2.5"], "--frequency-penalty"),  # OpenAI's range is [-2, 2]
+    (["--presence-penalty", "2.5"], "--presence-penalty"),
     (["--no-repeat-ngram", "-2"], "--no-repeat-ngram"),
     (["--mmi-weight", "-1", "--beam-size", "2"], "--mmi-weight"),
     (["--candidates", "sample", "--beam-size", "3"], "--candidates sample"),
