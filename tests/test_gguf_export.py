@@ -134,6 +134,8 @@ def test_a_scratch_gpt2_exports_with_equal_greedy_replies(chats, tmp_path, capsy
                  "--n-layer", "2", "--n-head", "2", "--d-model", "32", "--vocab-size", "300", "--max-len", "64",
                  "--max-steps", "3", "--batch-size", "4", "--lr", "3e-3", "--warmup-steps", "1", "--eval-every", "0",
                  "--no-progress"]) == 0
+    config = json.loads((run / "last/config.json").read_text())
+    assert config["n_ctx"] == config["n_positions"] == 64  # llama.cpp's own converter reads n_ctx
     out = tmp_path / "gpt.gguf"
     assert main(["export", "--gguf", str(out), "--model", str(run / "last"), "--type", "f32"]) == 0
     _, meta = read_gguf(out)

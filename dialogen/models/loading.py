@@ -310,7 +310,7 @@ def config_to_hf(cfg: Config) -> dict:
     if cfg.arch == "gpt2":
         return {"model_type": "gpt2", "architectures": ["GPT2LMHeadModel"], "vocab_size": cfg.vocab_size,
                 "n_layer": cfg.n_layer, "n_head": cfg.n_head, "n_embd": cfg.d_model, "n_inner": cfg.d_ff,
-                "n_positions": cfg.max_seq_len, "layer_norm_epsilon": cfg.norm_eps,
+                "n_positions": cfg.max_seq_len, "n_ctx": cfg.max_seq_len, "layer_norm_epsilon": cfg.norm_eps,
                 "activation_function": "gelu_new", "tie_word_embeddings": cfg.tie_embeddings}
     return {"model_type": "llama", "architectures": ["LlamaForCausalLM"], "vocab_size": cfg.vocab_size,
             "num_hidden_layers": cfg.n_layer, "num_attention_heads": cfg.n_head,
