@@ -8,7 +8,13 @@ process (no server), to compare one served conversation with chat. Each served p
 turns at --phase-limit seconds, so the whole run is bounded; turns not started are reported, not
 hidden. Prints one JSON object.
 
+With --replicas N, N servers share one session store (--db: a postgresql:// URL, or a temp SQLite
+file) and each client sends every turn to the next replica (round robin, no affinity), retrying
+a turn that gets 409. Afterwards the stored sessions are checked against the turns the clients
+saw complete (lost, duplicated), and the same load runs against one replica for the ratio.
+
     nice .venv/bin/python bench/serve_load.py [--clients 32] [--turns 5] [--max-tokens 24]
+    nice .venv/bin/python bench/serve_load.py --replicas 2 --db postgresql://postgres@127.0.0.1:5432/bench
 """
 
 import argparse
@@ -29,12 +35,15 @@ TURNS = ["Hi! How is your day going?", "Can you recommend a good book to read?",
          "What is your favourite season?", "Tell me a fun fact.", "Goodbye!"]
 
 
-async def turn(client: httpx.AsyncClient, sid: str, text: str, max_tokens: int) -> dict:
+async def turn(client: httpx.AsyncClient, url: str, sid: str, text: str, max_tokens: int) -> dict:
     t0 = time.perf_counter()
     first, tokens, error = None, 0, None
     body = {"content": text, "stream": True, "max_tokens": max_tokens}
     try:
-        async with client.stream("POST", f"/v1/sessions/{sid}/messages", json=body) as r:
+        async with client.stream("POST", f"{url}/v1/sessions/{sid}/messages", json=body) as r:
+            if r.status_code == 409:
+                await r.aread()
+                return {"conflict": True}
             if r.status_code != 200:
                 await r.aread()
                 return {"error": f"{r.status_code} {r.text[:200]}"}
@@ -56,32 +65,58 @@ async def turn(client: httpx.AsyncClient, sid: str, text: str, max_tokens: int) 
     return out
 
 
-async def conversation(client, c: int, turns: int, max_tokens: int, deadline: float, results: list):
-    r = await client.post("/v1/sessions", json={"persona": "You are a friendly, concise assistant."})
+async def conversation(client, urls: list[str], c: int, turns: int, max_tokens: int, deadline: float,
+                       results: list, sent: dict):
+    r = await client.post(f"{urls[0]}/v1/sessions", json={"persona": "You are a friendly, concise assistant."})
     if r.status_code != 200:
         results.append({"error": f"create session: {r.status_code}"})
         return
     sid = r.json()["id"]
+    sent[sid] = []
     for t in range(turns):
         if time.perf_counter() > deadline:
             return
-        results.append(await turn(client, sid, TURNS[(c + t) % len(TURNS)], max_tokens))
+        text = f"{TURNS[(c + t) % len(TURNS)]} ({c}.{t})"  # unique, so the audit can count it
+        for _ in range(100):  # a 409 (the session's previous turn still held somewhere): again
+            out = await turn(client, urls[(c + t) % len(urls)], sid, text, max_tokens)
+            if not out.get("conflict"):
+                break
+            results.append(out)
+            await asyncio.sleep(0.05)
+        results.append(out)
+        if "error" not in out and not out.get("conflict"):
+            sent[sid].append(text)
 
 
-async def phase(url: str, clients: int, turns: int, max_tokens: int, limit: float, concurrent: bool) -> dict:
+async def phase(urls: list[str], clients: int, turns: int, max_tokens: int, limit: float, concurrent: bool) -> dict:
     results: list[dict] = []
+    sent: dict[str, list[str]] = {}
     deadline = time.perf_counter() + limit
     t0 = time.perf_counter()
-    async with httpx.AsyncClient(base_url=url, timeout=httpx.Timeout(600.0),
+    async with httpx.AsyncClient(timeout=httpx.Timeout(600.0),
                                  limits=httpx.Limits(max_connections=clients + 8)) as client:
         if concurrent:
-            await asyncio.gather(*(conversation(client, c, turns, max_tokens, deadline, results)
+            await asyncio.gather(*(conversation(client, urls, c, turns, max_tokens, deadline, results, sent)
                                    for c in range(clients)))
         else:
             for c in range(clients):
-                await conversation(client, c, turns, max_tokens, deadline, results)
-    wall = time.perf_counter() - t0
-    return summarize(results, wall, clients * turns)
+                await conversation(client, urls, c, turns, max_tokens, deadline, results, sent)
+        wall = time.perf_counter() - t0
+        out = summarize(results, wall, clients * turns)
+        if len(urls) > 1:
+            out.update(await audit(client, urls[-1], sent))
+    return out
+
+
+async def audit(client, url: str, sent: dict) -> dict:
+    """Stored sessions against the turns the clients saw complete: lost and duplicated turns."""
+    lost = duplicated = 0
+    for sid, texts in sent.items():
+        stored = (await client.get(f"{url}/v1/sessions/{sid}")).json()["messages"]
+        users = [m["content"] for m in stored if m["role"] == "user"]
+        lost += sum(1 for t in texts if t not in users)
+        duplicated += len(users) - len(set(users)) + sum(1 for u in users if u not in texts)
+    return {"lost_turns": lost, "duplicated_turns": duplicated}
 
 
 def chat_in_process(clients: int, turns: int, max_tokens: int, threads: int | None) -> dict:
@@ -114,11 +149,13 @@ def _pct(xs: list[float], q: float) -> float | None:
 
 
 def summarize(results: list[dict], wall: float, planned: int) -> dict:
+    conflicts = sum(1 for r in results if r.get("conflict"))
+    results = [r for r in results if not r.get("conflict")]
     ok = [r for r in results if "error" not in r]
     lat = [r["latency"] for r in ok]
     ttft = [r["ttft"] for r in ok if r["ttft"] is not None]
     tokens = sum(r["tokens"] for r in ok)
-    return {"turns_planned": planned, "turns_done": len(ok), "errors": len(results) - len(ok),
+    return {"turns_planned": planned, "turns_done": len(ok), "errors": len(results) - len(ok), "conflicts_409": conflicts,
             "error_samples": [r["error"] for r in results if "error" in r][:3],
             "latency_p50_s": _pct(lat, 0.5), "latency_p95_s": _pct(lat, 0.95),
             "ttft_p50_s": _pct(ttft, 0.5), "ttft_p95_s": _pct(ttft, 0.95),
@@ -135,7 +172,13 @@ def main(argv=None) -> int:
     ap.add_argument("--phase-limit", type=float, default=300.0, help="seconds each phase may start turns for")
     ap.add_argument("--skip-sequential", action="store_true")
     ap.add_argument("--threads", type=int, default=None, help="the server's --threads (default: its own default)")
+    ap.add_argument("--replicas", type=int, default=1, help="servers sharing one session store, turns sent round robin")
+    ap.add_argument("--db", default=None, help="the session store (a postgresql:// URL or SQLite file; default: a temp "
+                                               "SQLite file)")
     args = ap.parse_args(argv)
+    if args.replicas > 1:
+        print(json.dumps(replicas(args)))
+        return 0
     with tempfile.TemporaryDirectory() as tmp:
         server_args = ["--db", str(Path(tmp) / "bench.db"), "--max-active", str(max(args.clients, 1)),
                        "--max-queue", str(args.clients * 2)]
@@ -144,11 +187,11 @@ def main(argv=None) -> int:
         if args.threads:
             server_args += ["--threads", str(args.threads)]
         with ServerProcess(server_args) as srv:
-            together = asyncio.run(phase(srv.url, args.clients, args.turns, args.max_tokens, args.phase_limit, True))
+            together = asyncio.run(phase([srv.url], args.clients, args.turns, args.max_tokens, args.phase_limit, True))
             worker = srv.health()["worker"]
             alone = None
             if not args.skip_sequential:
-                alone = asyncio.run(phase(srv.url, args.clients, args.turns, args.max_tokens, args.phase_limit, False))
+                alone = asyncio.run(phase([srv.url], args.clients, args.turns, args.max_tokens, args.phase_limit, False))
             health = srv.health()
     out = {"model": health["model"], "clients": args.clients, "turns_per_client": args.turns,
            "max_tokens": args.max_tokens, "concurrent": together, "one_by_one": alone,
@@ -162,6 +205,28 @@ def main(argv=None) -> int:
             out["one_by_one_vs_chat"] = round(alone["tokens_per_s"] / chat["tokens_per_s"], 2)
     print(json.dumps(out))
     return 0
+
+
+def replicas(args) -> dict:
+    """N servers on one store, clients round robin across them; then the same load on one of them."""
+    with tempfile.TemporaryDirectory() as tmp:
+        common = ["--db", args.db or str(Path(tmp) / "bench.db"), "--max-active", str(max(args.clients, 1)),
+                  "--max-queue", str(args.clients * 2)]
+        common += (["--model", args.model] if args.model else []) + (["--threads", str(args.threads)] if args.threads else [])
+        servers = []
+        try:
+            for _ in range(args.replicas):
+                servers.append(ServerProcess(common).start())
+            urls = [s.url for s in servers]
+            many = asyncio.run(phase(urls, args.clients, args.turns, args.max_tokens, args.phase_limit, True))
+            one = asyncio.run(phase(urls[:1], args.clients, args.turns, args.max_tokens, args.phase_limit, True))
+        finally:
+            for s in servers:
+                s.stop()
+    store = "postgresql" if str(args.db or "").startswith(("postgresql://", "postgres://")) else "sqlite"
+    return {"store": store, "replicas": args.replicas, "clients": args.clients, "turns_per_client": args.turns,
+            "max_tokens": args.max_tokens, "round_robin": many, "one_replica": one,
+            "tokens_per_s_ratio_vs_one": round(many["tokens_per_s"] / max(one["tokens_per_s"], 1e-9), 2)}
 
 
 if __name__ == "__main__":

@@ -72,3 +72,25 @@ def default_engine():
     from dialogen.chat.session import load_engine
 
     return load_engine(None, "auto", torch.float32)
+
+
+@pytest.fixture(scope="session")
+def pg_cluster():
+    """A throwaway PostgreSQL cluster; the test is skipped (one line) when PostgreSQL is absent."""
+    from postgres import Cluster, binaries
+
+    bindir = binaries()
+    if bindir is None:
+        pytest.skip("no PostgreSQL server binaries (initdb, pg_ctl): apt-get install postgresql")
+    pytest.importorskip("psycopg", reason="psycopg is not installed: pip install 'dialogen[postgres]'")
+    cluster = Cluster(bindir).start()
+    yield cluster
+    cluster.stop()
+
+
+@pytest.fixture
+def pg_dsn(pg_cluster, request):
+    """A fresh database in the throwaway cluster, for one test."""
+    import re
+
+    return pg_cluster.new_database(re.sub(r"[^a-z0-9]+", "_", request.node.name.lower())[:50])

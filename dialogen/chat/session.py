@@ -119,7 +119,7 @@ class Session:
         eng = self.engine
         self.cache_ids = self.cache_ids[: self.cache.length]
         keep = min(common_prefix(self.cache_ids, ids), max(0, len(ids) - self.min_feed))
-        if not getattr(eng.model, "reuses_prefix", True):  # e.g. an encoder-decoder: re-encode the prompt
+        if not eng.model.reuses_prefix:  # an encoder-decoder re-encodes the prompt
             keep = 0
         self.cache.truncate(keep)
         self.cache_ids = ids[:keep]

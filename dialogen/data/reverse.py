@@ -20,7 +20,6 @@ from __future__ import annotations
 
 from ..chat.messages import Message
 from ..chat.templates import Template
-from .dataset import render_turns
 
 REVERSE_CONTEXT_TURNS = 3
 
@@ -46,7 +45,7 @@ def _fit(tokenizer, template, context, reply_text, max_turns, max_len):
     n = min(max_turns, sum(1 for m in context if m.role != "system"))
     while True:
         msgs = reverse_messages(context, reply_text, n)
-        ids, mask = render_turns(template, tokenizer, msgs, [False] + [True] * (len(msgs) - 1))
+        ids, mask = template.render(tokenizer, msgs, trained=[False] + [True] * (len(msgs) - 1))
         if max_len is None or len(ids) <= max_len:
             return ids, mask, False
         if n <= 1:

@@ -79,7 +79,7 @@ class MMI:
             if not mmi_model:
                 raise UserError("--scorer mmi needs --mmi-model PATH (a reverse model from `dialogen train --reverse`)")
             reverse = load_reverse(mmi_model)
-        if not getattr(reverse.model, "reuses_prefix", True):
+        if not reverse.model.reuses_prefix:
             raise UserError("--mmi-model must be a decoder-only model (it scores whole sequences in one pass)")
         fwd, rev = engine.tokenizer.fingerprint(), reverse.tokenizer.fingerprint()
         if fwd != rev:

@@ -139,7 +139,7 @@ def accuracy(disc: Discriminator, human: list, machine: list, batch_size: int = 
 def save_discriminator(directory, disc: Discriminator, tokenizer, meta: dict) -> Path:
     from safetensors.torch import save_file
 
-    from .loading import atomic_dir
+    from .files import atomic_dir
 
     def write(tmp: Path):
         sd = {k: v.detach().float().contiguous() for k, v in disc.state_dict().items()}
@@ -155,7 +155,7 @@ def save_discriminator(directory, disc: Discriminator, tokenizer, meta: dict) ->
 
 def load_discriminator(path, flag: str = "--discriminator"):
     """(discriminator, tokenizer, meta) from a checkpoint dir; errors name `flag`."""
-    from .loading import read_state_dict
+    from .files import read_state_dict
     from .tokenizer import Tokenizer
 
     path = Path(path).expanduser()

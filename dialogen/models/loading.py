@@ -12,10 +12,7 @@ import hashlib
 import importlib.util
 import json
 import math
-import os
-import shutil
 import sys
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -24,6 +21,8 @@ import torch
 from ..errors import UserError
 from . import kernels
 from .config_values import MAX_SIZE, shown
+from .family import is_encoder_decoder
+from .files import atomic_dir, read_state_dict
 from ..paths import cache_dir
 from .gguf_file import index_dir, read_gguf, read_tensors  # noqa: F401 (read_gguf: for the tests)
 from .tokenizer import Tokenizer
@@ -384,28 +383,11 @@ def ours_to_hf(cfg: Config, sd: dict) -> dict:
     return {k: v.detach().contiguous() for k, v in out.items()}
 
 
-def read_state_dict(path: Path) -> dict:
-    from safetensors.torch import load_file
-
-    files = sorted(path.glob("*.safetensors"))
-    try:
-        if files:
-            sd = {}
-            for f in files:
-                sd.update(load_file(str(f)))
-            return sd
-        if (path / "pytorch_model.bin").exists():
-            return torch.load(path / "pytorch_model.bin", map_location="cpu", weights_only=True)
-    except Exception as e:  # a truncated or corrupt weights file
-        raise UserError(f"{path}: cannot read weights ({type(e).__name__}: {e})") from None
-    raise UserError(f"{path}: no weights (*.safetensors or pytorch_model.bin)")
-
-
 def save_checkpoint(directory: Path, cfg: Config, model: torch.nn.Module, tokenizer: Tokenizer, meta: dict):
     """Write a checkpoint directory atomically: a temp dir beside it, then a rename."""
     from safetensors.torch import save_file
 
-    if hasattr(model, "teacher_forced"):  # the recurrent family writes its own layout
+    if is_encoder_decoder(model):  # the recurrent family writes its own layout
         from .rnn import save_rnn
 
         save_rnn(directory, model, tokenizer, meta)
@@ -436,23 +418,6 @@ def write_configs(directory: Path, cfg: Config, tokenizer: Tokenizer, stop_ids=N
     if stop_strings:
         gen["stop_strings"] = list(stop_strings)
     (directory / "generation_config.json").write_text(json.dumps(gen, indent=1))
-
-
-def atomic_dir(target: Path, write) -> Path:
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
-    try:
-        write(tmp)
-        if target.exists():
-            old = target.with_name(f".{target.name}.old.{os.getpid()}")
-            os.replace(target, old)
-            os.replace(tmp, target)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, target)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return target
 
 
 # --- GGUF ------------------------------------------------------------------------------------

@@ -24,6 +24,7 @@ from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
 from ..errors import UserError
 from .config_values import check_weights, config_from_dict
+from .family import ENCODER_DECODER
 
 CELLS = {"gru": nn.GRU, "lstm": nn.LSTM}
 ATTENTIONS = ("additive", "dot", "general")
@@ -159,7 +160,8 @@ class RNNState:
 
 
 class RNNSeq2Seq(nn.Module):
-    reuses_prefix = False  # a session re-encodes the whole prompt each turn
+    family = ENCODER_DECODER
+    reuses_prefix = False  # a session re-encodes the whole prompt each turn (models/family.py)
 
     def __init__(self, cfg: RNNConfig):
         super().__init__()
@@ -317,7 +319,7 @@ def save_rnn(directory, model: RNNSeq2Seq, tokenizer, meta: dict) -> Path:
     """An HF-style checkpoint dir, written atomically."""
     from safetensors.torch import save_file
 
-    from .loading import atomic_dir
+    from .files import atomic_dir
 
     def write(tmp: Path):
         sd = {k: v.detach().float().contiguous() for k, v in model.state_dict().items()}
@@ -331,7 +333,7 @@ def save_rnn(directory, model: RNNSeq2Seq, tokenizer, meta: dict) -> Path:
 
 
 def load_rnn(path, config: dict) -> RNNSeq2Seq:
-    from .loading import read_state_dict
+    from .files import read_state_dict
 
     path = Path(path)
     where = f"{path / 'config.json'}"

@@ -18,6 +18,7 @@ from torch import nn
 
 from . import kernels
 from .cache import CacheBatch, KernelTable, KVCache
+from .family import DECODER
 
 ARCHS = ("llama", "gpt2")
 
@@ -278,6 +279,9 @@ class Transformer(nn.Module):
     positions over the whole sequence including the cache, for left-padded batches; `positions`
     (B, T) then gives each token's position counting real tokens only.
     """
+
+    family = DECODER
+    reuses_prefix = True  # a kept cache is extended with a turn's new tokens (models/family.py)
 
     def __init__(self, cfg: Config):
         super().__init__()

@@ -32,7 +32,8 @@ def register(sub):
     g.add_argument("--cors-origin", action="append", default=[], metavar="ORIGIN",
                    help="allow cross-origin requests (CORS) from this origin, e.g. http://localhost:3000 "
                         "(repeatable); other origins get 403")
-    g.add_argument("--db", default=None, help="session database (SQLite); default: "
+    g.add_argument("--db", default=None, help="session store: an SQLite file, or postgresql://USER@HOST/DB for "
+                   "several replicas sharing sessions (pip install 'dialogen[postgres]'); default: "
                    "$XDG_DATA_HOME/dialogen/sessions.sqlite3")
     g.add_argument("--model-name", default=None, help="the model id clients see (default: from the model path)")
     g.add_argument("--max-active", type=int, default=32, help="replies generated at once (default: %(default)s)")
@@ -137,14 +138,13 @@ def cmd_serve(args) -> int:
     from ..chat.session import load_engine
     from ..cli import sampling_from
     from .service import Keys, Limits, Service
-    from .store import Store
 
     sampling = sampling_from(args)
     decoding = decoding_from(args, strict=False)  # the default search; requests may ask for one without it
     torch.set_num_threads(args.threads)
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s")
     sock = bind(args.host, args.port)
-    store = Store(args.db or default_db())
+    store = open_store(str(args.db or default_db()))
     engine = load_engine(args.model, args.template, args.dtype)
     limits = Limits(max_body_bytes=args.max_body_bytes, max_tokens=args.max_tokens_limit, max_n=args.max_n,
                     kv_budget_bytes=int(args.kv_budget_mb * 2**20))
@@ -153,6 +153,15 @@ def cmd_serve(args) -> int:
                   decoding)
     svc.default_persona = resolve_persona(args.system)  # for sessions and requests without a system message
     return run(svc, sock, args.log_level, [args.host, *args.allowed_host], args.cors_origin)
+
+
+def open_store(db: str):
+    """The session store a --db value names: a postgresql:// URL (replicas sharing sessions, see
+    pgstore.py) or an SQLite file."""
+    from .pgstore import PgStore, is_postgres
+    from .store import Store
+
+    return PgStore(db) if is_postgres(db) else Store(db)
 
 
 def run(svc, sock: socket.socket, log_level: str = "warning", allowed_hosts=(), cors_origins=()) -> int:

@@ -107,6 +107,9 @@ def _check_values(body: dict):
                 todo.append((x, (at, k), depth + 1))
         elif isinstance(v, str) and _surrogate_at(v) is not None:
             raise _surrogate_error(f"'{_path(at)}'", _path(at), v)
+        elif isinstance(v, str) and "\x00" in v:  # no session store (PostgreSQL's text) can keep it
+            raise ApiError(400, f"'{_path(at)}' holds a NUL character (\\u0000) at character {v.index(chr(0))}",
+                           _path(at), code="invalid_string")
         elif isinstance(v, float) and not math.isfinite(v):  # 1e400 parses as infinity
             raise ApiError(400, f"'{_path(at)}' is not a finite number", _path(at))
 

@@ -44,6 +44,8 @@ CREATE TABLE IF NOT EXISTS messages (
     meta TEXT,
     PRIMARY KEY (session_id, seq)
 );
+"""
+CLAIMS = """
 CREATE TABLE IF NOT EXISTS claims (
     session_id TEXT PRIMARY KEY REFERENCES sessions (id) ON DELETE CASCADE,
     holder TEXT NOT NULL,
@@ -59,7 +61,47 @@ class Conflict(Exception):
 
 
 
-class Store:
+class Reads:
+    """The reads both stores share, written once: SQL with '?' placeholders (`_sql` rewrites them
+    for another driver), run on `self._db` inside `self._snapshot()`."""
+
+    def _sql(self, query: str) -> str:
+        return query
+
+    def _snapshot(self):
+        return self._lock
+
+    def _fetch(self, query: str, args: tuple, one: bool = False):
+        cur = self._db.execute(self._sql(query), args)
+        return cur.fetchone() if one else cur.fetchall()
+
+    def get(self, sid: str, owner: str) -> dict | None:
+        """The session with its messages, or None when it does not exist for this owner."""
+        with self._snapshot():  # the row and its messages from one state of the database
+            row = self._fetch("SELECT * FROM sessions WHERE id = ? AND owner = ?", (sid, owner), one=True)
+            if row is None:
+                return None
+            msgs = self._fetch("SELECT role, content, created, meta FROM messages WHERE session_id = ? ORDER BY seq",
+                               (sid,))
+        out = _session(row)
+        out["messages"] = [_message(m) for m in msgs]
+        return out
+
+    def list(self, owner: str, limit: int = 100) -> list[dict]:
+        with self._snapshot():
+            rows = self._fetch("SELECT s.*, (SELECT COUNT(*) FROM messages m WHERE m.session_id = s.id) AS n "
+                               "FROM sessions s WHERE owner = ? ORDER BY updated DESC LIMIT ?", (owner, limit))
+        return [{**_session(r), "message_count": r["n"]} for r in rows]
+
+    def count(self, sid: str) -> int | None:
+        """How many messages the session has stored (None when it does not exist)."""
+        with self._snapshot():
+            row = self._fetch("SELECT (SELECT COUNT(*) FROM messages WHERE session_id = ?) AS n FROM sessions "
+                              "WHERE id = ?", (sid, sid), one=True)
+        return None if row is None else row["n"]
+
+
+class Store(Reads):
     def __init__(self, path: str | Path):
         self.path = Path(path)
         try:
@@ -69,7 +111,7 @@ class Store:
             mode = self._db.execute("PRAGMA journal_mode=WAL").fetchone()[0]
             self._db.execute("PRAGMA synchronous=FULL")
             self._db.execute("PRAGMA foreign_keys=ON")
-            self._db.executescript(SCHEMA)
+            self._db.executescript(SCHEMA + CLAIMS)
         except (OSError, sqlite3.Error) as e:
             raise UserError(f"--db {self.path}: cannot open the session database ({e})") from None
         if mode.lower() != "wal":
@@ -94,42 +136,11 @@ class Store:
                              "VALUES (?, ?, ?, ?, ?, ?, ?)", (sid, owner, now, now, persona, json.dumps(settings), title))
         return {"id": sid, "created": now, "updated": now, "persona": persona, "settings": settings, "title": title}
 
-    def get(self, sid: str, owner: str) -> dict | None:
-        """The session with its messages, or None when it does not exist for this owner."""
-        with self._lock:
-            row = self._db.execute("SELECT * FROM sessions WHERE id = ? AND owner = ?", (sid, owner)).fetchone()
-            if row is None:
-                return None
-            msgs = self._db.execute("SELECT role, content, created, meta FROM messages WHERE session_id = ? "
-                                    "ORDER BY seq", (sid,)).fetchall()
-        out = _session(row)
-        out["messages"] = [_message(m) for m in msgs]
-        return out
-
-    def list(self, owner: str, limit: int = 100) -> list[dict]:
-        with self._lock:
-            rows = self._db.execute(
-                "SELECT s.*, (SELECT COUNT(*) FROM messages m WHERE m.session_id = s.id) AS n "
-                "FROM sessions s WHERE owner = ? ORDER BY updated DESC LIMIT ?", (owner, limit)).fetchall()
-        out = []
-        for r in rows:
-            s = _session(r)
-            s["message_count"] = r["n"]
-            out.append(s)
-        return out
-
     def delete(self, sid: str, owner: str) -> bool:
         with self._lock, self._db:
             self._db.execute("BEGIN IMMEDIATE")
             cur = self._db.execute("DELETE FROM sessions WHERE id = ? AND owner = ?", (sid, owner))
         return cur.rowcount > 0
-
-    def count(self, sid: str) -> int | None:
-        """How many messages the session has stored (None when it does not exist)."""
-        with self._lock:
-            row = self._db.execute("SELECT (SELECT COUNT(*) FROM messages WHERE session_id = ?) FROM sessions "
-                                   "WHERE id = ?", (sid, sid)).fetchone()
-        return None if row is None else row[0]
 
     def claim(self, sid: str, lease: float = CLAIM_LEASE) -> str | None:
         """Take the session for one turn: a holder token, or None while another turn holds it."""

@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 
 from ..errors import UserError
+from ..models.family import is_encoder_decoder
 from .replies import Pair, mle_loss, perplexity, reply_logprobs, reply_text, sample_replies
 
 
@@ -215,7 +216,7 @@ def plot_log(rows: list[dict], png: Path, title: str = "adversarial training"):
 
 def save_generator(directory, model, tokenizer, meta: dict) -> Path:
     """Write G back in its own family's checkpoint format."""
-    if hasattr(model, "teacher_forced"):
+    if is_encoder_decoder(model):
         from ..models.rnn import save_rnn
 
         return save_rnn(directory, model, tokenizer, meta)

@@ -23,7 +23,8 @@ from pathlib import Path
 import torch
 
 from ..errors import UserError
-from ..models.loading import atomic_dir, save_checkpoint
+from ..models.files import atomic_dir
+from ..models.loading import save_checkpoint
 
 STATE_JSON, STATE_PT = "trainer_state.json", "trainer_state.pt"
 

@@ -12,13 +12,14 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..data.dataset import IGNORE_INDEX
+from ..models.family import is_encoder_decoder
 from ..models.transformer import Transformer
 
 
 def nll_sum(model: nn.Module, ids: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(sum of -log p(label), number of labels) for ids/labels (B, T); label t is predicted
     from the tokens before it."""
-    if hasattr(model, "teacher_forced"):  # encoder-decoder: each labelled run answers what precedes it
+    if is_encoder_decoder(model):  # each labelled run answers what precedes it
         from .replies import seq2seq_nll_sum
 
         return seq2seq_nll_sum(model, ids, labels)

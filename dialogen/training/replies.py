@@ -18,8 +18,9 @@ import torch
 import torch.nn.functional as F
 
 from ..chat.messages import Message
+from ..data.dataset import IGNORE_INDEX
+from ..models.family import is_encoder_decoder
 
-IGNORE_INDEX = -100
 SEQ2SEQ_GROUP = 32  # replies per encoder-decoder forward in the trainer's loss
 
 
@@ -87,10 +88,6 @@ def split_pairs(pairs: list[Pair], fraction: float, seed: int = 0) -> tuple[list
 
 
 # --- families -------------------------------------------------------------------------------
-def is_seq2seq(model) -> bool:
-    return hasattr(model, "teacher_forced")
-
-
 def _pad(rows: list[list[int]], value: int, left: bool = False) -> torch.Tensor:
     width = max(len(r) for r in rows)
     out = torch.full((len(rows), width), value, dtype=torch.long)
@@ -109,7 +106,7 @@ def target_logits(model, prompts: list[list[int]], targets: list[list[int]], pad
     labels = _pad(targets, IGNORE_INDEX)
     keep = labels != IGNORE_INDEX  # (B, T)
     rows = torch.arange(len(targets))[:, None].expand_as(labels)[keep]
-    if is_seq2seq(model):
+    if is_encoder_decoder(model):
         src = _pad(prompts, pad_id)
         src_mask = _pad([[1] * len(p) for p in prompts], 0).bool()
         feats = model.teacher_forced_features(src, src_mask, labels.clamp(min=0))  # (B, T, D)

@@ -62,7 +62,7 @@ def build_rnn(opts, d, train_convs):
     from ..chat.templates import default_template_name
     from ..models.loading import load
     from . import checkpoint as ckpt
-    from .setup import scratch_tokenizer
+    from .scratch import scratch_tokenizer
 
     if opts.freeze_layers:
         raise UserError("--freeze-layers freezes transformer blocks; it does not apply to --arch rnn")

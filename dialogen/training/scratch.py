@@ -3,10 +3,13 @@ GPT-2-style configuration sized by flags."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from tokenizers import Tokenizer as HFTokenizer, decoders, models, pre_tokenizers, trainers
 
 from ..chat.messages import Message
 from ..errors import UserError
+from ..models.files import atomic_dir
 from ..models.tokenizer import Tokenizer
 from ..models.transformer import Config
 
@@ -38,3 +41,13 @@ def gpt2_config(vocab_size: int, n_layer: int, n_head: int, d_model: int, contex
         raise UserError(f"--d-model ({d_model}) must be a multiple of --n-head ({n_head})")
     return Config(arch="gpt2", vocab_size=vocab_size, n_layer=n_layer, n_head=n_head, n_kv_head=n_head,
                   d_model=d_model, d_ff=4 * d_model, max_seq_len=context, tie_embeddings=True)
+
+
+def scratch_tokenizer(opts, d, train_convs, tname: str) -> Tokenizer:
+    """Rank 0 trains the BPE vocabulary and writes it to the run dir; every rank reads it."""
+    where = Path(opts.out) / "tokenizer"
+    if d.main:
+        tok = train_tokenizer(train_convs, opts.vocab_size, tname)
+        atomic_dir(where, tok.save)
+    d.barrier()
+    return Tokenizer.from_dir(where)

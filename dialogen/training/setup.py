@@ -12,12 +12,11 @@ import torch
 
 from ..chat.templates import default_template_name
 from ..errors import UserError
-from ..models.loading import atomic_dir, load
-from ..models.tokenizer import Tokenizer
+from ..models.loading import load
 from ..models.transformer import Transformer
 from . import checkpoint as ckpt
 from .options import TrainOptions
-from .scratch import gpt2_config, train_tokenizer
+from .scratch import gpt2_config, scratch_tokenizer
 
 
 @contextmanager
@@ -71,16 +70,6 @@ def build_model(opts: TrainOptions, d, train_convs):
         raise UserError(f"--max-len {opts.max_len} exceeds the model's context of {model.cfg.max_seq_len} tokens")
     freeze(model, opts.freeze_embeddings, opts.freeze_layers)
     return model, tok, tname, state
-
-
-def scratch_tokenizer(opts: TrainOptions, d, train_convs, tname: str) -> Tokenizer:
-    """Rank 0 trains the BPE vocabulary and writes it to the run dir; every rank reads it."""
-    where = Path(opts.out) / "tokenizer"
-    if d.main:
-        tok = train_tokenizer(train_convs, opts.vocab_size, tname)
-        atomic_dir(where, tok.save)
-    d.barrier()
-    return Tokenizer.from_dir(where)
 
 
 def freeze(model: Transformer, embeddings: bool, layers: int):

@@ -25,7 +25,7 @@ import torch
 from ..chat.templates import get_template
 from ..data import load_split
 from ..data.batches import bucket_batches, collate, pack
-from ..data.dataset import build_examples
+from ..data.dataset import IGNORE_INDEX, build_examples
 from ..data.reverse import REVERSE_CONTEXT_TURNS
 from ..errors import UserError
 from ..eval.perplexity import examples_perplexity
@@ -217,7 +217,7 @@ class Loop:
         G = opts.grad_accum * d.world
         micro = [collate([self.examples[i] for i in self.plan.batch(step * G + j * d.world + d.rank)],
                          self.tokenizer.pad_id) for j in range(opts.grad_accum)]
-        local = sum(int((labels[:, 1:] != -100).sum()) for _, labels in micro)
+        local = sum(int((labels[:, 1:] != IGNORE_INDEX).sum()) for _, labels in micro)
         trained = self.d.sum(torch.tensor(float(local), dtype=torch.float64)).item()
         t0 = time.time()
         loss_sum = torch.zeros((), dtype=torch.float64)

@@ -1,0 +1,28 @@
+"""The two generator families and what callers may ask of a model, instead of probing it.
+
+- `decoder` (models/transformer.py): one token stream; a cache can be extended turn after turn.
+- `encoder-decoder` (models/rnn.py): the context is encoded, the reply decoded; a session
+  re-encodes the whole prompt each turn (`reuses_prefix` is false), training is teacher-forced.
+
+Every generator class sets `family` and `reuses_prefix`; `is_encoder_decoder` reads them, so the
+decoders, losses and checkpoint writers never test for a method's presence.
+"""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+DECODER, ENCODER_DECODER = "decoder", "encoder-decoder"
+
+
+class Generator(Protocol):
+    family: str  # DECODER or ENCODER_DECODER
+    reuses_prefix: bool  # whether a kept cache can be extended with new tokens
+
+    def new_cache(self, batch: int = 1): ...
+
+    def __call__(self, ids, cache=None): ...
+
+
+def is_encoder_decoder(model) -> bool:
+    return getattr(model, "family", DECODER) == ENCODER_DECODER

@@ -1,0 +1,139 @@
+"""Sessions on PostgreSQL: the store against the SQLite one, claims across replicas (and a dead
+one's), the schema and its version. Two real server replicas on one database are tested with the
+SQLite pair in test_serve_writers.py. A throwaway cluster runs for the tests (see postgres.py)."""
+
+import json
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+import pytest
+
+from dialogen.errors import UserError
+from dialogen.serve.store import Conflict, Store
+
+
+def _script(store):
+    """The same operations on a store; what a client could observe of them."""
+    out = []
+    a = store.create("owner", "be brief", {"temperature": 0.5}, "first")
+    b = store.create("owner", None, {}, "")
+    store.create("someone else", None, {}, "")
+    assert store.add_turn(a["id"], "hello there", "hi", {"finish_reason": "stop"}, expected=0)
+    assert store.add_turn(b["id"], "a question " * 20, "an answer")
+    with pytest.raises(Conflict):
+        store.add_turn(a["id"], "late", "never", expected=0)
+    out.append([(m["role"], m["content"], m.get("finish_reason")) for m in store.get(a["id"], "owner")["messages"]])
+    out.append(store.get(a["id"], "someone else"))
+    out.append(sorted((s["title"], s["message_count"], s["persona"], json.dumps(s["settings"]))
+                      for s in store.list("owner")))
+    out.append((store.count(a["id"]), store.count("sess_missing")))
+    out.append((store.delete(b["id"], "someone else"), store.delete(b["id"], "owner"), store.get(b["id"], "owner")))
+    out.append(store.add_turn(b["id"], "to a deleted session", "x"))
+    return out
+
+
+def test_the_store_behaves_as_the_sqlite_one(pg_dsn, tmp_path):
+    from dialogen.serve.pgstore import PgStore
+
+    pg, lite = PgStore(pg_dsn), Store(tmp_path / "s.db")
+    try:
+        assert _script(pg) == _script(lite)
+    finally:
+        pg.close()
+        lite.close()
+
+
+def test_claims_hold_across_replicas_and_end_with_a_dead_one(pg_dsn):
+    from dialogen.serve.pgstore import PgStore
+
+    a, b = PgStore(pg_dsn), PgStore(pg_dsn)  # as two replicas hold it
+    try:
+        sid = a.create("", None, {})["id"]
+        held = a.claim(sid)
+        assert held and b.claim(sid) is None and a.claim(sid) is None
+        a.release(sid, held)
+        held = b.claim(sid)
+        assert held and a.claim(sid) is None
+        b.release(sid, held)
+        # a replica killed while it holds a claim: the claim ends with its connection, at once
+        code = (f"import os, sys; from dialogen.serve.pgstore import PgStore; s = PgStore({pg_dsn!r}); "
+                f"print(s.claim({sid!r}), flush=True); sys.stdin.read()")
+        child = subprocess.Popen([sys.executable, "-c", code], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        assert child.stdout.readline().strip() not in ("", "None")
+        assert a.claim(sid) is None  # held by the live child
+        child.send_signal(signal.SIGKILL)
+        child.wait()
+        deadline = time.monotonic() + 10
+        while (got := a.claim(sid)) is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert got is not None
+    finally:
+        a.close()
+        b.close()
+
+
+def test_schema_creation_is_idempotent_and_versioned(pg_dsn):
+    import psycopg
+
+    from dialogen.serve.pgstore import SCHEMA_VERSION, PgStore
+
+    stores, errors = [], []
+
+    def open_one():
+        try:
+            stores.append(PgStore(pg_dsn))
+        except Exception as e:  # noqa: BLE001 - the test reports any
+            errors.append(e)
+
+    threads = [threading.Thread(target=open_one) for _ in range(4)]  # replicas starting together
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    for s in stores:
+        s.close()
+    assert not errors and len(stores) == 4
+    with psycopg.connect(pg_dsn, autocommit=True) as conn:
+        assert conn.execute("SELECT version FROM dialogen_schema").fetchall() == [(SCHEMA_VERSION,)]
+        conn.execute("UPDATE dialogen_schema SET version = %s", (SCHEMA_VERSION + 1,))
+    with pytest.raises(UserError, match="newer than this dialogen"):
+        PgStore(pg_dsn)
+
+
+def test_an_unreachable_database_is_one_line(capsys):
+    from dialogen.cli import main
+
+    assert main(["serve", "--db", "postgresql://postgres:secret@127.0.0.1:1/none", "--port", "0"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "cannot connect to PostgreSQL" in err and "secret" not in err
+
+
+def test_keys_and_ownership_hold_across_replicas(tiny_llama, pg_dsn):
+    import httpx
+
+    from dialogen.serve.launch import ServerProcess
+
+    args = ["--model", str(tiny_llama[0]), "--template", "chatml", "--db", pg_dsn, "--api-key", "key-one",
+            "--api-key", "key-two"]
+    a = ServerProcess(args).start()
+    try:
+        b = ServerProcess(args).start()
+    except BaseException:
+        a.stop()
+        raise
+    one, two = ({"Authorization": f"Bearer {k}"} for k in ("key-one", "key-two"))
+    try:
+        sid = httpx.post(a.url + "/v1/sessions", json={}, headers=one).json()["id"]
+        r = httpx.post(f"{b.url}/v1/sessions/{sid}/messages", json={"content": "hi", "max_tokens": 3}, headers=one,
+                       timeout=120)
+        assert r.status_code == 200  # the other replica serves the owner's session
+        assert httpx.get(f"{b.url}/v1/sessions/{sid}", headers=two).status_code == 404  # not another key's
+        assert httpx.get(f"{a.url}/v1/sessions/{sid}").status_code == 401
+        assert [s["id"] for s in httpx.get(f"{b.url}/v1/sessions", headers=one).json()["data"]] == [sid]
+        assert httpx.get(f"{a.url}/v1/sessions", headers=two).json()["data"] == []
+    finally:
+        a.stop()
+        b.stop()
