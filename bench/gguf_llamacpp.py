@@ -85,11 +85,52 @@ def compare(path: Path, dtype: str, args) -> dict:
             "llama_cpp_chat": chat}
 
 
+def gpt2_check(args):
+    """A tiny random GPT-2 on a scratch byte-level BPE, exported and run in llama.cpp: its logits against
+    transformers' on the checkpoint (the default model is a llama; this covers the gpt2 family)."""
+    import numpy as np
+    import torch
+    import transformers
+    import llama_cpp
+
+    from dialogen.chat.messages import Message
+    from dialogen.export import export_gguf
+    from dialogen.training.scratch import train_tokenizer
+
+    with tempfile.TemporaryDirectory() as tmp:
+        texts = [[Message("user", p), Message("assistant", p[::-1])] for p in PROMPTS * 4]
+        tok = train_tokenizer(texts, 400, "dialogpt")
+        torch.manual_seed(0)
+        config = transformers.GPT2Config(vocab_size=tok.vocab_size, n_embd=64, n_layer=2, n_head=4, n_positions=128)
+        hf = transformers.GPT2LMHeadModel(config).eval()
+        with torch.no_grad():
+            for p in hf.parameters():
+                if p.dim() == 2:
+                    p.normal_(0, 0.2)  # logits wide enough for differences to show
+        hf.save_pretrained(Path(tmp) / "g")
+        tok.save(Path(tmp) / "g")
+        ids = tok.encode_text(PROMPTS[0]) + [tok.eos_id] + tok.encode_text(PROMPTS[1])
+        with torch.no_grad():
+            want = hf(torch.tensor([ids])).logits[0].numpy()
+        for kind in ("f32", "f16", "q8_0"):
+            path = Path(tmp) / f"gpt2-{kind}.gguf"
+            export_gguf(str(Path(tmp) / "g"), path, kind, "dialogpt")
+            llm = llama_cpp.Llama(model_path=str(path), n_ctx=128, n_threads=args.threads, verbose=False,
+                                  logits_all=True)
+            llm.eval(ids)
+            got = np.array(llm.scores[: len(ids)])
+            print(json.dumps({"gpt2": kind, "max_logit_diff_vs_transformers": round(float(np.abs(got - want).max()), 4),
+                              "logit_scale": round(float(np.abs(want).max()), 2),
+                              "same_argmax": f"{int((got.argmax(1) == want.argmax(1)).sum())}/{len(ids)}",
+                              "same_tokens": llm.tokenize(PROMPTS[0].encode(), add_bos=False)
+                              == tok.encode_text(PROMPTS[0])}), flush=True)
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default=None, help="the model to export (default: the embedded model)")
-    ap.add_argument("--types", default="shipped,f16,q8_0,q4_0",
-                    help="comma-separated: f32, f16, q8_0, q4_0, and shipped (the default model's own Q4_1 file, not "
+    ap.add_argument("--types", default="gpt2,shipped,f16,q8_0,q4_0",
+                    help="comma-separated: f32, f16, q8_0, q4_0, gpt2 (a tiny GPT-2's exports against transformers), and shipped (the default model's own Q4_1 file, not "
                          "exported: how far the two engines agree on a file neither wrote)")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--tokens", type=int, default=64, help="greedy tokens per prompt")
@@ -103,6 +144,9 @@ def main():
     torch.set_num_threads(args.threads)
     with tempfile.TemporaryDirectory() as tmp:
         for kind in args.types.split(","):
+            if kind == "gpt2":
+                gpt2_check(args)
+                continue
             if kind == "shipped":
                 from dialogen.models.loading import default_model_path
 
