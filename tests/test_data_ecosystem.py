@@ -296,3 +296,11 @@ def test_perplexity_of_a_whole_small_file(tiny_llama, tmp_path, capsys):
                  "--split", "all"]) == 0
     out = json.loads(capsys.readouterr().out)
     assert out["conversations"] == 3 and out["split"] == "all" and out["tokens"] > 0
+
+
+def test_text_whose_first_line_only_looks_like_json(tmp_path):
+    deep = "[" * 100_000  # too deep for the JSON parser: not records, read as a turn
+    f = write(tmp_path / "deep.txt", deep + "\nok\n")
+    assert roles(read_conversations(f).conversations[0]) == [("user", deep), ("assistant", "ok")]
+    g = write(tmp_path / "braces.txt", "{not json}\nfine\n")
+    assert roles(read_conversations(g).conversations[0]) == [("user", "{not json}"), ("assistant", "fine")]

@@ -171,7 +171,7 @@ def _not_records(first: str, where: str):
     if first[0] in "[{":
         try:
             value = json.loads(first)
-        except ValueError:
+        except (ValueError, RecursionError):  # not JSON, or nested too deeply to tell: read as text
             value = None
         if isinstance(value, (dict, list)):
             raise UserError(f"{where}: expected plain text (a turn per line) for --format text; this line is JSON: "

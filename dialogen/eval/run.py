@@ -279,7 +279,7 @@ def cmd_eval(args) -> int:
     persona = resolve_persona(args.system)
     result = evaluate(engine, examples, configs, persona, args.batch_size, args.ppl, log=sys.stderr,
                       evaluator=evaluator)
-    result.update({"data": args.data, "split": args.split, "sample_seed": args.sample_seed,
+    result.update({"dataset": args.data, "split": args.split, "sample_seed": args.sample_seed,
                    "context_turns": args.context_turns, "persona": persona, "skipped": skipped})
     if args.output:
         write_json(Path(args.output), result)
