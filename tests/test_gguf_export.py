@@ -159,3 +159,16 @@ def test_export_bad_input_is_one_line(tmp_path, capsys, argv, message):
     err = capsys.readouterr().err.strip()
     assert code == 2 and len(err.splitlines()) == 1 and message in err
     assert not list(tmp_path.glob("*.gguf")) and not list(tmp_path.glob(".x.gguf*"))
+
+
+def test_an_rnn_is_refused(smol_tokenizer, tmp_path, capsys):
+    from dialogen.models.rnn import RNNConfig, RNNSeq2Seq, save_rnn
+
+    model = RNNSeq2Seq(RNNConfig(vocab_size=smol_tokenizer.vocab_size, emb_dim=8, hidden=8, dropout=0.0,
+                                 start_id=smol_tokenizer.token_id("<|im_start|>"), max_seq_len=64))
+    model.init_weights(0)
+    save_rnn(tmp_path / "rnn", model.eval(), smol_tokenizer, {"template": "chatml", "arch": "rnn"})
+    code = main(["export", "--gguf", str(tmp_path / "rnn.gguf"), "--model", str(tmp_path / "rnn")])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and err.endswith("only llama and gpt2 models can be exported to GGUF (this one is an RNN)")
+    assert not (tmp_path / "rnn.gguf").exists()
