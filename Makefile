@@ -39,9 +39,10 @@ bench: $(DEV)
 	$(BIN)/python bench/decode.py
 	$(BIN)/python bench/train.py
 
-bench-peers: $(DEV)   # the engines bench/ compares against; builds llama.cpp from source (~7 min on 2 cores)
+bench-peers: $(DEV)   # the engines bench/ compares against; builds llama.cpp from source (~7 + ~10 min on 2 cores)
 	CMAKE_ARGS="$$(sh bench/llamacpp_flags.sh)" $(PIP) --no-cache-dir --force-reinstall --no-deps llama-cpp-python==0.3.36
 	$(PIP) llama-cpp-python==0.3.36
+	sh bench/build_llama_server.sh $(BIN)   # llama.cpp's own server, for bench/serve_peer.py
 
 clean:
 	rm -rf $(VENV) *.egg-info

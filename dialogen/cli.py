@@ -162,6 +162,7 @@ def build_parser() -> argparse.ArgumentParser:
     from .eval.perplexity import register as _r; _r(sub)
     from .training.adversarial_cli import register as _r; _r(sub)
     from .eval.run import register as _r; _r(sub)
+    from .export import register as _r; _r(sub)
     return parser
 
 

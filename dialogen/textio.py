@@ -61,17 +61,23 @@ def check_line(line: str, where: str):
 
 def load_json(text: str, where: str, line: int | None = None):
     """Parse JSON text (all of a file, or its line `line`); errors name `where:line`."""
-    at = f"{where}:{line}" if line is not None else where
+    value = parse_json(lambda: json.loads(text), where, line, line)
+    check_json_strings(value, where, text, line)
+    return value
+
+
+def parse_json(parse, where: str, line: int | None = None, near: int | None = None):
+    """`parse()` with its JSON errors as one-line `UserError`s: at `where:line` (`line`: the file's
+    line the parsed text is) or the error's own line; `near`: the line named for errors without one."""
+    at = f"{where}:{near}" if near is not None else where
     try:
-        value = json.loads(text)
+        return parse()
     except json.JSONDecodeError as e:
         raise UserError(f"{where}:{line or e.lineno}: not valid JSON ({e.msg} at column {e.colno})") from None
     except RecursionError:
         raise UserError(f"{at}: not valid JSON (nested too deeply)") from None
     except ValueError as e:  # an integer of thousands of digits
         raise UserError(f"{at}: not valid JSON ({str(e).split(':')[0]})") from None
-    check_json_strings(value, where, text, line)
-    return value
 
 
 def check_json_strings(value, where: str, text: str, line: int | None = None):

@@ -317,7 +317,7 @@ def test_a_short_context_generator_gets_prompts_that_leave_room_for_the_reply(wo
                                       {"role": "assistant", "content": "good"}]}) for _ in range(6)]
     (tmp_path / "long.jsonl").write_text("\n".join(lines) + "\n")
     args = argparse.Namespace(data=str(tmp_path / "long.jsonl"), format=None, turns=3, max_conversations=0,
-                              valid_pairs=10, max_new_tokens=5, seed=0)
+                              valid_pairs=10, max_new_tokens=5, seed=0, split_seed=0, skip_bad=False)
     g = _gpt()
     roomy = Transformer(Config(arch="gpt2", vocab_size=len(WORDS), n_layer=1, n_head=2, n_kv_head=2, d_model=16,
                                d_ff=32, max_seq_len=128))

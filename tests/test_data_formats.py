@@ -124,9 +124,9 @@ def test_bad_tsv_line(tmp_path):
 def test_missing_file_and_unknown_format(tmp_path):
     with pytest.raises(UserError, match="no such data file"):
         load_split(str(tmp_path / "nope.jsonl"))
-    f = write(tmp_path / "d.csv", "a,b\n")
-    with pytest.raises(UserError, match=r"unknown format for extension '\.csv'.*--format"):
+    f = write(tmp_path / "d.xml", "a,b\n")
+    with pytest.raises(UserError, match=r"unknown format for extension '\.xml'.*--format"):
         load_split(f)
-    with pytest.raises(UserError, match="unknown format 'xml'"):
-        load_split(f, fmt="xml")
+    with pytest.raises(UserError, match="unknown format 'yaml'"):
+        load_split(f, fmt="yaml")
     assert roles(read_conversations(f, fmt="text").conversations[0]) == [("user", "a,b")]

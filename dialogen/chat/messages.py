@@ -20,13 +20,8 @@ class Message:
 
 def parse_messages(data, where: str = "messages") -> list[Message]:
     """A JSON list of {"role", "content"} -> messages; errors name the element and field."""
-    if not isinstance(data, list):
-        raise UserError(f"{where}: expected a JSON list of messages, got {type(data).__name__}")
     out = []
-    for i, m in enumerate(data):
-        at = f"{where}[{i}]"
-        if not isinstance(m, dict):
-            raise UserError(f"{at}: expected an object with 'role' and 'content'")
+    for at, m in objects(data, where, "an object with 'role' and 'content'"):
         role, content = m.get("role"), m.get("content")
         if role not in ROLES:
             raise UserError(f"{at}.role: {role!r} is not one of {', '.join(ROLES)}")
@@ -34,6 +29,16 @@ def parse_messages(data, where: str = "messages") -> list[Message]:
             raise UserError(f"{at}.content: expected a string, got {type(content).__name__}")
         out.append(Message(role, content))
     return out
+
+
+def objects(data, where: str, expected: str):
+    """(where[i], element) of a JSON list whose elements must be objects; errors name the element."""
+    if not isinstance(data, list):
+        raise UserError(f"{where}: expected a JSON list of messages, got {type(data).__name__}")
+    for i, m in enumerate(data):
+        if not isinstance(m, dict):
+            raise UserError(f"{where}[{i}]: expected {expected}")
+        yield f"{where}[{i}]", m
 
 
 def read_messages(path: str) -> list[Message]:

@@ -5,50 +5,39 @@ Formats (`FORMATS`, picked by name or by the file's extension):
 - `chitchat`: the chitchat-dataset package (real human chats), no file needed. Consecutive
   messages of one sender form one turn (joined by a space); the first speaker is `user`, the
   other `assistant`, alternating.
-- `jsonl` (`.jsonl`): one conversation per line, `{"messages": [{"role", "content"}, ...]}`,
-  optionally `"system"` (or `"persona"`): a string put first as the system message.
+- `jsonl` (`.jsonl`): one conversation per line, in OpenAI's chat fine-tuning shape
+  `{"messages": [{"role", "content", "weight"?}, ...]}` (`"weight": 0` on an assistant message:
+  never trained) or ShareGPT's `{"conversations": [{"from", "value"}, ...]}`; the first line
+  decides which (see `records`). `openai` and `sharegpt` name one shape each.
+- `json` (`.json`): one JSON array of such records (or of bare message lists).
+- `parquet` (`.parquet`), `csv` (`.csv`): a row per conversation, with a `messages` or a
+  `conversations` column (see `tables`; needs pyarrow).
 - `tsv` (`.tsv`), DialoGPT's format: `turn EOS turn EOS ... <TAB> response`. Turns alternate
-  backwards from the response, which is always `assistant`. A line whose every turn starts with
-  a decimal weight (`0.0 hi EOS 1.0 hello <TAB> 1.0 how are you`) is weighted: a turn of weight
-  0 is never trained; the weights are stripped from the text.
+  backwards from the response, which is always `assistant`. Read as DialoGPT's `prepro.py`
+  reads it: a turn whose first word is a number (`0.0 hi`, `1 hello`) has it as its weight, any
+  other turn weight 1.0; weight 0 is never trained, and a response of weight 0 is dropped. So a
+  turn that starts with a number (`20 years old .`) loses it, as in DialoGPT.
 - `text` (`.txt`): one turn per line, a blank line between dialogues; user first, alternating.
+  A file of another kind (a `.csv`, JSON records, a header with a `messages` column) is refused.
 
-Errors name `file:line: reason`. With `skip_bad`, a bad line (or dialogue) is skipped and
-counted instead, and the reasons are returned.
+Errors name `file:line: reason` (a table's row, a JSON array's element and line). With
+`skip_bad`, a bad line (or dialogue) is skipped and counted instead, and the reasons are returned.
 """
 
 from __future__ import annotations
 
 import json
-import re
-from dataclasses import dataclass
+import math
 from pathlib import Path
 
-from ..chat.messages import Message, parse_messages
+from ..chat.messages import Message
 from ..errors import UserError
-from ..textio import EncodingError, decode, load_json, read_file
+from ..textio import load_json, read_file
+from .records import Parsed, Turn, lines, read_json_array, read_jsonl, read_openai, read_sharegpt
+from .tables import read_csv, read_parquet
 
 
-@dataclass
-class Turn(Message):
-    """A message with a training weight: 0 means never trained (DialoGPT's weighted TSV)."""
-
-    weight: float = 1.0
-
-    def to_dict(self) -> dict:
-        d = super().to_dict()
-        if self.weight != 1.0:
-            d["weight"] = self.weight
-        return d
-
-
-@dataclass
-class Parsed:
-    conversations: list[list[Message]]
-    skipped: list[str]  # one "file:line: reason" per skipped line or dialogue
-
-
-EXTENSIONS = {".jsonl": "jsonl", ".tsv": "tsv", ".txt": "text"}
+EXTENSIONS = {".jsonl": "jsonl", ".json": "json", ".parquet": "parquet", ".csv": "csv", ".tsv": "tsv", ".txt": "text"}
 
 
 def alternate(texts: list[str], last_role: str | None = None) -> list[Message]:
@@ -109,65 +98,40 @@ def _chitchat_turns(conv, where: str) -> list[tuple[str, str]]:
     return turns
 
 
-# --- JSONL ----------------------------------------------------------------------------------
-def _jsonl_line(line: str, where: str, lineno: int) -> list[Message]:
-    obj = load_json(line, where, lineno)
-    where = f"{where}:{lineno}"
-    if not isinstance(obj, dict) or "messages" not in obj:
-        raise UserError(f"{where}: expected an object with a 'messages' list")
-    messages = parse_messages(obj["messages"], f"{where}: messages")
-    system = obj.get("system", obj.get("persona"))
-    if system is not None:
-        if not isinstance(system, str):
-            raise UserError(f"{where}: 'system' must be a string")
-        if messages and messages[0].role == "system":
-            raise UserError(f"{where}: both a 'system' field and a system message")
-        messages.insert(0, Message("system", system))
-    if not any(m.role != "system" for m in messages):
-        raise UserError(f"{where}: a conversation needs at least one user or assistant message")
-    return messages
-
-
-def read_jsonl(path: Path, skip_bad: bool = False) -> Parsed:
-    out, skipped = [], []
-    for lineno, line in enumerate(_lines(path), 1):
-        if not line.strip():
-            continue
-        try:
-            out.append(_jsonl_line(line, str(path), lineno))
-        except UserError as e:
-            if not skip_bad or isinstance(e, EncodingError):  # a wrong encoding is the file's, not a line's
-                raise
-            skipped.append(str(e))
-    return Parsed(out, skipped)
-
-
 # --- DialoGPT TSV ---------------------------------------------------------------------------
-_WEIGHT = re.compile(r"^(\d+\.\d+) (.*)$", re.S)
+def dialogpt_turn(text: str, where: str) -> tuple[float, str]:
+    """(weight, text) of one turn, as DialoGPT's `prepro.py` reads it: the first word is the
+    weight when Python's float() takes it (`1`, `0.0`, `1e0`), else the weight is 1.0 and the
+    word stays; words are joined by single spaces."""
+    words = text.split()
+    if not words:
+        raise UserError(f"{where}: an empty turn (check the ' EOS ' separators and the response)")
+    try:
+        weight = float(words[0])
+    except ValueError:
+        return 1.0, " ".join(words)
+    if not math.isfinite(weight) or weight < 0:
+        raise UserError(f"{where}: weight {words[0]!r} is not a finite number >= 0 (a turn's first word is read "
+                        "as its weight when it is a number, as DialoGPT does)")
+    if len(words) == 1:
+        raise UserError(f"{where}: a weighted turn has no text (weight {words[0]!r})")
+    return weight, " ".join(words[1:])
 
 
 def _tsv_line(line: str, where: str) -> list[Message]:
-    cols = line.rstrip("\r\n").split("\t")
+    cols = line.strip().split("\t")
     if len(cols) != 2:
         raise UserError(f"{where}: expected 'context EOS context ... <TAB> response' "
                         f"(2 tab-separated columns), got {len(cols)}")
-    texts = [t.strip() for t in cols[0].split(" EOS ")] + [cols[1].strip()]
-    if any(not t for t in texts):
-        raise UserError(f"{where}: an empty turn (check the ' EOS ' separators and the response)")
-    weighted = [_WEIGHT.match(t) for t in texts]
-    weights = [1.0] * len(texts)
-    if all(weighted):
-        weights = [float(m.group(1)) for m in weighted]
-        texts = [m.group(2).strip() for m in weighted]
-        if any(not t for t in texts):
-            raise UserError(f"{where}: a weighted turn has no text")
-    msgs = alternate(texts, last_role="assistant")
-    return [Turn(m.role, m.content, w) for m, w in zip(msgs, weights)]
+    turns = [dialogpt_turn(t, where) for t in cols[0].split(" EOS ")] + [dialogpt_turn(cols[1], where)]
+    msgs = alternate([t for _, t in turns], last_role="assistant")
+    out = [Turn(m.role, m.content, w) for m, (w, _) in zip(msgs, turns)]
+    return out[:-1] if turns[-1][0] == 0 else out  # DialoGPT drops a response of weight 0
 
 
 def read_tsv(path: Path, skip_bad: bool = False) -> Parsed:
     out, skipped = [], []
-    for lineno, line in enumerate(_lines(path), 1):
+    for lineno, line in enumerate(lines(path), 1):
         if not line.strip():
             continue
         try:
@@ -180,11 +144,20 @@ def read_tsv(path: Path, skip_bad: bool = False) -> Parsed:
 
 
 # --- plain text -----------------------------------------------------------------------------
+STRUCTURED = {".csv", ".tsv", ".json", ".jsonl", ".parquet"}
+
+
 def read_text(path: Path, skip_bad: bool = False) -> Parsed:
+    if path.suffix.lower() in STRUCTURED:
+        fmt = EXTENSIONS[path.suffix.lower()]
+        raise UserError(f"{path}: --format text reads each line as a turn; a {path.suffix} file is read with "
+                        f"--format {fmt} (rename it if it really is plain text)")
     out: list[list[Message]] = []
     block: list[str] = []
-    for line in [*_lines(path), ""]:  # a final blank line closes the last dialogue
+    for lineno, line in enumerate([*lines(path), ""], 1):  # a final blank line closes the last dialogue
         text = line.strip()
+        if text and not out and not block:
+            _not_records(text, f"{path}:{lineno}")
         if text:
             block.append(text)
         elif block:
@@ -193,20 +166,24 @@ def read_text(path: Path, skip_bad: bool = False) -> Parsed:
     return Parsed(out, [])
 
 
-FORMATS = {"chitchat": read_chitchat, "jsonl": read_jsonl, "tsv": read_tsv, "text": read_text}
+def _not_records(first: str, where: str):
+    """Refuse a first line that shows the file is JSON records or a table, not turns."""
+    if first[0] in "[{":
+        try:
+            value = json.loads(first)
+        except (ValueError, RecursionError):  # not JSON, or nested too deeply to tell: read as text
+            value = None
+        if isinstance(value, (dict, list)):
+            raise UserError(f"{where}: expected plain text (a turn per line) for --format text; this line is JSON: "
+                            "use --format jsonl (a conversation per line) or json (one array)")
+    header = [c.strip().strip('"').lower() for c in first.split(",")]
+    if len(header) > 1 and ("messages" in header or "conversations" in header):
+        raise UserError(f"{where}: expected plain text (a turn per line) for --format text; this line is a CSV "
+                        "header with a messages/conversations column: use --format csv")
 
 
-def _lines(path: Path):
-    """The file's lines (universal newlines). Not UTF-8 stops the read at `file:line`, with or
-    without --skip-bad (a file in another encoding has no good lines to keep)."""
-    try:
-        with open(path, encoding="utf-8") as f:
-            yield from f
-    except UnicodeDecodeError as e:  # the text reader decodes in blocks: find the line in the bytes
-        decode(path.read_bytes(), str(path))
-        raise EncodingError(f"{path}: not UTF-8 text ({e.reason})") from None  # (changed since)
-    except OSError as e:
-        raise UserError(f"{path}: cannot read ({e.strerror})") from None
+FORMATS = {"chitchat": read_chitchat, "jsonl": read_jsonl, "openai": read_openai, "sharegpt": read_sharegpt,
+           "json": read_json_array, "parquet": read_parquet, "csv": read_csv, "tsv": read_tsv, "text": read_text}
 
 
 def resolve_format(dataset: str, fmt: str | None) -> tuple[str, Path]:

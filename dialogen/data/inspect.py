@@ -160,8 +160,7 @@ def register(sub):
                        description="Renders N examples with a model's tokenizer and chat template and prints, for "
                                    "each token, the context seen, the next token and whether it carries loss; then "
                                    "counts for the whole split.")
-    add_data_args(p)
-    p.add_argument("--split", default="train", choices=["train", "valid", "test"], help="(default: %(default)s)")
+    add_data_args(p, split_default="train")
     p.add_argument("--model", default="default", help="whose tokenizer: a model path or 'default' (default: %(default)s)")
     p.add_argument("--template", default="auto", help="chat template (default: the model's own)")
     p.add_argument("--reverse", action="store_true", help="show backward (reply -> context) examples")

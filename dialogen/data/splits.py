@@ -23,8 +23,9 @@ from ..errors import UserError
 from .formats import Turn, read_conversations, resolve_format
 
 SPLITS = ("train", "valid", "test")
+ALL = "all"  # every conversation of the file, in file order (to score or inspect a whole small file)
 FRACTIONS = {"test": 0.05, "valid": 0.05}
-SPLIT_VERSION = 1
+SPLIT_VERSION = 2  # 2: DialoGPT TSV read as DialoGPT's prepro.py reads it
 
 
 def split_sizes(n: int) -> dict[str, int]:
@@ -64,9 +65,10 @@ def split_dir(dataset: str, fmt: str | None, seed: int) -> tuple[str, Path, Path
 
 def load_split(dataset: str = "chitchat", split: str = "test", fmt: str | None = None, seed: int = 0,
                skip_bad: bool = False) -> list[list[Message]]:
-    """The conversations of one split of a dataset name ("chitchat") or a data file."""
-    if split not in SPLITS:
-        raise UserError(f"unknown split {split!r}; splits: {', '.join(SPLITS)}")
+    """The conversations of one split of a dataset name ("chitchat") or a data file; split "all":
+    every conversation, in the file's order."""
+    if split not in SPLITS and split != ALL:
+        raise UserError(f"unknown split {split!r}; splits: {', '.join(SPLITS)}, {ALL}")
     fmt, path, directory = split_dir(dataset, fmt, seed)
     meta = _read_meta(directory)
     if meta is None:
@@ -79,7 +81,14 @@ def load_split(dataset: str = "chitchat", split: str = "test", fmt: str | None =
         raise UserError(skipped[0])  # the split was made with --skip-bad; this caller did not ask
     if skipped:
         print(f"dialogen: skipped {len(skipped)} bad line(s) in {path} (first: {skipped[0]})", file=sys.stderr)
-    return _read_split(directory / f"{split}.jsonl")
+    if split != ALL:
+        return _read_split(directory / f"{split}.jsonl")
+    parts = {name: _read_split(directory / f"{name}.jsonl") for name in SPLITS}
+    everything: list = [None] * sum(len(p) for p in parts.values())
+    for name, idx in assign(len(everything), seed).items():  # where each split's conversations came from
+        for i, conv in zip(idx, parts[name]):
+            everything[i] = conv
+    return everything
 
 
 def _write(directory: Path, conversations: list[list[Message]], seed: int, meta: dict):

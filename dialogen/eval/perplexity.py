@@ -100,11 +100,9 @@ def register(sub):
                                    "(nats/token), tokens, bpc (bits per character, comparable across vocabularies).")
     p.add_argument("--model", default="default", help="model path or 'default' (default: %(default)s)")
     p.add_argument("--template", default="auto", help="chat template (default: the model's own)")
-    p.add_argument("--data", default="chitchat", help="'chitchat' or a data file (default: %(default)s)")
-    p.add_argument("--format", default=None, help="data file format (default: from the extension)")
-    p.add_argument("--skip-bad", action="store_true", help="skip bad lines of the data file")
-    p.add_argument("--split", default="test", choices=["train", "valid", "test"], help="(default: %(default)s)")
-    p.add_argument("--split-seed", type=int, default=0, help="(default: %(default)s)")
+    from ..data.options import add_data_source_args
+
+    add_data_source_args(p.add_argument_group("data"), split_default="test")
     p.add_argument("--conversations", type=int, default=0,
                    help="score the first N conversations of the split; 0 = all (default: %(default)s)")
     p.add_argument("--max-len", type=int, default=512, help="window length in tokens (default: %(default)s)")

@@ -218,10 +218,9 @@ def register(sub):
     add_model_args(p)
     p.set_defaults(dtype="float32")  # batched decoding is matrix-matrix work: fp32 is the fast path on CPU
     g = p.add_argument_group("data")
-    g.add_argument("--dataset", default="chitchat", help="dataset name or data file (default: %(default)s)")
-    g.add_argument("--format", default=None, help="data file format (default: from the file extension)")
-    g.add_argument("--split", default="test", help="train, valid or test (default: %(default)s)")
-    g.add_argument("--split-seed", type=int, default=0, help="seed of the train/valid/test split (default: %(default)s)")
+    from ..data.options import add_data_source_args
+
+    add_data_source_args(g, split_default="test")
     g.add_argument("--examples", type=int, default=100, help="examples drawn from the split (default: %(default)s)")
     g.add_argument("--sample-seed", type=int, default=0, help="seed of the example draw (default: %(default)s)")
     g.add_argument("--context-turns", type=int, default=4, help="context turns before each reply (default: %(default)s)")
@@ -268,7 +267,7 @@ def cmd_eval(args) -> int:
                                        explicit=args.compare not in (None, ",".join(CONFIGS)))
     if not configs:
         raise UserError("--compare: no config left to run")
-    examples = eval_examples(load_split(args.dataset, args.split, args.format, args.split_seed),
+    examples = eval_examples(load_split(args.data, args.split, args.format, args.split_seed, args.skip_bad),
                              args.examples, args.sample_seed, args.context_turns)
     from .adversarial import Evaluator
 
@@ -280,7 +279,7 @@ def cmd_eval(args) -> int:
     persona = resolve_persona(args.system)
     result = evaluate(engine, examples, configs, persona, args.batch_size, args.ppl, log=sys.stderr,
                       evaluator=evaluator)
-    result.update({"dataset": args.dataset, "split": args.split, "sample_seed": args.sample_seed,
+    result.update({"dataset": args.data, "split": args.split, "sample_seed": args.sample_seed,
                    "context_turns": args.context_turns, "persona": persona, "skipped": skipped})
     if args.output:
         write_json(Path(args.output), result)

@@ -33,6 +33,11 @@ RENAME = {"token_embd": "model.embed_tokens", "output_norm": "model.norm", "outp
           "attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj", "attn_v": "self_attn.v_proj",
           "attn_output": "self_attn.o_proj", "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj",
           "ffn_down": "mlp.down_proj"}
+# GGUF names of GPT-2 tensors -> Hugging Face GPT-2 names (matrices there are Conv1D: (in, out))
+GPT2_RENAME = {"token_embd": "transformer.wte", "position_embd": "transformer.wpe", "output_norm": "transformer.ln_f",
+               "output": "lm_head", "attn_norm": "ln_1", "attn_qkv": "attn.c_attn", "attn_output": "attn.c_proj",
+               "ffn_norm": "ln_2", "ffn_up": "mlp.c_fc", "ffn_down": "mlp.c_proj"}
+CONV1D = {"attn_qkv", "attn_output", "ffn_up", "ffn_down"}
 NATIVE = {2: "q4_0", 3: "q4_1", 8: "q8_0"}  # GGUF type number -> block layout the kernels multiply
 
 
@@ -54,18 +59,21 @@ def read_gguf(path: Path):
 
 def config_from_meta(path: Path, meta: dict, names: set[str]) -> Config:
     arch = meta.get("general.architecture")
-    if arch != "llama":
-        raise UserError(f"{path}: GGUF architecture {arch!r} is not supported; supported: llama")
-    m = lambda k, d=None: meta.get(f"llama.{k}", d)  # noqa: E731
+    if arch not in ("llama", "gpt2"):
+        raise UserError(f"{path}: GGUF architecture {arch!r} is not supported; supported: llama, gpt2")
+    m = lambda k, d=None: meta.get(f"{arch}.{k}", d)  # noqa: E731
     n_head = m("attention.head_count")
     try:
-        return Config(arch="llama", vocab_size=len(meta["tokenizer.ggml.tokens"]), n_layer=m("block_count"),
-                      n_head=n_head, n_kv_head=m("attention.head_count_kv", n_head), d_model=m("embedding_length"),
-                      d_ff=m("feed_forward_length"), head_dim=m("attention.key_length", 0) or 0,
-                      max_seq_len=m("context_length", 2048), rope_theta=m("rope.freq_base", 10000.0),
-                      norm_eps=m("attention.layer_norm_rms_epsilon", 1e-5), tie_embeddings="output.weight" not in names)
+        common = dict(arch=arch, vocab_size=len(meta["tokenizer.ggml.tokens"]), n_layer=m("block_count"),
+                      n_head=n_head, d_model=m("embedding_length"), d_ff=m("feed_forward_length"),
+                      max_seq_len=m("context_length", 2048), tie_embeddings="output.weight" not in names)
+        if arch == "gpt2":
+            return Config(**common, n_kv_head=n_head, norm_eps=m("attention.layer_norm_epsilon", 1e-5))
+        return Config(**common, n_kv_head=m("attention.head_count_kv", n_head), head_dim=m("attention.key_length", 0) or 0,
+                      rope_theta=m("rope.freq_base", 10000.0), norm_eps=m("attention.layer_norm_rms_epsilon", 1e-5),
+                      attn_bias="blk.0.attn_q.bias" in names)
     except (KeyError, TypeError, ValueError, ZeroDivisionError) as e:
-        raise UserError(f"{path}: incomplete llama metadata ({type(e).__name__}: {e})") from None
+        raise UserError(f"{path}: incomplete {arch} metadata ({type(e).__name__}: {e})") from None
 
 
 def index_dir(path: Path) -> Path:
@@ -94,14 +102,18 @@ def index_dir(path: Path) -> Path:
     return target
 
 
-def _hf_name(gguf_name: str) -> str:
+def _hf_name(gguf_name: str, arch: str = "llama") -> str:
     parts = gguf_name.split(".")
     try:
+        if arch == "gpt2":
+            if parts[0] == "blk":
+                return f"transformer.h.{parts[1]}.{GPT2_RENAME[parts[2]]}.{parts[3]}"
+            return f"{GPT2_RENAME[parts[0]]}.{parts[1]}"
         if parts[0] == "blk":
             return f"model.layers.{parts[1]}.{RENAME[parts[2]]}.{parts[3]}"
         return f"{RENAME[parts[0]]}.{parts[1]}"
     except (KeyError, IndexError):
-        raise UserError(f"GGUF tensor {gguf_name!r} is not part of a llama model") from None
+        raise UserError(f"GGUF tensor {gguf_name!r} is not part of a {arch} model") from None
 
 
 def unpermute_rows(w: torch.Tensor, n_head: int) -> torch.Tensor:
@@ -119,17 +131,19 @@ def read_tensors(path: Path, cfg: Config, tensors: list[dict]) -> tuple[dict, di
         raise UserError(f"{path}: cannot read ({e.strerror})") from None
     floats, blocks, converted = {}, {}, set()
     for t in tensors:
-        name, kind, shape = _hf_name(t["name"]), t["type"], t["shape"]
+        name, kind, shape = _hf_name(t["name"], cfg.arch), t["type"], t["shape"]
         end = t["offset"] + t["bytes"]
         if end > len(data):
             raise UserError(f"{path}: truncated file (tensor {t['name']} ends past the end)")
         raw = data[t["offset"]: end]
         heads = {"attn_q": cfg.n_head, "attn_k": cfg.n_kv_head}.get(t["name"].split(".")[-2])
+        conv1d = cfg.arch == "gpt2" and t["name"].split(".")[-2] in CONV1D  # Hugging Face GPT-2 stores (in, out)
         if kind in NATIVE and len(shape) == 2:
             b = torch.from_numpy(raw).view(shape[0], -1)  # (rows, row bytes)
             b = unpermute_rows(b, heads) if heads else b
             blocks[name] = (NATIVE[kind], b)
-            floats[name] = kernels.dequantize(kind, b, *shape) if kernels.enabled() else _dequantize(b.numpy(), kind)
+            w = kernels.dequantize(kind, b, *shape) if kernels.enabled() else _dequantize(b.numpy(), kind)
+            floats[name] = w.t() if conv1d else w
             continue
         if kind == 0:  # F32
             w = raw.view(np.float32)
@@ -141,7 +155,7 @@ def read_tensors(path: Path, cfg: Config, tensors: list[dict]) -> tuple[dict, di
             converted.add(gguf.GGMLQuantizationType(kind).name)
             w = _dequantize(raw.reshape(shape[0] if len(shape) > 1 else 1, -1), kind).numpy()
         w = torch.from_numpy(np.array(w, dtype=np.float32).reshape(shape))
-        floats[name] = unpermute_rows(w, heads) if heads else w
+        floats[name] = unpermute_rows(w, heads) if heads else w.t() if conv1d else w
     if converted:
         print(f"dialogen: {path.name}: {', '.join(sorted(converted))} tensors are dequantized "
               "(kept natively: Q4_0, Q4_1, Q8_0)", file=sys.stderr)

@@ -111,6 +111,9 @@ def load_gguf(path: Path, dtype="auto") -> Loaded:
     return Loaded(model, Tokenizer.from_dir(where), where, {"template": "jinja", "source": str(path)})
 
 
+GPT2_LINEARS = {"attn.c_attn": "attn.qkv", "attn.c_proj": "attn.o_proj", "mlp.c_fc": "mlp.up", "mlp.c_proj": "mlp.down"}
+
+
 def native_blocks(cfg: Config, blocks: dict) -> dict:
     """GGUF blocks in Hugging Face names -> {our Linear's name: (kind, blocks)}; fused weights
     (qkv, gate_up) only when their parts share one layout."""
@@ -121,6 +124,12 @@ def native_blocks(cfg: Config, blocks: dict) -> dict:
         return parts[0][0], torch.cat([b for _, b in parts])
 
     out = {}
+    if cfg.arch == "gpt2":
+        for i in range(cfg.n_layer):
+            for theirs, ours in GPT2_LINEARS.items():
+                out[f"blocks.{i}.{ours}"] = blocks.get(f"transformer.h.{i}.{theirs}.weight")
+        out["lm_head"] = blocks.get("transformer.wte.weight" if cfg.tie_embeddings else "lm_head.weight")
+        return {k: v for k, v in out.items() if v is not None}
     for i in range(cfg.n_layer):
         p, q = f"model.layers.{i}.", f"blocks.{i}."
         out[q + "attn.qkv"] = fuse([p + f"self_attn.{n}_proj.weight" for n in "qkv"])
@@ -300,7 +309,7 @@ def config_to_hf(cfg: Config) -> dict:
     if cfg.arch == "gpt2":
         return {"model_type": "gpt2", "architectures": ["GPT2LMHeadModel"], "vocab_size": cfg.vocab_size,
                 "n_layer": cfg.n_layer, "n_head": cfg.n_head, "n_embd": cfg.d_model, "n_inner": cfg.d_ff,
-                "n_positions": cfg.max_seq_len, "layer_norm_epsilon": cfg.norm_eps,
+                "n_positions": cfg.max_seq_len, "n_ctx": cfg.max_seq_len, "layer_norm_epsilon": cfg.norm_eps,
                 "activation_function": "gelu_new", "tie_word_embeddings": cfg.tie_embeddings}
     return {"model_type": "llama", "architectures": ["LlamaForCausalLM"], "vocab_size": cfg.vocab_size,
             "num_hidden_layers": cfg.n_layer, "num_attention_heads": cfg.n_head,
@@ -331,8 +340,7 @@ def hf_to_ours(cfg: Config, sd: dict) -> dict:
     else:
         out["embed.weight"], out["pos_embed.weight"] = sd["wte.weight"], sd["wpe.weight"]
         out["norm.weight"], out["norm.bias"] = sd["ln_f.weight"], sd["ln_f.bias"]
-        names = {"attn.c_attn": "attn.qkv", "attn.c_proj": "attn.o_proj", "mlp.c_fc": "mlp.up",
-                 "mlp.c_proj": "mlp.down", "ln_1": "norm1", "ln_2": "norm2"}
+        names = {**GPT2_LINEARS, "ln_1": "norm1", "ln_2": "norm2"}
         for i in range(cfg.n_layer):
             for theirs, ours in names.items():
                 w = sd[f"h.{i}.{theirs}.weight"]
@@ -364,8 +372,7 @@ def ours_to_hf(cfg: Config, sd: dict) -> dict:
     else:
         out["transformer.wte.weight"], out["transformer.wpe.weight"] = sd["embed.weight"], sd["pos_embed.weight"]
         out["transformer.ln_f.weight"], out["transformer.ln_f.bias"] = sd["norm.weight"], sd["norm.bias"]
-        names = {"attn.c_attn": "attn.qkv", "attn.c_proj": "attn.o_proj", "mlp.c_fc": "mlp.up",
-                 "mlp.c_proj": "mlp.down", "ln_1": "norm1", "ln_2": "norm2"}
+        names = {**GPT2_LINEARS, "ln_1": "norm1", "ln_2": "norm2"}
         for i in range(cfg.n_layer):
             for theirs, ours in names.items():
                 w = sd[f"blocks.{i}.{ours}.weight"]

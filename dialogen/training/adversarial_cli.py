@@ -54,8 +54,9 @@ def _common(p: argparse.ArgumentParser, several: bool = False):
     p.add_argument("--generator", default=None, action="append" if several else "store",
                    help="an MLE-trained generator checkpoint (RNN or transformer)" + (" (repeatable)" if several else ""))
     g = p.add_argument_group("data")
-    g.add_argument("--data", default="chitchat", help="dataset name or file (default: %(default)s)")
-    g.add_argument("--format", default=None, help="data format (default: from the file extension)")
+    from ..data.options import add_data_source_args
+
+    add_data_source_args(g)
     g.add_argument("--max-conversations", type=int, default=2000,
                    help="a seeded sample of the training split; 0 = all (default: %(default)s)")
     g.add_argument("--valid-pairs", type=int, default=100, help="validation pairs scored (default: %(default)s)")
@@ -110,10 +111,10 @@ def load_pairs(args, models, tokenizer, template):
         if max_prompt < 8:
             raise UserError(f"--max-new-tokens {args.max_new_tokens} leaves no room for a context in the "
                             f"{positions} positions of a --generator")
-    train = load_split(args.data, "train", args.format)
+    train = load_split(args.data, "train", args.format, args.split_seed, args.skip_bad)
     if args.max_conversations:
         train = random.Random(args.seed).sample(train, min(args.max_conversations, len(train)))
-    valid = load_split(args.data, "valid", args.format)
+    valid = load_split(args.data, "valid", args.format, args.split_seed, args.skip_bad)
     train_pairs = make_pairs(train, tokenizer, template, turns=args.turns, max_prompt=max_prompt,
                              max_reply=args.max_new_tokens)
     valid_pairs = make_pairs(valid, tokenizer, template, turns=args.turns, max_prompt=max_prompt,

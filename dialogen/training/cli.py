@@ -6,20 +6,15 @@ import argparse
 import json
 from dataclasses import fields
 
+from ..data.options import add_data_source_args
 from .options import TrainOptions
 
 D = TrainOptions(out="")
 
 
-def add_data_args(p: argparse.ArgumentParser):
+def add_data_args(p: argparse.ArgumentParser, split_default: str | None = None):
     g = p.add_argument_group("data")
-    g.add_argument("--data", default="chitchat", help="'chitchat' (built in) or a data file: .jsonl "
-                   "({\"messages\": [...]}), .tsv (DialoGPT 'context EOS ... <TAB> response'), .txt "
-                   "(a turn per line, blank line between dialogues) (default: %(default)s)")
-    g.add_argument("--format", default=None, help="chitchat, jsonl, tsv or text; default: from the extension")
-    g.add_argument("--skip-bad", action="store_true", help="skip (and count) bad lines instead of stopping")
-    g.add_argument("--split-seed", type=int, default=D.split_seed,
-                   help="seed of the train/valid/test split by conversation (default: %(default)s)")
+    add_data_source_args(g, split_default, split_seed=D.split_seed)
     g.add_argument("--train-on", default=D.train_on, choices=["assistant", "both"],
                    help="trained turns: the assistant's, or every turn after the first (DialoGPT) (default: %(default)s)")
     g.add_argument("--max-len", type=int, default=D.max_len,

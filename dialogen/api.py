@@ -1,0 +1,191 @@
+"""The Python entry point: `dialogen.load(...)` -> a `ChatModel` that chats, streams, batches,
+searches, scores and keeps sessions, on the same engine as the CLI and the server.
+
+>>> import dialogen
+>>> model = dialogen.load()                      # the embedded SmolLM2-135M-Instruct
+>>> model.chat("What is the capital of France?", temperature=0)
+'The capital of France is Paris.'
+
+(The outputs shown are the default model's, greedy, 2 threads, on the machine this was written on;
+near-ties can go the other way elsewhere.)
+
+Messages are a string (one user turn), or a list of `{"role", "content"}` dicts (or `Message`s)
+ending with the user's turn, optionally starting with a system message. Sampling options are
+`Sampling`'s fields as keywords: `temperature` (0 = greedy), `top_k`, `top_p`,
+`repetition_penalty`, `frequency_penalty`, `presence_penalty`, `no_repeat_ngram`,
+`max_new_tokens`, `seed`, `stop`. Mistakes in them raise `dialogen.errors.UserError`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator
+
+from .chat.messages import Message, parse_messages
+from .chat.personas import resolve_persona
+from .chat.ranked import RankedSession
+from .chat.session import Engine, Session, load_engine
+from .decoding.settings import Decoding, Sampling
+from .errors import UserError
+
+
+def as_messages(messages, where: str = "messages") -> list[Message]:
+    """A string (one user turn), a list of {"role", "content"} dicts or of Messages -> Messages."""
+    if isinstance(messages, str):
+        return [Message("user", messages)]
+    if isinstance(messages, (list, tuple)) and all(isinstance(m, Message) for m in messages):
+        return list(messages)
+    return parse_messages(list(messages) if isinstance(messages, tuple) else messages, where)
+
+
+class ChatModel:
+    """A loaded model with its tokenizer and chat template (see `dialogen.load`)."""
+
+    def __init__(self, engine: Engine):
+        self.engine = engine
+        self._session: Session | None = None  # reused by chat/stream, so a growing chat reuses its KV cache
+
+    @property
+    def tokenizer(self):
+        return self.engine.tokenizer
+
+    @property
+    def template(self) -> str:
+        return self.engine.template.name
+
+    def __repr__(self) -> str:
+        return f"ChatModel({self.engine.name!r}, template={self.template!r})"
+
+    # --- one reply --------------------------------------------------------------------------
+    def _turn(self, messages, sampling: dict, session: Session | None = None):
+        msgs = as_messages(messages)
+        if not msgs or msgs[-1].role != "user":
+            raise UserError("messages: the last message must have role 'user'")
+        system = msgs[0].content if msgs[0].role == "system" else None
+        history = msgs[1:-1] if system is not None else msgs[:-1]
+        if session is None:
+            if self._session is None:
+                self._session = Session(self.engine)
+            session = self._session
+        session.reset()
+        session.set_persona(system)
+        session.sampling = Sampling().replace(**sampling)
+        session.messages = list(history)
+        return session.send(msgs[-1].content)
+
+    def chat(self, messages, **sampling) -> str:
+        """The assistant's reply to `messages`.
+
+        >>> model.chat([{"role": "system", "content": "You are a pirate."},
+        ...             {"role": "user", "content": "Hello!"}], temperature=0, max_new_tokens=12)
+        "Good day, mate! I'm Captain Blackwood, the"
+        """
+        return self._turn(messages, sampling).run().text
+
+    def stream(self, messages, **sampling) -> Iterator[str]:
+        """The reply as it is generated: pieces of text that join into what `chat` returns.
+
+        >>> for piece in model.stream("Tell me a joke.", temperature=0):
+        ...     print(piece, end="", flush=True)
+        What's that? A joke about a person who can't remember their own name.
+        """
+        yield from self._turn(messages, sampling)
+
+    def generate_batch(self, conversations: Iterable, **sampling) -> list[str]:
+        """One reply per conversation, all decoded together in one batch (equal to one by one;
+        with a `seed`, conversation i samples with seed + i).
+
+        >>> model.generate_batch(["Hi!", "Name a colour."], temperature=0, max_new_tokens=8)
+        ['Hello! How can I assist you today', 'The most obvious color is indeed red,']
+        """
+        from .decoding.batch import generate_batch
+
+        eng = self.engine
+        s = Sampling().replace(**sampling)
+        s = s.replace(stop=s.stop + eng.template.stop_strings(eng.tokenizer))
+        prompts = []
+        for i, conv in enumerate(conversations):
+            msgs = as_messages(conv, f"conversations[{i}]")
+            if not msgs or msgs[-1].role != "user":
+                raise UserError(f"conversations[{i}]: the last message must have role 'user'")
+            ids = eng.template.render(eng.tokenizer, msgs, add_generation_prompt=True)[0]
+            if len(ids) >= eng.context_length:
+                raise UserError(f"conversations[{i}]: the prompt needs {len(ids)} tokens; the model's context "
+                                f"is {eng.context_length}")
+            prompts.append(ids)
+        if not prompts:
+            return []
+        replies = generate_batch(eng.model, prompts, s, eng.template.stop_ids(eng.tokenizer), eng.tokenizer,
+                                 eng.tokenizer.pad_id)
+        return [r.text for r in replies]
+
+    def candidates(self, messages, beam_size: int = 5, scorer: str = "logprob", num_candidates: int | None = None,
+                   source: str = "beam", mmi_model: str | None = None, mmi_weight: float = 0.5,
+                   discriminator: str | None = None, length_penalty: float = 1.0, **sampling) -> list[dict]:
+        """Several replies, best first by `scorer` (logprob, mmi with `mmi_model`, discriminator
+        with `discriminator`): from beam search's n-best (`source="beam"`) or from samples
+        (`source="sample"`). Each is `{"text", "score", "scores", "tokens", "finish_reason"}`.
+
+        >>> best = model.candidates("Any plans for the weekend?", beam_size=4, max_new_tokens=16)
+        >>> [round(c["score"], 2) for c in best]
+        [-0.71, -0.74, -0.77, -0.8]
+        >>> best[0]["text"]
+        "I'm sorry for any misunderstanding, but as a chatbot designed to assist with"
+        """
+        n = num_candidates or (beam_size if source == "beam" else 4)
+        decoding = Decoding(beam_size=beam_size if source == "beam" else 1, num_candidates=n, candidates=source,
+                            scorer=scorer, mmi_model=mmi_model, mmi_weight=mmi_weight, discriminator=discriminator,
+                            length_penalty=length_penalty)
+        session = RankedSession(self.engine, decoding)
+        reply = self._turn(messages, sampling, session).run()
+        ranked = sorted(reply.candidates, key=lambda c: c.scores["score"], reverse=True)
+        return [{"text": c.text, "score": c.scores["score"], "scores": dict(c.scores),
+                 "tokens": len(c.tokens), "finish_reason": c.finish_reason} for c in ranked]
+
+    # --- scores and sessions ----------------------------------------------------------------
+    def perplexity(self, conversations, max_len: int | None = None, batch_size: int = 8,
+                   train_on: str = "assistant") -> dict:
+        """Perplexity on the assistant turns of `conversations` (content and end of turn, as
+        trained; an assistant message of weight 0 is left out): `{"ppl", "nll", "tokens", "bpc", ...}`.
+        `conversations` is a list of message lists, or a data file (every conversation in it).
+
+        >>> r = model.perplexity([[{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello!"}]])
+        >>> round(r["ppl"], 1), r["tokens"]
+        (224.7, 3)
+        >>> model.perplexity("my_chats.jsonl")["ppl"]  # doctest: +SKIP
+        """
+        from .eval.perplexity import assistant_perplexity
+
+        if isinstance(conversations, str):
+            from .data import load_split
+
+            convs = load_split(conversations, "all")
+        else:
+            convs = [as_messages(c, f"conversations[{i}]") for i, c in enumerate(conversations)]
+        eng = self.engine
+        return assistant_perplexity(eng.model, eng.tokenizer, eng.template, convs, max_len, batch_size, train_on)
+
+    def session(self, persona: str | None = None, max_context_tokens: int | None = None, **sampling) -> Session:
+        """A conversation that keeps its history and KV cache: `send(text)` returns the reply as a
+        stream (iterate it for pieces; `.run().text` for the whole reply). `persona` is a system
+        message or a preset name (virtual-assistant, friendly-chatbot, customer-service).
+
+        >>> chat = model.session(persona="friendly-chatbot", temperature=0, max_new_tokens=24)
+        >>> chat.send("Hi, I'm Sam.").run().text
+        "I'd be happy chatting with you! What brings you here today?"
+        >>> for piece in chat.send("What's my name?"):
+        ...     print(piece, end="")
+        Hello there, Sam. How can I assist you today?
+        """
+        return Session(self.engine, system=resolve_persona(persona), sampling=Sampling().replace(**sampling),
+                       max_context_tokens=max_context_tokens)
+
+
+def load(model: str | None = None, dtype: str | None = None, template: str | None = None) -> ChatModel:
+    """A model ready to chat: `model` is None (the embedded SmolLM2-135M-Instruct), a .gguf file, a
+    Hugging Face directory (llama or gpt2) or a dialogen checkpoint; `dtype` the decode weights
+    (auto, int8, int4, float16, bfloat16, float32; default auto); `template` the chat template
+    (chatml, llama2, dialogpt, jinja; default: the model's own).
+
+    >>> model = dialogen.load("runs/ft/best", dtype="int8")
+    """
+    return ChatModel(load_engine(model, template or "auto", dtype or "auto"))
