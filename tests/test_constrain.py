@@ -129,3 +129,12 @@ def test_cli_json_schema_and_json(tiny_llama, tmp_path, capsys):
     assert main([*base, "--json-schema", str(schema)]) == 2
     err = capsys.readouterr().err
     assert f"--json-schema {schema}" in err and len(err.strip().splitlines()) == 1
+
+
+def test_python_entry_point_takes_a_constraint(tiny_llama):
+    import dialogen
+
+    model = dialogen.load(str(tiny_llama[0]), template="chatml")
+    reply = model.chat([{"role": "user", "content": "Book a table."}], temperature=1.0, seed=1, max_new_tokens=40,
+                       constraint=Grammar.json_schema(SCHEMA))
+    jsonschema.validate(json.loads(reply), SCHEMA)
