@@ -167,16 +167,17 @@ class Template:
         text order. A template whose own text depends on the contents (or that changes them
         beyond trimming) gets its placeholder rendering with the contents spliced in whole."""
         key = (tuple(m.role for m in messages), add_generation_prompt, tokenizer.bos_token, tokenizer.eos_token)
+        contents = [m.content for m in messages]
+        text = self._render(tokenizer, messages, contents, add_generation_prompt)
         pieces = self._frames.get(key)
-        if pieces is None:
+        spans = None if pieces is None else _align(text, pieces, contents)
+        if spans is None:  # no kept frame, or a stale one (a template that prints today's date)
             slots = [f"{_OPEN}{i}{_CLOSE}" for i in range(len(messages))]
             pieces = _SLOT.split(self._render(tokenizer, messages, slots, add_generation_prompt))
             if len(self._frames) > 4096:
                 self._frames.clear()
             self._frames[key] = pieces
-        contents = [m.content for m in messages]
-        text = self._render(tokenizer, messages, contents, add_generation_prompt)
-        spans = _align(text, pieces, contents)
+            spans = _align(text, pieces, contents)
         if spans is None:
             text, spans = pieces[0], []
             for k in range(1, len(pieces), 2):
