@@ -29,6 +29,7 @@ from pathlib import Path
 import httpx
 
 from dialogen.serve.launch import ServerProcess
+from serve_peer import stream_turn  # this directory: the same streamed-turn client
 
 TURNS = ["Hi! How is your day going?", "Can you recommend a good book to read?", "Why do you like it?",
          "What should I cook for dinner tonight?", "Thanks! Any tips for sleeping better?",
@@ -36,32 +37,11 @@ TURNS = ["Hi! How is your day going?", "Can you recommend a good book to read?",
 
 
 async def turn(client: httpx.AsyncClient, url: str, sid: str, text: str, max_tokens: int) -> dict:
-    t0 = time.perf_counter()
-    first, tokens, error = None, 0, None
     body = {"content": text, "stream": True, "max_tokens": max_tokens}
-    try:
-        async with client.stream("POST", f"{url}/v1/sessions/{sid}/messages", json=body) as r:
-            if r.status_code == 409:
-                await r.aread()
-                return {"conflict": True}
-            if r.status_code != 200:
-                await r.aread()
-                return {"error": f"{r.status_code} {r.text[:200]}"}
-            async for line in r.aiter_lines():
-                if not line.startswith("data: {"):
-                    continue
-                ev = json.loads(line[6:])
-                if "error" in ev:
-                    error = ev["error"]["message"]
-                elif ev["choices"] and ev["choices"][0]["delta"].get("content") and first is None:
-                    first = time.perf_counter() - t0
-                if ev.get("usage"):
-                    tokens = ev["usage"]["completion_tokens"]
-    except httpx.HTTPError as e:
-        error = f"{type(e).__name__}: {e}"
-    out = {"latency": time.perf_counter() - t0, "ttft": first, "tokens": tokens}
-    if error:
-        out["error"] = error
+    out = await stream_turn(client, f"{url}/v1/sessions/{sid}/messages", body)
+    if out.get("status") == 409:
+        return {"conflict": True}
+    out.pop("text", None)
     return out
 
 

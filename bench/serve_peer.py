@@ -41,20 +41,20 @@ def _pct(xs, q):
     return round(xs[min(len(xs) - 1, int(q * len(xs)))], 3) if xs else None
 
 
-async def _stream(client, url: str, body: dict) -> dict:
+async def stream_turn(client, url: str, body: dict) -> dict:
     """One streamed request; latency, time to first token, tokens, text, or an error."""
     t0, first, text, tokens = time.perf_counter(), None, [], 0
     try:
         async with client.stream("POST", url, json=body) as r:
             if r.status_code != 200:
                 await r.aread()
-                return {"error": f"{r.status_code} {r.text[:200]}"}
+                return {"error": f"{r.status_code} {r.text[:200]}", "status": r.status_code}
             async for line in r.aiter_lines():
                 if not line.startswith("data: {"):
                     continue
                 ev = json.loads(line[6:])
                 if "error" in ev:
-                    return {"error": str(ev["error"])[:200]}
+                    return {"error": str(ev["error"].get("message", ev["error"]))[:200]}
                 for ch in ev.get("choices") or []:
                     piece = (ch.get("delta") or {}).get("content")
                     if piece:
@@ -74,7 +74,7 @@ async def stateless_client(client, base: str, c: int, turns: int, max_tokens: in
         history.append({"role": "user", "content": TURNS[(c + t) % len(TURNS)]})
         body = {"model": model, "messages": history, "stream": True, "max_tokens": max_tokens, "temperature": 0,
                 "stream_options": {"include_usage": True}}
-        r = await _stream(client, f"{base}/v1/chat/completions", body)
+        r = await stream_turn(client, f"{base}/v1/chat/completions", body)
         out.append(r)
         if "error" in r:
             return
@@ -89,7 +89,7 @@ async def session_client(client, base: str, c: int, turns: int, max_tokens: int,
     sid = r.json()["id"]
     for t in range(turns):
         body = {"content": TURNS[(c + t) % len(TURNS)], "stream": True, "max_tokens": max_tokens, "temperature": 0}
-        r = await _stream(client, f"{base}/v1/sessions/{sid}/messages", body)
+        r = await stream_turn(client, f"{base}/v1/sessions/{sid}/messages", body)
         out.append(r)
         if "error" in r:
             return
