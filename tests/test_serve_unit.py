@@ -85,6 +85,69 @@ def test_worker_batches_concurrent_replies_and_matches_one_by_one(llama):
         worker.close()
 
 
+def test_worker_runs_plain_replies_itself_batched_and_equal_to_chat(llama):
+    """`Worker.stream`: the model thread feeds the prompt (in chunks), samples and emits the deltas of
+    many replies, decoded in one batch; each reply equals the same turn in `dialogen chat`."""
+    model, tok = llama
+    convos = [(None, "hello"), ("Be brief.", "what is up " * 30), (None, "tell me a story"), ("x", "y")]
+    samplings = [Sampling(temperature=0, max_new_tokens=12), Sampling(seed=1, max_new_tokens=20, stop=["e"]),
+                 Sampling(seed=2, temperature=1.0, max_new_tokens=15, logprobs=2),
+                 Sampling(temperature=0, max_new_tokens=9, frequency_penalty=1.5)]
+    want = [Session(_engine(model, tok), s, p, max_context_tokens=200).send(t).run() for (s, t), p
+            in zip(convos, samplings)]
+    worker = Worker(model, max_active=8, prefill_chunk=16)
+    try:
+        eng = _engine(worker.proxy, tok)
+        got, deltas, finished = [None] * 4, [[] for _ in convos], []
+
+        def job_for(i):
+            def run(job):
+                gen = Session(eng, convos[i][0], samplings[i], max_context_tokens=200).send(convos[i][1])
+                gen.on_finish = lambda g: finished.append(i)
+                worker.stream(gen, deltas[i].append)
+                got[i] = gen
+            return run
+
+        jobs = [worker.submit(job_for(i), lambda ev: None) for i in range(len(convos))]
+        for j in jobs:
+            assert j.finished.wait(60)
+        for g, w, d in zip(got, want, deltas):
+            assert (g.text, g.tokens, g.finish_reason) == (w.text, w.tokens, w.finish_reason)
+            assert "".join(d) == g.text
+        assert [lp[0] for lp in got[2].logprobs] == pytest.approx([lp[0] for lp in want[2].logprobs], abs=1e-4)
+        assert sorted(finished) == [0, 1, 2, 3]  # on_finish ran once each
+        stats = worker.load()
+        assert stats["max_batch"] >= 2 and stats["rounds"] < stats["decode_rows"] and stats["completed"] == 4
+    finally:
+        worker.close()
+
+
+def test_worker_stream_cancel_stops_the_reply_and_finishes_it(llama):
+    model, tok = llama
+    worker = Worker(model)
+    seen, events = threading.Event(), []
+    try:
+        eng = _engine(worker.proxy, tok)
+
+        def run(job):
+            gen = Session(eng, None, Sampling(max_new_tokens=200, seed=0, temperature=1.0), max_context_tokens=50).send("hi")
+
+            def on_delta(d):
+                seen.set()
+                job.cancel()
+            try:
+                worker.stream(gen, on_delta)
+            finally:
+                events.append(("finish", gen.finish_reason, len(gen.tokens) < 200))
+
+        job = worker.submit(run, events.append)
+        assert job.finished.wait(30) and seen.is_set()
+        assert events == [("finish", "interrupted", True), ("cancelled", None)]
+        assert worker.load()["cancelled"] == 1
+    finally:
+        worker.close()
+
+
 def test_worker_queue_bound_and_cancel(llama):
     model, tok = llama
     worker = Worker(model, max_active=1, max_queue=1)

@@ -34,8 +34,11 @@ def room(model, prompt_len: int, limit: int) -> int:
 
 @torch.inference_mode()
 def step(model, ids: list[int], cache) -> torch.Tensor:
-    """Feed `ids` after what the cache holds; return the next-token logits (V,)."""
-    return model(torch.tensor([ids], dtype=torch.long), cache)[0, -1]
+    """Feed `ids` after what the cache holds; return the next-token logits (V,). A model with
+    `next_logits` (the transformer) applies its head at the last position only."""
+    ids = torch.tensor([ids], dtype=torch.long)
+    last = getattr(model, "next_logits", None)
+    return last(ids, cache)[0] if last is not None else model(ids, cache)[0, -1]
 
 
 class Stream:
@@ -69,10 +72,19 @@ class Stream:
         try:
             yield from self._produce()
         finally:
-            if self.finish_reason is None:
-                self.finish_reason = "interrupted"
-            if self.on_finish is not None:
-                self.on_finish(self)
+            self.finish()
+
+    def finish(self):
+        """End the reply (once): `finish_reason` becomes "interrupted" if it did not finish, and
+        `on_finish(self)` runs. Iterating does this itself; whoever drives a reply step by step
+        (the server's model thread) calls it when done."""
+        if getattr(self, "_finished", False):
+            return
+        self._finished = True
+        if self.finish_reason is None:
+            self.finish_reason = "interrupted"
+        if self.on_finish is not None:
+            self.on_finish(self)
 
 
 class Generation(Stream):
@@ -96,38 +108,53 @@ class Generation(Stream):
         self._stops = StopMatcher(sampling.stop)
 
     def _produce(self):
-        g = make_generator(self.s.seed)
-        limit = room(self.model, len(self.history), self.s.max_new_tokens)
         logits = step(self.model, self.feed, self.cache)
-        grammar = matcher_for(self.s, self.tokenizer, logits.shape[-1], self.stop_ids)
-        for i in range(limit):
-            shaped = shape_logits(logits, self.s, self.history, self.tokens,
-                                  grammar.allowed(limit - i) if grammar is not None else None)
-            tok = draw(shaped, self.s, g)
-            if grammar is not None:  # closed in time: the rest of the grammar fits in the tokens left
-                tok = grammar.fit(tok, limit - i)
-            if tok in self.stop_ids:
-                self.finish_reason = "stop"
-                break
-            if grammar is not None:
-                grammar.accept(tok)
-            if self.s.logprobs is not None:
-                self.logprobs.append(token_logprobs(shaped, tok, self.s.logprobs))
-            self.tokens.append(tok)
-            self.history.append(tok)
-            delta, stopped = self._delta()
-            if delta:
-                yield delta
-            if stopped:
-                self.finish_reason = "stop"
-                break
-            if len(self.tokens) < limit:
-                logits = step(self.model, [tok], self.cache)
-        else:
-            self.finish_reason = "length"
+        while True:
+            deltas = self.advance(logits)
+            yield from deltas
+            if self.done:
+                return
+            logits = step(self.model, self.tokens[-1:], self.cache)
+
+    @property
+    def done(self) -> bool:
+        return self.finish_reason is not None
+
+    def advance(self, logits: torch.Tensor) -> list[str]:
+        """One step: take the next-token logits (V,) (after `feed`, then after each new token) and
+        return the text deltas it settles. Then either `done` is set, or `tokens[-1]` is the token to
+        feed next. Iterating the Generation runs this loop; the server's model thread runs it for
+        many replies at once."""
+        if not hasattr(self, "_g"):
+            self._g = make_generator(self.s.seed)
+            self._limit = room(self.model, len(self.history), self.s.max_new_tokens)
+            self._grammar = matcher_for(self.s, self.tokenizer, logits.shape[-1], self.stop_ids)
+        left, grammar = self._limit - len(self.tokens), self._grammar
+        shaped = shape_logits(logits, self.s, self.history, self.tokens,
+                              grammar.allowed(left) if grammar is not None else None)
+        tok = draw(shaped, self.s, self._g)
+        if grammar is not None:  # closed in time: the rest of the grammar fits in the tokens left
+            tok = grammar.fit(tok, left)
+        if tok in self.stop_ids:
+            return self._end("stop", [])
+        if grammar is not None:
+            grammar.accept(tok)
+        if self.s.logprobs is not None:
+            self.logprobs.append(token_logprobs(shaped, tok, self.s.logprobs))
+        self.tokens.append(tok)
+        self.history.append(tok)
+        delta, stopped = self._delta()
+        deltas = [delta] if delta else []
+        if stopped:
+            return self._end("stop", deltas)
+        if len(self.tokens) >= self._limit:
+            return self._end("length", deltas)
+        return deltas
+
+    def _end(self, reason: str, deltas: list[str]) -> list[str]:
         tail, _ = self._delta(final=True)
-        if tail:
-            yield tail
+        self.finish_reason = reason
+        return deltas + [tail] if tail else deltas
 
     def _delta(self, final: bool = False) -> tuple[str, bool]:
         full = self.tokenizer.decode(self.tokens)

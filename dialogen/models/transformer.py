@@ -327,6 +327,14 @@ class Transformer(nn.Module):
     def forward(self, ids, cache=None, positions=None, key_mask=None):
         return self.lm_head(self.trunk(ids, cache, positions, key_mask), norm=self.norm)
 
+    def next_logits(self, ids, cache=None):
+        """The next-token logits (B, V) after `ids` (B, T): `forward(ids, cache)[:, -1]`, with the head
+        applied at the last position only (a prompt's other positions would cost T - 1 head products)."""
+        x = self.trunk(ids, cache)
+        if ids.shape[1] == 1:  # a decode step: the head's decode copy, as in forward
+            return self.lm_head(x, norm=self.norm)[:, -1]
+        return self.lm_head(x[:, -1], norm=self.norm)  # (B, d): float32, as a prompt's head is
+
     def hidden(self, ids):
         """Final-norm hidden states (B, T, d) of a right-padded or unpadded batch, no cache (training)."""
         return self.norm(self.trunk(ids))

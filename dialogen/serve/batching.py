@@ -23,6 +23,12 @@ def can_batch(model) -> bool:
 
 
 @torch.inference_mode()
+def next_logits(model: Transformer, ids: list[int], cache) -> torch.Tensor:
+    """Feed `ids` after a batch-1 cache; the next-token logits (V,)."""
+    return model.next_logits(torch.tensor([ids], dtype=torch.long), cache)[0]
+
+
+@torch.inference_mode()
 def decode_rows(model: Transformer, tokens: list[int], caches: list) -> torch.Tensor:
     """Feed token i after caches[i] (each a batch-1 KVCache); return next-token logits (B, V)."""
     ids = torch.tensor(tokens, dtype=torch.long)[:, None]  # (B, 1)

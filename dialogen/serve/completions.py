@@ -97,8 +97,7 @@ def _choice_job(svc: Service, req: dict, index: int):
                                         pooled=not searches)
         gen, prompt, cached = svc.reply(session, req["user"], sampling, req["decoding"])
         logprobs = Logprobs(svc.engine.tokenizer, gen, sampling.logprobs is not None)
-        for delta in gen:
-            job.emit(("delta", (delta, logprobs.new())))
+        svc.worker.stream(gen, lambda delta: job.emit(("delta", (delta, logprobs.new()))))
         if not searches:  # its KV cache holds this prompt: keep it for the next turn
             svc.prefixes.give(req["owner"], session, prompt)
         job.emit(("done", {"finish_reason": gen.finish_reason, "tokens": len(gen.tokens), "text": gen.text,

@@ -190,12 +190,8 @@ def _generate(svc: Service, job, session, sid: str, text: str, decode: tuple, ho
     before = len(session.messages)
     try:
         gen, prompt, cached = svc.reply(session, text, sampling, decoding)
-        renewed = time.monotonic()
-        for delta in gen:
-            job.emit(("delta", delta))
-            if time.monotonic() - renewed > LEASE_RENEW:
-                svc.store.renew(sid, holder)
-                renewed = time.monotonic()
+        svc.worker.stream(gen, lambda delta: job.emit(("delta", delta)), tick=lambda: svc.store.renew(sid, holder),
+                          every=LEASE_RENEW)
     except BaseException:
         del session.messages[before:]  # the turn never happened: memory matches the store
         raise

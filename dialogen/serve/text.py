@@ -78,8 +78,7 @@ def _job(svc: Service, req: dict, index: int):
         stop_ids = {eng.tokenizer.eos_id} - {None}
         gen = Generation(eng.model, eng.tokenizer, prompt, eng.model.new_cache(1), sampling, stop_ids)
         logprobs = LegacyLogprobs(eng.tokenizer, gen, sampling.logprobs)
-        for delta in gen:
-            job.emit(("delta", (delta, logprobs.new(delta))))
+        svc.worker.stream(gen, lambda delta: job.emit(("delta", (delta, logprobs.new(delta)))))
         job.emit(("done", {"finish_reason": gen.finish_reason, "tokens": len(gen.tokens), "text": gen.text,
                            "logprobs_tail": logprobs.new(""), "logprobs": logprobs.all()}))
 

@@ -1,12 +1,15 @@
 """The model worker: one thread owns the model; jobs queue for it and are served in rounds.
 
-A job (one reply being generated) runs in its own thread the ordinary way, through
-`Session.send` and `Generation`, but its model is a `ModelProxy`: every model call is handed to
-the worker thread and the job thread waits for the answer. The worker collects the calls of all
-running jobs into rounds; in a round each job gets exactly one step (one token of decode, or
-one chunk of a long prompt), and all single-token decode steps of the round run as one batched
-step (`batching.decode_rows`). So jobs are served round-robin and decoded together, and a long
-prompt does not stall everyone else's replies.
+A job (one reply being generated) runs in its own thread: it renders the prompt through
+`Session.send` and gets a `Generation`. A plain reply is then handed whole to the worker
+(`Worker.stream`): the model thread feeds its prompt, samples its tokens (`Generation.advance`)
+and sends its text deltas on, so a token costs no hand-off between threads. Any other model
+use (beam search, candidates, rerankers, a model that cannot batch) goes through a
+`ModelProxy`: each model call is handed to the worker thread and the job thread waits for the
+answer. In a round every reply and every waiting call gets exactly one step (one token of
+decode, or one chunk of a long prompt), and all single-token decode steps of the round run as
+one batched step (`batching.decode_rows`). So replies are served round-robin and decoded
+together, and a long prompt does not stall everyone else's replies.
 
 Admission is bounded: at most `max_active` jobs run and `max_queue` more wait; past that
 `submit` raises `Busy` (the HTTP layer answers 503 with Retry-After). A cancelled job (its client
@@ -23,7 +26,8 @@ from concurrent.futures import ThreadPoolExecutor
 
 import torch
 
-from .batching import can_batch, decode_rows
+from ..decoding.generate import Generation
+from .batching import can_batch, decode_rows, next_logits
 
 log = logging.getLogger("dialogen.serve")
 
@@ -68,6 +72,26 @@ class _Call:
         self.done.set()
 
 
+class _Drive:
+    """A Generation the model thread runs itself: its prompt is fed (in chunks), then one token
+    per round; `on_delta` gets each text delta, on the model thread."""
+
+    def __init__(self, job: Job | None, gen: Generation, on_delta):
+        self.job, self.gen, self.on_delta = job, gen, on_delta
+        self.fed = 0  # prompt tokens fed so far
+        self.abandoned = False  # the job thread stopped waiting (its own error): drop at the next round
+        self.done = threading.Event()
+        self.error: BaseException | None = None
+
+    @property
+    def dropped(self) -> bool:
+        return self.abandoned or (self.job is not None and self.job.cancelled)
+
+    def finish(self, error=None):
+        self.error = error
+        self.done.set()
+
+
 class ModelProxy:
     """Stands in for the model in job threads: calls run on the worker thread, the rest is the model's."""
 
@@ -76,6 +100,9 @@ class ModelProxy:
 
     def __call__(self, ids, cache=None, **kwargs):
         return self._worker.call(ids, cache, kwargs)
+
+    def next_logits(self, ids, cache=None):
+        return self(ids, cache)[:, -1]
 
     def __getattr__(self, name):
         return getattr(self._worker.model, name)
@@ -93,6 +120,8 @@ class Worker:
         self._cond = threading.Condition()
         self._pending: list[_Call] = []
         self._carry: deque[_Call] = deque()  # prompts part-way through their chunks
+        self._incoming: list[_Drive] = []  # replies handed over, not yet seen by the model thread
+        self._drives: list[_Drive] = []  # replies the model thread is running (its own list)
         self._admitted = 0
         self._running = 0
         self._stepping = 0
@@ -178,6 +207,47 @@ class Worker:
             job.steps += 1
         return c.result
 
+    # --- replies run by the model thread (job threads) ---------------------------------------
+    def stream(self, gen, on_delta, tick=None, every: float = 10.0):
+        """Produce the reply `gen`, calling `on_delta(delta)` with each text delta, and return when it
+        is done (`gen.finish()` has run). A plain Generation of a job on a batchable model is run by
+        the model thread itself, and `on_delta` is called there; anything else (a searched reply)
+        is iterated here, its model calls going through the proxy. `tick()`, if given, is called
+        on this thread about every `every` seconds meanwhile (a lease renewal)."""
+        job = getattr(self._local, "job", None)
+        if job is None or not self._drivable(gen):
+            last = time.monotonic()
+            for delta in gen:
+                on_delta(delta)
+                if tick is not None and time.monotonic() - last > every:
+                    tick()
+                    last = time.monotonic()
+            return
+        d = _Drive(job, gen, on_delta)
+        try:
+            if job.cancelled:
+                raise Cancelled()
+            with self._cond:
+                if self._stop:
+                    raise Cancelled()
+                self._incoming.append(d)
+                self._cond.notify_all()
+            while not d.done.wait(every):
+                if tick is not None:
+                    tick()
+        except BaseException:
+            d.abandoned = True
+            d.done.wait()  # the model thread lets go of the reply (at its next round) before it ends here
+            raise
+        finally:
+            gen.finish()
+        if d.error is not None:
+            raise d.error
+
+    def _drivable(self, gen) -> bool:
+        return (self.batchable and isinstance(gen, Generation) and gen.model is self.proxy
+                and not gen.done and not hasattr(gen, "_iter"))
+
     # --- the worker thread ----------------------------------------------------------------
     def close(self):
         """Stop the worker; every job waiting on a model call gets Cancelled."""
@@ -186,9 +256,9 @@ class Worker:
             self._cond.notify_all()
         self._thread.join(timeout=5)
         with self._cond:
-            left = list(self._carry) + self._pending
+            left = list(self._carry) + self._pending + self._incoming + self._drives
             self._carry.clear()
-            self._pending = []
+            self._pending, self._incoming, self._drives = [], [], []
         for c in left:
             c.finish(error=Cancelled())
         self._pool.shutdown(wait=False, cancel_futures=True)
@@ -196,10 +266,12 @@ class Worker:
     def _gather(self) -> list[_Call] | None:
         """Wait for a round: every stepping job has a call pending (or the wait ran out)."""
         with self._cond:
-            while not self._pending and not self._carry and not self._stop:
+            while not (self._pending or self._carry or self._incoming or self._drives or self._stop):
                 self._cond.wait()
             if self._stop:
                 return None
+            self._drives += self._incoming
+            self._incoming = []
             # waiting up to half a round's time costs at most half a round, and keeps batches whole
             deadline = time.monotonic() + max(self.gather_s, self._last_round_s / 2)
             while len(self._pending) + len(self._carry) < self._stepping:
@@ -224,9 +296,10 @@ class Worker:
                     self._round(calls)
             except Exception as e:  # a bug in a round must not leave jobs waiting forever
                 log.exception("model round failed")
-                for c in calls:
+                for c in calls + self._drives:
                     if not c.done.is_set():
                         c.finish(error=e)
+                self._drives = []
                 with self._cond:
                     self._carry = deque(c for c in self._carry if not c.done.is_set())
             self._last_round_s = time.perf_counter() - t0
@@ -240,27 +313,63 @@ class Worker:
                 c.finish(error=Cancelled())
             else:
                 live.append(c)
+        for d in [d for d in self._drives if d.dropped]:
+            self._end(d, Cancelled())
         decode = [c for c in live if self._is_decode(c)]
-        if decode:
-            self._decode(decode)
+        rows = [d for d in self._drives if d.fed == len(d.gen.feed)]
+        if decode or rows:
+            self._decode(decode, rows)
         for c in live:
             if not self._is_decode(c):
                 self._feed(c)
+        for d in [d for d in self._drives if d.fed < len(d.gen.feed)]:
+            self._prefill(d)
 
     def _is_decode(self, c: _Call) -> bool:
         return self.batchable and c.cache is not None and not c.kwargs and tuple(c.ids.shape) == (1, 1)
 
-    def _decode(self, calls: list[_Call]):
-        self.stats["decode_rows"] += len(calls)
-        self.stats["max_batch"] = max(self.stats["max_batch"], len(calls))
+    def _decode(self, calls: list[_Call], rows: list[_Drive]):
+        n = len(calls) + len(rows)
+        self.stats["decode_rows"] += n
+        self.stats["max_batch"] = max(self.stats["max_batch"], n)
+        tokens = [int(c.ids[0, 0]) for c in calls] + [d.gen.tokens[-1] for d in rows]
         try:
-            logits = decode_rows(self.model, [int(c.ids[0, 0]) for c in calls], [c.cache for c in calls])
+            logits = decode_rows(self.model, tokens, [c.cache for c in calls] + [d.gen.cache for d in rows])
         except Exception:  # one bad row (e.g. past the position limit): step rows alone to blame it
             for c in calls:
                 self._direct(c)
+            for d in rows:
+                self._run(d, lambda d=d: next_logits(self.model, d.gen.tokens[-1:], d.gen.cache))
             return
         for i, c in enumerate(calls):
             c.finish(result=logits[i].view(1, 1, -1))
+        for i, d in enumerate(rows, len(calls)):
+            self._run(d, lambda i=i: logits[i])
+
+    def _prefill(self, d: _Drive):
+        """One chunk of a reply's prompt; after the last, its first token."""
+        feed = d.gen.feed
+        end = min(len(feed), d.fed + self.prefill_chunk)
+        part, d.fed = feed[d.fed:end], end
+        self.stats["prefill_tokens"] += len(part)
+        self._run(d, lambda: next_logits(self.model, part, d.gen.cache), sample=end == len(feed))
+
+    def _run(self, d: _Drive, logits, sample: bool = True):
+        """Compute `logits()` for the reply, then (with `sample`) its next token and deltas."""
+        try:
+            out = logits()
+            if sample:
+                for delta in d.gen.advance(out):
+                    d.on_delta(delta)
+        except Exception as e:
+            self._end(d, e)
+            return
+        if d.gen.done:
+            self._end(d)
+
+    def _end(self, d: _Drive, error=None):
+        self._drives.remove(d)
+        d.finish(error)
 
     def _feed(self, c: _Call):
         """A prompt: one chunk per round when it is long, so decoding jobs keep their pace."""
