@@ -54,6 +54,28 @@ def test_block_product_equals_the_dequantized_weight_product(kind):
 
 
 @pytest.mark.parametrize("kind", KINDS)
+def test_tiled_weights_give_the_blocks_products(kind):
+    """`tile` reorders the blocks (16 output rows together); products through it are the blocks'
+    own integer sums, for any number of activation rows, with a bias and accumulating."""
+    g = torch.Generator().manual_seed(5)
+    w, bias = torch.randn(48, 160, generator=g), torch.randn(48, generator=g)
+    blocks, t = _blocks(w, kind), kernels.GGML_TYPES[kind]
+    tiled = kernels.tile(t, blocks, 48, 160)
+    if tiled is None:
+        pytest.skip("this build multiplies the blocks as they are")
+    assert kernels.tile(t, blocks[:40], 40, 160) is None  # 40 rows are not whole groups of 16
+    for rows in (1, 2, 8, 9, 17):
+        x = torch.randn(rows, 160, generator=g) * 3
+        want = kernels.qmatmul(t, blocks, 48, 160, x, bias=bias)
+        got = kernels.qmatmul(t | kernels.TILED, tiled, 48, 160, x, bias=bias)
+        assert (got - want).abs().max() <= 1e-5 * want.abs().max()
+        acc = torch.randn(rows, 48, generator=g)
+        expected = acc + kernels.qmatmul(t, blocks, 48, 160, x)
+        kernels.qmatmul(t | kernels.TILED, tiled, 48, 160, x, out=acc)
+        assert (acc - expected).abs().max() <= 1e-5 * expected.abs().max()
+
+
+@pytest.mark.parametrize("kind", KINDS)
 def test_fused_norm_swiglu_and_residual_equal_the_torch_ops(kind):
     g = torch.Generator().manual_seed(1)
     w = torch.randn(64, 96, generator=g)
@@ -122,7 +144,10 @@ def test_each_decode_dtype_stays_near_float32(default_fp32, dtype, tol):
 @pytest.mark.parametrize("dtype", ["float16", "int8"])
 @torch.no_grad()
 def test_greedy_tokens_equal_float32_where_the_dtype_is_exact_enough(default_fp32, dtype):
-    """On the default model, float16 and int8 decode steps pick float32's greedy tokens."""
+    """On the default model, float16 decode steps pick float32's greedy tokens. int8 does too, step by
+    step on float32's reply, wherever float32's best two tokens are 0.1 or more apart: at the sixth
+    token they are 0.04 apart, against int8's ~0.5 largest logit error, and which one int8 picks
+    there changes with the summation order of the float32 prefill (its thread count)."""
     from dialogen.decoding.generate import Generation
     from dialogen.decoding.settings import Sampling
 
@@ -131,8 +156,18 @@ def test_greedy_tokens_equal_float32_where_the_dtype_is_exact_enough(default_fp3
     prompt = tok.encode_text("The capital of France is Paris. The capital of Italy is")
     s = Sampling(temperature=0, repetition_penalty=1.0, max_new_tokens=12)
     a = Generation(base, tok, prompt, base.new_cache(1), s, stop_ids=set()).run()
-    b = Generation(other, tok, prompt, other.new_cache(1), s, stop_ids=set()).run()
-    assert a.tokens == b.tokens
+    if dtype == "float16":
+        assert Generation(other, tok, prompt, other.new_cache(1), s, stop_ids=set()).run().tokens == a.tokens
+        return
+    ca, cb = base.new_cache(1), other.new_cache(1)
+    checked = 0
+    for ids, want in zip([prompt] + [[t] for t in a.tokens[:-1]], a.tokens):
+        top = base(torch.tensor([ids]), ca)[0, -1].topk(2).values
+        picked = int(other(torch.tensor([ids]), cb)[0, -1].argmax())
+        if top[0] - top[1] >= 0.1:
+            assert picked == want
+            checked += 1
+    assert checked >= 10
 
 
 @pytest.mark.parametrize("fixture", ["tiny_llama", "tiny_gpt2"])

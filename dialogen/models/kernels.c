@@ -297,6 +297,185 @@ static inline __attribute__((always_inline)) void pairs_dot(int type, const uint
 }
 #endif
 
+
+/* ---- tiled weights, for many activation rows (AVX-512 VNNI) ---------------------------------
+ * The GGUF layout keeps each output row's blocks together, so a product takes one weight row at
+ * a time. Tiled, 16 output rows go together: for each group of 16 rows and each block, chunk j
+ * (64 bytes) holds 4 bytes of every row: Q4_0/Q4_1 chunk j (0..3) the bytes qs[4j..4j+3] (weights
+ * 4j..4j+3 in the low nibbles, 16+4j..16+4j+3 in the high), Q8_0 chunk j (0..7) the int8 weights
+ * 4j..4j+3. Then the 16 scales d (f16), then 16 minimums m (Q4_1, f16) or 16 sums of the weights
+ * (Q8_0, int16; Q4_0 leaves them unused). One multiply-add instruction then multiplies 4 weights
+ * of 16 rows by the same 4 activations, and the scales apply to 16 rows at once. The values are
+ * the same as the blocks'; only their order differs. */
+#define TILED 0x100  /* or-ed into a type: the weights are tiled */
+#define TILE 16
+
+static size_t tile_block_bytes(int type) { return type == Q8_0 ? 8 * 64 + 64 : 4 * 64 + 64; }
+
+/* bytes of the tiled copy of (N, K) weights, or 0 when this build or shape has none */
+size_t tiled_bytes(int type, int N, int K) {
+#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VNNI__)
+    if (N % TILE || K % QK || !block_bytes(type)) return 0;
+    return (size_t)(N / TILE) * (K / QK) * tile_block_bytes(type);
+#else
+    (void)type; (void)N; (void)K;
+    return 0;
+#endif
+}
+
+void tile_weights(int type, const uint8_t *w, int N, int K, uint8_t *out) {
+    int nb = K / QK, bb = block_bytes(type), chunks = type == Q8_0 ? 8 : 4, off = type == Q4_1 ? 4 : 2;
+    size_t tb = tile_block_bytes(type);
+    for (int g = 0; g < N / TILE; g++)
+        for (int b = 0; b < nb; b++) {
+            uint8_t *o = out + ((size_t)g * nb + b) * tb;
+            uint16_t *d = (uint16_t *)(o + chunks * 64), *m = d + TILE;
+            for (int r = 0; r < TILE; r++) {
+                const uint8_t *blk = w + ((size_t)(g * TILE + r) * nb + b) * bb;
+                for (int j = 0; j < chunks; j++) memcpy(o + j * 64 + r * 4, blk + off + 4 * j, 4);
+                memcpy(d + r, blk, 2);
+                if (type == Q4_1) memcpy(m + r, blk + 2, 2);
+                else if (type == Q8_0) {
+                    int sum = 0;
+                    for (int j = 0; j < QK; j++) sum += (int8_t)blk[2 + j];
+                    int16_t s16 = (int16_t)sum;
+                    memcpy(m + r, &s16, 2);
+                } else m[r] = 0;
+            }
+        }
+}
+
+#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VNNI__)
+/* out[r * 16 + i] = W[16 g + i] . x[r] for RN (1..8) activation rows; wg: group g's tiled blocks.
+ * xs: the rows as blocks (Q4), or (Q8_0) with their int8 values offset by 128 (unsigned), whose
+ * extra 128 * sum(w) is taken off again. */
+static inline __attribute__((always_inline)) void tile_dot(int type, const uint8_t *wg, const xblock *xs, int nb,
+                                                           float *out, const int RN) {
+    const size_t tb = tile_block_bytes(type);
+    const int chunks = type == Q8_0 ? 8 : 4;
+    const __m512i low = _mm512_set1_epi8(0x0f);
+    __m512 acc[8];
+    for (int r = 0; r < RN; r++) acc[r] = _mm512_setzero_ps();
+    for (int b = 0; b < nb; b++) {
+        const uint8_t *t = wg + (size_t)b * tb;
+        __m512i wq[8];
+        if (type == Q8_0) {
+            for (int j = 0; j < 8; j++) wq[j] = _mm512_loadu_si512(t + 64 * j);
+        } else {
+            for (int j = 0; j < 4; j++) {
+                __m512i v = _mm512_loadu_si512(t + 64 * j);
+                wq[j] = _mm512_and_si512(v, low);
+                wq[j + 4] = _mm512_and_si512(_mm512_srli_epi16(v, 4), low);
+            }
+        }
+        const uint8_t *tail = t + chunks * 64;
+        __m512 d = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)tail));
+        __m512 m = _mm512_setzero_ps();
+        __m512i bias = _mm512_setzero_si512();
+        if (type == Q4_1) m = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(tail + 32)));
+        else if (type == Q4_0) m = _mm512_mul_ps(d, _mm512_set1_ps(-8.f));
+        else bias = _mm512_slli_epi32(_mm512_cvtepi16_epi32(_mm256_loadu_si256((const __m256i *)(tail + 32))), 7);
+        for (int r = 0; r < RN; r++) {
+            const xblock *xb = xs + (size_t)r * nb + b;
+            const int32_t *xq = (const int32_t *)xb->q;
+            __m512i s = _mm512_setzero_si512();
+            if (type == Q8_0) {
+                for (int j = 0; j < 8; j++) s = _mm512_dpbusd_epi32(s, _mm512_set1_epi32(xq[j]), wq[j]);
+                s = _mm512_sub_epi32(s, bias);
+            } else {
+                for (int j = 0; j < 8; j++) s = _mm512_dpbusd_epi32(s, wq[j], _mm512_set1_epi32(xq[j]));
+            }
+            acc[r] = _mm512_fmadd_ps(_mm512_mul_ps(_mm512_cvtepi32_ps(s), d), _mm512_set1_ps(xb->d), acc[r]);
+            if (type != Q8_0) acc[r] = _mm512_fmadd_ps(m, _mm512_set1_ps(xb->s), acc[r]);
+        }
+    }
+    for (int r = 0; r < RN; r++) _mm512_storeu_ps(out + r * TILE, acc[r]);
+}
+
+#endif
+
+#if !(defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VNNI__))
+/* the same in plain C, for a build without AVX-512 VNNI handed tiled weights (the tests do) */
+static void tile_dot_plain(int type, const uint8_t *wg, const xblock *xs, int nb, float *out, int RN) {
+    const size_t tb = tile_block_bytes(type);
+    const int chunks = type == Q8_0 ? 8 : 4;
+    for (int r = 0; r < RN; r++)
+        for (int i = 0; i < TILE; i++) {
+            float sum = 0.f;
+            for (int b = 0; b < nb; b++) {
+                const uint8_t *t = wg + (size_t)b * tb;
+                const uint16_t *dm = (const uint16_t *)(t + chunks * 64);
+                const xblock *xb = xs + (size_t)r * nb + b;
+                int isum = 0;
+                for (int j = 0; j < chunks; j++)
+                    for (int k = 0; k < 4; k++) {
+                        uint8_t v = t[j * 64 + i * 4 + k];
+                        if (type == Q8_0) isum += ((uint8_t)xb->q[4 * j + k]) * (int8_t)v;
+                        else isum += (v & 15) * xb->q[4 * j + k] + (v >> 4) * xb->q[16 + 4 * j + k];
+                    }
+                float d = half_to_float(dm[i]);
+                if (type == Q8_0) {
+                    int16_t ws;
+                    memcpy(&ws, dm + TILE + i, 2);
+                    sum += d * xb->d * (float)(isum - 128 * ws);
+                } else {
+                    float m = type == Q4_1 ? half_to_float(dm[TILE + i]) : -8.f * d;
+                    sum += d * xb->d * (float)isum + m * xb->s;
+                }
+            }
+            out[r * TILE + i] = sum;
+        }
+}
+#endif
+
+/* y (R, N) (+)= xq (R, K) @ W^T + bias, W tiled */
+static void tiled_matmul(int type, const uint8_t *w, int N, int K, const xblock *xq, int R, float *y,
+                         const float *bias, int accumulate) {
+    int nb = K / QK;
+    size_t group_bytes = (size_t)nb * tile_block_bytes(type);
+    const xblock *xs = xq;
+    xblock *flipped = NULL;
+    if (type == Q8_0) {  /* the activations as unsigned bytes: q + 128 */
+        flipped = malloc(sizeof(xblock) * (size_t)R * nb);
+        for (size_t i = 0; i < (size_t)R * nb; i++) {
+            flipped[i] = xq[i];
+            for (int j = 0; j < QK; j++) flipped[i].q[j] = (int8_t)((uint8_t)xq[i].q[j] ^ 0x80);
+        }
+        xs = flipped;
+    }
+    float out[8 * TILE];
+    #pragma omp for schedule(static)
+    for (int g = 0; g < N / TILE; g++) {
+        const uint8_t *wg = w + (size_t)g * group_bytes;
+        for (int r0 = 0; r0 < R; r0 += 8) {
+            int rn = R - r0 < 8 ? R - r0 : 8;
+            const xblock *xr = xs + (size_t)r0 * nb;
+#if !(defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VNNI__))
+            tile_dot_plain(type, wg, xr, nb, out, rn);
+#else
+            switch (rn) {  /* a constant row count per case: the accumulators stay in registers */
+                case 8: tile_dot(type, wg, xr, nb, out, 8); break;
+                case 7: tile_dot(type, wg, xr, nb, out, 7); break;
+                case 6: tile_dot(type, wg, xr, nb, out, 6); break;
+                case 5: tile_dot(type, wg, xr, nb, out, 5); break;
+                case 4: tile_dot(type, wg, xr, nb, out, 4); break;
+                case 3: tile_dot(type, wg, xr, nb, out, 3); break;
+                case 2: tile_dot(type, wg, xr, nb, out, 2); break;
+                default: tile_dot(type, wg, xr, nb, out, 1); break;
+            }
+#endif
+            for (int r = 0; r < rn; r++)
+                for (int i = 0; i < TILE; i++) {
+                    int n = g * TILE + i;
+                    float v = out[r * TILE + i] + (bias ? bias[n] : 0.f);
+                    float *dst = y + (size_t)(r0 + r) * N + n;
+                    *dst = accumulate ? *dst + v : v;
+                }
+        }
+    }
+    free(flipped);
+}
+
 /* The phases below are work-shared loops (orphaned `omp for`): called by every thread of a parallel
  * region, each does its share and waits for the others at the end. `qmatmul` runs two of them in a
  * region; `block_decode` runs a whole transformer block in one region. */
@@ -315,6 +494,10 @@ static void phase_quantize(const float *x, int R, int K, const float *norm, floa
 /* y (R, N) (+)= xq (R, K) @ W (N, K)^T + bias */
 static void phase_matmul(int type, const uint8_t *w, int N, int K, const xblock *xq, int R, float *y,
                          const float *bias, int accumulate) {
+    if (type & TILED) {
+        tiled_matmul(type & ~TILED, w, N, K, xq, R, y, bias, accumulate);
+        return;
+    }
     int nb = K / QK, bb = block_bytes(type);
     float out[64];
 #ifdef PAIRS

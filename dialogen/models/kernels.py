@@ -25,6 +25,7 @@ from ..paths import cache_dir
 SOURCE = Path(__file__).with_name("kernels.c")
 FLAGS = ["-O3", "-march=native", "-fno-math-errno", "-fopenmp", "-shared", "-fPIC", "-std=c11"]
 GGML_TYPES = {"q4_0": 2, "q4_1": 3, "q8_0": 8}  # GGUF type numbers of the layouts kept natively
+TILED = 0x100  # or-ed into a type number: the weights are in the tiled order (`tile`)
 QK = 32
 
 _lib: ctypes.CDLL | None = None
@@ -84,6 +85,8 @@ def load_library(march: str = "native") -> ctypes.CDLL | None:
     i, p, f = ctypes.c_int, ctypes.c_void_p, ctypes.c_float
     L.qmatmul.argtypes = [i, p, i, i, p, i, p, p, i, p, f, i, i]
     L.dequantize.argtypes = [i, p, i, i, p, i]
+    L.tiled_bytes.argtypes, L.tiled_bytes.restype = [i, i, i], ctypes.c_size_t
+    L.tile_weights.argtypes, L.tile_weights.restype = [i, p, i, i, p], None
     L.attend_decode.argtypes = [i, i, i, i, p, p, p, p, p, p, ctypes.c_int64, p, p, p, i]
     L.block_decode.argtypes = [p, p, i, p, p, p, p, p, ctypes.c_int64, p, p, i]
     for fn in (L.qmatmul, L.dequantize, L.attend_decode, L.block_decode):
@@ -116,7 +119,8 @@ def _ptr(t: torch.Tensor | None) -> int | None:
 
 def qmatmul(ggml_type: int, blocks: torch.Tensor, n: int, k: int, x: torch.Tensor, bias=None, out=None,
             norm=None, eps: float = 0.0, swiglu: bool = False) -> torch.Tensor:
-    """x (R, k) -> (R, n) through weights kept as blocks (n, k/32 * block bytes).
+    """x (R, k) -> (R, n) through weights kept as blocks (n, k/32 * block bytes), or tiled (`tile`,
+    with TILED in `ggml_type`).
 
     `norm`: an RMSNorm weight applied to x first; `swiglu`: x is (R, 2k) [gate | up] and
     silu(gate) * up is multiplied; `out`: add the product into this (R, n) tensor instead."""
@@ -126,6 +130,25 @@ def qmatmul(ggml_type: int, blocks: torch.Tensor, n: int, k: int, x: torch.Tenso
     lib().qmatmul(ggml_type, blocks.data_ptr(), n, k, x.data_ptr(), R, y.data_ptr(), _ptr(bias),
                   int(out is not None), _ptr(norm), eps, int(swiglu), torch.get_num_threads())
     return y
+
+
+def tile(ggml_type: int, blocks: torch.Tensor, n: int, k: int) -> torch.Tensor | None:
+    """The blocks of (n, k) weights in the tiled order (16 output rows together), which the AVX-512
+    VNNI build multiplies several activation rows by at a time; None where this build or shape
+    has no tiled product. The values are the blocks' own, reordered."""
+    size = lib().tiled_bytes(ggml_type, n, k)
+    if not size:
+        return None
+    out = torch.empty(size, dtype=torch.uint8)
+    lib().tile_weights(ggml_type, blocks.contiguous().data_ptr(), n, k, out.data_ptr())
+    return out
+
+
+def weight_args(lin) -> tuple[int, int]:
+    """(type number, address) of a Linear's decode weights: tiled when it has them."""
+    if lin.tiled is not None:
+        return GGML_TYPES[lin.kind] | TILED, lin.tiled.data_ptr()
+    return GGML_TYPES[lin.kind], lin.packed.data_ptr()
 
 
 def dequantize(ggml_type: int, blocks: torch.Tensor, n: int, k: int) -> torch.Tensor:
@@ -161,12 +184,11 @@ class BlockWeights(ctypes.Structure):
 def block_weights(n_head: int, n_kv: int, head_dim: int, norm1, norm2, qkv, o_proj, gate_up, down) -> BlockWeights:
     """The fused step's view of a llama block (norms: RMSNorm modules; the rest: Linears with blocks).
     It holds addresses only: the caller keeps the modules (and so their tensors) alive."""
+    names, lins = ("qkv", "o", "gate_up", "down"), (qkv, o_proj, gate_up, down)
     return BlockWeights(d=o_proj.out_features, nh=n_head, nkv=n_kv, hd=head_dim, ff=down.in_features, eps=norm1.eps,
                         norm1=norm1.weight.data_ptr(), norm2=norm2.weight.data_ptr(), qkv_bias=_ptr(qkv.bias),
-                        qkv_type=GGML_TYPES[qkv.kind], o_type=GGML_TYPES[o_proj.kind],
-                        gate_up_type=GGML_TYPES[gate_up.kind], down_type=GGML_TYPES[down.kind],
-                        qkv=qkv.packed.data_ptr(), o=o_proj.packed.data_ptr(), gate_up=gate_up.packed.data_ptr(),
-                        down=down.packed.data_ptr())
+                        **{f"{name}_type": weight_args(lin)[0] for name, lin in zip(names, lins)},
+                        **{name: weight_args(lin)[1] for name, lin in zip(names, lins)})
 
 
 def block_decode(weights: BlockWeights, x: torch.Tensor, k_ptrs, v_ptrs, caps, slots, key_mask=None, cos=None,

@@ -89,6 +89,7 @@ class Linear(nn.Linear):
     compact: torch.Tensor | None = None
     packed: torch.Tensor | None = None  # blocks (out, in / 32 * block bytes) uint8
     kind: str | None = None  # q4_0, q4_1 or q8_0
+    tiled: torch.Tensor | None = None  # the same blocks in the tiled order, where the kernels have it
     everywhere = False  # use the decode copy for every inference product (to measure its quality)
 
     def reset_parameters(self):
@@ -107,7 +108,8 @@ class Linear(nn.Linear):
             if act == "gelu":
                 x = F.gelu(x, approximate="tanh")
             out = None if residual is None else residual.view(rows, -1)
-            y = kernels.qmatmul(kernels.GGML_TYPES[self.kind], self.packed, self.out_features, self.in_features,
+            kind, _ = kernels.weight_args(self)
+            y = kernels.qmatmul(kind, self.packed if self.tiled is None else self.tiled, self.out_features, self.in_features,
                                 x.reshape(rows, -1), self.bias, out, norm.weight if fused else None,
                                 norm.eps if fused else 0.0, act == "swiglu")
             return y.view(*x.shape[:-1], -1)
@@ -129,12 +131,16 @@ class Linear(nn.Linear):
     def set_compact(self, dtype: str, blocks: torch.Tensor | None = None, kind: str | None = None):
         """Keep a decode copy: float16/bfloat16, or blocks (given, e.g. as a GGUF file ships them, or
         quantized here for int8/int4); float32 keeps none."""
-        self.compact = self.packed = self.kind = None
+        self.compact = self.packed = self.kind = self.tiled = None
         if blocks is not None:
             self.packed, self.kind = blocks, kind
         elif dtype in BLOCK_KIND:
             self.kind = BLOCK_KIND[dtype]
             self.packed = kernels.quantize(self.weight, self.kind)
+        if self.packed is not None:
+            if kernels.enabled():
+                self.tiled = kernels.tile(kernels.GGML_TYPES[self.kind], self.packed, self.out_features,
+                                          self.in_features)
         elif dtype != "float32":
             self.compact = self.weight.detach().to(getattr(torch, dtype))
 
@@ -261,6 +267,7 @@ class Block(nn.Module):
         packed = tuple(m.packed for m in lins)
         if any(p is None for p in packed) or not kernels.enabled():
             return None
+        packed += tuple(m.tiled for m in lins)
         if self._fused_key is None or any(a is not b for a, b in zip(packed, self._fused_key)):
             # built once per set of decode weights; the key holds them, so their addresses stay valid
             cfg = self.attn.cfg
