@@ -125,13 +125,15 @@ def default_fp32():
     return load(None, "float32")
 
 
-@pytest.mark.parametrize("dtype,tol", [("float16", 0.005), ("bfloat16", 0.03), ("int8", 0.05), ("int4", 0.05),
-                                       ("auto", 0.05)])
+@pytest.mark.parametrize("dtype,tol", [("float16", 0.005), ("bfloat16", 0.03), ("int8", 0.09), ("int4", 0.07),
+                                       ("auto", 0.07)])
 @torch.no_grad()
 def test_each_decode_dtype_stays_near_float32(default_fp32, dtype, tol):
     """Decode-step logits of every dtype against float32, as the largest error over the largest logit.
-    Measured on the default model's real weights (about 0.1%, 1%, 2.5%, 2.5%, 2.5%): a tiny random
-    model amplifies any rounding through its saturated attention, so it cannot tell a bug from noise."""
+    Measured on the default model's real weights (about 0.15%, 1.3%, 6.3%, 4.7%, 4.7%; with blocks the
+    prompt's products are integer ones too, so the cache carries their rounding): a tiny random
+    model amplifies any rounding through its saturated attention, so it cannot tell a bug from noise.
+    The perplexity these dtypes cost is in the README (bench/quant_quality.py)."""
     base, other = default_fp32.model, load(None, dtype).model
     ids = torch.tensor([default_fp32.tokenizer.encode_text("The capital of France is Paris. The capital of Italy is")])
     ca, cb = base.new_cache(1), other.new_cache(1)

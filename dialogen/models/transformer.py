@@ -82,8 +82,11 @@ class Linear(nn.Linear):
     `forward(x, norm, act, residual)` is `residual + W @ act(norm(x)) + b`. Decoding multiplies a
     few rows by each weight, which is bound by memory traffic, so a compact copy is faster there:
     `packed` (weights in GGUF's Q4_0/Q4_1/Q8_0 block layouts, multiplied by the native kernel, with
-    the RMS norm or SwiGLU fused in) or `compact` (float16/bfloat16). Prefill and training multiply
-    many rows, where the float32 weight is faster on CPUs without bf16 hardware.
+    the RMS norm or SwiGLU fused in) or `compact` (float16/bfloat16). Blocks serve every inference
+    product, a prompt's too, as a GGUF file's blocks do in llama.cpp: on many rows their integer
+    products run 3-5x faster than float32 here (bench/prefill.py). A float16/bfloat16 copy only
+    decodes: many rows are faster in float32 on CPUs without bf16 hardware. Training always
+    multiplies the float32 weight.
     """
 
     compact: torch.Tensor | None = None
@@ -98,10 +101,10 @@ class Linear(nn.Linear):
 
     def forward(self, x, norm=None, act: str | None = None, residual=None):
         rows = x.numel() // x.shape[-1]
-        # a decode step: one new token for each of a few rows (B, 1, d), outside training
-        decode = ((self.everywhere or x.dim() == 3 and x.shape[1] == 1 and rows <= KERNEL_ROWS)
-                  and not (self.weight.requires_grad and torch.is_grad_enabled()))
-        if decode and self.packed is not None and kernels.enabled():
+        inference = not (self.weight.requires_grad and torch.is_grad_enabled())
+        # a decode step: one new token for each of a few rows (B, 1, d)
+        decode = inference and (self.everywhere or x.dim() == 3 and x.shape[1] == 1 and rows <= KERNEL_ROWS)
+        if inference and self.packed is not None and kernels.enabled():  # blocks serve prompts too
             fused = isinstance(norm, RMSNorm)
             if norm is not None and not fused:
                 x = norm(x)
@@ -337,10 +340,7 @@ class Transformer(nn.Module):
     def next_logits(self, ids, cache=None):
         """The next-token logits (B, V) after `ids` (B, T): `forward(ids, cache)[:, -1]`, with the head
         applied at the last position only (a prompt's other positions would cost T - 1 head products)."""
-        x = self.trunk(ids, cache)
-        if ids.shape[1] == 1:  # a decode step: the head's decode copy, as in forward
-            return self.lm_head(x, norm=self.norm)[:, -1]
-        return self.lm_head(x[:, -1], norm=self.norm)  # (B, d): float32, as a prompt's head is
+        return self.lm_head(self.trunk(ids, cache)[:, -1:], norm=self.norm)[:, -1]
 
     def hidden(self, ids):
         """Final-norm hidden states (B, T, d) of a right-padded or unpadded batch, no cache (training)."""
