@@ -194,6 +194,33 @@ def test_native_step_equals_the_plain_torch_step(request, fixture, dtype):
 
 
 @pytest.mark.parametrize("fixture", ["tiny_llama", "tiny_gpt2"])
+@torch.no_grad()
+def test_prompts_and_decode_rows_in_one_step_equal_separate_calls(request, fixture):
+    """A CacheBatch with several new tokens for some caches (prompts, or chunks of them) and one for
+    others (decode rows): each cache's next-token logits and its cache's contents equal feeding it
+    alone."""
+    from dialogen.serve.batching import step_rows
+
+    path, _ = request.getfixturevalue(fixture)
+    model = load(str(path), "int8").model
+    pasts, news = [0, 9, 0, 30, 4], [7, 1, 1, 12, 1]
+    segs, alone, want = [], [], []
+    for i, (p, n) in enumerate(zip(pasts, news)):
+        ids = _ids(p + n, seed=40 + i)
+        a, b = model.new_cache(1), model.new_cache(1)
+        if p:
+            model(ids[:, :p], a), model(ids[:, :p], b)
+        segs.append((a, ids[0, p:].tolist()))
+        want.append(model(ids[:, p:], b)[0, -1])
+        alone.append(b)
+    got = step_rows(model, segs)
+    for i, ((a, _), b) in enumerate(zip(segs, alone)):
+        assert (got[i] - want[i]).abs().max() < 1e-4 * want[i].abs().max()
+        assert a.length == b.length
+        assert torch.allclose(a.kv[..., : a.length, :], b.kv[..., : b.length, :], atol=1e-4)
+
+
+@pytest.mark.parametrize("fixture", ["tiny_llama", "tiny_gpt2"])
 @pytest.mark.parametrize("lengths", [(5, 17, 120), tuple(range(3, 60, 5))])
 @torch.no_grad()
 def test_served_batch_step_equals_separate_single_steps(request, fixture, lengths):

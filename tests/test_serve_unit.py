@@ -85,10 +85,13 @@ def test_worker_batches_concurrent_replies_and_matches_one_by_one(llama):
         worker.close()
 
 
-def test_worker_runs_plain_replies_itself_batched_and_equal_to_chat(llama):
+@pytest.mark.parametrize("dtype", ["float32", "int8"])
+def test_worker_runs_plain_replies_itself_batched_and_equal_to_chat(tiny_llama, dtype):
     """`Worker.stream`: the model thread feeds the prompt (in chunks), samples and emits the deltas of
-    many replies, decoded in one batch; each reply equals the same turn in `dialogen chat`."""
-    model, tok = llama
+    many replies, decoded in one batch; each reply equals the same turn in `dialogen chat`. With
+    blocks (int8), the prompts' chunks are rows of the same native steps as the others' tokens."""
+    loaded = load(str(tiny_llama[0]), dtype)
+    model, tok = loaded.model, loaded.tokenizer
     convos = [(None, "hello"), ("Be brief.", "what is up " * 30), (None, "tell me a story"), ("x", "y")]
     samplings = [Sampling(temperature=0, max_new_tokens=12), Sampling(seed=1, max_new_tokens=20, stop=["e"]),
                  Sampling(seed=2, temperature=1.0, max_new_tokens=15, logprobs=2),

@@ -92,37 +92,53 @@ class KVCache:
 
 class KernelTable:
     """Where each row's keys and values live, for the native attention kernel: per layer, one
-    address per row (int64 (L, B)), each row's capacity and the slot its next token goes to."""
+    address per row (int64 (L, B)), each row's capacity and the slot its token goes to. A cache
+    fed several tokens at once gives one row per token, at consecutive slots of the same cache."""
 
-    def __init__(self, caches: list[KVCache]):
-        rows = [r for c in caches for r in c.row_addresses()]  # (k addresses, v addresses) per row
-        self.k = torch.tensor([k for k, _ in rows]).T.contiguous()  # (L, B)
+    def __init__(self, caches: list[KVCache], counts: list[int] | None = None):
+        counts = counts or [1] * len(caches)
+        rows = [r for c, n in zip(caches, counts) for r in c.row_addresses() for _ in range(n)]
+        self.k = torch.tensor([k for k, _ in rows]).T.contiguous()  # (L, rows)
         self.v = torch.tensor([v for _, v in rows]).T.contiguous()
-        self.caps = torch.tensor([c.capacity for c in caches for _ in range(c.batch)])
-        self.slots = torch.tensor([c.length for c in caches for _ in range(c.batch)])
+        self.caps = torch.tensor([c.capacity for c, n in zip(caches, counts) for _ in range(c.batch * n)])
+        self.slots = torch.tensor([c.length + j for c, n in zip(caches, counts) for _ in range(c.batch)
+                                   for j in range(n)])
 
 
 class CacheBatch:
-    """Many conversations' batch-1 caches stepped together, one new token each (the server).
+    """Many conversations' batch-1 caches stepped together (the server), `counts[i]` new tokens for
+    cache i (one each by default): a decode row is one token, a prompt (or a chunk of it) several.
 
-    `model(ids (B, 1), CacheBatch(caches))` equals B separate `model(ids[i:i+1], caches[i])` calls;
-    the rows attend to their own caches in one kernel call per layer, without copying them."""
+    `model(ids (R, 1), CacheBatch(caches, counts))`, R = sum(counts), the tokens of each cache in
+    order, equals separate `model(ids[rows of i].view(1, -1), caches[i])` calls: every token is a
+    row of one native step, attending to its own cache up to its own slot (the keys and values of
+    all rows are written before any row attends), so a prompt's tokens see each other causally.
+    The caches are read and written in place, never copied into a padded batch."""
 
-    def __init__(self, caches: list[KVCache]):
-        self.caches = caches
-        self.batch = len(caches)
+    def __init__(self, caches: list[KVCache], counts: list[int] | None = None):
+        self.caches, self.counts = caches, counts or [1] * len(caches)
+        self.batch = sum(self.counts)
         self.dtype = caches[0].dtype
 
+    @property
+    def ends(self) -> list[int]:
+        """The row of each cache's last new token."""
+        out, at = [], -1
+        for n in self.counts:
+            at += n
+            out.append(at)
+        return out
+
     def reserve(self, n_new: int):
-        for c in self.caches:
-            c.reserve(n_new)
+        for c, n in zip(self.caches, self.counts):
+            c.reserve(n * n_new)
 
     def advance(self, n_new: int):
-        for c in self.caches:
-            c.length += n_new
+        for c, n in zip(self.caches, self.counts):
+            c.length += n * n_new
 
     def positions(self, batch: int, n_new: int) -> torch.Tensor:
-        return torch.tensor([[c.length] for c in self.caches])
+        return torch.tensor([[c.length + j] for c, n in zip(self.caches, self.counts) for j in range(n)])
 
     def table(self) -> KernelTable:
-        return KernelTable(self.caches)
+        return KernelTable(self.caches, self.counts)

@@ -252,7 +252,7 @@ class Block(nn.Module):
         self.norm2, self.mlp = _norm(cfg), MLP(cfg)
 
     def forward(self, x, step: Step):
-        fused = self._fused() if step.table is not None and x.shape[0] <= KERNEL_ROWS else None
+        fused = self._fused() if step.table is not None else None
         if fused is not None:  # the whole block in one native call, on x in place (a decode step)
             t = step.table
             kernels.block_decode(fused, x.view(x.shape[0], -1), t.k[self.attn.layer], t.v[self.attn.layer], t.caps,
@@ -339,8 +339,11 @@ class Transformer(nn.Module):
 
     def next_logits(self, ids, cache=None):
         """The next-token logits (B, V) after `ids` (B, T): `forward(ids, cache)[:, -1]`, with the head
-        applied at the last position only (a prompt's other positions would cost T - 1 head products)."""
-        return self.lm_head(self.trunk(ids, cache)[:, -1:], norm=self.norm)[:, -1]
+        applied at the last position only (a prompt's other positions would cost T - 1 head products).
+        With a CacheBatch (ids (R, 1)), one row per cache: after its last new token."""
+        x = self.trunk(ids, cache)
+        x = x[cache.ends] if isinstance(cache, CacheBatch) else x[:, -1:]
+        return self.lm_head(x, norm=self.norm)[:, -1]
 
     def hidden(self, ids):
         """Final-norm hidden states (B, T, d) of a right-padded or unpadded batch, no cache (training)."""
@@ -349,6 +352,9 @@ class Transformer(nn.Module):
     def trunk(self, ids, cache=None, positions=None, key_mask=None):
         """The residual stream after the last block, (B, T, d)."""
         B, T = ids.shape
+        if T > 1 and isinstance(cache, KVCache) and cache.batch == 1 and positions is None and key_mask is None \
+                and self.prompts_as_rows and self._native(cache):  # a prompt: rows of one native step (CacheBatch)
+            return self.trunk(ids.view(T, 1), CacheBatch([cache], [T])).view(1, T, -1)
         if positions is None:
             positions = cache.positions(B, T) if cache is not None else torch.arange(T).expand(B, T)
         x = self.embed(ids)
@@ -368,10 +374,21 @@ class Transformer(nn.Module):
             cache.advance(T)
         return x
 
+    @property
+    def prompts_as_rows(self) -> bool:
+        """Whether a prompt's tokens run as rows of the native step (one token per row, the whole block
+        in one call): with blocks, whose products a prompt shares with decode steps. (A float16 or
+        bfloat16 copy serves decode steps only, and float32 gains nothing: their prompts keep torch's
+        path, bit-identical between the two.)"""
+        return self.lm_head.packed is not None
+
+    @staticmethod
+    def _native(cache) -> bool:
+        """Whether the native kernels attend to this cache (inference, float32 keys and values)."""
+        return cache.dtype == torch.float32 and not torch.is_grad_enabled() and kernels.enabled()
+
     def _step(self, B: int, T: int, rope, cache, key_mask) -> Step:
-        native = (T == 1 and cache is not None and cache.dtype == torch.float32 and not torch.is_grad_enabled()
-                  and kernels.enabled())
-        if native:
+        if T == 1 and cache is not None and self._native(cache):
             half = self.cfg.head_dim // 2
             cos, sin = (None, None) if rope is None else (r[:, 0, 0, :half].contiguous() for r in rope)
             mask = None if key_mask is None else key_mask.to(torch.uint8).contiguous()

@@ -1,10 +1,10 @@
-"""One decode step for many conversations at once, each with its own KV cache.
+"""One step for many conversations at once, each with its own KV cache.
 
 The server keeps one KV cache per conversation, of different lengths. The step runs the model's
-own forward pass over all of them as one batch (`CacheBatch`): the projections and MLPs multiply
-all rows together, and one native attention call per layer lets each row attend to its own cache
-in place, without copying caches into a padded batch. The result equals B separate
-`model(ids (1, 1), cache)` calls.
+own forward pass over all of them as one batch (`CacheBatch`): every new token is a row (a decode
+step's one token, or a prompt's tokens), the projections and MLPs multiply all rows together, and
+one native attention call per layer lets each row attend to its own cache in place, without
+copying caches into a padded batch. The result equals separate `model(ids, cache)` calls.
 
 Works for the transformer families (llama, gpt2) of `models/transformer.py` where the native
 kernels are built; other models are stepped one row at a time by the worker (`can_batch` says which).
@@ -29,7 +29,14 @@ def next_logits(model: Transformer, ids: list[int], cache) -> torch.Tensor:
 
 
 @torch.inference_mode()
+def step_rows(model: Transformer, segments: list[tuple[object, list[int]]]) -> torch.Tensor:
+    """One step for many conversations: feed each (cache, token ids) pair's ids after its batch-1
+    cache (one id for a decode row, several for a prompt or a chunk of one), all as rows of one
+    native step; return each conversation's next-token logits (len(segments), V)."""
+    ids = torch.tensor([t for _, tokens in segments for t in tokens], dtype=torch.long)[:, None]  # (R, 1)
+    return model.next_logits(ids, CacheBatch([c for c, _ in segments], [len(t) for _, t in segments]))
+
+
 def decode_rows(model: Transformer, tokens: list[int], caches: list) -> torch.Tensor:
     """Feed token i after caches[i] (each a batch-1 KVCache); return next-token logits (B, V)."""
-    ids = torch.tensor(tokens, dtype=torch.long)[:, None]  # (B, 1)
-    return model(ids, CacheBatch(caches))[:, -1]
+    return step_rows(model, [(c, [t]) for t, c in zip(tokens, caches)])

@@ -27,7 +27,7 @@ from concurrent.futures import ThreadPoolExecutor
 import torch
 
 from ..decoding.generate import Generation
-from .batching import can_batch, decode_rows, next_logits
+from .batching import can_batch, next_logits, step_rows
 
 log = logging.getLogger("dialogen.serve")
 
@@ -317,42 +317,53 @@ class Worker:
             self._end(d, Cancelled())
         decode = [c for c in live if self._is_decode(c)]
         rows = [d for d in self._drives if d.fed == len(d.gen.feed)]
-        if decode or rows:
-            self._decode(decode, rows)
+        chunks, budget = [], self.prefill_chunk  # prompts share a chunk's worth of tokens a round
+        for d in self._drives:
+            if d.fed < len(d.gen.feed) and budget > 0:
+                n = min(len(d.gen.feed) - d.fed, budget)
+                chunks.append((d, n))
+                budget -= n
+        alone = [] if self.model.prompts_as_rows else chunks  # (a float16 copy decodes only: prompts apart)
+        if decode or rows or len(chunks) > len(alone):
+            self._step(decode, rows, [c for c in chunks if c not in alone])
         for c in live:
             if not self._is_decode(c):
                 self._feed(c)
-        for d in [d for d in self._drives if d.fed < len(d.gen.feed)]:
-            self._prefill(d)
+        for d, k in alone:
+            part = d.gen.feed[d.fed:d.fed + k]
+            d.fed += k
+            self.stats["prefill_tokens"] += k
+            self._run(d, lambda d=d, part=part: next_logits(self.model, part, d.gen.cache), sample=d.fed == len(d.gen.feed))
 
     def _is_decode(self, c: _Call) -> bool:
         return self.batchable and c.cache is not None and not c.kwargs and tuple(c.ids.shape) == (1, 1)
 
-    def _decode(self, calls: list[_Call], rows: list[_Drive]):
+    def _step(self, calls: list[_Call], rows: list[_Drive], chunks: list[tuple[_Drive, int]]):
+        """One model step for the round: the proxy's decode calls, the replies' next tokens and
+        chunks of the replies' prompts, as rows of one native step (`batching.step_rows`)."""
         n = len(calls) + len(rows)
         self.stats["decode_rows"] += n
         self.stats["max_batch"] = max(self.stats["max_batch"], n)
-        tokens = [int(c.ids[0, 0]) for c in calls] + [d.gen.tokens[-1] for d in rows]
+        self.stats["prefill_tokens"] += sum(k for _, k in chunks)
+        parts = [d.gen.feed[d.fed:d.fed + k] for d, k in chunks]
+        segments = ([(c.cache, [int(c.ids[0, 0])]) for c in calls] + [(d.gen.cache, d.gen.tokens[-1:]) for d in rows]
+                    + [(d.gen.cache, part) for (d, _), part in zip(chunks, parts)])
         try:
-            logits = decode_rows(self.model, tokens, [c.cache for c in calls] + [d.gen.cache for d in rows])
-        except Exception:  # one bad row (e.g. past the position limit): step rows alone to blame it
-            for c in calls:
-                self._direct(c)
-            for d in rows:
-                self._run(d, lambda d=d: next_logits(self.model, d.gen.tokens[-1:], d.gen.cache))
-            return
+            logits = step_rows(self.model, segments)
+        except Exception:  # one bad row (e.g. past the position limit): step each alone to blame it
+            logits = None
         for i, c in enumerate(calls):
-            c.finish(result=logits[i].view(1, 1, -1))
+            if logits is None:
+                self._direct(c)
+            else:
+                c.finish(result=logits[i].view(1, 1, -1))
         for i, d in enumerate(rows, len(calls)):
-            self._run(d, lambda i=i: logits[i])
-
-    def _prefill(self, d: _Drive):
-        """One chunk of a reply's prompt; after the last, its first token."""
-        feed = d.gen.feed
-        end = min(len(feed), d.fed + self.prefill_chunk)
-        part, d.fed = feed[d.fed:end], end
-        self.stats["prefill_tokens"] += len(part)
-        self._run(d, lambda: next_logits(self.model, part, d.gen.cache), sample=end == len(feed))
+            self._run(d, lambda i=i, d=d: logits[i] if logits is not None else
+                      next_logits(self.model, d.gen.tokens[-1:], d.gen.cache))
+        for i, ((d, k), part) in enumerate(zip(chunks, parts), n):
+            d.fed += k
+            self._run(d, lambda i=i, d=d, part=part: logits[i] if logits is not None else
+                      next_logits(self.model, part, d.gen.cache), sample=d.fed == len(d.gen.feed))
 
     def _run(self, d: _Drive, logits, sample: bool = True):
         """Compute `logits()` for the reply, then (with `sample`) its next token and deltas."""
