@@ -11,39 +11,14 @@ from __future__ import annotations
 import json
 import os
 import tempfile
-from dataclasses import dataclass
 from pathlib import Path
 
-import torch
-
+from ..decoding.engine import Engine, load_engine  # noqa: F401 (load_engine: where callers found it)
 from ..decoding.generate import Generation
 from ..decoding.settings import Sampling
 from ..errors import UserError
 from ..textio import load_json, read_file
 from .messages import Message, parse_messages
-from .templates import Template, default_template_name, get_template
-
-
-@dataclass
-class Engine:
-    """A loaded model with its tokenizer and chat template."""
-
-    model: torch.nn.Module
-    tokenizer: object
-    template: Template
-    context_length: int
-    name: str = "dialogen"
-
-
-def load_engine(model: str | None = None, template: str = "auto", dtype="float32") -> Engine:
-    """`dtype`: the decode copy of the weights (see `models.loading.decode_copies`)."""
-    from ..models.loading import load
-
-    loaded = load(model, dtype)
-    arch = getattr(getattr(loaded.model, "cfg", None), "arch", "rnn")
-    name = default_template_name(loaded.meta, loaded.tokenizer, arch) if template in (None, "auto") else template
-    ctx = getattr(getattr(loaded.model, "cfg", None), "max_seq_len", 1024)
-    return Engine(loaded.model, loaded.tokenizer, get_template(name, loaded.tokenizer), ctx, loaded.path.name)
 
 
 def common_prefix(a: list[int], b: list[int]) -> int:

@@ -156,8 +156,8 @@ class CachedTokenizer:
 def build_examples(conversations: list[list[Message]], tokenizer, template: Template, max_len: int,
                    train_on: str = "assistant", reverse: bool = False) -> tuple[list[Example], Stats]:
     """Every conversation rendered, windowed and labelled; with `reverse`, backward examples
-    (see `dialogen.data.reverse`)."""
-    from .reverse import reverse_examples
+    (see `dialogen.decoding.reverse`)."""
+    from ..decoding.reverse import reverse_examples
 
     stats = Stats()
     out: list[Example] = []

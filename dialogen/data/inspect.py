@@ -11,8 +11,10 @@ from __future__ import annotations
 import json
 import sys
 
+from ..decoding.engine import add_model_path_args
 from ..errors import UserError
 from .dataset import IGNORE_INDEX, Example, build_examples
+from .options import add_data_args
 
 GREEN, DIM, RESET = "\033[32;1m", "\033[2m", "\033[0m"
 
@@ -138,8 +140,6 @@ def cmd_render(args) -> int:
 
 
 def register(sub):
-    from ..training.cli import add_data_args
-
     p = sub.add_parser("render", help="show what the model sees for a list of messages: text, ids, mask",
                        description='Renders a JSON list of {"role", "content"} messages with a model\'s chat '
                                    "template and tokenizer, tokenized as the model sees it, and prints the text, "
@@ -161,8 +161,7 @@ def register(sub):
                                    "each token, the context seen, the next token and whether it carries loss; then "
                                    "counts for the whole split.")
     add_data_args(p, split_default="train")
-    p.add_argument("--model", default="default", help="whose tokenizer: a model path or 'default' (default: %(default)s)")
-    p.add_argument("--template", default="auto", help="chat template (default: the model's own)")
+    add_model_path_args(p, "whose tokenizer: a model path or 'default' (default: %(default)s)")
     p.add_argument("--reverse", action="store_true", help="show backward (reply -> context) examples")
     p.add_argument("-n", type=int, default=2, help="examples to show (default: %(default)s)")
     p.add_argument("--rows", type=int, default=60, help="table rows per example; 0 = all (default: %(default)s)")

@@ -11,6 +11,7 @@ import dataclasses
 from dataclasses import dataclass, field
 
 from ..errors import UserError
+from ..textio import load_json, read_file
 
 SCORER_NAMES = ("logprob", "mmi", "discriminator")  # the rerankers of `rerank.SCORERS`
 SEED_MIN, SEED_MAX = -(2**63), 2**63 - 1  # a signed 64-bit seed (torch takes any 64-bit value)
@@ -152,3 +153,60 @@ def decoding_from(args, strict: bool = True) -> Decoding | None:
         raise UserError("--scorer, --mmi-model, --discriminator, --min-new-tokens and --block-context-ngram "
                         "act on a search: add --beam-size N or --num-candidates N")
     return d
+
+
+def add_sampling_args(p):
+    d = Sampling()
+    g = p.add_argument_group("decoding")
+    g.add_argument("--temperature", type=float, default=d.temperature, help="0 = greedy (default: %(default)s)")
+    g.add_argument("--top-k", type=int, default=d.top_k, help="keep the k most likely tokens; 0 = off (default: %(default)s)")
+    g.add_argument("--top-p", type=float, default=d.top_p, help="nucleus sampling mass in (0, 1] (default: %(default)s)")
+    g.add_argument("--repetition-penalty", type=float, default=d.repetition_penalty,
+                   help="> 1 discourages tokens seen in the last 64 tokens; 1 = off (default: %(default)s)")
+    g.add_argument("--frequency-penalty", type=float, default=d.frequency_penalty,
+                   help="subtracted per earlier use of a token in the reply, -2 to 2; negative favours repeats "
+                        "(default: %(default)s)")
+    g.add_argument("--presence-penalty", type=float, default=d.presence_penalty,
+                   help="subtracted once if a token was used in the reply, -2 to 2 (default: %(default)s)")
+    g.add_argument("--no-repeat-ngram", type=int, default=d.no_repeat_ngram,
+                   help="never repeat an n-gram of this size within a reply; 0 = off (default: %(default)s)")
+    g.add_argument("--max-new-tokens", type=int, default=d.max_new_tokens, help="reply length limit (default: %(default)s)")
+    g.add_argument("--seed", type=int, default=None, help="random seed, for reproducible sampling")
+    g.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
+    g.add_argument("--system", "--persona", dest="system", default=None,
+                   help="persona: the system message, or a preset: virtual-assistant, friendly-chatbot, customer-service")
+    g.add_argument("--max-context-tokens", type=int, default=None,
+                   help="prompt budget; the oldest turns are dropped beyond it (default: model context - max new tokens, "
+                        "and at least half the context)")
+
+
+def add_constraint_args(p):
+    g = p.add_argument_group("structured output")
+    x = g.add_mutually_exclusive_group()
+    x.add_argument("--json-schema", metavar="FILE", default=None,
+                   help="every reply is JSON matching this JSON schema (a token mask at each step; needs "
+                        "pip install 'dialogen[json]')")
+    x.add_argument("--json", dest="json_object", action="store_true", help="every reply is a JSON object")
+
+
+def sampling_from(args) -> Sampling:
+    return Sampling(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+                    repetition_penalty=args.repetition_penalty, frequency_penalty=args.frequency_penalty,
+                    presence_penalty=args.presence_penalty, no_repeat_ngram=args.no_repeat_ngram,
+                    max_new_tokens=args.max_new_tokens, seed=args.seed, stop=args.stop,
+                    constraint=constraint_from(args))
+
+
+def constraint_from(args):
+    """The grammar of --json-schema FILE or --json (None without them)."""
+    if not getattr(args, "json_schema", None) and not getattr(args, "json_object", False):
+        return None  # (eval's own --json, for its output, is another flag)
+    from .constrain import Grammar  # lazily: numpy and torch stay out of --help
+
+    if args.json_object:
+        return Grammar.json_object()
+    try:
+        return Grammar.json_schema(load_json(read_file(args.json_schema), args.json_schema))
+    except UserError as e:
+        msg = str(e)
+        raise UserError(msg if msg.startswith(args.json_schema) else f"--json-schema {args.json_schema}: {msg}") from None

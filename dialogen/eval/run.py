@@ -21,7 +21,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..chat.messages import Message
-from ..decoding.settings import Decoding, Sampling, add_decoding_args, decoding_from
+from ..decoding.engine import add_model_args, engine_from_args
+from ..decoding.settings import (Decoding, Sampling, add_decoding_args, add_sampling_args, decoding_from,
+                                 sampling_from)
 from ..errors import UserError
 
 # name -> (sampling changes, decoding changes), applied on top of the command's flags
@@ -211,8 +213,6 @@ def write_json(path: Path, data: dict):
 
 # --- the command ------------------------------------------------------------------------------
 def register(sub):
-    from ..cli import add_model_args, add_sampling_args
-
     p = sub.add_parser("eval", help="evaluate decoding configs on a dataset split: perplexity, BLEU, Dist-n, Entropy-4",
                        description=__doc__.split("\n\n", 1)[1])
     add_model_args(p)
@@ -254,8 +254,6 @@ def _adversary_of(evaluator: Path, evaluator_meta: dict, model: Path) -> bool:
 def cmd_eval(args) -> int:
 
     from ..chat.personas import resolve_persona
-    from ..chat.session import load_engine
-    from ..cli import sampling_from
     from ..data import load_split
 
     for flag, value in (("--examples", args.examples), ("--context-turns", args.context_turns),
@@ -275,7 +273,7 @@ def cmd_eval(args) -> int:
     if evaluator is not None and args.model and _adversary_of(Path(args.evaluator), evaluator.meta, Path(args.model)):
         raise UserError(f"--evaluator {args.evaluator}: it is the discriminator --model {args.model} was trained "
                         f"against; adversarial success needs one trained apart (dialogen train-discriminator)")
-    engine = load_engine(args.model, args.template, args.dtype)
+    engine = engine_from_args(args)
     persona = resolve_persona(args.system)
     result = evaluate(engine, examples, configs, persona, args.batch_size, args.ppl, log=sys.stderr,
                       evaluator=evaluator)

@@ -2,23 +2,13 @@
 
 from __future__ import annotations
 
-import argparse
 import json
 from dataclasses import fields
 
-from ..data.options import add_data_source_args
+from ..data.options import add_data_args
 from .options import TrainOptions
 
 D = TrainOptions(out="")
-
-
-def add_data_args(p: argparse.ArgumentParser, split_default: str | None = None):
-    g = p.add_argument_group("data")
-    add_data_source_args(g, split_default, split_seed=D.split_seed)
-    g.add_argument("--train-on", default=D.train_on, choices=["assistant", "both"],
-                   help="trained turns: the assistant's, or every turn after the first (DialoGPT) (default: %(default)s)")
-    g.add_argument("--max-len", type=int, default=D.max_len,
-                   help="tokens per example; longer conversations are cut into windows at turns (default: %(default)s)")
 
 
 def register(sub):

@@ -26,7 +26,7 @@ from ..chat.templates import get_template
 from ..data import load_split
 from ..data.batches import bucket_batches, collate, pack
 from ..data.dataset import IGNORE_INDEX, build_examples
-from ..data.reverse import REVERSE_CONTEXT_TURNS
+from ..decoding.reverse import REVERSE_CONTEXT_TURNS
 from ..errors import UserError
 from ..eval.perplexity import examples_perplexity
 from . import checkpoint as ckpt
