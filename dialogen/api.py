@@ -100,8 +100,7 @@ class ChatModel:
         from .decoding.batch import generate_batch
 
         eng = self.engine
-        s = Sampling().replace(**sampling)
-        s = s.replace(stop=s.stop + eng.template.stop_strings(eng.tokenizer))
+        s, stop_ids = eng.stops(Sampling().replace(**sampling))
         prompts = []
         for i, conv in enumerate(conversations):
             msgs = as_messages(conv, f"conversations[{i}]")
@@ -114,8 +113,7 @@ class ChatModel:
             prompts.append(ids)
         if not prompts:
             return []
-        replies = generate_batch(eng.model, prompts, s, eng.template.stop_ids(eng.tokenizer), eng.tokenizer,
-                                 eng.tokenizer.pad_id)
+        replies = generate_batch(eng.model, prompts, s, stop_ids, eng.tokenizer, eng.tokenizer.pad_id)
         return [r.text for r in replies]
 
     def candidates(self, messages, beam_size: int = 5, scorer: str = "logprob", num_candidates: int | None = None,

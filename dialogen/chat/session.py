@@ -98,15 +98,14 @@ class Session:
             keep = 0
         self.cache.truncate(keep)
         self.cache_ids = ids[:keep]
-        stop = sampling.stop + eng.template.stop_strings(eng.tokenizer)
-        sampling = sampling.replace(stop=stop)
+        sampling, stop_ids = eng.stops(sampling)
 
         def finish(gen: Generation):
             self.cache_ids = (ids + gen.tokens)[: self.cache.length]
             self.messages.append(Message("assistant", gen.text))
 
-        return Generation(eng.model, eng.tokenizer, ids[keep:], self.cache, sampling,
-                          eng.template.stop_ids(eng.tokenizer), history=ids, on_finish=finish)
+        return Generation(eng.model, eng.tokenizer, ids[keep:], self.cache, sampling, stop_ids, history=ids,
+                          on_finish=finish)
 
     # --- files ----------------------------------------------------------------------------
     def to_dict(self) -> dict:

@@ -12,6 +12,7 @@ import argparse
 from dataclasses import dataclass, field
 
 from ..chat.templates import Template, default_template_name, get_template
+from .settings import Sampling
 
 DTYPES = ("auto", "int4", "int8", "float16", "bfloat16", "float32")  # as models/loading.DTYPES (torch-free here)
 
@@ -26,6 +27,12 @@ class Engine:
     context_length: int
     name: str = "dialogen"
     meta: dict = field(default_factory=dict)  # the checkpoint's dialogen.json
+
+    def stops(self, s: Sampling) -> tuple[Sampling, set[int]]:
+        """The one place a reply's stops are merged: `s` with the template's stop strings added, and
+        the template's stop ids."""
+        tpl, tok = self.template, self.tokenizer
+        return s.replace(stop=s.stop + tpl.stop_strings(tok)), tpl.stop_ids(tok)
 
 
 def load_engine(model: str | None = None, template: str = "auto", dtype="float32") -> Engine:

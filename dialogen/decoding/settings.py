@@ -19,6 +19,52 @@ MAX_STOP_CHARS = 500_000  # all stop strings of one reply together, in character
 MAX_TOP_LOGPROBS = 20  # OpenAI's limit on top_logprobs
 
 
+def flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+class SettingError(UserError):
+    """A decode setting out of its range. `field` names it (the server's error `param`); the
+    message names settings as flags, and `say(spell)` as another caller spells them."""
+
+    def __init__(self, field: str, say):
+        self.field, self.say = field, say
+        super().__init__(say(flag))
+
+
+CANDIDATE_SOURCES = ("beam", "sample")
+# field -> (valid?, the rule): the one place a decode setting's range is written (Sampling, Decoding,
+# beam.BeamSettings; the server's request schema has the same bounds in pydantic's words)
+RULES = {
+    "logprobs": (lambda v: v is None or 0 <= v <= MAX_TOP_LOGPROBS, f"in 0..{MAX_TOP_LOGPROBS}"),
+    "temperature": (lambda v: v >= 0, ">= 0"),
+    "top_k": (lambda v: v >= 0, ">= 0"),
+    "top_p": (lambda v: 0 < v <= 1, "in (0, 1]"),
+    "repetition_penalty": (lambda v: v > 0, "> 0"),
+    "frequency_penalty": (lambda v: -2 <= v <= 2, "in [-2, 2] (negative: favour repeats)"),
+    "presence_penalty": (lambda v: -2 <= v <= 2, "in [-2, 2] (negative: favour repeats)"),
+    "no_repeat_ngram": (lambda v: v >= 0, ">= 0"),
+    "max_new_tokens": (lambda v: v >= 1, ">= 1"),
+    "seed": (lambda v: v is None or SEED_MIN <= v <= SEED_MAX, "in [-2**63, 2**63 - 1]"),
+    "beam_size": (lambda v: v >= 1, ">= 1"),
+    "num_candidates": (lambda v: v >= 1, ">= 1"),
+    "min_new_tokens": (lambda v: v >= 0, ">= 0"),
+    "block_context_ngram": (lambda v: v >= 0, ">= 0"),
+    "mmi_weight": (lambda v: v >= 0, ">= 0"),
+    "candidates": (lambda v: v in CANDIDATE_SOURCES, f"one of {', '.join(CANDIDATE_SOURCES)}"),
+    "scorer": (lambda v: v is None or v in SCORER_NAMES, f"one of {', '.join(SCORER_NAMES)}"),
+}
+
+
+def check(settings):
+    """A SettingError for the first field of `settings` (a dataclass) outside its rule in RULES."""
+    for f in dataclasses.fields(settings):
+        ok, rule = RULES.get(f.name, (None, None))
+        value = getattr(settings, f.name)
+        if ok is not None and not ok(value):
+            raise SettingError(f.name, lambda spell, n=f.name: f"{spell(n)} must be {rule}, got {value!r}")
+
+
 @dataclass
 class Sampling:
     temperature: float = 0.3  # 0 -> greedy
@@ -36,31 +82,14 @@ class Sampling:
     constraint: object | None = None  # a `constrain.Grammar` the reply must match (e.g. a JSON schema)
 
     def __post_init__(self):
-        checks = [
-            ("logprobs", self.logprobs is None or 0 <= self.logprobs <= MAX_TOP_LOGPROBS,
-             f"in 0..{MAX_TOP_LOGPROBS}"),
-            ("temperature", self.temperature >= 0, ">= 0"),
-            ("top_k", self.top_k >= 0, ">= 0"),
-            ("top_p", 0 < self.top_p <= 1, "in (0, 1]"),
-            ("repetition_penalty", self.repetition_penalty > 0, "> 0"),
-            ("frequency_penalty", -2 <= self.frequency_penalty <= 2, "in [-2, 2] (negative: favour repeats)"),
-            ("presence_penalty", -2 <= self.presence_penalty <= 2, "in [-2, 2] (negative: favour repeats)"),
-            ("no_repeat_ngram", self.no_repeat_ngram >= 0, ">= 0"),
-            ("max_new_tokens", self.max_new_tokens >= 1, ">= 1"),
-            ("seed", self.seed is None or SEED_MIN <= self.seed <= SEED_MAX, "in [-2**63, 2**63 - 1]"),
-        ]
-        for name, ok, rule in checks:
-            if not ok:
-                raise UserError(f"--{name.replace('_', '-')} must be {rule}, got {getattr(self, name)}")
+        check(self)
         total = sum(len(s) for s in self.stop)
         if total > MAX_STOP_CHARS:
-            raise UserError(f"--stop: the stop strings are {total} characters in all; the limit is {MAX_STOP_CHARS}")
+            raise SettingError("stop", lambda spell: f"{spell('stop')}: the stop strings are {total} characters in all; "
+                                                     f"the limit is {MAX_STOP_CHARS}")
 
     def replace(self, **changes) -> "Sampling":
         return dataclasses.replace(self, **{k: v for k, v in changes.items() if v is not None})
-
-
-CANDIDATE_SOURCES = ("beam", "sample")
 
 
 @dataclass
@@ -78,20 +107,10 @@ class Decoding:
     discriminator: str | None = None
 
     def __post_init__(self):
-        checks = [
-            ("beam_size", self.beam_size >= 1, ">= 1"),
-            ("num_candidates", self.num_candidates >= 1, ">= 1"),
-            ("min_new_tokens", self.min_new_tokens >= 0, ">= 0"),
-            ("block_context_ngram", self.block_context_ngram >= 0, ">= 0"),
-            ("mmi_weight", self.mmi_weight >= 0, ">= 0"),
-            ("candidates", self.candidates in CANDIDATE_SOURCES, f"one of {', '.join(CANDIDATE_SOURCES)}"),
-            ("scorer", self.scorer is None or self.scorer in SCORER_NAMES, f"one of {', '.join(SCORER_NAMES)}"),
-        ]
-        for name, ok, rule in checks:
-            if not ok:
-                raise UserError(f"--{name.replace('_', '-')} must be {rule}, got {getattr(self, name)!r}")
+        check(self)
         if self.candidates == "sample" and self.beam_size > 1:
-            raise UserError("--candidates sample draws samples; it does not combine with --beam-size > 1")
+            raise SettingError("candidates", lambda spell: f"{spell('candidates')} sample draws samples; it does not "
+                                                           f"combine with {spell('beam_size')} > 1")
 
     @property
     def scorer_name(self) -> str:

@@ -89,8 +89,7 @@ def run_config(engine, decoder, prompts: list[list[int]], contexts: list[list[Me
             replies.append(cands[winner].text)
         return replies
     eng = engine
-    s = s.replace(stop=s.stop + eng.template.stop_strings(eng.tokenizer))
-    stop_ids = eng.template.stop_ids(eng.tokenizer)
+    s, stop_ids = eng.stops(s)
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))  # similar lengths: little padding
     replies: list[str] = [""] * len(prompts)
     for start in range(0, len(order), batch_size):

@@ -20,7 +20,7 @@ import time
 from pydantic import BaseModel, ValidationError
 
 from ..chat.messages import Message
-from ..decoding.settings import Sampling
+from ..decoding.settings import Sampling, SettingError
 from ..errors import UserError
 from .schema import ChatRequest, DecodeFields, first_error, kind
 
@@ -248,15 +248,15 @@ def token_logprobs(tokenizer, tokens: list[int], entries: list) -> list[dict]:
             for tok, (lp, alts) in zip(tokens, entries)]
 
 
+def as_field(name: str) -> str:
+    return f"'{name}'"
+
+
 def make_decoding(base, changes: dict):
-    candidates, beam = changes.get("candidates", base.candidates), changes.get("beam_size", base.beam_size)
-    if candidates == "sample" and beam > 1:
-        raise ApiError(400, "'candidates': \"sample\" draws samples; it does not combine with 'beam_size' > 1",
-                       "candidates")
     try:
         d = base.replace(**changes)
-    except UserError as e:
-        raise ApiError(400, str(e)) from None
+    except SettingError as e:  # the schema covers each field; `Decoding` checks combinations
+        raise ApiError(400, e.say(as_field), e.field) from None
     needs = {"mmi": d.mmi_model, "discriminator": d.discriminator}
     if d.searches and d.scorer_name in needs and not needs[d.scorer_name]:
         flag = "--mmi-model" if d.scorer_name == "mmi" else "--discriminator"
@@ -268,8 +268,8 @@ def make_decoding(base, changes: dict):
 def make_sampling(base: Sampling, changes: dict) -> Sampling:
     try:
         s = base.replace(**changes)
-    except UserError as e:  # the schema covers the fields; this catches combinations
-        raise ApiError(400, str(e)) from None
+    except SettingError as e:
+        raise ApiError(400, e.say(as_field), e.field) from None
     if "constraint" in changes:  # None too: response_format text lifts a session's stored JSON format
         s = dataclasses.replace(s, constraint=changes["constraint"])
     return s
