@@ -9,14 +9,13 @@ turn), down to three quarters of the budget so the next turns reuse the cache ag
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from pathlib import Path
 
-from ..decoding.engine import Engine, load_engine  # noqa: F401 (load_engine: where callers found it)
+from ..decoding.engine import Engine, load_engine  # noqa: F401 (load_engine: callers import it from here)
 from ..decoding.generate import Generation
 from ..decoding.settings import Sampling
 from ..errors import UserError
+from ..paths import write_text
 from ..textio import load_json, read_file
 from .messages import Message, parse_messages
 
@@ -113,12 +112,8 @@ class Session:
 
     def save(self, path: str | Path):
         path = Path(path)
-        data = json.dumps(self.to_dict(), ensure_ascii=False, indent=1)
         try:
-            fd, tmp = tempfile.mkstemp(dir=path.parent if str(path.parent) else ".", prefix=f".{path.name}.")
-            with os.fdopen(fd, "w", encoding="utf-8") as f:
-                f.write(data)
-            os.replace(tmp, path)
+            write_text(path, json.dumps(self.to_dict(), ensure_ascii=False, indent=1))
         except OSError as e:
             raise UserError(f"{path}: cannot write ({e.strerror})") from None
 

@@ -12,10 +12,8 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import random
 import sys
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,6 +23,7 @@ from ..decoding.engine import add_model_args, engine_from_args
 from ..decoding.settings import (Decoding, Sampling, add_decoding_args, add_sampling_args, decoding_from,
                                  sampling_from)
 from ..errors import UserError
+from ..paths import write_text
 
 # name -> (sampling changes, decoding changes), applied on top of the command's flags
 CONFIGS = {
@@ -202,10 +201,7 @@ def markdown_table(result: dict) -> str:
 def write_json(path: Path, data: dict):
     """Written to a temporary file beside the target, then renamed: never a half-written file."""
     try:
-        fd, tmp = tempfile.mkstemp(dir=path.parent if str(path.parent) else ".", prefix=f".{path.name}.")
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump(data, f, ensure_ascii=False, indent=1)
-        os.replace(tmp, path)
+        write_text(path, json.dumps(data, ensure_ascii=False, indent=1))
     except OSError as e:
         raise UserError(f"--output {path}: cannot write ({e.strerror})") from None
 

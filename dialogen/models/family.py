@@ -24,5 +24,9 @@ class Generator(Protocol):
     def __call__(self, ids, cache=None): ...
 
 
+def family(model) -> str:
+    return getattr(model, "family", DECODER)  # the transformer is the default family
+
+
 def is_encoder_decoder(model) -> bool:
-    return getattr(model, "family", DECODER) == ENCODER_DECODER
+    return family(model) == ENCODER_DECODER

@@ -21,10 +21,11 @@ import torch
 from ..errors import UserError
 from . import kernels
 from .config_values import MAX_SIZE, shown
-from .family import is_encoder_decoder
-from .files import atomic_dir, read_state_dict
+from .family import DECODER, ENCODER_DECODER, family
+from .files import assign_weights, read_state_dict, write_checkpoint
 from ..paths import cache_dir
 from .gguf_file import index_dir, read_gguf, read_tensors  # noqa: F401 (read_gguf: for the tests)
+from .rnn import load_rnn, save_rnn
 from .tokenizer import Tokenizer
 from .transformer import Config, Linear, Transformer
 
@@ -78,12 +79,12 @@ def load(spec: str | None = None, dtype="float32") -> Loaded:
     if path.suffix == ".gguf" and path.is_file():
         return load_gguf(path, dtype)
     path = resolve(spec)
-    cfg, family = config_from_hf(_read_json(path / "config.json"), path)
+    cfg, arch = config_from_hf(_read_json(path / "config.json"), path)
     meta = _read_json(path / "dialogen.json") if (path / "dialogen.json").exists() else {}
-    if family == "rnn":  # the recurrent family has its own module
-        from .rnn import load_rnn
+    return Loaded(LOADERS[arch](path, cfg, dtype), Tokenizer.from_dir(path), path, meta)
 
-        return Loaded(load_rnn(path, cfg), Tokenizer.from_dir(path), path, meta)
+
+def load_transformer(path: Path, cfg: Config, dtype) -> Transformer:
     sd = read_state_dict(path)
     keys = LLAMA_KEYS if cfg.arch == "llama" else GPT2_KEYS
     try:
@@ -95,7 +96,11 @@ def load(spec: str | None = None, dtype="float32") -> Loaded:
         raise UserError(f"{path}: the weights do not fit together ({str(e).splitlines()[0]})") from None
     model = build(cfg, ours, f"{path}/config.json", keys)
     decode_copies(model, dtype, {})
-    return Loaded(model, Tokenizer.from_dir(path), path, meta)
+    return model
+
+
+# config.json's architecture -> the builder of its model (the recurrent family keeps float32 weights)
+LOADERS = {"llama": load_transformer, "gpt2": load_transformer, "rnn": lambda path, cfg, dtype: load_rnn(path, cfg)}
 
 
 def load_gguf(path: Path, dtype="auto") -> Loaded:
@@ -179,10 +184,7 @@ def build(cfg: Config, sd: dict, where: str = "the checkpoint", keys: dict | Non
         sd.pop("lm_head.weight", None)
     check_shapes(cfg, sd, where, keys or {})
     model = Transformer.without_init(cfg)
-    missing, unexpected = model.load_state_dict(sd, strict=False, assign=True)
-    missing = [m for m in missing if not (cfg.tie_embeddings and m == "lm_head.weight")]
-    if missing or unexpected:
-        raise UserError(f"checkpoint does not match its config: missing {missing[:3]}, unexpected {unexpected[:3]}")
+    assign_weights(model, sd, where, optional=("lm_head.weight",) if cfg.tie_embeddings else (), assign=True)
     if cfg.tie_embeddings:
         model.lm_head.weight = model.embed.weight
     return model.float().eval()
@@ -383,27 +385,29 @@ def ours_to_hf(cfg: Config, sd: dict) -> dict:
     return {k: v.detach().contiguous() for k, v in out.items()}
 
 
-def save_checkpoint(directory: Path, cfg: Config, model: torch.nn.Module, tokenizer: Tokenizer, meta: dict):
-    """Write a checkpoint directory atomically: a temp dir beside it, then a rename."""
-    from safetensors.torch import save_file
+def save_transformer(directory: Path, model: Transformer, tokenizer: Tokenizer, meta: dict, more=None) -> Path:
+    """Hugging Face's layout, with generation_config.json stopping where a dialogen chat stops."""
+    cfg = model.cfg
+    config, generation = hf_configs(cfg, tokenizer, meta.get("stop_ids"), meta.get("stop_strings"))
 
-    if is_encoder_decoder(model):  # the recurrent family writes its own layout
-        from .rnn import save_rnn
+    def also(tmp: Path):
+        (tmp / "generation_config.json").write_text(json.dumps(generation, indent=1))
+        if more is not None:
+            more(tmp)
 
-        save_rnn(directory, model, tokenizer, meta)
-        return
-
-    def write(tmp: Path):
-        sd = ours_to_hf(cfg, {k: v.float() for k, v in model.state_dict().items()})
-        save_file(sd, str(tmp / "model.safetensors"), metadata={"format": "pt"})
-        write_configs(tmp, cfg, tokenizer, meta.get("stop_ids"), meta.get("stop_strings"))
-        tokenizer.save(tmp)
-        (tmp / "dialogen.json").write_text(json.dumps(meta, indent=1))
-
-    atomic_dir(Path(directory), write)
+    sd = ours_to_hf(cfg, {k: v.float() for k, v in model.state_dict().items()})
+    return write_checkpoint(directory, sd, config, tokenizer, meta, also)
 
 
-def write_configs(directory: Path, cfg: Config, tokenizer: Tokenizer, stop_ids=None, stop_strings=None):
+SAVERS = {DECODER: save_transformer, ENCODER_DECODER: save_rnn}  # family -> checkpoint writer
+
+
+def save_checkpoint(directory: Path, model, tokenizer: Tokenizer, meta: dict, more=None) -> Path:
+    """Any generator's checkpoint directory, written atomically (`files.write_checkpoint`)."""
+    return SAVERS[family(model)](directory, model, tokenizer, meta, more)
+
+
+def hf_configs(cfg: Config, tokenizer: Tokenizer, stop_ids=None, stop_strings=None) -> tuple[dict, dict]:
     """config.json and generation_config.json as transformers reads them: special token ids that
     exist in the vocabulary, and generation that stops where a dialogen chat stops (the template's
     end-of-turn ids, or strings when the vocabulary has no single token for the marker)."""
@@ -412,39 +416,31 @@ def write_configs(directory: Path, cfg: Config, tokenizer: Tokenizer, stop_ids=N
 
     ids = {"bos_token_id": known(tokenizer.token_id(tokenizer.bos_token)), "eos_token_id": known(tokenizer.eos_id),
            "pad_token_id": known(tokenizer.token_id(tokenizer.pad_token))}
-    (directory / "config.json").write_text(json.dumps({**config_to_hf(cfg), **ids}, indent=1))
     stops = sorted({known(i) for i in (stop_ids or [])} - {None}) or ids["eos_token_id"]
-    gen = {**ids, "eos_token_id": stops}
+    generation = {**ids, "eos_token_id": stops}
     if stop_strings:
-        gen["stop_strings"] = list(stop_strings)
-    (directory / "generation_config.json").write_text(json.dumps(gen, indent=1))
+        generation["stop_strings"] = list(stop_strings)
+    return {**config_to_hf(cfg), **ids}, generation
 
 
 # --- GGUF ------------------------------------------------------------------------------------
 def gguf_to_checkpoint(path: Path) -> Path:
+    """A GGUF file -> a Hugging Face style directory of float32 weights (for other tools), made once."""
     st = path.stat()
     key = hashlib.sha256(f"{path.resolve()}:{st.st_size}:{st.st_mtime_ns}".encode()).hexdigest()[:12]
     target = cache_dir() / "models" / f"{path.stem}-{key}"
     if (target / "config.json").exists():
         return target
-    return atomic_dir(target, lambda tmp: _convert_gguf(path, tmp))
-
-
-def _convert_gguf(path: Path, out: Path):
-    """A GGUF file -> a Hugging Face style directory of float32 weights (for other tools)."""
-    from safetensors.torch import save_file
-
-    print(f"dialogen: converting {path.name} into a Hugging Face style directory (once): {out.parent}",
+    print(f"dialogen: converting {path.name} into a Hugging Face style directory (once): {target.parent}",
           file=sys.stderr)
     where = index_dir(path)
     index = _read_json(where / "index.json")
     cfg = Config(**index["config"])
     floats, _ = read_tensors(path, cfg, index["tensors"])
-    save_file({k: v.contiguous() for k, v in floats.items()}, str(out / "model.safetensors"), metadata={"format": "pt"})
     tokenizer = Tokenizer.from_dir(where)
-    write_configs(out, cfg, tokenizer)
-    tokenizer.save(out)
-    (out / "dialogen.json").write_text(json.dumps({"template": "jinja", "source": str(path)}, indent=1))
+    config, generation = hf_configs(cfg, tokenizer)
+    return write_checkpoint(target, floats, config, tokenizer, {"template": "jinja", "source": str(path)},
+                            lambda tmp: (tmp / "generation_config.json").write_text(json.dumps(generation, indent=1)))
 
 
 def _read_json(path: Path) -> dict:

@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 
 from ..errors import UserError
-from ..models.family import is_encoder_decoder
+from ..paths import atomic_file
 from .replies import Pair, mle_loss, perplexity, reply_logprobs, reply_text, sample_replies
 
 
@@ -176,9 +176,6 @@ def settings_dict(s: AdversarialSettings) -> dict:
 def plot_log(rows: list[dict], png: Path, title: str = "adversarial training"):
     """Three panels over rounds: D accuracy, mean reward (and baseline), G validation perplexity.
     Written to a temp file, then renamed."""
-    import os
-    import tempfile
-
     import matplotlib
 
     matplotlib.use("Agg")
@@ -201,26 +198,7 @@ def plot_log(rows: list[dict], png: Path, title: str = "adversarial training"):
         ax.grid(alpha=0.3)
     fig.suptitle(title, fontsize=11)
     fig.tight_layout()
-    png = Path(png)
-    fd, tmp = tempfile.mkstemp(dir=png.parent, prefix=f".{png.name}.", suffix=".png")
-    os.close(fd)
     try:
-        fig.savefig(tmp, dpi=90)
-        os.replace(tmp, png)
+        return atomic_file(Path(png), lambda tmp: fig.savefig(tmp, dpi=90))
     finally:
         plt.close(fig)
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-    return png
-
-
-def save_generator(directory, model, tokenizer, meta: dict) -> Path:
-    """Write G back in its own family's checkpoint format."""
-    if is_encoder_decoder(model):
-        from ..models.rnn import save_rnn
-
-        return save_rnn(directory, model, tokenizer, meta)
-    from ..models.loading import save_checkpoint
-
-    save_checkpoint(Path(directory), model.cfg, model, tokenizer, meta)
-    return Path(directory)

@@ -176,7 +176,8 @@ def cmd_train_discriminator(args) -> int:
 
 def cmd_train_adversarial(args) -> int:
     from ..models.discriminator import check_tokenizer, load_discriminator, save_discriminator
-    from .adversarial import AdversarialSettings, plot_log, save_generator, settings_dict, train_adversarial
+    from ..models.loading import save_checkpoint
+    from .adversarial import AdversarialSettings, plot_log, settings_dict, train_adversarial
 
     _positive(args, ["batch_size", "max_new_tokens", "rounds"])
     settings = AdversarialSettings(
@@ -204,7 +205,7 @@ def cmd_train_adversarial(args) -> int:
     meta = {**meta, "template": template.name, **template.stop_meta(tok),
             "adversarial": {"from": str(args.generator), "discriminator": str(Path(args.discriminator).resolve()),
                             "settings": settings_dict(settings), "log": str(log)}}
-    save_generator(out, model.eval(), tok, meta)
+    save_checkpoint(out, model.eval(), tok, meta)  # in the generator's own family's format
     d_out = Path(args.discriminator_out) if args.discriminator_out else out.with_name(out.name + "-discriminator")
     save_discriminator(d_out, disc.eval(), tok, {"adversarial_of": str(out.resolve())})
     print(json.dumps({"out": str(out), "discriminator_out": str(d_out), "log": str(log), "plot": str(plot),

@@ -254,7 +254,7 @@ class Loop:
         if step > 0 and r["ppl"] < self.best:
             self.best = r["ppl"]
             meta = {**self.meta, "step": step, "val_ppl": r["ppl"]}
-            ckpt.save(self.out / "best", self.model.cfg, self.model, self.tokenizer, meta)
+            ckpt.save(self.out / "best", self.model, self.tokenizer, meta)
 
     def save_last(self, step: int):
         if not ckpt.finite_weights(self.model):  # every rank holds the same weights: all stop
@@ -265,7 +265,7 @@ class Loop:
         torch_state = {"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
                        "rng": ckpt.rng_state()}
         meta = {**self.meta, "step": step}
-        ckpt.save(self.out / "last", self.model.cfg, self.model, self.tokenizer, meta, state, torch_state)
+        ckpt.save(self.out / "last", self.model, self.tokenizer, meta, state, torch_state)
 
 
 def _progress(total: int, initial: int, enabled: bool):
