@@ -81,13 +81,17 @@ class Session:
     def send(self, user_text: str, **overrides) -> Generation:
         """Add a user turn and return the reply's Generation (iterate it to stream)."""
         sampling = self.sampling.replace(**overrides)
-        self.messages.append(Message("user", user_text))
+        return self._generate(self.user_turn(user_text), sampling)
+
+    def user_turn(self, text: str) -> list[int]:
+        """Add a user turn and return the prompt of the reply to it (the turn is taken back if the
+        prompt does not fit)."""
+        self.messages.append(Message("user", text))
         try:
-            ids = self.prompt_ids()
+            return self.prompt_ids()
         except UserError:
             self.messages.pop()
             raise
-        return self._generate(ids, sampling)
 
     def _generate(self, ids: list[int], sampling: Sampling) -> Generation:
         eng = self.engine

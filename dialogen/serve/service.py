@@ -13,10 +13,10 @@ from collections import OrderedDict
 from dataclasses import dataclass, field
 
 from ..chat.messages import Message
+from ..chat.ranked import searched_reply
 from ..chat.session import Engine, Session
 from ..decoding.settings import Decoding, Sampling
 from ..decoding.strategy import Decoder
-from ..errors import UserError
 from .store import Store
 from .worker import Worker
 
@@ -170,7 +170,7 @@ class PrefixPool:
             if best_n == len(kept.conversation()):  # the next turn of that conversation
                 self._idle.remove(best)
                 return kept
-            if not hasattr(kept.cache, "copy"):
+            if not kept.engine.model.reuses_prefix:  # an encoder-decoder's cache holds no prefix to share
                 return None
             s = fresh()
             s.cache, s.cache_ids = kept.cache.copy(), list(kept.cache_ids)  # under the lock: no one changes kept
@@ -278,17 +278,8 @@ class Service:
         if not decoding.searches:
             gen = session.send(text)
             return gen, len(gen.history), len(gen.history) - len(gen.feed)
-        session.messages.append(Message("user", text))
-        try:
-            ids = session.prompt_ids()
-        except UserError:
-            session.messages.pop()
-            raise
-
-        def finish(reply):
-            session.messages.append(Message("assistant", reply.text))
-
-        return self.decoder.reply(ids, session.conversation(), sampling, decoding, on_finish=finish), len(ids), 0
+        ids = session.user_turn(text)
+        return searched_reply(session, self.decoder, ids, sampling, decoding), len(ids), 0
 
     def close(self):
         self.worker.close()

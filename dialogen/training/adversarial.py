@@ -21,7 +21,7 @@ import torch
 
 from ..errors import UserError
 from ..paths import atomic_file
-from .replies import Pair, mle_loss, perplexity, reply_logprobs, reply_text, sample_replies
+from .replies import Pair, mle_loss, perplexity, reply_logprobs, sample_replies, sample_text
 
 
 @dataclass
@@ -63,13 +63,13 @@ def reinforce_loss(logp: torch.Tensor, rewards: torch.Tensor, baseline: float) -
 
 def machine_pairs(disc, tokenizer, pairs: list[Pair], samples: list[list[int]], stop_ids: set[int]):
     """D's encoding of (context, sampled reply) for each pair."""
-    return [disc.encode_pair(tokenizer, p.context, reply_text(tokenizer, s, stop_ids)) for p, s in zip(pairs, samples)]
+    return [disc.encode_pair(tokenizer, p.context, sample_text(tokenizer, s, stop_ids)) for p, s in zip(pairs, samples)]
 
 
 def human_pairs(disc, tokenizer, pairs: list[Pair], stop_ids: set[int]):
     """D's encoding of (context, human reply), the reply cut like a sample (`Pair.target` holds at
     most the sampling limit of tokens) and decoded the same way: length is no cue."""
-    return [disc.encode_pair(tokenizer, p.context, reply_text(tokenizer, p.target, stop_ids)) for p in pairs]
+    return [disc.encode_pair(tokenizer, p.context, sample_text(tokenizer, p.target, stop_ids)) for p in pairs]
 
 
 def _step(opt, loss, params, clip: float):

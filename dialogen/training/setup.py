@@ -78,7 +78,7 @@ def freeze(model: Transformer, embeddings: bool, layers: int):
         raise UserError(f"--freeze-layers {layers} exceeds the model's {model.cfg.n_layer} layers")
     if embeddings:
         model.embed.weight.requires_grad_(False)
-        if hasattr(model, "pos_embed"):
+        if model.cfg.arch == "gpt2":  # learned positions
             model.pos_embed.weight.requires_grad_(False)
     for block in list(model.blocks)[:layers]:
         block.requires_grad_(False)
