@@ -2,8 +2,8 @@
 
 With one beam and one candidate it is a plain `Session` (streamed replies, KV cache kept across
 turns). Otherwise each reply is a `Reply` from the `Decoder` (`searched_reply`, which the server uses
-too): the search encodes the prompt on a
-cache of its own, so the session's cache is left as it was and stays valid for later turns.
+too): the search encodes the prompt on a cache of its own, so the session's cache is left as it was
+and stays valid for later turns.
 """
 
 from __future__ import annotations
