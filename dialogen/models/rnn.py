@@ -162,6 +162,7 @@ class RNNState:
 class RNNSeq2Seq(nn.Module):
     family = ENCODER_DECODER
     reuses_prefix = False  # a session re-encodes the whole prompt each turn (models/family.py)
+    max_positions = None  # no position limit: the encoder reads a prompt of any length
 
     def __init__(self, cfg: RNNConfig):
         super().__init__()

@@ -8,6 +8,7 @@ import random
 import sys
 from pathlib import Path
 
+from ..decoding.engine import load_engine
 from ..errors import UserError
 
 
@@ -77,21 +78,14 @@ def _positive(args, names):
 
 def load_generator(spec, flag: str = "--generator"):
     """(model, tokenizer, template, meta) of an MLE-trained generator, in float32 for training."""
-    import torch
-
-    from ..chat.templates import default_template_name, get_template
-    from ..models.loading import load
-
     if not spec:
         raise UserError(f"{flag} is required: an MLE-trained generator checkpoint (RNN or transformer; "
                         "make one with `dialogen train`)")
     try:
-        loaded = load(spec, torch.float32)
+        engine = load_engine(spec, "auto", "float32")
     except UserError as e:
         raise UserError(f"{flag}: {e}") from None
-    arch = getattr(loaded.model.cfg, "arch", "rnn")
-    template = get_template(default_template_name(loaded.meta, loaded.tokenizer, arch), loaded.tokenizer)
-    return loaded.model, loaded.tokenizer, template, loaded.meta
+    return engine.model, engine.tokenizer, engine.template, engine.meta
 
 
 def load_pairs(args, models, tokenizer, template):
@@ -105,7 +99,7 @@ def load_pairs(args, models, tokenizer, template):
         if value < low:
             raise UserError(f"{flag} must be >= {low}, got {value}")
     max_prompt = 256
-    positions = min((m.max_positions for m in models if getattr(m, "max_positions", None)), default=None)
+    positions = min((m.max_positions for m in models if m.max_positions), default=None)
     if positions is not None:
         max_prompt = min(max_prompt, positions - args.max_new_tokens)
         if max_prompt < 8:

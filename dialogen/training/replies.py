@@ -164,7 +164,7 @@ def split_turns(span: tuple[int, int], ids: list[int], turn_end: int) -> list[tu
 def seq2seq_nll_sum(model, ids: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """The decoder-only loss contract (sum of -log p(label), count) for an encoder-decoder: each
     labelled turn of a row (B, T) is a reply to the tokens before it, which the encoder reads."""
-    turn_end = getattr(model.cfg, "turn_end_id", -1)
+    turn_end = model.cfg.turn_end_id
     prompts, targets = [], []
     for row_ids, row_labels in zip(ids.tolist(), labels.tolist()):
         for span in label_spans(row_labels):
