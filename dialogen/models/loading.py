@@ -322,6 +322,17 @@ def config_to_hf(cfg: Config) -> dict:
 
 
 # --- weights: Hugging Face names <-> ours ---------------------------------------------------
+def gpt2_names(cfg: Config, prefix: str = ""):
+    """(Hugging Face name, ours, whether theirs is transposed) of every GPT-2 tensor but the head;
+    GPT-2's Conv1D stores a linear layer's weight as (in, out)."""
+    yield from ((prefix + a, b, False) for a, b in (("wte.weight", "embed.weight"), ("wpe.weight", "pos_embed.weight"),
+                                                     ("ln_f.weight", "norm.weight"), ("ln_f.bias", "norm.bias")))
+    for i in range(cfg.n_layer):
+        for theirs, ours in {**GPT2_LINEARS, "ln_1": "norm1", "ln_2": "norm2"}.items():
+            yield f"{prefix}h.{i}.{theirs}.weight", f"blocks.{i}.{ours}.weight", not theirs.startswith("ln")
+            yield f"{prefix}h.{i}.{theirs}.bias", f"blocks.{i}.{ours}.bias", False
+
+
 def hf_to_ours(cfg: Config, sd: dict) -> dict:
     sd = {k.removeprefix("transformer.").removeprefix("model."): v for k, v in sd.items()}
     out = {}
@@ -340,14 +351,8 @@ def hf_to_ours(cfg: Config, sd: dict) -> dict:
             out[q + "norm1.weight"] = sd[p + "input_layernorm.weight"]
             out[q + "norm2.weight"] = sd[p + "post_attention_layernorm.weight"]
     else:
-        out["embed.weight"], out["pos_embed.weight"] = sd["wte.weight"], sd["wpe.weight"]
-        out["norm.weight"], out["norm.bias"] = sd["ln_f.weight"], sd["ln_f.bias"]
-        names = {**GPT2_LINEARS, "ln_1": "norm1", "ln_2": "norm2"}
-        for i in range(cfg.n_layer):
-            for theirs, ours in names.items():
-                w = sd[f"h.{i}.{theirs}.weight"]
-                out[f"blocks.{i}.{ours}.weight"] = w if theirs.startswith("ln") else w.t()  # Conv1D is (in, out)
-                out[f"blocks.{i}.{ours}.bias"] = sd[f"h.{i}.{theirs}.bias"]
+        for theirs, ours, transposed in gpt2_names(cfg):
+            out[ours] = sd[theirs].t() if transposed else sd[theirs]
     if "lm_head.weight" in sd and not cfg.tie_embeddings:
         out["lm_head.weight"] = sd["lm_head.weight"]
     return {k: v.contiguous() for k, v in out.items()}
@@ -372,14 +377,8 @@ def ours_to_hf(cfg: Config, sd: dict) -> dict:
             out[p + "input_layernorm.weight"] = sd[q + "norm1.weight"]
             out[p + "post_attention_layernorm.weight"] = sd[q + "norm2.weight"]
     else:
-        out["transformer.wte.weight"], out["transformer.wpe.weight"] = sd["embed.weight"], sd["pos_embed.weight"]
-        out["transformer.ln_f.weight"], out["transformer.ln_f.bias"] = sd["norm.weight"], sd["norm.bias"]
-        names = {**GPT2_LINEARS, "ln_1": "norm1", "ln_2": "norm2"}
-        for i in range(cfg.n_layer):
-            for theirs, ours in names.items():
-                w = sd[f"blocks.{i}.{ours}.weight"]
-                out[f"transformer.h.{i}.{theirs}.weight"] = w if theirs.startswith("ln") else w.t()
-                out[f"transformer.h.{i}.{theirs}.bias"] = sd[f"blocks.{i}.{ours}.bias"]
+        for theirs, ours, transposed in gpt2_names(cfg, "transformer."):
+            out[theirs] = sd[ours].t() if transposed else sd[ours]
     if not cfg.tie_embeddings:
         out["lm_head.weight"] = sd["lm_head.weight"]
     return {k: v.detach().contiguous() for k, v in out.items()}
