@@ -154,6 +154,16 @@ def validate(model: type[BaseModel], body: dict, where: str | None = None):
         raise ApiError(400, message, param) from None
 
 
+def read_request(svc, model: type[BaseModel], body: dict):
+    """(the parsed request, the top-level fields it ignores) of a completions body, for a model
+    name `svc` answers."""
+    ignored = refuse_unsupported(body, model.model_fields)
+    req = validate(model, body)
+    if not svc.accepts_model(req.model):
+        raise model_not_found(svc.model_names(), req.model)
+    return req, ignored
+
+
 def refuse_unsupported(body: dict, known) -> list[str]:
     """400 for a feature the server lacks; returns the top-level fields it will ignore (those not
     in `known`), for the `x-dialogen-ignored-fields` header."""
