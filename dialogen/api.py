@@ -24,8 +24,11 @@ from .chat.messages import Message, parse_messages
 from .chat.personas import resolve_persona
 from .chat.ranked import RankedSession
 from .chat.session import Engine, Session, load_engine
+from .data import load_split
+from .decoding.batch import generate_batch
 from .decoding.settings import Decoding, Sampling
 from .errors import UserError
+from .eval.perplexity import assistant_perplexity
 
 
 def as_messages(messages, where: str = "messages") -> list[Message]:
@@ -97,8 +100,6 @@ class ChatModel:
         >>> model.generate_batch(["Hi!", "Name a colour."], temperature=0, max_new_tokens=8)
         ['Hello! How can I assist you today', 'The most obvious color is indeed red,']
         """
-        from .decoding.batch import generate_batch
-
         eng = self.engine
         s, stop_ids = eng.stops(Sampling().replace(**sampling))
         prompts = []
@@ -151,11 +152,7 @@ class ChatModel:
         (224.7, 3)
         >>> model.perplexity("my_chats.jsonl")["ppl"]  # doctest: +SKIP
         """
-        from .eval.perplexity import assistant_perplexity
-
         if isinstance(conversations, str):
-            from .data import load_split
-
             convs = load_split(conversations, "all")
         else:
             convs = [as_messages(c, f"conversations[{i}]") for i, c in enumerate(conversations)]

@@ -20,6 +20,7 @@ import time
 from pydantic import BaseModel, ValidationError
 
 from ..chat.messages import Message
+from ..decoding.constrain import Grammar
 from ..decoding.settings import Sampling, SettingError
 from ..errors import UserError
 from .schema import ChatRequest, DecodeFields, first_error, kind
@@ -207,8 +208,6 @@ def sampling_changes(fields: DecodeFields, max_tokens_limit: int) -> dict:
 
 def constraint(fmt):
     """The `Grammar` a response_format asks for (None for text); a schema it cannot use gets 400."""
-    from ..decoding.constrain import Grammar
-
     if fmt.type == "text":
         return None
     if fmt.type == "json_object":

@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 
 from ..errors import UserError
+from ..models.discriminator import accuracy, d_loss
 from ..paths import atomic_file
 from .replies import Pair, mle_loss, perplexity, reply_logprobs, sample_replies, sample_text
 
@@ -101,8 +102,6 @@ class Adversarial:
 
     def d_step(self, pairs: list[Pair]) -> tuple[float, float]:
         """One update of D on human vs freshly sampled replies; (loss, accuracy before the update)."""
-        from ..models.discriminator import accuracy, d_loss
-
         machine = machine_pairs(self.d, self.tok, pairs, self.sample(pairs), self.stop_ids)
         human = human_pairs(self.d, self.tok, pairs, self.stop_ids)
         acc = accuracy(self.d, human, machine)  # in eval mode: D as it judges, not with dropout
