@@ -20,6 +20,7 @@ from dataclasses import dataclass
 
 from ..chat.messages import Message
 from ..chat.templates import Template
+from ..decoding.reverse import reverse_examples
 
 IGNORE_INDEX = -100
 TRAIN_ON = ("assistant", "both")
@@ -157,8 +158,6 @@ def build_examples(conversations: list[list[Message]], tokenizer, template: Temp
                    train_on: str = "assistant", reverse: bool = False) -> tuple[list[Example], Stats]:
     """Every conversation rendered, windowed and labelled; with `reverse`, backward examples
     (see `dialogen.decoding.reverse`)."""
-    from ..decoding.reverse import reverse_examples
-
     stats = Stats()
     out: list[Example] = []
     tokenizer = tokenizer if isinstance(tokenizer, CachedTokenizer) else CachedTokenizer(tokenizer)

@@ -10,9 +10,13 @@ from __future__ import annotations
 
 import json
 import sys
+from pathlib import Path
 
+from ..chat.messages import read_messages
+from ..chat.templates import default_template_name, get_template
 from ..decoding.engine import add_model_path_args
 from ..errors import UserError
+from . import load_split
 from .dataset import IGNORE_INDEX, Example, build_examples
 from .options import add_data_args
 
@@ -62,9 +66,6 @@ def highlighted(tokenizer, ex: Example, color: bool) -> str:
 def tokenizer_and_template(model: str, template: str):
     """(tokenizer, template, name) of a --model value, reading no weights: a .gguf file's metadata,
     or a directory with a tokenizer (config.json and weights are optional)."""
-    from pathlib import Path
-
-    from ..chat.templates import default_template_name, get_template
     from ..models.gguf_file import read_gguf
     from ..models.loading import default_model_path
     from ..models.tokenizer import Tokenizer
@@ -94,8 +95,6 @@ def _json(path) -> dict:
 
 
 def cmd_inspect(args) -> int:
-    from . import load_split
-
     if args.n < 0 or args.rows < 0 or args.max_len < 1:
         raise UserError("-n and --rows must be >= 0, --max-len >= 1")
     convs = load_split(args.data, args.split, args.format, args.split_seed, args.skip_bad)
@@ -119,8 +118,6 @@ def cmd_inspect(args) -> int:
 
 
 def cmd_render(args) -> int:
-    from ..chat.messages import read_messages
-
     messages = read_messages(args.messages)
     tokenizer, template, name = tokenizer_and_template(args.model, args.template)
     gen = {"yes": True, "no": False}.get(args.generation_prompt, not messages or messages[-1].role != "assistant")

@@ -7,10 +7,13 @@ windows at turn boundaries (each assistant turn is scored once, with as much con
 
 from __future__ import annotations
 
+import json
 import math
 
 from ..chat.messages import Message
+from ..data import load_split
 from ..data.dataset import IGNORE_INDEX, Example, build_examples
+from ..data.options import add_data_source_args
 from ..decoding.engine import add_model_path_args, engine_from_args
 from ..errors import UserError
 
@@ -76,10 +79,6 @@ def examples_perplexity(model, examples: list[Example], pad_id: int, batch_size:
 
 
 def cmd_perplexity(args) -> int:
-    import json
-
-    from ..data import load_split
-
     if args.conversations < 0 or args.max_len < 1 or args.batch_size < 1:
         raise UserError("--conversations must be >= 0, --max-len and --batch-size >= 1")
     convs = load_split(args.data, args.split, args.format, args.split_seed, args.skip_bad)
@@ -97,7 +96,6 @@ def register(sub):
                                    "assistant's tokens (content and end-of-turn), in fp32. Prints JSON: ppl, nll "
                                    "(nats/token), tokens, bpc (bits per character, comparable across vocabularies).")
     add_model_path_args(p)
-    from ..data.options import add_data_source_args
 
     add_data_source_args(p.add_argument_group("data"), split_default="test")
     p.add_argument("--conversations", type=int, default=0,

@@ -19,11 +19,17 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..chat.messages import Message
+from ..chat.personas import resolve_persona
+from ..data import load_split
+from ..data.dataset import render_turns, to_example
+from ..data.options import add_data_source_args
 from ..decoding.engine import add_model_args, engine_from_args
-from ..decoding.settings import (Decoding, Sampling, add_decoding_args, add_sampling_args, decoding_from,
-                                 sampling_from)
+from ..decoding.settings import Decoding, Sampling, add_decoding_args, add_sampling_args, decoding_from, sampling_from
 from ..errors import UserError
 from ..paths import write_text
+from .adversarial import Evaluator, add_evaluator_args
+from .metrics import avg_length, distinct_n, entropy_n, reply_metrics
+from .perplexity import examples_perplexity
 
 # name -> (sampling changes, decoding changes), applied on top of the command's flags
 CONFIGS = {
@@ -65,9 +71,6 @@ def with_persona(context: list[Message], persona: str | None) -> list[Message]:
 
 def reference_perplexity(engine, examples: list[EvalExample], persona: str | None, batch_size: int) -> dict:
     """Perplexity of the reference replies (content and end-of-turn tokens) given their contexts."""
-    from ..data.dataset import render_turns, to_example
-    from .perplexity import examples_perplexity
-
     rows = []
     for ex in examples:
         msgs = with_persona(ex.context, persona) + [Message("assistant", ex.reference)]
@@ -137,7 +140,6 @@ def evaluate(engine, examples: list[EvalExample], configs, persona: str | None =
              perplexity: bool = True, log=None, evaluator=None) -> dict:
     """Every config over the same examples -> the result dict (metrics, replies, timings)."""
     from ..decoding.strategy import Decoder
-    from .metrics import avg_length, distinct_n, entropy_n, reply_metrics
 
     contexts = [with_persona(ex.context, persona) for ex in examples]
     prompts = [engine.template.render(engine.tokenizer, c, add_generation_prompt=True)[0] for c in contexts]
@@ -213,7 +215,6 @@ def register(sub):
     add_model_args(p)
     p.set_defaults(dtype="float32")  # batched decoding is matrix-matrix work: fp32 is the fast path on CPU
     g = p.add_argument_group("data")
-    from ..data.options import add_data_source_args
 
     add_data_source_args(g, split_default="test")
     g.add_argument("--examples", type=int, default=100, help="examples drawn from the split (default: %(default)s)")
@@ -229,7 +230,7 @@ def register(sub):
     g.add_argument("--no-ppl", dest="ppl", action="store_false", help="skip the perplexity of the reference replies")
     g.add_argument("--output", default=None, help="write the full result (metrics, replies, examples) as JSON here")
     g.add_argument("--json", action="store_true", help="print the JSON result instead of the Markdown table")
-    from .adversarial import add_evaluator_args; add_evaluator_args(g)  # noqa: E702
+    add_evaluator_args(g)
     p.set_defaults(func=cmd_eval)
 
 
@@ -248,9 +249,6 @@ def _adversary_of(evaluator: Path, evaluator_meta: dict, model: Path) -> bool:
 
 def cmd_eval(args) -> int:
 
-    from ..chat.personas import resolve_persona
-    from ..data import load_split
-
     for flag, value in (("--examples", args.examples), ("--context-turns", args.context_turns),
                         ("--batch-size", args.batch_size)):
         if value < 1:
@@ -262,7 +260,6 @@ def cmd_eval(args) -> int:
         raise UserError("--compare: no config left to run")
     examples = eval_examples(load_split(args.data, args.split, args.format, args.split_seed, args.skip_bad),
                              args.examples, args.sample_seed, args.context_turns)
-    from .adversarial import Evaluator
 
     evaluator = Evaluator(args.evaluator) if args.evaluator else None  # a bad path fails before the model loads
     if evaluator is not None and args.model and _adversary_of(Path(args.evaluator), evaluator.meta, Path(args.model)):

@@ -10,6 +10,7 @@ import re
 import socket
 from pathlib import Path
 
+from ..chat.personas import resolve_persona
 from ..decoding.engine import add_model_args, engine_from_args
 from ..decoding.settings import add_decoding_args, add_sampling_args, decoding_from, sampling_from
 from ..errors import UserError
@@ -141,7 +142,6 @@ def cmd_serve(args) -> int:
     keys = check_args(args)  # before the slow imports and the model load
     import torch
 
-    from ..chat.personas import resolve_persona
     from .service import Keys, Limits, Service
 
     sampling = sampling_from(args)

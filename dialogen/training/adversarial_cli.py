@@ -8,6 +8,8 @@ import random
 import sys
 from pathlib import Path
 
+from ..data import load_split
+from ..data.options import add_data_source_args
 from ..decoding.engine import load_engine
 from ..errors import UserError
 
@@ -55,7 +57,6 @@ def _common(p: argparse.ArgumentParser, several: bool = False):
     p.add_argument("--generator", default=None, action="append" if several else "store",
                    help="an MLE-trained generator checkpoint (RNN or transformer)" + (" (repeatable)" if several else ""))
     g = p.add_argument_group("data")
-    from ..data.options import add_data_source_args
 
     add_data_source_args(g)
     g.add_argument("--max-conversations", type=int, default=2000,
@@ -91,7 +92,6 @@ def load_generator(spec, flag: str = "--generator"):
 def load_pairs(args, models, tokenizer, template):
     """(train pairs, validation pairs) from the data splits; prompts keep the newest tokens that
     leave room for a sampled reply within the positions of every generator in `models`."""
-    from ..data import load_split
     from .replies import make_pairs
 
     for flag, value, low in (("--turns", args.turns, 1), ("--max-conversations", args.max_conversations, 0),

@@ -7,6 +7,7 @@ from dataclasses import fields
 
 from ..data.options import add_data_args
 from .options import TrainOptions
+from .rnn_train import add_rnn_args
 
 D = TrainOptions(out="")
 
@@ -24,7 +25,7 @@ def register(sub):
     p.add_argument("--reverse", action="store_true", help="train a backward model P(context | reply) for MMI reranking")
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
     add_data_args(p)
-    from .rnn_train import add_rnn_args; add_rnn_args(p)  # noqa: E702
+    add_rnn_args(p)
     g = p.add_argument_group("optimisation")
     g.add_argument("--batch-size", type=int, default=D.batch_size, help="examples per micro-batch (default: %(default)s)")
     g.add_argument("--grad-accum", type=int, default=D.grad_accum, help="micro-batches per step (default: %(default)s)")

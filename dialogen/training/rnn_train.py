@@ -12,6 +12,7 @@ import argparse
 import json
 from pathlib import Path
 
+from ..chat.templates import get_template
 from ..errors import UserError
 
 ARCHES = ("transformer", "rnn")
@@ -76,7 +77,6 @@ def check_rnn_start(opts):
 
 def new_rnn(opts, tokenizer, template_name: str):
     """A freshly initialised encoder-decoder for the tokenizer and template."""
-    from ..chat.templates import get_template
     from ..models.rnn import RNNConfig, RNNSeq2Seq
 
     for flag, v in (("--rnn-emb-dim", opts.rnn_emb_dim), ("--rnn-hidden", opts.rnn_hidden),
