@@ -47,8 +47,18 @@ class Session:
         self.min_feed = 1  # prompt tokens fed anew each turn even when the cache holds them
 
     # --- conversation state ---------------------------------------------------------------
-    def reset(self):
-        self.messages, self.window_start = [], 0
+    def reset(self, messages=()):
+        """Start over (from `messages`), the persona kept; the KV cache stays for reuse."""
+        self.messages, self.window_start = list(messages), 0
+
+    def share_cache(self, other: "Session"):
+        """Start from a copy of `other`'s KV cache (a conversation that shares its prefix)."""
+        self.cache, self.cache_ids = other.cache.copy(), list(other.cache_ids)
+
+    def keep_cache(self, tokens: int):
+        """Keep only the first `tokens` of the KV cache (e.g. a prompt's, without its reply)."""
+        self.cache.truncate(tokens)
+        self.cache_ids = self.cache_ids[:tokens]
 
     def set_persona(self, text: str | None):
         self.system = text or None

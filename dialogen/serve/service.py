@@ -173,15 +173,14 @@ class PrefixPool:
             if not kept.engine.model.reuses_prefix:  # an encoder-decoder's cache holds no prefix to share
                 return None
             s = fresh()
-            s.cache, s.cache_ids = kept.cache.copy(), list(kept.cache_ids)  # under the lock: no one changes kept
+            s.share_cache(kept)  # under the lock: no one changes kept
             return s
 
     def give(self, owner: str, session: Session, prompt_tokens: int):
         """Keep the session's cache of its prompt only: the reply's keys and values came from
         decode steps (compact weights), which a fresh request would compute in a full-precision
         prefill: kept, they would make a reply differ from a fresh request's by more than rounding."""
-        session.cache.truncate(prompt_tokens)
-        session.cache_ids = session.cache_ids[:prompt_tokens]
+        session.keep_cache(prompt_tokens)
         with self._lock:
             self._idle.append((owner, session))
             total = sum(_cache_bytes(s) for _, s in self._idle)
@@ -261,7 +260,8 @@ class Service:
         if s is None:
             s = self.new_session(persona, sampling, history, budget)
         else:
-            s.system, s.messages, s.window_start = persona, list(history), 0
+            s.set_persona(persona)
+            s.reset(history)
             s.sampling, s.max_context_tokens = sampling, budget or self.context_length
         # the prompt's last tokens go through a full-precision prefill (two or more tokens are never
         # a decode step), as in a fresh request, so the logits match a fresh request's up to rounding
