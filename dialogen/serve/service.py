@@ -245,7 +245,7 @@ class Service:
 
     def new_session(self, persona: str | None, sampling: Sampling, history=(), budget: int | None = None) -> Session:
         s = Session(self.engine, system=persona, sampling=sampling, max_context_tokens=budget or self.context_length)
-        s.messages = list(history)
+        s.reset(history)
         return s
 
     def stateless_session(self, owner: str, persona: str | None, sampling: Sampling, history: list[Message],
