@@ -10,10 +10,11 @@ import sys
 from .decoding.engine import add_model_args, engine_from_args
 from .decoding.settings import add_constraint_args, add_decoding_args, add_sampling_args, decoding_from, sampling_from
 from .errors import UserError
+# torch, the model code and the extras are imported inside the commands: building `--help` stays torch-free
 
 
 def open_session(args):
-    from .chat.personas import resolve_persona  # the commands' layers load lazily: --help stays free of torch
+    from .chat.personas import resolve_persona
     from .chat.ranked import RankedSession
     from .chat.session import Session
     from .decoding.strategy import format_candidates

@@ -19,6 +19,7 @@ from ..errors import UserError
 from . import load_split
 from .dataset import IGNORE_INDEX, Example, build_examples
 from .options import add_data_args
+# torch, the model code and the extras are imported inside the commands: building `--help` stays torch-free
 
 GREEN, DIM, RESET = "\033[32;1m", "\033[2m", "\033[0m"
 
@@ -143,10 +144,8 @@ def register(sub):
                                    "each token id and whether training puts loss on it. Reads no weights: a "
                                    "tokenizer directory or a .gguf file is enough.")
     p.add_argument("--messages", default="-", help="messages JSON file (default: stdin)")
-    p.add_argument("--model", default="default", help="a .gguf file or a directory with a tokenizer (default: the "
-                                                     "embedded model)")
-    p.add_argument("--template", default="auto", help="chat template: chatml, llama2, dialogpt, jinja (default: the "
-                                                      "model's own)")
+    add_model_path_args(p, "a .gguf file or a directory with a tokenizer (default: the embedded model)",
+                        "chat template: chatml, llama2, dialogpt, jinja (default: the model's own)")
     p.add_argument("--generation-prompt", default="auto", choices=["auto", "yes", "no"],
                    help="append the assistant's turn opening; auto: unless the last message is the "
                         "assistant's (default: %(default)s)")

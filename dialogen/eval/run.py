@@ -30,6 +30,7 @@ from ..paths import write_text
 from .adversarial import Evaluator, add_evaluator_args
 from .metrics import avg_length, distinct_n, entropy_n, reply_metrics
 from .perplexity import examples_perplexity
+# torch, the model code and the extras are imported inside the commands: building `--help` stays torch-free
 
 # name -> (sampling changes, decoding changes), applied on top of the command's flags
 CONFIGS = {
@@ -215,7 +216,6 @@ def register(sub):
     add_model_args(p)
     p.set_defaults(dtype="float32")  # batched decoding is matrix-matrix work: fp32 is the fast path on CPU
     g = p.add_argument_group("data")
-
     add_data_source_args(g, split_default="test")
     g.add_argument("--examples", type=int, default=100, help="examples drawn from the split (default: %(default)s)")
     g.add_argument("--sample-seed", type=int, default=0, help="seed of the example draw (default: %(default)s)")
@@ -248,7 +248,6 @@ def _adversary_of(evaluator: Path, evaluator_meta: dict, model: Path) -> bool:
 
 
 def cmd_eval(args) -> int:
-
     for flag, value in (("--examples", args.examples), ("--context-turns", args.context_turns),
                         ("--batch-size", args.batch_size)):
         if value < 1:
@@ -260,7 +259,6 @@ def cmd_eval(args) -> int:
         raise UserError("--compare: no config left to run")
     examples = eval_examples(load_split(args.data, args.split, args.format, args.split_seed, args.skip_bad),
                              args.examples, args.sample_seed, args.context_turns)
-
     evaluator = Evaluator(args.evaluator) if args.evaluator else None  # a bad path fails before the model loads
     if evaluator is not None and args.model and _adversary_of(Path(args.evaluator), evaluator.meta, Path(args.model)):
         raise UserError(f"--evaluator {args.evaluator}: it is the discriminator --model {args.model} was trained "

@@ -14,6 +14,7 @@ from ..chat.personas import resolve_persona
 from ..decoding.engine import add_model_args, engine_from_args
 from ..decoding.settings import add_decoding_args, add_sampling_args, decoding_from, sampling_from
 from ..errors import UserError
+# torch, the model code and the extras are imported inside the commands: building `--help` stays torch-free
 
 
 def register(sub):

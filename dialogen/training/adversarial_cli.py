@@ -12,6 +12,7 @@ from ..data import load_split
 from ..data.options import add_data_source_args
 from ..decoding.engine import load_engine
 from ..errors import UserError
+# torch, the model code and the extras are imported inside the commands: building `--help` stays torch-free
 
 
 def register(sub):
@@ -57,7 +58,6 @@ def _common(p: argparse.ArgumentParser, several: bool = False):
     p.add_argument("--generator", default=None, action="append" if several else "store",
                    help="an MLE-trained generator checkpoint (RNN or transformer)" + (" (repeatable)" if several else ""))
     g = p.add_argument_group("data")
-
     add_data_source_args(g)
     g.add_argument("--max-conversations", type=int, default=2000,
                    help="a seeded sample of the training split; 0 = all (default: %(default)s)")

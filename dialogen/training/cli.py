@@ -8,6 +8,7 @@ from dataclasses import fields
 from ..data.options import add_data_args
 from .options import TrainOptions
 from .rnn_train import add_rnn_args
+# torch, the model code and the extras are imported inside the commands: building `--help` stays torch-free
 
 D = TrainOptions(out="")
 

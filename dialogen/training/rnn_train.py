@@ -14,6 +14,7 @@ from pathlib import Path
 
 from ..chat.templates import get_template
 from ..errors import UserError
+# torch, the model code and the extras are imported inside the commands: building `--help` stays torch-free
 
 ARCHES = ("transformer", "rnn")
 
@@ -59,7 +60,7 @@ def wants_rnn(opts) -> bool:
 def check_rnn_start(opts):
     """Before any loading: no transformer-only flag, and an --init that is an encoder-decoder
     checkpoint (not a pretrained transformer)."""
-    from ..models.rnn import MODEL_TYPE  # lazily: the flags above are built for --help, without torch
+    from ..models.rnn import MODEL_TYPE
 
     if opts.freeze_layers:
         raise UserError("--freeze-layers freezes transformer blocks; it does not apply to --arch rnn")
