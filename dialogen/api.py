@@ -24,8 +24,11 @@ from .chat.messages import Message, parse_messages
 from .chat.personas import resolve_persona
 from .chat.ranked import RankedSession
 from .chat.session import Engine, Session, load_engine
+from .data import load_split
+from .decoding.batch import generate_batch
 from .decoding.settings import Decoding, Sampling
 from .errors import UserError
+from .eval.perplexity import assistant_perplexity
 
 
 def as_messages(messages, where: str = "messages") -> list[Message]:
@@ -97,11 +100,8 @@ class ChatModel:
         >>> model.generate_batch(["Hi!", "Name a colour."], temperature=0, max_new_tokens=8)
         ['Hello! How can I assist you today', 'The most obvious color is indeed red,']
         """
-        from .decoding.batch import generate_batch
-
         eng = self.engine
-        s = Sampling().replace(**sampling)
-        s = s.replace(stop=s.stop + eng.template.stop_strings(eng.tokenizer))
+        s, stop_ids = eng.stops(Sampling().replace(**sampling))
         prompts = []
         for i, conv in enumerate(conversations):
             msgs = as_messages(conv, f"conversations[{i}]")
@@ -114,8 +114,7 @@ class ChatModel:
             prompts.append(ids)
         if not prompts:
             return []
-        replies = generate_batch(eng.model, prompts, s, eng.template.stop_ids(eng.tokenizer), eng.tokenizer,
-                                 eng.tokenizer.pad_id)
+        replies = generate_batch(eng.model, prompts, s, stop_ids, eng.tokenizer, eng.tokenizer.pad_id)
         return [r.text for r in replies]
 
     def candidates(self, messages, beam_size: int = 5, scorer: str = "logprob", num_candidates: int | None = None,
@@ -153,11 +152,7 @@ class ChatModel:
         (224.7, 3)
         >>> model.perplexity("my_chats.jsonl")["ppl"]  # doctest: +SKIP
         """
-        from .eval.perplexity import assistant_perplexity
-
         if isinstance(conversations, str):
-            from .data import load_split
-
             convs = load_split(conversations, "all")
         else:
             convs = [as_messages(c, f"conversations[{i}]") for i, c in enumerate(conversations)]

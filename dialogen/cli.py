@@ -7,98 +7,21 @@ import json
 import os
 import sys
 
-from .decoding.settings import Sampling, add_decoding_args, decoding_from
+from .decoding.engine import add_model_args, engine_from_args
+from .decoding.settings import add_constraint_args, add_decoding_args, add_sampling_args, decoding_from, sampling_from
 from .errors import UserError
-
-DTYPES = ("auto", "int4", "int8", "float16", "bfloat16", "float32")  # as models/loading.DTYPES (torch-free here)
-
-
-def add_model_args(p: argparse.ArgumentParser):
-    g = p.add_argument_group("model")
-    g.add_argument("--model", default="default", help="a .gguf file, a Hugging Face model directory "
-                   "(llama or gpt2 type) or a dialogen checkpoint; default: the embedded SmolLM2-135M-Instruct")
-    g.add_argument("--template", default="auto", help="chat template: chatml, llama2, dialogpt, jinja "
-                   "(the model's own); default: the model's own if it has one")
-    g.add_argument("--dtype", default="auto", choices=DTYPES,
-                   help="weights used by decode steps (prefill and training stay float32). auto: a GGUF file's "
-                        "own Q4_0/Q4_1/Q8_0 blocks, else int8; int8: Q8_0 blocks (a scale per 32 weights); "
-                        "int4: Q4_1 blocks (scale and minimum per 32); both need a C compiler for the native "
-                        "kernels (built once). float16/bfloat16/float32: plain copies (default: %(default)s)")
-    g.add_argument("--no-kernels", action="store_true",
-                   help="decode on the plain torch path, without the native kernels (fused decode step, block "
-                        "products); slower, for comparison or a machine without a C compiler. "
-                        "Same as DIALOGEN_KERNELS=0")
-
-
-def add_sampling_args(p: argparse.ArgumentParser):
-    d = Sampling()
-    g = p.add_argument_group("decoding")
-    g.add_argument("--temperature", type=float, default=d.temperature, help="0 = greedy (default: %(default)s)")
-    g.add_argument("--top-k", type=int, default=d.top_k, help="keep the k most likely tokens; 0 = off (default: %(default)s)")
-    g.add_argument("--top-p", type=float, default=d.top_p, help="nucleus sampling mass in (0, 1] (default: %(default)s)")
-    g.add_argument("--repetition-penalty", type=float, default=d.repetition_penalty,
-                   help="> 1 discourages tokens seen in the last 64 tokens; 1 = off (default: %(default)s)")
-    g.add_argument("--frequency-penalty", type=float, default=d.frequency_penalty,
-                   help="subtracted per earlier use of a token in the reply, -2 to 2; negative favours repeats "
-                        "(default: %(default)s)")
-    g.add_argument("--presence-penalty", type=float, default=d.presence_penalty,
-                   help="subtracted once if a token was used in the reply, -2 to 2 (default: %(default)s)")
-    g.add_argument("--no-repeat-ngram", type=int, default=d.no_repeat_ngram,
-                   help="never repeat an n-gram of this size within a reply; 0 = off (default: %(default)s)")
-    g.add_argument("--max-new-tokens", type=int, default=d.max_new_tokens, help="reply length limit (default: %(default)s)")
-    g.add_argument("--seed", type=int, default=None, help="random seed, for reproducible sampling")
-    g.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
-    g.add_argument("--system", "--persona", dest="system", default=None,
-                   help="persona: the system message, or a preset: virtual-assistant, friendly-chatbot, customer-service")
-    g.add_argument("--max-context-tokens", type=int, default=None,
-                   help="prompt budget; the oldest turns are dropped beyond it (default: model context - max new tokens, "
-                        "and at least half the context)")
-
-
-def add_constraint_args(p: argparse.ArgumentParser):
-    g = p.add_argument_group("structured output")
-    x = g.add_mutually_exclusive_group()
-    x.add_argument("--json-schema", metavar="FILE", default=None,
-                   help="every reply is JSON matching this JSON schema (a token mask at each step; needs "
-                        "pip install 'dialogen[json]')")
-    x.add_argument("--json", dest="json_object", action="store_true", help="every reply is a JSON object")
-
-
-def sampling_from(args):
-    return Sampling(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
-                    repetition_penalty=args.repetition_penalty, frequency_penalty=args.frequency_penalty,
-                    presence_penalty=args.presence_penalty, no_repeat_ngram=args.no_repeat_ngram,
-                    max_new_tokens=args.max_new_tokens, seed=args.seed, stop=args.stop,
-                    constraint=constraint_from(args))
-
-
-def constraint_from(args):
-    """The grammar of --json-schema FILE or --json (None without them)."""
-    if not getattr(args, "json_schema", None) and not getattr(args, "json_object", False):
-        return None  # (eval's own --json, for its output, is another flag)
-    from .decoding.constrain import Grammar  # lazily: numpy and torch stay out of --help
-    from .textio import load_json, read_file
-
-    if args.json_object:
-        return Grammar.json_object()
-    try:
-        return Grammar.json_schema(load_json(read_file(args.json_schema), args.json_schema))
-    except UserError as e:
-        msg = str(e)
-        raise UserError(msg if msg.startswith(args.json_schema) else f"--json-schema {args.json_schema}: {msg}") from None
+# torch, the model code and the extras are imported inside the commands: building `--help` stays torch-free
 
 
 def open_session(args):
-
-    from .chat.session import Session, load_engine
-
     from .chat.personas import resolve_persona
     from .chat.ranked import RankedSession
+    from .chat.session import Session
     from .decoding.strategy import format_candidates
 
     sampling = sampling_from(args)  # validate flags before the slow model load
     decoding = decoding_from(args)
-    engine = load_engine(args.model, args.template, args.dtype)
+    engine = engine_from_args(args)
     if decoding is not None:
         show = (lambda r: print(format_candidates(r), file=sys.stderr)) if args.show_candidates else None
         return RankedSession(engine, decoding, on_reply=show, system=resolve_persona(args.system), sampling=sampling,

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from .decoding.engine import add_model_path_args, load_engine
 from .errors import UserError
 
 TYPES = ("f32", "f16", "q8_0", "q4_0")  # as models/gguf_export.TYPES (torch-free here, for --help)
@@ -16,8 +17,7 @@ TYPES = ("f32", "f16", "q8_0", "q4_0")  # as models/gguf_export.TYPES (torch-fre
 
 def export_gguf(model: str | None, out: Path, kind: str = "f16", template: str = "auto") -> dict:
     """Write `model` (a --model value) as a GGUF file `out`; returns a summary."""
-    from .chat.session import load_engine
-    from .models.gguf_export import write_gguf
+    from .models.gguf_export import write_gguf  # lazily: torch stays out of --help
 
     if kind not in TYPES:
         raise UserError(f"--type {kind!r} is not one of {', '.join(TYPES)}")
@@ -27,8 +27,8 @@ def export_gguf(model: str | None, out: Path, kind: str = "f16", template: str =
     if not out.parent.is_dir():
         raise UserError(f"{out.parent}: no such directory")
     engine = load_engine(model, template, "float32")
-    cfg = getattr(engine.model, "cfg", None)
-    if getattr(cfg, "arch", None) not in ("llama", "gpt2"):
+    cfg = engine.model.cfg
+    if cfg.arch not in ("llama", "gpt2"):
         raise UserError(f"{model}: only llama and gpt2 models can be exported to GGUF (this one is an RNN)")
     tok, tpl = engine.tokenizer, engine.template
     n = write_gguf(out, cfg, engine.model.state_dict(), tok, kind, engine.name, tpl.source, tpl.stop_ids(tok))
@@ -47,9 +47,8 @@ def register(sub):
                                    "file or the default model) as GGUF with its tokenizer and chat template, so "
                                    "llama.cpp can chat with it.")
     p.add_argument("--gguf", required=True, metavar="OUT.gguf", help="the GGUF file to write")
-    p.add_argument("--model", default="default", help="the model to export (default: the embedded model)")
-    p.add_argument("--template", default="auto", help="the chat template written into the file (default: the "
-                                                      "model's own, as dialogen chats with it)")
+    add_model_path_args(p, "the model to export (default: the embedded model)",
+                        "the chat template written into the file (default: the model's own, as dialogen chats with it)")
     p.add_argument("--type", default="f16", choices=TYPES, help="how matrices are stored: f32, f16, or llama.cpp's "
                    "block types Q8_0 (8 bits and a scale per 32) and Q4_0 (4 bits and a scale per 32) "
                    "(default: %(default)s)")

@@ -10,7 +10,7 @@ from dialogen.chat.templates import TEMPLATES, get_template
 from dialogen.data import read_conversations
 from dialogen.data.batches import bucket_batches, collate, pack
 from dialogen.data.dataset import IGNORE_INDEX, build_examples, render_turns, trained_flags, windows
-from dialogen.data.reverse import reverse_example_ids
+from dialogen.decoding.reverse import reverse_example_ids
 from rendering import expected
 
 U1, A1, U2, A2 = "Hi there", "Hello! How can I help?", "What is 2+2?", "4."

@@ -12,16 +12,8 @@ from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parent.parent / "dialogen"
 
-KNOWN_UPWARD = {  # (importer, imported) still to move
-    ("dialogen.data.inspect", "dialogen.training.cli"),  # the data arguments live with training's
-    ("dialogen.decoding.rerank", "dialogen.chat.session"),  # MMI scorer setup builds an Engine
-    ("dialogen.decoding.rerank", "dialogen.data.reverse"),  # ... and renders reverse examples
-    ("dialogen.eval.run", "dialogen.cli"),  # argument helpers live in cli.py
-    ("dialogen.serve.cli", "dialogen.cli"),
-}
-KNOWN_CYCLES = {
-    frozenset({"dialogen.cli", "dialogen.eval.run", "dialogen.serve.cli"}),
-}
+KNOWN_UPWARD: set[tuple[str, str]] = set()  # (importer, imported) still to move: none left
+KNOWN_CYCLES: set[frozenset] = set()
 
 
 def layer(module: str) -> int:

@@ -9,7 +9,8 @@ import torch
 
 from dialogen.cli import main
 from dialogen.errors import UserError
-from dialogen.models.loading import expected_shapes, load
+from dialogen.models.hf import expected_shapes
+from dialogen.models.loading import load
 from dialogen.models.transformer import Config, Transformer
 
 

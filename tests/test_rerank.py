@@ -10,7 +10,7 @@ from dialogen.chat.messages import Message
 from dialogen.chat.ranked import RankedSession
 from dialogen.chat.session import load_engine
 from dialogen.cli import main
-from dialogen.data.reverse import reverse_example_ids
+from dialogen.decoding.reverse import reverse_example_ids
 from dialogen.decoding.beam import BeamSettings, beam_search
 from dialogen.decoding.rerank import MMI, SCORERS, LogLikelihood, load_reverse, masked_logprobs, rerank
 from dialogen.decoding.settings import Decoding, Sampling

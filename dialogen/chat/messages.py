@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from ..errors import UserError
+from ..textio import load_json, read_file, read_stdin
 
 ROLES = ("system", "user", "assistant")
 
@@ -44,7 +45,5 @@ def objects(data, where: str, expected: str):
 def read_messages(path: str) -> list[Message]:
     """A messages JSON file ('-' for stdin) -> messages; errors name the file and line (bytes
     that are not UTF-8, lone surrogates, JSON mistakes) or the element and field."""
-    from ..textio import load_json, read_file, read_stdin
-
     where = "<stdin>" if path == "-" else path
     return parse_messages(load_json(read_stdin() if path == "-" else read_file(path), where), where)

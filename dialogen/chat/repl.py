@@ -6,6 +6,7 @@ import sys
 
 from ..errors import UserError
 from ..textio import EncodingError, check_line, decode
+from .personas import resolve_persona
 from .session import Session
 
 HELP = """commands:
@@ -28,8 +29,6 @@ def command(session: Session, line: str, out=sys.stdout) -> bool:
         session.reset()
         print("(conversation cleared)", file=out)
     elif name == "/persona":
-        from .personas import resolve_persona
-
         session.set_persona(resolve_persona(arg))  # a preset name or the text itself
         print(f"(persona {'set' if arg else 'cleared'})", file=out)
     elif name in ("/save", "/load"):

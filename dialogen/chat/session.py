@@ -9,41 +9,15 @@ turn), down to three quarters of the budget so the next turns reuse the cache ag
 from __future__ import annotations
 
 import json
-import os
-import tempfile
-from dataclasses import dataclass
 from pathlib import Path
 
-import torch
-
+from ..decoding.engine import Engine, load_engine  # noqa: F401 (load_engine: callers import it from here)
 from ..decoding.generate import Generation
 from ..decoding.settings import Sampling
 from ..errors import UserError
+from ..paths import write_text
 from ..textio import load_json, read_file
 from .messages import Message, parse_messages
-from .templates import Template, default_template_name, get_template
-
-
-@dataclass
-class Engine:
-    """A loaded model with its tokenizer and chat template."""
-
-    model: torch.nn.Module
-    tokenizer: object
-    template: Template
-    context_length: int
-    name: str = "dialogen"
-
-
-def load_engine(model: str | None = None, template: str = "auto", dtype="float32") -> Engine:
-    """`dtype`: the decode copy of the weights (see `models.loading.decode_copies`)."""
-    from ..models.loading import load
-
-    loaded = load(model, dtype)
-    arch = getattr(getattr(loaded.model, "cfg", None), "arch", "rnn")
-    name = default_template_name(loaded.meta, loaded.tokenizer, arch) if template in (None, "auto") else template
-    ctx = getattr(getattr(loaded.model, "cfg", None), "max_seq_len", 1024)
-    return Engine(loaded.model, loaded.tokenizer, get_template(name, loaded.tokenizer), ctx, loaded.path.name)
 
 
 def common_prefix(a: list[int], b: list[int]) -> int:
@@ -73,8 +47,18 @@ class Session:
         self.min_feed = 1  # prompt tokens fed anew each turn even when the cache holds them
 
     # --- conversation state ---------------------------------------------------------------
-    def reset(self):
-        self.messages, self.window_start = [], 0
+    def reset(self, messages=()):
+        """Start over (from `messages`), the persona kept; the KV cache stays for reuse."""
+        self.messages, self.window_start = list(messages), 0
+
+    def share_cache(self, other: "Session"):
+        """Start from a copy of `other`'s KV cache (a conversation that shares its prefix)."""
+        self.cache, self.cache_ids = other.cache.copy(), list(other.cache_ids)
+
+    def keep_cache(self, tokens: int):
+        """Keep only the first `tokens` of the KV cache (e.g. a prompt's, without its reply)."""
+        self.cache.truncate(tokens)
+        self.cache_ids = self.cache_ids[:tokens]
 
     def set_persona(self, text: str | None):
         self.system = text or None
@@ -107,13 +91,17 @@ class Session:
     def send(self, user_text: str, **overrides) -> Generation:
         """Add a user turn and return the reply's Generation (iterate it to stream)."""
         sampling = self.sampling.replace(**overrides)
-        self.messages.append(Message("user", user_text))
+        return self._generate(self.user_turn(user_text), sampling)
+
+    def user_turn(self, text: str) -> list[int]:
+        """Add a user turn and return the prompt of the reply to it (the turn is taken back if the
+        prompt does not fit)."""
+        self.messages.append(Message("user", text))
         try:
-            ids = self.prompt_ids()
+            return self.prompt_ids()
         except UserError:
             self.messages.pop()
             raise
-        return self._generate(ids, sampling)
 
     def _generate(self, ids: list[int], sampling: Sampling) -> Generation:
         eng = self.engine
@@ -123,15 +111,14 @@ class Session:
             keep = 0
         self.cache.truncate(keep)
         self.cache_ids = ids[:keep]
-        stop = sampling.stop + eng.template.stop_strings(eng.tokenizer)
-        sampling = sampling.replace(stop=stop)
+        sampling, stop_ids = eng.stops(sampling)
 
         def finish(gen: Generation):
             self.cache_ids = (ids + gen.tokens)[: self.cache.length]
             self.messages.append(Message("assistant", gen.text))
 
-        return Generation(eng.model, eng.tokenizer, ids[keep:], self.cache, sampling,
-                          eng.template.stop_ids(eng.tokenizer), history=ids, on_finish=finish)
+        return Generation(eng.model, eng.tokenizer, ids[keep:], self.cache, sampling, stop_ids, history=ids,
+                          on_finish=finish)
 
     # --- files ----------------------------------------------------------------------------
     def to_dict(self) -> dict:
@@ -139,12 +126,8 @@ class Session:
 
     def save(self, path: str | Path):
         path = Path(path)
-        data = json.dumps(self.to_dict(), ensure_ascii=False, indent=1)
         try:
-            fd, tmp = tempfile.mkstemp(dir=path.parent if str(path.parent) else ".", prefix=f".{path.name}.")
-            with os.fdopen(fd, "w", encoding="utf-8") as f:
-                f.write(data)
-            os.replace(tmp, path)
+            write_text(path, json.dumps(self.to_dict(), ensure_ascii=False, indent=1))
         except OSError as e:
             raise UserError(f"{path}: cannot write ({e.strerror})") from None
 

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 
 from ..chat.messages import Message
 from ..chat.templates import Template
+from ..decoding.reverse import reverse_examples
 
 IGNORE_INDEX = -100
 TRAIN_ON = ("assistant", "both")
@@ -156,9 +157,7 @@ class CachedTokenizer:
 def build_examples(conversations: list[list[Message]], tokenizer, template: Template, max_len: int,
                    train_on: str = "assistant", reverse: bool = False) -> tuple[list[Example], Stats]:
     """Every conversation rendered, windowed and labelled; with `reverse`, backward examples
-    (see `dialogen.data.reverse`)."""
-    from .reverse import reverse_examples
-
+    (see `dialogen.decoding.reverse`)."""
     stats = Stats()
     out: list[Example] = []
     tokenizer = tokenizer if isinstance(tokenizer, CachedTokenizer) else CachedTokenizer(tokenizer)

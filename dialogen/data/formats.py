@@ -26,6 +26,7 @@ Errors name `file:line: reason` (a table's row, a JSON array's element and line)
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import math
 from pathlib import Path
@@ -35,7 +36,6 @@ from ..errors import UserError
 from ..textio import load_json, read_file
 from .records import Parsed, Turn, lines, read_json_array, read_jsonl, read_openai, read_sharegpt
 from .tables import read_csv, read_parquet
-
 
 EXTENSIONS = {".jsonl": "jsonl", ".json": "json", ".parquet": "parquet", ".csv": "csv", ".tsv": "tsv", ".txt": "text"}
 
@@ -51,8 +51,6 @@ def alternate(texts: list[str], last_role: str | None = None) -> list[Message]:
 
 # --- chitchat -------------------------------------------------------------------------------
 def chitchat_path() -> Path:
-    import importlib.util
-
     spec = importlib.util.find_spec("chitchat_dataset")
     if spec is None or not spec.submodule_search_locations:
         raise UserError("the chitchat dataset is not installed: pip install chitchat-dataset")

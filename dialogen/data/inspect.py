@@ -10,9 +10,16 @@ from __future__ import annotations
 
 import json
 import sys
+from pathlib import Path
 
+from ..chat.messages import read_messages
+from ..chat.templates import default_template_name, get_template
+from ..decoding.engine import add_model_path_args
 from ..errors import UserError
+from . import load_split
 from .dataset import IGNORE_INDEX, Example, build_examples
+from .options import add_data_args
+# torch, the model code and the extras are imported inside the commands: building `--help` stays torch-free
 
 GREEN, DIM, RESET = "\033[32;1m", "\033[2m", "\033[0m"
 
@@ -60,9 +67,6 @@ def highlighted(tokenizer, ex: Example, color: bool) -> str:
 def tokenizer_and_template(model: str, template: str):
     """(tokenizer, template, name) of a --model value, reading no weights: a .gguf file's metadata,
     or a directory with a tokenizer (config.json and weights are optional)."""
-    from pathlib import Path
-
-    from ..chat.templates import default_template_name, get_template
     from ..models.gguf_file import read_gguf
     from ..models.loading import default_model_path
     from ..models.tokenizer import Tokenizer
@@ -92,8 +96,6 @@ def _json(path) -> dict:
 
 
 def cmd_inspect(args) -> int:
-    from . import load_split
-
     if args.n < 0 or args.rows < 0 or args.max_len < 1:
         raise UserError("-n and --rows must be >= 0, --max-len >= 1")
     convs = load_split(args.data, args.split, args.format, args.split_seed, args.skip_bad)
@@ -117,8 +119,6 @@ def cmd_inspect(args) -> int:
 
 
 def cmd_render(args) -> int:
-    from ..chat.messages import read_messages
-
     messages = read_messages(args.messages)
     tokenizer, template, name = tokenizer_and_template(args.model, args.template)
     gen = {"yes": True, "no": False}.get(args.generation_prompt, not messages or messages[-1].role != "assistant")
@@ -138,18 +138,14 @@ def cmd_render(args) -> int:
 
 
 def register(sub):
-    from ..training.cli import add_data_args
-
     p = sub.add_parser("render", help="show what the model sees for a list of messages: text, ids, mask",
                        description='Renders a JSON list of {"role", "content"} messages with a model\'s chat '
                                    "template and tokenizer, tokenized as the model sees it, and prints the text, "
                                    "each token id and whether training puts loss on it. Reads no weights: a "
                                    "tokenizer directory or a .gguf file is enough.")
     p.add_argument("--messages", default="-", help="messages JSON file (default: stdin)")
-    p.add_argument("--model", default="default", help="a .gguf file or a directory with a tokenizer (default: the "
-                                                     "embedded model)")
-    p.add_argument("--template", default="auto", help="chat template: chatml, llama2, dialogpt, jinja (default: the "
-                                                      "model's own)")
+    add_model_path_args(p, "a .gguf file or a directory with a tokenizer (default: the embedded model)",
+                        "chat template: chatml, llama2, dialogpt, jinja (default: the model's own)")
     p.add_argument("--generation-prompt", default="auto", choices=["auto", "yes", "no"],
                    help="append the assistant's turn opening; auto: unless the last message is the "
                         "assistant's (default: %(default)s)")
@@ -161,8 +157,7 @@ def register(sub):
                                    "each token, the context seen, the next token and whether it carries loss; then "
                                    "counts for the whole split.")
     add_data_args(p, split_default="train")
-    p.add_argument("--model", default="default", help="whose tokenizer: a model path or 'default' (default: %(default)s)")
-    p.add_argument("--template", default="auto", help="chat template (default: the model's own)")
+    add_model_path_args(p, "whose tokenizer: a model path or 'default' (default: %(default)s)")
     p.add_argument("--reverse", action="store_true", help="show backward (reply -> context) examples")
     p.add_argument("-n", type=int, default=2, help="examples to show (default: %(default)s)")
     p.add_argument("--rows", type=int, default=60, help="table rows per example; 0 = all (default: %(default)s)")

@@ -1,13 +1,16 @@
 """The data flags every command shares (`--data`, `--format`, `--skip-bad`, `--split`,
-`--split-seed`), so each command reads data the same way. Torch-free: building `--help` is instant."""
+`--split-seed`; and `--train-on`, `--max-len` where examples are built), so each command reads
+data the same way. Torch-free: building `--help` is instant."""
 
 from __future__ import annotations
 
 import argparse
 
+from .dataset import TRAIN_ON
 from .formats import FORMATS
 from .splits import ALL, SPLITS
 
+MAX_LEN = 512  # tokens per training example (a window of a conversation)
 DATA_HELP = ("'chitchat' (built in) or a data file: .jsonl (OpenAI chat {\"messages\": [...]}, weight 0 = not "
              "trained; or ShareGPT {\"conversations\": [{\"from\", \"value\"}]}), .json (an array of those), "
              ".parquet / .csv (a messages or conversations column), .tsv (DialoGPT 'context EOS ... <TAB> "
@@ -28,3 +31,13 @@ def add_data_source_args(g, split_default: str | None = None, skip_bad: bool = T
                             "(default: %(default)s)")
     g.add_argument("--split-seed", type=int, default=split_seed,
                    help="seed of the train/valid/test split by conversation (default: %(default)s)")
+
+
+def add_data_args(p: argparse.ArgumentParser, split_default: str | None = None):
+    """The data source, and how its conversations become training examples."""
+    g = p.add_argument_group("data")
+    add_data_source_args(g, split_default)
+    g.add_argument("--train-on", default=TRAIN_ON[0], choices=TRAIN_ON,
+                   help="trained turns: the assistant's, or every turn after the first (DialoGPT) (default: %(default)s)")
+    g.add_argument("--max-len", type=int, default=MAX_LEN,
+                   help="tokens per example; longer conversations are cut into windows at turns (default: %(default)s)")

@@ -23,6 +23,7 @@ import torch
 from ..errors import UserError
 from .generate import room
 from .processors import banned_ngram_tokens, repetition_penalty
+from .settings import SettingError, check
 
 
 @dataclass
@@ -55,17 +56,10 @@ class BeamSettings:
     penalty_window: int = 64
 
     def __post_init__(self):
-        checks = [
-            ("beam_size", self.beam_size >= 1, ">= 1"),
-            ("max_new_tokens", self.max_new_tokens >= 1, ">= 1"),
-            ("min_new_tokens", 0 <= self.min_new_tokens <= self.max_new_tokens, "in 0..--max-new-tokens"),
-            ("no_repeat_ngram", self.no_repeat_ngram >= 0, ">= 0"),
-            ("block_context_ngram", self.block_context_ngram >= 0, ">= 0"),
-            ("repetition_penalty", self.repetition_penalty > 0, "> 0"),
-        ]
-        for name, ok, rule in checks:
-            if not ok:
-                raise UserError(f"--{name.replace('_', '-')} must be {rule}, got {getattr(self, name)}")
+        check(self)
+        if self.min_new_tokens > self.max_new_tokens:
+            raise SettingError("min_new_tokens", lambda spell: f"{spell('min_new_tokens')} must be at most "
+                                                               f"{spell('max_new_tokens')}, got {self.min_new_tokens}")
 
 
 def context_ngram_table(segments: list[list[int]], n: int) -> dict[tuple, set[int]]:

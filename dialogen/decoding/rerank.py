@@ -8,7 +8,7 @@ rest) and `score(context, candidates)` returns, per candidate, a dict whose "sco
 - logprob: the length-normalised log-likelihood of the reply under the forward model,
   log P(r | c) / |r|, where |r| counts the reply tokens and the stop token that ended it.
 - mmi: log P(r | c) / |r| + weight * log P(c | r) / |c|, with P(c | r) from a reverse model
-  (`dialogen train --reverse`; example format in `dialogen.data.reverse`). Both terms are mean
+  (`dialogen train --reverse`; example format in `dialogen.decoding.reverse`). Both terms are mean
   log-probabilities per token, so the weight trades like for like and short replies are not
   favoured for being short.
 - discriminator: log P(human-written) from a discriminator (`dialogen train-discriminator`).
@@ -21,7 +21,10 @@ import math
 import torch
 
 from ..errors import UserError
+from ..models.discriminator import check_tokenizer, load_discriminator
 from .beam import Candidate
+from .engine import load_engine
+from .reverse import REVERSE_CONTEXT_TURNS, reverse_example_ids
 
 
 @torch.inference_mode()
@@ -86,15 +89,13 @@ class MMI:
             raise UserError(f"--mmi-model: its tokenizer (fingerprint {rev}) differs from the forward model's "
                             f"({fwd}); the reverse model must be trained with the same tokenizer")
         self.engine, self.reverse, self.weight = engine, reverse, mmi_weight
-        self.context_turns = getattr(reverse, "context_turns", None)
+        self.context_turns = (reverse.meta.get("reverse") or {}).get("context_turns")  # as it was trained
 
     def reverse_logprobs(self, context, candidates: list[Candidate]) -> list[float]:
         """Mean log P(c | r) per context token, for each candidate reply r."""
-        from ..data.reverse import REVERSE_CONTEXT_TURNS, reverse_example_ids
-
         rev = self.reverse
         turns = self.context_turns or REVERSE_CONTEXT_TURNS
-        max_len = getattr(getattr(rev.model, "cfg", None), "max_seq_len", None)
+        max_len = rev.context_length
         rows = [reverse_example_ids(rev.tokenizer, rev.template, context, c.text, turns, max_len) for c in candidates]
         sums = masked_logprobs(rev.model, rows, rev.tokenizer.pad_id)
         return [s / n if n else 0.0 for s, n in sums]
@@ -118,8 +119,6 @@ class DiscriminatorScore:
     def __init__(self, engine, discriminator: str | None = None, **_):
         if not discriminator:
             raise UserError("--scorer discriminator needs --discriminator PATH (from `dialogen train-discriminator`)")
-        from ..models.discriminator import check_tokenizer, load_discriminator
-
         self.disc, tokenizer, _ = load_discriminator(discriminator, flag="--discriminator")
         check_tokenizer(tokenizer, engine.tokenizer, flag="--discriminator", generator_flag="--model")
         self.tokenizer = engine.tokenizer
@@ -144,21 +143,11 @@ def make_scorer(name: str, engine, **options):
 
 
 def load_reverse(path: str, dtype="float32"):
-    """A reverse model as an Engine, with the context turns it was trained on (`context_turns`)."""
-    from ..chat.session import Engine
-    from ..chat.templates import default_template_name, get_template
-    from ..models.loading import load
-
+    """A reverse model as an Engine (its dialogen.json says the context turns it was trained on)."""
     try:
-        loaded = load(path, dtype)
+        return load_engine(path, "auto", dtype)
     except UserError as e:
         raise UserError(f"--mmi-model: {e}") from None
-    arch = getattr(getattr(loaded.model, "cfg", None), "arch", "rnn")
-    template = get_template(default_template_name(loaded.meta, loaded.tokenizer, arch), loaded.tokenizer)
-    ctx = getattr(getattr(loaded.model, "cfg", None), "max_seq_len", 1024)
-    engine = Engine(loaded.model, loaded.tokenizer, template, ctx, loaded.path.name)
-    engine.context_turns = (loaded.meta.get("reverse") or {}).get("context_turns")
-    return engine
 
 
 def rerank(scorer, context, candidates: list[Candidate]) -> int:

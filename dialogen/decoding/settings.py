@@ -11,11 +11,58 @@ import dataclasses
 from dataclasses import dataclass, field
 
 from ..errors import UserError
+from ..textio import load_json, read_file
 
 SCORER_NAMES = ("logprob", "mmi", "discriminator")  # the rerankers of `rerank.SCORERS`
 SEED_MIN, SEED_MAX = -(2**63), 2**63 - 1  # a signed 64-bit seed (torch takes any 64-bit value)
 MAX_STOP_CHARS = 500_000  # all stop strings of one reply together, in characters
 MAX_TOP_LOGPROBS = 20  # OpenAI's limit on top_logprobs
+
+
+def flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+class SettingError(UserError):
+    """A decode setting out of its range. `field` names it (the server's error `param`); the
+    message names settings as flags, and `say(spell)` as another caller spells them."""
+
+    def __init__(self, field: str, say):
+        self.field, self.say = field, say
+        super().__init__(say(flag))
+
+
+CANDIDATE_SOURCES = ("beam", "sample")
+# field -> (valid?, the rule): the one place a decode setting's range is written (Sampling, Decoding,
+# beam.BeamSettings; the server's request schema has the same bounds in pydantic's words)
+RULES = {
+    "logprobs": (lambda v: v is None or 0 <= v <= MAX_TOP_LOGPROBS, f"in 0..{MAX_TOP_LOGPROBS}"),
+    "temperature": (lambda v: v >= 0, ">= 0"),
+    "top_k": (lambda v: v >= 0, ">= 0"),
+    "top_p": (lambda v: 0 < v <= 1, "in (0, 1]"),
+    "repetition_penalty": (lambda v: v > 0, "> 0"),
+    "frequency_penalty": (lambda v: -2 <= v <= 2, "in [-2, 2] (negative: favour repeats)"),
+    "presence_penalty": (lambda v: -2 <= v <= 2, "in [-2, 2] (negative: favour repeats)"),
+    "no_repeat_ngram": (lambda v: v >= 0, ">= 0"),
+    "max_new_tokens": (lambda v: v >= 1, ">= 1"),
+    "seed": (lambda v: v is None or SEED_MIN <= v <= SEED_MAX, "in [-2**63, 2**63 - 1]"),
+    "beam_size": (lambda v: v >= 1, ">= 1"),
+    "num_candidates": (lambda v: v >= 1, ">= 1"),
+    "min_new_tokens": (lambda v: v >= 0, ">= 0"),
+    "block_context_ngram": (lambda v: v >= 0, ">= 0"),
+    "mmi_weight": (lambda v: v >= 0, ">= 0"),
+    "candidates": (lambda v: v in CANDIDATE_SOURCES, f"one of {', '.join(CANDIDATE_SOURCES)}"),
+    "scorer": (lambda v: v is None or v in SCORER_NAMES, f"one of {', '.join(SCORER_NAMES)}"),
+}
+
+
+def check(settings):
+    """A SettingError for the first field of `settings` (a dataclass) outside its rule in RULES."""
+    for f in dataclasses.fields(settings):
+        ok, rule = RULES.get(f.name, (None, None))
+        value = getattr(settings, f.name)
+        if ok is not None and not ok(value):
+            raise SettingError(f.name, lambda spell, n=f.name: f"{spell(n)} must be {rule}, got {value!r}")
 
 
 @dataclass
@@ -35,31 +82,14 @@ class Sampling:
     constraint: object | None = None  # a `constrain.Grammar` the reply must match (e.g. a JSON schema)
 
     def __post_init__(self):
-        checks = [
-            ("logprobs", self.logprobs is None or 0 <= self.logprobs <= MAX_TOP_LOGPROBS,
-             f"in 0..{MAX_TOP_LOGPROBS}"),
-            ("temperature", self.temperature >= 0, ">= 0"),
-            ("top_k", self.top_k >= 0, ">= 0"),
-            ("top_p", 0 < self.top_p <= 1, "in (0, 1]"),
-            ("repetition_penalty", self.repetition_penalty > 0, "> 0"),
-            ("frequency_penalty", -2 <= self.frequency_penalty <= 2, "in [-2, 2] (negative: favour repeats)"),
-            ("presence_penalty", -2 <= self.presence_penalty <= 2, "in [-2, 2] (negative: favour repeats)"),
-            ("no_repeat_ngram", self.no_repeat_ngram >= 0, ">= 0"),
-            ("max_new_tokens", self.max_new_tokens >= 1, ">= 1"),
-            ("seed", self.seed is None or SEED_MIN <= self.seed <= SEED_MAX, "in [-2**63, 2**63 - 1]"),
-        ]
-        for name, ok, rule in checks:
-            if not ok:
-                raise UserError(f"--{name.replace('_', '-')} must be {rule}, got {getattr(self, name)}")
+        check(self)
         total = sum(len(s) for s in self.stop)
         if total > MAX_STOP_CHARS:
-            raise UserError(f"--stop: the stop strings are {total} characters in all; the limit is {MAX_STOP_CHARS}")
+            raise SettingError("stop", lambda spell: f"{spell('stop')}: the stop strings are {total} characters in all; "
+                                                     f"the limit is {MAX_STOP_CHARS}")
 
     def replace(self, **changes) -> "Sampling":
         return dataclasses.replace(self, **{k: v for k, v in changes.items() if v is not None})
-
-
-CANDIDATE_SOURCES = ("beam", "sample")
 
 
 @dataclass
@@ -77,20 +107,10 @@ class Decoding:
     discriminator: str | None = None
 
     def __post_init__(self):
-        checks = [
-            ("beam_size", self.beam_size >= 1, ">= 1"),
-            ("num_candidates", self.num_candidates >= 1, ">= 1"),
-            ("min_new_tokens", self.min_new_tokens >= 0, ">= 0"),
-            ("block_context_ngram", self.block_context_ngram >= 0, ">= 0"),
-            ("mmi_weight", self.mmi_weight >= 0, ">= 0"),
-            ("candidates", self.candidates in CANDIDATE_SOURCES, f"one of {', '.join(CANDIDATE_SOURCES)}"),
-            ("scorer", self.scorer is None or self.scorer in SCORER_NAMES, f"one of {', '.join(SCORER_NAMES)}"),
-        ]
-        for name, ok, rule in checks:
-            if not ok:
-                raise UserError(f"--{name.replace('_', '-')} must be {rule}, got {getattr(self, name)!r}")
+        check(self)
         if self.candidates == "sample" and self.beam_size > 1:
-            raise UserError("--candidates sample draws samples; it does not combine with --beam-size > 1")
+            raise SettingError("candidates", lambda spell: f"{spell('candidates')} sample draws samples; it does not "
+                                                           f"combine with {spell('beam_size')} > 1")
 
     @property
     def scorer_name(self) -> str:
@@ -152,3 +172,60 @@ def decoding_from(args, strict: bool = True) -> Decoding | None:
         raise UserError("--scorer, --mmi-model, --discriminator, --min-new-tokens and --block-context-ngram "
                         "act on a search: add --beam-size N or --num-candidates N")
     return d
+
+
+def add_sampling_args(p):
+    d = Sampling()
+    g = p.add_argument_group("decoding")
+    g.add_argument("--temperature", type=float, default=d.temperature, help="0 = greedy (default: %(default)s)")
+    g.add_argument("--top-k", type=int, default=d.top_k, help="keep the k most likely tokens; 0 = off (default: %(default)s)")
+    g.add_argument("--top-p", type=float, default=d.top_p, help="nucleus sampling mass in (0, 1] (default: %(default)s)")
+    g.add_argument("--repetition-penalty", type=float, default=d.repetition_penalty,
+                   help="> 1 discourages tokens seen in the last 64 tokens; 1 = off (default: %(default)s)")
+    g.add_argument("--frequency-penalty", type=float, default=d.frequency_penalty,
+                   help="subtracted per earlier use of a token in the reply, -2 to 2; negative favours repeats "
+                        "(default: %(default)s)")
+    g.add_argument("--presence-penalty", type=float, default=d.presence_penalty,
+                   help="subtracted once if a token was used in the reply, -2 to 2 (default: %(default)s)")
+    g.add_argument("--no-repeat-ngram", type=int, default=d.no_repeat_ngram,
+                   help="never repeat an n-gram of this size within a reply; 0 = off (default: %(default)s)")
+    g.add_argument("--max-new-tokens", type=int, default=d.max_new_tokens, help="reply length limit (default: %(default)s)")
+    g.add_argument("--seed", type=int, default=None, help="random seed, for reproducible sampling")
+    g.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
+    g.add_argument("--system", "--persona", dest="system", default=None,
+                   help="persona: the system message, or a preset: virtual-assistant, friendly-chatbot, customer-service")
+    g.add_argument("--max-context-tokens", type=int, default=None,
+                   help="prompt budget; the oldest turns are dropped beyond it (default: model context - max new tokens, "
+                        "and at least half the context)")
+
+
+def add_constraint_args(p):
+    g = p.add_argument_group("structured output")
+    x = g.add_mutually_exclusive_group()
+    x.add_argument("--json-schema", metavar="FILE", default=None,
+                   help="every reply is JSON matching this JSON schema (a token mask at each step; needs "
+                        "pip install 'dialogen[json]')")
+    x.add_argument("--json", dest="json_object", action="store_true", help="every reply is a JSON object")
+
+
+def sampling_from(args) -> Sampling:
+    return Sampling(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+                    repetition_penalty=args.repetition_penalty, frequency_penalty=args.frequency_penalty,
+                    presence_penalty=args.presence_penalty, no_repeat_ngram=args.no_repeat_ngram,
+                    max_new_tokens=args.max_new_tokens, seed=args.seed, stop=args.stop,
+                    constraint=constraint_from(args))
+
+
+def constraint_from(args):
+    """The grammar of --json-schema FILE or --json (None without them)."""
+    if not getattr(args, "json_schema", None) and not getattr(args, "json_object", False):
+        return None  # (eval's own --json, for its output, is another flag)
+    from .constrain import Grammar  # lazily: numpy and torch stay out of --help
+
+    if args.json_object:
+        return Grammar.json_object()
+    try:
+        return Grammar.json_schema(load_json(read_file(args.json_schema), args.json_schema))
+    except UserError as e:
+        msg = str(e)
+        raise UserError(msg if msg.startswith(args.json_schema) else f"--json-schema {args.json_schema}: {msg}") from None

@@ -63,8 +63,7 @@ class Decoder:
         """(candidates, index of the winner) for the prompt rendered from `context`."""
         d = d or self.decoding
         eng = self.engine
-        stop_ids = eng.template.stop_ids(eng.tokenizer)
-        s = s.replace(stop=s.stop + eng.template.stop_strings(eng.tokenizer))
+        s, stop_ids = eng.stops(s)
         if d.candidates == "sample":
             cands = sample_replies(eng.model, prompt, d.num_candidates, s, stop_ids, eng.tokenizer)
         else:

@@ -11,6 +11,7 @@ reported beside, as the yardstick.
 from __future__ import annotations
 
 from ..chat.messages import Message
+# torch, the model code and the extras are imported inside the commands: building `--help` stays torch-free
 
 THRESHOLD = 0.5
 

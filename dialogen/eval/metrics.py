@@ -16,6 +16,8 @@ import math
 import re
 from collections import Counter
 
+from ..errors import UserError
+
 _WORD = re.compile(r"\w+|[^\w\s]")
 
 
@@ -54,8 +56,6 @@ def _sacrebleu():
     try:
         from sacrebleu.metrics import BLEU
     except ImportError:
-        from ..errors import UserError
-
         raise UserError("BLEU needs sacrebleu: pip install 'dialogen[eval]' (or pip install sacrebleu)") from None
     return BLEU
 

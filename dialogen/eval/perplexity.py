@@ -7,15 +7,20 @@ windows at turn boundaries (each assistant turn is scored once, with as much con
 
 from __future__ import annotations
 
+import json
 import math
 
 from ..chat.messages import Message
+from ..data import load_split
 from ..data.dataset import IGNORE_INDEX, Example, build_examples
+from ..data.options import add_data_source_args
+from ..decoding.engine import add_model_path_args, engine_from_args
 from ..errors import UserError
+# torch, the model code and the extras are imported inside the commands: building `--help` stays torch-free
 
 
 def default_max_len(model, cap: int = 1024) -> int:
-    return min(getattr(getattr(model, "cfg", None), "max_seq_len", cap), cap)
+    return min(model.cfg.max_seq_len, cap)
 
 
 def assistant_perplexity(model, tokenizer, template, conversations: list[list[Message]], max_len: int | None = None,
@@ -75,18 +80,11 @@ def examples_perplexity(model, examples: list[Example], pad_id: int, batch_size:
 
 
 def cmd_perplexity(args) -> int:
-    import json
-
-    import torch
-
-    from ..chat.session import load_engine
-    from ..data import load_split
-
     if args.conversations < 0 or args.max_len < 1 or args.batch_size < 1:
         raise UserError("--conversations must be >= 0, --max-len and --batch-size >= 1")
     convs = load_split(args.data, args.split, args.format, args.split_seed, args.skip_bad)
     convs = convs[: args.conversations] if args.conversations else convs
-    engine = load_engine(args.model, args.template, torch.float32)
+    engine = engine_from_args(args, "float32")
     r = assistant_perplexity(engine.model, engine.tokenizer, engine.template, convs, args.max_len, args.batch_size)
     print(json.dumps({"model": args.model, "template": engine.template.name, "data": args.data, "split": args.split,
                       "conversations": len(convs), "max_len": args.max_len, **r}))
@@ -98,10 +96,7 @@ def register(sub):
                        description="Renders each conversation with the model's chat template and scores the "
                                    "assistant's tokens (content and end-of-turn), in fp32. Prints JSON: ppl, nll "
                                    "(nats/token), tokens, bpc (bits per character, comparable across vocabularies).")
-    p.add_argument("--model", default="default", help="model path or 'default' (default: %(default)s)")
-    p.add_argument("--template", default="auto", help="chat template (default: the model's own)")
-    from ..data.options import add_data_source_args
-
+    add_model_path_args(p)
     add_data_source_args(p.add_argument_group("data"), split_default="test")
     p.add_argument("--conversations", type=int, default=0,
                    help="score the first N conversations of the split; 0 = all (default: %(default)s)")

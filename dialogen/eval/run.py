@@ -12,17 +12,25 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import random
 import sys
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 from ..chat.messages import Message
-from ..decoding.settings import Decoding, Sampling, add_decoding_args, decoding_from
+from ..chat.personas import resolve_persona
+from ..data import load_split
+from ..data.dataset import render_turns, to_example
+from ..data.options import add_data_source_args
+from ..decoding.engine import add_model_args, engine_from_args
+from ..decoding.settings import Decoding, Sampling, add_decoding_args, add_sampling_args, decoding_from, sampling_from
 from ..errors import UserError
+from ..paths import write_text
+from .adversarial import Evaluator, add_evaluator_args
+from .metrics import avg_length, distinct_n, entropy_n, reply_metrics
+from .perplexity import examples_perplexity
+# torch, the model code and the extras are imported inside the commands: building `--help` stays torch-free
 
 # name -> (sampling changes, decoding changes), applied on top of the command's flags
 CONFIGS = {
@@ -64,9 +72,6 @@ def with_persona(context: list[Message], persona: str | None) -> list[Message]:
 
 def reference_perplexity(engine, examples: list[EvalExample], persona: str | None, batch_size: int) -> dict:
     """Perplexity of the reference replies (content and end-of-turn tokens) given their contexts."""
-    from ..data.dataset import render_turns, to_example
-    from .perplexity import examples_perplexity
-
     rows = []
     for ex in examples:
         msgs = with_persona(ex.context, persona) + [Message("assistant", ex.reference)]
@@ -87,8 +92,7 @@ def run_config(engine, decoder, prompts: list[list[int]], contexts: list[list[Me
             replies.append(cands[winner].text)
         return replies
     eng = engine
-    s = s.replace(stop=s.stop + eng.template.stop_strings(eng.tokenizer))
-    stop_ids = eng.template.stop_ids(eng.tokenizer)
+    s, stop_ids = eng.stops(s)
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))  # similar lengths: little padding
     replies: list[str] = [""] * len(prompts)
     for start in range(0, len(order), batch_size):
@@ -137,7 +141,6 @@ def evaluate(engine, examples: list[EvalExample], configs, persona: str | None =
              perplexity: bool = True, log=None, evaluator=None) -> dict:
     """Every config over the same examples -> the result dict (metrics, replies, timings)."""
     from ..decoding.strategy import Decoder
-    from .metrics import avg_length, distinct_n, entropy_n, reply_metrics
 
     contexts = [with_persona(ex.context, persona) for ex in examples]
     prompts = [engine.template.render(engine.tokenizer, c, add_generation_prompt=True)[0] for c in contexts]
@@ -201,25 +204,18 @@ def markdown_table(result: dict) -> str:
 def write_json(path: Path, data: dict):
     """Written to a temporary file beside the target, then renamed: never a half-written file."""
     try:
-        fd, tmp = tempfile.mkstemp(dir=path.parent if str(path.parent) else ".", prefix=f".{path.name}.")
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump(data, f, ensure_ascii=False, indent=1)
-        os.replace(tmp, path)
+        write_text(path, json.dumps(data, ensure_ascii=False, indent=1))
     except OSError as e:
         raise UserError(f"--output {path}: cannot write ({e.strerror})") from None
 
 
 # --- the command ------------------------------------------------------------------------------
 def register(sub):
-    from ..cli import add_model_args, add_sampling_args
-
     p = sub.add_parser("eval", help="evaluate decoding configs on a dataset split: perplexity, BLEU, Dist-n, Entropy-4",
                        description=__doc__.split("\n\n", 1)[1])
     add_model_args(p)
     p.set_defaults(dtype="float32")  # batched decoding is matrix-matrix work: fp32 is the fast path on CPU
     g = p.add_argument_group("data")
-    from ..data.options import add_data_source_args
-
     add_data_source_args(g, split_default="test")
     g.add_argument("--examples", type=int, default=100, help="examples drawn from the split (default: %(default)s)")
     g.add_argument("--sample-seed", type=int, default=0, help="seed of the example draw (default: %(default)s)")
@@ -234,7 +230,7 @@ def register(sub):
     g.add_argument("--no-ppl", dest="ppl", action="store_false", help="skip the perplexity of the reference replies")
     g.add_argument("--output", default=None, help="write the full result (metrics, replies, examples) as JSON here")
     g.add_argument("--json", action="store_true", help="print the JSON result instead of the Markdown table")
-    from .adversarial import add_evaluator_args; add_evaluator_args(g)  # noqa: E702
+    add_evaluator_args(g)
     p.set_defaults(func=cmd_eval)
 
 
@@ -252,12 +248,6 @@ def _adversary_of(evaluator: Path, evaluator_meta: dict, model: Path) -> bool:
 
 
 def cmd_eval(args) -> int:
-
-    from ..chat.personas import resolve_persona
-    from ..chat.session import load_engine
-    from ..cli import sampling_from
-    from ..data import load_split
-
     for flag, value in (("--examples", args.examples), ("--context-turns", args.context_turns),
                         ("--batch-size", args.batch_size)):
         if value < 1:
@@ -269,13 +259,11 @@ def cmd_eval(args) -> int:
         raise UserError("--compare: no config left to run")
     examples = eval_examples(load_split(args.data, args.split, args.format, args.split_seed, args.skip_bad),
                              args.examples, args.sample_seed, args.context_turns)
-    from .adversarial import Evaluator
-
     evaluator = Evaluator(args.evaluator) if args.evaluator else None  # a bad path fails before the model loads
     if evaluator is not None and args.model and _adversary_of(Path(args.evaluator), evaluator.meta, Path(args.model)):
         raise UserError(f"--evaluator {args.evaluator}: it is the discriminator --model {args.model} was trained "
                         f"against; adversarial success needs one trained apart (dialogen train-discriminator)")
-    engine = load_engine(args.model, args.template, args.dtype)
+    engine = engine_from_args(args)
     persona = resolve_persona(args.system)
     result = evaluate(engine, examples, configs, persona, args.batch_size, args.ppl, log=sys.stderr,
                       evaluator=evaluator)

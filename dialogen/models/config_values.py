@@ -11,6 +11,8 @@ import json
 import math
 from dataclasses import fields
 
+import torch
+
 from ..errors import UserError
 
 MAX_SIZE = 1 << 24  # no size in a config.json is larger (vocabularies, widths, layers, positions)
@@ -47,8 +49,6 @@ def check_weights(model_cls, cfg, sd: dict, where: str):
     """The weights' shapes against the model `cfg` describes, built on the meta device (no memory)
     so a config too large for its weights is refused before anything is allocated. `where`: the
     checkpoint directory, as errors show it."""
-    import torch
-
     with torch.device("meta"):
         want = {k: tuple(v.shape) for k, v in model_cls(cfg).state_dict().items()}
     for name, t in sd.items():

@@ -19,7 +19,9 @@ from torch import nn
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
 from ..errors import UserError
-from .config_values import check_weights, config_from_dict
+from .config_values import config_from_dict
+from .files import load_checked, write_checkpoint
+from .tokenizer import Tokenizer
 
 MODEL_TYPE = "dialogen-discriminator"
 CELLS = {"gru": nn.GRU, "lstm": nn.LSTM}
@@ -137,27 +139,13 @@ def accuracy(disc: Discriminator, human: list, machine: list, batch_size: int = 
 
 # --- checkpoints ----------------------------------------------------------------------------
 def save_discriminator(directory, disc: Discriminator, tokenizer, meta: dict) -> Path:
-    from safetensors.torch import save_file
-
-    from .files import atomic_dir
-
-    def write(tmp: Path):
-        sd = {k: v.detach().float().contiguous() for k, v in disc.state_dict().items()}
-        save_file(sd, str(tmp / "model.safetensors"), metadata={"format": "pt"})
-        conf = {"model_type": MODEL_TYPE, "architectures": ["DialogenDiscriminator"], **asdict(disc.cfg),
-                "tokenizer_fingerprint": tokenizer.fingerprint()}
-        (tmp / "config.json").write_text(json.dumps(conf, indent=1))
-        tokenizer.save(tmp)
-        (tmp / "dialogen.json").write_text(json.dumps(meta, indent=1))
-
-    return atomic_dir(Path(directory), write)
+    conf = {"model_type": MODEL_TYPE, "architectures": ["DialogenDiscriminator"], **asdict(disc.cfg),
+            "tokenizer_fingerprint": tokenizer.fingerprint()}
+    return write_checkpoint(directory, disc.state_dict(), conf, tokenizer, meta)
 
 
 def load_discriminator(path, flag: str = "--discriminator"):
     """(discriminator, tokenizer, meta) from a checkpoint dir; errors name `flag`."""
-    from .files import read_state_dict
-    from .tokenizer import Tokenizer
-
     path = Path(path).expanduser()
     conf_path = path / "config.json"
     try:
@@ -172,15 +160,10 @@ def load_discriminator(path, flag: str = "--discriminator"):
     if not isinstance(conf, dict):
         raise UserError(f"{flag} {conf_path}: expected a JSON object")
     cfg = config_from_dict(DiscConfig, conf, f"{flag} {conf_path}", required=("vocab_size", "sep_id"))
-    sd = read_state_dict(path)
-    check_weights(Discriminator, cfg, sd, f"{flag} {path}")
-    disc = Discriminator(cfg)
-    missing, unexpected = disc.load_state_dict(sd, strict=False)
-    if missing or unexpected:
-        raise UserError(f"{flag} {path}: weights do not match config.json: missing {missing[:3]}")
+    disc = load_checked(Discriminator, cfg, path, f"{flag} {path}")
     meta_path = path / "dialogen.json"
     meta = json.loads(meta_path.read_text()) if meta_path.exists() else {}
-    return disc.eval(), Tokenizer.from_dir(path), meta
+    return disc, Tokenizer.from_dir(path), meta
 
 
 def check_tokenizer(disc_tokenizer, generator_tokenizer, flag: str = "--discriminator", generator_flag: str = "--generator"):

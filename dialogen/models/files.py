@@ -1,16 +1,21 @@
-"""Checkpoint files every model family shares: weights read from a directory, and a directory
-written atomically (a temp dir beside it, then a rename), so a crash never leaves half of one."""
+"""Checkpoint files, for every model family: the one writer and the one weights check.
+
+A checkpoint is a Hugging Face style directory: model.safetensors (float32), config.json, the
+tokenizer's files and dialogen.json (template, training information). `write_checkpoint` writes
+one atomically (a temp dir beside it, then a rename), so a crash never leaves half of one; the
+transformer, the RNN, the discriminator and a converted GGUF file all go through it.
+"""
 
 from __future__ import annotations
 
-import os
-import shutil
-import tempfile
+import json
 from pathlib import Path
 
 import torch
 
 from ..errors import UserError
+from ..paths import atomic_dir
+from .config_values import check_weights
 
 
 def read_state_dict(path: Path) -> dict:
@@ -30,18 +35,35 @@ def read_state_dict(path: Path) -> dict:
     raise UserError(f"{path}: no weights (*.safetensors or pytorch_model.bin)")
 
 
-def atomic_dir(target: Path, write) -> Path:
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
-    try:
-        write(tmp)
-        if target.exists():
-            old = target.with_name(f".{target.name}.old.{os.getpid()}")
-            os.replace(target, old)
-            os.replace(tmp, target)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, target)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return target
+def write_checkpoint(directory: Path, sd: dict, config: dict, tokenizer, meta: dict, more=None) -> Path:
+    """Weights `sd`, `config` (config.json), the tokenizer and `meta` (dialogen.json), written
+    atomically; `more(tmp)` adds files of its own (generation_config.json, a training state)."""
+    from safetensors.torch import save_file
+
+    def write(tmp: Path):
+        weights = {k: v.detach().float().contiguous() for k, v in sd.items()}
+        save_file(weights, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        (tmp / "config.json").write_text(json.dumps(config, indent=1))
+        tokenizer.save(tmp)
+        (tmp / "dialogen.json").write_text(json.dumps(meta, indent=1))
+        if more is not None:
+            more(tmp)
+
+    return atomic_dir(Path(directory), write)
+
+
+def assign_weights(model, sd: dict, where: str, optional=(), assign: bool = False):
+    """`sd` into `model`; every weight present (but those `optional`) and none unknown."""
+    missing, unexpected = model.load_state_dict(sd, strict=False, assign=assign)
+    missing = [m for m in missing if m not in optional]
+    if missing or unexpected:
+        raise UserError(f"{where}: weights do not match config.json: missing {missing[:3]}, unexpected {unexpected[:3]}")
+    return model
+
+
+def load_checked(model_cls, cfg, path: Path, where: str):
+    """`model_cls(cfg)` with the weights of the checkpoint directory `path`, their shapes checked
+    against `cfg` before anything is allocated."""
+    sd = read_state_dict(path)
+    check_weights(model_cls, cfg, sd, where)
+    return assign_weights(model_cls(cfg), sd, where).eval()

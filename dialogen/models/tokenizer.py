@@ -10,6 +10,7 @@ Every added token of the vocabulary is a control token here, whatever its `speci
 
 from __future__ import annotations
 
+import hashlib
 import json
 import re
 from bisect import bisect_left
@@ -162,8 +163,6 @@ class Tokenizer:
 
     def fingerprint(self) -> str:
         """Identifies the vocabulary: two tokenizers with equal fingerprints map text to the same ids."""
-        import hashlib
-
         vocab = sorted(self._tmpl.get_vocab(with_added_tokens=True).items())
         return hashlib.sha256(json.dumps(vocab).encode()).hexdigest()[:16]
 

@@ -10,13 +10,14 @@ import re
 import socket
 from pathlib import Path
 
-from ..decoding.settings import add_decoding_args, decoding_from
+from ..chat.personas import resolve_persona
+from ..decoding.engine import add_model_args, engine_from_args
+from ..decoding.settings import add_decoding_args, add_sampling_args, decoding_from, sampling_from
 from ..errors import UserError
+# torch, the model code and the extras are imported inside the commands: building `--help` stays torch-free
 
 
 def register(sub):
-    from ..cli import add_model_args, add_sampling_args
-
     p = sub.add_parser("serve", help="serve the model over HTTP: OpenAI-compatible API, sessions, web chat page",
                        description="Serves POST /v1/chat/completions, /v1/completions, /v1/models, /v1/sessions and a chat page at /. "
                                    "Decoding flags set the server's defaults; requests override them.")
@@ -142,9 +143,6 @@ def cmd_serve(args) -> int:
     keys = check_args(args)  # before the slow imports and the model load
     import torch
 
-    from ..chat.personas import resolve_persona
-    from ..chat.session import load_engine
-    from ..cli import sampling_from
     from .service import Keys, Limits, Service
 
     sampling = sampling_from(args)
@@ -153,7 +151,7 @@ def cmd_serve(args) -> int:
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s")
     sock = bind(args.host, args.port)
     store = open_store(str(args.db or default_db()))
-    engine = load_engine(args.model, args.template, args.dtype)
+    engine = engine_from_args(args)
     limits = Limits(max_body_bytes=args.max_body_bytes, max_tokens=args.max_tokens_limit, max_n=args.max_n,
                     kv_budget_bytes=int(args.kv_budget_mb * 2**20))
     name = args.model_name or re.sub(r"-[0-9a-f]{12}$", "", engine.name)

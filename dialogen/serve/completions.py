@@ -43,10 +43,7 @@ def add_routes(app: FastAPI, svc: Service):
 
 def parse_request(svc: Service, body: dict) -> dict:
     """Check a request body; returns the plain values the jobs need."""
-    ignored = P.refuse_unsupported(body, ChatRequest.model_fields)
-    req = P.validate(ChatRequest, body)
-    if not svc.accepts_model(req.model):
-        raise P.model_not_found(svc.model_names(), req.model)
+    req, ignored = P.read_request(svc, ChatRequest, body)
     messages = P.chat_messages(req)
     n = req.n or 1
     if n > svc.limits.max_n:

@@ -20,7 +20,8 @@ import time
 from pydantic import BaseModel, ValidationError
 
 from ..chat.messages import Message
-from ..decoding.settings import Sampling
+from ..decoding.constrain import Grammar
+from ..decoding.settings import Sampling, SettingError
 from ..errors import UserError
 from .schema import ChatRequest, DecodeFields, first_error, kind
 
@@ -154,6 +155,16 @@ def validate(model: type[BaseModel], body: dict, where: str | None = None):
         raise ApiError(400, message, param) from None
 
 
+def read_request(svc, model: type[BaseModel], body: dict):
+    """(the parsed request, the top-level fields it ignores) of a completions body, for a model
+    name `svc` answers."""
+    ignored = refuse_unsupported(body, model.model_fields)
+    req = validate(model, body)
+    if not svc.accepts_model(req.model):
+        raise model_not_found(svc.model_names(), req.model)
+    return req, ignored
+
+
 def refuse_unsupported(body: dict, known) -> list[str]:
     """400 for a feature the server lacks; returns the top-level fields it will ignore (those not
     in `known`), for the `x-dialogen-ignored-fields` header."""
@@ -197,8 +208,6 @@ def sampling_changes(fields: DecodeFields, max_tokens_limit: int) -> dict:
 
 def constraint(fmt):
     """The `Grammar` a response_format asks for (None for text); a schema it cannot use gets 400."""
-    from ..decoding.constrain import Grammar
-
     if fmt.type == "text":
         return None
     if fmt.type == "json_object":
@@ -248,15 +257,15 @@ def token_logprobs(tokenizer, tokens: list[int], entries: list) -> list[dict]:
             for tok, (lp, alts) in zip(tokens, entries)]
 
 
+def as_field(name: str) -> str:
+    return f"'{name}'"
+
+
 def make_decoding(base, changes: dict):
-    candidates, beam = changes.get("candidates", base.candidates), changes.get("beam_size", base.beam_size)
-    if candidates == "sample" and beam > 1:
-        raise ApiError(400, "'candidates': \"sample\" draws samples; it does not combine with 'beam_size' > 1",
-                       "candidates")
     try:
         d = base.replace(**changes)
-    except UserError as e:
-        raise ApiError(400, str(e)) from None
+    except SettingError as e:  # the schema covers each field; `Decoding` checks combinations
+        raise ApiError(400, e.say(as_field), e.field) from None
     needs = {"mmi": d.mmi_model, "discriminator": d.discriminator}
     if d.searches and d.scorer_name in needs and not needs[d.scorer_name]:
         flag = "--mmi-model" if d.scorer_name == "mmi" else "--discriminator"
@@ -268,8 +277,8 @@ def make_decoding(base, changes: dict):
 def make_sampling(base: Sampling, changes: dict) -> Sampling:
     try:
         s = base.replace(**changes)
-    except UserError as e:  # the schema covers the fields; this catches combinations
-        raise ApiError(400, str(e)) from None
+    except SettingError as e:
+        raise ApiError(400, e.say(as_field), e.field) from None
     if "constraint" in changes:  # None too: response_format text lifts a session's stored JSON format
         s = dataclasses.replace(s, constraint=changes["constraint"])
     return s

@@ -13,10 +13,10 @@ from collections import OrderedDict
 from dataclasses import dataclass, field
 
 from ..chat.messages import Message
+from ..chat.ranked import searched_reply
 from ..chat.session import Engine, Session
 from ..decoding.settings import Decoding, Sampling
 from ..decoding.strategy import Decoder
-from ..errors import UserError
 from .store import Store
 from .worker import Worker
 
@@ -170,18 +170,17 @@ class PrefixPool:
             if best_n == len(kept.conversation()):  # the next turn of that conversation
                 self._idle.remove(best)
                 return kept
-            if not hasattr(kept.cache, "copy"):
+            if not kept.engine.model.reuses_prefix:  # an encoder-decoder's cache holds no prefix to share
                 return None
             s = fresh()
-            s.cache, s.cache_ids = kept.cache.copy(), list(kept.cache_ids)  # under the lock: no one changes kept
+            s.share_cache(kept)  # under the lock: no one changes kept
             return s
 
     def give(self, owner: str, session: Session, prompt_tokens: int):
         """Keep the session's cache of its prompt only: the reply's keys and values came from
         decode steps (compact weights), which a fresh request would compute in a full-precision
         prefill: kept, they would make a reply differ from a fresh request's by more than rounding."""
-        session.cache.truncate(prompt_tokens)
-        session.cache_ids = session.cache_ids[:prompt_tokens]
+        session.keep_cache(prompt_tokens)
         with self._lock:
             self._idle.append((owner, session))
             total = sum(_cache_bytes(s) for _, s in self._idle)
@@ -246,7 +245,7 @@ class Service:
 
     def new_session(self, persona: str | None, sampling: Sampling, history=(), budget: int | None = None) -> Session:
         s = Session(self.engine, system=persona, sampling=sampling, max_context_tokens=budget or self.context_length)
-        s.messages = list(history)
+        s.reset(history)
         return s
 
     def stateless_session(self, owner: str, persona: str | None, sampling: Sampling, history: list[Message],
@@ -261,7 +260,8 @@ class Service:
         if s is None:
             s = self.new_session(persona, sampling, history, budget)
         else:
-            s.system, s.messages, s.window_start = persona, list(history), 0
+            s.set_persona(persona)
+            s.reset(history)
             s.sampling, s.max_context_tokens = sampling, budget or self.context_length
         # the prompt's last tokens go through a full-precision prefill (two or more tokens are never
         # a decode step), as in a fresh request, so the logits match a fresh request's up to rounding
@@ -278,17 +278,8 @@ class Service:
         if not decoding.searches:
             gen = session.send(text)
             return gen, len(gen.history), len(gen.history) - len(gen.feed)
-        session.messages.append(Message("user", text))
-        try:
-            ids = session.prompt_ids()
-        except UserError:
-            session.messages.pop()
-            raise
-
-        def finish(reply):
-            session.messages.append(Message("assistant", reply.text))
-
-        return self.decoder.reply(ids, session.conversation(), sampling, decoding, on_finish=finish), len(ids), 0
+        ids = session.user_turn(text)
+        return searched_reply(session, self.decoder, ids, sampling, decoding), len(ids), 0
 
     def close(self):
         self.worker.close()

@@ -45,10 +45,7 @@ def add_routes(app: FastAPI, svc: Service):
 
 
 def parse_request(svc: Service, body: dict) -> dict:
-    ignored = P.refuse_unsupported(body, CompletionRequest.model_fields)
-    req = P.validate(CompletionRequest, body)
-    if not svc.accepts_model(req.model):
-        raise P.model_not_found(svc.model_names(), req.model)
+    req, ignored = P.read_request(svc, CompletionRequest, body)
     for key, ok in (("echo", not req.echo), ("suffix", not req.suffix), ("best_of", (req.best_of or 1) <= 1),
                     ("beam_size", (req.beam_size or 1) <= 1), ("num_candidates", (req.num_candidates or 1) <= 1)):
         if not ok:

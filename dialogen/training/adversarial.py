@@ -20,8 +20,9 @@ from pathlib import Path
 import torch
 
 from ..errors import UserError
-from ..models.family import is_encoder_decoder
-from .replies import Pair, mle_loss, perplexity, reply_logprobs, reply_text, sample_replies
+from ..models.discriminator import accuracy, d_loss
+from ..paths import atomic_file
+from .replies import Pair, mle_loss, perplexity, reply_logprobs, sample_replies, sample_text
 
 
 @dataclass
@@ -63,13 +64,13 @@ def reinforce_loss(logp: torch.Tensor, rewards: torch.Tensor, baseline: float) -
 
 def machine_pairs(disc, tokenizer, pairs: list[Pair], samples: list[list[int]], stop_ids: set[int]):
     """D's encoding of (context, sampled reply) for each pair."""
-    return [disc.encode_pair(tokenizer, p.context, reply_text(tokenizer, s, stop_ids)) for p, s in zip(pairs, samples)]
+    return [disc.encode_pair(tokenizer, p.context, sample_text(tokenizer, s, stop_ids)) for p, s in zip(pairs, samples)]
 
 
 def human_pairs(disc, tokenizer, pairs: list[Pair], stop_ids: set[int]):
     """D's encoding of (context, human reply), the reply cut like a sample (`Pair.target` holds at
     most the sampling limit of tokens) and decoded the same way: length is no cue."""
-    return [disc.encode_pair(tokenizer, p.context, reply_text(tokenizer, p.target, stop_ids)) for p in pairs]
+    return [disc.encode_pair(tokenizer, p.context, sample_text(tokenizer, p.target, stop_ids)) for p in pairs]
 
 
 def _step(opt, loss, params, clip: float):
@@ -101,8 +102,6 @@ class Adversarial:
 
     def d_step(self, pairs: list[Pair]) -> tuple[float, float]:
         """One update of D on human vs freshly sampled replies; (loss, accuracy before the update)."""
-        from ..models.discriminator import accuracy, d_loss
-
         machine = machine_pairs(self.d, self.tok, pairs, self.sample(pairs), self.stop_ids)
         human = human_pairs(self.d, self.tok, pairs, self.stop_ids)
         acc = accuracy(self.d, human, machine)  # in eval mode: D as it judges, not with dropout
@@ -176,9 +175,6 @@ def settings_dict(s: AdversarialSettings) -> dict:
 def plot_log(rows: list[dict], png: Path, title: str = "adversarial training"):
     """Three panels over rounds: D accuracy, mean reward (and baseline), G validation perplexity.
     Written to a temp file, then renamed."""
-    import os
-    import tempfile
-
     import matplotlib
 
     matplotlib.use("Agg")
@@ -201,26 +197,7 @@ def plot_log(rows: list[dict], png: Path, title: str = "adversarial training"):
         ax.grid(alpha=0.3)
     fig.suptitle(title, fontsize=11)
     fig.tight_layout()
-    png = Path(png)
-    fd, tmp = tempfile.mkstemp(dir=png.parent, prefix=f".{png.name}.", suffix=".png")
-    os.close(fd)
     try:
-        fig.savefig(tmp, dpi=90)
-        os.replace(tmp, png)
+        return atomic_file(Path(png), lambda tmp: fig.savefig(tmp, dpi=90))
     finally:
         plt.close(fig)
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-    return png
-
-
-def save_generator(directory, model, tokenizer, meta: dict) -> Path:
-    """Write G back in its own family's checkpoint format."""
-    if is_encoder_decoder(model):
-        from ..models.rnn import save_rnn
-
-        return save_rnn(directory, model, tokenizer, meta)
-    from ..models.loading import save_checkpoint
-
-    save_checkpoint(Path(directory), model.cfg, model, tokenizer, meta)
-    return Path(directory)

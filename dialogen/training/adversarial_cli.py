@@ -8,7 +8,11 @@ import random
 import sys
 from pathlib import Path
 
+from ..data import load_split
+from ..data.options import add_data_source_args
+from ..decoding.engine import load_engine
 from ..errors import UserError
+# torch, the model code and the extras are imported inside the commands: building `--help` stays torch-free
 
 
 def register(sub):
@@ -54,8 +58,6 @@ def _common(p: argparse.ArgumentParser, several: bool = False):
     p.add_argument("--generator", default=None, action="append" if several else "store",
                    help="an MLE-trained generator checkpoint (RNN or transformer)" + (" (repeatable)" if several else ""))
     g = p.add_argument_group("data")
-    from ..data.options import add_data_source_args
-
     add_data_source_args(g)
     g.add_argument("--max-conversations", type=int, default=2000,
                    help="a seeded sample of the training split; 0 = all (default: %(default)s)")
@@ -77,27 +79,19 @@ def _positive(args, names):
 
 def load_generator(spec, flag: str = "--generator"):
     """(model, tokenizer, template, meta) of an MLE-trained generator, in float32 for training."""
-    import torch
-
-    from ..chat.templates import default_template_name, get_template
-    from ..models.loading import load
-
     if not spec:
         raise UserError(f"{flag} is required: an MLE-trained generator checkpoint (RNN or transformer; "
                         "make one with `dialogen train`)")
     try:
-        loaded = load(spec, torch.float32)
+        engine = load_engine(spec, "auto", "float32")
     except UserError as e:
         raise UserError(f"{flag}: {e}") from None
-    arch = getattr(loaded.model.cfg, "arch", "rnn")
-    template = get_template(default_template_name(loaded.meta, loaded.tokenizer, arch), loaded.tokenizer)
-    return loaded.model, loaded.tokenizer, template, loaded.meta
+    return engine.model, engine.tokenizer, engine.template, engine.meta
 
 
 def load_pairs(args, models, tokenizer, template):
     """(train pairs, validation pairs) from the data splits; prompts keep the newest tokens that
     leave room for a sampled reply within the positions of every generator in `models`."""
-    from ..data import load_split
     from .replies import make_pairs
 
     for flag, value, low in (("--turns", args.turns, 1), ("--max-conversations", args.max_conversations, 0),
@@ -105,7 +99,7 @@ def load_pairs(args, models, tokenizer, template):
         if value < low:
             raise UserError(f"{flag} must be >= {low}, got {value}")
     max_prompt = 256
-    positions = min((m.max_positions for m in models if getattr(m, "max_positions", None)), default=None)
+    positions = min((m.max_positions for m in models if m.max_positions), default=None)
     if positions is not None:
         max_prompt = min(max_prompt, positions - args.max_new_tokens)
         if max_prompt < 8:
@@ -176,7 +170,8 @@ def cmd_train_discriminator(args) -> int:
 
 def cmd_train_adversarial(args) -> int:
     from ..models.discriminator import check_tokenizer, load_discriminator, save_discriminator
-    from .adversarial import AdversarialSettings, plot_log, save_generator, settings_dict, train_adversarial
+    from ..models.loading import save_checkpoint
+    from .adversarial import AdversarialSettings, plot_log, settings_dict, train_adversarial
 
     _positive(args, ["batch_size", "max_new_tokens", "rounds"])
     settings = AdversarialSettings(
@@ -204,7 +199,7 @@ def cmd_train_adversarial(args) -> int:
     meta = {**meta, "template": template.name, **template.stop_meta(tok),
             "adversarial": {"from": str(args.generator), "discriminator": str(Path(args.discriminator).resolve()),
                             "settings": settings_dict(settings), "log": str(log)}}
-    save_generator(out, model.eval(), tok, meta)
+    save_checkpoint(out, model.eval(), tok, meta)  # in the generator's own family's format
     d_out = Path(args.discriminator_out) if args.discriminator_out else out.with_name(out.name + "-discriminator")
     save_discriminator(d_out, disc.eval(), tok, {"adversarial_of": str(out.resolve())})
     print(json.dumps({"out": str(out), "discriminator_out": str(d_out), "log": str(log), "plot": str(plot),

@@ -23,8 +23,8 @@ from pathlib import Path
 import torch
 
 from ..errors import UserError
-from ..models.files import atomic_dir
 from ..models.loading import save_checkpoint
+from ..paths import atomic_file, write_text
 
 STATE_JSON, STATE_PT = "trainer_state.json", "trainer_state.pt"
 
@@ -55,17 +55,14 @@ def set_rng_state(state: dict):
     random.setstate(state["python"])
 
 
-def save(directory: Path, cfg, model, tokenizer, meta: dict, state: dict | None = None,
-         torch_state: dict | None = None):
+def save(directory: Path, model, tokenizer, meta: dict, state: dict | None = None, torch_state: dict | None = None):
     """A model directory, with the training state beside the weights when given."""
 
-    def write(tmp: Path):
-        save_checkpoint(tmp, cfg, model, tokenizer, meta)  # replaces the (empty) temp dir atomically
-        if state is not None:
-            (tmp / STATE_JSON).write_text(json.dumps(state, indent=1))
-            torch.save(torch_state, tmp / STATE_PT)
+    def write_state(tmp: Path):
+        (tmp / STATE_JSON).write_text(json.dumps(state, indent=1))
+        torch.save(torch_state, tmp / STATE_PT)
 
-    atomic_dir(Path(directory), write)
+    save_checkpoint(Path(directory), model, tokenizer, meta, None if state is None else write_state)
 
 
 def load_state(directory: Path) -> tuple[dict, dict]:
@@ -89,9 +86,7 @@ class Metrics:
         if resume_step is not None and path.exists():
             keep = [line for line in path.read_text().splitlines()
                     if line.strip() and json.loads(line).get("step", 0) <= resume_step]
-            tmp = path.with_suffix(".tmp")
-            tmp.write_text("".join(line + "\n" for line in keep))
-            os.replace(tmp, path)
+            write_text(path, "".join(line + "\n" for line in keep))
         elif resume_step is None and path.exists():
             path.unlink()
 
@@ -128,8 +123,8 @@ def plot(records: list[dict], path: Path) -> bool:
     for ax in (top, bottom):
         ax.grid(alpha=0.3)
     fig.tight_layout()
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp, dpi=100)
-    plt.close(fig)
-    os.replace(tmp, path)
+    try:
+        atomic_file(path, lambda tmp: fig.savefig(tmp, dpi=100))
+    finally:
+        plt.close(fig)
     return True

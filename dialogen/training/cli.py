@@ -2,23 +2,15 @@
 
 from __future__ import annotations
 
-import argparse
 import json
 from dataclasses import fields
 
-from ..data.options import add_data_source_args
+from ..data.options import add_data_args
 from .options import TrainOptions
+from .rnn_train import add_rnn_args
+# torch, the model code and the extras are imported inside the commands: building `--help` stays torch-free
 
 D = TrainOptions(out="")
-
-
-def add_data_args(p: argparse.ArgumentParser, split_default: str | None = None):
-    g = p.add_argument_group("data")
-    add_data_source_args(g, split_default, split_seed=D.split_seed)
-    g.add_argument("--train-on", default=D.train_on, choices=["assistant", "both"],
-                   help="trained turns: the assistant's, or every turn after the first (DialoGPT) (default: %(default)s)")
-    g.add_argument("--max-len", type=int, default=D.max_len,
-                   help="tokens per example; longer conversations are cut into windows at turns (default: %(default)s)")
 
 
 def register(sub):
@@ -34,7 +26,7 @@ def register(sub):
     p.add_argument("--reverse", action="store_true", help="train a backward model P(context | reply) for MMI reranking")
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
     add_data_args(p)
-    from .rnn_train import add_rnn_args; add_rnn_args(p)  # noqa: E702
+    add_rnn_args(p)
     g = p.add_argument_group("optimisation")
     g.add_argument("--batch-size", type=int, default=D.batch_size, help="examples per micro-batch (default: %(default)s)")
     g.add_argument("--grad-accum", type=int, default=D.grad_accum, help="micro-batches per step (default: %(default)s)")

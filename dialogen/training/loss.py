@@ -14,13 +14,13 @@ from torch import nn
 from ..data.dataset import IGNORE_INDEX
 from ..models.family import is_encoder_decoder
 from ..models.transformer import Transformer
+from .replies import seq2seq_nll_sum
 
 
 def nll_sum(model: nn.Module, ids: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(sum of -log p(label), number of labels) for ids/labels (B, T); label t is predicted
     from the tokens before it."""
     if is_encoder_decoder(model):  # each labelled run answers what precedes it
-        from .replies import seq2seq_nll_sum
 
         return seq2seq_nll_sum(model, ids, labels)
     targets = labels[:, 1:]  # (B, T-1)

@@ -8,6 +8,7 @@ from dataclasses import dataclass, fields
 
 from ..chat.templates import TEMPLATES
 from ..data.dataset import TRAIN_ON
+from ..data.options import MAX_LEN
 from ..decoding.settings import SEED_MAX
 from ..errors import UserError
 
@@ -23,7 +24,7 @@ class TrainOptions:
     template: str = "auto"
     train_on: str = "assistant"
     reverse: bool = False
-    max_len: int = 512
+    max_len: int = MAX_LEN
     batch_size: int = 8
     grad_accum: int = 1
     pack: bool = False

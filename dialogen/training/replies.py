@@ -19,7 +19,11 @@ import torch.nn.functional as F
 
 from ..chat.messages import Message
 from ..data.dataset import IGNORE_INDEX
+from ..decoding.batch import generate_batch
+from ..decoding.processors import MIN_TEMPERATURE
+from ..decoding.settings import Sampling
 from ..models.family import is_encoder_decoder
+from ..models.transformer import Transformer
 
 SEQ2SEQ_GROUP = 32  # replies per encoder-decoder forward in the trainer's loss
 
@@ -88,15 +92,11 @@ def split_pairs(pairs: list[Pair], fraction: float, seed: int = 0) -> tuple[list
 
 
 # --- families -------------------------------------------------------------------------------
-def _pad(rows: list[list[int]], value: int, left: bool = False) -> torch.Tensor:
-    width = max(len(r) for r in rows)
-    out = torch.full((len(rows), width), value, dtype=torch.long)
+def _pad(rows: list[list[int]], value: int) -> torch.Tensor:
+    """(B, W) right-padded with `value`."""
+    out = torch.full((len(rows), max(len(r) for r in rows)), value, dtype=torch.long)
     for i, r in enumerate(rows):
-        if r:
-            if left:
-                out[i, width - len(r):] = torch.tensor(r)
-            else:
-                out[i, : len(r)] = torch.tensor(r)
+        out[i, : len(r)] = torch.tensor(r, dtype=torch.long)
     return out
 
 
@@ -111,7 +111,6 @@ def target_logits(model, prompts: list[list[int]], targets: list[list[int]], pad
         src_mask = _pad([[1] * len(p) for p in prompts], 0).bool()
         feats = model.teacher_forced_features(src, src_mask, labels.clamp(min=0))  # (B, T, D)
         return model.head(feats[keep]), labels[keep], rows
-    from ..models.transformer import Transformer
     ids = _pad([p + t for p, t in zip(prompts, targets)], pad_id)  # right padding: causal, harmless
     index = torch.zeros_like(labels)
     for i, p in enumerate(prompts):  # the logit predicting target j sits at position len(p) - 1 + j
@@ -165,7 +164,7 @@ def split_turns(span: tuple[int, int], ids: list[int], turn_end: int) -> list[tu
 def seq2seq_nll_sum(model, ids: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """The decoder-only loss contract (sum of -log p(label), count) for an encoder-decoder: each
     labelled turn of a row (B, T) is a reply to the tokens before it, which the encoder reads."""
-    turn_end = getattr(model.cfg, "turn_end_id", -1)
+    turn_end = model.cfg.turn_end_id
     prompts, targets = [], []
     for row_ids, row_labels in zip(ids.tolist(), labels.tolist()):
         for span in label_spans(row_labels):
@@ -200,36 +199,20 @@ def perplexity(model, pairs: list[Pair], batch_size: int = 16, pad_id: int = 0) 
     return math.exp(nll / max(count, 1))
 
 
-@torch.no_grad()
 def sample_replies(model, prompts: list[list[int]], stop_ids: set[int], max_new_tokens: int,
                    generator: torch.Generator, temperature: float = 1.0, pad_id: int = 0) -> list[list[int]]:
-    """Ancestral samples from the model's own distribution, a batch at a time, through the shared
-    decode step. A reply keeps the stop token it ended with (the policy chose it)."""
-    B = len(prompts)
-    ids = _pad(prompts, pad_id, left=True)
-    key_mask = _pad([[1] * len(p) for p in prompts], 0, left=True)
-    positions = (key_mask.cumsum(1) - 1).clamp(min=0)
-    cache = model.new_cache(B)
-    logits = model(ids, cache, positions=positions, key_mask=key_mask)[:, -1]
-    out: list[list[int]] = [[] for _ in range(B)]
-    done = torch.zeros(B, dtype=torch.bool)
-    for t in range(max_new_tokens):
-        probs = (logits.float() / max(temperature, 1e-6)).softmax(-1)
-        tok = torch.multinomial(probs, 1, generator=generator)[:, 0]  # (B,)
-        for i in range(B):
-            if not done[i]:
-                out[i].append(int(tok[i]))
-                done[i] = int(tok[i]) in stop_ids
-        if bool(done.all()) or t == max_new_tokens - 1:
-            break
-        positions = positions[:, -1:] + 1
-        key_mask = torch.cat([key_mask, torch.ones(B, 1, dtype=key_mask.dtype)], dim=1)
-        logits = model(tok[:, None], cache, positions=positions, key_mask=key_mask)[:, -1]
-    return out
+    """Ancestral samples from the model's own distribution (no top-k, top-p or penalty), a batch at
+    a time (`decoding.batch.generate_batch`), seeded from `generator`. A reply keeps the stop token
+    it ended with (the policy chose it)."""
+    seed = int(torch.randint(0, 2**62, (1,), generator=generator))
+    s = Sampling(temperature=max(temperature, MIN_TEMPERATURE), top_k=0, top_p=1.0, repetition_penalty=1.0,
+                 max_new_tokens=max_new_tokens, seed=seed)
+    return [c.tokens + [c.stop_token] * (c.stop_token is not None)
+            for c in generate_batch(model, prompts, s, stop_ids, pad_id=pad_id)]
 
 
-def reply_text(tokenizer, tokens: list[int], stop_ids: set[int]) -> str:
-    """A sampled reply's text, without its stop token."""
+def sample_text(tokenizer, tokens: list[int], stop_ids: set[int]) -> str:
+    """A sampled (or a human) reply's text as the discriminator reads it: no stop token, no specials."""
     if tokens and tokens[-1] in stop_ids:
         tokens = tokens[:-1]
     return tokenizer.decode(tokens, skip_special=True).strip()

@@ -1,7 +1,7 @@
 """`dialogen train --arch rnn`: the encoder-decoder in the shared training loop.
 
 The loop, data, checkpoints and resume are the trainer's; this module adds the flags and
-builds (or reloads) the model. The loss needs nothing here: `training.loss.nll_sum` hands an
+builds a new model (`setup.build_model` reloads one). The loss needs nothing here: `training.loss.nll_sum` hands an
 encoder-decoder each labelled turn as a reply to the tokens before it, and the model itself
 keeps only the last `--context-turns` turns of that context.
 """
@@ -12,7 +12,9 @@ import argparse
 import json
 from pathlib import Path
 
+from ..chat.templates import get_template
 from ..errors import UserError
+# torch, the model code and the extras are imported inside the commands: building `--help` stays torch-free
 
 ARCHES = ("transformer", "rnn")
 
@@ -55,42 +57,16 @@ def wants_rnn(opts) -> bool:
     return opts.init not in ("scratch", "default") and _model_type(Path(opts.init).expanduser()) == MODEL_TYPE
 
 
-def build_rnn(opts, d, train_convs):
-    """(model, tokenizer, template name, saved training state or None), like `setup.build_model`."""
-    import torch
-
-    from ..chat.templates import default_template_name
-    from ..models.loading import load
-    from . import checkpoint as ckpt
-    from .scratch import scratch_tokenizer
+def check_rnn_start(opts):
+    """Before any loading: no transformer-only flag, and an --init that is an encoder-decoder
+    checkpoint (not a pretrained transformer)."""
+    from ..models.rnn import MODEL_TYPE
 
     if opts.freeze_layers:
         raise UserError("--freeze-layers freezes transformer blocks; it does not apply to --arch rnn")
-    state = None
-    torch.manual_seed(opts.seed)  # dropout draws from the global generator; a resume restores its state
-    if opts.resume:
-        last = Path(opts.out) / "last"
-        loaded = load(str(last), torch.float32)
-        model, tok, tname = loaded.model, loaded.tokenizer, loaded.meta.get("template", "dialogpt")
-        state = ckpt.load_state(last)
-    elif opts.init == "scratch":
-        tname = "dialogpt" if opts.template == "auto" else opts.template
-        tok = scratch_tokenizer(opts, d, train_convs, tname)
-        model = new_rnn(opts, tok, tname)
-    else:
-        _check_rnn_init(opts.init)
-        loaded = load(opts.init, torch.float32)
-        model, tok = loaded.model, loaded.tokenizer
-        tname = opts.template if opts.template != "auto" else default_template_name(loaded.meta, tok, "rnn")
-    if opts.freeze_embeddings:
-        model.embed.weight.requires_grad_(False)
-    return model, tok, tname, state
-
-
-def _check_rnn_init(init: str):
-    """Before any loading: --init must be an encoder-decoder checkpoint, not a pretrained transformer."""
-    from ..models.rnn import MODEL_TYPE
-
+    init = opts.init
+    if opts.resume or init == "scratch":
+        return
     hint = "use --init scratch (a new encoder-decoder and vocabulary) or an RNN checkpoint"
     if init == "default":
         raise UserError(f"--arch rnn cannot start from --init default (the pretrained SmolLM2 transformer); {hint}")
@@ -102,7 +78,6 @@ def _check_rnn_init(init: str):
 
 def new_rnn(opts, tokenizer, template_name: str):
     """A freshly initialised encoder-decoder for the tokenizer and template."""
-    from ..chat.templates import get_template
     from ..models.rnn import RNNConfig, RNNSeq2Seq
 
     for flag, v in (("--rnn-emb-dim", opts.rnn_emb_dim), ("--rnn-hidden", opts.rnn_hidden),

@@ -9,7 +9,7 @@ from tokenizers import Tokenizer as HFTokenizer, decoders, models, pre_tokenizer
 
 from ..chat.messages import Message
 from ..errors import UserError
-from ..models.files import atomic_dir
+from ..paths import atomic_dir
 from ..models.tokenizer import Tokenizer
 from ..models.transformer import Config
 

@@ -16,6 +16,7 @@ from ..models.loading import load
 from ..models.transformer import Transformer
 from . import checkpoint as ckpt
 from .options import TrainOptions
+from .rnn_train import check_rnn_start, new_rnn, wants_rnn
 from .scratch import gpt2_config, scratch_tokenizer
 
 
@@ -41,46 +42,51 @@ def undo_on_failure(out: Path, main: bool = True):
 
 
 def build_model(opts: TrainOptions, d, train_convs):
-    """(model, tokenizer, template name, saved training state or None)."""
-    from .rnn_train import build_rnn, wants_rnn
-
-    if wants_rnn(opts):
-        return build_rnn(opts, d, train_convs)
+    """(model, tokenizer, template name, saved training state or None): a transformer, or with
+    `--arch rnn` (or a run or --init that is one) an encoder-decoder."""
+    rnn = wants_rnn(opts)
+    if rnn:
+        check_rnn_start(opts)
+        torch.manual_seed(opts.seed)  # dropout draws from the global generator; a resume restores its state
     state = None
     if opts.resume:
         last = Path(opts.out) / "last"
         loaded = load(str(last), torch.float32)
-        model, tok, tname = loaded.model, loaded.tokenizer, loaded.meta.get("template", "chatml")
+        model, tok, tname = loaded.model, loaded.tokenizer, loaded.meta.get("template", "dialogpt" if rnn else "chatml")
         state = ckpt.load_state(last)
     elif opts.init == "scratch":
         tname = "dialogpt" if opts.template == "auto" else opts.template
         tok = scratch_tokenizer(opts, d, train_convs, tname)
-        cfg = gpt2_config(tok.vocab_size, opts.n_layer, opts.n_head, opts.d_model, opts.max_len)
-        model = Transformer(cfg)
-        model.init_weights(opts.seed)
+        model = new_rnn(opts, tok, tname) if rnn else new_gpt2(opts, tok)
     else:
         loaded = load(None if opts.init == "default" else opts.init, torch.float32)
         model, tok = loaded.model, loaded.tokenizer
-        if not isinstance(model, Transformer):
+        if not rnn and not isinstance(model, Transformer):
             raise UserError(f"{opts.init}: dialogen train fine-tunes transformer models (llama, gpt2 families)")
         tname = opts.template
         if tname == "auto":
             tname = default_template_name(loaded.meta, tok, model.cfg.arch)
-    if opts.max_len > model.cfg.max_seq_len:
+    if not rnn and opts.max_len > model.cfg.max_seq_len:
         raise UserError(f"--max-len {opts.max_len} exceeds the model's context of {model.cfg.max_seq_len} tokens")
     freeze(model, opts.freeze_embeddings, opts.freeze_layers)
     return model, tok, tname, state
 
 
-def freeze(model: Transformer, embeddings: bool, layers: int):
+def new_gpt2(opts: TrainOptions, tokenizer) -> Transformer:
+    model = Transformer(gpt2_config(tokenizer.vocab_size, opts.n_layer, opts.n_head, opts.d_model, opts.max_len))
+    model.init_weights(opts.seed)
+    return model
+
+
+def freeze(model, embeddings: bool, layers: int):
     """Stop gradients to the embeddings (and a head tied to them) and the first `layers` blocks."""
     if layers > model.cfg.n_layer:
         raise UserError(f"--freeze-layers {layers} exceeds the model's {model.cfg.n_layer} layers")
     if embeddings:
         model.embed.weight.requires_grad_(False)
-        if hasattr(model, "pos_embed"):
+        if model.cfg.arch == "gpt2":  # learned positions
             model.pos_embed.weight.requires_grad_(False)
-    for block in list(model.blocks)[:layers]:
+    for block in list(model.blocks)[:layers] if layers else []:
         block.requires_grad_(False)
     if not any(p.requires_grad for p in model.parameters()):
         raise UserError("everything is frozen: nothing would train (lower --freeze-layers)")

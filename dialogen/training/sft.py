@@ -21,12 +21,13 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
+from tqdm import tqdm
 
 from ..chat.templates import get_template
 from ..data import load_split
 from ..data.batches import bucket_batches, collate, pack
 from ..data.dataset import IGNORE_INDEX, build_examples
-from ..data.reverse import REVERSE_CONTEXT_TURNS
+from ..decoding.reverse import REVERSE_CONTEXT_TURNS
 from ..errors import UserError
 from ..eval.perplexity import examples_perplexity
 from . import checkpoint as ckpt
@@ -254,7 +255,7 @@ class Loop:
         if step > 0 and r["ppl"] < self.best:
             self.best = r["ppl"]
             meta = {**self.meta, "step": step, "val_ppl": r["ppl"]}
-            ckpt.save(self.out / "best", self.model.cfg, self.model, self.tokenizer, meta)
+            ckpt.save(self.out / "best", self.model, self.tokenizer, meta)
 
     def save_last(self, step: int):
         if not ckpt.finite_weights(self.model):  # every rank holds the same weights: all stop
@@ -265,10 +266,8 @@ class Loop:
         torch_state = {"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
                        "rng": ckpt.rng_state()}
         meta = {**self.meta, "step": step}
-        ckpt.save(self.out / "last", self.model.cfg, self.model, self.tokenizer, meta, state, torch_state)
+        ckpt.save(self.out / "last", self.model, self.tokenizer, meta, state, torch_state)
 
 
 def _progress(total: int, initial: int, enabled: bool):
-    from tqdm import tqdm
-
     return tqdm(total=total, initial=initial, disable=not enabled, unit="step", dynamic_ncols=True, smoothing=0.1)
