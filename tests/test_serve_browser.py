@@ -110,6 +110,12 @@ def test_page_sends_a_message_and_streams_the_reply(server, tmp_path):
             page.on("pageerror", lambda e: errors.append(str(e)))
             page.goto(server.url + "/")
             sync_api.expect(page.locator("#model-name")).to_have_text("tiny-chat")
+            # the tiny model writes its whole reply within milliseconds, which would reach the page in one
+            # read: a slow link (about a token's event per 20 ms) shows whether the page renders it in pieces
+            cdp = ctx.new_cdp_session(page)
+            cdp.send("Network.enable")
+            cdp.send("Network.emulateNetworkConditions", {"offline": False, "latency": 0,
+                                                          "downloadThroughput": 12_000, "uploadThroughput": -1})
             page.fill("#persona", "You are a cheerful pirate.")
             page.fill("#max_tokens", "40")
             page.evaluate(WATCH)
