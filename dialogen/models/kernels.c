@@ -659,10 +659,103 @@ static void phase_rope_store(const attn_args *a, float *qkv) {  /* rotary on q a
     }
 }
 
+#ifdef __AVX512F__
+/* e^x for x <= 0 (scores less their maximum), 16 at a time: 2^(x log2 e) as 2^n 2^f, |f| <= 1/2,
+ * 2^f by its Taylor polynomial of degree 7 (relative error under 1e-8, below float rounding) */
+static inline __m512 exp_neg16(__m512 x) {
+    __m512 t = _mm512_mul_ps(_mm512_max_ps(x, _mm512_set1_ps(-87.f)), _mm512_set1_ps(1.44269504088896341f));
+    __m512 n = _mm512_roundscale_ps(t, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC), f = _mm512_sub_ps(t, n);
+    static const float c[8] = {1.f, 0.6931471805599453f, 0.2402265069591007f, 0.05550410866482158f,
+                               0.009618129107628477f, 0.0013333558146428443f, 0.00015403530393381606f,
+                               1.525273380405984e-05f};
+    __m512 y = _mm512_set1_ps(c[7]);
+    for (int k = 6; k >= 0; k--) y = _mm512_fmadd_ps(y, f, _mm512_set1_ps(c[k]));
+    return _mm512_scalef_ps(y, n);
+}
+
+/* nq query heads of one row that share a key/value head (hd a multiple of 16, nq * hd / 16 <= 16)
+ * against its n keys and values: each key and value is loaded once for all nq heads (the cache is
+ * read once per key/value head, not once per query head). Scores, then their exponentials 16 at
+ * a time, then the weighted sums, kept in registers. p: nq rows of at least n + 16 floats. */
+static void attend_heads16(const float *q, int nq, const float *K, const float *V, const uint8_t *m, int n, int hd,
+                           float scale, float *p, size_t pstride, float *o) {
+    const int nv = hd / 16;
+    __m512 ov[16];
+    float best[16];
+    for (int r = 0; r < nq; r++) best[r] = -INFINITY;
+    for (int i = 0; i < nq * nv; i++) ov[i] = _mm512_setzero_ps();
+    for (int t = 0; t < n; t++) {
+        if (m && !m[t] && t != n - 1) {
+            for (int r = 0; r < nq; r++) p[r * pstride + t] = -INFINITY;
+            continue;
+        }
+        const float *k = K + (size_t)t * hd;
+        __m512 kv[8];
+        for (int i = 0; i < nv; i++) kv[i] = _mm512_loadu_ps(k + 16 * i);
+        for (int r = 0; r < nq; r++) {
+            const float *qr = q + (size_t)r * hd;
+            __m512 acc = _mm512_mul_ps(_mm512_loadu_ps(qr), kv[0]);
+            for (int i = 1; i < nv; i++) acc = _mm512_fmadd_ps(_mm512_loadu_ps(qr + 16 * i), kv[i], acc);
+            float sc = _mm512_reduce_add_ps(acc) * scale;
+            p[r * pstride + t] = sc;
+            best[r] = sc > best[r] ? sc : best[r];
+        }
+    }
+    float total[16];
+    const __m512 ninf = _mm512_set1_ps(-INFINITY);
+    for (int r = 0; r < nq; r++) {
+        float *pr = p + r * pstride;
+        __m512 vb = _mm512_set1_ps(best[r]), vsum = _mm512_setzero_ps();
+        for (int t = 0; t < n; t += 16) {
+            __mmask16 in = n - t >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << (n - t)) - 1);
+            __m512 x = _mm512_mask_loadu_ps(ninf, in, pr + t);
+            __mmask16 live = _mm512_cmp_ps_mask(x, ninf, _CMP_NEQ_OQ);  /* masked keys weigh exactly 0 */
+            __m512 e = _mm512_maskz_mov_ps(live, exp_neg16(_mm512_sub_ps(x, vb)));
+            _mm512_mask_storeu_ps(pr + t, in, e);
+            vsum = _mm512_add_ps(vsum, e);
+        }
+        total[r] = _mm512_reduce_add_ps(vsum);
+    }
+    for (int t = 0; t < n; t++) {
+        const float *v = V + (size_t)t * hd;
+        __m512 vv[8];
+        for (int i = 0; i < nv; i++) vv[i] = _mm512_loadu_ps(v + 16 * i);
+        for (int r = 0; r < nq; r++) {
+            __m512 w = _mm512_set1_ps(p[r * pstride + t]);
+            for (int i = 0; i < nv; i++) ov[r * nv + i] = _mm512_fmadd_ps(w, vv[i], ov[r * nv + i]);
+        }
+    }
+    for (int r = 0; r < nq; r++) {
+        __m512 inv = _mm512_set1_ps(1.f / total[r]);
+        for (int i = 0; i < nv; i++) _mm512_storeu_ps(o + (size_t)r * hd + 16 * i, _mm512_mul_ps(ov[r * nv + i], inv));
+    }
+}
+#endif
+
 static void phase_attend(const attn_args *a, const float *qkv, float *out) {
     int hd = a->hd, nh = a->nh, group = a->nh / a->nkv, width = (a->nh + 2 * a->nkv) * hd;
     float scale = 1.f / sqrtf((float)hd), *p = NULL;
     int room = 0;
+#ifdef __AVX512F__
+    /* the query heads of a key/value head together, as many as fit the registers */
+    int per = hd % 16 == 0 && hd <= 256 ? 16 / (hd / 16) : 0;
+    per = per > group ? group : per;
+    if (per > 0 && group % per == 0) {
+        int parts = group / per;
+        #pragma omp for schedule(dynamic, 1)
+        for (int item = 0; item < a->B * a->nkv * parts; item++) {
+            int b = item / (a->nkv * parts), g = item / parts % a->nkv, h = g * group + item % parts * per;
+            int n = (int)a->slot[b] + 1;
+            if (n > room) { free(p); room = n > 2 * room ? n : 2 * room; p = malloc(sizeof(float) * (room + 16) * per); }
+            attend_heads16(qkv + (size_t)b * width + h * hd, per, (const float *)a->kc[b] + (size_t)g * a->cap[b] * hd,
+                           (const float *)a->vc[b] + (size_t)g * a->cap[b] * hd,
+                           a->key_mask ? a->key_mask + (size_t)b * a->mask_stride : NULL, n, hd, scale, p,
+                           (size_t)room + 16, out + (size_t)b * nh * hd + h * hd);
+        }
+        free(p);
+        return;
+    }
+#endif
     #pragma omp for schedule(dynamic, 1)
     for (int bh = 0; bh < a->B * nh; bh++) {
         int b = bh / nh, h = bh % nh, g = h / group;
