@@ -152,6 +152,8 @@ def main(argv=None) -> int:
     ap.add_argument("--phase-limit", type=float, default=300.0, help="seconds each phase may start turns for")
     ap.add_argument("--skip-sequential", action="store_true")
     ap.add_argument("--threads", type=int, default=None, help="the server's --threads (default: its own default)")
+    ap.add_argument("--max-active", type=int, default=None, help="the server's --max-active (default: --clients)")
+    ap.add_argument("--prefill-chunk", type=int, default=None, help="the server's --prefill-chunk (default: its own)")
     ap.add_argument("--replicas", type=int, default=1, help="servers sharing one session store, turns sent round robin")
     ap.add_argument("--db", default=None, help="the session store (a postgresql:// URL or SQLite file; default: a temp "
                                                "SQLite file)")
@@ -160,8 +162,10 @@ def main(argv=None) -> int:
         print(json.dumps(replicas(args)))
         return 0
     with tempfile.TemporaryDirectory() as tmp:
-        server_args = ["--db", str(Path(tmp) / "bench.db"), "--max-active", str(max(args.clients, 1)),
+        server_args = ["--db", str(Path(tmp) / "bench.db"), "--max-active", str(args.max_active or max(args.clients, 1)),
                        "--max-queue", str(args.clients * 2)]
+        if args.prefill_chunk:
+            server_args += ["--prefill-chunk", str(args.prefill_chunk)]
         if args.model:
             server_args += ["--model", args.model]
         if args.threads:

@@ -15,6 +15,7 @@ import os
 import shutil
 import sys
 import tempfile
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
@@ -92,7 +93,7 @@ def index_dir(path: Path) -> Path:
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
     try:
         tokenizer.save(tmp)
-        index = {"version": INDEX_VERSION, "config": cfg.to_dict(), "tensors": tensors, "source": str(path)}
+        index = {"version": INDEX_VERSION, "config": asdict(cfg), "tensors": tensors, "source": str(path)}
         (tmp / "index.json").write_text(json.dumps(index))
         if not (target / "index.json").exists():  # another process may have written it meanwhile
             shutil.rmtree(target, ignore_errors=True)

@@ -76,9 +76,6 @@ class RNNConfig:
     def d_model(self) -> int:
         return self.hidden * (2 if self.bidirectional else 1)
 
-    def to_dict(self) -> dict:
-        return asdict(self)
-
 
 class Attention(nn.Module):
     """Scores decoder queries against encoder outputs; padding gets exactly zero weight."""
@@ -317,7 +314,7 @@ class RNNSeq2Seq(nn.Module):
 
 # --- checkpoints ----------------------------------------------------------------------------
 def save_rnn(directory, model: RNNSeq2Seq, tokenizer, meta: dict, more=None) -> Path:
-    conf = {"model_type": MODEL_TYPE, "architectures": ["DialogenRNNSeq2Seq"], **model.cfg.to_dict()}
+    conf = {"model_type": MODEL_TYPE, "architectures": ["DialogenRNNSeq2Seq"], **asdict(model.cfg)}
     return write_checkpoint(directory, model.state_dict(), conf, tokenizer, meta, more)
 
 

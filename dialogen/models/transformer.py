@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import contextvars
 import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -47,9 +47,6 @@ class Config:
             self.head_dim = self.d_model // self.n_head
         if self.n_head % self.n_kv_head:
             raise ValueError("n_head must be a multiple of n_kv_head")
-
-    def to_dict(self) -> dict:
-        return asdict(self)
 
 
 class RMSNorm(nn.Module):

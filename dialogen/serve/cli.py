@@ -45,6 +45,10 @@ def register(sub):
     g.add_argument("--max-active", type=int, default=32, help="replies generated at once (default: %(default)s)")
     g.add_argument("--max-queue", type=int, default=64,
                    help="requests waiting beyond --max-active before 503 (default: %(default)s)")
+    g.add_argument("--prefill-chunk", type=int, default=256,
+                   help="prompt tokens fed per model step, shared by the prompts waiting, alongside the other "
+                        "replies' next tokens: smaller keeps those replies streaming while a long prompt goes in, "
+                        "larger feeds prompts sooner (default: %(default)s)")
     g.add_argument("--max-tokens-limit", type=int, default=1024,
                    help="the largest max_tokens a request may ask for (default: %(default)s)")
     g.add_argument("--max-body-bytes", type=int, default=1_000_000, help="request body limit (default: %(default)s)")
@@ -94,6 +98,7 @@ def is_loopback(host: str) -> bool:
 
 def check_args(args):
     for flag, v, lo in (("--port", args.port, 0), ("--max-active", args.max_active, 1), ("--max-queue", args.max_queue, 0),
+                        ("--prefill-chunk", args.prefill_chunk, 1),
                         ("--max-tokens-limit", args.max_tokens_limit, 1), ("--max-body-bytes", args.max_body_bytes, 64),
                         ("--max-n", args.max_n, 1), ("--kv-budget-mb", args.kv_budget_mb, 0),
                         ("--threads", args.threads, 1)):
@@ -156,7 +161,7 @@ def cmd_serve(args) -> int:
                     kv_budget_bytes=int(args.kv_budget_mb * 2**20))
     name = args.model_name or re.sub(r"-[0-9a-f]{12}$", "", engine.name)
     svc = Service(engine, store, Keys(keys), limits, sampling, name, args.max_active, args.max_queue,
-                  decoding, args.model_alias, args.strict_model_names)
+                  decoding, args.model_alias, args.strict_model_names, prefill_chunk=args.prefill_chunk)
     svc.default_persona = resolve_persona(args.system)  # for sessions and requests without a system message
     return run(svc, sock, args.log_level, [args.host, *args.allowed_host], args.cors_origin)
 

@@ -201,8 +201,9 @@ def _common_messages(a: list[Message], b: list[Message]) -> int:
 class Service:
     def __init__(self, engine: Engine, store: Store, keys: Keys, limits: Limits, sampling: Sampling | None = None,
                  model_name: str | None = None, max_active: int = 32, max_queue: int = 64,
-                 decoding: Decoding | None = None, aliases=(), strict_model_names: bool = False):
-        self.worker = Worker(engine.model, max_active=max_active, max_queue=max_queue)
+                 decoding: Decoding | None = None, aliases=(), strict_model_names: bool = False,
+                 prefill_chunk: int = 256):
+        self.worker = Worker(engine.model, max_active=max_active, max_queue=max_queue, prefill_chunk=prefill_chunk)
         # sessions see the proxy: their model calls queue on the worker thread
         self.engine = Engine(self.worker.proxy, engine.tokenizer, engine.template, engine.context_length, engine.name)
         self.store, self.keys, self.limits = store, keys, limits

@@ -6,10 +6,11 @@ A job (one reply being generated) runs in its own thread: it renders the prompt 
 and sends its text deltas on, so a token costs no hand-off between threads. Any other model
 use (beam search, candidates, rerankers, a model that cannot batch) goes through a
 `ModelProxy`: each model call is handed to the worker thread and the job thread waits for the
-answer. In a round every reply and every waiting call gets exactly one step (one token of
-decode, or one chunk of a long prompt), and all single-token decode steps of the round run as
-one batched step (`batching.decode_rows`). So replies are served round-robin and decoded
-together, and a long prompt does not stall everyone else's replies.
+answer. A round is one model step (`batching.step_rows`): the next token of every running reply,
+the proxy's single-token calls, and a chunk of the waiting prompts (`prefill_chunk` tokens in
+all), every token a row. So replies are served round-robin and decoded together, a new prompt
+joins the running ones' step, and a long prompt does not stall everyone else's replies. (A model
+whose prompts cannot be rows, one with a float16 copy, feeds its prompt chunks on their own.)
 
 Admission is bounded: at most `max_active` jobs run and `max_queue` more wait; past that
 `submit` raises `Busy` (the HTTP layer answers 503 with Retry-After). A cancelled job (its client
