@@ -147,6 +147,18 @@ def test_worker_stream_cancel_stops_the_reply_and_finishes_it(llama):
         assert job.finished.wait(30) and seen.is_set()
         assert events == [("finish", "interrupted", True), ("cancelled", None)]
         assert worker.load()["cancelled"] == 1
+
+        def cancelled_first(job):  # cancelled before the reply is handed over: it never starts
+            job.cancel()
+            gen = Session(eng, None, Sampling(max_new_tokens=5), max_context_tokens=50).send("hi")
+            try:
+                worker.stream(gen, seen.set)
+            finally:
+                events.append(("finish", gen.finish_reason, gen.tokens))
+
+        events.clear()
+        assert worker.submit(cancelled_first, events.append).finished.wait(30)
+        assert events == [("finish", "interrupted", []), ("cancelled", None)]
     finally:
         worker.close()
 

@@ -673,7 +673,7 @@ static inline __m512 exp_neg16(__m512 x) {
     return _mm512_scalef_ps(y, n);
 }
 
-/* nq query heads of one row that share a key/value head (hd a multiple of 16, nq * hd / 16 <= 16)
+/* nq query heads of one row that share a key/value head (hd a multiple of 16 up to 128, nq * hd / 16 <= 16)
  * against its n keys and values: each key and value is loaded once for all nq heads (the cache is
  * read once per key/value head, not once per query head). Scores, then their exponentials 16 at
  * a time, then the weighted sums, kept in registers. p: nq rows of at least n + 16 floats. */
@@ -738,7 +738,7 @@ static void phase_attend(const attn_args *a, const float *qkv, float *out) {
     int room = 0;
 #ifdef __AVX512F__
     /* the query heads of a key/value head together, as many as fit the registers */
-    int per = hd % 16 == 0 && hd <= 256 ? 16 / (hd / 16) : 0;
+    int per = hd % 16 == 0 && hd <= 128 ? 16 / (hd / 16) : 0;  /* kv[8], vv[8]: hd <= 128 */
     per = per > group ? group : per;
     if (per > 0 && group % per == 0) {
         int parts = group / per;

@@ -224,7 +224,7 @@ class Worker:
                     tick()
                     last = time.monotonic()
             return
-        d = _Drive(job, gen, on_delta)
+        d, handed = _Drive(job, gen, on_delta), False
         try:
             if job.cancelled:
                 raise Cancelled()
@@ -232,13 +232,15 @@ class Worker:
                 if self._stop:
                     raise Cancelled()
                 self._incoming.append(d)
+                handed = True
                 self._cond.notify_all()
             while not d.done.wait(every):
                 if tick is not None:
                     tick()
         except BaseException:
-            d.abandoned = True
-            d.done.wait()  # the model thread lets go of the reply (at its next round) before it ends here
+            if handed:  # the model thread lets go of the reply (at its next round) before it ends here
+                d.abandoned = True
+                d.done.wait()
             raise
         finally:
             gen.finish()
