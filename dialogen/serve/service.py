@@ -178,8 +178,9 @@ class PrefixPool:
 
     def give(self, owner: str, session: Session, prompt_tokens: int):
         """Keep the session's cache of its prompt only: the reply's keys and values came from
-        decode steps (compact weights), which a fresh request would compute in a full-precision
-        prefill: kept, they would make a reply differ from a fresh request's by more than rounding."""
+        decode steps, which with a float16/bfloat16 copy (decode steps only) a fresh request would
+        compute in a float32 prompt: kept, they would make a reply differ from a fresh request's by
+        more than rounding. (With blocks, prompts and decode steps share the products.)"""
         session.keep_cache(prompt_tokens)
         with self._lock:
             self._idle.append((owner, session))
@@ -264,8 +265,8 @@ class Service:
             s.set_persona(persona)
             s.reset(history)
             s.sampling, s.max_context_tokens = sampling, budget or self.context_length
-        # the prompt's last tokens go through a full-precision prefill (two or more tokens are never
-        # a decode step), as in a fresh request, so the logits match a fresh request's up to rounding
+        # the prompt's last tokens go through a prompt step (two or more tokens are never a decode step
+        # of a float16 copy), as in a fresh request, so the logits match a fresh request's up to rounding
         s.min_feed = 2
         return s
 
