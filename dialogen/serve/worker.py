@@ -326,35 +326,34 @@ class Worker:
                 n = min(len(d.gen.feed) - d.fed, budget)
                 chunks.append((d, n))
                 budget -= n
-        alone = [] if self.model.prompts_as_rows else chunks  # (a float16 copy decodes only: prompts apart)
-        if decode or rows or len(chunks) > len(alone):
-            self._step(decode, rows, [c for c in chunks if c not in alone])
+        if decode or rows or chunks:
+            self._step(decode, rows, chunks)
         for c in live:
             if not self._is_decode(c):
                 self._feed(c)
-        for d, k in alone:
-            part = d.gen.feed[d.fed:d.fed + k]
-            d.fed += k
-            self.stats["prefill_tokens"] += k
-            self._run(d, lambda d=d, part=part: next_logits(self.model, part, d.gen.cache), sample=d.fed == len(d.gen.feed))
 
     def _is_decode(self, c: _Call) -> bool:
         return self.batchable and c.cache is not None and not c.kwargs and tuple(c.ids.shape) == (1, 1)
 
     def _step(self, calls: list[_Call], rows: list[_Drive], chunks: list[tuple[_Drive, int]]):
         """One model step for the round: the proxy's decode calls, the replies' next tokens and
-        chunks of the replies' prompts, as rows of one native step (`batching.step_rows`)."""
+        chunks of the replies' prompts, as rows of one native step (`batching.step_rows`). A
+        segment the step did not take (a prompt that cannot be rows: a float16 copy decodes only;
+        or every segment, when the step failed and each alone tells which one is bad) is fed alone."""
         n = len(calls) + len(rows)
         self.stats["decode_rows"] += n
         self.stats["max_batch"] = max(self.stats["max_batch"], n)
         self.stats["prefill_tokens"] += sum(k for _, k in chunks)
         parts = [d.gen.feed[d.fed:d.fed + k] for d, k in chunks]
+        together = chunks if self.model.prompts_as_rows else []
         segments = ([(c.cache, [int(c.ids[0, 0])]) for c in calls] + [(d.gen.cache, d.gen.tokens[-1:]) for d in rows]
-                    + [(d.gen.cache, part) for (d, _), part in zip(chunks, parts)])
-        try:
-            logits = step_rows(self.model, segments)
-        except Exception:  # one bad row (e.g. past the position limit): step each alone to blame it
-            logits = None
+                    + [(d.gen.cache, part) for (d, _), part in zip(together, parts)])
+        logits = None
+        if segments:
+            try:
+                logits = step_rows(self.model, segments)
+            except Exception:  # one bad row (e.g. past the position limit)
+                logits = None
         for i, c in enumerate(calls):
             if logits is None:
                 self._direct(c)
@@ -365,7 +364,7 @@ class Worker:
                       next_logits(self.model, d.gen.tokens[-1:], d.gen.cache))
         for i, ((d, k), part) in enumerate(zip(chunks, parts), n):
             d.fed += k
-            self._run(d, lambda i=i, d=d, part=part: logits[i] if logits is not None else
+            self._run(d, lambda i=i, d=d, part=part: logits[i] if logits is not None and i < len(segments) else
                       next_logits(self.model, part, d.gen.cache), sample=d.fed == len(d.gen.feed))
 
     def _run(self, d: _Drive, logits, sample: bool = True):
