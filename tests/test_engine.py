@@ -375,6 +375,32 @@ def test_gguf_read_directly_matches_transformers_and_keeps_its_blocks(tiny_llama
     assert (steps - full).abs().max() < 0.05 * full.abs().max()
 
 
+@torch.no_grad()
+def test_block_weights_make_their_floats_on_first_use(tiny_llama, tmp_path):
+    """Loaded to decode by blocks, a Linear's float32 weight is made from its blocks only when
+    something needs it (a cold start skips it): the state dict and training see the same values as
+    a float32 load, and chat's products never make them."""
+    from dialogen.models.loading import default_model_path, read_gguf
+
+    path, ref = tiny_llama
+    _, meta = read_gguf(default_model_path())
+    types = {"token_embd.weight": "Q8_0", "blk.0.attn_q.weight": "Q4_1", "blk.0.attn_k.weight": "Q4_1",
+             "blk.0.attn_v.weight": "Q4_1", "blk.1.ffn_down.weight": "Q4_0", "blk.1.attn_output.weight": "Q8_0"}
+    _write_gguf(tmp_path / "tiny.gguf", ref, meta, types)
+    eager = load(str(tmp_path / "tiny.gguf"), "float32").model
+    lazy = load(str(tmp_path / "tiny.gguf"), "auto").model
+    waiting = {n for n, m in lazy.named_modules() if getattr(m, "source", None) is not None}
+    assert waiting == {"blocks.0.attn.qkv", "blocks.1.mlp.down", "blocks.1.attn.o_proj"}  # the tied head is the embedding
+    cache = lazy.new_cache(1)
+    lazy(_ids(12, seed=4), cache)
+    lazy(_ids(1, seed=5), cache)
+    assert {n for n, m in lazy.named_modules() if getattr(m, "source", None) is not None} == waiting
+    ours, theirs = lazy.state_dict(), eager.state_dict()
+    assert ours.keys() == theirs.keys() and all(torch.equal(ours[k], theirs[k]) for k in ours)
+    again = load(str(tmp_path / "tiny.gguf"), "auto").model.train()
+    assert all(torch.equal(p, theirs[n]) for n, p in again.named_parameters())
+
+
 @pytest.mark.parametrize("march", ["x86-64-v3", "x86-64"])  # AVX2 + FMA + F16C without VNNI; plain C
 @torch.no_grad()
 def test_every_simd_path_gives_the_native_results(march, monkeypatch):

@@ -16,6 +16,7 @@ import shutil
 import sys
 import tempfile
 from dataclasses import asdict
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -124,8 +125,10 @@ def unpermute_rows(w: torch.Tensor, n_head: int) -> torch.Tensor:
     return w.reshape(n_head, rows // n_head // 2, 2, -1).transpose(1, 2).reshape(w.shape).contiguous()
 
 
-def read_tensors(path: Path, cfg: Config, tensors: list[dict]) -> tuple[dict, dict]:
-    """(float32 state dict in Hugging Face names, {name: (kind, blocks)} of the natively kept tensors)."""
+def read_tensors(path: Path, cfg: Config, tensors: list[dict], lazy: bool = False) -> tuple[dict, dict]:
+    """(float32 state dict in Hugging Face names, {name: (kind, blocks)} of the natively kept tensors).
+    `lazy`: a natively kept tensor's float32 entry is a function making it, for the caller to call
+    only where it needs the floats."""
     try:
         data = np.fromfile(path, dtype=np.uint8)
     except OSError as e:
@@ -143,8 +146,8 @@ def read_tensors(path: Path, cfg: Config, tensors: list[dict]) -> tuple[dict, di
             b = torch.from_numpy(raw).view(shape[0], -1)  # (rows, row bytes)
             b = unpermute_rows(b, heads) if heads else b
             blocks[name] = (NATIVE[kind], b)
-            w = kernels.dequantize(kind, b, *shape) if kernels.enabled() else _dequantize(b.numpy(), kind)
-            floats[name] = w.t() if conv1d else w
+            make = partial(_block_floats, kind, b, shape, conv1d)
+            floats[name] = make if lazy else make()
             continue
         if kind == 0:  # F32
             w = raw.view(np.float32)
@@ -161,6 +164,11 @@ def read_tensors(path: Path, cfg: Config, tensors: list[dict]) -> tuple[dict, di
         print(f"dialogen: {path.name}: {', '.join(sorted(converted))} tensors are dequantized "
               "(kept natively: Q4_0, Q4_1, Q8_0)", file=sys.stderr)
     return floats, blocks
+
+
+def _block_floats(kind: int, b: torch.Tensor, shape: list, conv1d: bool) -> torch.Tensor:
+    w = kernels.dequantize(kind, b, *shape) if kernels.enabled() else _dequantize(b.numpy(), kind)
+    return w.t() if conv1d else w
 
 
 def _dequantize(raw: np.ndarray, kind: int) -> torch.Tensor:

@@ -50,7 +50,7 @@ def expected_shapes(cfg: Config) -> dict[str, tuple[tuple[int, ...], tuple[str, 
     return out
 
 
-def check_shapes(cfg: Config, sd: dict, where: str, keys: dict):
+def check_shapes(cfg: Config, sd: dict, where: str, keys: dict, later=frozenset()):
     want = expected_shapes(cfg)
     for name, (shape, fields) in want.items():
         t = sd.get(name)
@@ -58,7 +58,7 @@ def check_shapes(cfg: Config, sd: dict, where: str, keys: dict):
             named = ", ".join(dict.fromkeys(keys.get(f, f) for f in fields))
             raise UserError(f"{where}: {named} do not match the weights: {name} is {list(t.shape)}, "
                             f"the config makes it {list(shape)}")
-    missing = [k for k in want if k not in sd]
+    missing = [k for k in want if k not in sd and k not in later]
     if missing:
         raise UserError(f"{where}: {keys.get('n_layer', 'n_layer')}={cfg.n_layer} does not match the weights: "
                         f"{missing[0]} is missing")
@@ -163,28 +163,38 @@ def gpt2_names(cfg: Config, prefix: str = ""):
             yield f"{prefix}h.{i}.{theirs}.bias", f"blocks.{i}.{ours}.bias", False
 
 
-def hf_to_ours(cfg: Config, sd: dict) -> dict:
+def hf_to_ours(cfg: Config, sd: dict, later=frozenset()) -> dict:
+    """Hugging Face names -> ours. `later`: Hugging Face names left out on purpose (weights made
+    on first use, `Linear.source`); ours built from them are left out too."""
     sd = {k.removeprefix("transformer.").removeprefix("model."): v for k, v in sd.items()}
+    later = {k.removeprefix("transformer.").removeprefix("model.") for k in later}
     out = {}
+
+    def put(ours, *theirs, transposed=False):
+        if any(t in later for t in theirs):
+            return
+        w = torch.cat([sd[t] for t in theirs]) if len(theirs) > 1 else sd[theirs[0]]
+        out[ours] = w.t() if transposed else w
+
     if cfg.arch == "llama":
-        out["embed.weight"] = sd["embed_tokens.weight"]
-        out["norm.weight"] = sd["norm.weight"]
+        put("embed.weight", "embed_tokens.weight")
+        put("norm.weight", "norm.weight")
         for i in range(cfg.n_layer):
             p, q = f"layers.{i}.", f"blocks.{i}."
             a = p + "self_attn."
-            out[q + "attn.qkv.weight"] = torch.cat([sd[a + f"{n}_proj.weight"] for n in "qkv"])
+            put(q + "attn.qkv.weight", *(a + f"{n}_proj.weight" for n in "qkv"))
             if cfg.attn_bias:
-                out[q + "attn.qkv.bias"] = torch.cat([sd[a + f"{n}_proj.bias"] for n in "qkv"])
-            out[q + "attn.o_proj.weight"] = sd[a + "o_proj.weight"]
-            out[q + "mlp.gate_up.weight"] = torch.cat([sd[p + "mlp.gate_proj.weight"], sd[p + "mlp.up_proj.weight"]])
-            out[q + "mlp.down.weight"] = sd[p + "mlp.down_proj.weight"]
-            out[q + "norm1.weight"] = sd[p + "input_layernorm.weight"]
-            out[q + "norm2.weight"] = sd[p + "post_attention_layernorm.weight"]
+                put(q + "attn.qkv.bias", *(a + f"{n}_proj.bias" for n in "qkv"))
+            put(q + "attn.o_proj.weight", a + "o_proj.weight")
+            put(q + "mlp.gate_up.weight", p + "mlp.gate_proj.weight", p + "mlp.up_proj.weight")
+            put(q + "mlp.down.weight", p + "mlp.down_proj.weight")
+            put(q + "norm1.weight", p + "input_layernorm.weight")
+            put(q + "norm2.weight", p + "post_attention_layernorm.weight")
     else:
         for theirs, ours, transposed in gpt2_names(cfg):
-            out[ours] = sd[theirs].t() if transposed else sd[theirs]
+            put(ours, theirs, transposed=transposed)
     if "lm_head.weight" in sd and not cfg.tie_embeddings:
-        out["lm_head.weight"] = sd["lm_head.weight"]
+        put("lm_head.weight", "lm_head.weight")
     return {k: v.contiguous() for k, v in out.items()}
 
 

@@ -323,9 +323,10 @@ size_t tiled_bytes(int type, int N, int K) {
 #endif
 }
 
-void tile_weights(int type, const uint8_t *w, int N, int K, uint8_t *out) {
+void tile_weights(int type, const uint8_t *w, int N, int K, uint8_t *out, int threads) {
     int nb = K / QK, bb = block_bytes(type), chunks = type == Q8_0 ? 8 : 4, off = type == Q4_1 ? 4 : 2;
     size_t tb = tile_block_bytes(type);
+    #pragma omp parallel for num_threads(threads) schedule(static)
     for (int g = 0; g < N / TILE; g++)
         for (int b = 0; b < nb; b++) {
             uint8_t *o = out + ((size_t)g * nb + b) * tb;

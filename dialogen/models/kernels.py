@@ -86,7 +86,7 @@ def load_library(march: str = "native") -> ctypes.CDLL | None:
     L.qmatmul.argtypes = [i, p, i, i, p, i, p, p, i, p, f, i, i]
     L.dequantize.argtypes = [i, p, i, i, p, i]
     L.tiled_bytes.argtypes, L.tiled_bytes.restype = [i, i, i], ctypes.c_size_t
-    L.tile_weights.argtypes, L.tile_weights.restype = [i, p, i, i, p], None
+    L.tile_weights.argtypes, L.tile_weights.restype = [i, p, i, i, p, i], None
     L.attend_decode.argtypes = [i, i, i, i, p, p, p, p, p, p, ctypes.c_int64, p, p, p, i]
     L.block_decode.argtypes = [p, p, i, p, p, p, p, p, ctypes.c_int64, p, p, i]
     for fn in (L.qmatmul, L.dequantize, L.attend_decode, L.block_decode):
@@ -140,7 +140,7 @@ def tile(ggml_type: int, blocks: torch.Tensor, n: int, k: int) -> torch.Tensor |
     if not size:
         return None
     out = torch.empty(size, dtype=torch.uint8)
-    lib().tile_weights(ggml_type, blocks.contiguous().data_ptr(), n, k, out.data_ptr())
+    lib().tile_weights(ggml_type, blocks.contiguous().data_ptr(), n, k, out.data_ptr(), torch.get_num_threads())
     return out
 
 

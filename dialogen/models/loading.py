@@ -101,58 +101,73 @@ def load_transformer(path: Path, cfg: Config, dtype) -> Transformer:
 LOADERS = {"llama": load_transformer, "gpt2": load_transformer, "rnn": lambda path, cfg, dtype: load_rnn(path, cfg)}
 
 
+BLOCKED = ("auto", "int8", "int4")  # the dtypes whose decode weights are blocks (`decode_copies`)
+
+
 def load_gguf(path: Path, dtype="auto") -> Loaded:
+    """With blocks to decode by, the float32 weight of each Linear that has them is made on first
+    use (`Linear.source`: training, `--no-kernels`, a state dict): chat never needs it, and a
+    cold start skips dequantizing 500 MB."""
     where = index_dir(path)
     index = _read_json(where / "index.json")
     cfg = Config(**index["config"])
-    floats, blocks = read_tensors(path, cfg, index["tensors"])
+    lazy = str(dtype).removeprefix("torch.") in BLOCKED and kernels.enabled()
+    floats, blocks = read_tensors(path, cfg, index["tensors"], lazy)
+    native = native_blocks(cfg, blocks)
+    later = {ours for ours in native if lazy and not (ours == "lm_head" and cfg.tie_embeddings)}
+    skip = {theirs for ours in later for theirs in native[ours][2]}
+    floats = {k: v() if callable(v) else v for k, v in floats.items() if k not in skip}
     try:
-        model = build(cfg, hf_to_ours(cfg, floats), str(path))
+        model = build(cfg, hf_to_ours(cfg, floats, skip), str(path), later={f"{n}.weight" for n in later})
     except KeyError as e:
         raise UserError(f"{path}: tensor {e} is missing") from None
-    decode_copies(model, dtype, native_blocks(cfg, blocks))
+    decode_copies(model, dtype, native, later)
     return Loaded(model, Tokenizer.from_dir(where), where, {"template": "jinja", "source": str(path)})
 
 
 def native_blocks(cfg: Config, blocks: dict) -> dict:
-    """GGUF blocks in Hugging Face names -> {our Linear's name: (kind, blocks)}; fused weights
-    (qkv, gate_up) only when their parts share one layout."""
+    """GGUF blocks in Hugging Face names -> {our Linear's name: (kind, blocks, their names)}; fused
+    weights (qkv, gate_up) only when their parts share one layout."""
     def fuse(names):
         parts = [blocks.get(n) for n in names]
         if any(p is None for p in parts) or len({k for k, _ in parts}) != 1:
             return None
-        return parts[0][0], torch.cat([b for _, b in parts])
+        return parts[0][0], torch.cat([b for _, b in parts]) if len(parts) > 1 else parts[0][1], tuple(names)
 
     out = {}
     if cfg.arch == "gpt2":
         for i in range(cfg.n_layer):
             for theirs, ours in GPT2_LINEARS.items():
-                out[f"blocks.{i}.{ours}"] = blocks.get(f"transformer.h.{i}.{theirs}.weight")
-        out["lm_head"] = blocks.get("transformer.wte.weight" if cfg.tie_embeddings else "lm_head.weight")
+                out[f"blocks.{i}.{ours}"] = fuse([f"transformer.h.{i}.{theirs}.weight"])
+        out["lm_head"] = fuse(["transformer.wte.weight" if cfg.tie_embeddings else "lm_head.weight"])
         return {k: v for k, v in out.items() if v is not None}
     for i in range(cfg.n_layer):
         p, q = f"model.layers.{i}.", f"blocks.{i}."
         out[q + "attn.qkv"] = fuse([p + f"self_attn.{n}_proj.weight" for n in "qkv"])
-        out[q + "attn.o_proj"] = blocks.get(p + "self_attn.o_proj.weight")
+        out[q + "attn.o_proj"] = fuse([p + "self_attn.o_proj.weight"])
         out[q + "mlp.gate_up"] = fuse([p + "mlp.gate_proj.weight", p + "mlp.up_proj.weight"])
-        out[q + "mlp.down"] = blocks.get(p + "mlp.down_proj.weight")
-    out["lm_head"] = blocks.get("model.embed_tokens.weight" if cfg.tie_embeddings else "lm_head.weight")
+        out[q + "mlp.down"] = fuse([p + "mlp.down_proj.weight"])
+    out["lm_head"] = fuse(["model.embed_tokens.weight" if cfg.tie_embeddings else "lm_head.weight"])
     return {k: v for k, v in out.items() if v is not None}
 
 
-def decode_copies(model, dtype, native: dict):
+def decode_copies(model, dtype, native: dict, later=frozenset()):
     """Give each Linear its decode copy for `dtype`:
     auto: the file's own blocks (Q4_0/Q4_1/Q8_0) where it has them, else int8;
     int8: Q8_0 blocks (int8, one scale per 32 inputs), keeping a file's Q8_0 blocks;
     int4: the file's blocks where it has them, else Q4_1 blocks (int4, scale and minimum per 32);
-    float16 / bfloat16: a half-size float copy; float32: none."""
+    float16 / bfloat16: a half-size float copy; float32: none.
+    `later`: the Linears whose float32 weight is made from their `native` blocks on first use."""
     dtype = str(dtype).removeprefix("torch.")
     if dtype not in DTYPES:
         raise UserError(f"--dtype {dtype!r} is not one of {', '.join(DTYPES)}")
     if not isinstance(model, Transformer):
         return
     linears = [(n, m) for n, m in model.named_modules() if isinstance(m, Linear)]
-    blocked = dtype in ("auto", "int8", "int4")
+    for name, m in linears:
+        if name in later:
+            m.source = native[name][:2]
+    blocked = dtype in BLOCKED
     why = None if kernels.enabled() else "the native decode kernels, which need a C compiler (cc)"
     odd = next((m.in_features for _, m in linears if m.in_features % kernels.QK), None)
     if blocked and why is None and odd is not None:
@@ -162,7 +177,7 @@ def decode_copies(model, dtype, native: dict):
             raise UserError(f"--dtype {dtype} needs {why}; use --dtype float16")
         dtype, blocked = "float16", False
     for name, m in linears:
-        kind, b = native.get(name, (None, None))
+        kind, b = native.get(name, (None, None))[:2]
         if not blocked:
             m.set_compact(dtype)
         elif b is not None and (dtype != "int8" or kind == "q8_0"):
@@ -171,15 +186,18 @@ def decode_copies(model, dtype, native: dict):
             m.set_compact("int4" if dtype == "int4" else "int8")
 
 
-def build(cfg: Config, sd: dict, where: str = "the checkpoint", keys: dict | None = None) -> Transformer:
+def build(cfg: Config, sd: dict, where: str = "the checkpoint", keys: dict | None = None,
+          later=frozenset()) -> Transformer:
     """The model with the weights `sd` (our names); their shapes are checked against `cfg` first,
     so a config that does not match its weights allocates nothing. `keys`: our Config field ->
-    the name of its config key, for errors."""
+    the name of its config key, for errors. `later`: weights left out of `sd` on purpose, made on
+    first use (`Linear.source`); their memory is allocated but not touched until then."""
     if cfg.tie_embeddings:
         sd.pop("lm_head.weight", None)
-    check_shapes(cfg, sd, where, keys or {})
+    check_shapes(cfg, sd, where, keys or {}, later)
     model = Transformer.without_init(cfg)
-    assign_weights(model, sd, where, optional=("lm_head.weight",) if cfg.tie_embeddings else (), assign=True)
+    optional = {*later, *(("lm_head.weight",) if cfg.tie_embeddings else ())}
+    assign_weights(model, sd, where, optional=optional, assign=True)
     if cfg.tie_embeddings:
         model.lm_head.weight = model.embed.weight
     return model.float().eval()

@@ -91,6 +91,7 @@ class Linear(nn.Linear):
     kind: str | None = None  # q4_0, q4_1 or q8_0
     tiled: torch.Tensor | None = None  # the same blocks in the tiled order, where the kernels have it
     everywhere = False  # use the decode copy for every inference product (to measure its quality)
+    source: tuple | None = None  # (kind, blocks) `weight` is made from on first use (loaded lazily)
 
     def reset_parameters(self):
         if not _skip_init.get():
@@ -122,7 +123,7 @@ class Linear(nn.Linear):
             x = F.gelu(x, approximate="tanh")
         c = self.compact
         if c is None or not decode:
-            y = F.linear(x, self.weight, self.bias)
+            y = F.linear(x, self.float_weight(), self.bias)
         else:
             bias = None if self.bias is None else self.bias.to(c.dtype)
             y = F.linear(x.to(c.dtype), c, bias).to(x.dtype)
@@ -136,13 +137,23 @@ class Linear(nn.Linear):
             self.packed, self.kind = blocks, kind
         elif dtype in BLOCK_KIND:
             self.kind = BLOCK_KIND[dtype]
-            self.packed = kernels.quantize(self.weight, self.kind)
+            self.packed = kernels.quantize(self.float_weight(), self.kind)
         if self.packed is not None:
             if kernels.enabled():
                 self.tiled = kernels.tile(kernels.GGML_TYPES[self.kind], self.packed, self.out_features,
                                           self.in_features)
         elif dtype != "float32":
-            self.compact = self.weight.detach().to(getattr(torch, dtype))
+            self.compact = self.float_weight().detach().to(getattr(torch, dtype))
+
+    def float_weight(self) -> nn.Parameter:
+        """`weight`, made from `source` first if it was left to first use."""
+        if self.source is not None:
+            kind, blocks = self.source
+            w = kernels.dequantize(kernels.GGML_TYPES[kind], blocks, self.out_features, self.in_features)
+            with torch.no_grad():
+                self.weight.copy_(w)
+            self.source = None
+        return self.weight
 
 
 def rope_tables(cfg: Config, positions: torch.Tensor):
@@ -311,6 +322,22 @@ class Transformer(nn.Module):
             return cls(cfg)
         finally:
             _skip_init.reset(token)
+
+    def materialize(self) -> "Transformer":
+        """Make every weight left to first use (`Linear.source`)."""
+        for m in self.modules():
+            if isinstance(m, Linear):
+                m.float_weight()
+        return self
+
+    def train(self, mode: bool = True):
+        if mode:
+            self.materialize()
+        return super().train(mode)
+
+    def state_dict(self, *args, **kwargs):
+        self.materialize()
+        return super().state_dict(*args, **kwargs)
 
     def new_cache(self, batch: int = 1) -> KVCache:
         return KVCache(self.cfg, batch, dtype=self.embed.weight.dtype)
