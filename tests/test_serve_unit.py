@@ -349,3 +349,36 @@ def test_prefix_pool_lends_the_best_match_and_stays_within_its_bounds(llama):
     small = PrefixPool(budget_bytes=1, max_sessions=8)
     small.give("k", c, nc)  # over the byte budget: not kept
     assert len(small) == 0
+
+
+def test_the_model_thread_alone_computes_in_parallel(llama):
+    """The model thread keeps the thread count its creator had, and job threads take one, so no
+    other thread starts an OpenMP pool (more pool threads than cores slows every decode step,
+    `kernels.in_passing_thread`). A count set later elsewhere does not change the model thread's."""
+    from dialogen.models import kernels
+
+    model, _ = llama
+    seen = {}
+
+    class Probe(torch.nn.Module):  # not batchable: its calls run on the model thread as they are
+        def forward(self, ids, cache=None):
+            seen["model"] = torch.get_num_threads()
+            return model(ids, cache)
+
+    before = torch.get_num_threads()
+    kernels.own_threads(2)
+    worker = Worker(Probe())
+    try:
+        def job(_):
+            seen["job"] = torch.get_num_threads()
+            worker.proxy(torch.tensor([[1, 2, 3]]), model.new_cache(1))
+
+        for _ in range(2):
+            assert worker.submit(job, lambda event: None).finished.wait(30)
+        assert seen == {"job": 1, "model": 2}
+    finally:
+        worker.close()
+        kernels.own_threads(before)
+    assert kernels.in_passing_thread(lambda a, b: a + b, 2, 3) == 5
+    with pytest.raises(ValueError, match="bad"):
+        kernels.in_passing_thread(lambda: (_ for _ in ()).throw(ValueError("bad")))

@@ -148,6 +148,7 @@ def cmd_serve(args) -> int:
     keys = check_args(args)  # before the slow imports and the model load
     import torch
 
+    from ..models.kernels import in_passing_thread
     from .service import Keys, Limits, Service
 
     sampling = sampling_from(args)
@@ -156,12 +157,16 @@ def cmd_serve(args) -> int:
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s")
     sock = bind(args.host, args.port)
     store = open_store(str(args.db or default_db()))
-    engine = engine_from_args(args)
     limits = Limits(max_body_bytes=args.max_body_bytes, max_tokens=args.max_tokens_limit, max_n=args.max_n,
                     kv_budget_bytes=int(args.kv_budget_mb * 2**20))
-    name = args.model_name or re.sub(r"-[0-9a-f]{12}$", "", engine.name)
-    svc = Service(engine, store, Keys(keys), limits, sampling, name, args.max_active, args.max_queue,
-                  decoding, args.model_alias, args.strict_model_names, prefill_chunk=args.prefill_chunk)
+
+    def start():
+        engine = engine_from_args(args)
+        name = args.model_name or re.sub(r"-[0-9a-f]{12}$", "", engine.name)
+        return Service(engine, store, Keys(keys), limits, sampling, name, args.max_active, args.max_queue,
+                       decoding, args.model_alias, args.strict_model_names, prefill_chunk=args.prefill_chunk)
+
+    svc = in_passing_thread(start)  # the loads leave no OpenMP pool: the model thread's is the only one
     svc.default_persona = resolve_persona(args.system)  # for sessions and requests without a system message
     return run(svc, sock, args.log_level, [args.host, *args.allowed_host], args.cors_origin)
 

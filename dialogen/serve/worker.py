@@ -28,6 +28,7 @@ from concurrent.futures import ThreadPoolExecutor
 import torch
 
 from ..decoding.generate import Generation
+from ..models import kernels
 from .batching import can_batch, next_logits, step_rows
 
 log = logging.getLogger("dialogen.serve")
@@ -127,7 +128,11 @@ class Worker:
         self._running = 0
         self._stepping = 0
         self._local = threading.local()
-        self._pool = ThreadPoolExecutor(max_workers=max_active, thread_name_prefix="dialogen-job")
+        # the model thread alone computes in parallel, with the creator's thread count; job threads
+        # take one, so they start no OpenMP pool (see `kernels.in_passing_thread`)
+        self.threads = torch.get_num_threads()
+        self._pool = ThreadPoolExecutor(max_workers=max_active, thread_name_prefix="dialogen-job",
+                                        initializer=kernels.own_threads, initargs=(1,))
         self._stop = False
         self._last_round_s = 0.0
         self.stats = {"rounds": 0, "decode_rows": 0, "prefill_tokens": 0, "cancelled": 0, "completed": 0,
@@ -289,6 +294,7 @@ class Worker:
 
     def _loop(self):
         torch.set_grad_enabled(False)
+        kernels.own_threads(self.threads)
         while True:
             calls = self._gather()
             if calls is None:
