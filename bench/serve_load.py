@@ -4,7 +4,8 @@ Starts `dialogen serve` (default model unless --model) on a free loopback port w
 session database. Each client opens a session and sends its turns one after another, streamed
 (so time to first token is measured too). Phase 1 runs all clients at once; phase 2 sends the
 same load one turn at a time; then the same turns once more through `dialogen chat`'s Session in this
-process (no server), to compare one served conversation with chat. Each served phase stops issuing
+process (no server), to compare one served conversation with chat: the two alternate in blocks of
+--block clients, so the machine's drift hits both alike. Each served phase stops issuing
 turns at --phase-limit seconds, so the whole run is bounded; turns not started are reported, not
 hidden. Prints one JSON object.
 
@@ -68,24 +69,55 @@ async def conversation(client, urls: list[str], c: int, turns: int, max_tokens: 
             sent[sid].append(text)
 
 
-async def phase(urls: list[str], clients: int, turns: int, max_tokens: int, limit: float, concurrent: bool) -> dict:
+async def phase(urls: list[str], clients, turns: int, max_tokens: int, limit: float, concurrent: bool,
+                raw: bool = False):
+    """Clients (a count, or a range of client numbers) x turns; their summary (with `raw`: the
+    results and the wall time)."""
+    clients = range(clients) if isinstance(clients, int) else clients
     results: list[dict] = []
     sent: dict[str, list[str]] = {}
     deadline = time.perf_counter() + limit
     t0 = time.perf_counter()
     async with httpx.AsyncClient(timeout=httpx.Timeout(600.0),
-                                 limits=httpx.Limits(max_connections=clients + 8)) as client:
+                                 limits=httpx.Limits(max_connections=len(clients) + 8)) as client:
         if concurrent:
             await asyncio.gather(*(conversation(client, urls, c, turns, max_tokens, deadline, results, sent)
-                                   for c in range(clients)))
+                                   for c in clients))
         else:
-            for c in range(clients):
+            for c in clients:
                 await conversation(client, urls, c, turns, max_tokens, deadline, results, sent)
         wall = time.perf_counter() - t0
-        out = summarize(results, wall, clients * turns)
+        if raw:
+            return results, wall
+        out = summarize(results, wall, len(clients) * turns)
         if len(urls) > 1:
             out.update(await audit(client, urls[-1], sent))
     return out
+
+
+def alone_and_chat(url: str, args) -> tuple[dict, dict, float]:
+    """The clients one at a time against the server, and the same turns through `dialogen chat`'s
+    Session in this process, alternating in blocks of --block clients, so the machine's drift hits
+    both alike. (served summary, chat summary, median of the blocks' served / chat ratios)."""
+    engine = chat_engine(args.threads)
+    results, served_wall, ratios = [], 0.0, []
+    chat = {"tokens": 0, "wall_s": 0.0}
+    deadline = time.perf_counter() + args.phase_limit
+    for start in range(0, args.clients, args.block):
+        if time.perf_counter() > deadline:
+            break
+        block = range(start, min(args.clients, start + args.block))
+        got, wall = asyncio.run(phase([url], block, args.turns, args.max_tokens, args.phase_limit, False, raw=True))
+        results += got
+        served_wall += wall
+        tokens, chat_wall = chat_in_process(engine, block, args.turns, args.max_tokens)
+        chat["tokens"] += tokens
+        chat["wall_s"] += chat_wall
+        ratios.append(sum(r.get("tokens", 0) for r in got) / wall / (tokens / chat_wall))
+    alone = summarize(results, served_wall, args.clients * args.turns)
+    chat.update(wall_s=round(chat["wall_s"], 1), tokens_per_s=round(chat["tokens"] / chat["wall_s"], 2),
+                threads=engine.threads)
+    return alone, chat, statistics.median(ratios)
 
 
 async def audit(client, url: str, sent: dict) -> dict:
@@ -99,26 +131,32 @@ async def audit(client, url: str, sent: dict) -> dict:
     return {"lost_turns": lost, "duplicated_turns": duplicated}
 
 
-def chat_in_process(clients: int, turns: int, max_tokens: int, threads: int | None) -> dict:
-    """The one-at-a-time workload without the server: `dialogen chat`'s Session in this process, the
-    same persona, turns and default sampling (what one served conversation is compared with)."""
+def chat_engine(threads: int | None):
     import torch
 
-    from dialogen.chat.session import Session, load_engine
-    from dialogen.decoding.settings import Sampling
+    from dialogen.chat.session import load_engine
 
     if threads:
         torch.set_num_threads(threads)
     engine = load_engine(None, "auto", "auto")
+    engine.threads = torch.get_num_threads()
+    return engine
+
+
+def chat_in_process(engine, clients: range, turns: int, max_tokens: int) -> tuple[int, float]:
+    """The one-at-a-time workload without the server: `dialogen chat`'s Session in this process, the
+    same persona, turns and default sampling (what one served conversation is compared with).
+    (tokens, seconds)."""
+    from dialogen.chat.session import Session
+    from dialogen.decoding.settings import Sampling
+
     tokens, t0 = 0, time.perf_counter()
-    for c in range(clients):
+    for c in clients:
         session = Session(engine, system="You are a friendly, concise assistant.",
                           sampling=Sampling(max_new_tokens=max_tokens))
         for t in range(turns):
-            tokens += len(session.send(TURNS[(c + t) % len(TURNS)]).run().tokens)
-    wall = time.perf_counter() - t0
-    return {"tokens": tokens, "wall_s": round(wall, 1), "tokens_per_s": round(tokens / wall, 2),
-            "threads": torch.get_num_threads()}
+            tokens += len(session.send(f"{TURNS[(c + t) % len(TURNS)]} ({c}.{t})").run().tokens)
+    return tokens, time.perf_counter() - t0
 
 
 def _pct(xs: list[float], q: float) -> float | None:
@@ -151,6 +189,8 @@ def main(argv=None) -> int:
     ap.add_argument("--max-tokens", type=int, default=24, help="reply length limit per turn")
     ap.add_argument("--phase-limit", type=float, default=300.0, help="seconds each phase may start turns for")
     ap.add_argument("--skip-sequential", action="store_true")
+    ap.add_argument("--block", type=int, default=4, help="clients per block of the one-at-a-time phase, which "
+                                                          "alternates with chat in process (default: %(default)s)")
     ap.add_argument("--threads", type=int, default=None, help="the server's --threads (default: its own default)")
     ap.add_argument("--max-active", type=int, default=None, help="the server's --max-active (default: --clients)")
     ap.add_argument("--prefill-chunk", type=int, default=None, help="the server's --prefill-chunk (default: its own)")
@@ -173,9 +213,11 @@ def main(argv=None) -> int:
         with ServerProcess(server_args) as srv:
             together = asyncio.run(phase([srv.url], args.clients, args.turns, args.max_tokens, args.phase_limit, True))
             worker = srv.health()["worker"]
-            alone = None
+            alone = chat = None
             if not args.skip_sequential:
-                alone = asyncio.run(phase([srv.url], args.clients, args.turns, args.max_tokens, args.phase_limit, False))
+                alone, chat, paired = alone_and_chat(srv.url, args) if not args.model else (
+                    asyncio.run(phase([srv.url], args.clients, args.turns, args.max_tokens, args.phase_limit, False)),
+                    None, None)
             health = srv.health()
     out = {"model": health["model"], "clients": args.clients, "turns_per_client": args.turns,
            "max_tokens": args.max_tokens, "concurrent": together, "one_by_one": alone,
@@ -183,10 +225,10 @@ def main(argv=None) -> int:
                worker["decode_rows"] / max(1, worker["rounds"]), 1)}
     if alone and alone["tokens_per_s"]:
         out["throughput_ratio"] = round(together["tokens_per_s"] / alone["tokens_per_s"], 2)
-        if not args.model:  # the same turns through dialogen chat's Session, in this process
-            chat = chat_in_process(args.clients, args.turns, args.max_tokens, args.threads)
-            out["chat_in_process"] = chat
-            out["one_by_one_vs_chat"] = round(alone["tokens_per_s"] / chat["tokens_per_s"], 2)
+    if chat:  # the same turns through dialogen chat's Session, in this process, alternating with the served ones
+        out["chat_in_process"] = chat
+        out["one_by_one_vs_chat"] = round(alone["tokens_per_s"] / chat["tokens_per_s"], 2)
+        out["one_by_one_vs_chat_paired"] = round(paired, 2)
     print(json.dumps(out))
     return 0
 

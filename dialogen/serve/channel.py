@@ -41,11 +41,16 @@ class Channel:
         return emit
 
     async def get(self, request: Request | None = None, poll: float = 0.5):
-        """The next event; with `request`, raises Cancelled-like ApiError when the client left."""
+        """The next event; with `request`, raises ClientGone when the client left (checked every
+        `poll` seconds). A streamed response needs no check: the server cancels it when the client
+        goes."""
+        if request is None:
+            return await self.queue.get()
         while True:
             try:
-                return await asyncio.wait_for(self.queue.get(), poll)
-            except asyncio.TimeoutError:
+                async with asyncio.timeout(poll):
+                    return await self.queue.get()
+            except TimeoutError:
                 if request is not None and await request.is_disconnected():
                     raise ClientGone() from None
 
