@@ -53,6 +53,23 @@ def test_block_product_equals_the_dequantized_weight_product(kind):
         assert (got - ref).abs().max() < 1e-2 * ref.abs().max()
 
 
+@pytest.mark.parametrize("kind", ["q4_0", "q4_1"])
+def test_int8_from_4_bit_blocks_rounds_less_than_from_their_floats(kind):
+    """`--dtype int8` on a 4-bit file moves each block onto the 8-bit grid from the blocks: Q4_0
+    exactly, Q4_1 with no block further from the values than quantizing their floats afresh, and
+    less in all."""
+    g = torch.Generator().manual_seed(11)
+    w = torch.randn(64, 256, generator=g) * torch.rand(64, 1, generator=g) + 0.3 * torch.rand(64, 256, generator=g)
+    src = _blocks(w, kind)
+    values = kernels.dequantize(kernels.GGML_TYPES[kind], src, 64, 256)
+    moved = kernels.dequantize(8, kernels.requantize_q8_0(kind, src, 64, 256), 64, 256)
+    afresh = kernels.dequantize(8, kernels.quantize(values, "q8_0"), 64, 256)
+    ours, theirs = ((x - values).view(64, 8, 32).square().sum(-1) for x in (moved, afresh))
+    if kind == "q4_0":
+        assert torch.equal(moved, values)
+    assert (ours <= theirs + 1e-12).all() and ours.sum() < 0.5 * theirs.sum()
+
+
 @pytest.mark.parametrize("kind", KINDS)
 def test_tiled_weights_give_the_blocks_products(kind):
     """`tile` reorders the blocks (16 output rows together); products through it are the blocks'

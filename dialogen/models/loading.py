@@ -154,7 +154,8 @@ def native_blocks(cfg: Config, blocks: dict) -> dict:
 def decode_copies(model, dtype, native: dict, later=frozenset()):
     """Give each Linear its decode copy for `dtype`:
     auto: the file's own blocks (Q4_0/Q4_1/Q8_0) where it has them, else int8;
-    int8: Q8_0 blocks (int8, one scale per 32 inputs), keeping a file's Q8_0 blocks;
+    int8: Q8_0 blocks (int8, one scale per 32 inputs), keeping a file's Q8_0 blocks and moving its
+      Q4_0/Q4_1 blocks onto the 8-bit grid (`kernels.requantize_q8_0`);
     int4: the file's blocks where it has them, else Q4_1 blocks (int4, scale and minimum per 32);
     float16 / bfloat16: a half-size float copy; float32: none.
     `later`: the Linears whose float32 weight is made from their `native` blocks on first use."""
@@ -182,6 +183,8 @@ def decode_copies(model, dtype, native: dict, later=frozenset()):
             m.set_compact(dtype)
         elif b is not None and (dtype != "int8" or kind == "q8_0"):
             m.set_compact(dtype, blocks=b, kind=kind)
+        elif b is not None:  # int8 from a file's 4-bit blocks: onto the 8-bit grid from the blocks themselves
+            m.set_compact(dtype, blocks=kernels.requantize_q8_0(kind, b, m.out_features, m.in_features), kind="q8_0")
         else:
             m.set_compact("int4" if dtype == "int4" else "int8")
 
