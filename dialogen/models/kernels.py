@@ -50,7 +50,7 @@ def in_passing_thread(fn, *args):
         except BaseException as e:  # noqa: BLE001 (handed to the caller)
             box["error"] = e
 
-    t = threading.Thread(target=run, name="dialogen-load")
+    t = threading.Thread(target=run, name="dialogen-load", daemon=True)  # Ctrl-C during a load exits
     t.start()
     t.join()
     if "error" in box:

@@ -51,7 +51,7 @@ class Channel:
                 async with asyncio.timeout(poll):
                     return await self.queue.get()
             except TimeoutError:
-                if request is not None and await request.is_disconnected():
+                if await request.is_disconnected():
                     raise ClientGone() from None
 
 
