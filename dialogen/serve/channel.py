@@ -10,7 +10,7 @@ from fastapi import Request
 from ..errors import UserError
 from .protocol import ApiError, parse_json_body
 from .service import Service
-from .worker import Busy
+from .jobs import Busy
 
 
 async def read_json(request: Request, limit: int) -> dict:

@@ -30,84 +30,9 @@ import torch
 from ..decoding.generate import Generation
 from ..models import kernels
 from .batching import can_batch, next_logits, step_rows
+from .jobs import Busy, Call, Cancelled, Drive, Job, ModelProxy
 
 log = logging.getLogger("dialogen.serve")
-
-
-class Busy(Exception):
-    """The queue is full."""
-
-
-class Cancelled(Exception):
-    """The job was cancelled (its client disconnected)."""
-
-
-class Job:
-    """One unit of work run in a job thread: `fn(job)`; it reports through `emit(event)`."""
-
-    def __init__(self, fn, emit):
-        self.fn, self.emit = fn, emit
-        self._cancelled = threading.Event()
-        self.finished = threading.Event()
-        self.stepping = False  # between its first model call and `leave_model()`
-        self.steps = 0
-
-    def cancel(self):
-        self._cancelled.set()
-
-    @property
-    def cancelled(self) -> bool:
-        return self._cancelled.is_set()
-
-
-class _Call:
-    def __init__(self, job: Job | None, ids: torch.Tensor, cache, kwargs: dict):
-        self.job, self.ids, self.cache, self.kwargs = job, ids, cache, kwargs
-        self.done = threading.Event()
-        self.result: torch.Tensor | None = None
-        self.error: BaseException | None = None
-        self.fed = 0  # prompt tokens already fed, for a prompt fed in chunks
-        self.parts: list[torch.Tensor] = []
-
-    def finish(self, result=None, error=None):
-        self.result, self.error = result, error
-        self.done.set()
-
-
-class _Drive:
-    """A Generation the model thread runs itself: its prompt is fed (in chunks), then one token
-    per round; `on_delta` gets each text delta, on the model thread."""
-
-    def __init__(self, job: Job | None, gen: Generation, on_delta):
-        self.job, self.gen, self.on_delta = job, gen, on_delta
-        self.fed = 0  # prompt tokens fed so far
-        self.abandoned = False  # the job thread stopped waiting (its own error): drop at the next round
-        self.done = threading.Event()
-        self.error: BaseException | None = None
-
-    @property
-    def dropped(self) -> bool:
-        return self.abandoned or (self.job is not None and self.job.cancelled)
-
-    def finish(self, error=None):
-        self.error = error
-        self.done.set()
-
-
-class ModelProxy:
-    """Stands in for the model in job threads: calls run on the worker thread, the rest is the model's."""
-
-    def __init__(self, worker: "Worker"):
-        self._worker = worker
-
-    def __call__(self, ids, cache=None, **kwargs):
-        return self._worker.call(ids, cache, kwargs)
-
-    def next_logits(self, ids, cache=None):
-        return self(ids, cache)[:, -1]
-
-    def __getattr__(self, name):
-        return getattr(self._worker.model, name)
 
 
 class Worker:
@@ -120,10 +45,10 @@ class Worker:
         self.gather_s = gather_ms / 1000
         self.batchable = can_batch(model)
         self._cond = threading.Condition()
-        self._pending: list[_Call] = []
-        self._carry: deque[_Call] = deque()  # prompts part-way through their chunks
-        self._incoming: list[_Drive] = []  # replies handed over, not yet seen by the model thread
-        self._drives: list[_Drive] = []  # replies the model thread is running (its own list)
+        self._pending: list[Call] = []
+        self._carry: deque[Call] = deque()  # prompts part-way through their chunks
+        self._incoming: list[Drive] = []  # replies handed over, not yet seen by the model thread
+        self._drives: list[Drive] = []  # replies the model thread is running (its own list)
         self._admitted = 0
         self._running = 0
         self._stepping = 0
@@ -197,7 +122,7 @@ class Worker:
         job = getattr(self._local, "job", None)
         if job is not None and job.cancelled:
             raise Cancelled()
-        c = _Call(job, ids, cache, kwargs)
+        c = Call(job, ids, cache, kwargs)
         with self._cond:
             if self._stop:
                 raise Cancelled()
@@ -229,7 +154,7 @@ class Worker:
                     tick()
                     last = time.monotonic()
             return
-        d, handed = _Drive(job, gen, on_delta), False
+        d, handed = Drive(job, gen, on_delta), False
         try:
             if job.cancelled:
                 raise Cancelled()
@@ -271,7 +196,7 @@ class Worker:
             c.finish(error=Cancelled())
         self._pool.shutdown(wait=False, cancel_futures=True)
 
-    def _gather(self) -> list[_Call] | None:
+    def _gather(self) -> list[Call] | None:
         """Wait for a round: every stepping job has a call pending (or the wait ran out)."""
         with self._cond:
             while not (self._pending or self._carry or self._incoming or self._drives or self._stop):
@@ -314,7 +239,7 @@ class Worker:
             self._last_round_s = time.perf_counter() - t0
             self.stats["model_s"] += self._last_round_s
 
-    def _round(self, calls: list[_Call]):
+    def _round(self, calls: list[Call]):
         self.stats["rounds"] += 1
         live = []
         for c in calls:
@@ -338,10 +263,10 @@ class Worker:
             if not self._is_decode(c):
                 self._feed(c)
 
-    def _is_decode(self, c: _Call) -> bool:
+    def _is_decode(self, c: Call) -> bool:
         return self.batchable and c.cache is not None and not c.kwargs and tuple(c.ids.shape) == (1, 1)
 
-    def _step(self, calls: list[_Call], rows: list[_Drive], chunks: list[tuple[_Drive, int]]):
+    def _step(self, calls: list[Call], rows: list[Drive], chunks: list[tuple[Drive, int]]):
         """One model step for the round: the proxy's decode calls, the replies' next tokens and
         chunks of the replies' prompts, as rows of one native step (`batching.step_rows`). A
         segment the step did not take (a prompt that cannot be rows: a float16 copy decodes only;
@@ -358,8 +283,8 @@ class Worker:
         if segments:
             try:
                 logits = step_rows(self.model, segments)
-            except Exception:  # one bad row (e.g. past the position limit)
-                logits = None
+            except Exception:  # one bad row (e.g. past the position limit): each segment is fed alone below
+                pass
         for i, c in enumerate(calls):
             if logits is None:
                 self._direct(c)
@@ -373,7 +298,7 @@ class Worker:
             self._run(d, lambda i=i, d=d, part=part: logits[i] if logits is not None and i < len(segments) else
                       next_logits(self.model, part, d.gen.cache), sample=d.fed == len(d.gen.feed))
 
-    def _run(self, d: _Drive, logits, sample: bool = True):
+    def _run(self, d: Drive, logits, sample: bool = True):
         """Compute `logits()` for the reply, then (with `sample`) its next token and deltas."""
         try:
             out = logits()
@@ -386,11 +311,11 @@ class Worker:
         if d.gen.done:
             self._end(d)
 
-    def _end(self, d: _Drive, error=None):
+    def _end(self, d: Drive, error=None):
         self._drives.remove(d)
         d.finish(error)
 
-    def _feed(self, c: _Call):
+    def _feed(self, c: Call):
         """A prompt: one chunk per round when it is long, so decoding jobs keep their pace."""
         T = c.ids.shape[1]
         chunked = self.batchable and c.cache is not None and not c.kwargs and c.ids.shape[0] == 1
@@ -411,7 +336,7 @@ class Worker:
         else:
             c.finish(result=torch.cat(c.parts, dim=1))
 
-    def _direct(self, c: _Call):
+    def _direct(self, c: Call):
         try:
             c.finish(result=self.model(c.ids, c.cache, **c.kwargs))
         except Exception as e:
