@@ -2,6 +2,7 @@
 PostgreSQL database), interleaved turns on the same sessions. No turn is lost or duplicated, a concurrent turn gets 409, and every reply is computed
 on the whole stored history (its prompt is that history, token for token)."""
 
+import signal
 import subprocess
 import sys
 import threading
@@ -145,13 +146,17 @@ def test_a_turn_while_the_other_server_generates_gets_409(servers):
     sid = httpx.post(a.url + "/v1/sessions", json={"persona": PERSONA}).json()["id"]
     body = {"content": "Talk for a while.", "max_tokens": 200, "stop": ["NEVER-SEEN"], "stream": True}
     with httpx.stream("POST", f"{a.url}/v1/sessions/{sid}/messages", json=body, timeout=120) as r:
-        lines = r.iter_lines()
-        while not next(lines).startswith("data: {"):
-            pass
-        busy = _turn(b, sid, "me too")
+        # a claimed the session before it answered; freeze it there, mid-turn, so that its reply cannot
+        # finish (the tiny model writes 200 tokens in a fraction of a second) before b's turn arrives
+        a.proc.send_signal(signal.SIGSTOP)
+        try:
+            busy = _turn(b, sid, "me too")
+        finally:
+            a.proc.send_signal(signal.SIGCONT)
+        assert r.status_code == 200
         assert busy.status_code == 409 and busy.json()["error"]["code"] == "session_busy"
-        for _ in lines:  # let a finish
-            pass
+        events = [line for line in r.iter_lines() if line.startswith("data: {")]  # a finishes its reply
+        assert events
     stored = _stored(b, sid)
     assert [m["content"] for m in stored if m["role"] == "user"] == ["Talk for a while."]
     assert _turn(b, sid, "now me").status_code == 200  # free again once a's turn is committed
@@ -245,9 +250,7 @@ def test_a_server_killed_mid_stream_loses_no_committed_turn(tiny_llama, new_db, 
         assert _turn(a, sid, "kept").status_code == 200
         body = {"content": "Talk for a while.", "max_tokens": 200, "stop": ["NEVER-SEEN"], "stream": True}
         with httpx.stream("POST", f"{a.url}/v1/sessions/{sid}/messages", json=body, timeout=120) as r:
-            lines = r.iter_lines()
-            while not next(lines).startswith("data: {"):
-                pass
+            # a claimed the session before it answered: kill it now, before the tiny model's quick reply ends
             os.kill(a.proc.pid, signal.SIGKILL)
             a.proc.wait()
         r = _turn(b, sid, "after the crash")
