@@ -27,17 +27,15 @@ import tempfile
 import time
 from pathlib import Path
 
-import httpx
-
 from dialogen.serve.launch import ServerProcess
-from serve_peer import stream_turn  # this directory: the same streamed-turn client
+from serve_peer import http_client, request_json, stream_turn  # this directory: the same client
 
 TURNS = ["Hi! How is your day going?", "Can you recommend a good book to read?", "Why do you like it?",
          "What should I cook for dinner tonight?", "Thanks! Any tips for sleeping better?",
          "What is your favourite season?", "Tell me a fun fact.", "Goodbye!"]
 
 
-async def turn(client: httpx.AsyncClient, url: str, sid: str, text: str, max_tokens: int) -> dict:
+async def turn(client, url: str, sid: str, text: str, max_tokens: int) -> dict:
     body = {"content": text, "stream": True, "max_tokens": max_tokens}
     out = await stream_turn(client, f"{url}/v1/sessions/{sid}/messages", body)
     if out.get("status") == 409:
@@ -48,11 +46,12 @@ async def turn(client: httpx.AsyncClient, url: str, sid: str, text: str, max_tok
 
 async def conversation(client, urls: list[str], c: int, turns: int, max_tokens: int, deadline: float,
                        results: list, sent: dict):
-    r = await client.post(f"{urls[0]}/v1/sessions", json={"persona": "You are a friendly, concise assistant."})
-    if r.status_code != 200:
-        results.append({"error": f"create session: {r.status_code}"})
+    status, session = await request_json(client, "POST", f"{urls[0]}/v1/sessions",
+                                         json={"persona": "You are a friendly, concise assistant."})
+    if status != 200:
+        results.append({"error": f"create session: {status}"})
         return
-    sid = r.json()["id"]
+    sid = session["id"]
     sent[sid] = []
     for t in range(turns):
         if time.perf_counter() > deadline:
@@ -78,8 +77,7 @@ async def phase(urls: list[str], clients, turns: int, max_tokens: int, limit: fl
     sent: dict[str, list[str]] = {}
     deadline = time.perf_counter() + limit
     t0 = time.perf_counter()
-    async with httpx.AsyncClient(timeout=httpx.Timeout(600.0),
-                                 limits=httpx.Limits(max_connections=len(clients) + 8)) as client:
+    async with http_client(len(clients) + 8, timeout=600.0) as client:
         if concurrent:
             await asyncio.gather(*(conversation(client, urls, c, turns, max_tokens, deadline, results, sent)
                                    for c in clients))
@@ -124,7 +122,7 @@ async def audit(client, url: str, sent: dict) -> dict:
     """Stored sessions against the turns the clients saw complete: lost and duplicated turns."""
     lost = duplicated = 0
     for sid, texts in sent.items():
-        stored = (await client.get(f"{url}/v1/sessions/{sid}")).json()["messages"]
+        stored = (await request_json(client, "GET", f"{url}/v1/sessions/{sid}"))[1]["messages"]
         users = [m["content"] for m in stored if m["role"] == "user"]
         lost += sum(1 for t in texts if t not in users)
         duplicated += len(users) - len(set(users)) + sum(1 for u in users if u not in texts)
