@@ -4,8 +4,8 @@ Starts `dialogen serve` (default model unless --model) on a free loopback port w
 session database. Each client opens a session and sends its turns one after another, streamed
 (so time to first token is measured too). Phase 1 runs all clients at once; phase 2 sends the
 same load one turn at a time; then the same turns once more through `dialogen chat`'s Session in this
-process (no server), to compare one served conversation with chat: the two alternate in blocks of
---block clients, so the machine's drift hits both alike. Each served phase stops issuing
+process (no server), to compare one served conversation with chat: the two alternate turn by turn,
+so the machine's drift hits both alike. Each served phase stops issuing
 turns at --phase-limit seconds, so the whole run is bounded; turns not started are reported, not
 hidden. Prints one JSON object.
 
@@ -30,6 +30,7 @@ from pathlib import Path
 from dialogen.serve.launch import ServerProcess
 from serve_peer import http_client, request_json, stream_turn  # this directory: the same client
 
+PERSONA = "You are a friendly, concise assistant."
 TURNS = ["Hi! How is your day going?", "Can you recommend a good book to read?", "Why do you like it?",
          "What should I cook for dinner tonight?", "Thanks! Any tips for sleeping better?",
          "What is your favourite season?", "Tell me a fun fact.", "Goodbye!"]
@@ -47,7 +48,7 @@ async def turn(client, url: str, sid: str, text: str, max_tokens: int) -> dict:
 async def conversation(client, urls: list[str], c: int, turns: int, max_tokens: int, deadline: float,
                        results: list, sent: dict):
     status, session = await request_json(client, "POST", f"{urls[0]}/v1/sessions",
-                                         json={"persona": "You are a friendly, concise assistant."})
+                                         json={"persona": PERSONA})
     if status != 200:
         results.append({"error": f"create session: {status}"})
         return
@@ -68,11 +69,9 @@ async def conversation(client, urls: list[str], c: int, turns: int, max_tokens: 
             sent[sid].append(text)
 
 
-async def phase(urls: list[str], clients, turns: int, max_tokens: int, limit: float, concurrent: bool,
-                raw: bool = False):
-    """Clients (a count, or a range of client numbers) x turns; their summary (with `raw`: the
-    results and the wall time)."""
-    clients = range(clients) if isinstance(clients, int) else clients
+async def phase(urls: list[str], clients: int, turns: int, max_tokens: int, limit: float, concurrent: bool) -> dict:
+    """Clients x turns, all at once or one after another; their summary."""
+    clients = range(clients)
     results: list[dict] = []
     sent: dict[str, list[str]] = {}
     deadline = time.perf_counter() + limit
@@ -85,8 +84,6 @@ async def phase(urls: list[str], clients, turns: int, max_tokens: int, limit: fl
             for c in clients:
                 await conversation(client, urls, c, turns, max_tokens, deadline, results, sent)
         wall = time.perf_counter() - t0
-        if raw:
-            return results, wall
         out = summarize(results, wall, len(clients) * turns)
         if len(urls) > 1:
             out.update(await audit(client, urls[-1], sent))
@@ -95,24 +92,48 @@ async def phase(urls: list[str], clients, turns: int, max_tokens: int, limit: fl
 
 def alone_and_chat(url: str, args) -> tuple[dict, dict, float]:
     """The clients one at a time against the server, and the same turns through `dialogen chat`'s
-    Session in this process, alternating in blocks of --block clients, so the machine's drift hits
-    both alike. (served summary, chat summary, median of the blocks' served / chat ratios)."""
-    engine = chat_engine(args.threads)
-    results, served_wall, ratios = [], 0.0, []
+    Session in this process, alternating turn by turn (a served turn, then the same text in chat),
+    so the machine's drift hits both alike. (served summary, chat summary, median of the
+    conversations' served / chat ratios)."""
+    return asyncio.run(_alone_and_chat(url, args, chat_engine(args.threads)))
+
+
+async def _alone_and_chat(url: str, args, engine) -> tuple[dict, dict, float]:
+    from dialogen.chat.session import Session
+    from dialogen.decoding.settings import Sampling
+
+    results, ratios, served_s = [], [], 0.0
     chat = {"tokens": 0, "wall_s": 0.0}
     deadline = time.perf_counter() + args.phase_limit
-    for start in range(0, args.clients, args.block):
-        if time.perf_counter() > deadline:
-            break
-        block = range(start, min(args.clients, start + args.block))
-        got, wall = asyncio.run(phase([url], block, args.turns, args.max_tokens, args.phase_limit, False, raw=True))
-        results += got
-        served_wall += wall
-        tokens, chat_wall = chat_in_process(engine, block, args.turns, args.max_tokens)
-        chat["tokens"] += tokens
-        chat["wall_s"] += chat_wall
-        ratios.append(sum(r.get("tokens", 0) for r in got) / wall / (tokens / chat_wall))
-    alone = summarize(results, served_wall, args.clients * args.turns)
+    async with http_client(8, timeout=600.0) as client:
+        for c in range(args.clients):
+            if time.perf_counter() > deadline:
+                break
+            t0 = time.perf_counter()
+            status, row = await request_json(client, "POST", f"{url}/v1/sessions", json={"persona": PERSONA})
+            if status != 200:
+                results.append({"error": f"create session: {status}"})
+                continue
+            walls = [time.perf_counter() - t0, 0.0]  # served, chat: each side's own time
+            t0 = time.perf_counter()
+            session = Session(engine, system=PERSONA, sampling=Sampling(max_new_tokens=args.max_tokens))
+            walls[1] += time.perf_counter() - t0
+            tokens = [0, 0]
+            for t in range(args.turns):
+                text = f"{TURNS[(c + t) % len(TURNS)]} ({c}.{t})"
+                t0 = time.perf_counter()
+                out = await turn(client, url, row["id"], text, args.max_tokens)
+                walls[0] += time.perf_counter() - t0
+                results.append(out)
+                tokens[0] += out.get("tokens", 0)
+                t0 = time.perf_counter()
+                tokens[1] += len(session.send(text).run().tokens)
+                walls[1] += time.perf_counter() - t0
+            served_s += walls[0]
+            chat["tokens"] += tokens[1]
+            chat["wall_s"] += walls[1]
+            ratios.append(tokens[0] / walls[0] / (tokens[1] / walls[1]))
+    alone = summarize(results, served_s, args.clients * args.turns)
     chat.update(wall_s=round(chat["wall_s"], 1), tokens_per_s=round(chat["tokens"] / chat["wall_s"], 2),
                 threads=engine.threads)
     return alone, chat, statistics.median(ratios)
@@ -139,22 +160,6 @@ def chat_engine(threads: int | None):
     engine = load_engine(None, "auto", "auto")
     engine.threads = torch.get_num_threads()
     return engine
-
-
-def chat_in_process(engine, clients: range, turns: int, max_tokens: int) -> tuple[int, float]:
-    """The one-at-a-time workload without the server: `dialogen chat`'s Session in this process, the
-    same persona, turns and default sampling (what one served conversation is compared with).
-    (tokens, seconds)."""
-    from dialogen.chat.session import Session
-    from dialogen.decoding.settings import Sampling
-
-    tokens, t0 = 0, time.perf_counter()
-    for c in clients:
-        session = Session(engine, system="You are a friendly, concise assistant.",
-                          sampling=Sampling(max_new_tokens=max_tokens))
-        for t in range(turns):
-            tokens += len(session.send(f"{TURNS[(c + t) % len(TURNS)]} ({c}.{t})").run().tokens)
-    return tokens, time.perf_counter() - t0
 
 
 def _pct(xs: list[float], q: float) -> float | None:
@@ -187,8 +192,6 @@ def main(argv=None) -> int:
     ap.add_argument("--max-tokens", type=int, default=24, help="reply length limit per turn")
     ap.add_argument("--phase-limit", type=float, default=300.0, help="seconds each phase may start turns for")
     ap.add_argument("--skip-sequential", action="store_true")
-    ap.add_argument("--block", type=int, default=4, help="clients per block of the one-at-a-time phase, which "
-                                                          "alternates with chat in process (default: %(default)s)")
     ap.add_argument("--threads", type=int, default=None, help="the server's --threads (default: its own default)")
     ap.add_argument("--max-active", type=int, default=None, help="the server's --max-active (default: --clients)")
     ap.add_argument("--prefill-chunk", type=int, default=None, help="the server's --prefill-chunk (default: its own)")
