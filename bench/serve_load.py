@@ -134,9 +134,9 @@ async def _alone_and_chat(url: str, args, engine) -> tuple[dict, dict, float]:
             chat["wall_s"] += walls[1]
             ratios.append(tokens[0] / walls[0] / (tokens[1] / walls[1]))
     alone = summarize(results, served_s, args.clients * args.turns)
-    chat.update(wall_s=round(chat["wall_s"], 1), tokens_per_s=round(chat["tokens"] / chat["wall_s"], 2),
+    chat.update(wall_s=round(chat["wall_s"], 1), tokens_per_s=round(chat["tokens"] / max(chat["wall_s"], 1e-9), 2),
                 threads=engine.threads)
-    return alone, chat, statistics.median(ratios)
+    return alone, chat, statistics.median(ratios) if ratios else 0.0
 
 
 async def audit(client, url: str, sent: dict) -> dict:
@@ -180,7 +180,7 @@ def summarize(results: list[dict], wall: float, planned: int) -> dict:
             "error_samples": [r["error"] for r in results if "error" in r][:3],
             "latency_p50_s": _pct(lat, 0.5), "latency_p95_s": _pct(lat, 0.95),
             "ttft_p50_s": _pct(ttft, 0.5), "ttft_p95_s": _pct(ttft, 0.95),
-            "tokens": tokens, "wall_s": round(wall, 1), "tokens_per_s": round(tokens / wall, 2),
+            "tokens": tokens, "wall_s": round(wall, 1), "tokens_per_s": round(tokens / wall, 2) if wall else 0.0,
             "mean_latency_s": round(statistics.mean(lat), 3) if lat else None}
 
 
@@ -226,7 +226,7 @@ def main(argv=None) -> int:
                worker["decode_rows"] / max(1, worker["rounds"]), 1)}
     if alone and alone["tokens_per_s"]:
         out["throughput_ratio"] = round(together["tokens_per_s"] / alone["tokens_per_s"], 2)
-    if chat:  # the same turns through dialogen chat's Session, in this process, alternating with the served ones
+    if chat and chat["tokens_per_s"]:  # the same turns through dialogen chat's Session, in this process, alternating with the served ones
         out["chat_in_process"] = chat
         out["one_by_one_vs_chat"] = round(alone["tokens_per_s"] / chat["tokens_per_s"], 2)
         out["one_by_one_vs_chat_paired"] = round(paired, 2)
