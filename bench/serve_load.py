@@ -226,7 +226,7 @@ def main(argv=None) -> int:
                worker["decode_rows"] / max(1, worker["rounds"]), 1)}
     if alone and alone["tokens_per_s"]:
         out["throughput_ratio"] = round(together["tokens_per_s"] / alone["tokens_per_s"], 2)
-    if chat and chat["tokens_per_s"]:  # the same turns through dialogen chat's Session, in this process, alternating with the served ones
+    if chat and chat["tokens_per_s"]:  # the same turns through chat in this process, turn by turn
         out["chat_in_process"] = chat
         out["one_by_one_vs_chat"] = round(alone["tokens_per_s"] / chat["tokens_per_s"], 2)
         out["one_by_one_vs_chat_paired"] = round(paired, 2)
