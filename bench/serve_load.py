@@ -28,12 +28,7 @@ import time
 from pathlib import Path
 
 from dialogen.serve.launch import ServerProcess
-from serve_peer import http_client, request_json, stream_turn  # this directory: the same client
-
-PERSONA = "You are a friendly, concise assistant."
-TURNS = ["Hi! How is your day going?", "Can you recommend a good book to read?", "Why do you like it?",
-         "What should I cook for dinner tonight?", "Thanks! Any tips for sleeping better?",
-         "What is your favourite season?", "Tell me a fun fact.", "Goodbye!"]
+from serve_peer import SYSTEM, TURNS, http_client, open_session, request_json, stream_turn  # this directory
 
 
 async def turn(client, url: str, sid: str, text: str, max_tokens: int) -> dict:
@@ -47,12 +42,10 @@ async def turn(client, url: str, sid: str, text: str, max_tokens: int) -> dict:
 
 async def conversation(client, urls: list[str], c: int, turns: int, max_tokens: int, deadline: float,
                        results: list, sent: dict):
-    status, session = await request_json(client, "POST", f"{urls[0]}/v1/sessions",
-                                         json={"persona": PERSONA})
-    if status != 200:
-        results.append({"error": f"create session: {status}"})
+    sid, error = await open_session(client, urls[0])
+    if error:
+        results.append({"error": error})
         return
-    sid = session["id"]
     sent[sid] = []
     for t in range(turns):
         if time.perf_counter() > deadline:
@@ -110,19 +103,19 @@ async def _alone_and_chat(url: str, args, engine) -> tuple[dict, dict, float]:
             if time.perf_counter() > deadline:
                 break
             t0 = time.perf_counter()
-            status, row = await request_json(client, "POST", f"{url}/v1/sessions", json={"persona": PERSONA})
-            if status != 200:
-                results.append({"error": f"create session: {status}"})
+            sid, error = await open_session(client, url)
+            if error:
+                results.append({"error": error})
                 continue
             walls = [time.perf_counter() - t0, 0.0]  # served, chat: each side's own time
             t0 = time.perf_counter()
-            session = Session(engine, system=PERSONA, sampling=Sampling(max_new_tokens=args.max_tokens))
+            session = Session(engine, system=SYSTEM, sampling=Sampling(max_new_tokens=args.max_tokens))
             walls[1] += time.perf_counter() - t0
             tokens = [0, 0]
             for t in range(args.turns):
                 text = f"{TURNS[(c + t) % len(TURNS)]} ({c}.{t})"
                 t0 = time.perf_counter()
-                out = await turn(client, url, row["id"], text, args.max_tokens)
+                out = await turn(client, url, sid, text, args.max_tokens)
                 walls[0] += time.perf_counter() - t0
                 results.append(out)
                 tokens[0] += out.get("tokens", 0)
