@@ -18,14 +18,34 @@ import sys
 import tempfile
 import threading
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 
 from ..paths import cache_dir
 
 SOURCE = Path(__file__).with_name("kernels.c")
+INCLUDED = [Path(__file__).with_name("kquants.c")]  # #included by SOURCE: part of the build key
 FLAGS = ["-O3", "-march=native", "-fno-math-errno", "-fopenmp", "-shared", "-fPIC", "-std=c11"]
-GGML_TYPES = {"q4_0": 2, "q4_1": 3, "q8_0": 8}  # GGUF type numbers of the layouts kept natively
+
+
+class BlockFormat(NamedTuple):
+    """A GGUF weight type the kernels multiply and dequantize as shipped: a row of k weights is
+    k / values blocks of nbytes bytes each."""
+    name: str
+    values: int
+    nbytes: int
+
+
+# GGUF type number -> format, for every type `qmatmul` and `dequantize` take (kernels.c `block_bytes`)
+BLOCK_FORMATS = {
+    1: BlockFormat("f16", 1, 2), 2: BlockFormat("q4_0", 32, 18), 3: BlockFormat("q4_1", 32, 20),
+    6: BlockFormat("q5_0", 32, 22), 7: BlockFormat("q5_1", 32, 24), 8: BlockFormat("q8_0", 32, 34),
+    10: BlockFormat("q2_k", 256, 84), 11: BlockFormat("q3_k", 256, 110), 12: BlockFormat("q4_k", 256, 144),
+    13: BlockFormat("q5_k", 256, 176), 14: BlockFormat("q6_k", 256, 210), 20: BlockFormat("iq4_nl", 32, 18),
+    23: BlockFormat("iq4_xs", 256, 136), 30: BlockFormat("bf16", 1, 2),
+}
+GGML_TYPES = {f.name: n for n, f in BLOCK_FORMATS.items()}  # name -> GGUF type number
 TILED = 0x100  # or-ed into a type number: the weights are in the tiled order (`tile`)
 QK = 32
 
@@ -83,7 +103,8 @@ def build(verbose: bool = False, march: str = "native") -> Path | None:
     flags = [f"-march={march}" if f == "-march=native" else f for f in FLAGS]
     # -march=native code runs only where it was built: the CPU's features are part of the key, so a home
     # directory shared between machines never hands one machine another's build
-    key = hashlib.sha256(SOURCE.read_bytes() + " ".join([cc, *flags, _cpu_features()]).encode()).hexdigest()[:16]
+    source = b"".join(p.read_bytes() for p in (SOURCE, *INCLUDED))
+    key = hashlib.sha256(source + " ".join([cc, *flags, _cpu_features()]).encode()).hexdigest()[:16]
     target = cache_dir() / "kernels" / f"kernels-{key}.so"
     if target.exists():
         return target
@@ -119,6 +140,8 @@ def load_library(march: str = "native") -> ctypes.CDLL | None:
     i, p, f = ctypes.c_int, ctypes.c_void_p, ctypes.c_float
     L.qmatmul.argtypes = [i, p, i, i, p, i, p, p, i, p, f, i, i]
     L.dequantize.argtypes = [i, p, i, i, p, i]
+    L.block_bytes.argtypes, L.block_bytes.restype = [i], i
+    L.block_values.argtypes, L.block_values.restype = [i], i
     L.tiled_bytes.argtypes, L.tiled_bytes.restype = [i, i, i], ctypes.c_size_t
     L.tile_weights.argtypes, L.tile_weights.restype = [i, p, i, i, p, i], None
     L.attend_decode.argtypes = [i, i, i, i, p, p, p, p, p, p, ctypes.c_int64, p, p, p, i]
@@ -153,8 +176,8 @@ def _ptr(t: torch.Tensor | None) -> int | None:
 
 def qmatmul(ggml_type: int, blocks: torch.Tensor, n: int, k: int, x: torch.Tensor, bias=None, out=None,
             norm=None, eps: float = 0.0, swiglu: bool = False) -> torch.Tensor:
-    """x (R, k) -> (R, n) through weights kept as blocks (n, k/32 * block bytes), or tiled (`tile`,
-    with TILED in `ggml_type`).
+    """x (R, k) -> (R, n) through weights kept as blocks of a `BLOCK_FORMATS` type (n, k/values * nbytes),
+    or tiled (`tile`, with TILED in `ggml_type`). k is a multiple of 32 and of the format's values.
 
     `norm`: an RMSNorm weight applied to x first; `swiglu`: x is (R, 2k) [gate | up] and
     silu(gate) * up is multiplied; `out`: add the product into this (R, n) tensor instead."""
