@@ -79,7 +79,7 @@ static void six_bits(int type, const uint8_t *p, uint8_t *b) {
 }
 
 /* a unit's 16 group scales ws and minimums mg; nblk: the 32-blocks present (Q5_0, Q5_1, IQ4_NL) */
-static void kscales(int type, const uint8_t *w, int nblk, float *ws, float *mg) {
+static inline __attribute__((always_inline)) void kscales(int type, const uint8_t *w, int nblk, float *ws, float *mg) {
     uint8_t b[16];
     switch (type) {
         case Q4_K: case Q5_K: {
@@ -128,7 +128,7 @@ static void kscales(int type, const uint8_t *w, int nblk, float *ws, float *mg) 
 }
 
 /* a unit's 256 weights as unsigned bytes u, in order (zeros past nblk blocks) */
-static void unpack_plain(int type, const uint8_t *w, int nblk, uint8_t *u) {
+static inline __attribute__((always_inline)) void unpack_plain(int type, const uint8_t *w, int nblk, uint8_t *u) {
     switch (type) {
         case Q4_K: case Q5_K: {
             const uint8_t *qs = w + (type == Q4_K ? 16 : 48), *qh = w + 16;
@@ -279,6 +279,57 @@ static inline __attribute__((always_inline)) __m256i unpack32(int type, const ui
 #endif
 
 #if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VNNI__)
+/* six_bits, as 16 bytes in a register */
+static inline __m128i six_bits128(int type, const uint8_t *p) {
+    uint8_t b[16];
+    uint32_t v[4];
+    six_bits(type, p, b);
+    memcpy(v, b, 16);
+    return _mm_set_epi32((int)v[3], (int)v[2], (int)v[1], (int)v[0]);
+}
+
+/* kscales for 16 lanes: ws, and wm = mg - off * ws */
+static inline __attribute__((always_inline)) void kscales16(int type, const uint8_t *w, int nblk, __m512 *ws,
+                                                            __m512 *wm) {
+    const __m512i pairs = _mm512_setr_epi32(0, 0, 1, 1, 2, 2, 3, 3, 4, 4, 5, 5, 6, 6, 7, 7);
+    const __m512 zero = _mm512_setzero_ps();
+    switch (type) {
+        case Q4_K: case Q5_K: {  /* lanes [sc0..7, m0..7] -> each scale and minimum twice */
+            __m512i v = _mm512_cvtepu8_epi32(six_bits128(type, w + 4));
+            __m512 d = _mm512_set1_ps(f16at(w)), dmin = _mm512_set1_ps(f16at(w + 2));
+            *ws = _mm512_mul_ps(d, _mm512_cvtepi32_ps(_mm512_permutexvar_epi32(pairs, v)));
+            __m512i m = _mm512_permutexvar_epi32(_mm512_add_epi32(pairs, _mm512_set1_epi32(8)), v);
+            *wm = _mm512_sub_ps(zero, _mm512_mul_ps(dmin, _mm512_cvtepi32_ps(m)));
+            return;
+        }
+        case Q6_K:
+            *ws = _mm512_mul_ps(_mm512_set1_ps(f16at(w + 208)),
+                                _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(w + 192)))));
+            *wm = _mm512_mul_ps(*ws, _mm512_set1_ps(-32.f));
+            return;
+        case Q2_K: {
+            __m512i v = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)w));
+            *ws = _mm512_mul_ps(_mm512_set1_ps(f16at(w + 80)), _mm512_cvtepi32_ps(_mm512_and_si512(v, _mm512_set1_epi32(15))));
+            *wm = _mm512_sub_ps(zero, _mm512_mul_ps(_mm512_set1_ps(f16at(w + 82)), _mm512_cvtepi32_ps(_mm512_srli_epi32(v, 4))));
+            return;
+        }
+        case Q3_K: {
+            __m512i v = _mm512_sub_epi32(_mm512_cvtepu8_epi32(six_bits128(type, w + 96)), _mm512_set1_epi32(32));
+            *ws = _mm512_mul_ps(_mm512_set1_ps(f16at(w + 108)), _mm512_cvtepi32_ps(v));
+            *wm = _mm512_mul_ps(*ws, _mm512_set1_ps(-4.f));
+            return;
+        }
+        default: {
+            float s[16], m[16];
+            kscales(type, w, nblk, s, m);
+            *ws = _mm512_loadu_ps(s);
+            *wm = _mm512_fmadd_ps(_mm512_set1_ps((float)-koffset(type)), *ws, _mm512_loadu_ps(m));
+        }
+    }
+}
+#endif
+
+#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VNNI__)
 #define UNIT_ROWS 8
 /* out[r] = W[n] . x[r] for RN (1..8) krows (stride xstride bytes): 64 weights a step. The 16 lanes of
  * a step's integer sums cover its four groups of 16 in order, so the group scales go to the lanes
@@ -288,15 +339,13 @@ static inline __attribute__((always_inline)) void units_dot(int type, const uint
                                                             const int RN) {
     const size_t ub = (size_t)block_bytes(type) * (small_blocks(type) ? 8 : 1);
     const __m512i quarter = _mm512_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1, 2, 2, 2, 2, 3, 3, 3, 3);
-    const __m512 neg_off = _mm512_set1_ps((float)-koffset(type));
     __m512 acc[8][2];
     for (int r = 0; r < RN; r++) acc[r][0] = acc[r][1] = _mm512_setzero_ps();
     for (int s = 0; s < nu; s++) {
         const uint8_t *blk = w + s * ub;
         const int nblk = nb - 8 * s < 8 ? nb - 8 * s : 8;
-        float ws[16], mg[16];
-        kscales(type, blk, nblk, ws, mg);
-        __m512 vws = _mm512_loadu_ps(ws), vwm = _mm512_fmadd_ps(neg_off, vws, _mm512_loadu_ps(mg));
+        __m512 vws, vwm;
+        kscales16(type, blk, nblk, &vws, &vwm);
         __m512i u[4];
         for (int c = 0; c < 4; c++)
             u[c] = _mm512_inserti64x4(_mm512_castsi256_si512(unpack32(type, blk, nblk, 2 * c)),
@@ -363,7 +412,7 @@ static inline __attribute__((always_inline)) void units_dot(int type, const uint
 }
 #else
 #define UNIT_ROWS 8
-static void units_dot(int type, const uint8_t *w, int nu, int nb, const int8_t *x, size_t xstride, int Kp,
+static inline __attribute__((always_inline)) void units_dot(int type, const uint8_t *w, int nu, int nb, const int8_t *x, size_t xstride, int Kp,
                       float *out, int RN) {
     const size_t ub = (size_t)block_bytes(type) * (small_blocks(type) ? 8 : 1);
     const float off = (float)koffset(type);
@@ -389,6 +438,45 @@ static void units_dot(int type, const uint8_t *w, int nu, int nb, const int8_t *
 }
 #endif
 
+/* units_dot with the format and the row count as constants, so each pair compiles to its own loop */
+static inline __attribute__((always_inline)) void rows_of(int type, const uint8_t *w, int nu, int nb,
+                                                          const int8_t *x, size_t xs, int Kp, float *out, int rn) {
+    switch (rn) {
+#if UNIT_ROWS == 8
+        case 8: units_dot(type, w, nu, nb, x, xs, Kp, out, 8); break;
+        case 7: units_dot(type, w, nu, nb, x, xs, Kp, out, 7); break;
+        case 6: units_dot(type, w, nu, nb, x, xs, Kp, out, 6); break;
+        case 5: units_dot(type, w, nu, nb, x, xs, Kp, out, 5); break;
+#endif
+        case 4: units_dot(type, w, nu, nb, x, xs, Kp, out, 4); break;
+        case 3: units_dot(type, w, nu, nb, x, xs, Kp, out, 3); break;
+        case 2: units_dot(type, w, nu, nb, x, xs, Kp, out, 2); break;
+        default: units_dot(type, w, nu, nb, x, xs, Kp, out, 1); break;
+    }
+}
+
+#define UNITS_ROWS(T) \
+    static void rows_##T(const uint8_t *w, int nu, int nb, const int8_t *x, size_t xs, int Kp, float *out, int rn) { \
+        rows_of(T, w, nu, nb, x, xs, Kp, out, rn); \
+    }
+UNITS_ROWS(Q4_K) UNITS_ROWS(Q5_K) UNITS_ROWS(Q6_K) UNITS_ROWS(Q2_K) UNITS_ROWS(Q3_K) UNITS_ROWS(IQ4_XS)
+UNITS_ROWS(Q5_0) UNITS_ROWS(Q5_1) UNITS_ROWS(IQ4_NL)
+
+static void units_rows(int type, const uint8_t *w, int nu, int nb, const int8_t *x, size_t xs, int Kp, float *out,
+                       int rn) {
+    switch (type) {
+        case Q4_K: rows_Q4_K(w, nu, nb, x, xs, Kp, out, rn); break;
+        case Q5_K: rows_Q5_K(w, nu, nb, x, xs, Kp, out, rn); break;
+        case Q6_K: rows_Q6_K(w, nu, nb, x, xs, Kp, out, rn); break;
+        case Q2_K: rows_Q2_K(w, nu, nb, x, xs, Kp, out, rn); break;
+        case Q3_K: rows_Q3_K(w, nu, nb, x, xs, Kp, out, rn); break;
+        case IQ4_XS: rows_IQ4_XS(w, nu, nb, x, xs, Kp, out, rn); break;
+        case Q5_0: rows_Q5_0(w, nu, nb, x, xs, Kp, out, rn); break;
+        case Q5_1: rows_Q5_1(w, nu, nb, x, xs, Kp, out, rn); break;
+        default: rows_IQ4_NL(w, nu, nb, x, xs, Kp, out, rn); break;
+    }
+}
+
 /* y (R, N) (+)= xq (R, K) @ W (N, K)^T + bias for the unit formats */
 static void units_matmul(int type, const uint8_t *w, int N, int K, const xblock *xq, int R, float *y,
                          const float *bias, int accumulate) {
@@ -408,18 +496,7 @@ static void units_matmul(int type, const uint8_t *w, int N, int K, const xblock 
             if (!xk) {  /* out of memory: the product is NaN, never silently wrong */
                 for (int r = 0; r < rn; r++) out[r] = NAN;
             } else {
-                switch (rn) {  /* a constant row count per case: the accumulators stay in registers */
-#if UNIT_ROWS == 8
-                    case 8: units_dot(type, wn, nu, nb, xr, xs, Kp, out, 8); break;
-                    case 7: units_dot(type, wn, nu, nb, xr, xs, Kp, out, 7); break;
-                    case 6: units_dot(type, wn, nu, nb, xr, xs, Kp, out, 6); break;
-                    case 5: units_dot(type, wn, nu, nb, xr, xs, Kp, out, 5); break;
-#endif
-                    case 4: units_dot(type, wn, nu, nb, xr, xs, Kp, out, 4); break;
-                    case 3: units_dot(type, wn, nu, nb, xr, xs, Kp, out, 3); break;
-                    case 2: units_dot(type, wn, nu, nb, xr, xs, Kp, out, 2); break;
-                    default: units_dot(type, wn, nu, nb, xr, xs, Kp, out, 1); break;
-                }
+                units_rows(type, wn, nu, nb, xr, xs, Kp, out, rn);
             }
             for (int r = 0; r < rn; r++) {
                 float v = out[r] + (bias ? bias[n] : 0.f);
