@@ -278,7 +278,7 @@ static inline __attribute__((always_inline)) __m256i unpack32(int type, const ui
 }
 #endif
 
-#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VNNI__)
+#ifdef __AVX2__
 /* six_bits, as 16 bytes in a register */
 static inline __m128i six_bits128(int type, const uint8_t *p) {
     uint8_t b[16];
@@ -287,6 +287,9 @@ static inline __m128i six_bits128(int type, const uint8_t *p) {
     memcpy(v, b, 16);
     return _mm_set_epi32((int)v[3], (int)v[2], (int)v[1], (int)v[0]);
 }
+#endif
+
+#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VNNI__)
 
 /* kscales for 16 lanes: ws, and wm = mg - off * ws */
 static inline __attribute__((always_inline)) void kscales16(int type, const uint8_t *w, int nblk, __m512 *ws,
@@ -378,33 +381,86 @@ static inline __m256 unit_dot32(int type, __m256i u, __m256i x) {
     return dot_u8_i8(u, x);
 }
 
-/* the same, 32 weights a step, for RN (1..4) krows */
+/* kscales for 2 x 8 lanes: ws, and wm = mg - offset * ws */
+static inline __attribute__((always_inline)) void kscales8(int type, const uint8_t *w, int nblk, __m256 *ws,
+                                                           __m256 *wm) {
+    const __m256i dup_lo = _mm256_setr_epi32(0, 0, 1, 1, 2, 2, 3, 3), dup_hi = _mm256_setr_epi32(4, 4, 5, 5, 6, 6, 7, 7);
+    switch (type) {
+        case Q4_K: case Q5_K: {  /* bytes [sc0..7, m0..7] -> each scale and minimum twice */
+            __m128i b = six_bits128(type, w + 4);
+            __m256i sc = _mm256_cvtepu8_epi32(b), mn = _mm256_cvtepu8_epi32(_mm_srli_si128(b, 8));
+            __m256 d = _mm256_set1_ps(f16at(w)), ndmin = _mm256_set1_ps(-f16at(w + 2));
+            ws[0] = _mm256_mul_ps(d, _mm256_cvtepi32_ps(_mm256_permutevar8x32_epi32(sc, dup_lo)));
+            ws[1] = _mm256_mul_ps(d, _mm256_cvtepi32_ps(_mm256_permutevar8x32_epi32(sc, dup_hi)));
+            wm[0] = _mm256_mul_ps(ndmin, _mm256_cvtepi32_ps(_mm256_permutevar8x32_epi32(mn, dup_lo)));
+            wm[1] = _mm256_mul_ps(ndmin, _mm256_cvtepi32_ps(_mm256_permutevar8x32_epi32(mn, dup_hi)));
+            return;
+        }
+        case Q6_K: case Q3_K: {
+            __m256 d = _mm256_set1_ps(f16at(w + (type == Q6_K ? 208 : 108)));
+            __m256 noff = _mm256_set1_ps(type == Q6_K ? -32.f : -4.f);
+            __m128i b = type == Q6_K ? _mm_loadu_si128((const __m128i *)(w + 192)) : six_bits128(type, w + 96);
+            __m256i lo = type == Q6_K ? _mm256_cvtepi8_epi32(b) : _mm256_sub_epi32(_mm256_cvtepu8_epi32(b), _mm256_set1_epi32(32));
+            __m256i hi = type == Q6_K ? _mm256_cvtepi8_epi32(_mm_srli_si128(b, 8))
+                                      : _mm256_sub_epi32(_mm256_cvtepu8_epi32(_mm_srli_si128(b, 8)), _mm256_set1_epi32(32));
+            ws[0] = _mm256_mul_ps(d, _mm256_cvtepi32_ps(lo));
+            ws[1] = _mm256_mul_ps(d, _mm256_cvtepi32_ps(hi));
+            wm[0] = _mm256_mul_ps(ws[0], noff);
+            wm[1] = _mm256_mul_ps(ws[1], noff);
+            return;
+        }
+        case Q2_K: {
+            __m128i b = _mm_loadu_si128((const __m128i *)w);
+            __m256 d = _mm256_set1_ps(f16at(w + 80)), ndmin = _mm256_set1_ps(-f16at(w + 82));
+            for (int h = 0; h < 2; h++) {
+                __m256i v = _mm256_cvtepu8_epi32(h ? _mm_srli_si128(b, 8) : b);
+                ws[h] = _mm256_mul_ps(d, _mm256_cvtepi32_ps(_mm256_and_si256(v, _mm256_set1_epi32(15))));
+                wm[h] = _mm256_mul_ps(ndmin, _mm256_cvtepi32_ps(_mm256_srli_epi32(v, 4)));
+            }
+            return;
+        }
+        default: {
+            float s[16], m[16];
+            kscales(type, w, nblk, s, m);
+            __m256 noff = _mm256_set1_ps((float)-dot_offset(type));
+            for (int h = 0; h < 2; h++) {
+                ws[h] = _mm256_loadu_ps(s + 8 * h);
+                wm[h] = _mm256_add_ps(_mm256_loadu_ps(m + 8 * h), _mm256_mul_ps(noff, ws[h]));
+            }
+        }
+    }
+}
+
+/* the same, 32 weights a step, for RN (1..4) krows: each row's 16 group scales (ws * xd) are made
+ * once a unit, and a step's 8 lanes take theirs with one permute */
 static inline __attribute__((always_inline)) void units_dot(int type, const uint8_t *w, int nu, int nb,
                                                             const int8_t *x, size_t xstride, int Kp, float *out,
                                                             const int RN) {
     const size_t ub = (size_t)block_bytes(type) * (small_blocks(type) ? 8 : 1);
-    const float off = (float)dot_offset(type);
     __m256 acc[4][2];
+    float S[4][16];
     for (int r = 0; r < RN; r++) acc[r][0] = acc[r][1] = _mm256_setzero_ps();
     for (int s = 0; s < nu; s++) {
         const uint8_t *blk = w + s * ub;
         const int nblk = nb - 8 * s < 8 ? nb - 8 * s : 8;
-        float ws[16], wm[16];
-        kscales(type, blk, nblk, ws, wm);
-        for (int g = 0; g < 16; g++) wm[g] -= off * ws[g];
+        __m256 ws[2], wm[2];
+        kscales8(type, blk, nblk, ws, wm);
         for (int r = 0; r < RN; r++) {
-            const float *s16 = (const float *)(x + r * xstride + Kp) + Kp / 16 + 16 * s;
-            acc[r][1] = _mm256_fmadd_ps(_mm256_loadu_ps(wm), _mm256_loadu_ps(s16), acc[r][1]);
-            acc[r][1] = _mm256_fmadd_ps(_mm256_loadu_ps(wm + 8), _mm256_loadu_ps(s16 + 8), acc[r][1]);
+            const float *d16 = (const float *)(x + r * xstride + Kp) + 16 * s, *s16 = d16 + Kp / 16;
+            for (int h = 0; h < 2; h++) {
+                _mm256_storeu_ps(S[r] + 8 * h, _mm256_mul_ps(ws[h], _mm256_loadu_ps(d16 + 8 * h)));
+                acc[r][1] = _mm256_fmadd_ps(wm[h], _mm256_loadu_ps(s16 + 8 * h), acc[r][1]);
+            }
         }
         for (int c = 0; c < 8; c++) {
+            const __m256i pick = _mm256_setr_epi32(2 * (c & 3), 2 * (c & 3), 2 * (c & 3), 2 * (c & 3), 2 * (c & 3) + 1,
+                                                   2 * (c & 3) + 1, 2 * (c & 3) + 1, 2 * (c & 3) + 1);
             __m256i u = unpack32(type, blk, nblk, c);
-            __m256 W = _mm256_set_m128(_mm_set1_ps(ws[2 * c + 1]), _mm_set1_ps(ws[2 * c]));
             for (int r = 0; r < RN; r++) {
-                const int8_t *xr = x + r * xstride;
-                __m256 p = unit_dot32(type, u, _mm256_loadu_si256((const __m256i *)(xr + (size_t)s * KU + 32 * c)));
-                __m256 xd = _mm256_set1_ps(((const float *)(xr + Kp))[16 * s + 2 * c]);
-                acc[r][c & 1] = _mm256_fmadd_ps(_mm256_mul_ps(p, W), xd, acc[r][c & 1]);
+                const int8_t *xr = x + r * xstride + (size_t)s * KU + 32 * c;
+                __m256 p = unit_dot32(type, u, _mm256_loadu_si256((const __m256i *)xr));
+                __m256 sc = _mm256_permutevar8x32_ps(_mm256_loadu_ps(S[r] + 8 * (c >> 2)), pick);
+                acc[r][c & 1] = _mm256_fmadd_ps(p, sc, acc[r][c & 1]);
             }
         }
     }
