@@ -342,6 +342,7 @@ static inline __attribute__((always_inline)) void units_dot(int type, const uint
                                                             const int RN) {
     const size_t ub = (size_t)block_bytes(type) * (small_blocks(type) ? 8 : 1);
     const __m512i quarter = _mm512_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1, 2, 2, 2, 2, 3, 3, 3, 3);
+    const int two = RN <= 2;  /* two accumulators a row where few rows leave the adds waiting on each other */
     __m512 acc[8][2];
     for (int r = 0; r < RN; r++) acc[r][0] = acc[r][1] = _mm512_setzero_ps();
     for (int s = 0; s < nu; s++) {
@@ -357,12 +358,12 @@ static inline __attribute__((always_inline)) void units_dot(int type, const uint
             const int8_t *xr = x + r * xstride;
             const float *d16 = (const float *)(xr + Kp) + 16 * s, *s16 = d16 + Kp / 16;
             __m512 S = _mm512_mul_ps(vws, _mm512_loadu_ps(d16));  /* (16,) ws * xd per group */
-            acc[r][1] = _mm512_fmadd_ps(vwm, _mm512_loadu_ps(s16), acc[r][1]);
+            acc[r][two] = _mm512_fmadd_ps(vwm, _mm512_loadu_ps(s16), acc[r][two]);
             for (int c = 0; c < 4; c++) {
                 __m512i p = _mm512_dpbusd_epi32(_mm512_setzero_si512(), u[c],
                                                 _mm512_loadu_si512(xr + (size_t)s * KU + 64 * c));
                 __m512 sc = _mm512_permutexvar_ps(_mm512_add_epi32(quarter, _mm512_set1_epi32(4 * c)), S);
-                acc[r][c & 1] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(p), sc, acc[r][c & 1]);
+                acc[r][two & c] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(p), sc, acc[r][two & c]);
             }
         }
     }
@@ -437,6 +438,7 @@ static inline __attribute__((always_inline)) void units_dot(int type, const uint
                                                             const int8_t *x, size_t xstride, int Kp, float *out,
                                                             const int RN) {
     const size_t ub = (size_t)block_bytes(type) * (small_blocks(type) ? 8 : 1);
+    const int two = RN <= 2;
     __m256 acc[4][2];
     float S[4][16];
     for (int r = 0; r < RN; r++) acc[r][0] = acc[r][1] = _mm256_setzero_ps();
@@ -449,7 +451,7 @@ static inline __attribute__((always_inline)) void units_dot(int type, const uint
             const float *d16 = (const float *)(x + r * xstride + Kp) + 16 * s, *s16 = d16 + Kp / 16;
             for (int h = 0; h < 2; h++) {
                 _mm256_storeu_ps(S[r] + 8 * h, _mm256_mul_ps(ws[h], _mm256_loadu_ps(d16 + 8 * h)));
-                acc[r][1] = _mm256_fmadd_ps(wm[h], _mm256_loadu_ps(s16 + 8 * h), acc[r][1]);
+                acc[r][two] = _mm256_fmadd_ps(wm[h], _mm256_loadu_ps(s16 + 8 * h), acc[r][two]);
             }
         }
         for (int c = 0; c < 8; c++) {
@@ -460,7 +462,7 @@ static inline __attribute__((always_inline)) void units_dot(int type, const uint
                 const int8_t *xr = x + r * xstride + (size_t)s * KU + 32 * c;
                 __m256 p = unit_dot32(type, u, _mm256_loadu_si256((const __m256i *)xr));
                 __m256 sc = _mm256_permutevar8x32_ps(_mm256_loadu_ps(S[r] + 8 * (c >> 2)), pick);
-                acc[r][c & 1] = _mm256_fmadd_ps(p, sc, acc[r][c & 1]);
+                acc[r][two & c] = _mm256_fmadd_ps(p, sc, acc[r][two & c]);
             }
         }
     }
