@@ -535,27 +535,23 @@ static void units_rows(int type, const uint8_t *w, int nu, int nb, const int8_t 
     }
 }
 
-/* y (R, N) (+)= xq (R, K) @ W (N, K)^T + bias for the unit formats */
+/* y (R, N) (+)= xq (R, K) @ W (N, K)^T + bias for the unit formats; *failed set when out of memory */
 static void units_matmul(int type, const uint8_t *w, int N, int K, const xblock *xq, int R, float *y,
-                         const float *bias, int accumulate) {
+                         const float *bias, int accumulate, int *failed) {
     const int small = small_blocks(type), nb = small ? K / QK : K / KU, nu = small ? (nb + 7) / 8 : nb;
     const int Kp = nu * KU;
     const size_t row_bytes = (size_t)nb * block_bytes(type), xs = krow_bytes(Kp);
     int8_t *xk = malloc(xs * (size_t)R);  /* each thread's own copy, as in phase_matmul */
-    if (xk)
-        for (int r = 0; r < R; r++) make_krow(xq + (size_t)r * (K / QK), K, Kp, xk + r * xs);
+    if (!xk) set_failed(failed);
+    for (int r = 0; xk && r < R; r++) make_krow(xq + (size_t)r * (K / QK), K, Kp, xk + r * xs);
     float out[UNIT_ROWS];
     #pragma omp for schedule(static)
     for (int n = 0; n < N; n++) {
+        if (!xk) continue;  /* still in the shared loop: the others wait for every thread at its end */
         const uint8_t *wn = w + (size_t)n * row_bytes;
         for (int r0 = 0; r0 < R; r0 += UNIT_ROWS) {
             int rn = R - r0 < UNIT_ROWS ? R - r0 : UNIT_ROWS;
-            const int8_t *xr = xk + r0 * xs;
-            if (!xk) {  /* out of memory: the product is NaN, never silently wrong */
-                for (int r = 0; r < rn; r++) out[r] = NAN;
-            } else {
-                units_rows(type, wn, nu, nb, xr, xs, Kp, out, rn);
-            }
+            units_rows(type, wn, nu, nb, xk + r0 * xs, xs, Kp, out, rn);
             for (int r = 0; r < rn; r++) {
                 float v = out[r] + (bias ? bias[n] : 0.f);
                 float *dst = y + (size_t)(r0 + r) * N + n;
