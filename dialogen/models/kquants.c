@@ -279,13 +279,22 @@ static inline __attribute__((always_inline)) __m256i unpack32(int type, const ui
 #endif
 
 #ifdef __AVX2__
-/* six_bits, as 16 bytes in a register */
+/* six_bits in a register: the 12 bytes as words [a0, a1, a2] rearranged by lane */
 static inline __m128i six_bits128(int type, const uint8_t *p) {
-    uint8_t b[16];
-    uint32_t v[4];
-    six_bits(type, p, b);
-    memcpy(v, b, 16);
-    return _mm_set_epi32((int)v[3], (int)v[2], (int)v[1], (int)v[0]);
+    int32_t a2;
+    memcpy(&a2, p + 8, 4);
+    __m128i a = _mm_insert_epi32(_mm_loadl_epi64((const __m128i *)p), a2, 2);  /* reads the 12 bytes only */
+    if (type == Q3_K) {  /* [a0 & f, a1 & f, a0 >> 4 & f, a1 >> 4 & f] | (a2 >> 2i & 3) << 4 */
+        __m128i lo = _mm_srlv_epi32(_mm_shuffle_epi32(a, _MM_SHUFFLE(1, 0, 1, 0)), _mm_setr_epi32(0, 0, 4, 4));
+        __m128i hi = _mm_srlv_epi32(_mm_shuffle_epi32(a, _MM_SHUFFLE(2, 2, 2, 2)), _mm_setr_epi32(0, 2, 4, 6));
+        return _mm_or_si128(_mm_and_si128(lo, _mm_set1_epi32(0x0f0f0f0f)),
+                            _mm_slli_epi32(_mm_and_si128(hi, _mm_set1_epi32(0x03030303)), 4));
+    }
+    /* [a0 & 3f, a2 & f | a0 >> 2 & 30, a1 & 3f, a2 >> 4 & f | a1 >> 2 & 30] */
+    __m128i lo = _mm_srlv_epi32(_mm_shuffle_epi32(a, _MM_SHUFFLE(2, 1, 2, 0)), _mm_setr_epi32(0, 0, 0, 4));
+    __m128i hi = _mm_srli_epi32(_mm_shuffle_epi32(a, _MM_SHUFFLE(1, 1, 0, 0)), 2);
+    lo = _mm_and_si128(lo, _mm_setr_epi32(0x3f3f3f3f, 0x0f0f0f0f, 0x3f3f3f3f, 0x0f0f0f0f));
+    return _mm_or_si128(lo, _mm_and_si128(hi, _mm_setr_epi32(0, 0x30303030, 0, 0x30303030)));
 }
 #endif
 
@@ -333,6 +342,34 @@ static inline __attribute__((always_inline)) void kscales16(int type, const uint
 #endif
 
 #if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VNNI__)
+/* weights 64c .. 64c+63 of a unit as unsigned bytes: two unpack32 steps, or for the formats whose
+ * 64 weights come from one 32-byte run, that run broadcast and shifted per half */
+static inline __attribute__((always_inline)) __m512i unpack64(int type, const uint8_t *w, int nblk, int c) {
+    const __m512i low4 = _mm512_set1_epi8(15);
+    switch (type) {
+        case Q4_K: case Q5_K: {  /* low nibbles: sub-block 2c, high: 2c + 1 */
+            __m512i v = _mm512_broadcast_i64x4(_mm256_loadu_si256((const __m256i *)(w + (type == Q4_K ? 16 : 48) + 32 * c)));
+            __m512i u = _mm512_and_si512(_mm512_srlv_epi64(v, _mm512_setr_epi64(0, 0, 0, 0, 4, 4, 4, 4)), low4);
+            if (type == Q4_K) return u;
+            __m512i h = _mm512_broadcast_i64x4(_mm256_loadu_si256((const __m256i *)(w + 16)));
+            __mmask64 bit = _mm512_test_epi8_mask(h, _mm512_inserti64x4(_mm512_set1_epi8((char)(1 << 2 * c)),
+                                                                       _mm256_set1_epi8((char)(2 << 2 * c)), 1));
+            return _mm512_mask_add_epi8(u, bit, u, _mm512_set1_epi8(16));
+        }
+        case Q6_K: {  /* 64 bytes of low bits: low nibbles (c even) or high; 2-bit highs shifted per half */
+            int h = c >> 1, hs = 4 * (c & 1);
+            __m512i ql = _mm512_loadu_si512(w + 64 * h);
+            __m512i lo = _mm512_and_si512(_mm512_srli_epi16(ql, hs), low4);
+            __m512i qh = _mm512_broadcast_i64x4(_mm256_loadu_si256((const __m256i *)(w + 128 + 32 * h)));
+            __m512i hi = _mm512_srlv_epi64(qh, _mm512_setr_epi64(hs, hs, hs, hs, hs + 2, hs + 2, hs + 2, hs + 2));
+            return _mm512_or_si512(lo, _mm512_slli_epi16(_mm512_and_si512(hi, _mm512_set1_epi8(3)), 4));
+        }
+        default:
+            return _mm512_inserti64x4(_mm512_castsi256_si512(unpack32(type, w, nblk, 2 * c)),
+                                      unpack32(type, w, nblk, 2 * c + 1), 1);
+    }
+}
+
 #define UNIT_ROWS 8
 /* out[r] = W[n] . x[r] for RN (1..8) krows (stride xstride bytes): 64 weights a step. The 16 lanes of
  * a step's integer sums cover its four groups of 16 in order, so the group scales go to the lanes
@@ -351,9 +388,7 @@ static inline __attribute__((always_inline)) void units_dot(int type, const uint
         __m512 vws, vwm;
         kscales16(type, blk, nblk, &vws, &vwm);
         __m512i u[4];
-        for (int c = 0; c < 4; c++)
-            u[c] = _mm512_inserti64x4(_mm512_castsi256_si512(unpack32(type, blk, nblk, 2 * c)),
-                                      unpack32(type, blk, nblk, 2 * c + 1), 1);
+        for (int c = 0; c < 4; c++) u[c] = unpack64(type, blk, nblk, c);
         for (int r = 0; r < RN; r++) {
             const int8_t *xr = x + r * xstride;
             const float *d16 = (const float *)(xr + Kp) + 16 * s, *s16 = d16 + Kp / 16;
