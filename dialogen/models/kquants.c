@@ -404,6 +404,36 @@ static inline __attribute__((always_inline)) void units_dot(int type, const uint
     }
     for (int r = 0; r < RN; r++) out[r] = _mm512_reduce_add_ps(_mm512_add_ps(acc[r][0], acc[r][1]));
 }
+
+/* a decode step (one krow) against two weight rows at once, w and w + row_bytes: twice the
+ * independent work in flight, and each activation load serves both */
+static inline __attribute__((always_inline)) void units_dot_2w(int type, const uint8_t *w, size_t row_bytes, int nu,
+                                                               int nb, const int8_t *x, int Kp, float *out) {
+    const size_t ub = (size_t)block_bytes(type) * (small_blocks(type) ? 8 : 1);
+    const __m512i quarter = _mm512_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1, 2, 2, 2, 2, 3, 3, 3, 3);
+    __m512 acc[2][2] = {{_mm512_setzero_ps(), _mm512_setzero_ps()}, {_mm512_setzero_ps(), _mm512_setzero_ps()}};
+    for (int s = 0; s < nu; s++) {
+        const int nblk = nb - 8 * s < 8 ? nb - 8 * s : 8;
+        const float *d16 = (const float *)(x + Kp) + 16 * s, *s16 = d16 + Kp / 16;
+        __m512 xd = _mm512_loadu_ps(d16), xs = _mm512_loadu_ps(s16);
+        __m512i xq[4];
+        for (int c = 0; c < 4; c++) xq[c] = _mm512_loadu_si512(x + (size_t)s * KU + 64 * c);
+        for (int i = 0; i < 2; i++) {
+            const uint8_t *blk = w + i * row_bytes + s * ub;
+            __m512 vws, vwm;
+            kscales16(type, blk, nblk, &vws, &vwm);
+            __m512 S = _mm512_mul_ps(vws, xd);
+            acc[i][1] = _mm512_fmadd_ps(vwm, xs, acc[i][1]);
+            for (int c = 0; c < 4; c++) {
+                __m512i p = _mm512_dpbusd_epi32(_mm512_setzero_si512(), unpack64(type, blk, nblk, c), xq[c]);
+                __m512 sc = _mm512_permutexvar_ps(_mm512_add_epi32(quarter, _mm512_set1_epi32(4 * c)), S);
+                acc[i][c & 1] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(p), sc, acc[i][c & 1]);
+            }
+        }
+    }
+    for (int i = 0; i < 2; i++) out[i] = _mm512_reduce_add_ps(_mm512_add_ps(acc[i][0], acc[i][1]));
+}
+#define TWO_WEIGHT_ROWS 1
 #elif defined(__AVX2__)
 #define UNIT_ROWS 4
 static inline __m256 unit_dot32(int type, __m256i u, __m256i x) {
@@ -548,7 +578,15 @@ static inline __attribute__((always_inline)) void rows_of(int type, const uint8_
     }
 }
 
-#define UNITS_ROWS(T) \
+#ifdef TWO_WEIGHT_ROWS
+#define DOT_2W(T) \
+    static void dot2_##T(const uint8_t *w, size_t row_bytes, int nu, int nb, const int8_t *x, int Kp, float *out) { \
+        units_dot_2w(T, w, row_bytes, nu, nb, x, Kp, out); \
+    }
+#else
+#define DOT_2W(T)
+#endif
+#define UNITS_ROWS(T) DOT_2W(T) \
     static void rows_##T(const uint8_t *w, int nu, int nb, const int8_t *x, size_t xs, int Kp, float *out, int rn) { \
         rows_of(T, w, nu, nb, x, xs, Kp, out, rn); \
     }
@@ -570,6 +608,23 @@ static void units_rows(int type, const uint8_t *w, int nu, int nb, const int8_t 
     }
 }
 
+#ifdef TWO_WEIGHT_ROWS
+static void units_dot2(int type, const uint8_t *w, size_t row_bytes, int nu, int nb, const int8_t *x, int Kp,
+                       float *out) {
+    switch (type) {
+        case Q4_K: dot2_Q4_K(w, row_bytes, nu, nb, x, Kp, out); break;
+        case Q5_K: dot2_Q5_K(w, row_bytes, nu, nb, x, Kp, out); break;
+        case Q6_K: dot2_Q6_K(w, row_bytes, nu, nb, x, Kp, out); break;
+        case Q2_K: dot2_Q2_K(w, row_bytes, nu, nb, x, Kp, out); break;
+        case Q3_K: dot2_Q3_K(w, row_bytes, nu, nb, x, Kp, out); break;
+        case IQ4_XS: dot2_IQ4_XS(w, row_bytes, nu, nb, x, Kp, out); break;
+        case Q5_0: dot2_Q5_0(w, row_bytes, nu, nb, x, Kp, out); break;
+        case Q5_1: dot2_Q5_1(w, row_bytes, nu, nb, x, Kp, out); break;
+        default: dot2_IQ4_NL(w, row_bytes, nu, nb, x, Kp, out); break;
+    }
+}
+#endif
+
 /* y (R, N) (+)= xq (R, K) @ W (N, K)^T + bias for the unit formats; *failed set when out of memory */
 static void units_matmul(int type, const uint8_t *w, int N, int K, const xblock *xq, int R, float *y,
                          const float *bias, int accumulate, int *failed) {
@@ -580,6 +635,21 @@ static void units_matmul(int type, const uint8_t *w, int N, int K, const xblock 
     if (!xk) set_failed(failed);
     for (int r = 0; xk && r < R; r++) make_krow(xq + (size_t)r * (K / QK), K, Kp, xk + r * xs);
     float out[UNIT_ROWS];
+#ifdef TWO_WEIGHT_ROWS
+    if (R == 1 && N % 2 == 0) {  /* a decode step: two weight rows at a time */
+        #pragma omp for schedule(static)
+        for (int n = 0; n < N; n += 2) {
+            if (!xk) continue;
+            units_dot2(type, w + (size_t)n * row_bytes, row_bytes, nu, nb, xk, Kp, out);
+            for (int i = 0; i < 2; i++) {
+                float v = out[i] + (bias ? bias[n + i] : 0.f);
+                y[n + i] = accumulate ? y[n + i] + v : v;
+            }
+        }
+        free(xk);
+        return;
+    }
+#endif
     #pragma omp for schedule(static)
     for (int n = 0; n < N; n++) {
         if (!xk) continue;  /* still in the shared loop: the others wait for every thread at its end */
