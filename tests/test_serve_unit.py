@@ -38,7 +38,7 @@ def test_batched_decode_step_equals_separate_steps(model):
     for p, cb, cs in zip(prompts, batched, single):
         model(p, cb)
         model(p, cs)
-    for t in range(4):
+    for _ in range(4):
         tokens = [int(x) for x in torch.randint(0, 49152, (3,), generator=g)]
         got = decode_rows(model, tokens, batched)  # (3, V)
         want = torch.cat([model(torch.tensor([[tok]]), c)[:, -1] for tok, c in zip(tokens, single)])
@@ -173,7 +173,7 @@ def test_worker_queue_bound_and_cancel(llama):
 
         def long_reply(job):
             gen = Session(eng, None, Sampling(max_new_tokens=200, seed=0), max_context_tokens=50).send("hi")
-            for i, _ in enumerate(gen):
+            for _ in gen:
                 gate.set()
             events.append(("finished", gen.finish_reason))
 

@@ -94,7 +94,7 @@ def _decode(model, cache, logits, histories: list[list[int]], s: Sampling, stop_
     first = StopMatcher(s.stop)
     matchers = [first] + [first.fresh() for _ in range(n - 1)]  # one per row, one set of tables
     grammars = [matcher_for(s, tokenizer, logits.shape[-1], stop_ids) for _ in range(n)]  # None without one
-    for t in range(max(limits)):
+    for _ in range(max(limits)):
         logp = torch.log_softmax(logits.float(), dim=-1)  # (B, V)
         keep, feed = [], []
         for r, i in enumerate(rows):

@@ -19,7 +19,8 @@ from ..errors import UserError
 
 def register(sub):
     p = sub.add_parser("serve", help="serve the model over HTTP: OpenAI-compatible API, sessions, web chat page",
-                       description="Serves POST /v1/chat/completions, /v1/completions, /v1/models, /v1/sessions and a chat page at /. "
+                       description="Serves POST /v1/chat/completions, /v1/completions, /v1/models, /v1/sessions "
+                                   "and a chat page at /. "
                                    "Decoding flags set the server's defaults; requests override them.")
     g = p.add_argument_group("server")
     g.add_argument("--host", default="127.0.0.1", help="address to bind (default: %(default)s)")
