@@ -43,8 +43,8 @@ class Linear(nn.Linear):
     few rows by each weight, which is bound by memory traffic, so a compact copy is faster there:
     `packed` (weights in GGUF's Q4_0/Q4_1/Q8_0 block layouts, multiplied by the native kernel, with
     the RMS norm or SwiGLU fused in) or `compact` (float16/bfloat16). Blocks serve every inference
-    product, a prompt's too, as a GGUF file's blocks do in llama.cpp: a whole prompt ran 1.1-3.9x
-    faster than in float32 here, most on short ones (bench/prefill.py). A float16/bfloat16 copy only
+    product, a prompt's too, as a GGUF file's blocks do in llama.cpp: a prompt runs faster than in
+    float32, most of all a short one (bench/prefill.py). A float16/bfloat16 copy only
     decodes: many rows are faster in float32 on CPUs without bf16 hardware. Training always
     multiplies the float32 weight.
     """

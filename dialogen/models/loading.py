@@ -108,7 +108,7 @@ BLOCKED = ("auto", "int8", "int4")  # the dtypes whose decode weights are blocks
 def load_gguf(path: Path, dtype="auto") -> Loaded:
     """With blocks to decode by, the float32 weight of each Linear that has them is made on first
     use (`Linear.source`: training, `--no-kernels`, a state dict): chat never needs it, and a
-    cold start skips dequantizing 500 MB."""
+    cold start skips dequantizing every matrix."""
     where = index_dir(path)
     index = _read_json(where / "index.json")
     cfg = Config(**index["config"])
