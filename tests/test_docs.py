@@ -26,6 +26,7 @@ README = ROOT / "README.md"
 DOCS = sorted((ROOT / "docs").glob("*.md"))
 PAGES = [README, *DOCS]
 SOURCES = sorted(p for p in (ROOT / "dialogen").rglob("*") if p.suffix in {".py", ".c", ".html", ".js", ".css"})
+SOURCES += [ROOT / "pyproject.toml", ROOT / "Makefile"]
 
 # Phrases that narrate the project's own development rather than describe the product.
 HISTORY = re.compile(
