@@ -209,6 +209,21 @@ def test_cancelled_job_raises_at_its_next_model_call(llama):
         worker.close()
 
 
+def test_worker_logs_admission_rounds_and_release(llama, caplog):
+    model, _ = llama
+    worker = Worker(model)
+    try:
+        with caplog.at_level("DEBUG", logger="dialogen.serve"):
+            job = worker.submit(lambda job: worker.proxy(torch.tensor([[1, 2]]), model.new_cache(1)), lambda e: None)
+            assert job.finished.wait(10)
+        messages = [r.getMessage() for r in caplog.records if r.name == "dialogen.serve"]
+        assert [m for m in messages if m.startswith("admit job")]
+        assert [m for m in messages if m.startswith("round ") and "1 other calls" in m]
+        assert [m for m in messages if m.startswith("release job") and "completed after 1 model calls" in m]
+    finally:
+        worker.close()
+
+
 def test_store_turns_persist_and_owners_are_isolated(tmp_path):
     path = tmp_path / "s.db"
     store = Store(path)
