@@ -158,6 +158,12 @@ def test_commands_are_found():
     assert dialogen_commands("echo '[1]' | dialogen render --json") == [["render", "--json"]]
 
 
+def test_python_blocks_compile():
+    for page in PAGES:
+        for n, m in enumerate(re.finditer(r"^```python\n(.*?)^```", page.read_text(encoding="utf-8"), re.M | re.S)):
+            compile(m.group(1), f"{page.name}, python block {n}", "exec")
+
+
 @pytest.fixture(scope="module")
 def dialogen_on_path(tmp_path_factory):
     bin_dir = tmp_path_factory.mktemp("bin")
