@@ -34,8 +34,8 @@ HISTORY = re.compile(
     r"|before this (change|round|session|commit|version|release)"
     r"|\b(what|things) we tried|\bwe tried\b|\b(was|were) tried\b|\btried (this|last) (session|round)"
     r"|\bno longer\b|\bformerly\b|\bpreviously\b|\bused to be\b|\b(we|it|this|that|they) used to\b"
-    r"|\bthis session\b|\bthe session before\b|\bsessions? ago\b|\b(last|this|previous) round\b"
-    r"|\bearlier (version|run|session|attempt|round)s?\b|\bnow (fixed|also)\b|\bis now\b|\bare now\b"
+    r"|\bthis session\b|\bthe (session|round|run) before (measured|gave|this)\b|\bsessions? ago\b"
+    r"|\b(last|this|previous) round\b|\bearlier (version|run|session|attempt|round)s?\b|\bnow (fixed|also)\b"
     r"|\bthe old (code|version|path|way)\b|\bwe found\b|\bturned out\b",
     re.IGNORECASE)
 
@@ -86,10 +86,11 @@ def test_no_measured_figures_in_code():
 
 def test_history_pattern_catches_what_it_should():
     for text in ("since the earlier version", "before this change", "what we tried", "it no longer loads",
-                 "as previously measured", "this session", "the session before", "last round"):
+                 "as previously measured", "this session", "the session before measured", "last round"):
         assert HISTORY.search(text), text
     for text in ("the session keeps its cache", "the key used to sign", "each round is one step",
-                 "This rounds the weights", "stops before the budget"):
+                 "This rounds the weights", "stops before the budget", "claimed the session before it answered",
+                 "the cache is now full"):
         assert not HISTORY.search(text), text
 
 
