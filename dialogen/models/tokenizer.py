@@ -163,6 +163,10 @@ class Tokenizer:
         return self.token_id(self.eos_token)
 
     @property
+    def bos_id(self) -> int | None:
+        return self.token_id(self.bos_token)
+
+    @property
     def pad_id(self) -> int:
         pid = self.token_id(self.pad_token)
         return 0 if pid is None else pid
