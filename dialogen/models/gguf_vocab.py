@@ -178,11 +178,8 @@ def score_merges(tokens: list[str], scores) -> list[tuple[str, str]]:
     """Every way to join two pieces into a third, best-scored result first: llama.cpp merges the
     adjacent pair whose joined text is the highest-scoring piece, so that score is the merge's rank.
     Ties keep the vocabulary's order (a trained SentencePiece model's scores do not tie)."""
-    ids = {t: i for i, t in enumerate(tokens)}
-    out = []
-    for i, t in enumerate(tokens):
-        for k in range(1, len(t)):
-            if t[:k] in ids and t[k:] in ids:
-                out.append((-float(scores[i]), i, t[:k], t[k:]))
+    known = set(tokens).__contains__
+    out = [(-float(scores[i]), i, t[:k], t[k:]) for i, t in enumerate(tokens) for k in range(1, len(t))
+           if known(t[:k]) and known(t[k:])]
     out.sort(key=lambda m: (m[0], m[1]))
     return [(a, b) for _, _, a, b in out]
