@@ -58,14 +58,19 @@ def spm_files(tmp_path_factory):
     }
 
 
-def llama_cpp_fragments(sp, text, pattern, ids) -> list[int]:
+def llama_cpp_fragments(sp, text, pattern, ids, rstrip=()) -> list[int]:
     """llama.cpp's SentencePiece rule spelled with `sentencepiece`: the text cut at the matched
-    tokens, each stretch between them encoded alone (so each gets the space in front)."""
+    tokens, each stretch between them encoded alone (so each gets the space in front); after a
+    token in `rstrip`, the ASCII whitespace that follows is dropped."""
     out, pos = [], 0
     for m in pattern.finditer(text):
+        if m.start() < pos:  # inside whitespace a token ate
+            continue
         out += sp.encode(text[pos:m.start()]) if m.start() > pos else []
         out.append(ids[m.group()])
         pos = m.end()
+        while m.group() in rstrip and pos < len(text) and text[pos] in " \t\n\r\v\f":
+            pos += 1
     return out + (sp.encode(text[pos:]) if pos < len(text) else [])
 
 
@@ -126,6 +131,22 @@ def test_sentencepiece_chat(spm_files):
     assert ids.count(tok.control_ids["<|im_end|>"]) == 2 and len(mask) == len(ids)
     ids, _ = get_template("llama2", tok).render(tok, msgs)  # writes <s> itself: no second BOS
     assert ids[0] == sp.bos_id() and ids[1] != sp.bos_id()
+
+
+def test_phi3_tokens_eat_the_whitespace_after_them(spm_files, tmp_path):
+    """llama.cpp's rule for files named Phi-3: every matched token but <unk>, <s> and <|endoftext|>
+    drops the whitespace after it. (llama.cpp drops ASCII whitespace; strings with other whitespace
+    right after a token are left out.)"""
+    sp, _ = spm_files
+    tok = load(write_sentencepiece_gguf(tmp_path / "phi3.gguf", sp, name="Phi-3 mini"))
+    ids = {t: sp.piece_to_id(t) for t in USER + SPM_CONTROL}
+    eat = set(USER + SPM_CONTROL) - {"<unk>", "<s>"}
+    ascii_only = [s for s in STRINGS if not re.search(f"(?:{_SPECIAL_RE.pattern})\\s*[^\\S \\t\\n\\r\\v\\f]", s)]
+    assert len(ascii_only) > 400
+    assert [tok.encode_template(s) for s in ascii_only] == \
+        [llama_cpp_fragments(sp, s, _SPECIAL_RE, ids, eat) for s in ascii_only]
+    assert [tok.encode_text(s) for s in ascii_only] == \
+        [llama_cpp_fragments(sp, s, _USER_RE, ids, eat) for s in ascii_only]
 
 
 def test_saved_and_reloaded(spm_files, tmp_path):

@@ -113,8 +113,9 @@ def build(meta: dict, source: str) -> tuple[HFTokenizer, dict]:
     control = [t for t, k in zip(tokens, types) if k in (UNKNOWN, CONTROL) or t in CONTROL_TEXTS]
     control_set = set(control)
     user = [t for t, k in zip(tokens, types) if k == USER_DEFINED and t not in control_set]
-    hf.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in control])
-    hf.add_tokens([AddedToken(t, special=False, normalized=False) for t in user])
+    rstrip = _rstrip(meta)
+    hf.add_special_tokens([AddedToken(t, special=True, normalized=False, rstrip=rstrip(t)) for t in control])
+    hf.add_tokens([AddedToken(t, special=False, normalized=False, rstrip=rstrip(t)) for t in user])
 
     def tok(key, default=None):
         i = meta.get(f"tokenizer.ggml.{key}", default)
@@ -130,6 +131,15 @@ def build(meta: dict, source: str) -> tuple[HFTokenizer, dict]:
         if facts[flag] and facts[token] is None:
             raise UserError(f"{source}: tokenizer.ggml.{flag}_token is true, but the file names no {token}")
     return hf, facts
+
+
+def _rstrip(meta: dict):
+    """Which matched tokens eat the whitespace after them: llama.cpp does that for Phi-3 (found by
+    `general.name`), for all of them but `<unk>`, `<s>` and `<|endoftext|>`."""
+    name = str(meta.get("general.name", "")).lower()
+    if "phi-3" not in name and "phi3" not in name:
+        return lambda t: False
+    return lambda t: t not in ("<unk>", "<s>", "<|endoftext|>")
 
 
 def _vocab(tokens: list[str], source: str) -> dict[str, int]:

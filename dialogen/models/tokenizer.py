@@ -263,7 +263,8 @@ def _without_added_tokens(hf: HFTokenizer, text_tokens=()) -> HFTokenizer:
     matched in text. It shares `hf`'s model and pipeline (a copy through JSON took half a second
     for 49k tokens)."""
     plain = HFTokenizer(hf.model)
-    plain.add_tokens([AddedToken(t, special=False, normalized=False) for t in text_tokens])
+    keep = set(text_tokens)  # as `hf` matches them (a token may eat the whitespace after it)
+    plain.add_tokens([t for t in hf.get_added_tokens_decoder().values() if t.content in keep])
     plain.normalizer, plain.pre_tokenizer = hf.normalizer, hf.pre_tokenizer
     plain.post_processor, plain.decoder = hf.post_processor, hf.decoder
     if hf.truncation:
