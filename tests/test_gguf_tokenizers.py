@@ -16,6 +16,7 @@ from gguf_vocabs import (BPE_USER, CONTROL, USER, strings, train_byte_level, tra
 
 from dialogen.errors import UserError
 from dialogen.models import gguf_vocab
+from dialogen.models.gguf_export import pre_name
 from dialogen.models.gguf_file import read_gguf
 from dialogen.models.tokenizer import Tokenizer
 
@@ -205,6 +206,7 @@ def test_pre_tokenizer_is_llama_cpps_regexes(bpe, pre):
         got = b"".join(_bytes_of(p) + b"\0" for p, _ in pieces)
         assert got == b"".join(p.encode() + b"\0" for p in regex_split(s, patterns)), s
         assert tok.decode(tok.encode_text(s)) == s
+    assert gguf_vocab.split_patterns(pre_name(tok)) == patterns  # `dialogen export --gguf` names it again
 
 
 @pytest.mark.parametrize("pre", ["gpt-2", "llama-bpe", "qwen2", "tekken"])
