@@ -11,8 +11,17 @@ import re
 
 import pytest
 import regex
-from gguf_vocabs import (BPE_USER, CONTROL, USER, strings, train_byte_level, train_sentencepiece,
-                         write_byte_level_gguf, write_sentencepiece_gguf)
+from gguf_vocabs import (
+    BPE_USER,
+    CONTROL,
+    USER,
+    strings,
+    train_byte_level,
+    train_sentencepiece,
+    write_byte_level_gguf,
+    write_sentencepiece_gguf,
+)
+from transformers.convert_slow_tokenizer import bytes_to_unicode
 
 from dialogen.errors import UserError
 from dialogen.models import gguf_vocab
@@ -184,14 +193,11 @@ def regex_split(text: str, patterns) -> list[str]:
     return pieces
 
 
-def _bytes_of(piece: str, back={}) -> bytes:
-    if not back:
-        from transformers.convert_slow_tokenizer import bytes_to_unicode
-
-        back.update({c: b for b, c in bytes_to_unicode().items()})
-    return bytes(back[c] for c in piece)
+def _bytes_of(piece: str) -> bytes:
+    return bytes(_BYTES[c] for c in piece)
 
 
+_BYTES = {c: b for b, c in bytes_to_unicode().items()}  # GPT-2's printable stand-in -> byte
 PRES = ["gpt-2", "smollm", "llama-bpe", "qwen2", "tekken", "gpt-4o", "deepseek-coder", "falcon",
         "default", "starcoder", "stablelm2"]
 
