@@ -9,7 +9,11 @@ Prints one line per file with the match counts, and the first mismatches; the ex
 any string differs. llama.cpp comes from llama-cpp-python (`make bench-peers`) and reads only the
 vocabulary (`vocab_only`).
 
-    nice .venv/bin/python bench/tokenizer_parity.py FILE.gguf [FILE.gguf ...] [--show 3]
+`--fixtures DIR` also writes the tests' vocabularies there and checks them: a SentencePiece model
+trained with `sentencepiece` (with and without the space in front, and named Phi-3) and a
+byte-level BPE under each `pre` name the tests cover.
+
+    nice .venv/bin/python bench/tokenizer_parity.py [FILE.gguf ...] [--fixtures DIR] [--show 3]
 """
 
 import argparse
@@ -18,7 +22,18 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 
-from gguf_vocabs import strings  # noqa: E402
+import gguf_vocabs as V  # noqa: E402
+
+PRES = ["gpt-2", "smollm", "llama-bpe", "qwen2", "tekken", "gpt-4o", "deepseek-coder", "falcon", "default"]
+
+
+def fixtures(where: Path) -> list[Path]:
+    sp = V.train_sentencepiece()
+    files = [V.write_sentencepiece_gguf(where / "spm.gguf", sp),
+             V.write_sentencepiece_gguf(where / "spm-no-prefix.gguf", sp, add_space_prefix=False),
+             V.write_sentencepiece_gguf(where / "spm-phi3.gguf", sp, name="Phi-3 mini")]
+    tokens, merges = V.train_byte_level()
+    return files + [V.write_byte_level_gguf(where / f"bpe-{pre}.gguf", tokens, merges, pre) for pre in PRES]
 
 
 def llama_cpp_vocab(path: Path):
@@ -55,7 +70,8 @@ def compare(path: Path, texts: list[str], show: int) -> bool:
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("files", nargs="+", type=Path)
+    ap.add_argument("files", nargs="*", type=Path)
+    ap.add_argument("--fixtures", type=Path, help="write the tests' vocabularies to this directory and check them too")
     ap.add_argument("--show", type=int, default=3, help="mismatching strings printed per file")
     args = ap.parse_args()
     try:
@@ -65,8 +81,11 @@ def main():
     for f in args.files:
         if not f.is_file():
             sys.exit(f"tokenizer_parity: {f}: no such file")
-    texts = strings()
-    ok = [compare(f, texts, args.show) for f in args.files]
+    files = args.files + (fixtures(args.fixtures) if args.fixtures else [])
+    if not files:
+        sys.exit("tokenizer_parity: give GGUF files, --fixtures DIR, or both")
+    texts = V.strings()
+    ok = [compare(f, texts, args.show) for f in files]
     sys.exit(0 if all(ok) else 1)
 
 

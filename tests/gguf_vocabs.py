@@ -55,6 +55,7 @@ def _writer(path, arch: str = "llama"):
     w.add_embedding_length(8)
     w.add_feed_forward_length(8)
     w.add_head_count(1)
+    w.add_layer_norm_rms_eps(1e-5)  # llama.cpp reads the hyperparameters even for the vocabulary alone
     return w
 
 
