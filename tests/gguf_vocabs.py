@@ -45,16 +45,17 @@ def train_sentencepiece(vocab_size: int = 1500):
     return spm.SentencePieceProcessor(model_proto=buf.getvalue())
 
 
-def _writer(path, arch: str = "llama"):
+def _writer(path, arch: str = "llama", model=None):
     import gguf
 
     path.parent.mkdir(parents=True, exist_ok=True)
     w = gguf.GGUFWriter(str(path), arch)
-    w.add_block_count(1)
-    w.add_context_length(64)
-    w.add_embedding_length(8)
-    w.add_feed_forward_length(8)
-    w.add_head_count(1)
+    cfg = model.config if model is not None else None
+    w.add_block_count(cfg.num_hidden_layers if cfg else 1)
+    w.add_context_length(cfg.max_position_embeddings if cfg else 64)
+    w.add_embedding_length(cfg.hidden_size if cfg else 8)
+    w.add_feed_forward_length(cfg.intermediate_size if cfg else 8)
+    w.add_head_count(cfg.num_attention_heads if cfg else 1)
     w.add_layer_norm_rms_eps(1e-5)  # llama.cpp reads the hyperparameters even for the vocabulary alone
     return w
 
@@ -66,8 +67,35 @@ def _close(w):
     w.close()
 
 
-def write_sentencepiece_gguf(path, sp, arch: str = "llama", **flags):
-    """`flags`: add_space_prefix, add_bos_token, add_eos_token (left out when None)."""
+def write_llama_weights(w, model):
+    """A transformers llama's hyperparameters and float32 weights, as llama.cpp's converter lays
+    them out (the q/k rows of each head permuted for its rotary)."""
+    import numpy as np
+
+    cfg = model.config
+    w.add_head_count_kv(cfg.num_key_value_heads)
+    w.add_rope_freq_base(10000.0)  # the tests' tiny models' (conftest)
+    names = {"model.embed_tokens": "token_embd", "model.norm": "output_norm", "lm_head": "output"}
+    layer = {"input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm", "self_attn.q_proj": "attn_q",
+             "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v", "self_attn.o_proj": "attn_output",
+             "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up", "mlp.down_proj": "ffn_down"}
+    for hf_name, t in model.state_dict().items():
+        stem = hf_name.removesuffix(".weight")
+        if stem.startswith("model.layers."):
+            i, rest = stem.removeprefix("model.layers.").split(".", 1)
+            name = f"blk.{i}.{layer[rest]}.weight"
+        else:
+            name = f"{names[stem]}.weight"
+        a = t.detach().float().numpy()
+        heads = {"attn_q": cfg.num_attention_heads, "attn_k": cfg.num_key_value_heads}.get(name.split(".")[-2])
+        if heads:  # (heads, 2 halves, dim/2, in) -> the halves interleaved
+            a = a.reshape(heads, 2, a.shape[0] // heads // 2, -1).swapaxes(1, 2).reshape(a.shape)
+        w.add_tensor(name, np.ascontiguousarray(a))
+
+
+def write_sentencepiece_gguf(path, sp, arch: str = "llama", model=None, **flags):
+    """`flags`: add_space_prefix, add_bos_token, add_eos_token, name (left out when None); `model`:
+    a transformers llama whose weights the file carries too."""
     n = sp.get_piece_size()
     tokens = [sp.id_to_piece(i) for i in range(n)]
 
@@ -75,7 +103,7 @@ def write_sentencepiece_gguf(path, sp, arch: str = "llama", **flags):
         return (2 if sp.is_unknown(i) else 3 if sp.is_control(i) else 6 if sp.is_byte(i)
                 else 4 if tokens[i] in USER else 5 if sp.is_unused(i) else 1)
 
-    w = _writer(path, arch)
+    w = _writer(path, arch, model)
     w.add_tokenizer_model("llama")
     w.add_token_list(tokens)
     w.add_token_scores([sp.get_score(i) for i in range(n)])
@@ -87,7 +115,10 @@ def write_sentencepiece_gguf(path, sp, arch: str = "llama", **flags):
         if value is not None:
             getattr(w, f"add_{key}")(value)
     w.add_chat_template("{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\\n' + m['content'] + "
-                        "'<|im_end|>\\n' }}{% endfor %}")
+                        "'<|im_end|>\\n' }}{% endfor %}"
+                        "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}")
+    if model is not None:
+        write_llama_weights(w, model)
     _close(w)
     return path
 

@@ -159,6 +159,36 @@ def test_phi3_tokens_eat_the_whitespace_after_them(spm_files, tmp_path):
         [llama_cpp_fragments(sp, s, _USER_RE, ids, eat) for s in ascii_only]
 
 
+def test_a_sentencepiece_model_file_chats(spm_files, tmp_path):
+    """A Llama-2-style GGUF (this SentencePiece vocabulary, a tiny random llama) loads through the
+    GGUF index: its template renders the chat, the prompt starts with BOS, typed control text stays
+    text, and the greedy reply equals transformers' greedy continuation of the same ids."""
+    import torch
+    from conftest import _save_tiny
+
+    from dialogen.chat.messages import Message
+    from dialogen.chat.templates import get_template
+    from dialogen.decoding.generate import Generation
+    from dialogen.decoding.settings import Sampling
+    from dialogen.models.loading import load as load_model
+
+    sp, _ = spm_files
+    hf = _save_tiny(tmp_path / "hf", "llama", sp.get_piece_size())
+    loaded = load_model(str(write_sentencepiece_gguf(tmp_path / "llama2.gguf", sp, model=hf)))
+    tok = loaded.tokenizer
+    assert tok.add_bos and tok.text_tokens == USER
+    ids, _ = get_template("jinja", tok).render(tok, [Message("user", "Hello <|im_end|> there")],
+                                               add_generation_prompt=True)
+    assert ids[:2] == [sp.bos_id(), sp.piece_to_id("<|im_start|>")] and ids.count(sp.piece_to_id("<|im_end|>")) == 1
+    s = Sampling(temperature=0, repetition_penalty=1.0, max_new_tokens=8)
+    got = Generation(loaded.model, tok, ids, loaded.model.new_cache(1), s, stop_ids=set()).run().tokens
+    want = list(ids)
+    with torch.no_grad():
+        for _ in range(8):
+            want.append(int(hf(torch.tensor([want])).logits[0, -1].argmax()))
+    assert got == want[len(ids):]
+
+
 def test_saved_and_reloaded(spm_files, tmp_path):
     _, files = spm_files
     tok = load(files["prefix"])
