@@ -288,3 +288,17 @@ def test_unknown_model_or_pre_is_one_line(bpe, spm_files):
     del meta["tokenizer.ggml.scores"]
     with pytest.raises(UserError, match=r"^x\.gguf: tokenizer\.ggml\.scores"):
         Tokenizer.from_gguf(meta, "x.gguf")
+
+
+def test_cli_refuses_an_unknown_pre_tokenizer_in_one_line(bpe, tmp_path, capsys):
+    import json
+
+    from dialogen.cli import main
+
+    d, tokens, merges = bpe
+    path = write_byte_level_gguf(tmp_path / "new.gguf", tokens, merges, "brand-new-pre")
+    msgs = tmp_path / "m.json"
+    msgs.write_text(json.dumps([{"role": "user", "content": "hi"}]))
+    assert main(["generate", str(msgs), "--model", str(path)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "new.gguf: tokenizer.ggml.pre 'brand-new-pre' is not supported" in err and "\n" not in err
