@@ -13,13 +13,30 @@ from . import kernels
 
 
 class RMSNorm(nn.Module):
-    def __init__(self, dim: int, eps: float):
+    """x / rms(x) * (offset + weight): offset 0 (llama), or 1 with weights stored around 0 (gemma)."""
+
+    def __init__(self, dim: int, eps: float, offset: float = 0.0):
         super().__init__()
-        self.eps = eps
-        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps, self.offset = eps, offset
+        self.weight = nn.Parameter(torch.ones(dim) if not offset else torch.zeros(dim))
 
     def forward(self, x):
-        return F.rms_norm(x, self.weight.shape, self.weight, self.eps)
+        w = self.weight if not self.offset else self.weight + self.offset
+        return F.rms_norm(x, self.weight.shape, w, self.eps)
+
+
+ACTIVATIONS = {"silu": F.silu, "gelu": F.gelu, "gelu_tanh": lambda x: F.gelu(x, approximate="tanh"), "relu": F.relu}
+
+
+def activate(x, act: str | None):
+    """`act` of x: None (nothing), "gelu" (GPT-2's tanh GELU), "swiglu" (silu(gate) * up over the
+    two halves of x) or "glu_<activation>" (the same with another activation)."""
+    if act is None:
+        return x
+    if act == "gelu":
+        return F.gelu(x, approximate="tanh")
+    gate, up = x.chunk(2, dim=-1)
+    return ACTIVATIONS["silu" if act == "swiglu" else act.removeprefix("glu_")](gate) * up
 
 
 KERNEL_ROWS = 64  # decode steps of up to this many rows use a Linear's decode copy, so a row's logits
@@ -66,11 +83,11 @@ class Linear(nn.Linear):
         # a decode step: one new token for each of a few rows (B, 1, d)
         decode = inference and (self.everywhere or x.dim() == 3 and x.shape[1] == 1 and rows <= KERNEL_ROWS)
         if inference and self.packed is not None and kernels.enabled():  # blocks serve prompts too
-            fused = isinstance(norm, RMSNorm)
+            fused = isinstance(norm, RMSNorm) and not norm.offset
             if norm is not None and not fused:
                 x = norm(x)
-            if act == "gelu":
-                x = F.gelu(x, approximate="tanh")
+            if act != "swiglu":
+                x = activate(x, act)
             out = None if residual is None else residual.view(rows, -1)
             kind, _ = kernels.weight_args(self)
             y = kernels.qmatmul(kind, self.packed if self.tiled is None else self.tiled, self.out_features, self.in_features,
@@ -79,11 +96,7 @@ class Linear(nn.Linear):
             return y.view(*x.shape[:-1], -1)
         if norm is not None:
             x = norm(x)
-        if act == "swiglu":
-            gate, up = x.chunk(2, dim=-1)
-            x = F.silu(gate) * up
-        elif act == "gelu":
-            x = F.gelu(x, approximate="tanh")
+        x = activate(x, act)
         c = self.compact
         if c is None or not decode:
             y = F.linear(x, self.float_weight(), self.bias)
