@@ -365,8 +365,16 @@ class Transformer(nn.Module):
         if T > 1 and isinstance(cache, KVCache) and cache.batch == 1 and positions is None and key_mask is None \
                 and self.prompts_as_rows and self._native(cache):  # a prompt: rows of one native step (CacheBatch)
             return self.trunk(ids.view(T, 1), CacheBatch([cache], [T])).view(1, T, -1)
+        if self._recomputes(cache, T):
+            if positions is not None or key_mask is not None:
+                raise ValueError("a padded batch cannot pass LongRoPE's switch point")
+            past, cache.length = cache.ids[:, : cache.length].clone(), 0
+            return self.trunk(torch.cat([past, ids], dim=1), cache)[:, -T:]
         if positions is None:
             positions = cache.positions(B, T) if cache is not None else torch.arange(T).expand(B, T)
+        if getattr(cache, "ids", None) is not None:
+            cache.reserve(T)
+            cache.ids[:, cache.length : cache.length + T] = ids
         x = self.embed(ids)
         cfg = self.cfg
         if cfg.embed_scale != 1:
@@ -380,7 +388,6 @@ class Transformer(nn.Module):
             rope = rope_tables(cfg, positions)
         if cache is not None:
             cache.reserve(T)
-            self._switch_rope(cache, T)
         step = self._step(B, T, rope, cache, key_mask)
         if cfg.local_rope_theta:
             step.local_rope = rope_tables(cfg, positions, local=True)
@@ -404,20 +411,11 @@ class Transformer(nn.Module):
         return (self.native_reason is None and cache.dtype == torch.float32 and not torch.is_grad_enabled()
                 and kernels.enabled())
 
-    def _switch_rope(self, cache, T: int):
-        """LongRoPE: once a sequence passes the switch point every position takes the long factors, so
-        the keys already cached are turned from their short-factor angles to the long ones."""
-        cfg = self.cfg
-        at = rotary.switches(cfg.rope)
-        if at is None or not isinstance(cache, KVCache) or not (0 < cache.length <= at < cache.length + T):
-            return
-        args = (cfg.rope_theta, cfg.rotary_dim, cfg.max_seq_len)
-        delta = rotary.inv_freq(cfg.rope, *args, at + 1)[0] - rotary.inv_freq(cfg.rope, *args, at)[0]
-        angles = torch.arange(cache.length, dtype=torch.float32)[:, None] * delta  # (L, rotary_dim/2)
-        emb = torch.cat([angles, angles], dim=-1)
-        cos, sin = emb.cos().to(cache.dtype), emb.sin().to(cache.dtype)
-        for k in cache.k:
-            k[:, :, : cache.length] = apply_rope(k[:, :, : cache.length], cos, sin)
+    def _recomputes(self, cache, T: int) -> bool:
+        """LongRoPE: once a sequence passes the switch point every position takes the long factors,
+        so a cache filled before it is computed again (as transformers does)."""
+        at = rotary.switches(self.cfg.rope)
+        return at is not None and isinstance(cache, KVCache) and 0 < cache.length <= at < cache.length + T
 
     def _step(self, B: int, T: int, rope, cache, key_mask) -> Step:
         if T == 1 and cache is not None and self._native(cache):

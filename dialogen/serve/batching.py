@@ -19,7 +19,7 @@ from ..models.transformer import CacheBatch, Transformer
 
 
 def can_batch(model) -> bool:
-    return isinstance(model, Transformer) and kernels.enabled()
+    return isinstance(model, Transformer) and model.native_reason is None and kernels.enabled()
 
 
 @torch.inference_mode()
