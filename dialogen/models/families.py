@@ -30,7 +30,8 @@ INERT = frozenset({
 # Config field -> config.json key, for the sizes every rotary family reads
 ROTARY_SIZES = {"vocab_size": "vocab_size", "n_layer": "num_hidden_layers", "n_head": "num_attention_heads",
                 "n_kv_head": "num_key_value_heads", "d_model": "hidden_size", "d_ff": "intermediate_size",
-                "head_dim": "head_dim", "max_seq_len": "max_position_embeddings", "norm_eps": "rms_norm_eps"}
+                "head_dim": "head_dim", "max_seq_len": "max_position_embeddings", "norm_eps": "rms_norm_eps",
+                "rope_theta": "rope_theta"}
 GPT2_SIZES = {"vocab_size": "vocab_size", "n_layer": "n_layer", "n_head": "n_head", "n_kv_head": "n_head",
               "d_model": "n_embd", "d_ff": "n_inner", "head_dim": "n_embd", "max_seq_len": "n_positions",
               "norm_eps": "layer_norm_epsilon"}
@@ -195,6 +196,8 @@ def _rope(c: dict, file: str, mt: str, head_dim: int, max_pos: int) -> dict:
     params = dict(params)
     theta = params.pop("rope_theta", None) or _number(c, file, "rope_theta") or (1e6 if mt == "gemma3_text" else 1e4)
     partial = params.pop("partial_rotary_factor", None) or _number(c, file, "partial_rotary_factor") or 1.0
+    for name, v in (("rope_theta", theta), ("partial_rotary_factor", partial)):
+        _number({name: v}, f"{file}: {key}", name)
     if partial != 1 and mt != "phi3":
         refuse(file, "partial_rotary_factor", partial, f"model_type {mt} rotates whole heads")
     kind = rotary.kind(params)
