@@ -20,7 +20,8 @@ from dialogen.models.tokenizer import Tokenizer
 VOCAB = 260
 WINDOW = 8
 SIZES = dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=48, num_hidden_layers=3, num_attention_heads=4,
-             num_key_value_heads=2, head_dim=16, max_position_embeddings=64, rms_norm_eps=1e-5)
+             num_key_value_heads=2, head_dim=16, max_position_embeddings=64, rms_norm_eps=1e-5, pad_token_id=0,
+             bos_token_id=1, eos_token_id=2)
 LONGROPE = {"rope_type": "longrope", "rope_theta": 10000.0, "short_factor": [1.0 + i / 10 for i in range(8)],
             "long_factor": [1.0 + i / 3 for i in range(8)]}
 
@@ -47,6 +48,10 @@ CASES = {  # name -> (config class, its arguments)
         layer_types=["sliding_attention", "full_attention", "sliding_attention"])),
     "phi3": (transformers.Phi3Config, dict(original_max_position_embeddings=16, rope_parameters=dict(LONGROPE))),
     "phi3-partial": (transformers.Phi3Config, dict(rope_parameters={"rope_theta": 1e4, "partial_rotary_factor": 0.5})),
+    "granite": (transformers.GraniteConfig, dict(embedding_multiplier=3.0, attention_multiplier=0.2,
+                                                 residual_multiplier=0.5, logits_scaling=2.0)),
+    "smollm3": (transformers.SmolLM3Config, dict(use_sliding_window=True, sliding_window=WINDOW,
+                                                 no_rope_layer_interval=2)),
     "gpt2": (transformers.GPT2Config, dict(vocab_size=VOCAB, n_embd=32, n_layer=3, n_head=4, n_positions=64)),
 }
 
@@ -70,7 +75,7 @@ def build(path, cls, kwargs: dict, seed: int = 0):
     sizes = {} if cls is transformers.GPT2Config else dict(SIZES)
     if cls is transformers.Phi3Config:  # phi3's head width is hidden_size / heads
         sizes.pop("head_dim")
-        sizes.update(hidden_size=64, pad_token_id=0, eos_token_id=1, bos_token_id=2)
+        sizes["hidden_size"] = 64
     cfg = cls(**{**sizes, **kwargs})
     cfg._attn_implementation = "eager"
     torch.manual_seed(seed)

@@ -71,6 +71,12 @@ FAMILIES = {f.name: f for f in (
            "is global)", ("hidden_act",)),
     Family("phi3", (*ROPE_KEYS, "original_max_position_embeddings", "hidden_act", "sliding_window"),
            "fused qkv_proj and gate_up_proj, longrope, partial rotary"),
+    Family("granite", (*ROPE_KEYS, "attention_bias", "mlp_bias", "hidden_act", "embedding_multiplier",
+                       "attention_multiplier", "residual_multiplier", "logits_scaling"),
+           "llama's, plus embedding, attention, residual and logit multipliers"),
+    Family("smollm3", (*ROPE_KEYS, "attention_bias", "mlp_bias", "hidden_act", "no_rope_layers",
+                       "no_rope_layer_interval", "use_sliding_window", "sliding_window", "layer_types"),
+           "llama's, plus layers without rotary (no_rope_layers) and sliding window on those"),
     Family("gpt2", ("activation_function", "scale_attn_weights", "scale_attn_by_inverse_layer_idx",
                     "reorder_and_upcast_attn", "add_cross_attention"),
            "learned positions, LayerNorm, GELU (tanh) MLP, fused biased projections",
@@ -270,6 +276,27 @@ def _llama(c, file, n_layer) -> dict:
             "act": _act(c, file, "hidden_act", "silu")}
 
 
+def _granite(c, file, n_layer) -> dict:
+    scaling = _number(c, file, "logits_scaling") or 1.0
+    return {**_llama(c, file, n_layer), "embed_scale": _number(c, file, "embedding_multiplier") or 1.0,
+            "attn_scale": _number(c, file, "attention_multiplier") or 1.0,
+            "residual_scale": _number(c, file, "residual_multiplier") or 1.0, "logit_scale": 1.0 / scaling}
+
+
+def _smollm3(c, file, n_layer) -> dict:
+    every = _size(c, file, "no_rope_layer_interval") or 4
+    rotary = c.get("no_rope_layers")
+    if rotary is None:
+        rotary = [int((i + 1) % every != 0) for i in range(n_layer)]
+    if not isinstance(rotary, list) or len(rotary) != n_layer or set(rotary) - {0, 1}:
+        refuse(file, "no_rope_layers", rotary, f"expected {n_layer} of 0 / 1")
+    window = _size(c, file, "sliding_window")
+    slide = _flag(c, file, "use_sliding_window") and window
+    default = [SLIDING if slide and not r else FULL for r in rotary]
+    return {**_llama(c, file, n_layer), "nope_layers": [i for i, r in enumerate(rotary) if not r],
+            **_windows(c, file, n_layer, default, window)}
+
+
 def _gpt2(c: dict, file: str) -> dict:
     act = c.get("activation_function") or "gelu_new"
     if ACT.get(act) != "gelu_tanh":
@@ -294,6 +321,8 @@ READERS = {
     "gemma": lambda c, f, n: {**_gemma_common(c, f, n),
                               "act": "gelu_tanh" if c.get("hidden_act") in (None, "gelu") else _act(c, f, "hidden_act", "")},
     "gemma2": _gemma2,
+    "granite": _granite,
+    "smollm3": _smollm3,
     "gemma3_text": lambda c, f, n: _gemma2(c, f, n, pattern=6, qk_norm=True),
     "phi3": lambda c, f, n: {"act": _act(c, f, "hidden_act", "silu"),
                              **_windows(c, f, n, [SLIDING] * n, _size(c, f, "sliding_window"))},

@@ -91,9 +91,7 @@ def config_to_hf(cfg: Config) -> dict:
     sizes); a model of ours is written as llama or gpt2."""
     if cfg.extra.get("hf"):
         return {**cfg.extra["hf"], **_sizes_to_hf(cfg)}
-    llama = cfg.arch == "llama"  # (gpt2's biases and activation are fixed)
-    plain = Config(arch=cfg.arch, attn_bias=cfg.attn_bias, o_bias=cfg.attn_bias and llama, act="silu" if llama else cfg.act)
-    odd = [f.name for f in fields(Config) if f.name not in SIZE_FIELDS and getattr(cfg, f.name) != getattr(plain, f.name)]
+    odd = beyond_plain(cfg)
     if odd:
         raise UserError(f"a model with {', '.join(odd)} set has no Hugging Face config.json to be written as "
                         "(it was not read from one)")
@@ -102,6 +100,13 @@ def config_to_hf(cfg: Config) -> dict:
                 "n_ctx": cfg.max_seq_len, "activation_function": "gelu_new"}
     return {"model_type": "llama", "architectures": ["LlamaForCausalLM"], **_sizes_to_hf(cfg),
             "rope_theta": cfg.rope_theta, "attention_bias": cfg.attn_bias, "hidden_act": "silu"}
+
+
+def beyond_plain(cfg: Config) -> list[str]:
+    """The Config fields that take `cfg` beyond a plain llama (or gpt2) model's math."""
+    llama = cfg.arch == "llama"  # (gpt2's biases and activation are fixed)
+    plain = Config(arch=cfg.arch, attn_bias=cfg.attn_bias, o_bias=cfg.attn_bias and llama, act="silu" if llama else cfg.act)
+    return [f.name for f in fields(Config) if f.name not in SIZE_FIELDS and getattr(cfg, f.name) != getattr(plain, f.name)]
 
 
 def _sizes_to_hf(cfg: Config) -> dict:

@@ -51,6 +51,7 @@ class Config:
     local_rope_theta: float = 0.0  # rotary base of the sliding-window layers (plain rotary); 0 -> rope_theta
     window: int = 0  # sliding window: a query at i sees keys j with i - window < j <= i
     window_layers: list = field(default_factory=list)  # the layers that slide
+    nope_layers: list = field(default_factory=list)  # the layers without rotary positions (smollm3)
     norm_offset: float = 0.0  # RMSNorm multiplies by (norm_offset + weight): 1 for gemma
     embed_scale: float = 1.0  # embeddings times this (gemma: sqrt(d_model))
     qk_norm: bool = False  # RMSNorm over each head's q and k before rotary
@@ -86,7 +87,7 @@ def native_attention_reason(cfg: Config) -> str | None:
               (cfg.attn_scale and abs(cfg.attn_scale - cfg.head_dim ** -0.5) > 1e-12, "a custom attention scale"),
               (cfg.rotary_dim != cfg.head_dim, "partial rotary"),
               (rotary.kind(cfg.rope) in ("dynamic", "longrope"), "rotary tables that change with the length"),
-              (cfg.local_rope_theta, "a second rotary base")]
+              (cfg.local_rope_theta, "a second rotary base"), (cfg.nope_layers, "layers without rotary")]
     return next((why for bad, why in checks if bad), None)
 
 
@@ -149,6 +150,7 @@ class Attention(nn.Module):
         super().__init__()
         self.cfg, self.layer = cfg, layer
         self.sliding = cfg.sliding(layer)
+        self.rotary = layer not in cfg.nope_layers
         hd, nh, nkv = cfg.head_dim, cfg.n_head, cfg.n_kv_head
         gpt2 = cfg.arch == "gpt2"
         self.qkv = Linear(cfg.d_model, (nh + 2 * nkv) * hd, bias=cfg.attn_bias or gpt2)
@@ -173,7 +175,7 @@ class Attention(nn.Module):
         if cfg.qk_norm:
             q, k = self.q_norm(q), self.k_norm(k)
         rope = step.local_rope if self.sliding and step.local_rope is not None else step.rope
-        if rope is not None:
+        if rope is not None and self.rotary:
             q, k = apply_rope(q, *rope), apply_rope(k, *rope)
         cache = step.cache
         if cache is not None:
