@@ -52,6 +52,7 @@ CASES = {  # name -> (config class, its arguments)
                                                  residual_multiplier=0.5, logits_scaling=2.0)),
     "smollm3": (transformers.SmolLM3Config, dict(use_sliding_window=True, sliding_window=WINDOW,
                                                  no_rope_layer_interval=2)),
+    "olmo2": (transformers.Olmo2Config, dict(attention_bias=True)),
     "gpt2": (transformers.GPT2Config, dict(vocab_size=VOCAB, n_embd=32, n_layer=3, n_head=4, n_positions=64)),
 }
 

@@ -37,7 +37,7 @@ def expected_shapes(cfg: Config) -> dict[str, tuple[tuple[int, ...], tuple[str, 
         out[b + "attn.qkv.weight"] = ((qkv, d), (*heads, "d_model"))
         out[b + "attn.o_proj.weight"] = ((d, cfg.n_head * hd), ("d_model", *heads))
         out[b + "mlp.down.weight"] = ((d, f), ("d_model", "d_ff"))
-        for norm in ("norm1", "norm2"):
+        for norm in ("norm1", "norm2") if cfg.pre_norms else ():
             out[b + norm + ".weight"] = ((d,), ("d_model",))
         if cfg.arch == "gpt2":
             out[b + "mlp.up.weight"] = ((f, d), ("d_ff", "d_model"))
@@ -48,8 +48,8 @@ def expected_shapes(cfg: Config) -> dict[str, tuple[tuple[int, ...], tuple[str, 
             out[b + "mlp.gate_up.weight"] = ((2 * f, d), ("d_ff", "d_model"))
             optional = [(cfg.attn_bias, "attn.qkv.bias", (qkv,), heads), (cfg.o_bias, "attn.o_proj.bias", (d,), ("d_model",)),
                         (cfg.mlp_bias, "mlp.gate_up.bias", (2 * f,), ("d_ff",)), (cfg.mlp_bias, "mlp.down.bias", (d,), ("d_model",)),
-                        (cfg.qk_norm, "attn.q_norm.weight", (hd,), ("head_dim",)),
-                        (cfg.qk_norm, "attn.k_norm.weight", (hd,), ("head_dim",)),
+                        (cfg.qk_norm, "attn.q_norm.weight", ((cfg.n_head if cfg.qk_norm_full else 1) * hd,), heads),
+                        (cfg.qk_norm, "attn.k_norm.weight", ((cfg.n_kv_head if cfg.qk_norm_full else 1) * hd,), heads),
                         (cfg.post_norms, "post_attn_norm.weight", (d,), ("d_model",)),
                         (cfg.post_norms, "post_mlp_norm.weight", (d,), ("d_model",))]
             out.update({b + name: (shape, why) for on, name, shape, why in optional if on})
@@ -144,11 +144,11 @@ def rotary_names(cfg: Config) -> list[tuple[str, tuple[str, ...]]]:
         gate_up = (m + "gate_up_proj.",) if fused else (m + "gate_proj.", m + "up_proj.")
         parts = [("attn.qkv", qkv, True, cfg.attn_bias), ("attn.o_proj", (a + "o_proj.",), True, cfg.o_bias),
                  ("mlp.gate_up", gate_up, True, cfg.mlp_bias), ("mlp.down", (m + "down_proj.",), True, cfg.mlp_bias),
-                 ("norm1", (p + "input_layernorm.",), True, False),
+                 ("norm1", (p + "input_layernorm.",), cfg.pre_norms, False),
                  ("attn.q_norm", (a + "q_norm.",), cfg.qk_norm, False), ("attn.k_norm", (a + "k_norm.",), cfg.qk_norm, False)]
-        if cfg.post_norms:  # gemma2/3: post_attention_layernorm is the attention output's norm
+        if cfg.post_norms:  # gemma2/3, olmo2: post_attention_layernorm is the attention output's norm
             parts += [("post_attn_norm", (p + "post_attention_layernorm.",), True, False),
-                      ("norm2", (p + "pre_feedforward_layernorm.",), True, False),
+                      ("norm2", (p + "pre_feedforward_layernorm.",), cfg.pre_norms, False),
                       ("post_mlp_norm", (p + "post_feedforward_layernorm.",), True, False)]
         else:
             parts.append(("norm2", (p + "post_attention_layernorm.",), True, False))

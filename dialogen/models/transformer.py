@@ -55,6 +55,8 @@ class Config:
     norm_offset: float = 0.0  # RMSNorm multiplies by (norm_offset + weight): 1 for gemma
     embed_scale: float = 1.0  # embeddings times this (gemma: sqrt(d_model))
     qk_norm: bool = False  # RMSNorm over each head's q and k before rotary
+    qk_norm_full: bool = False  # the q/k norm spans all heads at once (olmo2)
+    pre_norms: bool = True  # norms on each block's inputs (olmo2 has output norms only)
     post_norms: bool = False  # norms on the attention and MLP outputs, before the residual add
     attn_scale: float = 0.0  # softmax scale of q.k; 0 -> head_dim ** -0.5
     attn_softcap: float = 0.0  # scores -> cap * tanh(scores / cap); 0: none
@@ -155,8 +157,9 @@ class Attention(nn.Module):
         gpt2 = cfg.arch == "gpt2"
         self.qkv = Linear(cfg.d_model, (nh + 2 * nkv) * hd, bias=cfg.attn_bias or gpt2)
         self.o_proj = Linear(nh * hd, cfg.d_model, bias=cfg.o_bias or gpt2)
-        if cfg.qk_norm:  # over each head's hd values
-            self.q_norm, self.k_norm = _norm(cfg, hd), _norm(cfg, hd)
+        if cfg.qk_norm:  # over each head's hd values, or over all heads' (olmo2)
+            self.q_norm, self.k_norm = (_norm(cfg, nh * hd), _norm(cfg, nkv * hd)) if cfg.qk_norm_full else \
+                (_norm(cfg, hd), _norm(cfg, hd))
         self.scale = cfg.attn_scale or hd ** -0.5
 
     def forward(self, x, norm, step: Step, post=None):
@@ -169,10 +172,12 @@ class Attention(nn.Module):
             y = self._attend_native(qkv.view(B, -1), step)
             return self.o_proj(y.view(B, 1, -1), residual=x)
         q, k, v = qkv.split([nh * hd, nkv * hd, nkv * hd], dim=-1)
+        if cfg.qk_norm_full:
+            q, k = self.q_norm(q), self.k_norm(k)
         q = q.view(B, T, nh, hd).transpose(1, 2)  # (B, nh, T, hd)
         k = k.view(B, T, nkv, hd).transpose(1, 2)
         v = v.view(B, T, nkv, hd).transpose(1, 2)
-        if cfg.qk_norm:
+        if cfg.qk_norm and not cfg.qk_norm_full:
             q, k = self.q_norm(q), self.k_norm(k)
         rope = step.local_rope if self.sliding and step.local_rope is not None else step.rope
         if rope is not None and self.rotary:
@@ -222,9 +227,10 @@ def _norm(cfg: Config, dim: int | None = None):
 class Block(nn.Module):
     def __init__(self, cfg: Config, layer: int):
         super().__init__()
-        self.norm1, self.attn = _norm(cfg), Attention(cfg, layer)
-        self.norm2, self.mlp = _norm(cfg), MLP(cfg)
-        if cfg.post_norms:  # gemma2/3: each branch's output is normed before the residual add
+        self.norm1 = _norm(cfg) if cfg.pre_norms else None
+        self.norm2 = _norm(cfg) if cfg.pre_norms else None
+        self.attn, self.mlp = Attention(cfg, layer), MLP(cfg)
+        if cfg.post_norms:  # gemma2/3, olmo2: each branch's output is normed before the residual add
             self.post_attn_norm, self.post_mlp_norm = _norm(cfg), _norm(cfg)
         self.native = fused_block_reason(cfg) is None
 
