@@ -195,3 +195,24 @@ def test_each_field_off_its_default_is_exact_or_refused(cls, key, value, tmp_pat
     ids = prompt(3 * WINDOW)
     # float32 rounding stays near 1e-4 on these wide random weights; a detail left out shows as 1e-2 or more
     assert (ours(ids) - theirs(ids).logits).abs().max() < 2e-4
+
+
+@pytest.mark.parametrize("name", ["mistral", "gemma2", "qwen3", "llama"])
+@torch.no_grad()
+def test_decode_weights_keep_each_familys_attention(name, tmp_path):
+    """With decode weights in blocks (the native kernels' products), a family whose attention the
+    native kernel does not compute keeps the reference attention: greedy decoding through the KV
+    cache picks the tokens the whole sequence's forward pass ranks first, past the window."""
+    from dialogen.models import kernels
+
+    if not kernels.enabled():
+        pytest.skip("no native kernels (no C compiler)")
+    cls, kwargs = CASES[name]
+    build(tmp_path, cls, {**kwargs, "intermediate_size": 64})
+    model = load(str(tmp_path), dtype="int8").model
+    assert model.blocks[0].mlp.down.packed is not None
+    assert (model.native_reason is None) == (name == "llama")
+    start = prompt(6, seed=3)
+    tokens = greedy(model, start, 3 * WINDOW)
+    full = model(torch.cat([start, torch.tensor([tokens])], dim=1))[0, 5:-1].argmax(-1).tolist()
+    assert tokens == full
