@@ -19,8 +19,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import kernels, rope as rotary
-from .cache import CacheBatch, KernelTable, KVCache
+from . import rope as rotary
+from .cache import CacheBatch, KVCache
 from .family import DECODER
 from .layers import Embedding, Linear, RMSNorm, skip_init
 
@@ -81,26 +81,6 @@ class Config:
         return self.window > 0 and layer in self.window_layers
 
 
-def native_attention_reason(cfg: Config) -> str | None:
-    """Why the native attention kernel (plain softmax(q.k / sqrt(hd)) over the whole cache, full
-    rotary from per-row tables) cannot serve this model, or None when it can."""
-    checks = [(cfg.window_layers and cfg.window, "sliding-window layers"),
-              (cfg.attn_softcap, "attention soft-capping"), (cfg.qk_norm, "q/k norms"),
-              (cfg.attn_scale and abs(cfg.attn_scale - cfg.head_dim ** -0.5) > 1e-12, "a custom attention scale"),
-              (cfg.rotary_dim != cfg.head_dim, "partial rotary"),
-              (rotary.kind(cfg.rope) in ("dynamic", "longrope"), "rotary tables that change with the length"),
-              (cfg.local_rope_theta, "a second rotary base"), (cfg.nope_layers, "layers without rotary")]
-    return next((why for bad, why in checks if bad), None)
-
-
-def fused_block_reason(cfg: Config) -> str | None:
-    """Why the fused native block (a plain llama block) cannot serve this model, or None."""
-    checks = [(cfg.arch != "llama", "not a llama block"), (cfg.norm_offset, "RMSNorm with (1 + w)"),
-              (cfg.post_norms, "norms on the block outputs"), (cfg.act != "silu", f"the {cfg.act} activation"),
-              (cfg.o_bias or cfg.mlp_bias, "output or MLP biases"), (cfg.residual_scale != 1, "a residual multiplier")]
-    return native_attention_reason(cfg) or next((why for bad, why in checks if bad), None)
-
-
 def rope_tables(cfg: Config, positions: torch.Tensor, local: bool = False):
     """cos/sin of shape (B, 1, T, rotary_dim) for integer positions (B, T); `local`: the
     sliding-window layers' own base (gemma3)."""
@@ -120,9 +100,7 @@ class Step:
     cache: object  # KVCache, CacheBatch or None
     mask: torch.Tensor | None  # (B, 1, T, S) boolean, or None for plain causal attention
     key_mask: torch.Tensor | None  # (B, S) real key positions, or None
-    table: KernelTable | None = None  # set when the native kernel attends (one new token per row)
-    cos: torch.Tensor | None = None  # (B, hd/2) rotary tables of the native kernel
-    sin: torch.Tensor | None = None
+    native: object = None  # what the swapped-in native modules share for a native step (models/native.py)
     window_mask: torch.Tensor | None = None  # the sliding-window layers' mask, as `mask`
     local_rope: tuple | None = None  # the sliding-window layers' (cos, sin) when their base differs
 
@@ -168,9 +146,6 @@ class Attention(nn.Module):
         B, T, _ = x.shape
         hd, nh, nkv = cfg.head_dim, cfg.n_head, cfg.n_kv_head
         qkv = self.qkv(x, norm=norm)  # (B, T, (nh + 2 nkv) hd)
-        if step.table is not None:  # rotary, cache write and attention of one token per row, fused
-            y = self._attend_native(qkv.view(B, -1), step)
-            return self.o_proj(y.view(B, 1, -1), residual=x)
         q, k, v = qkv.split([nh * hd, nkv * hd, nkv * hd], dim=-1)
         if cfg.qk_norm_full:
             q, k = self.q_norm(q), self.k_norm(k)
@@ -192,12 +167,6 @@ class Attention(nn.Module):
         y = attend(q, k, v, step.window_mask if self.sliding else step.mask, self.scale, cfg.attn_softcap)
         y = y.transpose(1, 2).reshape(B, T, nh * hd)
         return self.o_proj(y, residual=x) if post is None else x + post(self.o_proj(y))
-
-    def _attend_native(self, qkv, step: Step):
-        cfg, t = self.cfg, step.table
-        return kernels.attend_decode(qkv, cfg.n_head, cfg.n_kv_head, cfg.head_dim, t.k[self.layer], t.v[self.layer],
-                                     t.caps, t.slots, step.key_mask, step.cos, step.sin)
-
 
 class MLP(nn.Module):
     def __init__(self, cfg: Config):
@@ -232,15 +201,8 @@ class Block(nn.Module):
         self.attn, self.mlp = Attention(cfg, layer), MLP(cfg)
         if cfg.post_norms:  # gemma2/3, olmo2: each branch's output is normed before the residual add
             self.post_attn_norm, self.post_mlp_norm = _norm(cfg), _norm(cfg)
-        self.native = fused_block_reason(cfg) is None
 
     def forward(self, x, step: Step):
-        fused = self._fused() if step.table is not None and self.native else None
-        if fused is not None:  # the whole block in one native call, on x in place (a decode step)
-            t = step.table
-            kernels.block_decode(fused, x.view(x.shape[0], -1), t.k[self.attn.layer], t.v[self.attn.layer], t.caps,
-                                 t.slots, step.key_mask, step.cos, step.sin)
-            return x
         post1, post2 = self._posts()
         return self.mlp(self.attn(x, self.norm1, step, post1), self.norm2, post2)
 
@@ -252,24 +214,6 @@ class Block(nn.Module):
                 return (lambda y: self.post_attn_norm(y) * s), (lambda y: self.post_mlp_norm(y) * s)
             return self.post_attn_norm, self.post_mlp_norm
         return ((lambda y: y * s), (lambda y: y * s)) if s != 1 else (None, None)
-
-    _fused_key = None
-
-    def _fused(self):
-        """The block's weights for the fused native step: llama blocks whose four products have blocks."""
-        lins = (self.attn.qkv, self.attn.o_proj, self.mlp.gate_up, self.mlp.down)
-        packed = tuple(m.packed for m in lins)
-        if any(p is None for p in packed) or not kernels.enabled():
-            return None
-        packed += tuple(m.tiled for m in lins)
-        if self._fused_key is None or any(a is not b for a, b in zip(packed, self._fused_key)):
-            # built once per set of decode weights; the key holds them, so their addresses stay valid
-            cfg = self.attn.cfg
-            self._fused_weights = kernels.block_weights(cfg.n_head, cfg.n_kv_head, cfg.head_dim, self.norm1,
-                                                        self.norm2, *lins)
-            self._fused_key = packed
-        return self._fused_weights
-
 
 class Transformer(nn.Module):
     """`forward(ids, cache, positions, key_mask) -> logits (B, T, V)`: the only forward pass.
@@ -283,6 +227,7 @@ class Transformer(nn.Module):
 
     family = DECODER
     reuses_prefix = True  # a kept cache is extended with a turn's new tokens (models/family.py)
+    native = None  # what `models.native.swap_in` installed (its `Swap`), or None: the reference modules
 
     def __init__(self, cfg: Config):
         super().__init__()
@@ -295,7 +240,6 @@ class Transformer(nn.Module):
         self.lm_head = Linear(cfg.d_model, cfg.vocab_size, bias=False)
         if cfg.tie_embeddings:
             self.lm_head.weight = self.embed.weight
-        self.native_reason = native_attention_reason(cfg)  # None: the native attention kernel serves it
 
     @classmethod
     def without_init(cls, cfg: Config) -> "Transformer":
@@ -308,20 +252,16 @@ class Transformer(nn.Module):
             skip_init.reset(token)
 
     def materialize(self) -> "Transformer":
-        """Make every weight left to first use (`Linear.source`)."""
-        for m in self.modules():
-            if isinstance(m, Linear):
-                m.float_weight()
+        """The reference modules back in place of the swapped-in native ones, with float32 weights
+        (dequantized from blocks where those are all the model holds)."""
+        if self.native is not None:
+            self.native.unswap(self)
         return self
 
     def train(self, mode: bool = True):
-        if mode:
+        if mode:  # training runs the reference
             self.materialize()
         return super().train(mode)
-
-    def state_dict(self, *args, **kwargs):
-        self.materialize()
-        return super().state_dict(*args, **kwargs)
 
     def new_cache(self, batch: int = 1) -> KVCache:
         return KVCache(self.cfg, batch, dtype=self.embed.weight.dtype)
@@ -370,8 +310,8 @@ class Transformer(nn.Module):
     def trunk(self, ids, cache=None, positions=None, key_mask=None):
         """The residual stream after the last block, (B, T, d)."""
         B, T = ids.shape
-        if T > 1 and isinstance(cache, KVCache) and cache.batch == 1 and positions is None and key_mask is None \
-                and self.prompts_as_rows and self._native(cache):  # a prompt: rows of one native step (CacheBatch)
+        if T > 1 and self.native is not None and self.native.prompt_as_rows(cache, positions, key_mask):
+            # a prompt: rows of one native step (a CacheBatch of one cache with T new tokens)
             return self.trunk(ids.view(T, 1), CacheBatch([cache], [T])).view(1, T, -1)
         if self._recomputes(cache, T):
             if positions is not None or key_mask is not None:
@@ -405,20 +345,6 @@ class Transformer(nn.Module):
             cache.advance(T)
         return x
 
-    @property
-    def prompts_as_rows(self) -> bool:
-        """Whether a prompt's tokens run as rows of the native step (one token per row, the whole block
-        in one call): with blocks, whose products a prompt shares with decode steps. (A float16 or
-        bfloat16 copy serves decode steps only, and float32 gains nothing: their prompts keep torch's
-        path, bit-identical between the two.)"""
-        return self.lm_head.packed is not None and self.native_reason is None
-
-    def _native(self, cache) -> bool:
-        """Whether the native kernels attend to this cache (inference, float32 keys and values, a
-        model whose attention the kernel computes)."""
-        return (self.native_reason is None and cache.dtype == torch.float32 and not torch.is_grad_enabled()
-                and kernels.enabled())
-
     def _recomputes(self, cache, T: int) -> bool:
         """LongRoPE: once a sequence passes the switch point every position takes the long factors,
         so a cache filled before it is computed again (as transformers does)."""
@@ -426,11 +352,9 @@ class Transformer(nn.Module):
         return at is not None and isinstance(cache, KVCache) and 0 < cache.length <= at < cache.length + T
 
     def _step(self, B: int, T: int, rope, cache, key_mask) -> Step:
-        if T == 1 and cache is not None and self._native(cache):
-            half = self.cfg.head_dim // 2
-            cos, sin = (None, None) if rope is None else (r[:, 0, 0, :half].contiguous() for r in rope)
-            mask = None if key_mask is None else key_mask.to(torch.uint8).contiguous()
-            return Step(rope, cache, None, mask, cache.table(), cos, sin)
+        native = None if self.native is None else self.native.step(T, rope, cache, key_mask)
+        if native is not None:
+            return Step(rope, cache, None, key_mask, native)
         if isinstance(cache, CacheBatch):
             raise RuntimeError("a CacheBatch step needs the native kernels and one new token per row")
         past = cache.length if cache is not None else 0
