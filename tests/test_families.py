@@ -135,13 +135,21 @@ def test_family_checkpoint_round_trips(name, tmp_path):
     assert json.loads((tmp_path / "b" / "config.json").read_text())["model_type"] == cls.model_type
 
 
-def test_unknown_key_and_family_are_refused_naming_the_key(tmp_path):
+def test_unknown_key_and_family_are_refused_naming_the_key(tmp_path, capsys):
+    from dialogen.cli import main
+
     build(tmp_path, transformers.LlamaConfig, {})
     conf = json.loads((tmp_path / "config.json").read_text())
     (tmp_path / "config.json").write_text(json.dumps({**conf, "quantization_config": {"bits": 4}}))
     with pytest.raises(UserError, match=r"config\.json: quantization_config=.* is not supported") as e:
         load(str(tmp_path), dtype="float32")
     assert "\n" not in str(e.value)
+    capsys.readouterr()  # (save_pretrained's progress bar)
+    msgs = tmp_path / "m.json"
+    msgs.write_text(json.dumps([{"role": "user", "content": "Hi"}]))
+    assert main(["generate", str(msgs), "--model", str(tmp_path), "--template", "chatml"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("dialogen: error: ") and "quantization_config" in err and err.count("\n") == 1
     (tmp_path / "config.json").write_text(json.dumps({**conf, "model_type": "cohere"}))
     with pytest.raises(UserError, match=r"config\.json: model_type \"cohere\" is not supported"):
         load(str(tmp_path), dtype="float32")
@@ -217,3 +225,11 @@ def test_decode_weights_keep_each_familys_attention(name, tmp_path):
     tokens = greedy(model, start, 3 * WINDOW)
     full = model(torch.cat([start, torch.tensor([tokens])], dim=1))[0, 5:-1].argmax(-1).tolist()
     assert tokens == full
+
+
+def test_docs_table_is_the_code_table():
+    from pathlib import Path
+
+    from dialogen.models.families import table_markdown
+
+    assert table_markdown() in (Path(__file__).parent.parent / "docs" / "models.md").read_text()
