@@ -120,7 +120,7 @@ def test_family_matches_transformers(name, tmp_path):
     assert greedy(ours, start, 16) == gen
 
 
-@pytest.mark.parametrize("name", ["gemma2", "phi3", "qwen2", "llama-llama3"])
+@pytest.mark.parametrize("name", ["gemma3_text", "phi3", "qwen2", "llama-llama3", "olmo2", "gpt2"])
 @torch.no_grad()
 def test_family_checkpoint_round_trips(name, tmp_path):
     """A family read from Hugging Face is saved as the same family: transformers reads it back to the
@@ -233,3 +233,14 @@ def test_docs_table_is_the_code_table():
     from dialogen.models.families import table_markdown
 
     assert table_markdown() in (Path(__file__).parent.parent / "docs" / "models.md").read_text()
+
+
+def test_gguf_export_refuses_what_a_gguf_llama_cannot_say(tmp_path):
+    from dialogen.models.gguf_export import write_gguf
+
+    build(tmp_path, *CASES["gemma2"])
+    loaded = load(str(tmp_path), dtype="float32")
+    with pytest.raises(UserError, match=r"GGUF export writes plain llama and gpt2 models; this gemma2 model has"):
+        write_gguf(tmp_path / "x.gguf", loaded.model.cfg, loaded.model.state_dict(), loaded.tokenizer, "f32", "x",
+                   "", set())
+    assert not (tmp_path / "x.gguf").exists()

@@ -62,7 +62,7 @@ FAMILIES = {f.name: f for f in (
     Family("gemma2", (*ROPE_KEYS, "hidden_activation", "attention_bias", "query_pre_attn_scalar", "sliding_window",
                       "layer_types", "final_logit_softcapping", "attn_logit_softcapping", "use_bidirectional_attention"),
            "gemma's, plus attention and final logit soft-capping, query_pre_attn_scalar, alternating sliding "
-           "window, norms on the attention and MLP outputs", ("hidden_act",)),
+           "window, norms on the attention and MLP outputs", ("hidden_act", "sliding_window_size")),
     Family("gemma3_text", (*ROPE_KEYS, "rope_local_base_freq", "hidden_activation", "attention_bias",
                            "query_pre_attn_scalar", "sliding_window", "sliding_window_pattern", "_sliding_window_pattern",
                            "layer_types", "final_logit_softcapping", "attn_logit_softcapping",
@@ -70,13 +70,15 @@ FAMILIES = {f.name: f for f in (
            "gemma2's, plus q/k norms and a local rotary base on the sliding layers (one in sliding_window_pattern "
            "is global)", ("hidden_act",)),
     Family("phi3", (*ROPE_KEYS, "original_max_position_embeddings", "hidden_act", "sliding_window"),
-           "fused qkv_proj and gate_up_proj, longrope, partial rotary"),
+           "fused qkv_proj and gate_up_proj, longrope, partial rotary",
+           ("attention_bias",)),  # phi3's projections have no biases whatever it says
     Family("granite", (*ROPE_KEYS, "attention_bias", "mlp_bias", "hidden_act", "embedding_multiplier",
                        "attention_multiplier", "residual_multiplier", "logits_scaling"),
            "llama's, plus embedding, attention, residual and logit multipliers"),
     Family("smollm3", (*ROPE_KEYS, "attention_bias", "mlp_bias", "hidden_act", "no_rope_layers",
                        "no_rope_layer_interval", "use_sliding_window", "sliding_window", "layer_types"),
-           "llama's, plus layers without rotary (no_rope_layers) and sliding window on those"),
+           "llama's, plus layers without rotary (no_rope_layers) and sliding window on those",
+           ("max_window_layers",)),
     Family("olmo2", (*ROPE_KEYS, "attention_bias", "hidden_act"),
            "norms on the attention and MLP outputs only, q/k RMSNorm across all heads"),
     Family("gpt2", ("activation_function", "scale_attn_weights", "scale_attn_by_inverse_layer_idx",
