@@ -205,7 +205,7 @@ def test_each_field_off_its_default_is_exact_or_refused(cls, key, value, tmp_pat
     assert (ours(ids) - theirs(ids).logits).abs().max() < 2e-4
 
 
-@pytest.mark.parametrize("name", ["mistral", "gemma2", "qwen3", "llama"])
+@pytest.mark.parametrize("name", ["mistral", "gemma2", "qwen3", "llama", "llama-yarn"])
 @torch.no_grad()
 def test_decode_weights_keep_each_familys_attention(name, tmp_path):
     """With decode weights in blocks (the native kernels' products), a family whose attention the
@@ -220,7 +220,7 @@ def test_decode_weights_keep_each_familys_attention(name, tmp_path):
     build(tmp_path, cls, {**kwargs, "intermediate_size": 64})
     model = load(str(tmp_path), dtype="int8").model
     assert isinstance(model.blocks[0].mlp.down, BlockLinear)
-    assert model.native.attention == (name == "llama")
+    assert model.native.attention == name.startswith("llama")
     start = prompt(6, seed=3)
     tokens = greedy(model, start, 3 * WINDOW)
     full = model(torch.cat([start, torch.tensor([tokens])], dim=1))[0, 5:-1].argmax(-1).tolist()
