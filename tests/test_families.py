@@ -244,3 +244,20 @@ def test_gguf_export_refuses_what_a_gguf_llama_cannot_say(tmp_path):
         write_gguf(tmp_path / "x.gguf", loaded.model.cfg, loaded.model.state_dict(), loaded.tokenizer, "f32", "x",
                    "", set())
     assert not (tmp_path / "x.gguf").exists()
+
+
+@pytest.mark.parametrize("name", ["mistral", "gemma2", "smollm3", "phi3"])
+@torch.no_grad()
+def test_absent_keys_take_the_config_classs_defaults(name, tmp_path):
+    """A config.json without the keys whose defaults differ between families reads as transformers does."""
+    cls, kwargs = CASES[name]
+    theirs = build(tmp_path, cls, kwargs)
+    conf = json.loads((tmp_path / "config.json").read_text())
+    for key in ("num_key_value_heads", "tie_word_embeddings", "rms_norm_eps"):
+        if conf.get(key) == dict(cls().to_dict()).get(key):  # leave out what equals the class default
+            conf.pop(key)
+    (tmp_path / "config.json").write_text(json.dumps(conf))
+    back = transformers.AutoModelForCausalLM.from_pretrained(tmp_path, attn_implementation="eager").eval()
+    ids = prompt(3 * WINDOW)
+    assert (load(str(tmp_path), dtype="float32").model(ids) - back(ids).logits).abs().max() < 1e-4
+    assert (back(ids).logits - theirs(ids).logits).abs().max() == 0

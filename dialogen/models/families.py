@@ -47,40 +47,54 @@ class Family:
     reads: tuple  # keys read besides the sizes (a None value is the family's default)
     features: str  # what the family switches on, for docs/models.md
     inert: tuple = ()  # the family's own keys that change nothing
+    defaults: tuple = ()  # (key, value) of its transformers config class where a key is absent
+
+
+def _defaults(kv=None, head_dim=None, eps=1e-6, tied=False, positions=2048) -> tuple:
+    """A rotary family's defaults for absent size keys (None: from the other sizes)."""
+    return (("num_key_value_heads", kv), ("head_dim", head_dim), ("rms_norm_eps", eps),
+            ("tie_word_embeddings", tied), ("max_position_embeddings", positions))
 
 
 FAMILIES = {f.name: f for f in (
     Family("llama", (*ROPE_KEYS, "attention_bias", "mlp_bias", "hidden_act"),
-           "rotary scalings (linear, dynamic, yarn, llama3, longrope), attention_bias (q, k, v, o), mlp_bias, hidden_act"),
-    Family("mistral", (*ROPE_KEYS, "hidden_act", "sliding_window"), "sliding window on every layer"),
+           "rotary scalings (linear, dynamic, yarn, llama3, longrope), attention_bias (q, k, v, o), mlp_bias, hidden_act",
+           defaults=_defaults()),
+    Family("mistral", (*ROPE_KEYS, "hidden_act", "sliding_window"), "sliding window on every layer",
+           defaults=_defaults(kv=8, positions=131072)),
     Family("qwen2", (*ROPE_KEYS, "hidden_act", "use_sliding_window", "sliding_window", "max_window_layers",
-                     "layer_types"), "q/k/v biases; sliding window on the layers from max_window_layers on"),
+                     "layer_types"), "q/k/v biases; sliding window on the layers from max_window_layers on",
+           defaults=_defaults(kv=32, positions=32768)),
     Family("qwen3", (*ROPE_KEYS, "hidden_act", "attention_bias", "use_sliding_window", "sliding_window",
-                     "max_window_layers", "layer_types"), "q/k RMSNorm per head; qwen2's sliding window"),
+                     "max_window_layers", "layer_types"), "q/k RMSNorm per head; qwen2's sliding window",
+           defaults=_defaults(kv=32, head_dim=128, positions=32768)),
     Family("gemma", (*ROPE_KEYS, "hidden_act", "attention_bias", "use_bidirectional_attention"),
-           "embeddings times sqrt(d), RMSNorm times (1 + w), GELU (tanh) gated MLP", ("hidden_activation",)),
+           "embeddings times sqrt(d), RMSNorm times (1 + w), GELU (tanh) gated MLP", ("hidden_activation",),
+           _defaults(kv=16, head_dim=256, tied=True, positions=8192)),
     Family("gemma2", (*ROPE_KEYS, "hidden_activation", "attention_bias", "query_pre_attn_scalar", "sliding_window",
                       "layer_types", "final_logit_softcapping", "attn_logit_softcapping", "use_bidirectional_attention"),
            "gemma's, plus attention and final logit soft-capping, query_pre_attn_scalar, alternating sliding "
-           "window, norms on the attention and MLP outputs", ("hidden_act", "sliding_window_size")),
+           "window, norms on the attention and MLP outputs", ("hidden_act", "sliding_window_size"),
+           _defaults(kv=4, head_dim=256, tied=True, positions=8192)),
     Family("gemma3_text", (*ROPE_KEYS, "rope_local_base_freq", "hidden_activation", "attention_bias",
                            "query_pre_attn_scalar", "sliding_window", "sliding_window_pattern", "_sliding_window_pattern",
                            "layer_types", "final_logit_softcapping", "attn_logit_softcapping",
                            "use_bidirectional_attention"),
            "gemma2's, plus q/k norms and a local rotary base on the sliding layers (one in sliding_window_pattern "
-           "is global)", ("hidden_act",)),
+           "is global)", ("hidden_act",), _defaults(kv=4, head_dim=256, tied=True, positions=131072)),
     Family("phi3", (*ROPE_KEYS, "original_max_position_embeddings", "hidden_act", "sliding_window"),
            "fused qkv_proj and gate_up_proj, longrope, partial rotary",
-           ("attention_bias",)),  # phi3's projections have no biases whatever it says
+           ("attention_bias",), _defaults(eps=1e-5, positions=4096)),  # phi3 has no biases whatever it says
     Family("granite", (*ROPE_KEYS, "attention_bias", "mlp_bias", "hidden_act", "embedding_multiplier",
                        "attention_multiplier", "residual_multiplier", "logits_scaling"),
-           "llama's, plus embedding, attention, residual and logit multipliers"),
+           "llama's, plus embedding, attention, residual and logit multipliers", defaults=_defaults()),
     Family("smollm3", (*ROPE_KEYS, "attention_bias", "mlp_bias", "hidden_act", "no_rope_layers",
                        "no_rope_layer_interval", "use_sliding_window", "sliding_window", "layer_types"),
            "llama's, plus layers without rotary (no_rope_layers) and sliding window on those",
-           ("max_window_layers",)),
+           ("max_window_layers",), _defaults(kv=4, tied=True, positions=32768)),
     Family("olmo2", (*ROPE_KEYS, "attention_bias", "hidden_act"),
-           "norms on the attention and MLP outputs only, q/k RMSNorm across all heads"),
+           "norms on the attention and MLP outputs only, q/k RMSNorm across all heads",
+           defaults=_defaults(eps=1e-5)),
     Family("gpt2", ("activation_function", "scale_attn_weights", "scale_attn_by_inverse_layer_idx",
                     "reorder_and_upcast_attn", "add_cross_attention"),
            "learned positions, LayerNorm, GELU (tanh) MLP, fused biased projections",
@@ -131,21 +145,19 @@ def config_from_hf(c: dict, where: Path) -> tuple[Config | dict, str]:
                 and key != "tie_word_embeddings" and v is not None:
             refuse(file, key, v, f"model_type {mt} does not read it here, and it may change the math")
     check_config_values(c, sizes, file)
+    raw, c = c, {**{k: v for k, v in fam.defaults if k not in c}, **c}  # absent keys: the class's defaults
     tied = c.get("tie_word_embeddings")
     try:
         if mt == "gpt2":
-            return Config(**_gpt2(c, file), tie_embeddings=True if tied is None else tied, extra={"hf": c}), "gpt2"
+            return Config(**_gpt2(c, file), tie_embeddings=True if tied is None else tied, extra={"hf": raw}), "gpt2"
         heads = c["num_attention_heads"]
         kw = dict(arch="llama", vocab_size=c["vocab_size"], n_layer=c["num_hidden_layers"], n_head=heads,
                   n_kv_head=c.get("num_key_value_heads") or heads, d_model=c["hidden_size"],
                   d_ff=c["intermediate_size"], head_dim=c.get("head_dim") or 0,
                   max_seq_len=c.get("max_position_embeddings") or 2048, norm_eps=c.get("rms_norm_eps") or 1e-6)
-        gemma = mt.startswith("gemma")
         kw.update(_rope(c, file, mt, kw["head_dim"] or kw["d_model"] // heads, kw["max_seq_len"]))
         kw.update(READERS[mt](c, file, kw["n_layer"]))
-        if tied is None:
-            tied = gemma
-        cfg = Config(**kw, tie_embeddings=tied, extra={"hf": c})
+        cfg = Config(**kw, tie_embeddings=bool(tied), extra={"hf": raw})
     except KeyError as e:
         raise UserError(f"{file}: missing field {e}") from None
     except ValueError as e:
