@@ -29,7 +29,7 @@ from .kernels.formats import FORMATS, dequantize
 from .tokenizer import Tokenizer
 from .transformer import Config
 
-INDEX_VERSION = 1
+INDEX_VERSION = 2
 # GGUF tensor names -> Hugging Face llama names (the layout `hf.hf_to_ours` reads)
 RENAME = {"token_embd": "model.embed_tokens", "output_norm": "model.norm", "output": "lm_head",
           "attn_norm": "input_layernorm", "ffn_norm": "post_attention_layernorm",
@@ -88,7 +88,7 @@ def index_dir(path: Path) -> Path:
         return target
     reader, meta = read_gguf(path)
     cfg = config_from_meta(path, meta, {t.name for t in reader.tensors})
-    tokenizer = Tokenizer.from_gguf(meta)
+    tokenizer = Tokenizer.from_gguf(meta, path)
     tensors = [{"name": t.name, "type": int(t.tensor_type), "shape": [int(x) for x in reversed(t.shape)],
                 "offset": int(t.data_offset), "bytes": int(t.n_bytes)} for t in reader.tensors]
     target.parent.mkdir(parents=True, exist_ok=True)
