@@ -29,6 +29,7 @@ from ..errors import UserError
 from .cache import KVCache
 from .kernels import formats, library, ops
 from .layers import Linear, RMSNorm, activate, skip_init
+from .rope import kind as rope_kind
 from .transformer import Attention, Block, Config, Transformer
 
 DTYPES = ("auto", "int4", "int8", "float16", "bfloat16", "float32")  # decode weights (see `swap_in`)
@@ -43,7 +44,16 @@ def attention_supported(cfg: Config) -> str | None:
     (then the reference attention runs every step, and the server steps conversations one by one)."""
     if cfg.arch not in ("llama", "gpt2"):
         return f"the {cfg.arch} architecture"
-    return None
+    # the kernel: softmax(q.k / sqrt(hd)) over the whole cache, full rotary from per-row tables, its
+    # output added to the residual stream as it is
+    checks = [(cfg.window_layers and cfg.window, "sliding-window layers"),
+              (cfg.attn_softcap, "attention soft-capping"), (cfg.qk_norm, "q/k norms"),
+              (cfg.attn_scale and abs(cfg.attn_scale - cfg.head_dim ** -0.5) > 1e-12, "a custom attention scale"),
+              (cfg.rotary_dim != cfg.head_dim, "partial rotary"), (cfg.nope_layers, "layers without rotary"),
+              (rope_kind(cfg.rope) in ("dynamic", "longrope"), "rotary tables that change with the length"),
+              (cfg.local_rope_theta, "a second rotary base"), (cfg.post_norms, "norms on the attention output"),
+              (cfg.residual_scale != 1, "a residual multiplier")]
+    return next((why for bad, why in checks if bad), None)
 
 
 def block_supported(cfg: Config) -> str | None:
@@ -51,7 +61,9 @@ def block_supported(cfg: Config) -> str | None:
     why = attention_supported(cfg)
     if why is None and cfg.arch != "llama":
         why = "a block other than llama's (RMS norms, SwiGLU)"
-    return why
+    checks = [(cfg.norm_offset, "RMSNorm with (1 + w)"), (not cfg.pre_norms, "blocks without input norms"),
+              (cfg.act != "silu", f"the {cfg.act} activation"), (cfg.o_bias or cfg.mlp_bias, "output or MLP biases")]
+    return why or next((why for bad, why in checks if bad), None)
 
 
 def decode_dtype(dtype, widths) -> str:
@@ -112,11 +124,8 @@ class BlockLinear(nn.Module):
         if torch.is_grad_enabled() or not library.enabled():  # the reference math on the weight as shipped
             y = F.linear(activate(x, norm, act), self.reference_weight(), self.bias)
             return y if residual is None else residual + y
-        fused = isinstance(norm, RMSNorm)
-        if norm is not None and not fused:
-            x = norm(x)
-        if act == "gelu":
-            x = F.gelu(x, approximate="tanh")
+        fused = isinstance(norm, RMSNorm) and not norm.offset  # the kernel fuses llama's RMS norm
+        x = activate(x, None if fused else norm, None if act == "swiglu" else act)
         rows = x.numel() // x.shape[-1]
         out = None if residual is None else residual.view(rows, -1)
         y = ops.qmatmul(self.product_type, self.blocks if self.tiled is None else self.tiled, self.out_features,
@@ -195,10 +204,10 @@ class NativeStep:
 class NativeAttention(Attention):
     """Attention whose native step (`step.native`) ropes, caches and attends in one call."""
 
-    def forward(self, x, norm, step):
+    def forward(self, x, norm, step, post=None):
         n = step.native
         if n is None:
-            return super().forward(x, norm, step)
+            return super().forward(x, norm, step, post)
         cfg, t, B = self.cfg, n.table, x.shape[0]
         qkv = self.qkv(x, norm=norm).view(B, -1)  # (B, (nh + 2 nkv) hd)
         y = ops.attend_decode(qkv, cfg.n_head, cfg.n_kv_head, cfg.head_dim, t.k[self.layer], t.v[self.layer],
