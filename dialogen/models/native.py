@@ -305,8 +305,11 @@ def _decode_linear(m: Linear, dtype: str, shipped) -> nn.Module:
         return m if dtype == "float32" else HalfLinear.of(m, dtype)
     if b is not None and (dtype != "int8" or kind == "q8_0"):
         return BlockLinear.of(m, kind, b)
-    if b is not None:  # int8 from a file's 4-bit blocks: onto the 8-bit grid from the blocks themselves
+    if b is not None and kind in ("q4_0", "q4_1"):  # int8 from 4-bit blocks: onto the 8-bit grid from the blocks
         return BlockLinear.of(m, "q8_0", formats.requantize_q8_0(kind, b, m.out_features, m.in_features), b, kind)
+    if b is not None:  # int8 from another format: its values quantized afresh
+        w = formats.dequantize(formats.GGML_TYPES[kind], b, m.out_features, m.in_features)
+        return BlockLinear.of(m, "q8_0", formats.quantize(w, "q8_0"), b, kind)
     kind = BLOCK_KIND.get(dtype, "q8_0")
     return BlockLinear.of(m, kind, formats.quantize(m.weight, kind), m.weight.detach())
 
@@ -315,7 +318,7 @@ def swap_in(model, dtype="auto", blocks: dict | None = None) -> str:
     """Install the native modules for decode `dtype` in a Transformer (other models are left as they
     are); returns the dtype resolved (`decode_dtype`).
 
-    auto: the file's own blocks (Q4_0/Q4_1/Q8_0) where it has them, else int8;
+    auto: the file's own blocks (any `formats.FORMATS` type) where it has them, else int8;
     int8: Q8_0 blocks (int8, one scale per 32 inputs), keeping a file's Q8_0 blocks and moving its
       Q4_0/Q4_1 blocks onto the 8-bit grid (`formats.requantize_q8_0`);
     int4: the file's blocks where it has them, else Q4_1 blocks (int4, scale and minimum per 32);
