@@ -31,9 +31,32 @@ skip_init = contextvars.ContextVar("skip_init", default=False)  # set by Transfo
 
 
 class Embedding(nn.Embedding):
+    """nn.Embedding whose table can stay in a GGUF file's blocks (`source`): inference dequantizes
+    only the rows it looks up; training and `--no-kernels` make the float32 table first."""
+
+    source: tuple | None = None  # (kind, blocks (vocab, row bytes)) the table is made from
+
     def reset_parameters(self):
         if not skip_init.get():
             super().reset_parameters()
+
+    def forward(self, ids):
+        if self.source is not None and kernels.enabled() and not torch.is_grad_enabled():
+            kind, blocks = self.source
+            rows = blocks[ids.reshape(-1)]  # (N, row bytes): the looked-up rows' blocks only
+            out = kernels.dequantize(kernels.GGML_TYPES[kind], rows, rows.shape[0], self.embedding_dim)
+            return out.view(*ids.shape, -1)
+        return F.embedding(ids, self.float_weight())
+
+    def float_weight(self) -> nn.Parameter:
+        """`weight`, made from `source` first if it was left to first use."""
+        if self.source is not None:
+            kind, blocks = self.source
+            w = kernels.dequantize(kernels.GGML_TYPES[kind], blocks, self.num_embeddings, self.embedding_dim)
+            with torch.no_grad():
+                self.weight.copy_(w)
+            self.source = None
+        return self.weight
 
 
 class Linear(nn.Linear):

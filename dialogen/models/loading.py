@@ -22,7 +22,7 @@ from ..paths import cache_dir
 from . import kernels
 from .family import DECODER, ENCODER_DECODER, family
 from .files import assign_weights, read_state_dict, write_checkpoint
-from .gguf_file import index_dir, read_gguf, read_tensors  # noqa: F401 (read_gguf: for the tests)
+from .gguf_file import index_dir, map_file, read_gguf, read_tensors, release_pages  # noqa: F401 (read_gguf: for the tests)
 from .hf import GPT2_KEYS, GPT2_LINEARS, LLAMA_KEYS, check_shapes, config_from_hf, hf_configs, hf_to_ours, ours_to_hf
 from .rnn import load_rnn, save_rnn
 from .tokenizer import Tokenizer
@@ -106,23 +106,33 @@ BLOCKED = ("auto", "int8", "int4")  # the dtypes whose decode weights are blocks
 
 
 def load_gguf(path: Path, dtype="auto") -> Loaded:
-    """With blocks to decode by, the float32 weight of each Linear that has them is made on first
-    use (`Linear.source`: training, `--no-kernels`, a state dict): chat never needs it, and a
-    cold start skips dequantizing 500 MB."""
+    """With blocks to decode by, the float32 weight of each Linear that has them (and of the token
+    embedding) is made on first use (`Linear.source`, `Embedding.source`: training, `--no-kernels`,
+    a state dict): chat never needs it, and the blocks stay views of the mapped file."""
     where = index_dir(path)
     index = _read_json(where / "index.json")
+    if index.get("size") != path.stat().st_size:
+        raise UserError(f"{path}: the file changed while it was read")
     cfg = Config(**index["config"])
     lazy = str(dtype).removeprefix("torch.") in BLOCKED and kernels.enabled()
-    floats, blocks = read_tensors(path, cfg, index["tensors"], lazy)
+    data = map_file(path)
+    floats, blocks = read_tensors(path, cfg, index["tensors"], lazy, data)
     native = native_blocks(cfg, blocks)
-    later = {ours for ours in native if lazy and not (ours == "lm_head" and cfg.tie_embeddings)}
+    later = {ours for ours in native if lazy}
     skip = {theirs for ours in later for theirs in native[ours][2]}
+    table = "transformer.wte.weight" if cfg.arch == "gpt2" else "model.embed_tokens.weight"
+    if lazy and table in blocks:  # the token embedding: rows dequantized as they are looked up
+        skip.add(table)
     floats = {k: v() if callable(v) else v for k, v in floats.items() if k not in skip}
+    lazy_names = {f"{n}.weight" for n in later} | ({"embed.weight"} if table in skip else set())
     try:
-        model = build(cfg, hf_to_ours(cfg, floats, skip), str(path), later={f"{n}.weight" for n in later})
+        model = build(cfg, hf_to_ours(cfg, floats, skip), str(path), later=lazy_names)
     except KeyError as e:
         raise UserError(f"{path}: tensor {e} is missing") from None
+    if table in skip:
+        model.embed.source = blocks[table]
     decode_copies(model, dtype, native, later)
+    release_pages(data)
     return Loaded(model, Tokenizer.from_dir(where), where, {"template": "jinja", "source": str(path)})
 
 

@@ -38,6 +38,8 @@ class Config:
     norm_eps: float = 1e-5
     tie_embeddings: bool = True
     attn_bias: bool = False  # llama only; gpt2 always has biases
+    rope_scale: float = 1.0  # linear rope scaling: positions are divided by this factor
+    rope_factors: list = field(default_factory=list)  # per-frequency divisors (hd/2), e.g. Llama 3.1's
     extra: dict = field(default_factory=dict)
 
     def __post_init__(self):
@@ -52,6 +54,9 @@ class Config:
 def rope_tables(cfg: Config, positions: torch.Tensor):
     """cos/sin of shape (B, 1, T, head_dim) for integer positions (B, T)."""
     inv = 1.0 / (cfg.rope_theta ** (torch.arange(0, cfg.head_dim, 2, dtype=torch.float32) / cfg.head_dim))
+    if cfg.rope_factors:
+        inv = inv / torch.tensor(cfg.rope_factors, dtype=torch.float32)
+    inv = inv / cfg.rope_scale
     freqs = positions.float()[..., None] * inv  # (B, T, hd/2)
     emb = torch.cat([freqs, freqs], dim=-1)[:, None]
     return emb.cos(), emb.sin()
@@ -219,7 +224,7 @@ class Transformer(nn.Module):
     def materialize(self) -> "Transformer":
         """Make every weight left to first use (`Linear.source`)."""
         for m in self.modules():
-            if isinstance(m, Linear):
+            if isinstance(m, (Linear, Embedding)):
                 m.float_weight()
         return self
 
