@@ -78,6 +78,7 @@ class Linear(nn.Linear):
     tiled: torch.Tensor | None = None  # the same blocks in the tiled order, where the kernels have it
     everywhere = False  # use the decode copy for every inference product (to measure its quality)
     source: tuple | None = None  # (kind, blocks) `weight` is made from on first use (loaded lazily)
+    segments: list | None = None  # [(kind, blocks, tiled, rows)]: parts of different layouts (`set_segments`)
 
     def reset_parameters(self):
         if not skip_init.get():
@@ -88,17 +89,21 @@ class Linear(nn.Linear):
         inference = not (self.weight.requires_grad and torch.is_grad_enabled())
         # a decode step: one new token for each of a few rows (B, 1, d)
         decode = inference and (self.everywhere or x.dim() == 3 and x.shape[1] == 1 and rows <= KERNEL_ROWS)
-        if inference and self.packed is not None and kernels.enabled():  # blocks serve prompts too
+        if inference and (self.packed is not None or self.segments) and kernels.enabled():  # blocks serve prompts too
             fused = isinstance(norm, RMSNorm)
             if norm is not None and not fused:
                 x = norm(x)
             if act == "gelu":
                 x = F.gelu(x, approximate="tanh")
+            norm_args = (norm.weight if fused else None, norm.eps if fused else 0.0, act == "swiglu")
+            if self.segments:
+                y = self._segmented(x.reshape(rows, -1), norm_args)
+                y = y if residual is None else y + residual.view(rows, -1)
+                return y.view(*x.shape[:-1], -1)
             out = None if residual is None else residual.view(rows, -1)
             kind, _ = kernels.weight_args(self)
             y = kernels.qmatmul(kind, self.packed if self.tiled is None else self.tiled, self.out_features, self.in_features,
-                                x.reshape(rows, -1), self.bias, out, norm.weight if fused else None,
-                                norm.eps if fused else 0.0, act == "swiglu")
+                                x.reshape(rows, -1), self.bias, out, *norm_args)
             return y.view(*x.shape[:-1], -1)
         if norm is not None:
             x = norm(x)
@@ -115,10 +120,31 @@ class Linear(nn.Linear):
             y = F.linear(x.to(c.dtype), c, bias).to(x.dtype)
         return y if residual is None else residual + y
 
+    def _segmented(self, x, norm_args):
+        """(R, in) -> (R, out) through `segments`: each part's product fills its slice of the output columns."""
+        outs, start = [], 0
+        for kind, blocks, tiled, rows in self.segments:
+            ggml = kernels.GGML_TYPES[kind] | (kernels.TILED if tiled is not None else 0)
+            bias = None if self.bias is None else self.bias[start:start + rows]
+            outs.append(kernels.qmatmul(ggml, blocks if tiled is None else tiled, rows, self.in_features, x, bias,
+                                        None, *norm_args))
+            start += rows
+        return torch.cat(outs, dim=-1)
+
+    def set_segments(self, parts: list):
+        """Decode by blocks of different layouts joined along the output rows (a fused q/k/v or gate/up whose
+        parts a file ships in different types): parts [(kind, blocks (rows, row bytes))]."""
+        self.compact = self.packed = self.kind = self.tiled = None
+        self.segments = []
+        for kind, blocks in parts:
+            tiled = kernels.tile(kernels.GGML_TYPES[kind], blocks, blocks.shape[0], self.in_features) \
+                if kernels.enabled() else None
+            self.segments.append((kind, blocks, tiled, blocks.shape[0]))
+
     def set_compact(self, dtype: str, blocks: torch.Tensor | None = None, kind: str | None = None):
         """Keep a decode copy: float16/bfloat16, or blocks (given, e.g. as a GGUF file ships them, or
         quantized here for int8/int4); float32 keeps none."""
-        self.compact = self.packed = self.kind = self.tiled = None
+        self.compact = self.packed = self.kind = self.tiled = self.segments = None
         if blocks is not None:
             self.packed, self.kind = blocks, kind
         elif dtype in BLOCK_KIND:
@@ -134,8 +160,9 @@ class Linear(nn.Linear):
     def float_weight(self) -> nn.Parameter:
         """`weight`, made from `source` first if it was left to first use."""
         if self.source is not None:
-            kind, blocks = self.source
-            w = kernels.dequantize(kernels.GGML_TYPES[kind], blocks, self.out_features, self.in_features)
+            parts = self.source if isinstance(self.source, list) else [self.source]  # [(kind, blocks)]
+            w = torch.cat([kernels.dequantize(kernels.GGML_TYPES[kind], blocks, blocks.shape[0], self.in_features)
+                           for kind, blocks in parts])
             with torch.no_grad():
                 self.weight.copy_(w)
             self.source = None

@@ -137,12 +137,15 @@ def load_gguf(path: Path, dtype="auto") -> Loaded:
 
 
 def native_blocks(cfg: Config, blocks: dict) -> dict:
-    """GGUF blocks in Hugging Face names -> {our Linear's name: (kind, blocks, their names)}; fused
-    weights (qkv, gate_up) only when their parts share one layout."""
+    """GGUF blocks in Hugging Face names -> {our Linear's name: (kind, blocks, their names)}. Fused
+    weights (qkv, gate_up) whose parts share one layout are joined into one tensor; parts of
+    different layouts give (None, [(kind, blocks)] in row order, their names) (`Linear.set_segments`)."""
     def fuse(names):
         parts = [blocks.get(n) for n in names]
-        if any(p is None for p in parts) or len({k for k, _ in parts}) != 1:
+        if any(p is None for p in parts):
             return None
+        if len({k for k, _ in parts}) != 1:
+            return None, parts, tuple(names)
         return parts[0][0], torch.cat([b for _, b in parts]) if len(parts) > 1 else parts[0][1], tuple(names)
 
     out = {}
@@ -178,7 +181,8 @@ def decode_copies(model, dtype, native: dict, later=frozenset()):
     linears = [(n, m) for n, m in model.named_modules() if isinstance(m, Linear)]
     for name, m in linears:
         if name in later:
-            m.source = native[name][:2]
+            kind, b = native[name][:2]
+            m.source = b if kind is None else (kind, b)
     blocked = dtype in BLOCKED
     why = None if kernels.enabled() else "the native decode kernels, which need a C compiler (cc)"
     odd = next((m.in_features for _, m in linears if m.in_features % kernels.QK), None)
@@ -190,7 +194,13 @@ def decode_copies(model, dtype, native: dict, later=frozenset()):
         dtype, blocked = "float16", False
     for name, m in linears:
         kind, b = native.get(name, (None, None))[:2]
-        if not blocked:
+        if kind is None and b is not None and blocked:  # parts of different layouts
+            if dtype == "int8":
+                m.set_compact(dtype, kind="q8_0", blocks=torch.cat([
+                    p if k == "q8_0" else kernels.requantize_q8_0(k, p, p.shape[0], m.in_features) for k, p in b]))
+            else:
+                m.set_segments(b)
+        elif not blocked:
             m.set_compact(dtype)
         elif b is not None and (dtype != "int8" or kind == "q8_0"):
             m.set_compact(dtype, blocks=b, kind=kind)

@@ -1,0 +1,144 @@
+"""GGUF files read as shipped: logits equal transformers' on the weights as written (llama with
+mixed block types in one fused projection, qwen2 with q/k/v biases, Llama 3.1 rope factors,
+linear rope scaling); blocks stay blocks (the token embedding too, looked up row by row); what
+the loader cannot compute is refused in one line naming the file and the key or tensor; the
+default model's memory after a reply stays within a bound of its file size."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from dialogen.errors import UserError
+from dialogen.models import kernels
+from dialogen.models.loading import load
+from gguf_files import tiny_hf, with_weights, write_gguf
+
+IDS = torch.tensor([[1, 52, 200, 77, 9, 280, 33, 120, 5, 270, 11, 64] * 8])  # 96 positions
+MIXED = {"token_embd.weight": "Q8_0", "output.weight": "Q4_1", "blk.0.attn_q.weight": "Q4_0",
+         "blk.0.attn_k.weight": "Q4_0", "blk.0.attn_v.weight": "Q8_0", "blk.0.ffn_gate.weight": "Q4_1",
+         "blk.0.ffn_up.weight": "Q8_0", "blk.0.ffn_down.weight": "Q4_0", "blk.1.attn_q.weight": "Q8_0",
+         "blk.1.attn_k.weight": "Q8_0", "blk.1.attn_v.weight": "Q8_0", "blk.1.attn_output.weight": "Q4_1",
+         "blk.1.ffn_gate.weight": "Q4_0", "blk.1.ffn_up.weight": "Q4_0", "blk.1.ffn_down.weight": "Q8_0"}
+
+
+def reference_logits(hf, written, ids=IDS):
+    with torch.no_grad():
+        return with_weights(hf, written)(ids).logits
+
+
+@torch.no_grad()
+def test_mixed_types_in_fused_projections_stay_blocks(tmp_path):
+    hf = tiny_hf("llama")
+    written = write_gguf(tmp_path / "m.gguf", hf, types=MIXED)
+    want = reference_logits(hf, written)
+    model = load(str(tmp_path / "m.gguf"), "auto").model
+    b0, b1 = model.blocks
+    assert [s[0] for s in b0.attn.qkv.segments] == ["q4_0", "q4_0", "q8_0"]  # q, k, v rows in order
+    assert [s[0] for s in b0.mlp.gate_up.segments] == ["q4_1", "q8_0"]
+    assert b1.attn.qkv.kind == "q8_0" and b1.mlp.gate_up.kind == "q4_0" and b0.mlp.down.kind == "q4_0"
+    assert b0._fused() is None and b1._fused() is not None  # the mixed block runs unfused
+    got = model(IDS)  # blocks serve the prompt
+    assert (got - want).abs().max() < 0.1 * want.abs().max()  # activations are rounded to 8 bits in the kernels
+    cache = model.new_cache(1)
+    model(IDS[:, :90], cache)
+    steps = torch.stack([model(IDS[:, t:t + 1], cache)[0, -1] for t in range(90, 96)])
+    assert (steps - want[0, 90:]).abs().max() < 0.1 * want.abs().max()
+    # inference never made a float32 weight of a block-kept tensor (the embedding included)
+    waiting = [m for m in model.modules() if getattr(m, "source", None) is not None]
+    assert len(waiting) == 7 + 2  # the Linears with blocks (blk.0.attn_output is F32), the head, the embedding
+    with kernels.disabled():  # the reference path (floats made from the blocks): the weights as written, exactly
+        assert (model(IDS) - want).abs().max() < 1e-4
+
+
+@torch.no_grad()
+def test_int8_joins_mixed_parts_on_the_8_bit_grid(tmp_path):
+    hf = tiny_hf("llama")
+    written = write_gguf(tmp_path / "m.gguf", hf, types=MIXED)
+    model = load(str(tmp_path / "m.gguf"), "int8").model
+    assert model.blocks[0].attn.qkv.kind == "q8_0" and model.blocks[0].attn.qkv.segments is None
+    want = reference_logits(hf, written)
+    assert (model(IDS) - want).abs().max() < 0.1 * want.abs().max()
+
+
+@torch.no_grad()
+def test_tied_embedding_rows_are_dequantized_from_the_blocks(tmp_path):
+    hf = tiny_hf("llama", tied=True)
+    written = write_gguf(tmp_path / "t.gguf", hf, types={"token_embd.weight": "Q8_0"})
+    model = load(str(tmp_path / "t.gguf"), "auto").model
+    kind, blocks = model.embed.source
+    assert kind == "q8_0" and model.lm_head.packed.data_ptr() == blocks.data_ptr()  # the head multiplies the same blocks
+    x = model.embed(IDS[:, :5])
+    assert torch.equal(x[0], written["model.embed_tokens.weight"][IDS[0, :5]])
+    assert model.embed.source is not None  # no float table was made
+    want = reference_logits(hf, {**written, "lm_head.weight": written["model.embed_tokens.weight"]})
+    with kernels.disabled():
+        assert (model(IDS) - want).abs().max() < 1e-4
+
+
+@torch.no_grad()
+def test_qwen2_biases(tmp_path):
+    hf = tiny_hf("qwen2")
+    written = write_gguf(tmp_path / "q.gguf", hf, arch="qwen2")
+    model = load(str(tmp_path / "q.gguf"), "float32").model
+    assert model.cfg.attn_bias
+    assert (model(IDS) - reference_logits(hf, written)).abs().max() < 1e-4
+
+
+@torch.no_grad()
+def test_llama3_rope_factors_from_rope_freqs(tmp_path):
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    rope = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+            "original_max_position_embeddings": 32, "rope_theta": 10000.0}
+    hf = tiny_hf("llama", rope_parameters=rope)
+    scaled, _ = ROPE_INIT_FUNCTIONS["llama3"](hf.config, "cpu")
+    base = 1.0 / (10000.0 ** (torch.arange(0, 16, 2, dtype=torch.float32) / 16))
+    assert not torch.allclose(scaled, base)  # the test's positions see the scaling
+    written = write_gguf(tmp_path / "r.gguf", hf, extra={"rope_freqs.weight": (base / scaled).numpy()})
+    model = load(str(tmp_path / "r.gguf"), "float32").model
+    assert (model(IDS) - reference_logits(hf, written)).abs().max() < 1e-4
+
+
+@torch.no_grad()
+def test_linear_rope_scaling(tmp_path):
+    hf = tiny_hf("llama", rope_parameters={"rope_type": "linear", "factor": 4.0, "rope_theta": 10000.0})
+    written = write_gguf(tmp_path / "l.gguf", hf, meta={"llama.rope.scaling.type": "linear",
+                                                         "llama.rope.scaling.factor": 4.0})
+    model = load(str(tmp_path / "l.gguf"), "float32").model
+    assert (model(IDS) - reference_logits(hf, written)).abs().max() < 1e-4
+
+
+@pytest.mark.parametrize("change, named", [
+    (dict(meta={"llama.rope.scaling.type": "yarn", "llama.rope.scaling.factor": 4.0}), "llama.rope.scaling.type"),
+    (dict(meta={"llama.attention.sliding_window": 64}), "llama.attention.sliding_window"),
+    (dict(arch="phi3"), "GGUF architecture \"phi3\""),
+    (dict(extra={"blk.0.attn_q_norm.weight": [1.0] * 16}), "tensor blk.0.attn_q_norm.weight"),
+    (dict(types={"blk.0.attn_norm.weight": "Q8_0"}), "tensor blk.0.attn_norm.weight"),
+])
+def test_refused_in_one_line_naming_file_and_key(tmp_path, capsys, change, named):
+    from dialogen.cli import main
+
+    path = tmp_path / "bad.gguf"
+    write_gguf(path, tiny_hf("llama"), **change)
+    with pytest.raises(UserError) as e:
+        load(str(path), "auto")
+    msg = str(e.value)
+    assert str(path) in msg and named in msg and "\n" not in msg
+    (tmp_path / "m.json").write_text('[{"role": "user", "content": "hi"}]')
+    assert main(["generate", str(tmp_path / "m.json"), "--model", str(path), "--max-new-tokens", "2"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert named in err and len(err.splitlines()) == 1
+
+
+def test_default_model_memory_after_a_reply_is_bounded_by_the_file():
+    """RSS after loading the default model and one reply, less the process's RSS before loading,
+    stays within 2.5x the file's size (blocks are views of the mapping or their tiled copies)."""
+    script = Path(__file__).resolve().parent.parent / "bench" / "gguf_rss.py"
+    out = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    r = json.loads(out.stdout.strip().splitlines()[-1])
+    assert r["after_reply_mb"] - r["baseline_mb"] < 2.5 * r["file_mb"], r
