@@ -382,7 +382,8 @@ def test_gguf_read_directly_matches_transformers_and_keeps_its_blocks(tiny_llama
         assert (model(ids) - theirs(ids).logits).abs().max() < 1e-4
     b0, b1 = model.blocks
     assert (b0.attn.qkv.kind, b0.mlp.gate_up.kind, b0.mlp.down.kind, model.lm_head.kind) == ("q4_1", "q4_1", "q4_0", "q8_0")
-    assert b1.attn.o_proj.kind == "q8_0" and b1.attn.qkv.kind == "q8_0"  # mixed q/k/v: quantized here (auto: int8)
+    assert b1.attn.o_proj.kind == "q8_0" and b1.attn.qkv.segments is None and b1.attn.qkv.kind == "q8_0"  # Q5_0 v: int8
+
     qkv = kernels.dequantize(3, b0.attn.qkv.packed, b0.attn.qkv.out_features, 64)
     assert torch.equal(qkv, b0.attn.qkv.weight)  # the file's own values, in rotary order
     cache = model.new_cache(1)
@@ -407,7 +408,8 @@ def test_block_weights_make_their_floats_on_first_use(tiny_llama, tmp_path):
     eager = load(str(tmp_path / "tiny.gguf"), "float32").model
     lazy = load(str(tmp_path / "tiny.gguf"), "auto").model
     waiting = {n for n, m in lazy.named_modules() if getattr(m, "source", None) is not None}
-    assert waiting == {"blocks.0.attn.qkv", "blocks.1.mlp.down", "blocks.1.attn.o_proj"}  # the tied head is the embedding
+    # the tied head multiplies the embedding's blocks; the embedding dequantizes the rows it looks up
+    assert waiting == {"blocks.0.attn.qkv", "blocks.1.mlp.down", "blocks.1.attn.o_proj", "embed", "lm_head"}
     cache = lazy.new_cache(1)
     lazy(_ids(12, seed=4), cache)
     lazy(_ids(1, seed=5), cache)
