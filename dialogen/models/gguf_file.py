@@ -160,6 +160,21 @@ def read_tensors(path: Path, cfg: Config, tensors: list[dict], lazy: bool = Fals
     return floats, blocks
 
 
+def adjacent_view(data: np.ndarray, cfg: Config, tensors: list[dict], names) -> torch.Tensor | None:
+    """Tensors (Hugging Face names) of one type that lie back to back in the file, as one (rows, row bytes)
+    view of the mapping (llama.cpp's files put ffn_gate right before ffn_up); None otherwise, or for
+    q/k rows, which are reordered on reading."""
+    where = {_hf_name(t["name"], cfg.arch): t for t in tensors}
+    parts = [where.get(n) for n in names]
+    if any(t is None or t["name"].split(".")[-2] in ("attn_q", "attn_k") for t in parts):
+        return None
+    if any(a["offset"] + a["bytes"] != b["offset"] or a["type"] != b["type"] or a["shape"][1:] != b["shape"][1:]
+           for a, b in zip(parts, parts[1:])):
+        return None
+    start, end = parts[0]["offset"], parts[-1]["offset"] + parts[-1]["bytes"]
+    return torch.from_numpy(data[start:end]).view(sum(t["shape"][0] for t in parts), -1)
+
+
 def release_pages(data: np.ndarray):
     """Drop the mapping's pages from this process (they stay in the page cache): the pages read while
     loading (copies were made of them) stop counting as its memory, and any used later come back."""

@@ -13,6 +13,7 @@ import importlib.util
 import json
 import sys
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -22,7 +23,7 @@ from ..paths import cache_dir
 from . import kernels
 from .family import DECODER, ENCODER_DECODER, family
 from .files import assign_weights, read_state_dict, write_checkpoint
-from .gguf_file import index_dir, map_file, read_gguf, read_tensors, release_pages  # noqa: F401 (read_gguf: for the tests)
+from .gguf_file import adjacent_view, index_dir, map_file, read_gguf, read_tensors, release_pages  # noqa: F401 (read_gguf: for the tests)
 from .hf import GPT2_KEYS, GPT2_LINEARS, LLAMA_KEYS, check_shapes, config_from_hf, hf_configs, hf_to_ours, ours_to_hf
 from .rnn import load_rnn, save_rnn
 from .tokenizer import Tokenizer
@@ -117,7 +118,7 @@ def load_gguf(path: Path, dtype="auto") -> Loaded:
     lazy = str(dtype).removeprefix("torch.") in BLOCKED and kernels.enabled()
     data = map_file(path)
     floats, blocks = read_tensors(path, cfg, index["tensors"], lazy, data)
-    native = native_blocks(cfg, blocks)
+    native = native_blocks(cfg, blocks, partial(adjacent_view, data, cfg, index["tensors"]))
     later = {ours for ours in native if lazy}
     skip = {theirs for ours in later for theirs in native[ours][2]}
     table = "transformer.wte.weight" if cfg.arch == "gpt2" else "model.embed_tokens.weight"
@@ -136,17 +137,21 @@ def load_gguf(path: Path, dtype="auto") -> Loaded:
     return Loaded(model, Tokenizer.from_dir(where), where, {"template": "jinja", "source": str(path)})
 
 
-def native_blocks(cfg: Config, blocks: dict) -> dict:
+def native_blocks(cfg: Config, blocks: dict, adjacent=None) -> dict:
     """GGUF blocks in Hugging Face names -> {our Linear's name: (kind, blocks, their names)}. Fused
     weights (qkv, gate_up) whose parts share one layout are joined into one tensor; parts of
-    different layouts give (None, [(kind, blocks)] in row order, their names) (`Linear.set_segments`)."""
+    different layouts give (None, [(kind, blocks)] in row order, their names) (`Linear.set_segments`).
+    `adjacent(names)`: the parts as one view of the file where they lie back to back in it (no copy)."""
     def fuse(names):
         parts = [blocks.get(n) for n in names]
         if any(p is None for p in parts):
             return None
         if len({k for k, _ in parts}) != 1:
             return None, parts, tuple(names)
-        return parts[0][0], torch.cat([b for _, b in parts]) if len(parts) > 1 else parts[0][1], tuple(names)
+        if len(parts) == 1:
+            return parts[0][0], parts[0][1], tuple(names)
+        joined = adjacent(names) if adjacent is not None else None
+        return parts[0][0], torch.cat([b for _, b in parts]) if joined is None else joined, tuple(names)
 
     out = {}
     if cfg.arch == "gpt2":
