@@ -52,10 +52,11 @@ def tiny_hf(family: str = "llama", vocab: int = 288, tied: bool = False, seed: i
 
 
 def write_gguf(path, hf_model, arch: str = "llama", types: dict | None = None, meta: dict | None = None,
-               extra: dict | None = None):
+               extra: dict | None = None, vocab: dict | None = None):
     """`hf_model` as a GGUF of architecture `arch`, each tensor in types[name] (default F32), with
     metadata `meta` ({key: value}, added as given) and `extra` tensors ({name: float array}).
-    Returns the weights as written, dequantized, in transformers' names."""
+    `vocab` replaces parts of the vocabulary (tokens, types, merges). Returns the weights as written,
+    dequantized, in transformers' names."""
     import gguf
 
     types = types or {}
@@ -69,13 +70,13 @@ def write_gguf(path, hf_model, arch: str = "llama", types: dict | None = None, m
     w.add_head_count_kv(cfg.num_key_value_heads)
     w.add_rope_freq_base(float(getattr(cfg, "rope_theta", None) or 10000.0))
     w.add_layer_norm_rms_eps(cfg.rms_norm_eps)
-    v = byte_vocabulary(cfg.vocab_size)
+    v = {**byte_vocabulary(cfg.vocab_size), **(vocab or {})}
     w.add_tokenizer_model("gpt2")
     w.add_tokenizer_pre("smollm")
     w.add_token_list(v["tokens"])
     w.add_token_types(v["types"])
     w.add_token_merges(v["merges"])
-    w.add_eos_token_id(cfg.vocab_size - 1)
+    w.add_eos_token_id(len(v["tokens"]) - 1 if v["tokens"] else 0)
     w.add_chat_template(CHATML)
     for key, value in (meta or {}).items():
         w.add_key_value(key, value, _value_type(value))

@@ -142,3 +142,60 @@ def test_default_model_memory_after_a_reply_is_bounded_by_the_file():
     assert out.returncode == 0, out.stderr
     r = json.loads(out.stdout.strip().splitlines()[-1])
     assert r["after_reply_mb"] - r["baseline_mb"] < 2.5 * r["file_mb"], r
+
+
+@pytest.fixture(scope="module")
+def tiny_file(tmp_path_factory):
+    path = tmp_path_factory.mktemp("tiny") / "t.gguf"
+    write_gguf(path, tiny_hf("llama"), types=MIXED)
+    return path
+
+
+def patched(tiny_file, tmp_path, field: str, value: int):
+    """A copy of the tiny file with the header number named `field` (gguf_header's names) set to `value`."""
+    import struct
+
+    from dialogen.models.gguf_header import read_header
+
+    pos, fmt = next((pos, fmt) for what, pos, fmt in read_header(tiny_file).fields if what == field)
+    data = bytearray(tiny_file.read_bytes())
+    struct.pack_into(fmt, data, pos, value)
+    out = tmp_path / "patched.gguf"
+    out.write_bytes(bytes(data))
+    return out
+
+
+@pytest.mark.parametrize("field, value, named", [
+    ("dimension 1 of blk.1.ffn_gate.weight", 1, "blk.1.ffn_gate.weight"),  # 1 row declared: not the data's size
+    ("dimension 1 of blk.0.attn_q.weight", 1, "blk.0.attn_q.weight"),
+    ("type of blk.0.attn_q.weight", 8, "blk.0.attn_q.weight"),  # a valid but wrong type id (Q4_0 -> Q8_0)
+    ("type of blk.0.ffn_up.weight", 2, "blk.0.ffn_up.weight"),  # Q8_0 -> Q4_0: fewer bytes than its data
+    ("type of blk.0.attn_norm.weight", 99, "blk.0.attn_norm.weight"),
+    ("length of tokenizer.ggml.tokens", 1 << 32, "tokenizer.ggml.tokens"),
+    ("length of tokenizer.ggml.merges", 1 << 40, "tokenizer.ggml.merges"),
+    ("offset of blk.1.ffn_down.weight", 1 << 40, "blk.1.ffn_down.weight"),
+    ("tensor count", 1 << 60, "tensor count"),
+])
+def test_untrusted_header_numbers_are_refused_before_use(tiny_file, tmp_path, field, value, named):
+    import time
+
+    path = patched(tiny_file, tmp_path, field, value)
+    start = time.monotonic()
+    with pytest.raises(UserError) as e:
+        load(str(path), "auto")
+    msg = str(e.value)
+    assert str(path) in msg and named in msg and "\n" not in msg, msg
+    assert time.monotonic() - start < 5
+
+
+@pytest.mark.parametrize("vocab, named", [
+    (dict(tokens=[], types=[], merges=[]), "tokenizer.ggml.tokens"),  # an empty vocabulary
+    (dict(merges=["t h", "Ġ nothere"]), "tokenizer.ggml.merges[1]"),  # a merge of a token not in the vocabulary
+    (dict(types=[1, 2]), "tokenizer.ggml.token_type"),
+])
+def test_inconsistent_vocabularies_are_refused(tmp_path, vocab, named):
+    path = tmp_path / "v.gguf"
+    write_gguf(path, tiny_hf("llama"), vocab=vocab)
+    with pytest.raises(UserError) as e:
+        load(str(path), "auto")
+    assert str(path) in str(e.value) and named in str(e.value) and "\n" not in str(e.value)

@@ -117,17 +117,17 @@ def _parse(r: _Reader, size: int) -> Header:
         r.fail(f"GGUF version {version} is not supported (2 or 3)")
     n_tensors = r.count("tensor count", 24)  # a tensor's entry takes at least 24 bytes
     n_kv = r.count("metadata count", 13)  # a key/value pair at least 13
-    meta = {}
+    meta, key = {}, None
     for i in range(n_kv):
-        key = r.string(f"metadata key {i}")
+        key = r.string(f"metadata key {i}" + (f" (the one after {key})" if key else ""))
         vtype = r.num("<I", 4, f"type of {key}")
         meta[key] = r.value(vtype, key)
     align = meta.get("general.alignment", 32)
     if not isinstance(align, int) or isinstance(align, bool) or align < 1 or align & (align - 1) or align > 1 << 20:
         r.fail(f"general.alignment={align!r} is not a power of two")
-    tensors, names = [], set()
+    tensors, names, name = [], set(), None
     for i in range(n_tensors):
-        name = r.string(f"name of tensor {i}")
+        name = r.string(f"name of tensor {i}" + (f" (the one after {name})" if name else ""))
         if name in names:
             r.fail(f"tensor {name} appears twice")
         names.add(name)
@@ -162,4 +162,18 @@ def _parse(r: _Reader, size: int) -> Header:
             r.fail(f"tensor {name} ({tname} {list(reversed(ne))}, {nbytes} bytes at {offset}) ends past the file's "
                    f"end ({size - data_start} bytes of data)")
         out.append(TensorInfo(name, ttype, list(reversed(ne)), data_start + offset, nbytes))
+    _check_layout(r, out, size, align)
     return Header(meta, out, data_start, r.fields)
+
+
+def _check_layout(r: _Reader, tensors: list[TensorInfo], size: int, align: int):
+    """Tensors lie one after another, each padded to the alignment: a tensor whose type or shape does not
+    match its data leaves a gap or overlaps the next one."""
+    ordered = sorted(tensors, key=lambda t: t.offset)
+    for t, nxt in zip(ordered, ordered[1:] + [None]):
+        gap = (size if nxt is None else nxt.offset) - (t.offset + t.bytes)
+        if nxt is not None and gap < 0:
+            r.fail(f"tensor {t.name} ({t.bytes} bytes for its type and shape) overlaps tensor {nxt.name}")
+        if gap >= align:
+            r.fail(f"tensor {t.name}: its type and shape make {t.bytes} bytes, but its data runs {gap} bytes "
+                   f"further (to {'the end of the file' if nxt is None else 'tensor ' + nxt.name})")
