@@ -112,7 +112,7 @@ def main() -> int:
         tmp = Path(tmp)
         if args.gguf:  # first: its worker process starts before this one runs any parallel work
             out["gguf"] = gguf_mode(tmp, args.gguf, args.seed)
-        model = tiny_model(tmp)
+        model = tiny_model(tmp) if args.http or args.readers else None
         if args.http:
             srv = InProcessServer(model, tmp / "sessions.db")
             sid = srv.request("POST", "/v1/sessions", json={"persona": "You are kind."}).json()["id"]

@@ -78,7 +78,10 @@ def index_dir(path: Path) -> Path:
     header = read_header(path)
     cfg = validated(path, header)
     cfg.rope_factors = _rope_factors(path, header)
-    tokenizer = Tokenizer.from_gguf(header.meta)
+    try:
+        tokenizer = Tokenizer.from_gguf(header.meta)
+    except UserError as e:  # the tokenizer's own checks, which name the key but not the file
+        raise UserError(str(e) if str(path) in str(e) else f"{path}: {e}") from None
     tensors = [{"name": t.name, "type": t.type, "shape": t.shape, "offset": t.offset, "bytes": t.bytes}
                for t in header.tensors if t.name != "rope_freqs.weight"]
     target.parent.mkdir(parents=True, exist_ok=True)
