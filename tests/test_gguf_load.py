@@ -13,7 +13,8 @@ import pytest
 import torch
 
 from dialogen.errors import UserError
-from dialogen.models import kernels
+from dialogen.models.kernels import library
+from dialogen.models.native import BlockEmbedding, BlockLinear, FusedBlock, SegmentedLinear
 from dialogen.models.loading import load
 from gguf_files import tiny_hf, with_weights, write_gguf
 
@@ -37,20 +38,21 @@ def test_mixed_types_in_fused_projections_stay_blocks(tmp_path):
     want = reference_logits(hf, written)
     model = load(str(tmp_path / "m.gguf"), "auto").model
     b0, b1 = model.blocks
-    assert [s[0] for s in b0.attn.qkv.segments] == ["q4_0", "q4_0", "q8_0"]  # q, k, v rows in order
-    assert [s[0] for s in b0.mlp.gate_up.segments] == ["q4_1", "q8_0"]
+    assert [p.kind for p in b0.attn.qkv.parts] == ["q4_0", "q4_0", "q8_0"]  # q, k, v rows in order
+    assert [p.kind for p in b0.mlp.gate_up.parts] == ["q4_1", "q8_0"]
     assert b1.attn.qkv.kind == "q8_0" and b1.mlp.gate_up.kind == "q4_0" and b0.mlp.down.kind == "q4_0"
-    assert b0._fused() is None and b1._fused() is not None  # the mixed block runs unfused
+    assert not isinstance(b0, FusedBlock) and isinstance(b1, FusedBlock)  # the mixed block runs unfused
     got = model(IDS)  # blocks serve the prompt
     assert (got - want).abs().max() < 0.1 * want.abs().max()  # activations are rounded to 8 bits in the kernels
     cache = model.new_cache(1)
     model(IDS[:, :90], cache)
     steps = torch.stack([model(IDS[:, t:t + 1], cache)[0, -1] for t in range(90, 96)])
     assert (steps - want[0, 90:]).abs().max() < 0.1 * want.abs().max()
-    # inference never made a float32 weight of a block-kept tensor (the embedding included)
-    waiting = [m for m in model.modules() if getattr(m, "source", None) is not None]
-    assert len(waiting) == 7 + 2  # the Linears with blocks (blk.0.attn_output is F32), the head, the embedding
-    with kernels.disabled():  # the reference path (floats made from the blocks): the weights as written, exactly
+    # only blocks: the Linears the file ships as blocks (blk.0.attn_output is F32), the head, the embedding
+    kept = [m for m in model.modules() if isinstance(m, (BlockLinear, SegmentedLinear, BlockEmbedding))]
+    assert len(kept) == 7 + 2
+    assert {n for n, p in model.named_parameters() if p.dim() == 2} == {"blocks.0.attn.o_proj.weight"}
+    with library.disabled():  # the reference path (floats made from the blocks): the weights as written, exactly
         assert (model(IDS) - want).abs().max() < 1e-4
 
 
@@ -59,7 +61,7 @@ def test_int8_joins_mixed_parts_on_the_8_bit_grid(tmp_path):
     hf = tiny_hf("llama")
     written = write_gguf(tmp_path / "m.gguf", hf, types=MIXED)
     model = load(str(tmp_path / "m.gguf"), "int8").model
-    assert model.blocks[0].attn.qkv.kind == "q8_0" and model.blocks[0].attn.qkv.segments is None
+    assert [p.kind for p in model.blocks[0].attn.qkv.parts] == ["q8_0"] * 3
     want = reference_logits(hf, written)
     assert (model(IDS) - want).abs().max() < 0.1 * want.abs().max()
 
@@ -69,13 +71,13 @@ def test_tied_embedding_rows_are_dequantized_from_the_blocks(tmp_path):
     hf = tiny_hf("llama", tied=True)
     written = write_gguf(tmp_path / "t.gguf", hf, types={"token_embd.weight": "Q8_0"})
     model = load(str(tmp_path / "t.gguf"), "auto").model
-    kind, blocks = model.embed.source
-    assert kind == "q8_0" and model.lm_head.packed.data_ptr() == blocks.data_ptr()  # the head multiplies the same blocks
+    assert isinstance(model.embed, BlockEmbedding) and model.embed.kind == "q8_0"
+    assert model.lm_head.blocks.data_ptr() == model.embed.blocks.data_ptr()  # the head multiplies the same blocks
     x = model.embed(IDS[:, :5])
     assert torch.equal(x[0], written["model.embed_tokens.weight"][IDS[0, :5]])
-    assert model.embed.source is not None  # no float table was made
+    assert not any(p.dim() == 2 for p in model.parameters())  # no float table was made
     want = reference_logits(hf, {**written, "lm_head.weight": written["model.embed_tokens.weight"]})
-    with kernels.disabled():
+    with library.disabled():
         assert (model(IDS) - want).abs().max() < 1e-4
 
 

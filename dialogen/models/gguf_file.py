@@ -4,7 +4,7 @@ The first use of a file reads its header (`gguf_header`, every length bounded by
 checks it (`gguf_config.validated`: metadata, tensor shapes and types, vocabulary) and writes a
 small index beside the other caches: the config, the tokenizer and where each tensor lies. Loads
 map the file and take the tensors from the mapping: tensors of the types the kernels multiply
-(`kernels.GGML_TYPES`) stay blocks, views of the mapping, with no float copy; other types are
+(`kernels.formats.FORMATS`) stay blocks, views of the mapping, with no float copy; other types are
 dequantized, with one line saying so.
 """
 
@@ -26,9 +26,9 @@ import torch
 
 from ..errors import UserError
 from ..paths import cache_dir
-from . import kernels
 from .gguf_config import validated
 from .gguf_header import read_header
+from .kernels.formats import FORMATS, dequantize
 from .tokenizer import Tokenizer
 from .transformer import Config
 
@@ -44,7 +44,7 @@ GPT2_RENAME = {"token_embd": "transformer.wte", "position_embd": "transformer.wp
                "output": "lm_head", "attn_norm": "ln_1", "attn_qkv": "attn.c_attn", "attn_output": "attn.c_proj",
                "ffn_norm": "ln_2", "ffn_up": "mlp.c_fc", "ffn_down": "mlp.c_proj"}
 CONV1D = {"attn_qkv", "attn_output", "ffn_up", "ffn_down"}
-NATIVE = {n: kind for kind, n in kernels.GGML_TYPES.items()}  # GGUF type number -> block layout the kernels multiply
+NATIVE = {number: f.name for number, f in FORMATS.items()}  # GGUF type number -> a block format kept as shipped
 
 
 def read_gguf(path: Path):
@@ -158,8 +158,9 @@ def read_tensors(path: Path, cfg: Config, tensors: list[dict], lazy: bool = Fals
         w = torch.from_numpy(_floats(raw, kind, shape))
         floats[name] = unpermute_rows(w, heads) if heads else w.t() if conv1d else w
     if converted:
+        kept = ", ".join(name.upper() for name in NATIVE.values())
         print(f"dialogen: {path.name}: {', '.join(sorted(converted))} tensors are dequantized "
-              f"(kept natively: {', '.join(sorted(k.upper() for k in NATIVE.values()))})", file=sys.stderr)
+              f"(kept natively: {kept})", file=sys.stderr)
     return floats, blocks
 
 
@@ -198,7 +199,7 @@ def _floats(raw: np.ndarray, kind: int, shape: list) -> np.ndarray:
 
 
 def _block_floats(kind: int, b: torch.Tensor, shape: list, conv1d: bool) -> torch.Tensor:
-    w = kernels.dequantize(kind, b, *shape) if kernels.enabled() else _dequantize(b.numpy(), kind)
+    w = dequantize(kind, b, *shape)
     return w.t() if conv1d else w
 
 
