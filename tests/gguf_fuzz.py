@@ -146,9 +146,9 @@ def _serve():
     import time
 
     import dialogen.api  # noqa: F401 (imported once, before the forks)
-    from dialogen.models import kernels
+    from dialogen.models.kernels import library
 
-    kernels.build()
+    library.build()
     base_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     print("ready", flush=True)
     for line in sys.stdin:

@@ -87,8 +87,19 @@ def test_qwen2_biases(tmp_path):
     hf = tiny_hf("qwen2")
     written = write_gguf(tmp_path / "q.gguf", hf, arch="qwen2")
     model = load(str(tmp_path / "q.gguf"), "float32").model
+    want = reference_logits(hf, written)
     assert model.cfg.attn_bias
-    assert (model(IDS) - reference_logits(hf, written)).abs().max() < 1e-4
+    assert (model(IDS) - want).abs().max() < 1e-4
+    blocks = {f"blk.{i}.{n}.weight": "Q8_0" for i in range(2) for n in ("attn_q", "attn_k", "attn_v", "attn_output",
+                                                                         "ffn_gate", "ffn_up", "ffn_down")}
+    written = write_gguf(tmp_path / "q8.gguf", hf, arch="qwen2", types=blocks)
+    model = load(str(tmp_path / "q8.gguf"), "auto").model
+    assert all(isinstance(b, FusedBlock) for b in model.blocks)  # the fused native block adds the q/k/v biases
+    want = reference_logits(hf, written)
+    cache = model.new_cache(1)
+    model(IDS[:, :90], cache)
+    steps = torch.stack([model(IDS[:, t:t + 1], cache)[0, -1] for t in range(90, 96)])
+    assert (steps - want[0, 90:]).abs().max() < 0.1 * want.abs().max()
 
 
 @torch.no_grad()

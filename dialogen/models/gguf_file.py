@@ -32,7 +32,7 @@ from .kernels.formats import FORMATS, dequantize
 from .tokenizer import Tokenizer
 from .transformer import Config
 
-INDEX_VERSION = 2
+INDEX_VERSION = 3  # the index of the validated header (config with rope scaling, file size)
 # GGUF tensor names -> Hugging Face llama names (the layout `hf.hf_to_ours` reads)
 RENAME = {"token_embd": "model.embed_tokens", "output_norm": "model.norm", "output": "lm_head",
           "attn_norm": "input_layernorm", "ffn_norm": "post_attention_layernorm",
