@@ -102,8 +102,8 @@ def requantize_q8_0(kind: str, blocks: torch.Tensor, n: int, k: int) -> torch.Te
     (j = 1..16), q lands on j*q exactly, and only m is rounded: the error is the same for the
     block's 32 weights, (m - d/j * round(j*m/d)). Each block takes the j with the least error whose
     integers fit in [-127, 127], or the plain scale max|v|/127 where that is closer; a Q4_0 block is
-    kept exactly (j = 1). On the default model this rounds the weights with 6x less squared error than
-    quantizing their float values afresh."""
+    kept exactly (j = 1). This rounds the weights with less squared error than quantizing their float
+    values afresh."""
     nb = k // QK
     width = 20 if kind == "q4_1" else 18
     b = blocks.reshape(n, nb, width)
