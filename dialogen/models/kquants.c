@@ -434,6 +434,7 @@ static inline __attribute__((always_inline)) void units_dot_2w(int type, const u
     for (int i = 0; i < 2; i++) out[i] = _mm512_reduce_add_ps(_mm512_add_ps(acc[i][0], acc[i][1]));
 }
 #define TWO_WEIGHT_ROWS 1
+static int two_rows_pay(int type) { (void)type; return 1; }
 #elif defined(__AVX2__)
 #define UNIT_ROWS 4
 static inline __m256 unit_dot32(int type, __m256i u, __m256i x) {
@@ -533,6 +534,40 @@ static inline __attribute__((always_inline)) void units_dot(int type, const uint
     }
     for (int r = 0; r < RN; r++) out[r] = hsum(_mm256_add_ps(acc[r][0], acc[r][1]));
 }
+
+/* a decode step (one krow) against two weight rows at once, as on AVX-512 */
+static inline __attribute__((always_inline)) void units_dot_2w(int type, const uint8_t *w, size_t row_bytes, int nu,
+                                                               int nb, const int8_t *x, int Kp, float *out) {
+    const size_t ub = (size_t)block_bytes(type) * (small_blocks(type) ? 8 : 1);
+    __m256 acc[2][2] = {{_mm256_setzero_ps(), _mm256_setzero_ps()}, {_mm256_setzero_ps(), _mm256_setzero_ps()}};
+    float S[2][16];
+    for (int s = 0; s < nu; s++) {
+        const int nblk = nb - 8 * s < 8 ? nb - 8 * s : 8;
+        const float *d16 = (const float *)(x + Kp) + 16 * s, *s16 = d16 + Kp / 16;
+        for (int i = 0; i < 2; i++) {
+            __m256 ws[2], wm[2];
+            kscales8(type, w + i * row_bytes + s * ub, nblk, ws, wm);
+            for (int h = 0; h < 2; h++) {
+                _mm256_storeu_ps(S[i] + 8 * h, _mm256_mul_ps(ws[h], _mm256_loadu_ps(d16 + 8 * h)));
+                acc[i][1] = _mm256_fmadd_ps(wm[h], _mm256_loadu_ps(s16 + 8 * h), acc[i][1]);
+            }
+        }
+        for (int c = 0; c < 8; c++) {
+            const __m256i pick = _mm256_setr_epi32(2 * (c & 3), 2 * (c & 3), 2 * (c & 3), 2 * (c & 3), 2 * (c & 3) + 1,
+                                                   2 * (c & 3) + 1, 2 * (c & 3) + 1, 2 * (c & 3) + 1);
+            __m256i xv = _mm256_loadu_si256((const __m256i *)(x + (size_t)s * KU + 32 * c));
+            for (int i = 0; i < 2; i++) {
+                __m256 p = unit_dot32(type, unpack32(type, w + i * row_bytes + s * ub, nblk, c), xv);
+                __m256 sc = _mm256_permutevar8x32_ps(_mm256_loadu_ps(S[i] + 8 * (c >> 2)), pick);
+                acc[i][c & 1] = _mm256_fmadd_ps(p, sc, acc[i][c & 1]);
+            }
+        }
+    }
+    for (int i = 0; i < 2; i++) out[i] = hsum(_mm256_add_ps(acc[i][0], acc[i][1]));
+}
+#define TWO_WEIGHT_ROWS 1
+/* with 16 vector registers, only the formats of the lightest unpacking gain from the second row */
+static int two_rows_pay(int type) { return type == Q4_K || type == Q5_K || type == IQ4_XS; }
 #else
 #define UNIT_ROWS 8
 static inline __attribute__((always_inline)) void units_dot(int type, const uint8_t *w, int nu, int nb, const int8_t *x, size_t xstride, int Kp,
@@ -636,7 +671,7 @@ static void units_matmul(int type, const uint8_t *w, int N, int K, const xblock 
     for (int r = 0; xk && r < R; r++) make_krow(xq + (size_t)r * (K / QK), K, Kp, xk + r * xs);
     float out[UNIT_ROWS];
 #ifdef TWO_WEIGHT_ROWS
-    if (R == 1 && N % 2 == 0) {  /* a decode step: two weight rows at a time */
+    if (R == 1 && N % 2 == 0 && two_rows_pay(type)) {  /* a decode step: two weight rows at a time */
         #pragma omp for schedule(static)
         for (int n = 0; n < N; n += 2) {
             if (!xk) continue;
