@@ -45,8 +45,9 @@ def reference(t: int, blocks: torch.Tensor, n: int, k: int) -> torch.Tensor:
 
 
 def shape(t: int) -> tuple[int, int]:
-    """a weight shape for type t: 768 inputs (3 super-blocks), or 224 (7 blocks: a short last unit of 8)"""
-    return (24, 768) if formats.FORMATS[t].block in (1, 256) else (24, 224)
+    """a weight shape for type t: 768 inputs (3 super-blocks), or 224 (7 blocks: a short last unit of 8);
+    32 outputs, two of the groups of 16 the AVX-512 build takes prompt rows by"""
+    return (32, 768) if formats.FORMATS[t].block in (1, 256) else (32, 224)
 
 
 def test_the_format_table_is_the_kernels_own():
@@ -78,7 +79,7 @@ def rounded_like_the_kernels(x: torch.Tensor) -> torch.Tensor:
 @pytest.mark.parametrize("t", TYPES, ids=[formats.FORMATS[t].name for t in TYPES])
 def test_product_equals_the_dequantized_weight_product(t):
     """qmatmul against x @ dequantize(blocks).T, 1 row (decode) to 21 (prompt rows, past the kernels'
-    groups of 8 or 4), with a bias. The quantized formats take x rounded to int8 per 32 values: with
+    groups of 4, 8 and 16), with a bias. The quantized formats take x rounded to int8 per 32 values: with
     that rounding done here too, only float summation order differs; against the float x the error
     is at most sum |w| * |x - rounded x| per output. F16/BF16 take the float activations."""
     n, k = shape(t)
@@ -131,7 +132,7 @@ def test_every_simd_path_gives_the_native_results(march, monkeypatch):
     for t in TYPES:
         n, k = shape(t)
         blocks = random_blocks(t, n, k, rng)
-        cases += [(t, blocks, n, k, torch.randn(rows, k, generator=g) * 2) for rows in (1, 3, 9)]
+        cases += [(t, blocks, n, k, torch.randn(rows, k, generator=g) * 2) for rows in (1, 3, 17)]
 
     def run():
         return [(ops.qmatmul(t, b, n, k, x), formats.dequantize(t, b, n, k)) for t, b, n, k, x in cases]
