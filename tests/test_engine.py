@@ -190,6 +190,36 @@ def test_greedy_tokens_equal_float32_where_the_dtype_is_exact_enough(default_fp3
     assert checked >= 8
 
 
+@torch.no_grad()
+def test_swapped_model_agrees_with_the_no_kernels_reference(monkeypatch):
+    """Loaded with --no-kernels, the default model is the reference (nothing swapped in). The
+    swapped-in model (its blocks, native attention, fused blocks) gives decode-step logits within
+    the block rounding's tolerance of it (as `test_each_decode_dtype_stays_near_float32`), and with
+    the kernels off computes the reference math on the file's values: the same logits."""
+    from dialogen.models.layers import Embedding, Linear, RMSNorm
+    from dialogen.models.native import FusedBlock, NativeAttention
+    from dialogen.models.transformer import MLP, Attention, Block, Transformer
+
+    monkeypatch.setenv("DIALOGEN_KERNELS", "0")
+    loaded = load(None, "float32")
+    monkeypatch.delenv("DIALOGEN_KERNELS")
+    reference, tok = loaded.model, loaded.tokenizer
+    assert reference.native is None
+    assert {type(m) for m in reference.modules()} == {Transformer, torch.nn.ModuleList, Block, Attention, MLP, Linear,
+                                                     RMSNorm, Embedding}
+    swapped = load(None, "auto").model
+    assert swapped.native.blocks and swapped.native.attention
+    assert all(type(b) is FusedBlock and type(b.attn) is NativeAttention for b in swapped.blocks)
+    ids = torch.tensor([tok.encode_text("The capital of France is Paris. The capital of Italy is")])
+    ca, cb = reference.new_cache(1), swapped.new_cache(1)
+    reference(ids[:, :-4], ca), swapped(ids[:, :-4], cb)
+    for t in range(ids.shape[1] - 4, ids.shape[1]):
+        a, b = reference(ids[:, t:t + 1], ca)[0, -1], swapped(ids[:, t:t + 1], cb)[0, -1]
+        assert (a - b).abs().max() < 0.07 * a.abs().max(), t
+    with library.disabled():
+        assert torch.equal(swapped(ids), reference(ids))
+
+
 @pytest.mark.parametrize("fixture", ["tiny_llama", "tiny_gpt2"])
 @pytest.mark.parametrize("dtype", ["float32", "float16"])
 @torch.no_grad()

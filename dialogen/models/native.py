@@ -2,8 +2,8 @@
 swaps its Linears; the model code itself (`transformer.py`, `layers.py`) stays the reference.
 
 - `BlockLinear`: the weight as GGUF blocks (Q4_0/Q4_1/Q8_0, plus their tiled order where the
-  build has one), multiplied by the native kernel with the RMS norm or SwiGLU fused in. It holds
-  no float weight: prompts and decode steps both multiply the blocks.
+  build has one), multiplied by the native kernel with the RMS norm or SwiGLU fused in, for
+  prompts and decode steps alike. Blocks a file ships are the only copy of that weight.
 - `HalfLinear`: a reference Linear with a float16/bfloat16 copy that decode steps multiply.
 - `NativeAttention`, `FusedBlock`: the step of one new token per row (decode steps, beam rows, the
   server's `CacheBatch`): rotary, cache write and attention in one native call per layer, or the
@@ -314,6 +314,8 @@ def swap_in(model, dtype="auto", blocks: dict | None = None) -> str:
     `blocks`: {our Linear's name: (kind, blocks, ...)}, a file's weights as shipped (`loading.native_blocks`);
     a Linear given blocks may hold no float weight. Native attention and fused blocks are installed
     where the kernels are built and `attention_supported` / `block_supported` allow."""
+    if isinstance(model, Transformer) and model.native is not None:
+        unswap(model)
     linears = [(n, m) for n, m in model.named_modules() if isinstance(m, Linear)]
     dtype = decode_dtype(dtype, [m.in_features for _, m in linears])
     if not isinstance(model, Transformer):

@@ -38,7 +38,7 @@ def tile(ggml_type: int, blocks: torch.Tensor, n: int, k: int) -> torch.Tensor |
     VNNI build multiplies several activation rows by at a time; None where this build or shape
     has no tiled product. The values are the blocks' own, reordered."""
     L = library.lib()
-    size = L.tiled_bytes(ggml_type, n, k)
+    size = 0 if L is None else L.tiled_bytes(ggml_type, n, k)
     if not size:
         return None
     out = torch.empty(size, dtype=torch.uint8)
@@ -60,7 +60,6 @@ def dequantize(ggml_type: int, blocks: torch.Tensor, n: int, k: int) -> torch.Te
     return torch.from_numpy(gguf.quants.dequantize(raw, ggml_type).astype(np.float32).reshape(n, k))
 
 
-# --- quantizing float weights into the block layouts
 def quantize(w: torch.Tensor, kind: str) -> torch.Tensor:
     """float (n, k) -> blocks (n, k/32 * bytes) of `kind` (q8_0 or q4_1), as GGUF stores them."""
     n, k = w.shape
