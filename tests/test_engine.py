@@ -93,6 +93,15 @@ def test_tiled_weights_give_the_blocks_products(kind):
         assert (acc - expected).abs().max() <= 1e-5 * expected.abs().max()
 
 
+def test_a_failed_scratch_allocation_is_a_memory_error():
+    """A product whose scratch memory cannot be allocated returns OUT_OF_MEMORY before it touches its
+    arguments (2**52 bytes exceed any x86-64 or arm64 address space), and Python raises MemoryError."""
+    status = library.lib().qmatmul(8, None, 32, 1 << 20, None, 1 << 30, None, None, 0, None, 0.0, 0, 1)
+    assert status == library.OUT_OF_MEMORY
+    with pytest.raises(MemoryError, match="qmatmul"):
+        library.check(status, "qmatmul")
+
+
 @pytest.mark.parametrize("kind", KINDS)
 def test_fused_norm_swiglu_and_residual_equal_the_torch_ops(kind):
     g = torch.Generator().manual_seed(1)

@@ -101,9 +101,9 @@ LOADERS = {"llama": load_transformer, "gpt2": load_transformer, "rnn": lambda pa
 
 
 def load_gguf(path: Path, dtype="auto") -> Loaded:
-    """With blocks to decode by, each Linear that the file ships as blocks keeps only them (a
-    `native.BlockLinear`): no float32 copy is made, unless training or `--no-kernels` asks for
-    the reference (`Transformer.materialize`)."""
+    """With a blocked dtype (auto, int8, int4), each Linear the file ships as blocks becomes a
+    `native.BlockLinear` holding only them: no float32 copy is made (`state_dict()` and
+    `Transformer.materialize`, which training calls, dequantize them)."""
     where = index_dir(path)
     index = _read_json(where / "index.json")
     cfg = Config(**index["config"])
