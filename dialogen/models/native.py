@@ -112,16 +112,16 @@ class BlockLinear(nn.Module):
         if torch.is_grad_enabled() or not library.enabled():  # the reference math on the weight as shipped
             y = F.linear(activate(x, norm, act), self.reference_weight(), self.bias)
             return y if residual is None else residual + y
-        # the kernel fuses an RMS norm alone or SwiGLU alone; torch applies anything else first
-        fused_norm = act is None and isinstance(norm, RMSNorm)
-        swiglu = norm is None and act == "swiglu"
-        if not (fused_norm or swiglu):
-            x = activate(x, norm, act)
+        fused = isinstance(norm, RMSNorm)
+        if norm is not None and not fused:
+            x = norm(x)
+        if act == "gelu":
+            x = F.gelu(x, approximate="tanh")
         rows = x.numel() // x.shape[-1]
         out = None if residual is None else residual.view(rows, -1)
         y = ops.qmatmul(self.product_type, self.blocks if self.tiled is None else self.tiled, self.out_features,
-                        self.in_features, x.reshape(rows, -1), self.bias, out, norm.weight if fused_norm else None,
-                        norm.eps if fused_norm else 0.0, swiglu)
+                        self.in_features, x.reshape(rows, -1), self.bias, out, norm.weight if fused else None,
+                        norm.eps if fused else 0.0, act == "swiglu")
         return y.view(*x.shape[:-1], -1)
 
     def reference_weight(self) -> torch.Tensor:
