@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from dialogen.errors import UserError
 from dialogen.models.kernels import formats, library, ops
 from dialogen.models.loading import load
-from dialogen.models.native import BlockLinear, HalfLinear
+from dialogen.models.native import BlockEmbedding, BlockLinear, HalfLinear
 from dialogen.models.transformer import CacheBatch, rope_tables
 
 pytestmark = pytest.mark.skipif(not library.enabled(), reason="no C compiler: the native kernels are not built")
@@ -467,11 +467,12 @@ def test_block_linears_hold_no_float_weight(tiny_llama, tmp_path):
     def float_matrices():
         return {n for n, p in model.named_parameters() if p.dim() == 2}
 
-    assert float_matrices() == {"embed.weight"}  # the token embedding looks rows up
+    assert isinstance(model.embed, BlockEmbedding) and model.embed.kind == "q8_0"
+    assert float_matrices() == set()  # the token embedding too: a lookup dequantizes its rows
     cache = model.new_cache(1)
     model(_ids(12, seed=4), cache)
     model(_ids(1, seed=5), cache)
-    assert float_matrices() == {"embed.weight"} and model.native is not None
+    assert float_matrices() == set() and model.native is not None
 
 
 @pytest.mark.parametrize("dtype", ["auto", "int8"])
@@ -486,7 +487,8 @@ def test_state_dict_and_training_see_the_weights_as_shipped(mixed_gguf, dtype):
     assert ours.keys() == theirs.keys() and all(torch.equal(ours[k], theirs[k]) for k in ours)
     assert swapped.native is not None  # saving does not unswap
     trained = swapped.train()
-    assert trained.native is None and not any(isinstance(m, (BlockLinear, HalfLinear)) for m in trained.modules())
+    assert trained.native is None
+    assert not any(isinstance(m, (BlockLinear, BlockEmbedding, HalfLinear)) for m in trained.modules())
     assert type(trained.blocks[0]).__name__ == "Block" and type(trained.blocks[0].attn).__name__ == "Attention"
     params = dict(trained.named_parameters())
     assert params.keys() == dict(eager.named_parameters()).keys()

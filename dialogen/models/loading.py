@@ -102,8 +102,9 @@ LOADERS = {"llama": load_transformer, "gpt2": load_transformer, "rnn": lambda pa
 
 def load_gguf(path: Path, dtype="auto") -> Loaded:
     """With a blocked dtype (auto, int8, int4), each Linear the file ships as blocks becomes a
-    `native.BlockLinear` holding only them: no float32 copy is made (`state_dict()` and
-    `Transformer.materialize`, which training calls, dequantize them)."""
+    `native.BlockLinear` holding only them, and a token embedding shipped as blocks a
+    `native.BlockEmbedding`: no float32 copy is made (`state_dict()` and `Transformer.materialize`,
+    which training calls, dequantize them)."""
     where = index_dir(path)
     index = _read_json(where / "index.json")
     cfg = Config(**index["config"])
@@ -111,20 +112,23 @@ def load_gguf(path: Path, dtype="auto") -> Loaded:
     blocked = dtype in BLOCKED
     floats, blocks = read_tensors(path, cfg, index["tensors"], blocked)
     native = native_blocks(cfg, blocks)
-    later = {ours for ours in native if blocked and not (ours == "lm_head" and cfg.tie_embeddings)}
+    later = set(native) if blocked else set()
     skip = {theirs for ours in later for theirs in native[ours][2]}
     floats = {k: v() if callable(v) else v for k, v in floats.items() if k not in skip}
     try:
         model = build(cfg, hf_to_ours(cfg, floats, skip), str(path), later={f"{n}.weight" for n in later})
     except KeyError as e:
         raise UserError(f"{path}: tensor {e} is missing") from None
-    swap_in(model, dtype, native)
+    try:
+        swap_in(model, dtype, native)
+    except UserError as e:
+        raise UserError(f"{path}: {e}") from None
     return Loaded(model, Tokenizer.from_dir(where), where, {"template": "jinja", "source": str(path)})
 
 
 def native_blocks(cfg: Config, blocks: dict) -> dict:
-    """GGUF blocks in Hugging Face names -> {our Linear's name: (kind, blocks, their names)}; fused
-    weights (qkv, gate_up) only when their parts share one layout."""
+    """GGUF blocks in Hugging Face names -> {our Linear's (or the embedding's) name: (kind, blocks,
+    their names)}; fused weights (qkv, gate_up) only when their parts share one layout."""
     def fuse(names):
         parts = [blocks.get(n) for n in names]
         if any(p is None for p in parts) or len({k for k, _ in parts}) != 1:
@@ -137,6 +141,7 @@ def native_blocks(cfg: Config, blocks: dict) -> dict:
             for theirs, ours in GPT2_LINEARS.items():
                 out[f"blocks.{i}.{ours}"] = fuse([f"transformer.h.{i}.{theirs}.weight"])
         out["lm_head"] = fuse(["transformer.wte.weight" if cfg.tie_embeddings else "lm_head.weight"])
+        out["embed"] = fuse(["transformer.wte.weight"])
         return {k: v for k, v in out.items() if v is not None}
     for i in range(cfg.n_layer):
         p, q = f"model.layers.{i}.", f"blocks.{i}."
@@ -145,6 +150,7 @@ def native_blocks(cfg: Config, blocks: dict) -> dict:
         out[q + "mlp.gate_up"] = fuse([p + "mlp.gate_proj.weight", p + "mlp.up_proj.weight"])
         out[q + "mlp.down"] = fuse([p + "mlp.down_proj.weight"])
     out["lm_head"] = fuse(["model.embed_tokens.weight" if cfg.tie_embeddings else "lm_head.weight"])
+    out["embed"] = fuse(["model.embed_tokens.weight"])
     return {k: v for k, v in out.items() if v is not None}
 
 

@@ -4,6 +4,7 @@ swaps its Linears; the model code itself (`transformer.py`, `layers.py`) stays t
 - `BlockLinear`: the weight as GGUF blocks (Q4_0/Q4_1/Q8_0, plus their tiled order where the
   build has one), multiplied by the native kernel with the RMS norm or SwiGLU fused in, for
   prompts and decode steps alike. Blocks a file ships are the only copy of that weight.
+- `BlockEmbedding`: the token embedding as the file's blocks; a lookup dequantizes its rows.
 - `HalfLinear`: a reference Linear with a float16/bfloat16 copy that decode steps multiply.
 - `NativeAttention`, `FusedBlock`: the step of one new token per row (decode steps, beam rows, the
   server's `CacheBatch`): rotary, cache write and attention in one native call per layer, or the
@@ -28,7 +29,7 @@ from torch import nn
 from ..errors import UserError
 from .cache import KVCache
 from .kernels import formats, library, ops
-from .layers import Linear, RMSNorm, activate, skip_init
+from .layers import Embedding, Linear, RMSNorm, activate, skip_init
 from .transformer import Attention, Block, Config, Transformer
 
 DTYPES = ("auto", "int4", "int8", "float16", "bfloat16", "float32")  # decode weights (see `swap_in`)
@@ -73,6 +74,12 @@ def decode_dtype(dtype, widths) -> str:
     return "float16"
 
 
+def _check_blocks(kind: str, blocks: torch.Tensor, n: int, k: int):
+    f = formats.FORMATS[formats.GGML_TYPES[kind]]
+    if k % f.block or tuple(blocks.shape) != (n, k // f.block * f.bytes):
+        raise UserError(f"{kind.upper()} blocks of shape {tuple(blocks.shape)} do not hold a ({n}, {k}) weight")
+
+
 def _as(cls, module: nn.Module) -> nn.Module:
     """`module` as an instance of `cls` (its subclass or its base): the same parameters, buffers,
     children and attributes, in registries of its own."""
@@ -94,6 +101,7 @@ class BlockLinear(nn.Module):
     def __init__(self, kind: str, blocks: torch.Tensor, in_features: int, out_features: int, bias=None,
                  shipped: torch.Tensor | None = None, shipped_kind: str | None = None):
         super().__init__()
+        _check_blocks(kind, blocks, out_features, in_features)
         self.kind, self.in_features, self.out_features = kind, in_features, out_features
         self.ggml_type = formats.GGML_TYPES[kind]
         self.register_buffer("blocks", blocks, persistent=False)
@@ -149,6 +157,42 @@ class BlockLinear(nn.Module):
 
     def extra_repr(self) -> str:
         return f"{self.kind}, in_features={self.in_features}, out_features={self.out_features}"
+
+
+class BlockEmbedding(nn.Module):
+    """The token embedding as blocks (vocab, d / 32 * block bytes), as the file ships it (the only
+    copy): a lookup dequantizes the rows it reads."""
+
+    def __init__(self, kind: str, blocks: torch.Tensor, num_embeddings: int, embedding_dim: int):
+        super().__init__()
+        _check_blocks(kind, blocks, num_embeddings, embedding_dim)
+        self.kind, self.num_embeddings, self.embedding_dim = kind, num_embeddings, embedding_dim
+        self.ggml_type = formats.GGML_TYPES[kind]
+        self.register_buffer("blocks", blocks, persistent=False)
+
+    def forward(self, ids):
+        rows = self.blocks.index_select(0, ids.reshape(-1))  # (n, row bytes)
+        n = rows.shape[0]
+        x = formats.dequantize(self.ggml_type, rows, n, self.embedding_dim, threads=1 if n <= KERNEL_ROWS else None)
+        return x.view(*ids.shape, self.embedding_dim)
+
+    def reference_weight(self) -> torch.Tensor:
+        return formats.dequantize(self.ggml_type, self.blocks, self.num_embeddings, self.embedding_dim)
+
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        destination[prefix + "weight"] = self.reference_weight()  # the reference's key, float32
+
+    def reference(self) -> Embedding:
+        token = skip_init.set(True)
+        try:
+            emb = Embedding(self.num_embeddings, self.embedding_dim)
+        finally:
+            skip_init.reset(token)
+        emb.weight = nn.Parameter(self.reference_weight())
+        return emb
+
+    def extra_repr(self) -> str:
+        return f"{self.kind}, {self.num_embeddings}, {self.embedding_dim}"
 
 
 class HalfLinear(Linear):
@@ -311,8 +355,8 @@ def swap_in(model, dtype="auto", blocks: dict | None = None) -> str:
       Q4_0/Q4_1 blocks onto the 8-bit grid (`formats.requantize_q8_0`);
     int4: the file's blocks where it has them, else Q4_1 blocks (int4, scale and minimum per 32);
     float16 / bfloat16: a half-size float copy for decode steps; float32: none.
-    `blocks`: {our Linear's name: (kind, blocks, ...)}, a file's weights as shipped (`loading.native_blocks`);
-    a Linear given blocks may hold no float weight. Native attention and fused blocks are installed
+    `blocks`: {our Linear's name, or "embed": (kind, blocks, ...)}, a file's weights as shipped
+    (`loading.native_blocks`); a Linear or embedding given blocks may hold no float weight. Native attention and fused blocks are installed
     where the kernels are built and `attention_supported` / `block_supported` allow."""
     if isinstance(model, Transformer) and model.native is not None:
         unswap(model)
@@ -325,6 +369,9 @@ def swap_in(model, dtype="auto", blocks: dict | None = None) -> str:
         new = _decode_linear(m, dtype, blocks.get(name))
         if new is not m:
             _replace(model, name, new)
+    if dtype in BLOCKED and "embed" in blocks:  # the file's own blocks only: a float table stays float
+        kind, b = blocks["embed"][:2]
+        model.embed = BlockEmbedding(kind, b, model.cfg.vocab_size, model.cfg.d_model)
     cfg = model.cfg
     attention = library.enabled() and attention_supported(cfg) is None
     fused = attention and dtype in BLOCKED and block_supported(cfg) is None
@@ -343,7 +390,7 @@ def unswap(model: Transformer) -> Transformer:
     """The reference modules back in place of every native one, with float32 weights (a BlockLinear's
     are its blocks' values); the model is then the reference, for training and saving."""
     for name, m in list(model.named_modules()):
-        if isinstance(m, (BlockLinear, HalfLinear, NativeAttention, FusedBlock)):
+        if isinstance(m, (BlockLinear, BlockEmbedding, HalfLinear, NativeAttention, FusedBlock)):
             _replace(model, name, m.reference())
     if model.cfg.tie_embeddings:
         model.lm_head.weight = model.embed.weight

@@ -46,13 +46,13 @@ def tile(ggml_type: int, blocks: torch.Tensor, n: int, k: int) -> torch.Tensor |
     return out
 
 
-def dequantize(ggml_type: int, blocks: torch.Tensor, n: int, k: int) -> torch.Tensor:
+def dequantize(ggml_type: int, blocks: torch.Tensor, n: int, k: int, threads: int | None = None) -> torch.Tensor:
     """Blocks of (n, k) weights -> float32 (n, k), the values exactly: by the native library where it
-    is enabled, else by the gguf package (the reference of the formats)."""
+    is enabled (on `threads`, default torch's count), else by the gguf package (the formats' reference)."""
     if library.enabled():
         out = torch.empty(n, k)
         library.lib().dequantize(ggml_type, blocks.contiguous().data_ptr(), n, k, out.data_ptr(),
-                                 torch.get_num_threads())
+                                 threads or torch.get_num_threads())
         return out
     import gguf  # only here: importing it costs a fifth of a second of every start
 
