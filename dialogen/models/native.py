@@ -171,9 +171,7 @@ class BlockEmbedding(nn.Module):
         self.register_buffer("blocks", blocks, persistent=False)
 
     def forward(self, ids):
-        rows = self.blocks.index_select(0, ids.reshape(-1))  # (n, row bytes)
-        n = rows.shape[0]
-        x = formats.dequantize(self.ggml_type, rows, n, self.embedding_dim, threads=1 if n <= KERNEL_ROWS else None)
+        x = formats.dequantize_rows(self.ggml_type, self.blocks, ids, self.embedding_dim)
         return x.view(*ids.shape, self.embedding_dim)
 
     def reference_weight(self) -> torch.Tensor:

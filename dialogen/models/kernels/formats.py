@@ -60,6 +60,18 @@ def dequantize(ggml_type: int, blocks: torch.Tensor, n: int, k: int, threads: in
     return torch.from_numpy(gguf.quants.dequantize(raw, ggml_type).astype(np.float32).reshape(n, k))
 
 
+def dequantize_rows(ggml_type: int, blocks: torch.Tensor, ids: torch.Tensor, k: int) -> torch.Tensor:
+    """Rows `ids` (n,) of blocks of (rows, k) weights -> float32 (n, k): an embedding lookup. One row
+    (a decode step) is read in place, without gathering its bytes first."""
+    n = ids.numel()
+    if n == 1 and library.enabled():
+        out = torch.empty(1, k)
+        at = blocks.data_ptr() + int(ids) * blocks.stride(0)
+        library.lib().dequantize(ggml_type, at, 1, k, out.data_ptr(), 1)
+        return out
+    return dequantize(ggml_type, blocks.index_select(0, ids.reshape(-1)), n, k, threads=1 if n <= 64 else None)
+
+
 def quantize(w: torch.Tensor, kind: str) -> torch.Tensor:
     """float (n, k) -> blocks (n, k/32 * bytes) of `kind` (q8_0 or q4_1), as GGUF stores them."""
     n, k = w.shape
