@@ -261,3 +261,15 @@ def test_absent_keys_take_the_config_classs_defaults(name, tmp_path):
     ids = prompt(3 * WINDOW)
     assert (load(str(tmp_path), dtype="float32").model(ids) - back(ids).logits).abs().max() < 1e-4
     assert (back(ids).logits - theirs(ids).logits).abs().max() == 0
+
+
+def test_a_model_no_config_json_can_describe_is_not_saved(tmp_path):
+    """A model whose math no config.json it came from describes (e.g. a windowed llama built here)
+    is refused in one line, and nothing is written."""
+    from dialogen.models.transformer import Config, Transformer
+
+    model = Transformer(Config(vocab_size=VOCAB, n_layer=1, d_model=32, n_head=2, n_kv_head=2, d_ff=32, window=4,
+                               window_layers=[0]))
+    with pytest.raises(UserError, match=r"cannot be saved: it has window, window_layers set"):
+        save_transformer(tmp_path / "out", model, byte_tokenizer(), {"template": "chatml"})
+    assert not (tmp_path / "out").exists()

@@ -93,8 +93,8 @@ def config_to_hf(cfg: Config) -> dict:
         return {**cfg.extra["hf"], **_sizes_to_hf(cfg)}
     odd = beyond_plain(cfg)
     if odd:
-        raise UserError(f"a model with {', '.join(odd)} set has no Hugging Face config.json to be written as "
-                        "(it was not read from one)")
+        raise UserError(f"this model cannot be saved: it has {', '.join(odd)} set, and no Hugging Face config.json "
+                        "to write them as (it was not read from one)")
     if cfg.arch == "gpt2":
         return {"model_type": "gpt2", "architectures": ["GPT2LMHeadModel"], **_sizes_to_hf(cfg),
                 "n_ctx": cfg.max_seq_len, "activation_function": "gelu_new"}
