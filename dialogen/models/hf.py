@@ -1,6 +1,7 @@
-"""Hugging Face's side of a checkpoint: config.json <-> our `Config`, their tensor names <-> ours,
-the shapes a config implies, and the generation_config.json a chat stops by. Every value is
-checked before anything is built from it; an error names the file and the key."""
+"""Hugging Face's side of a checkpoint: our `Config` -> config.json (`families.py` reads one),
+their tensor names <-> ours, the shapes a config implies, and the generation_config.json a chat
+stops by. Every value is checked before anything is built from it; an error names the file and the
+key."""
 
 from __future__ import annotations
 
