@@ -57,9 +57,9 @@ def _defaults(kv=None, head_dim=None, eps=1e-6, tied=False, positions=2048) -> t
 
 
 FAMILIES = {f.name: f for f in (
-    Family("llama", (*ROPE_KEYS, "attention_bias", "mlp_bias", "hidden_act"),
+    Family("llama", (*ROPE_KEYS, "attention_bias", "mlp_bias", "hidden_act", "rope_interleaved"),
            "rotary scalings (linear, dynamic, yarn, llama3, longrope), attention_bias (q, k, v, o), mlp_bias, hidden_act",
-           defaults=_defaults()),
+           ("is_llama_config",), _defaults()),  # (SmolLM2's config.json says is_llama_config)
     Family("mistral", (*ROPE_KEYS, "hidden_act", "sliding_window"), "sliding window on every layer",
            defaults=_defaults(kv=8, positions=131072)),
     Family("qwen2", (*ROPE_KEYS, "hidden_act", "use_sliding_window", "sliding_window", "max_window_layers",
@@ -287,6 +287,8 @@ def _gemma2(c, file, n_layer, pattern=2, qk_norm=False) -> dict:
 
 
 def _llama(c, file, n_layer) -> dict:
+    if _flag(c, file, "rope_interleaved"):
+        refuse(file, "rope_interleaved", True, "rotary pairs are the two halves of each head here")
     bias = _flag(c, file, "attention_bias")
     return {"attn_bias": bias, "o_bias": bias, "mlp_bias": _flag(c, file, "mlp_bias"),
             "act": _act(c, file, "hidden_act", "silu")}
