@@ -26,6 +26,10 @@ INERT = frozenset({
     "tokenizer_class", "task_specific_params", "auto_map", "chunk_size_feed_forward", "is_encoder_decoder",
     "tie_encoder_decoder", "cache_implementation", "_attn_implementation_autoset", "max_length", "prefix",
     "finetuning_task", "torchscript", "use_bfloat16", "pruned_heads", "num_labels", "model_name",
+    "gradient_checkpointing", "output_past", "is_decoder", "tf_legacy_loss", "_commit_hash", "xla_device",
+    # generation settings older config.json files carry (they pick tokens, not logits)
+    "bad_words_ids", "num_beams", "do_sample", "temperature", "top_k", "top_p", "repetition_penalty",
+    "length_penalty", "no_repeat_ngram_size", "early_stopping", "min_length", "num_return_sequences",
 })
 # Config field -> config.json key, for the sizes every rotary family reads
 ROTARY_SIZES = {"vocab_size": "vocab_size", "n_layer": "num_hidden_layers", "n_head": "num_attention_heads",
