@@ -12,7 +12,8 @@ import math
 
 import torch
 
-KINDS = ("default", "linear", "dynamic", "yarn", "longrope", "llama3")
+KINDS = ("default", "linear", "dynamic", "yarn", "longrope", "llama3")  # config.json's rope_type values
+# besides these, "freq_factors" ({"factors": [dim/2 divisors]}) is how a GGUF file ships Llama 3.1's scaling
 # the keys each kind reads besides rope_type/type and rope_theta (others are refused by the family table)
 PARAMS = {"default": (), "linear": ("factor",), "dynamic": ("factor",),
           "yarn": ("factor", "original_max_position_embeddings", "attention_factor", "beta_fast", "beta_slow",
@@ -43,6 +44,8 @@ def inv_freq(rope: dict, theta: float, dim: int, max_pos: int, seq_len: int) -> 
         return _base(theta * ((f * n / max_pos) - (f - 1)) ** (dim / (dim - 2)), dim), 1.0
     if k == "llama3":
         return _llama3(rope, theta, dim), 1.0
+    if k == "freq_factors":  # a GGUF file's rope_freqs tensor: each frequency's divisor
+        return _base(theta, dim) / torch.tensor(rope["factors"], dtype=torch.float32), 1.0
     if k == "yarn":
         return _yarn(rope, theta, dim, max_pos)
     if k == "longrope":

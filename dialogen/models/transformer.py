@@ -264,7 +264,7 @@ class Transformer(nn.Module):
         return super().train(mode)
 
     def new_cache(self, batch: int = 1) -> KVCache:
-        return KVCache(self.cfg, batch, dtype=self.embed.weight.dtype)
+        return KVCache(self.cfg, batch, dtype=self.norm.weight.dtype)
 
     @property
     def max_positions(self) -> int:
