@@ -1,6 +1,7 @@
-"""Hugging Face's side of a checkpoint: config.json <-> our `Config`, their tensor names <-> ours,
-the shapes a config implies, and the generation_config.json a chat stops by. Every value is
-checked before anything is built from it; an error names the file and the key."""
+"""Hugging Face's side of a checkpoint: our `Config` -> config.json (`families.py` reads one),
+their tensor names <-> ours, the shapes a config implies, and the generation_config.json a chat
+stops by. Every value is checked before anything is built from it; an error names the file and the
+key."""
 
 from __future__ import annotations
 
@@ -93,8 +94,8 @@ def config_to_hf(cfg: Config) -> dict:
         return {**cfg.extra["hf"], **_sizes_to_hf(cfg)}
     odd = beyond_plain(cfg)
     if odd:
-        raise UserError(f"a model with {', '.join(odd)} set has no Hugging Face config.json to be written as "
-                        "(it was not read from one)")
+        raise UserError(f"this model cannot be saved: it has {', '.join(odd)} set, and no Hugging Face config.json "
+                        "to write them as (it was not read from one)")
     if cfg.arch == "gpt2":
         return {"model_type": "gpt2", "architectures": ["GPT2LMHeadModel"], **_sizes_to_hf(cfg),
                 "n_ctx": cfg.max_seq_len, "activation_function": "gelu_new"}
