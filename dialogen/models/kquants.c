@@ -434,6 +434,87 @@ static inline __attribute__((always_inline)) void units_dot_2w(int type, const u
     for (int i = 0; i < 2; i++) out[i] = _mm512_reduce_add_ps(_mm512_add_ps(acc[i][0], acc[i][1]));
 }
 #define TWO_WEIGHT_ROWS 1
+static int two_rows_pay(int type) { (void)type; return 1; }
+
+/* ---- many activation rows: 16 weight rows unpacked once into a scratch tile, in the tiled order
+ * of kernels.c (each 64-byte chunk holds 4 consecutive weights of each of the 16 rows), with their
+ * group scales as [unit][group][row]; then one multiply-add instruction takes 4 weights of all 16
+ * rows against 4 activations, and the scales apply to the 16 rows at once. The tile is rebuilt per
+ * group of rows and never kept: no copy of the weights outlives the call. */
+#define GROUP_TILE 16
+static size_t group_tile_bytes(int nu) { return (size_t)nu * (64 * 64 + 2 * 16 * 16 * sizeof(float)); }
+
+static inline __attribute__((always_inline)) void tile_group(int type, const uint8_t *w, size_t row_bytes, int nu,
+                                                             int nb, uint8_t *t) {
+    const size_t ub = (size_t)block_bytes(type) * (small_blocks(type) ? 8 : 1);
+    float *tws = (float *)(t + (size_t)nu * 4096), *twm = tws + (size_t)nu * 256;
+    const __m512i quads = _mm512_mullo_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
+                                             _mm512_set1_epi32(64));
+    for (int i = 0; i < GROUP_TILE; i++)
+        for (int s = 0; s < nu; s++) {
+            const uint8_t *blk = w + i * row_bytes + s * ub;
+            const int nblk = nb - 8 * s < 8 ? nb - 8 * s : 8;
+            __m512 vws, vwm;
+            kscales16(type, blk, nblk, &vws, &vwm);
+            float ws[16], wm[16];
+            _mm512_storeu_ps(ws, vws);
+            _mm512_storeu_ps(wm, vwm);
+            for (int g = 0; g < 16; g++) { tws[(s * 16 + g) * 16 + i] = ws[g]; twm[(s * 16 + g) * 16 + i] = wm[g]; }
+            for (int c = 0; c < 4; c++)  /* lane q of the chunk: weights 4q..4q+3 -> chunk 16c + q, row i */
+                _mm512_i32scatter_epi32(t + (size_t)s * 4096 + (16 * c) * 64 + 4 * i, quads, unpack64(type, blk, nblk, c), 1);
+        }
+}
+
+/* out[r * 16 + i] = W[i] . x[r] for RN (1..4) krows against a tile */
+static inline __attribute__((always_inline)) void tile_rows(const uint8_t *t, int nu, const int8_t *x, size_t xstride,
+                                                            int Kp, float *out, const int RN) {
+    const float *tws = (const float *)(t + (size_t)nu * 4096), *twm = tws + (size_t)nu * 256;
+    __m512 acc[4];
+    for (int r = 0; r < RN; r++) acc[r] = _mm512_setzero_ps();
+    for (int s = 0; s < nu; s++)
+        for (int g = 0; g < 16; g++) {
+            const uint8_t *tg = t + (size_t)s * 4096 + g * 256;
+            __m512i w0 = _mm512_loadu_si512(tg), w1 = _mm512_loadu_si512(tg + 64);
+            __m512i w2 = _mm512_loadu_si512(tg + 128), w3 = _mm512_loadu_si512(tg + 192);
+            __m512 ws = _mm512_loadu_ps(tws + (s * 16 + g) * 16), wm = _mm512_loadu_ps(twm + (s * 16 + g) * 16);
+            for (int r = 0; r < RN; r++) {
+                const int8_t *xr = x + r * xstride;
+                const int32_t *xq = (const int32_t *)(xr + (size_t)s * KU + 16 * g);
+                const float *d16 = (const float *)(xr + Kp) + 16 * s + g, *s16 = d16 + Kp / 16;
+                __m512i p = _mm512_dpbusd_epi32(_mm512_setzero_si512(), w0, _mm512_set1_epi32(xq[0]));
+                p = _mm512_dpbusd_epi32(p, w1, _mm512_set1_epi32(xq[1]));
+                p = _mm512_dpbusd_epi32(p, w2, _mm512_set1_epi32(xq[2]));
+                p = _mm512_dpbusd_epi32(p, w3, _mm512_set1_epi32(xq[3]));
+                acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(p), _mm512_mul_ps(ws, _mm512_set1_ps(*d16)), acc[r]);
+                acc[r] = _mm512_fmadd_ps(wm, _mm512_set1_ps(*s16), acc[r]);
+            }
+        }
+    for (int r = 0; r < RN; r++) _mm512_storeu_ps(out + r * 16, acc[r]);
+}
+
+static inline __attribute__((always_inline)) void group_product(int type, const uint8_t *w, size_t row_bytes, int nu,
+                                                                int nb, const int8_t *xk, size_t xs, int Kp, int R,
+                                                                uint8_t *t, float *y, int N, int n0, const float *bias,
+                                                                int accumulate) {
+    float out[4 * 16];
+    tile_group(type, w, row_bytes, nu, nb, t);
+    for (int r0 = 0; r0 < R; r0 += 4) {
+        int rn = R - r0 < 4 ? R - r0 : 4;
+        const int8_t *xr = xk + r0 * xs;
+        switch (rn) {
+            case 4: tile_rows(t, nu, xr, xs, Kp, out, 4); break;
+            case 3: tile_rows(t, nu, xr, xs, Kp, out, 3); break;
+            case 2: tile_rows(t, nu, xr, xs, Kp, out, 2); break;
+            default: tile_rows(t, nu, xr, xs, Kp, out, 1); break;
+        }
+        for (int r = 0; r < rn; r++)
+            for (int i = 0; i < 16; i++) {
+                float v = out[r * 16 + i] + (bias ? bias[n0 + i] : 0.f);
+                float *dst = y + (size_t)(r0 + r) * N + n0 + i;
+                *dst = accumulate ? *dst + v : v;
+            }
+    }
+}
 #elif defined(__AVX2__)
 #define UNIT_ROWS 4
 static inline __m256 unit_dot32(int type, __m256i u, __m256i x) {
@@ -533,6 +614,40 @@ static inline __attribute__((always_inline)) void units_dot(int type, const uint
     }
     for (int r = 0; r < RN; r++) out[r] = hsum(_mm256_add_ps(acc[r][0], acc[r][1]));
 }
+
+/* a decode step (one krow) against two weight rows at once, as on AVX-512 */
+static inline __attribute__((always_inline)) void units_dot_2w(int type, const uint8_t *w, size_t row_bytes, int nu,
+                                                               int nb, const int8_t *x, int Kp, float *out) {
+    const size_t ub = (size_t)block_bytes(type) * (small_blocks(type) ? 8 : 1);
+    __m256 acc[2][2] = {{_mm256_setzero_ps(), _mm256_setzero_ps()}, {_mm256_setzero_ps(), _mm256_setzero_ps()}};
+    float S[2][16];
+    for (int s = 0; s < nu; s++) {
+        const int nblk = nb - 8 * s < 8 ? nb - 8 * s : 8;
+        const float *d16 = (const float *)(x + Kp) + 16 * s, *s16 = d16 + Kp / 16;
+        for (int i = 0; i < 2; i++) {
+            __m256 ws[2], wm[2];
+            kscales8(type, w + i * row_bytes + s * ub, nblk, ws, wm);
+            for (int h = 0; h < 2; h++) {
+                _mm256_storeu_ps(S[i] + 8 * h, _mm256_mul_ps(ws[h], _mm256_loadu_ps(d16 + 8 * h)));
+                acc[i][1] = _mm256_fmadd_ps(wm[h], _mm256_loadu_ps(s16 + 8 * h), acc[i][1]);
+            }
+        }
+        for (int c = 0; c < 8; c++) {
+            const __m256i pick = _mm256_setr_epi32(2 * (c & 3), 2 * (c & 3), 2 * (c & 3), 2 * (c & 3), 2 * (c & 3) + 1,
+                                                   2 * (c & 3) + 1, 2 * (c & 3) + 1, 2 * (c & 3) + 1);
+            __m256i xv = _mm256_loadu_si256((const __m256i *)(x + (size_t)s * KU + 32 * c));
+            for (int i = 0; i < 2; i++) {
+                __m256 p = unit_dot32(type, unpack32(type, w + i * row_bytes + s * ub, nblk, c), xv);
+                __m256 sc = _mm256_permutevar8x32_ps(_mm256_loadu_ps(S[i] + 8 * (c >> 2)), pick);
+                acc[i][c & 1] = _mm256_fmadd_ps(p, sc, acc[i][c & 1]);
+            }
+        }
+    }
+    for (int i = 0; i < 2; i++) out[i] = hsum(_mm256_add_ps(acc[i][0], acc[i][1]));
+}
+#define TWO_WEIGHT_ROWS 1
+/* with 16 vector registers, only the formats of the lightest unpacking gain from the second row */
+static int two_rows_pay(int type) { return type == Q4_K || type == Q5_K || type == IQ4_XS; }
 #else
 #define UNIT_ROWS 8
 static inline __attribute__((always_inline)) void units_dot(int type, const uint8_t *w, int nu, int nb, const int8_t *x, size_t xstride, int Kp,
@@ -586,7 +701,16 @@ static inline __attribute__((always_inline)) void rows_of(int type, const uint8_
 #else
 #define DOT_2W(T)
 #endif
-#define UNITS_ROWS(T) DOT_2W(T) \
+#ifdef GROUP_TILE
+#define GROUP_T(T) \
+    static void group_##T(const uint8_t *w, size_t rb, int nu, int nb, const int8_t *xk, size_t xs, int Kp, int R, \
+                          uint8_t *t, float *y, int N, int n0, const float *bias, int acc) { \
+        group_product(T, w, rb, nu, nb, xk, xs, Kp, R, t, y, N, n0, bias, acc); \
+    }
+#else
+#define GROUP_T(T)
+#endif
+#define UNITS_ROWS(T) DOT_2W(T) GROUP_T(T) \
     static void rows_##T(const uint8_t *w, int nu, int nb, const int8_t *x, size_t xs, int Kp, float *out, int rn) { \
         rows_of(T, w, nu, nb, x, xs, Kp, out, rn); \
     }
@@ -625,6 +749,23 @@ static void units_dot2(int type, const uint8_t *w, size_t row_bytes, int nu, int
 }
 #endif
 
+#ifdef GROUP_TILE
+static void units_group(int type, const uint8_t *w, size_t rb, int nu, int nb, const int8_t *xk, size_t xs, int Kp,
+                        int R, uint8_t *t, float *y, int N, int n0, const float *bias, int acc) {
+    switch (type) {
+        case Q4_K: group_Q4_K(w, rb, nu, nb, xk, xs, Kp, R, t, y, N, n0, bias, acc); break;
+        case Q5_K: group_Q5_K(w, rb, nu, nb, xk, xs, Kp, R, t, y, N, n0, bias, acc); break;
+        case Q6_K: group_Q6_K(w, rb, nu, nb, xk, xs, Kp, R, t, y, N, n0, bias, acc); break;
+        case Q2_K: group_Q2_K(w, rb, nu, nb, xk, xs, Kp, R, t, y, N, n0, bias, acc); break;
+        case Q3_K: group_Q3_K(w, rb, nu, nb, xk, xs, Kp, R, t, y, N, n0, bias, acc); break;
+        case IQ4_XS: group_IQ4_XS(w, rb, nu, nb, xk, xs, Kp, R, t, y, N, n0, bias, acc); break;
+        case Q5_0: group_Q5_0(w, rb, nu, nb, xk, xs, Kp, R, t, y, N, n0, bias, acc); break;
+        case Q5_1: group_Q5_1(w, rb, nu, nb, xk, xs, Kp, R, t, y, N, n0, bias, acc); break;
+        default: group_IQ4_NL(w, rb, nu, nb, xk, xs, Kp, R, t, y, N, n0, bias, acc); break;
+    }
+}
+#endif
+
 /* y (R, N) (+)= xq (R, K) @ W (N, K)^T + bias for the unit formats; *failed set when out of memory */
 static void units_matmul(int type, const uint8_t *w, int N, int K, const xblock *xq, int R, float *y,
                          const float *bias, int accumulate, int *failed) {
@@ -635,8 +776,23 @@ static void units_matmul(int type, const uint8_t *w, int N, int K, const xblock 
     if (!xk) set_failed(failed);
     for (int r = 0; xk && r < R; r++) make_krow(xq + (size_t)r * (K / QK), K, Kp, xk + r * xs);
     float out[UNIT_ROWS];
+#ifdef GROUP_TILE
+    if (R >= GROUP_TILE && N % GROUP_TILE == 0) {  /* prompt rows: 16 weight rows unpacked once for all of them */
+        uint8_t *t = xk ? malloc(group_tile_bytes(nu)) : NULL;
+        if (xk && !t) set_failed(failed);
+        #pragma omp for schedule(static)
+        for (int n0 = 0; n0 < N; n0 += GROUP_TILE) {
+            if (!t) continue;
+            units_group(type, w + (size_t)n0 * row_bytes, row_bytes, nu, nb, xk, xs, Kp, R, t, y, N, n0, bias,
+                        accumulate);
+        }
+        free(t);
+        free(xk);
+        return;
+    }
+#endif
 #ifdef TWO_WEIGHT_ROWS
-    if (R == 1 && N % 2 == 0) {  /* a decode step: two weight rows at a time */
+    if (R == 1 && N % 2 == 0 && two_rows_pay(type)) {  /* a decode step: two weight rows at a time */
         #pragma omp for schedule(static)
         for (int n = 0; n < N; n += 2) {
             if (!xk) continue;
