@@ -82,18 +82,19 @@ def config_from_meta(path: Path, meta: dict, tensors: list[TensorInfo]) -> Confi
                                     rope_theta=m("rope.freq_base", "rate", 10000.0),
                                     norm_eps=m("attention.layer_norm_rms_epsilon", "rate", 1e-5),
                                     attn_bias="blk.0.attn_q.bias" in names,
-                                    rope_scale=_rope_scale(path, meta, arch)))
+                                    rope=_rope_scaling(path, meta, arch)))
 
 
-def _rope_scale(path: Path, meta: dict, arch: str) -> float:
+def _rope_scaling(path: Path, meta: dict, arch: str) -> dict:
+    """The rotary scaling (`Config.rope`, models/rope.py) the metadata asks for."""
     kind = meta.get(f"{arch}.rope.scaling.type", "none")
     factor = _value(path, meta, f"{arch}.rope.scaling.factor", "rate", 1.0)
     if kind == "linear":
-        return float(factor)
+        return {"rope_type": "linear", "factor": float(factor)} if factor != 1.0 else {}
     if kind != "none" and not (kind in ("yarn", "longrope") and factor == 1.0):
         raise UserError(f"{path}: metadata key {arch}.rope.scaling.type={shown(kind)} is not supported "
                         "(supported: none, linear)")
-    return 1.0
+    return {}
 
 
 def _config(path: Path, arch: str, kwargs: dict) -> Config:

@@ -32,7 +32,7 @@ from .kernels.formats import FORMATS, dequantize
 from .tokenizer import Tokenizer
 from .transformer import Config
 
-INDEX_VERSION = 3  # the index of the validated header (config with rope scaling, file size)
+INDEX_VERSION = 4  # the index of the validated header (config with rope scaling, file size)
 # GGUF tensor names -> Hugging Face llama names (the layout `hf.hf_to_ours` reads)
 RENAME = {"token_embd": "model.embed_tokens", "output_norm": "model.norm", "output": "lm_head",
           "attn_norm": "input_layernorm", "ffn_norm": "post_attention_layernorm",
@@ -77,11 +77,12 @@ def index_dir(path: Path) -> Path:
         return target
     header = read_header(path)
     cfg = validated(path, header)
-    cfg.rope_factors = _rope_factors(path, header)
-    try:
-        tokenizer = Tokenizer.from_gguf(header.meta)
-    except UserError as e:  # the tokenizer's own checks, which name the key but not the file
-        raise UserError(str(e) if str(path) in str(e) else f"{path}: {e}") from None
+    factors = _rope_factors(path, header)
+    if factors:
+        if cfg.rope:
+            raise UserError(f"{path}: tensor rope_freqs.weight together with {cfg.arch}.rope.scaling.type is not supported")
+        cfg.rope = {"rope_type": "freq_factors", "factors": factors}
+    tokenizer = Tokenizer.from_gguf(header.meta, path)
     tensors = [{"name": t.name, "type": t.type, "shape": t.shape, "offset": t.offset, "bytes": t.bytes}
                for t in header.tensors if t.name != "rope_freqs.weight"]
     target.parent.mkdir(parents=True, exist_ok=True)
