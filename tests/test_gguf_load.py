@@ -103,6 +103,15 @@ def test_qwen2_biases(tmp_path):
 
 
 @torch.no_grad()
+def test_qwen3_qk_norms(tmp_path):
+    hf = tiny_hf("qwen3", head_dim=32)  # wider heads than hidden_size / heads: key_length in the file
+    written = write_gguf(tmp_path / "q3.gguf", hf, arch="qwen3")
+    model = load(str(tmp_path / "q3.gguf"), "float32").model
+    assert model.cfg.qk_norm and model.cfg.head_dim == 32
+    assert (model(IDS) - reference_logits(hf, written)).abs().max() < 1e-4
+
+
+@torch.no_grad()
 def test_llama3_rope_factors_from_rope_freqs(tmp_path):
     from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 

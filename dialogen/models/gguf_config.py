@@ -17,7 +17,8 @@ from .config_values import MAX_SIZE, shown
 from .gguf_header import Header, TensorInfo
 from .transformer import Config
 
-LLAMA_MATH = ("llama", "qwen2")  # GGUF architectures our llama decoder computes exactly
+LLAMA_MATH = ("llama", "qwen2", "qwen3")  # GGUF architectures our llama decoder computes exactly
+ROTATE_HALVES = ("qwen2", "qwen3")  # their files keep Hugging Face's q/k row order (llama's interleave it)
 ARCHS = (*LLAMA_MATH, "gpt2")
 FLOAT_TYPES = {0, 1, 30}  # F32, F16, BF16: the only types of norms, biases and rotary factors
 MATRIX_TYPES = FLOAT_TYPES | {2, 3, 6, 7, 8, 10, 11, 12, 13, 14, 16, 17, 18, 19, 20, 21, 22, 23, 29}
@@ -81,8 +82,8 @@ def config_from_meta(path: Path, meta: dict, tensors: list[TensorInfo]) -> Confi
     return _config(path, arch, dict(arch="llama", **common, n_kv_head=n_kv, head_dim=head_dim,
                                     rope_theta=m("rope.freq_base", "rate", 10000.0),
                                     norm_eps=m("attention.layer_norm_rms_epsilon", "rate", 1e-5),
-                                    attn_bias="blk.0.attn_q.bias" in names,
-                                    rope=_rope_scaling(path, meta, arch)))
+                                    attn_bias="blk.0.attn_q.bias" in names, qk_norm=arch == "qwen3",
+                                    rope=_rope_scaling(path, meta, arch), extra={"gguf_arch": arch}))
 
 
 def _rope_scaling(path: Path, meta: dict, arch: str) -> dict:
@@ -123,6 +124,8 @@ def expected_tensors(cfg: Config, arch: str) -> dict[str, tuple[tuple, bool]]:
                  "ffn_gate.weight": (f, d), "ffn_up.weight": (f, d), "ffn_down.weight": (d, f)}
         if cfg.attn_bias:
             layer.update({"attn_q.bias": (q,), "attn_k.bias": (kv,), "attn_v.bias": (kv,)})
+        if cfg.qk_norm:  # one RMSNorm weight over each head's values
+            layer.update({"attn_q_norm.weight": (hd,), "attn_k_norm.weight": (hd,)})
     for i in range(cfg.n_layer):
         out.update({f"blk.{i}.{name}": (shape, True) for name, shape in layer.items()})
     return out
