@@ -180,9 +180,11 @@ def check_vocabulary(path: Path, meta: dict):
                             "tokens of the vocabulary")
 
 
-def validated(path: Path, header: Header) -> Config:
-    """The config of a parsed header, after every check of the metadata, tensors and vocabulary."""
+def validated(path: Path, header: Header, make_tokenizer):
+    """(config, tokenizer) of a parsed header, after every check in this order: the metadata, the
+    vocabulary, the tokenizer `make_tokenizer()` builds, the tensors."""
     cfg = config_from_meta(path, header.meta, header.tensors)
-    check_tensors(path, cfg, header.meta["general.architecture"], header.tensors)
     check_vocabulary(path, header.meta)
-    return cfg
+    tokenizer = make_tokenizer()
+    check_tensors(path, cfg, header.meta["general.architecture"], header.tensors)
+    return cfg, tokenizer

@@ -77,13 +77,12 @@ def index_dir(path: Path) -> Path:
     if (target / "index.json").exists():
         return target
     header = read_header(path)
-    cfg = validated(path, header)
+    cfg, tokenizer = validated(path, header, lambda: Tokenizer.from_gguf(header.meta, path))
     factors = _rope_factors(path, header)
     if factors:
         if cfg.rope:
             raise UserError(f"{path}: tensor rope_freqs.weight together with {cfg.arch}.rope.scaling.type is not supported")
         cfg.rope = {"rope_type": "freq_factors", "factors": factors}
-    tokenizer = Tokenizer.from_gguf(header.meta, path)
     tensors = [{"name": t.name, "type": t.type, "shape": t.shape, "offset": t.offset, "bytes": t.bytes}
                for t in header.tensors if t.name != "rope_freqs.weight"]
     target.parent.mkdir(parents=True, exist_ok=True)
