@@ -45,7 +45,8 @@ def tiny_hf(family: str = "llama", vocab: int = 288, tied: bool = False, seed: i
                   tie_word_embeddings=tied, **config)
     cls = {"llama": (transformers.LlamaConfig, transformers.LlamaForCausalLM),
            "qwen2": (transformers.Qwen2Config, transformers.Qwen2ForCausalLM),
-           "qwen3": (transformers.Qwen3Config, transformers.Qwen3ForCausalLM)}[family]
+           "qwen3": (transformers.Qwen3Config, transformers.Qwen3ForCausalLM),
+           "gemma": (transformers.GemmaConfig, transformers.GemmaForCausalLM)}[family]
     model = cls[1](cls[0](**common))
     with torch.no_grad():
         for p in model.parameters():
@@ -96,7 +97,12 @@ def write_gguf(path, hf_model, arch: str = "llama", types: dict | None = None, m
             name = f"blk.{i}.{PER_LAYER[rest]}.{part}"
         else:
             name = f"{NAMES[stem]}.{part}"
-        written[hf_name] = _add(w, name, t.detach().float().numpy(), types.get(name, "F32"), cfg, arch == "llama")
+        a = t.detach().float().numpy()
+        if arch == "gemma" and name.endswith("norm.weight"):  # llama.cpp's converter stores gemma's 1 + w
+            a = a + 1
+        written[hf_name] = _add(w, name, a, types.get(name, "F32"), cfg, arch == "llama")
+        if arch == "gemma" and name.endswith("norm.weight"):
+            written[hf_name] = written[hf_name] - 1
     for name, a in (extra or {}).items():
         w.add_tensor(name, np.asarray(a, dtype=np.float32))
     w.write_header_to_file()

@@ -112,6 +112,16 @@ def test_qwen3_qk_norms(tmp_path):
 
 
 @torch.no_grad()
+def test_gemma(tmp_path):
+    hf = tiny_hf("gemma", tied=True, head_dim=16, hidden_activation="gelu_pytorch_tanh")
+    written = write_gguf(tmp_path / "g.gguf", hf, arch="gemma", types={"token_embd.weight": "Q8_0"})
+    model = load(str(tmp_path / "g.gguf"), "float32").model
+    assert model.cfg.embed_scale == 8.0 and model.cfg.act == "gelu_tanh"
+    want = reference_logits(hf, {**written, "lm_head.weight": written["model.embed_tokens.weight"]})
+    assert (model(IDS) - want).abs().max() < 1e-4
+
+
+@torch.no_grad()
 def test_llama3_rope_factors_from_rope_freqs(tmp_path):
     from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
