@@ -6,7 +6,6 @@ key."""
 from __future__ import annotations
 
 from dataclasses import fields
-from pathlib import Path
 
 import torch
 
@@ -48,7 +47,8 @@ def expected_shapes(cfg: Config) -> dict[str, tuple[tuple[int, ...], tuple[str, 
         else:
             out[b + "mlp.gate_up.weight"] = ((2 * f, d), ("d_ff", "d_model"))
             optional = [(cfg.attn_bias, "attn.qkv.bias", (qkv,), heads), (cfg.o_bias, "attn.o_proj.bias", (d,), ("d_model",)),
-                        (cfg.mlp_bias, "mlp.gate_up.bias", (2 * f,), ("d_ff",)), (cfg.mlp_bias, "mlp.down.bias", (d,), ("d_model",)),
+                        (cfg.mlp_bias, "mlp.gate_up.bias", (2 * f,), ("d_ff",)),
+                        (cfg.mlp_bias, "mlp.down.bias", (d,), ("d_model",)),
                         (cfg.qk_norm, "attn.q_norm.weight", ((cfg.n_head if cfg.qk_norm_full else 1) * hd,), heads),
                         (cfg.qk_norm, "attn.k_norm.weight", ((cfg.n_kv_head if cfg.qk_norm_full else 1) * hd,), heads),
                         (cfg.post_norms, "post_attn_norm.weight", (d,), ("d_model",)),
@@ -59,10 +59,10 @@ def expected_shapes(cfg: Config) -> dict[str, tuple[tuple[int, ...], tuple[str, 
 
 def check_shapes(cfg: Config, sd: dict, where: str, keys: dict, later=frozenset()):
     want = expected_shapes(cfg)
-    for name, (shape, fields) in want.items():
+    for name, (shape, why) in want.items():
         t = sd.get(name)
         if t is not None and tuple(t.shape) != shape:
-            named = ", ".join(dict.fromkeys(keys.get(f, f) for f in fields))
+            named = ", ".join(dict.fromkeys(keys.get(f, f) for f in why))
             raise UserError(f"{where}: {named} do not match the weights: {name} is {list(t.shape)}, "
                             f"the config makes it {list(shape)}")
     missing = [k for k in want if k not in sd and k not in later]
