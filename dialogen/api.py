@@ -10,10 +10,13 @@ searches, scores and keeps sessions, on the same engine as the CLI and the serve
 near-ties can go the other way elsewhere.)
 
 Messages are a string (one user turn), or a list of `{"role", "content"}` dicts (or `Message`s)
-ending with the user's turn, optionally starting with a system message. Sampling options are
+ending with the user's turn, optionally starting with a system message. A list that ends with an
+assistant message is a prefill: the reply continues that message (transformers'
+`continue_final_message`) and is the new text only. Sampling options are
 `Sampling`'s fields as keywords: `temperature` (0 = greedy), `top_k`, `top_p`,
 `repetition_penalty`, `frequency_penalty`, `presence_penalty`, `no_repeat_ngram`,
-`max_new_tokens`, `seed`, `stop`. Mistakes in them raise `dialogen.errors.UserError`.
+`max_new_tokens`, `seed`, `stop`, `logit_bias` ({token id: bias in [-100, 100]}, -100 bans).
+Mistakes in them raise `dialogen.errors.UserError`.
 """
 
 from __future__ import annotations
@@ -26,7 +29,7 @@ from .chat.ranked import RankedSession
 from .chat.session import Engine, Session, load_engine
 from .data import load_split
 from .decoding.batch import generate_batch
-from .decoding.settings import Decoding, Sampling
+from .decoding.settings import Decoding, Sampling, check_token_ids
 from .errors import UserError
 from .eval.perplexity import assistant_perplexity
 
@@ -61,10 +64,10 @@ class ChatModel:
     # --- one reply --------------------------------------------------------------------------
     def _turn(self, messages, sampling: dict, session: Session | None = None):
         msgs = as_messages(messages)
-        if not msgs or msgs[-1].role != "user":
-            raise UserError("messages: the last message must have role 'user'")
+        if not msgs or msgs[-1].role not in ("user", "assistant"):
+            raise UserError("messages: the last message must have role 'user' (or 'assistant', to continue it)")
         system = msgs[0].content if msgs[0].role == "system" else None
-        history = msgs[1:-1] if system is not None else msgs[:-1]
+        history = msgs[1:] if system is not None else msgs
         if session is None:
             if self._session is None:
                 self._session = Session(self.engine)
@@ -72,8 +75,12 @@ class ChatModel:
         session.reset()
         session.set_persona(system)
         session.sampling = Sampling().replace(**sampling)
-        session.messages = list(history)
-        return session.send(msgs[-1].content)
+        check_token_ids(session.sampling.logit_bias, self.engine.tokenizer.vocab_size)
+        if history[-1].role == "assistant":  # a prefill: the reply continues it
+            session.messages = list(history)
+            return session.extend()
+        session.messages = list(history[:-1])
+        return session.send(history[-1].content)
 
     def chat(self, messages, **sampling) -> str:
         """The assistant's reply to `messages`.
@@ -102,6 +109,7 @@ class ChatModel:
         """
         eng = self.engine
         s, stop_ids = eng.stops(Sampling().replace(**sampling))
+        check_token_ids(s.logit_bias, eng.tokenizer.vocab_size)
         prompts = []
         for i, conv in enumerate(conversations):
             msgs = as_messages(conv, f"conversations[{i}]")

@@ -187,15 +187,20 @@ class Template:
         return text, spans
 
     def render(self, tokenizer, messages: list[Message], add_generation_prompt: bool = False,
-               train_roles=("assistant",), trained: list[bool] | None = None) -> tuple[list[int], list[int]]:
+               train_roles=("assistant",), trained: list[bool] | None = None,
+               continue_final: bool = False) -> tuple[list[int], list[int]]:
         """(ids, mask): mask[i] is 1 where token i is one the model is trained to produce.
 
         The trained messages are those whose role is in `train_roles`, or, when given, those whose
-        flag in `trained` (one per message) is true.
+        flag in `trained` (one per message) is true. With `continue_final` (transformers'
+        `continue_final_message`), the text ends right after the final message's content, so the
+        reply extends it instead of starting a new turn.
         """
         if trained is None:
             trained = [m.role in train_roles for m in messages]
-        text, spans = self.layout(tokenizer, messages, add_generation_prompt)
+        text, spans = self.layout(tokenizer, messages, add_generation_prompt and not continue_final)
+        if continue_final:
+            text, spans = _cut_after_final(text, spans, len(messages) - 1)
         ids, offsets = tokenizer.encode_chat(text, [(a, b) for a, b, _ in spans])
         regions = self._trained_regions(text, spans, trained)
         return ids, _mask(offsets, regions)
@@ -226,6 +231,15 @@ class Template:
     def stop_meta(self, tokenizer) -> dict:
         """Where a reply ends, for a checkpoint's dialogen.json (and its generation_config.json)."""
         return {"stop_ids": sorted(self.stop_ids(tokenizer)), "stop_strings": self.stop_strings(tokenizer)}
+
+
+def _cut_after_final(text: str, spans, last: int):
+    """The text up to the end of message `last`'s content, and the spans within it."""
+    end = max((b for a, b, i in spans if i == last), default=None)
+    if end is None:
+        raise UserError("the final message to continue does not appear in the rendered conversation "
+                        "(the chat template leaves it out, or it is empty)")
+    return text[:end], [sp for sp in spans if sp[1] <= end]
 
 
 def _mask(offsets: list[tuple[int, int]], regions: list[tuple[int, int]]) -> list[int]:

@@ -49,16 +49,19 @@ def parse_request(svc: Service, body: dict) -> dict:
     if n > svc.limits.max_n:
         raise ApiError(400, f"'n' must be at most {svc.limits.max_n} on this server, got {n}", "n")
     stream = bool(req.stream)
-    changes = P.sampling_changes(req, svc.limits.max_tokens)
+    changes = P.sampling_changes(req, svc.limits.max_tokens, svc.vocab_size)
     has_system = messages[0].role == "system"
     system = messages[0].content if has_system else svc.default_persona
-    history = messages[1 if has_system else 0:-1]
-    prompt = svc.prompt_len(([Message("system", system)] if system else []) + messages[1 if has_system else 0:])
+    prefill = messages[-1].role == "assistant"  # the reply continues it
+    history = messages[1 if has_system else 0:None if prefill else -1]
+    prompt = svc.prompt_len(([Message("system", system)] if system else []) + messages[1 if has_system else 0:],
+                            continue_final=prefill)
     fit_reply(svc, changes, prompt)
     decoding = P.make_decoding(svc.decoding, P.decoding_changes(req, svc.limits.max_candidates))
     changes["logprobs"] = P.logprobs_setting(req, decoding.searches)
     sampling = P.make_sampling(svc.sampling, changes)
-    return {"system": system, "history": history, "user": messages[-1].content, "n": n, "stream": stream,
+    return {"system": system, "history": history, "user": None if prefill else messages[-1].content, "n": n,
+            "stream": stream,
             "ignored": ignored,
             "include_usage": bool(req.stream_options and req.stream_options.include_usage), "sampling": sampling,
             "decoding": decoding, "prompt_tokens": prompt, "id": P.new_id(), "created": int(time.time())}

@@ -5,7 +5,7 @@ parsed by the pydantic models of `schema.py`; every mistake gets one OpenAI-styl
 the field: `{"error": {"message", "type", "param", "code"}}`. Parsed fields map onto `Sampling`
 and `Decoding`. A field the server does not act on is ignored and named in the response header
 `x-dialogen-ignored-fields`; a feature that would change the reply and that this server does not
-have (tools to call, a `grammar`, `logit_bias`, ...) is refused with a 400 naming it.
+have (a `grammar`, audio, ...) is refused with a 400 naming it.
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ SAMPLING_FIELDS = ("temperature", "top_p", "top_k", "repetition_penalty", "frequ
 DECODING_FIELDS = ("num_candidates", "beam_size", "candidates", "scorer", "length_penalty")
 # fields that would change the reply, which this server cannot honour: refused rather than ignored
 UNSUPPORTED = {"functions": "function calling", "function_call": "function calling", "audio": "audio output",
-               "prediction": "predicted outputs", "logit_bias": "logit_bias",
+               "prediction": "predicted outputs",
                "grammar": "a GBNF 'grammar' (use response_format with a JSON schema)"}
 IGNORED_HEADER = "x-dialogen-ignored-fields"
 
@@ -192,9 +192,22 @@ def ignored_header(names: list[str]) -> dict:
     return {IGNORED_HEADER: ", ".join(shown) + (", ..." if len(names) > 20 else "")}
 
 
-def sampling_changes(fields: DecodeFields, max_tokens_limit: int) -> dict:
+def logit_bias(bias: dict, vocab_size: int) -> dict:
+    """OpenAI's {"token id": bias} as {id: bias}; a key that is no token id of the model gets 400."""
+    out = {}
+    for key, value in bias.items():
+        if not key.isascii() or not key.isdigit() or int(key) >= vocab_size:
+            raise ApiError(400, f"'logit_bias': {json.dumps(key)[:40]} is not a token id of this model "
+                                f"(0..{vocab_size - 1})", "logit_bias")
+        out[int(key)] = value
+    return out
+
+
+def sampling_changes(fields: DecodeFields, max_tokens_limit: int, vocab_size: int) -> dict:
     """The decoding fields set in `fields`, as `Sampling` field changes (unset fields left out)."""
     changes = fields.model_dump(include=set(SAMPLING_FIELDS), exclude_none=True)
+    if fields.logit_bias is not None:
+        changes["logit_bias"] = logit_bias(fields.logit_bias, vocab_size)
     if fields.response_format is not None:
         changes["constraint"] = constraint(fields.response_format)
     key = "max_completion_tokens" if getattr(fields, "max_completion_tokens", None) is not None else "max_tokens"
@@ -285,10 +298,11 @@ def make_sampling(base: Sampling, changes: dict) -> Sampling:
 
 
 def chat_messages(req: ChatRequest) -> list[Message]:
+    """The request's messages; one that ends with the assistant's is a prefill the reply continues."""
     out = [Message(ROLES[m.role], m.content) for m in req.messages]
-    if out[-1].role != "user":
-        raise ApiError(400, f"the last message must have role 'user', got '{out[-1].role}'",
-                       f"messages[{len(out) - 1}].role")
+    if out[-1].role not in ("user", "assistant"):
+        raise ApiError(400, f"the last message must have role 'user' (or 'assistant', to continue it), got "
+                            f"'{out[-1].role}'", f"messages[{len(out) - 1}].role")
     return out
 
 

@@ -114,6 +114,7 @@ class DecodeFields(Body):
     scorer: Literal[SCORER_NAMES] | None = None
     length_penalty: float | None = Field(None, ge=0, le=10)
     response_format: ResponseFormat | None = None
+    logit_bias: dict[str, Annotated[float, Field(ge=-100, le=100)]] | None = Field(None, max_length=1024)
 
 
 class Settings(DecodeFields):
