@@ -48,6 +48,7 @@ def cmd_generate(args) -> int:
     if messages[0].role == "system":
         session.set_persona(messages[0].content)
         messages = messages[1:]
+    session.tools = getattr(messages, "tools", None)
     session.messages = messages[:-1]
     gen = session.send(messages[-1].content).run()
     out = {"reply": gen.text, "tokens": len(gen.tokens), "finish_reason": gen.finish_reason}

@@ -41,6 +41,7 @@ class Session:
         if self.max_context_tokens < 1 or self.max_context_tokens > engine.context_length:
             raise UserError(f"--max-context-tokens must be in 1..{engine.context_length}, got {self.max_context_tokens}")
         self.messages: list[Message] = []
+        self.tools: list[dict] | None = None  # the tools offered (OpenAI's shape), shown by the template
         self.window_start = 0  # index of the oldest message still in the prompt
         self.cache = engine.model.new_cache(1)
         self.cache_ids: list[int] = []
@@ -75,7 +76,7 @@ class Session:
 
         def render():
             return eng.template.render(eng.tokenizer, self.conversation(), add_generation_prompt=True,
-                                       continue_final=cont)[0]
+                                       continue_final=cont, tools=self.tools)[0]
 
         ids = render()
         if len(ids) <= self.max_context_tokens:
