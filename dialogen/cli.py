@@ -31,8 +31,14 @@ def open_session(args):
 
 def cmd_chat(args) -> int:
     from .chat.repl import run
+    from .chat.toolchat import load_tools_file, offer_tools
 
+    tools = load_tools_file(args.tools) if args.tools else None  # before the slow model load
+    if tools is not None and decoding_from(args).searches:
+        raise UserError("--tools are answered by one sampled (or greedy) reply: drop --beam-size/--num-candidates")
     session = open_session(args)
+    if tools is not None:
+        offer_tools(session, *tools)
     return run(session, interactive=sys.stdin.isatty())
 
 
@@ -69,6 +75,9 @@ def build_parser() -> argparse.ArgumentParser:
     add_sampling_args(p)
     add_constraint_args(p)
     add_decoding_args(p)
+    p.add_argument("--tools", metavar="FILE", default=None,
+                   help="tools the model may call: a JSON list of tools (OpenAI's shape; you type each result) or "
+                        "a Python file whose functions are run when called (see docs/tools.md)")
     p.set_defaults(func=cmd_chat)
 
     p = sub.add_parser("generate", help="reply to a JSON list of messages; prints JSON",

@@ -42,6 +42,7 @@ class Session:
             raise UserError(f"--max-context-tokens must be in 1..{engine.context_length}, got {self.max_context_tokens}")
         self.messages: list[Message] = []
         self.tools: list[dict] | None = None  # the tools offered (OpenAI's shape), shown by the template
+        self.tool_functions: dict = {}  # name -> the Python function that runs it (`chat/toolchat.py`)
         self.window_start = 0  # index of the oldest message still in the prompt
         self.cache = engine.model.new_cache(1)
         self.cache_ids: list[int] = []
@@ -106,11 +107,13 @@ class Session:
         sampling = self.sampling.replace(**overrides)
         return self._generate(self.user_turn(user_text), sampling)
 
-    def extend(self, **overrides) -> Generation:
-        """Continue the final assistant message (a prefill such as "Sure, here is"): the reply's
-        Generation holds the new text only; when it ends, the message holds both."""
-        if not self.continues:
-            raise UserError("there is no assistant message to continue: the last message must be the assistant's")
+    def respond(self, **overrides) -> Generation:
+        """The reply to the conversation as it stands: after tool results, a new assistant turn; after
+        an assistant message (a prefill such as "Sure, here is"), its continuation, the Generation
+        holding the new text only (when it ends, the message holds both)."""
+        if not self.messages or self.messages[-1].role not in ("assistant", "tool"):
+            raise UserError("nothing to respond to: the last message must be the assistant's or a tool's "
+                            "(send a user turn with send())")
         return self._generate(self.prompt_ids(), self.sampling.replace(**overrides))
 
     def user_turn(self, text: str) -> list[int]:

@@ -19,6 +19,8 @@ from __future__ import annotations
 
 import json
 import re
+import secrets
+import string
 from dataclasses import dataclass
 
 from ..errors import UserError
@@ -152,6 +154,20 @@ def parse_calls(text: str, style: str) -> list[dict] | None:
             return None
         out.append({"name": c["name"], "arguments": args})
     return out
+
+
+def call_id(style: str) -> str:
+    """A fresh call id: Mistral's templates take 9 letters and digits, others OpenAI's `call_` form."""
+    if style == "mistral":
+        return "".join(secrets.choice(string.ascii_letters + string.digits) for _ in range(9))
+    return "call_" + secrets.token_hex(12)
+
+
+def openai_calls(calls: list[dict], style: str) -> list[dict]:
+    """Parsed calls as OpenAI's `tool_calls` (arguments as JSON text), each with a fresh id."""
+    return [{"id": call_id(style), "type": "function",
+             "function": {"name": c["name"], "arguments": json.dumps(c["arguments"], ensure_ascii=False)}}
+            for c in calls]
 
 
 def _json_value(text: str):

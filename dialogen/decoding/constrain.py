@@ -45,9 +45,11 @@ def _llguidance():
 
 @dataclass(frozen=True)
 class Grammar:
-    """A JSON schema the reply must match (`{"type": "object"}`: any JSON object), as JSON text."""
+    """A JSON schema the reply must match (`{"type": "object"}`: any JSON object), as JSON text;
+    or, with `lark`, a grammar in llguidance's Lark syntax (tool calls, `toolgrammar.py`)."""
 
     schema: str
+    lark: bool = False
 
     @classmethod
     def json_schema(cls, schema) -> "Grammar":
@@ -69,6 +71,8 @@ class Grammar:
 
     def compiled(self) -> str:
         llg = _llguidance()
+        if self.lark:
+            return llg.LLMatcher.grammar_from_lark(self.schema)
         return llg.LLMatcher.grammar_from_json_schema(self.schema, overrides=JSON_OPTIONS)
 
     def check(self):
@@ -78,7 +82,8 @@ class Grammar:
         except ValueError as e:
             error = str(e)
         if error and not error.startswith("WARNING"):
-            raise UserError(f"the JSON schema cannot be used: {error.splitlines()[0][:300]}")
+            what = "grammar" if self.lark else "JSON schema"
+            raise UserError(f"the {what} cannot be used: {error.splitlines()[0][:300]}")
 
 
 # the closing classes, best first: (first bytes allowed, bytes allowed); inside a string `"` always

@@ -19,18 +19,19 @@ import time
 
 from pydantic import BaseModel, ValidationError
 
-from ..chat.messages import Message
+from ..chat.messages import Message, parse_messages
 from ..decoding.constrain import Grammar
 from ..decoding.settings import Sampling, SettingError
 from ..errors import UserError
 from .schema import ChatRequest, DecodeFields, first_error, kind
 
-ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
+ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant", "tool": "tool"}
 SAMPLING_FIELDS = ("temperature", "top_p", "top_k", "repetition_penalty", "frequency_penalty", "presence_penalty",
                    "no_repeat_ngram", "seed", "stop")
 DECODING_FIELDS = ("num_candidates", "beam_size", "candidates", "scorer", "length_penalty")
 # fields that would change the reply, which this server cannot honour: refused rather than ignored
-UNSUPPORTED = {"functions": "function calling", "function_call": "function calling", "audio": "audio output",
+UNSUPPORTED = {"functions": "the legacy 'functions' (use 'tools')", "function_call": "the legacy 'function_call' "
+               "(use 'tool_choice')", "audio": "audio output",
                "prediction": "predicted outputs",
                "grammar": "a GBNF 'grammar' (use response_format with a JSON schema)"}
 IGNORED_HEADER = "x-dialogen-ignored-fields"
@@ -173,14 +174,7 @@ def refuse_unsupported(body: dict, known) -> list[str]:
         if v not in (None, False, [], {}, ""):
             raise ApiError(400, f"'{key}': {what} is not supported by this server", key,
                            code="unsupported_parameter")
-    tools, choice = body.get("tools"), body.get("tool_choice")
-    if choice not in (None, "none", "auto"):
-        raise ApiError(400, f"'tool_choice': only \"none\" is supported (this server calls no tools), got "
-                            f"{json.dumps(choice)[:60]}", "tool_choice", code="unsupported_parameter")
-    if tools not in (None, []) and choice != "none":
-        raise ApiError(400, "'tools': this server calls no tools; send tool_choice \"none\" to have them ignored",
-                       "tools", code="unsupported_parameter")
-    return [k for k in body if k not in known and k != "tool_choice" and not (k == "tools" and not tools)]
+    return [k for k in body if k not in known]
 
 
 def ignored_header(names: list[str]) -> dict:
@@ -299,8 +293,20 @@ def make_sampling(base: Sampling, changes: dict) -> Sampling:
 
 def chat_messages(req: ChatRequest) -> list[Message]:
     """The request's messages; one that ends with the assistant's is a prefill the reply continues."""
-    out = [Message(ROLES[m.role], m.content) for m in req.messages]
-    if out[-1].role not in ("user", "assistant"):
+    for i, m in enumerate(req.messages):
+        if m.content is None and not (m.role == "assistant" and m.tool_calls):
+            raise ApiError(400, f"'messages[{i}].content' is required (null only for an assistant's tool calls)",
+                           f"messages[{i}].content")
+    raw = [{**m.model_dump(exclude_none=True), "role": ROLES.get(m.role, m.role)} for m in req.messages]
+    try:
+        out = parse_messages(raw, "messages")
+    except UserError as e:
+        param, _, message = str(e).partition(": ")
+        raise ApiError(400, f"'{param}': {message}", param) from None
+    if out[-1].role == "assistant" and out[-1].tool_calls:
+        raise ApiError(400, "the last message is an assistant's tool calls: send the tools' results "
+                            "(role 'tool') after it", f"messages[{len(out) - 1}]")
+    if out[-1].role not in ("user", "assistant", "tool"):
         raise ApiError(400, f"the last message must have role 'user' (or 'assistant', to continue it), got "
                             f"'{out[-1].role}'", f"messages[{len(out) - 1}].role")
     return out
@@ -329,9 +335,12 @@ def completion(cid: str, model: str, choices: list[dict], usage: dict, created: 
             "choices": choices, "usage": usage, "system_fingerprint": None}
 
 
-def choice(index: int, text: str, finish_reason: str, candidates: list | None = None,
-           logprobs: list | None = None) -> dict:
-    out = {"index": index, "message": {"role": "assistant", "content": text}, "finish_reason": finish_reason,
+def choice(index: int, text: str | None, finish_reason: str, candidates: list | None = None,
+           logprobs: list | None = None, tool_calls: list | None = None) -> dict:
+    message = {"role": "assistant", "content": text}
+    if tool_calls:
+        message.update(content=None, tool_calls=tool_calls)
+    out = {"index": index, "message": message, "finish_reason": finish_reason,
            "logprobs": None if logprobs is None else {"content": logprobs, "refusal": None}}
     if candidates is not None:
         out["candidates"] = candidates

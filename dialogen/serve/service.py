@@ -245,10 +245,10 @@ class Service:
                 "presence_penalty": s.presence_penalty, "no_repeat_ngram": s.no_repeat_ngram,
                 "max_tokens": s.max_new_tokens, "seed": s.seed, "stop": s.stop}
 
-    def prompt_len(self, messages, continue_final: bool = False) -> int:
+    def prompt_len(self, messages, continue_final: bool = False, tools: list[dict] | None = None) -> int:
         eng = self.engine
         return len(eng.template.render(eng.tokenizer, messages, add_generation_prompt=True,
-                                       continue_final=continue_final)[0])
+                                       continue_final=continue_final, tools=tools)[0])
 
     def new_session(self, persona: str | None, sampling: Sampling, history=(), budget: int | None = None) -> Session:
         s = Session(self.engine, system=persona, sampling=sampling, max_context_tokens=budget or self.context_length)
@@ -256,10 +256,12 @@ class Service:
         return s
 
     def stateless_session(self, owner: str, persona: str | None, sampling: Sampling, history: list[Message],
-                          user: str | None, budget: int | None = None, pooled: bool = True) -> Session:
+                          user: str | None, budget: int | None = None, pooled: bool = True,
+                          tools: list[dict] | None = None) -> Session:
         """A session for one stateless request: an idle one of the owner's sharing a prefix with it,
         else a new one (always a new one without `pooled`, e.g. for a search, which keeps no cache).
-        `user` None: the history ends with an assistant message the reply continues."""
+        `user` None: the history is the whole conversation (it ends with tools' results, or with an
+        assistant message the reply continues)."""
         head = [Message("system", persona)] if persona else []
         tail = [Message("user", user)] if user is not None else []
         s = None
@@ -272,6 +274,7 @@ class Service:
             s.set_persona(persona)
             s.reset(history)
             s.sampling, s.max_context_tokens = sampling, budget or self.context_length
+        s.tools = tools
         # the prompt's last tokens go through a prompt step (two or more tokens are never a decode step
         # of a float16 copy), as in a fresh request, so the logits match a fresh request's up to rounding
         s.min_feed = 2
@@ -279,14 +282,15 @@ class Service:
 
     def reply(self, session: Session, text: str | None, sampling: Sampling, decoding: Decoding):
         """Start the reply to a user turn: (Generation or searched Reply, prompt tokens, cached tokens).
-        `text` None: the reply continues the session's final assistant message.
+        `text` None: the reply to the session's messages as they are (after tools' results, or
+        continuing a final assistant message).
 
         A plain reply streams and reuses the session's KV cache; a searched one (beam, candidates)
         runs on caches of its own and yields its text once, with every candidate kept on it.
         """
         session.sampling = sampling
         if not decoding.searches:
-            gen = session.send(text) if text is not None else session.extend()
+            gen = session.send(text) if text is not None else session.respond()
             return gen, len(gen.history), len(gen.history) - len(gen.feed)
         ids = session.user_turn(text) if text is not None else session.prompt_ids()
         return searched_reply(session, self.decoder, ids, sampling, decoding), len(ids), 0
