@@ -128,5 +128,6 @@ BAD = [
 @pytest.mark.parametrize("why,body,param", BAD, ids=[b[0] for b in BAD])
 def test_bad_tool_requests_name_the_field(client, why, body, param):
     with pytest.raises(openai.BadRequestError) as e:
-        client.chat.completions.create(model="default", max_tokens=4, **body)
+        client.chat.completions.create(model="default", max_tokens=4, messages=body["messages"],
+                                       extra_body={k: v for k, v in body.items() if k != "messages"})
     assert e.value.body["param"] == param, e.value.body
