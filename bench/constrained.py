@@ -10,7 +10,8 @@ sampling at temperature 1 and a seed per run, three ways:
              of text or valid calls (`decoding/toolgrammar.py`), a budget far above the reply
   tools-req  the same tools with tool_choice required and a budget of 96 tokens (closing path followed)
 For each, the median over runs of CPU seconds per generated token (process time, so other work on
-a shared machine does not count; the prompt's prefill left out), and the ratio to `free`. Also the time of the mask work alone (matcher.allowed + fit) per token,
+a shared machine does not count; the prompt's prefill left out), and the ratio to `free`. Also the time of the mask work
+alone (matcher.allowed + fit) per token,
 measured around those calls.
 
     .venv/bin/python bench/constrained.py [--runs 5] [--max-tokens 96] [--threads 1] [--ways tools,tools-req]
