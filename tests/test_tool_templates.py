@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from dialogen.chat.messages import Message, parse_messages
+from dialogen.chat.messages import parse_messages
 from dialogen.chat.templates import _contents, get_template
 from dialogen.chat.toolformat import parse_tools
 from dialogen.errors import UserError

@@ -27,7 +27,7 @@ from jinja2.sandbox import ImmutableSandboxedEnvironment
 
 from ..errors import UserError
 from .messages import Message
-from .toolformat import calls_text, response_text, style_of, tools_prompt
+from .toolformat import calls_text, data_spans, merge_spans, response_text, style_of, tools_prompt
 
 CHATML = (
     "{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\\n' + m['content'] + '<|im_end|>\\n' }}{% endfor %}"
@@ -238,7 +238,8 @@ class Template:
         calls = self._call_regions(tokenizer, text, messages, trained, tools, gen)
         if continue_final:
             text, spans = _cut_after_final(text, spans, len(messages) - 1)
-        protected = _merge([(a, b) for a, b, _ in spans] + _data_spans(text, messages, tools, tokenizer.control_ids))
+        made = [m.tool_calls for m in messages if m.tool_calls]
+        protected = merge_spans([(a, b) for a, b, _ in spans] + data_spans(text, made, tools, tokenizer.control_ids))
         ids, offsets = tokenizer.encode_chat(text, protected)
         regions = self._trained_regions(text, spans, trained)
         regions += calls
@@ -304,19 +305,6 @@ class Template:
         return {"stop_ids": sorted(self.stop_ids(tokenizer)), "stop_strings": self.stop_strings(tokenizer)}
 
 
-def _strings(x):
-    """Every string in a JSON value, keys included."""
-    if isinstance(x, str):
-        yield x
-    elif isinstance(x, dict):
-        for k, v in x.items():
-            yield k
-            yield from _strings(v)
-    elif isinstance(x, list):
-        for v in x:
-            yield from _strings(v)
-
-
 def _common_prefix(a: str, b: str) -> int:
     n = min(len(a), len(b))
     i = 0
@@ -328,34 +316,6 @@ def _common_prefix(a: str, b: str) -> int:
 def _contents(messages: list[Message]) -> list:
     """Each message's content as the template gets it: None for an assistant's calls without text."""
     return [None if m.tool_calls and not m.content else m.content for m in messages]
-
-
-def _data_spans(text: str, messages: list[Message], tools, controls) -> list[tuple[int, int]]:
-    """Where the strings of tool calls and tool schemas (a client's data, which the template
-    writes as JSON) that hold a control token appear in the text: like contents, no control token
-    may come from them."""
-    values = {v for m in messages if m.tool_calls for v in _strings(m.tool_calls)}
-    values |= set(_strings(tools or []))
-    out = []
-    for v in (v for v in values if any(c in v for c in controls)):
-        for form in {v, json.dumps(v, ensure_ascii=False)[1:-1]}:
-            if len(form) < 2:
-                continue
-            at = text.find(form)
-            while at >= 0:
-                out.append((at, at + len(form)))
-                at = text.find(form, at + 1)
-    return out
-
-
-def _merge(spans: list[tuple[int, int]]) -> list[tuple[int, int]]:
-    out: list[tuple[int, int]] = []
-    for a, b in sorted(spans):
-        if out and a <= out[-1][1]:
-            out[-1] = (out[-1][0], max(out[-1][1], b))
-        else:
-            out.append((a, b))
-    return out
 
 
 def _cut_after_final(text: str, spans, last: int):

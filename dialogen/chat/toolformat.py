@@ -189,3 +189,43 @@ def _json_sequence(text: str) -> list | None:
         while pos < len(text) and text[pos] in "; \n\t":
             pos += 1
     return out
+
+
+# --- a client's strings in a rendered text -----------------------------------------------------
+def json_strings(x):
+    """Every string in a JSON value, keys included."""
+    if isinstance(x, str):
+        yield x
+    elif isinstance(x, dict):
+        for k, v in x.items():
+            yield k
+            yield from json_strings(v)
+    elif isinstance(x, list):
+        for v in x:
+            yield from json_strings(v)
+
+
+def data_spans(text: str, calls: list, tools, controls) -> list[tuple[int, int]]:
+    """Where the strings of tool calls and tool schemas (a client's data, which a template writes
+    as JSON) that hold a control token appear in `text`: like contents, no control token may come
+    from them (`Tokenizer.encode_chat`)."""
+    values = set(json_strings(calls)) | set(json_strings(tools or []))
+    out = []
+    for v in (v for v in values if any(c in v for c in controls)):
+        for form in {v, json.dumps(v, ensure_ascii=False)[1:-1]}:
+            at = text.find(form)
+            while at >= 0:
+                out.append((at, at + len(form)))
+                at = text.find(form, at + 1)
+    return out
+
+
+def merge_spans(spans: list[tuple[int, int]]) -> list[tuple[int, int]]:
+    """Character spans sorted, overlapping ones joined."""
+    out: list[tuple[int, int]] = []
+    for a, b in sorted(spans):
+        if out and a <= out[-1][1]:
+            out[-1] = (out[-1][0], max(out[-1][1], b))
+        else:
+            out.append((a, b))
+    return out

@@ -211,10 +211,9 @@ async def _stream(svc: Service, req: dict, channel: Channel, jobs: list):
 
 
 async def sse_events(channel: Channel, jobs: list, delta, done, last):
-    """The jobs' events as SSE: `delta(index, payload)` makes a chunk and `done(index, payload)` one
-    or a list of them,
-    `last(done payloads)` a final chunk (or None); then [DONE]. A job's error ends the stream with
-    its error object. If the client disconnects, the server cancels this generator, and `finally`
+    """The jobs' events as SSE: `delta(index, payload)` makes a chunk, `done(index, payload)` one or
+    a list of them, `last(done payloads)` a final chunk (or None); then [DONE]. A job's error ends
+    the stream with its error object. If the client disconnects, the server cancels this generator, and `finally`
     cancels the jobs."""
     finished = []
     try:
