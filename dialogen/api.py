@@ -77,8 +77,9 @@ class ChatModel:
     # --- one reply --------------------------------------------------------------------------
     def _turn(self, messages, sampling: dict, session: Session | None = None, tools: list[dict] | None = None):
         msgs = as_messages(messages)
-        if not msgs or msgs[-1].role not in ("user", "assistant"):
-            raise UserError("messages: the last message must have role 'user' (or 'assistant', to continue it)")
+        if not msgs or msgs[-1].role not in ("user", "assistant", "tool"):
+            raise UserError("messages: the last message must have role 'user' (or 'tool' after calls, or "
+                            "'assistant', to continue it)")
         system = msgs[0].content if msgs[0].role == "system" else None
         history = msgs[1:] if system is not None else msgs
         if session is None:

@@ -127,11 +127,11 @@ def test_chat_with_functions_and_the_agent_loop(default_engine):
         return {"order_id": order_id, "status": "shipped"}
 
     reply = model.chat("Where is my order 1182?", tools=[lookup_order], tool_choice="lookup_order", temperature=0,
-                       max_new_tokens=30)
+                       max_new_tokens=48)
     assert reply["content"] is None and [c["function"]["name"] for c in reply["tool_calls"]] == ["lookup_order"]
     assert isinstance(json.loads(reply["tool_calls"][0]["function"]["arguments"])["order_id"], int)
     conv = model.run("Where is my order 1182?", tools=[lookup_order], max_steps=2, tool_choice="required",
-                     temperature=0, max_new_tokens=30)
+                     temperature=0, max_new_tokens=48)
     assert [m["role"] for m in conv[:2]] == ["user", "assistant"] and conv[1]["tool_calls"]
     results = [m for m in conv if m["role"] == "tool"]
     assert len(results) == len(conv[1]["tool_calls"]) == len(seen)
@@ -145,7 +145,7 @@ def test_the_customer_service_example(default_engine):
     spec.loader.exec_module(example)
     db = example.open_db()
     conv = example.serve_customer(ChatModel(default_engine), "Order 1190 arrived broken. Please refund it.", db,
-                                  max_new_tokens=40)
+                                  max_new_tokens=64)
     lookup, refund = example.make_tools(example.open_db())  # the same tools on a fresh copy, to replay the calls
     tools = {"lookup_order": lookup, "refund_order": refund}
     calls = conv[2]["tool_calls"]
@@ -165,7 +165,7 @@ def test_chat_cli_runs_python_tools(tmp_path):
     tools.write_text('def lookup_order(order_id: int) -> dict:\n    "Look an order up."\n'
                      '    return {"order_id": order_id, "status": "delivered"}\n')
     out = subprocess.run([sys.executable, "-m", "dialogen", "chat", "--tools", str(tools), "--temperature", "0",
-                          "--max-new-tokens", "30"], input="Where is order 7?\n", capture_output=True, text=True,
+                          "--max-new-tokens", "48"], input="Where is order 7?\n", capture_output=True, text=True,
                          timeout=600, cwd=ROOT)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip()
