@@ -44,20 +44,31 @@ def cmd_chat(args) -> int:
 
 def cmd_generate(args) -> int:
     from .chat.messages import read_messages
+    from .chat.toolchat import offer_tools
+    from .chat.toolformat import openai_calls, parse_calls
 
     where = args.input if args.input != "-" else "<stdin>"
     sampling_from(args)  # a bad flag is reported before the input is read
     messages = read_messages(args.input)
-    if not messages or messages[-1].role != "user":
-        raise UserError(f"{where}: the last message must have role 'user'")
+    tools = getattr(messages, "tools", None)
+    if not messages or messages[-1].role == "system":
+        raise UserError(f"{where}: the last message must have role 'user' (or 'tool', or 'assistant' to continue it)")
     session = open_session(args)
     if messages[0].role == "system":
         session.set_persona(messages[0].content)
         messages = messages[1:]
-    session.tools = getattr(messages, "tools", None)
-    session.messages = messages[:-1]
-    gen = session.send(messages[-1].content).run()
+    if tools:
+        offer_tools(session, tools, {})
+    if messages[-1].role == "user":
+        session.messages = messages[:-1]
+        gen = session.send(messages[-1].content).run()
+    else:  # tools' results to answer, or an assistant message to continue
+        session.messages = list(messages)
+        gen = session.respond().run()
     out = {"reply": gen.text, "tokens": len(gen.tokens), "finish_reason": gen.finish_reason}
+    calls = parse_calls(gen.text, session.engine.template.tool_style) if tools else None
+    if calls:
+        out.update(reply=None, tool_calls=openai_calls(calls, session.engine.template.tool_style))
     if getattr(args, "show_candidates", False) and getattr(gen, "candidates", None):
         out["candidates"] = gen.candidates_dicts()
     print(json.dumps(out, ensure_ascii=False))

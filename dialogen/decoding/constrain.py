@@ -157,7 +157,7 @@ class Matcher:
             return mask
         self._closing = self._closing_path()
         length, first = self._closing
-        if length + margin < left:
+        if length + margin < left or length == 1:  # complete already: the budget may end it as it is
             return mask
         only = torch.zeros_like(mask)
         only[first] = True
@@ -172,7 +172,7 @@ class Matcher:
             raise RuntimeError(f"the grammar refused token {token}, which its mask allowed")
         length = self._closing_path(self.tokenizer.token_bytes(token))[0]
         self._m.rollback(1)
-        return token if length <= left - 1 else self._closing[1]
+        return token if length <= left - 1 or length == 1 else self._closing[1]
 
     def _numeric(self) -> torch.Tensor:
         """(V,) bool: tokens that would go on with a number (first byte a digit, `.`, `e`, `E`, `+`, `-`)."""
