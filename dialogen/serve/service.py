@@ -224,6 +224,10 @@ class Service:
     def context_length(self) -> int:
         return self.engine.context_length
 
+    @property
+    def vocab_size(self) -> int:
+        return self.engine.tokenizer.vocab_size
+
     def model_names(self) -> list[str]:
         """The names /v1/models lists: the model's, then its aliases."""
         return [self.model_name, *self.aliases]
@@ -241,9 +245,10 @@ class Service:
                 "presence_penalty": s.presence_penalty, "no_repeat_ngram": s.no_repeat_ngram,
                 "max_tokens": s.max_new_tokens, "seed": s.seed, "stop": s.stop}
 
-    def prompt_len(self, messages) -> int:
+    def prompt_len(self, messages, continue_final: bool = False, tools: list[dict] | None = None) -> int:
         eng = self.engine
-        return len(eng.template.render(eng.tokenizer, messages, add_generation_prompt=True)[0])
+        return len(eng.template.render(eng.tokenizer, messages, add_generation_prompt=True,
+                                       continue_final=continue_final, tools=tools)[0])
 
     def new_session(self, persona: str | None, sampling: Sampling, history=(), budget: int | None = None) -> Session:
         s = Session(self.engine, system=persona, sampling=sampling, max_context_tokens=budget or self.context_length)
@@ -251,13 +256,17 @@ class Service:
         return s
 
     def stateless_session(self, owner: str, persona: str | None, sampling: Sampling, history: list[Message],
-                          user: str, budget: int | None = None, pooled: bool = True) -> Session:
+                          user: str | None, budget: int | None = None, pooled: bool = True,
+                          tools: list[dict] | None = None) -> Session:
         """A session for one stateless request: an idle one of the owner's sharing a prefix with it,
-        else a new one (always a new one without `pooled`, e.g. for a search, which keeps no cache)."""
+        else a new one (always a new one without `pooled`, e.g. for a search, which keeps no cache).
+        `user` None: the history is the whole conversation (it ends with tools' results, or with an
+        assistant message the reply continues)."""
         head = [Message("system", persona)] if persona else []
+        tail = [Message("user", user)] if user is not None else []
         s = None
         if pooled:
-            s = self.prefixes.take(owner, head + list(history) + [Message("user", user)],
+            s = self.prefixes.take(owner, head + list(history) + tail,
                                    lambda: self.new_session(persona, sampling, history, budget))
         if s is None:
             s = self.new_session(persona, sampling, history, budget)
@@ -265,22 +274,25 @@ class Service:
             s.set_persona(persona)
             s.reset(history)
             s.sampling, s.max_context_tokens = sampling, budget or self.context_length
+        s.tools = tools
         # the prompt's last tokens go through a prompt step (two or more tokens are never a decode step
         # of a float16 copy), as in a fresh request, so the logits match a fresh request's up to rounding
         s.min_feed = 2
         return s
 
-    def reply(self, session: Session, text: str, sampling: Sampling, decoding: Decoding):
+    def reply(self, session: Session, text: str | None, sampling: Sampling, decoding: Decoding):
         """Start the reply to a user turn: (Generation or searched Reply, prompt tokens, cached tokens).
+        `text` None: the reply to the session's messages as they are (after tools' results, or
+        continuing a final assistant message).
 
         A plain reply streams and reuses the session's KV cache; a searched one (beam, candidates)
         runs on caches of its own and yields its text once, with every candidate kept on it.
         """
         session.sampling = sampling
         if not decoding.searches:
-            gen = session.send(text)
+            gen = session.send(text) if text is not None else session.respond()
             return gen, len(gen.history), len(gen.history) - len(gen.feed)
-        ids = session.user_turn(text)
+        ids = session.user_turn(text) if text is not None else session.prompt_ids()
         return searched_reply(session, self.decoder, ids, sampling, decoding), len(ids), 0
 
     def close(self):

@@ -72,7 +72,8 @@ async def start_turn(svc: Service, sid: str, request: Request):
     row = _owned(svc, sid, request)
     req = P.validate(SessionTurn, body)
     stored = P.validate(Settings, row["settings"], "settings")
-    changes = {**P.sampling_changes(stored, svc.limits.max_tokens), **P.sampling_changes(req, svc.limits.max_tokens)}
+    limit, vocab = svc.limits.max_tokens, svc.vocab_size
+    changes = {**P.sampling_changes(stored, limit, vocab), **P.sampling_changes(req, limit, vocab)}
     sampling = P.make_sampling(svc.sampling, changes)
     search = {**P.decoding_changes(stored, svc.limits.max_candidates),
               **P.decoding_changes(req, svc.limits.max_candidates)}
@@ -112,7 +113,7 @@ def check_settings(svc: Service, settings: Settings | None):
     if settings is None:
         return
     try:
-        P.make_sampling(svc.sampling, P.sampling_changes(settings, svc.limits.max_tokens))
+        P.make_sampling(svc.sampling, P.sampling_changes(settings, svc.limits.max_tokens, svc.vocab_size))
         P.make_decoding(svc.decoding, P.decoding_changes(settings, svc.limits.max_candidates))
     except ApiError as e:
         raise ApiError(400, f"settings: {e.message}", f"settings.{e.param}" if e.param else "settings") from None
