@@ -15,11 +15,13 @@ from pathlib import Path
 from fastapi import FastAPI, Request
 from fastapi.responses import FileResponse, JSONResponse
 from fastapi.staticfiles import StaticFiles
+from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from .guard import Guard
 from .protocol import ApiError, error_body, model_not_found
 from .service import Service
+from .store import StoreUnavailable
 
 STATIC = Path(__file__).parent / "static"
 log = logging.getLogger("dialogen.serve")
@@ -41,6 +43,13 @@ def create_app(svc: Service, bound_host: str = "127.0.0.1", allowed_hosts=(), co
     @app.exception_handler(ApiError)
     async def api_error(request: Request, e: ApiError):
         return JSONResponse(e.body(), status_code=e.status, headers=e.headers)
+
+    @app.exception_handler(StoreUnavailable)
+    async def store_down(request: Request, e: StoreUnavailable):
+        from .channel import store_error
+
+        err = store_error(e)
+        return JSONResponse(err.body(), status_code=err.status, headers=err.headers)
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, e: StarletteHTTPException):
@@ -66,6 +75,19 @@ def create_app(svc: Service, bound_host: str = "127.0.0.1", allowed_hosts=(), co
             out.update({"worker": svc.worker.load(), "live_sessions": len(svc.sessions),  # for key holders only
                         "kv_cache_bytes": svc.sessions.nbytes(), "evictions": svc.sessions.evictions})
         return out
+
+    @app.api_route("/ready", methods=["GET", "HEAD"])
+    async def ready():
+        """Readiness, for a load balancer: 503 while the session database is unreachable or the
+        server is shutting down (/health stays the liveness check)."""
+        if svc.draining:
+            return JSONResponse({"status": "shutting_down"}, status_code=503)
+        try:
+            await run_in_threadpool(svc.store.ping)
+        except StoreUnavailable as e:
+            return JSONResponse({"status": "unavailable", "store": str(e)}, status_code=503,
+                                headers={"Retry-After": "2"})
+        return {"status": "ready"}
 
     async def models():
         return {"object": "list", "data": [_model_card(n, svc, started) for n in svc.model_names()]}

@@ -11,6 +11,9 @@ from ..errors import UserError
 from .protocol import ApiError, parse_json_body
 from .service import Service
 from .jobs import Busy
+from .store import StoreUnavailable
+
+STORE_RETRY_AFTER = 2  # seconds a client is told to wait while the session database is unreachable
 
 
 async def read_json(request: Request, limit: int) -> dict:
@@ -85,4 +88,11 @@ def job_error(e: BaseException) -> ApiError:
         return e
     if isinstance(e, UserError):
         return ApiError(400, str(e))
+    if isinstance(e, StoreUnavailable):
+        return store_error(e)
     return ApiError(500, f"generation failed: {type(e).__name__}: {e}", type="server_error")
+
+
+def store_error(e: StoreUnavailable) -> ApiError:
+    return ApiError(503, f"{e}; retry shortly", code="store_unavailable", type="server_error",
+                    headers={"Retry-After": str(STORE_RETRY_AFTER)})

@@ -156,7 +156,8 @@ def cmd_serve(args) -> int:
     torch.set_num_threads(args.threads)
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s")
     sock = bind(args.host, args.port)
-    store = open_store(str(args.db or default_db()))
+    # every admitted turn may hold a connection (its claim), plus a few for reads
+    store = open_store(str(args.db or default_db()), args.max_active + args.max_queue + 8)
     limits = Limits(max_body_bytes=args.max_body_bytes, max_tokens=args.max_tokens_limit, max_n=args.max_n,
                     kv_budget_bytes=int(args.kv_budget_mb * 2**20))
 
@@ -171,13 +172,13 @@ def cmd_serve(args) -> int:
     return run(svc, sock, args.log_level, [args.host, *args.allowed_host], args.cors_origin)
 
 
-def open_store(db: str):
+def open_store(db: str, connections: int = 100):
     """The session store a --db value names: a postgresql:// URL (replicas sharing sessions, see
-    pgstore.py) or an SQLite file."""
+    pgstore.py; a pool of up to `connections`) or an SQLite file."""
     from .pgstore import PgStore, is_postgres
     from .store import Store
 
-    return PgStore(db) if is_postgres(db) else Store(db)
+    return PgStore(db, connections) if is_postgres(db) else Store(db)
 
 
 def run(svc, sock: socket.socket, log_level: str = "warning", allowed_hosts=(), cors_origins=()) -> int:

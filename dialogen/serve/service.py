@@ -219,6 +219,7 @@ class Service:
         self.prefixes = PrefixPool(limits.kv_budget_bytes // 4)
         self.sessions = SessionCache(limits.kv_budget_bytes - self.prefixes.budget)
         self.default_persona: str | None = None
+        self.draining = False  # set on SIGTERM/SIGINT: new work gets 503, running replies finish
 
     @property
     def context_length(self) -> int:
