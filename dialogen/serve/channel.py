@@ -10,7 +10,7 @@ from fastapi import Request
 from ..errors import UserError
 from .protocol import ApiError, parse_json_body
 from .service import Service
-from .jobs import Busy
+from .jobs import Busy, ServerShutdown
 from .store import StoreUnavailable
 
 STORE_RETRY_AFTER = 2  # seconds a client is told to wait while the session database is unreachable
@@ -63,7 +63,11 @@ class ClientGone(Exception):
 
 
 def submit_all(svc: Service, fns: list, channel: Channel) -> list:
-    """Submit one job per function; all or none (503 when the queue is full)."""
+    """Submit one job per function; all or none (503 when the queue is full or the server is
+    shutting down)."""
+    if svc.draining:
+        raise ApiError(503, "the server is shutting down; send the request again (to another replica)",
+                       code="server_shutdown", type="server_error", headers={"Retry-After": "1"})
     jobs = []
     try:
         for i, fn in enumerate(fns):
@@ -90,6 +94,8 @@ def job_error(e: BaseException) -> ApiError:
         return ApiError(400, str(e))
     if isinstance(e, StoreUnavailable):
         return store_error(e)
+    if isinstance(e, ServerShutdown):
+        return ApiError(503, str(e), code="server_shutdown", type="server_error", headers={"Retry-After": "1"})
     return ApiError(500, f"generation failed: {type(e).__name__}: {e}", type="server_error")
 
 

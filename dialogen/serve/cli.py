@@ -59,6 +59,9 @@ def register(sub):
     g.add_argument("--threads", type=int, default=os.cpu_count() or 1,
                    help="threads for model steps (default: every core, here %(default)s: the batched model step "
                         "is most of the work; on 2 cores, 32 clients got 89 tok/s with 2 threads, 67 with 1)")
+    g.add_argument("--shutdown-grace", type=float, default=30.0, metavar="SECONDS",
+                   help="on SIGTERM/SIGINT, stop taking requests and let running replies finish for this long; "
+                        "a reply still running then ends with an error event (default: %(default)s)")
     g.add_argument("--log-level", default="warning", choices=("debug", "info", "warning", "error"))
     add_model_args(p)
     add_sampling_args(p)
@@ -101,7 +104,7 @@ def check_args(args):
                         ("--prefill-chunk", args.prefill_chunk, 1),
                         ("--max-tokens-limit", args.max_tokens_limit, 1), ("--max-body-bytes", args.max_body_bytes, 64),
                         ("--max-n", args.max_n, 1), ("--kv-budget-mb", args.kv_budget_mb, 0),
-                        ("--threads", args.threads, 1)):
+                        ("--threads", args.threads, 1), ("--shutdown-grace", args.shutdown_grace, 0)):
         if v < lo:
             raise UserError(f"{flag} must be >= {lo}, got {v}")
     if args.port > 65535:
@@ -169,7 +172,7 @@ def cmd_serve(args) -> int:
 
     svc = in_passing_thread(start)  # the loads leave no OpenMP pool: the model thread's is the only one
     svc.default_persona = resolve_persona(args.system)  # for sessions and requests without a system message
-    return run(svc, sock, args.log_level, [args.host, *args.allowed_host], args.cors_origin)
+    return run(svc, sock, args.log_level, [args.host, *args.allowed_host], args.cors_origin, args.shutdown_grace)
 
 
 def open_store(db: str, connections: int = 100):
@@ -181,7 +184,8 @@ def open_store(db: str, connections: int = 100):
     return PgStore(db, connections) if is_postgres(db) else Store(db)
 
 
-def run(svc, sock: socket.socket, log_level: str = "warning", allowed_hosts=(), cors_origins=()) -> int:
+def run(svc, sock: socket.socket, log_level: str = "warning", allowed_hosts=(), cors_origins=(),
+        grace: float = 30.0) -> int:
     import uvicorn
 
     from .app import create_app
@@ -190,13 +194,30 @@ def run(svc, sock: socket.socket, log_level: str = "warning", allowed_hosts=(), 
     host, port = sock.getsockname()[:2]
     shown = f"[{host}]" if ":" in host else host
     print(f"dialogen serve: {svc.model_name} on http://{shown}:{port}/ (OpenAI API at /v1)", flush=True)
-    config = uvicorn.Config(app, log_level=log_level, timeout_graceful_shutdown=3, http=json_error_protocol())
-    server = uvicorn.Server(config)
+    # uvicorn waits for the responses a little past the grace period: a reply cut at its end still
+    # sends its error event and the end of its stream
+    config = uvicorn.Config(app, log_level=log_level, timeout_graceful_shutdown=grace + 5, http=json_error_protocol())
+    server = graceful_server(config, lambda: svc.begin_shutdown(grace))
     try:
         server.run(sockets=[sock])
     finally:
         svc.close()
     return 0
+
+
+def graceful_server(config, on_signal):
+    """uvicorn's server, calling `on_signal()` at the first SIGTERM/SIGINT, and exiting with 0
+    after a shutdown it was asked for (uvicorn re-raises the signal, for an exit code of -15)."""
+    import uvicorn
+
+    class Server(uvicorn.Server):
+        def handle_exit(self, sig, frame):
+            if not self.should_exit:
+                on_signal()
+            super().handle_exit(sig, frame)
+            self._captured_signals.clear()
+
+    return Server(config)
 
 
 def json_error_protocol():

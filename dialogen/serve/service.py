@@ -284,6 +284,20 @@ class Service:
         ids = session.user_turn(text)
         return searched_reply(session, self.decoder, ids, sampling, decoding), len(ids), 0
 
+    def begin_shutdown(self, grace: float):
+        """Stop taking work (503); replies still running `grace` seconds later are cut, each
+        client told so (a session turn cut off is not stored)."""
+        from .jobs import ServerShutdown
+
+        if self.draining:
+            return
+        self.draining = True
+        reason = ServerShutdown(f"the server is shutting down and the reply did not finish within the {grace:g} s "
+                                "grace period; send the request again")
+        timer = threading.Timer(grace, self.worker.cut_all, (reason,))
+        timer.daemon = True
+        timer.start()
+
     def close(self):
         self.worker.close()
         self.store.close()

@@ -1,0 +1,75 @@
+"""A real server process told to stop, and slow or greedy clients: SIGTERM during long streams
+(running replies finish within --shutdown-grace, the others end with an error event, only whole
+turns are stored, exit code 0); half-sent headers, oversized headers, more connections than
+the file limit allows."""
+
+import json
+import signal
+import threading
+import time
+
+import httpx
+
+from dialogen.serve.launch import ServerProcess
+from dialogen.serve.store import Store
+
+
+def _stream_turn(url, sid, max_tokens, out, started):
+    """Stream one session turn; out gets {"deltas", "last"} (the last event: "[DONE]" or the error)."""
+    deltas, last = [], None
+    with httpx.stream("POST", f"{url}/v1/sessions/{sid}/messages", timeout=120,
+                      json={"content": "hi", "max_tokens": max_tokens, "stream": True}) as r:
+        for line in r.iter_lines():
+            if not line.startswith("data: "):
+                continue
+            data = line[6:]
+            last = data if data == "[DONE]" else json.loads(data)
+            if data != "[DONE]" and "choices" in last:
+                deltas.append(last["choices"][0]["delta"].get("content") or "")
+                started.set() if deltas[-1] else None
+    out.update(deltas=deltas, last=last)  # iter_lines ends cleanly only on a well-formed end of body
+
+
+def _sigterm_during_streams(tiny_llama, tmp_path, grace: str, max_tokens: list[int]):
+    db = tmp_path / "s.db"
+    srv = ServerProcess(["--model", str(tiny_llama[0]), "--template", "chatml", "--db", str(db),
+                         "--max-active", "1", "--shutdown-grace", grace]).start()
+    try:
+        sids = [httpx.post(srv.url + "/v1/sessions", json={}).json()["id"] for _ in max_tokens]
+        outs, started = [{} for _ in sids], [threading.Event() for _ in sids]
+        threads = [threading.Thread(target=_stream_turn, args=(srv.url, sid, n, out, ev))
+                   for sid, n, out, ev in zip(sids, max_tokens, outs, started)]
+        for t in threads:
+            t.start()
+        assert started[0].wait(60)  # the first reply is streaming; the others wait behind it
+        srv.proc.send_signal(signal.SIGTERM)
+        for t in threads:
+            t.join(timeout=60)
+        code = srv.proc.wait(timeout=60)
+    finally:
+        srv.stop()
+    assert code == 0, "".join(srv.output)
+    store = Store(db)
+    try:
+        stored = [store.get(sid, "")["messages"] for sid in sids]
+    finally:
+        store.close()
+    for out, msgs in zip(outs, stored):
+        assert "last" in out, "the stream did not end well-formed"
+        if out["last"] == "[DONE]":  # finished in time: the whole turn is stored
+            assert [m["content"] for m in msgs] == ["hi", "".join(out["deltas"])]
+        else:
+            assert out["last"]["error"]["code"] == "server_shutdown", out["last"]
+            assert "grace period" in out["last"]["error"]["message"] and msgs == []
+    return outs
+
+
+def test_sigterm_lets_a_running_reply_finish(tiny_llama, tmp_path):
+    outs = _sigterm_during_streams(tiny_llama, tmp_path, "30", [12])
+    assert outs[0]["last"] == "[DONE]"
+
+
+def test_sigterm_past_the_grace_period_cuts_replies_with_an_error_event(tiny_llama, tmp_path):
+    # one reply runs at a time: the third, behind two of 200 tokens, is still running or waiting
+    outs = _sigterm_during_streams(tiny_llama, tmp_path, "0", [200, 200, 200])
+    assert outs[2]["last"] != "[DONE]"
