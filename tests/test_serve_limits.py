@@ -73,3 +73,47 @@ def test_sigterm_past_the_grace_period_cuts_replies_with_an_error_event(tiny_lla
     # one reply runs at a time: the third, behind two of 200 tokens, is still running or waiting
     outs = _sigterm_during_streams(tiny_llama, tmp_path, "0", [200, 200, 200])
     assert outs[2]["last"] != "[DONE]"
+
+
+def test_half_sent_headers_cannot_starve_the_server(tiny_llama, tmp_path):
+    """1,100 connections that send half a header, against a server with the common limit of 1,024
+    open files: /health still answers within 1 s (the oldest idle connections make room), a
+    header over the limit gets 431, and a head that does not arrive in time gets 408."""
+    import resource
+    import socket
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (min(1024, hard), hard))  # inherited by the server
+    try:
+        srv = ServerProcess(["--model", str(tiny_llama[0]), "--template", "chatml", "--db", str(tmp_path / "s.db"),
+                             "--header-timeout", "4"]).start()
+    finally:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (min(max(soft, 4096), hard), hard))  # room for the clients
+    host, port = srv.url.removeprefix("http://").split(":")
+    slow = []
+    try:
+        for _ in range(1100):
+            s = socket.create_connection((host, int(port)))
+            s.sendall(b"GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Slow: ")
+            slow.append(s)
+        closed = 0
+        for s in slow[:100]:  # the oldest were closed to make room, with a 503
+            s.settimeout(10)
+            closed += s.recv(100).startswith(b"HTTP/1.1 503")
+        assert closed == 100
+        with socket.create_connection((host, int(port))) as s:
+            t0 = time.monotonic()
+            s.sendall(b"GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n")
+            s.settimeout(5)
+            head = s.recv(100)
+            took = time.monotonic() - t0
+        assert head.startswith(b"HTTP/1.1 200") and took < 1.0, (head, took)
+        r = httpx.get(srv.url + "/health", headers={"X-Big": "a" * 20_000}, timeout=5)
+        assert r.status_code == 431 and r.json()["error"]["code"] == "headers_too_large"
+        assert httpx.get(srv.url + "/health", headers={"X-Fits": "a" * 10_000}, timeout=5).status_code == 200
+        slow[-1].settimeout(15)  # the newest half-sent head runs out of time
+        assert slow[-1].recv(100).startswith(b"HTTP/1.1 408")
+    finally:
+        for s in slow:
+            s.close()
+        srv.stop()

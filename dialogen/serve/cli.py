@@ -59,6 +59,13 @@ def register(sub):
     g.add_argument("--threads", type=int, default=os.cpu_count() or 1,
                    help="threads for model steps (default: every core, here %(default)s: the batched model step "
                         "is most of the work; on 2 cores, 32 clients got 89 tok/s with 2 threads, 67 with 1)")
+    g.add_argument("--max-header-bytes", type=int, default=16384,
+                   help="request line and headers limit; larger gets 431 (default: %(default)s)")
+    g.add_argument("--header-timeout", type=float, default=10.0, metavar="SECONDS",
+                   help="a request's headers must arrive within this time, else 408 (default: %(default)s)")
+    g.add_argument("--max-connections", type=int, default=0,
+                   help="open connections at most; past it the oldest idle one is closed (default: 0, as many as "
+                        "the open-file limit allows, less a reserve)")
     g.add_argument("--shutdown-grace", type=float, default=30.0, metavar="SECONDS",
                    help="on SIGTERM/SIGINT, stop taking requests and let running replies finish for this long; "
                         "a reply still running then ends with an error event (default: %(default)s)")
@@ -104,7 +111,9 @@ def check_args(args):
                         ("--prefill-chunk", args.prefill_chunk, 1),
                         ("--max-tokens-limit", args.max_tokens_limit, 1), ("--max-body-bytes", args.max_body_bytes, 64),
                         ("--max-n", args.max_n, 1), ("--kv-budget-mb", args.kv_budget_mb, 0),
-                        ("--threads", args.threads, 1), ("--shutdown-grace", args.shutdown_grace, 0)):
+                        ("--threads", args.threads, 1), ("--shutdown-grace", args.shutdown_grace, 0),
+                        ("--max-header-bytes", args.max_header_bytes, 1024), ("--header-timeout", args.header_timeout, 0.1),
+                        ("--max-connections", args.max_connections, 0)):
         if v < lo:
             raise UserError(f"{flag} must be >= {lo}, got {v}")
     if args.port > 65535:
@@ -172,7 +181,7 @@ def cmd_serve(args) -> int:
 
     svc = in_passing_thread(start)  # the loads leave no OpenMP pool: the model thread's is the only one
     svc.default_persona = resolve_persona(args.system)  # for sessions and requests without a system message
-    return run(svc, sock, args.log_level, [args.host, *args.allowed_host], args.cors_origin, args.shutdown_grace)
+    return run(svc, sock, args)
 
 
 def open_store(db: str, connections: int = 100):
@@ -184,20 +193,24 @@ def open_store(db: str, connections: int = 100):
     return PgStore(db, connections) if is_postgres(db) else Store(db)
 
 
-def run(svc, sock: socket.socket, log_level: str = "warning", allowed_hosts=(), cors_origins=(),
-        grace: float = 30.0) -> int:
+def run(svc, sock: socket.socket, args) -> int:
+    """Serve until SIGTERM/SIGINT (see `graceful_server`), with the connection limits of conns.py."""
     import uvicorn
 
     from .app import create_app
+    from .conns import connection_cap, http_protocol
 
-    app = create_app(svc, sock.getsockname()[0], allowed_hosts, cors_origins)
+    app = create_app(svc, sock.getsockname()[0], [args.host, *args.allowed_host], args.cors_origin)
     host, port = sock.getsockname()[:2]
     shown = f"[{host}]" if ":" in host else host
+    pool = args.max_active + args.max_queue + 8 if str(args.db or "").startswith("postgres") else 0
+    protocol = http_protocol(args.max_header_bytes, args.header_timeout, connection_cap(args.max_connections, pool))
     print(f"dialogen serve: {svc.model_name} on http://{shown}:{port}/ (OpenAI API at /v1)", flush=True)
     # uvicorn waits for the responses a little past the grace period: a reply cut at its end still
     # sends its error event and the end of its stream
-    config = uvicorn.Config(app, log_level=log_level, timeout_graceful_shutdown=grace + 5, http=json_error_protocol())
-    server = graceful_server(config, lambda: svc.begin_shutdown(grace))
+    config = uvicorn.Config(app, log_level=args.log_level, timeout_graceful_shutdown=args.shutdown_grace + 5,
+                            http=protocol, h11_max_incomplete_event_size=args.max_header_bytes)
+    server = graceful_server(config, lambda: svc.begin_shutdown(args.shutdown_grace))
     try:
         server.run(sockets=[sock])
     finally:
@@ -218,24 +231,3 @@ def graceful_server(config, on_signal):
             self._captured_signals.clear()
 
     return Server(config)
-
-
-def json_error_protocol():
-    """uvicorn's HTTP protocol, answering a request it cannot parse (a bad Content-Length, a
-    malformed header) with OpenAI's JSON error instead of plain text."""
-    import json
-
-    from uvicorn.protocols.http.auto import AutoHTTPProtocol
-
-    from .protocol import error_body
-
-    class Protocol(AutoHTTPProtocol):
-        def send_400_response(self, msg: str):
-            body = json.dumps(error_body(f"malformed HTTP request: {msg}", "invalid_request_error", None,
-                                         "invalid_http")).encode()
-            head = (b"HTTP/1.1 400 Bad Request\r\ncontent-type: application/json\r\n"
-                    b"content-length: %d\r\nconnection: close\r\n\r\n" % len(body))
-            self.transport.write(head + body)
-            self.transport.close()
-
-    return Protocol
