@@ -25,7 +25,7 @@ from dialogen.data import load_split
 from dialogen.data.dataset import IGNORE_INDEX, build_examples
 from dialogen.eval.perplexity import examples_perplexity
 from dialogen.models.loading import default_model_path, load
-from dialogen.models.layers import Linear
+from dialogen.models.native import HalfLinear
 
 DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16", "int8": "int8", "q4_1": "auto"}
 
@@ -33,7 +33,7 @@ DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16", "int8": "int
 def ours(dtype: str, examples, pad_id: int) -> dict:
     model = load(None, dtype).model
     for m in model.modules():
-        if isinstance(m, Linear):
+        if isinstance(m, HalfLinear):  # blocks serve every product already
             m.everywhere = True
     return examples_perplexity(model, examples, pad_id, batch_size=4)
 

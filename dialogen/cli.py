@@ -100,7 +100,7 @@ def main(argv=None) -> int:
             return 2
     args = build_parser().parse_args(argv)
     if getattr(args, "no_kernels", False):
-        os.environ["DIALOGEN_KERNELS"] = "0"  # models/kernels.py reads it
+        os.environ["DIALOGEN_KERNELS"] = "0"  # models/kernels/library.py reads it
     try:
         return args.func(args)
     except UserError as e:

@@ -7,11 +7,12 @@ import torch
 import torch.nn.functional as F
 
 from dialogen.errors import UserError
-from dialogen.models import kernels
+from dialogen.models.kernels import formats, library, ops
 from dialogen.models.loading import load
+from dialogen.models.native import BlockLinear, HalfLinear
 from dialogen.models.transformer import CacheBatch, rope_tables
 
-pytestmark = pytest.mark.skipif(not kernels.enabled(), reason="no C compiler: the native kernels are not built")
+pytestmark = pytest.mark.skipif(not library.enabled(), reason="no C compiler: the native kernels are not built")
 
 KINDS = ["q4_0", "q4_1", "q8_0"]
 
@@ -33,7 +34,7 @@ def _q4_0(w: torch.Tensor) -> torch.Tensor:
 
 
 def _blocks(w, kind):
-    return _q4_0(w) if kind == "q4_0" else kernels.quantize(w, kind)
+    return _q4_0(w) if kind == "q4_0" else formats.quantize(w, kind)
 
 
 @pytest.mark.parametrize("kind", KINDS)
@@ -43,12 +44,12 @@ def test_block_product_equals_the_dequantized_weight_product(kind):
     g = torch.Generator().manual_seed(0)
     w, bias = torch.randn(96, 128, generator=g), torch.randn(96, generator=g)
     blocks = _blocks(w, kind)
-    t = kernels.GGML_TYPES[kind]
-    wd = kernels.dequantize(t, blocks, 96, 128)
+    t = formats.GGML_TYPES[kind]
+    wd = formats.dequantize(t, blocks, 96, 128)
     assert (wd - w).abs().max() < (0.1 if kind == "q8_0" else 0.8)
     for rows in (1, 3, 70):
         x = torch.randn(rows, 128, generator=g)
-        got = kernels.qmatmul(t, blocks, 96, 128, x, bias=bias)
+        got = ops.qmatmul(t, blocks, 96, 128, x, bias=bias)
         ref = x @ wd.T + bias
         assert (got - ref).abs().max() < 1e-2 * ref.abs().max()
 
@@ -61,9 +62,9 @@ def test_int8_from_4_bit_blocks_rounds_less_than_from_their_floats(kind):
     g = torch.Generator().manual_seed(11)
     w = torch.randn(64, 256, generator=g) * torch.rand(64, 1, generator=g) + 0.3 * torch.rand(64, 256, generator=g)
     src = _blocks(w, kind)
-    values = kernels.dequantize(kernels.GGML_TYPES[kind], src, 64, 256)
-    moved = kernels.dequantize(8, kernels.requantize_q8_0(kind, src, 64, 256), 64, 256)
-    afresh = kernels.dequantize(8, kernels.quantize(values, "q8_0"), 64, 256)
+    values = formats.dequantize(formats.GGML_TYPES[kind], src, 64, 256)
+    moved = formats.dequantize(8, formats.requantize_q8_0(kind, src, 64, 256), 64, 256)
+    afresh = formats.dequantize(8, formats.quantize(values, "q8_0"), 64, 256)
     ours, theirs = ((x - values).view(64, 8, 32).square().sum(-1) for x in (moved, afresh))
     if kind == "q4_0":
         assert torch.equal(moved, values)
@@ -76,19 +77,19 @@ def test_tiled_weights_give_the_blocks_products(kind):
     own integer sums, for any number of activation rows, with a bias and accumulating."""
     g = torch.Generator().manual_seed(5)
     w, bias = torch.randn(48, 160, generator=g), torch.randn(48, generator=g)
-    blocks, t = _blocks(w, kind), kernels.GGML_TYPES[kind]
-    tiled = kernels.tile(t, blocks, 48, 160)
+    blocks, t = _blocks(w, kind), formats.GGML_TYPES[kind]
+    tiled = formats.tile(t, blocks, 48, 160)
     if tiled is None:
         pytest.skip("this build multiplies the blocks as they are")
-    assert kernels.tile(t, blocks[:40], 40, 160) is None  # 40 rows are not whole groups of 16
+    assert formats.tile(t, blocks[:40], 40, 160) is None  # 40 rows are not whole groups of 16
     for rows in (1, 2, 8, 9, 17):
         x = torch.randn(rows, 160, generator=g) * 3
-        want = kernels.qmatmul(t, blocks, 48, 160, x, bias=bias)
-        got = kernels.qmatmul(t | kernels.TILED, tiled, 48, 160, x, bias=bias)
+        want = ops.qmatmul(t, blocks, 48, 160, x, bias=bias)
+        got = ops.qmatmul(t | formats.TILED, tiled, 48, 160, x, bias=bias)
         assert (got - want).abs().max() <= 1e-5 * want.abs().max()
         acc = torch.randn(rows, 48, generator=g)
-        expected = acc + kernels.qmatmul(t, blocks, 48, 160, x)
-        kernels.qmatmul(t | kernels.TILED, tiled, 48, 160, x, out=acc)
+        expected = acc + ops.qmatmul(t, blocks, 48, 160, x)
+        ops.qmatmul(t | formats.TILED, tiled, 48, 160, x, out=acc)
         assert (acc - expected).abs().max() <= 1e-5 * expected.abs().max()
 
 
@@ -96,19 +97,19 @@ def test_tiled_weights_give_the_blocks_products(kind):
 def test_fused_norm_swiglu_and_residual_equal_the_torch_ops(kind):
     g = torch.Generator().manual_seed(1)
     w = torch.randn(64, 96, generator=g)
-    blocks, t = _blocks(w, kind), kernels.GGML_TYPES[kind]
-    wd = kernels.dequantize(t, blocks, 64, 96)
+    blocks, t = _blocks(w, kind), formats.GGML_TYPES[kind]
+    wd = formats.dequantize(t, blocks, 64, 96)
     x, norm = torch.randn(2, 96, generator=g), torch.rand(96, generator=g) + 0.5
     ref = F.rms_norm(x, (96,), norm, 1e-5) @ wd.T
-    got = kernels.qmatmul(t, blocks, 64, 96, x, norm=norm, eps=1e-5)
+    got = ops.qmatmul(t, blocks, 64, 96, x, norm=norm, eps=1e-5)
     assert (got - ref).abs().max() < 1e-2 * ref.abs().max()
     gu = torch.randn(2, 192, generator=g)
     ref = (F.silu(gu[:, :96]) * gu[:, 96:]) @ wd.T
-    got = kernels.qmatmul(t, blocks, 64, 96, gu, swiglu=True)
+    got = ops.qmatmul(t, blocks, 64, 96, gu, swiglu=True)
     assert (got - ref).abs().max() < 2e-2 * ref.abs().max()  # heavier-tailed inputs round coarser
     acc = torch.randn(2, 64, generator=g)
     expected = acc + x @ wd.T
-    kernels.qmatmul(t, blocks, 64, 96, x, out=acc)
+    ops.qmatmul(t, blocks, 64, 96, x, out=acc)
     assert (acc - expected).abs().max() < 1e-2 * expected.abs().max()
 
 
@@ -132,7 +133,7 @@ def test_default_model_blocks_are_kept_exactly_as_shipped():
         theirs = torch.from_numpy(gguf.quants.dequantize(t.data, t.tensor_type).astype(np.float32))
         if "attn_k" in name:
             theirs = unpermute_rows(theirs, cfg.n_kv_head)
-        ours = kernels.dequantize(kernels.GGML_TYPES[lin.kind], lin.packed, lin.out_features, lin.in_features)
+        ours = formats.dequantize(formats.GGML_TYPES[lin.kind], lin.blocks, lin.out_features, lin.in_features)
         assert torch.equal(ours[rows], theirs), name
     assert model.blocks[0].mlp.gate_up.kind == "q4_1" and model.lm_head.kind == "q8_0"
 
@@ -198,7 +199,7 @@ def test_native_step_equals_the_plain_torch_step(request, fixture, dtype):
     path, _ = request.getfixturevalue(fixture)
     model = load(str(path), dtype).model
     ids = _ids(20, seed=3)
-    with kernels.disabled():
+    with library.disabled():
         cache = model.new_cache(1)
         model(ids[:, :12], cache)
         plain = [model(ids[:, t:t + 1], cache)[0, -1] for t in range(12, 20)]
@@ -283,7 +284,7 @@ def test_int4_on_widths_that_do_not_divide_the_group_is_a_one_line_error(tmp_pat
     smol_tokenizer.save(tmp_path)
     with pytest.raises(UserError, match=r"--dtype int4 needs input widths that are multiples of 32 \(this model has 48\)"):
         load(str(tmp_path), "int4")
-    assert load(str(tmp_path), "auto").model.blocks[0].mlp.down.compact is not None  # auto falls back to float16
+    assert isinstance(load(str(tmp_path), "auto").model.blocks[0].mlp.down, HalfLinear)  # auto falls back to float16
 
 
 def test_no_kernels_flag_decodes_on_the_plain_path(tiny_llama, tmp_path, monkeypatch, capsys):
@@ -299,7 +300,7 @@ def test_no_kernels_flag_decodes_on_the_plain_path(tiny_llama, tmp_path, monkeyp
               "--temperature", "0", "--max-new-tokens", "6"]
     assert main(common) == 0
     native = json.loads(capsys.readouterr().out)
-    assert main(common + ["--no-kernels"]) == 0 and not kernels.enabled()
+    assert main(common + ["--no-kernels"]) == 0 and not library.enabled()
     assert json.loads(capsys.readouterr().out)["reply"] == native["reply"]
     assert main(common[:-6] + ["--dtype", "int8", "--no-kernels"]) == 2
     assert "--dtype int8 needs the native decode kernels" in capsys.readouterr().err
@@ -358,9 +359,10 @@ def _write_gguf(path, hf_model, meta: dict, types: dict):
 
 @torch.no_grad()
 def test_gguf_read_directly_matches_transformers_and_keeps_its_blocks(tiny_llama, tmp_path, capsys):
-    """A GGUF mixing Q4_0, Q4_1, Q8_0 and Q5_0 tensors: the float32 path equals transformers on the
-    weights as written; the natively kept layouts go to the kernels as blocks; Q5_0 is dequantized,
-    and a line says so."""
+    """A GGUF mixing Q4_0, Q4_1, Q8_0 and Q5_0 tensors: the reference model (float32) equals
+    transformers on the weights as written; the swapped-in model multiplies the natively kept
+    layouts as blocks, and with the kernels off computes the reference math on the same values; Q5_0
+    is dequantized, and a line says so."""
     import copy
 
     from dialogen.models.loading import default_model_path, read_gguf
@@ -374,17 +376,19 @@ def test_gguf_read_directly_matches_transformers_and_keeps_its_blocks(tiny_llama
     written = _write_gguf(tmp_path / "tiny.gguf", ref, meta, types)
     theirs = copy.deepcopy(ref)
     theirs.load_state_dict(written)
-    loaded = load(str(tmp_path / "tiny.gguf"), "auto")
+    reference = load(str(tmp_path / "tiny.gguf"), "float32").model
+    model = load(str(tmp_path / "tiny.gguf"), "auto").model
     assert "Q5_0 tensors are dequantized" in capsys.readouterr().err
-    model = loaded.model
     ids = _ids(24, seed=9)
-    with kernels.disabled():
-        assert (model(ids) - theirs(ids).logits).abs().max() < 1e-4
+    with library.disabled():
+        assert (reference(ids) - theirs(ids).logits).abs().max() < 1e-4
     b0, b1 = model.blocks
     assert (b0.attn.qkv.kind, b0.mlp.gate_up.kind, b0.mlp.down.kind, model.lm_head.kind) == ("q4_1", "q4_1", "q4_0", "q8_0")
     assert b1.attn.o_proj.kind == "q8_0" and b1.attn.qkv.kind == "q8_0"  # mixed q/k/v: quantized here (auto: int8)
-    qkv = kernels.dequantize(3, b0.attn.qkv.packed, b0.attn.qkv.out_features, 64)
-    assert torch.equal(qkv, b0.attn.qkv.weight)  # the file's own values, in rotary order
+    qkv = formats.dequantize(3, b0.attn.qkv.blocks, b0.attn.qkv.out_features, 64)
+    assert torch.equal(qkv, reference.blocks[0].attn.qkv.weight)  # the file's own values, in rotary order
+    with library.disabled():  # block 1's q/k/v were quantized at load: the reference on their Q8_0 values
+        assert (model(ids) - theirs(ids).logits).abs().max() < 0.05 * theirs(ids).logits.abs().max()
     cache = model.new_cache(1)
     model(ids[:, :20], cache)
     steps = torch.stack([model(ids[:, t:t + 1], cache)[0, -1] for t in range(20, 24)])
@@ -392,30 +396,64 @@ def test_gguf_read_directly_matches_transformers_and_keeps_its_blocks(tiny_llama
     assert (steps - full).abs().max() < 0.05 * full.abs().max()
 
 
-@torch.no_grad()
-def test_block_weights_make_their_floats_on_first_use(tiny_llama, tmp_path):
-    """Loaded to decode by blocks, a Linear's float32 weight is made from its blocks only when
-    something needs it (a cold start skips it): the state dict and training see the same values as
-    a float32 load, and chat's products never make them."""
+@pytest.fixture
+def mixed_gguf(tiny_llama, tmp_path):
     from dialogen.models.loading import default_model_path, read_gguf
 
-    path, ref = tiny_llama
     _, meta = read_gguf(default_model_path())
     types = {"token_embd.weight": "Q8_0", "blk.0.attn_q.weight": "Q4_1", "blk.0.attn_k.weight": "Q4_1",
              "blk.0.attn_v.weight": "Q4_1", "blk.1.ffn_down.weight": "Q4_0", "blk.1.attn_output.weight": "Q8_0"}
-    _write_gguf(tmp_path / "tiny.gguf", ref, meta, types)
-    eager = load(str(tmp_path / "tiny.gguf"), "float32").model
-    lazy = load(str(tmp_path / "tiny.gguf"), "auto").model
-    waiting = {n for n, m in lazy.named_modules() if getattr(m, "source", None) is not None}
-    assert waiting == {"blocks.0.attn.qkv", "blocks.1.mlp.down", "blocks.1.attn.o_proj"}  # the tied head is the embedding
-    cache = lazy.new_cache(1)
-    lazy(_ids(12, seed=4), cache)
-    lazy(_ids(1, seed=5), cache)
-    assert {n for n, m in lazy.named_modules() if getattr(m, "source", None) is not None} == waiting
-    ours, theirs = lazy.state_dict(), eager.state_dict()
+    _write_gguf(tmp_path / "tiny.gguf", tiny_llama[1], meta, types)
+    return tmp_path / "tiny.gguf"
+
+
+@torch.no_grad()
+def test_block_linears_hold_no_float_weight(tiny_llama, tmp_path):
+    """Swapped in from a GGUF file whose matrices are all blocks, every Linear keeps only the blocks
+    (and their tiled order): no float32 copy of a weight exists, and chat never makes one."""
+    from dialogen.models.loading import default_model_path, read_gguf
+
+    _, meta = read_gguf(default_model_path())
+    per_layer = {"attn_q": "Q4_1", "attn_k": "Q4_1", "attn_v": "Q4_1", "attn_output": "Q8_0", "ffn_gate": "Q4_0",
+                 "ffn_up": "Q4_0", "ffn_down": "Q4_1"}
+    types = {"token_embd.weight": "Q8_0", "output.weight": "Q8_0",
+             **{f"blk.{i}.{n}.weight": t for i in range(2) for n, t in per_layer.items()}}
+    _write_gguf(tmp_path / "blocks.gguf", tiny_llama[1], meta, types)
+    model = load(str(tmp_path / "blocks.gguf"), "auto").model
+    linears = [m for m in model.modules() if isinstance(m, BlockLinear)]
+    assert len(linears) == 9 and {m.kind for m in linears} == {"q4_0", "q4_1", "q8_0"}
+    assert all(m.shipped is None and not hasattr(m, "weight") for m in linears)
+    assert all(b.dtype == torch.uint8 for b in model.buffers())  # blocks and their tiled order only
+
+    def float_matrices():
+        return {n for n, p in model.named_parameters() if p.dim() == 2}
+
+    assert float_matrices() == {"embed.weight"}  # the token embedding looks rows up
+    cache = model.new_cache(1)
+    model(_ids(12, seed=4), cache)
+    model(_ids(1, seed=5), cache)
+    assert float_matrices() == {"embed.weight"} and model.native is not None
+
+
+@pytest.mark.parametrize("dtype", ["auto", "int8"])
+def test_state_dict_and_training_see_the_weights_as_shipped(mixed_gguf, dtype):
+    """A swapped model's state dict has the reference's keys and the float32 values of a float32
+    load of the same file (blocks dequantized; blocks made at load do not stand in for the file's
+    weights); `train()` puts the reference modules back with those weights, trainable."""
+    eager = load(str(mixed_gguf), "float32").model
+    swapped = load(str(mixed_gguf), dtype).model
+    assert swapped.blocks[0].attn.qkv.kind == ("q4_1" if dtype == "auto" else "q8_0")
+    ours, theirs = swapped.state_dict(), eager.state_dict()
     assert ours.keys() == theirs.keys() and all(torch.equal(ours[k], theirs[k]) for k in ours)
-    again = load(str(tmp_path / "tiny.gguf"), "auto").model.train()
-    assert all(torch.equal(p, theirs[n]) for n, p in again.named_parameters())
+    assert swapped.native is not None  # saving does not unswap
+    trained = swapped.train()
+    assert trained.native is None and not any(isinstance(m, (BlockLinear, HalfLinear)) for m in trained.modules())
+    assert type(trained.blocks[0]).__name__ == "Block" and type(trained.blocks[0].attn).__name__ == "Attention"
+    params = dict(trained.named_parameters())
+    assert params.keys() == dict(eager.named_parameters()).keys()
+    assert all(torch.equal(p, theirs[n]) and p.requires_grad for n, p in params.items())
+    trained(_ids(10, seed=2)).logsumexp(-1).mean().backward()
+    assert trained.blocks[0].attn.qkv.weight.grad is not None
 
 
 @pytest.mark.parametrize("march", ["x86-64-v3", "x86-64"])  # AVX2 + FMA + F16C without VNNI; plain C
@@ -427,19 +465,19 @@ def test_every_simd_path_gives_the_native_results(march, monkeypatch):
 
     if platform.machine() not in ("x86_64", "AMD64"):
         pytest.skip("the variants are x86-64 targets")
-    variant = kernels.load_library(march)
+    variant = library.load_library(march)
     assert variant is not None, f"cc -march={march} failed"
     g = torch.Generator().manual_seed(3)
     cases = []
     for kind in KINDS:
         w = torch.randn(40, 96, generator=g)
         for rows in (1, 3, 9):
-            cases.append((kernels.GGML_TYPES[kind], _blocks(w, kind), torch.randn(rows, 96, generator=g)))
+            cases.append((formats.GGML_TYPES[kind], _blocks(w, kind), torch.randn(rows, 96, generator=g)))
     model = load(None, "auto").model
     ids = torch.tensor([[1, 504, 2030, 30, 3510, 28, 253, 4135]])
 
     def run():
-        prods = [kernels.qmatmul(t, b, 40, 96, x) for t, b, x in cases]
+        prods = [ops.qmatmul(t, b, 40, 96, x) for t, b, x in cases]
         cache = model.new_cache(1)
         model(ids[:, :-2], cache)
         x = model.embed(ids[:, 6:7])
@@ -450,7 +488,7 @@ def test_every_simd_path_gives_the_native_results(march, monkeypatch):
         return prods, [block], steps
 
     native = run()
-    monkeypatch.setattr(kernels, "_lib", variant)
+    monkeypatch.setattr(library, "_lib", variant)
     other = run()
     for a, b in zip(native[0] + native[1], other[0] + other[1]):
         assert (a - b).abs().max() <= 1e-5 * a.abs().max()  # the same integer sums; only float order differs

@@ -354,8 +354,8 @@ def test_prefix_pool_lends_the_best_match_and_stays_within_its_bounds(llama):
 def test_the_model_thread_alone_computes_in_parallel(llama):
     """The model thread keeps the thread count its creator had, and job threads take one, so no
     other thread starts an OpenMP pool (more pool threads than cores slows every decode step,
-    `kernels.in_passing_thread`). A count set later elsewhere does not change the model thread's."""
-    from dialogen.models import kernels
+    `kernels.threads.in_passing_thread`). A count set later elsewhere does not change the model thread's."""
+    from dialogen.models.kernels import threads
 
     model, _ = llama
     seen = {}
@@ -366,7 +366,7 @@ def test_the_model_thread_alone_computes_in_parallel(llama):
             return model(ids, cache)
 
     before = torch.get_num_threads()
-    kernels.own_threads(2)
+    threads.own_threads(2)
     worker = Worker(Probe())
     try:
         def job(_):
@@ -378,7 +378,7 @@ def test_the_model_thread_alone_computes_in_parallel(llama):
         assert seen == {"job": 1, "model": 2}
     finally:
         worker.close()
-        kernels.own_threads(before)
-    assert kernels.in_passing_thread(lambda a, b: a + b, 2, 3) == 5
+        threads.own_threads(before)
+    assert threads.in_passing_thread(lambda a, b: a + b, 2, 3) == 5
     with pytest.raises(ValueError, match="bad"):
-        kernels.in_passing_thread(lambda: (_ for _ in ()).throw(ValueError("bad")))
+        threads.in_passing_thread(lambda: (_ for _ in ()).throw(ValueError("bad")))

@@ -36,7 +36,7 @@ class Engine:
 
 
 def load_engine(model: str | None = None, template: str = "auto", dtype="float32") -> Engine:
-    """`dtype`: the decode copy of the weights (see `models.loading.decode_copies`)."""
+    """`dtype`: the decode weights swapped in at load (see `models.native.swap_in`)."""
     from ..models.loading import load  # here: torch loads with the model, not with --help
 
     loaded = load(model, dtype)
@@ -61,12 +61,13 @@ def add_model_args(p: argparse.ArgumentParser):
                         "chat template: chatml, llama2, dialogpt, jinja (the model's own); default: the model's "
                         "own if it has one")
     g.add_argument("--dtype", default="auto", choices=DTYPES,
-                   help="weights used by decode steps (prefill and training stay float32). auto: a GGUF file's "
-                        "own Q4_0/Q4_1/Q8_0 blocks, else int8; int8: Q8_0 blocks (a scale per 32 weights); "
-                        "int4: Q4_1 blocks (scale and minimum per 32); both need a C compiler for the native "
-                        "kernels (built once). float16/bfloat16/float32: plain copies (default: %(default)s)")
+                   help="weights swapped in for inference (training and saving use the float32 reference). "
+                        "auto: a GGUF file's own Q4_0/Q4_1/Q8_0 blocks, else int8; int8: Q8_0 blocks (a scale per "
+                        "32 weights); int4: Q4_1 blocks (scale and minimum per 32); both need a C compiler for the "
+                        "native kernels (built once). float16/bfloat16: a copy for decode steps; float32: none "
+                        "(default: %(default)s)")
     g.add_argument("--no-kernels", action="store_true",
-                   help="decode on the plain torch path, without the native kernels (fused decode step, block "
+                   help="run the reference torch model, without the native kernels (fused decode step, block "
                         "products); slower, for comparison or a machine without a C compiler. "
                         "Same as DIALOGEN_KERNELS=0")
 

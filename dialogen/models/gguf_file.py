@@ -3,8 +3,9 @@
 Reading a GGUF file's metadata with the `gguf` package takes seconds (it walks every vocabulary
 entry), so the first use writes a small index beside the other caches: the config, the tokenizer
 and where each tensor lies in the file. Later loads read that index and the tensor bytes straight
-from the file, with no float copy on disk. Q4_0, Q4_1 and Q8_0 tensors keep their blocks for the
-decode kernels (no re-quantization error); other types are dequantized, with one line saying so.
+from the file, with no float copy on disk. Tensors in a block format the kernels multiply
+(`kernels.formats.FORMATS`) keep their blocks (no re-quantization error); other types are
+dequantized, with one line saying so.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ import torch
 
 from ..errors import UserError
 from ..paths import cache_dir
-from . import kernels
+from .kernels.formats import FORMATS, dequantize
 from .tokenizer import Tokenizer
 from .transformer import Config
 
@@ -40,7 +41,7 @@ GPT2_RENAME = {"token_embd": "transformer.wte", "position_embd": "transformer.wp
                "output": "lm_head", "attn_norm": "ln_1", "attn_qkv": "attn.c_attn", "attn_output": "attn.c_proj",
                "ffn_norm": "ln_2", "ffn_up": "mlp.c_fc", "ffn_down": "mlp.c_proj"}
 CONV1D = {"attn_qkv", "attn_output", "ffn_up", "ffn_down"}
-NATIVE = {2: "q4_0", 3: "q4_1", 8: "q8_0"}  # GGUF type number -> block layout the kernels multiply
+NATIVE = {number: f.name for number, f in FORMATS.items()}  # GGUF type number -> a block format kept as shipped
 
 
 def read_gguf(path: Path):
@@ -161,13 +162,14 @@ def read_tensors(path: Path, cfg: Config, tensors: list[dict], lazy: bool = Fals
         w = torch.from_numpy(np.array(w, dtype=np.float32).reshape(shape))
         floats[name] = unpermute_rows(w, heads) if heads else w.t() if conv1d else w
     if converted:
+        kept = ", ".join(name.upper() for name in NATIVE.values())
         print(f"dialogen: {path.name}: {', '.join(sorted(converted))} tensors are dequantized "
-              "(kept natively: Q4_0, Q4_1, Q8_0)", file=sys.stderr)
+              f"(kept natively: {kept})", file=sys.stderr)
     return floats, blocks
 
 
 def _block_floats(kind: int, b: torch.Tensor, shape: list, conv1d: bool) -> torch.Tensor:
-    w = kernels.dequantize(kind, b, *shape) if kernels.enabled() else _dequantize(b.numpy(), kind)
+    w = dequantize(kind, b, *shape)
     return w.t() if conv1d else w
 
 

@@ -165,7 +165,7 @@ def gpt2_names(cfg: Config, prefix: str = ""):
 
 def hf_to_ours(cfg: Config, sd: dict, later=frozenset()) -> dict:
     """Hugging Face names -> ours. `later`: Hugging Face names left out on purpose (weights made
-    on first use, `Linear.source`); ours built from them are left out too."""
+    as blocks by a native module, `native.swap_in`); ours built from them are left out too."""
     sd = {k.removeprefix("transformer.").removeprefix("model."): v for k, v in sd.items()}
     later = {k.removeprefix("transformer.").removeprefix("model.") for k in later}
     out = {}

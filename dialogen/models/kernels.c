@@ -1,6 +1,6 @@
 /* Decode kernels for the transformer: quantized matrix products and one-token attention.
  *
- * Built on the user's machine at first use (models/kernels.py), with -march=native, so the AVX2
+ * Built on the user's machine at first use (models/kernels/library.py), with -march=native, so the AVX2
  * paths are taken where the CPU has them; every function has a plain C path too. Threads come from
  * OpenMP, the same libgomp torch has loaded, and the caller passes the thread count.
  *
@@ -23,6 +23,14 @@
 #define QK 32
 enum { Q4_0 = 2, Q4_1 = 3, Q8_0 = 8 };  /* GGUF's type numbers */
 enum { ACT_NONE = 0, ACT_SWIGLU = 1 };
+enum { OK = 0, OUT_OF_MEMORY = 1 };  /* what the exported products return */
+
+/* Inside a parallel region: a thread's scratch allocation failed. The region's threads still meet at
+ * every work-shared loop (they skip its work), and the exported call returns OUT_OF_MEMORY. */
+static void set_failed(int *failed) {
+    #pragma omp atomic write
+    *failed = 1;
+}
 
 static inline float half_to_float(uint16_t h) {
 #ifdef __F16C__
@@ -431,14 +439,15 @@ static void tile_dot_plain(int type, const uint8_t *wg, const xblock *xs, int nb
 
 /* y (R, N) (+)= xq (R, K) @ W^T + bias, W tiled */
 static void tiled_matmul(int type, const uint8_t *w, int N, int K, const xblock *xq, int R, float *y,
-                         const float *bias, int accumulate) {
+                         const float *bias, int accumulate, int *failed) {
     int nb = K / QK;
     size_t group_bytes = (size_t)nb * tile_block_bytes(type);
     const xblock *xs = xq;
     xblock *flipped = NULL;
     if (type == Q8_0) {  /* the activations as unsigned bytes: q + 128 */
         flipped = malloc(sizeof(xblock) * (size_t)R * nb);
-        for (size_t i = 0; i < (size_t)R * nb; i++) {
+        if (!flipped) set_failed(failed);
+        for (size_t i = 0; flipped && i < (size_t)R * nb; i++) {
             flipped[i] = xq[i];
             for (int j = 0; j < QK; j++) flipped[i].q[j] = (int8_t)((uint8_t)xq[i].q[j] ^ 0x80);
         }
@@ -447,6 +456,7 @@ static void tiled_matmul(int type, const uint8_t *w, int N, int K, const xblock 
     float out[8 * TILE];
     #pragma omp for schedule(static)
     for (int g = 0; g < N / TILE; g++) {
+        if (type == Q8_0 && !flipped) continue;
         const uint8_t *wg = w + (size_t)g * group_bytes;
         for (int r0 = 0; r0 < R; r0 += 8) {
             int rn = R - r0 < 8 ? R - r0 : 8;
@@ -494,9 +504,9 @@ static void phase_quantize(const float *x, int R, int K, const float *norm, floa
 
 /* y (R, N) (+)= xq (R, K) @ W (N, K)^T + bias */
 static void phase_matmul(int type, const uint8_t *w, int N, int K, const xblock *xq, int R, float *y,
-                         const float *bias, int accumulate) {
+                         const float *bias, int accumulate, int *failed) {
     if (type & TILED) {
-        tiled_matmul(type & ~TILED, w, N, K, xq, R, y, bias, accumulate);
+        tiled_matmul(type & ~TILED, w, N, K, xq, R, y, bias, accumulate, failed);
         return;
     }
     int nb = K / QK, bb = block_bytes(type);
@@ -506,13 +516,16 @@ static void phase_matmul(int type, const uint8_t *w, int N, int K, const xblock 
         size_t row_bytes = (size_t)nb * bb, qbytes = (size_t)nb * QK;
         char *buf = malloc((size_t)R * (qbytes + 2 * sizeof(float) * nb));
         xpairs *px = malloc(sizeof(xpairs) * R);
-        for (int r = 0; r < R; r++) {
+        int ok = buf && px;
+        if (!ok) set_failed(failed);
+        for (int r = 0; ok && r < R; r++) {
             char *at = buf + (size_t)r * (qbytes + 2 * sizeof(float) * nb);
             px[r] = (xpairs){(int8_t *)at, (float *)(at + qbytes), (float *)(at + qbytes) + nb};
             make_pairs(xq + (size_t)r * nb, nb, px[r]);
         }
         #pragma omp for schedule(static)
         for (int n = 0; n < N; n++) {
+            if (!ok) continue;
             const uint8_t *wn = w + (size_t)n * row_bytes;
             for (int r0 = 0; r0 < R; r0 += 8) {
                 int rn = R - r0 < 8 ? R - r0 : 8;
@@ -572,17 +585,21 @@ static void phase_matmul(int type, const uint8_t *w, int N, int K, const xblock 
 
 /* y (R, N) = prepare(x) (R, K) @ W (N, K)^T + bias, added to what y holds when accumulate is set.
  * x is (R, K), or (R, 2K) for SwiGLU. */
-void qmatmul(int type, const uint8_t *w, int N, int K, const float *x, int R, float *y,
-             const float *bias, int accumulate, const float *norm, float eps, int act, int threads) {
+int qmatmul(int type, const uint8_t *w, int N, int K, const float *x, int R, float *y,
+            const float *bias, int accumulate, const float *norm, float eps, int act, int threads) {
     xblock *xq = malloc(sizeof(xblock) * (size_t)R * (K / QK));
     float *tmp = malloc(sizeof(float) * (size_t)R * K);
-    #pragma omp parallel num_threads(threads)
-    {
-        phase_quantize(x, R, K, norm, eps, act, tmp, xq);
-        phase_matmul(type, w, N, K, xq, R, y, bias, accumulate);
+    int failed = !xq || !tmp;
+    if (!failed) {
+        #pragma omp parallel num_threads(threads)
+        {
+            phase_quantize(x, R, K, norm, eps, act, tmp, xq);
+            phase_matmul(type, w, N, K, xq, R, y, bias, accumulate, &failed);
+        }
     }
     free(xq);
     free(tmp);
+    return failed ? OUT_OF_MEMORY : OK;
 }
 
 /* W (N, K) in blocks -> float32 (N, K) */
@@ -634,6 +651,7 @@ typedef struct {
     const uint8_t *key_mask;
     int64_t mask_stride;
     const float *cos, *sin;
+    int *failed;  /* set when a thread's scratch allocation fails */
 } attn_args;
 
 static void phase_rope_store(const attn_args *a, float *qkv) {  /* rotary on q and k; k, v into the cache */
@@ -748,6 +766,7 @@ static void phase_attend(const attn_args *a, const float *qkv, float *out) {
             int b = item / (a->nkv * parts), g = item / parts % a->nkv, h = g * group + item % parts * per;
             int n = (int)a->slot[b] + 1;
             if (n > room) { free(p); room = n > 2 * room ? n : 2 * room; p = malloc(sizeof(float) * (room + 16) * per); }
+            if (!p) { room = 0; set_failed(a->failed); continue; }
             attend_heads16(qkv + (size_t)b * width + h * hd, per, (const float *)a->kc[b] + (size_t)g * a->cap[b] * hd,
                            (const float *)a->vc[b] + (size_t)g * a->cap[b] * hd,
                            a->key_mask ? a->key_mask + (size_t)b * a->mask_stride : NULL, n, hd, scale, p,
@@ -762,6 +781,7 @@ static void phase_attend(const attn_args *a, const float *qkv, float *out) {
         int b = bh / nh, h = bh % nh, g = h / group;
         int n = (int)a->slot[b] + 1;
         if (n > room) { free(p); room = n > 2 * room ? n : 2 * room; p = malloc(sizeof(float) * room); }
+        if (!p) { room = 0; set_failed(a->failed); continue; }
         const float *q = qkv + (size_t)b * width + h * hd;
         const float *K = (const float *)a->kc[b] + (size_t)g * a->cap[b] * hd;
         const float *V = (const float *)a->vc[b] + (size_t)g * a->cap[b] * hd;
@@ -786,15 +806,17 @@ static void phase_attend(const attn_args *a, const float *qkv, float *out) {
     free(p);
 }
 
-void attend_decode(int B, int nh, int nkv, int hd, float *qkv, const int64_t *kc, const int64_t *vc,
-                   const int64_t *cap, const int64_t *slot, const uint8_t *key_mask, int64_t mask_stride,
-                   const float *cos, const float *sin, float *out, int threads) {
-    attn_args a = {B, nh, nkv, hd, kc, vc, cap, slot, key_mask, mask_stride, cos, sin};
+int attend_decode(int B, int nh, int nkv, int hd, float *qkv, const int64_t *kc, const int64_t *vc,
+                  const int64_t *cap, const int64_t *slot, const uint8_t *key_mask, int64_t mask_stride,
+                  const float *cos, const float *sin, float *out, int threads) {
+    int failed = 0;
+    attn_args a = {B, nh, nkv, hd, kc, vc, cap, slot, key_mask, mask_stride, cos, sin, &failed};
     #pragma omp parallel num_threads(threads)
     {
         phase_rope_store(&a, qkv);
         phase_attend(&a, qkv, out);
     }
+    return failed ? OUT_OF_MEMORY : OK;
 }
 
 /* ---- a whole llama block for one new token per row, in one parallel region -------------------
@@ -808,27 +830,33 @@ typedef struct {
     const uint8_t *qkv, *o, *gate_up, *down;
 } block_weights;
 
-void block_decode(const block_weights *W, float *x, int B, const int64_t *kc, const int64_t *vc,
-                  const int64_t *cap, const int64_t *slot, const uint8_t *key_mask, int64_t mask_stride,
-                  const float *cos, const float *sin, int threads) {
+int block_decode(const block_weights *W, float *x, int B, const int64_t *kc, const int64_t *vc,
+                 const int64_t *cap, const int64_t *slot, const uint8_t *key_mask, int64_t mask_stride,
+                 const float *cos, const float *sin, int threads) {
     int d = W->d, width = (W->nh + 2 * W->nkv) * W->hd, att = W->nh * W->hd, ff = W->ff;
     int widest = ff > d ? (ff > att ? ff : att) : (d > att ? d : att);
-    attn_args a = {B, W->nh, W->nkv, W->hd, kc, vc, cap, slot, key_mask, mask_stride, cos, sin};
+    int failed = 0;
+    attn_args a = {B, W->nh, W->nkv, W->hd, kc, vc, cap, slot, key_mask, mask_stride, cos, sin, &failed};
     float *qkv = malloc(sizeof(float) * (size_t)B * width), *y = malloc(sizeof(float) * (size_t)B * att);
     float *h = malloc(sizeof(float) * (size_t)B * 2 * ff), *tmp = malloc(sizeof(float) * (size_t)B * widest);
     xblock *xq = malloc(sizeof(xblock) * (size_t)B * (widest / QK));
+    if (!qkv || !y || !h || !tmp || !xq) {
+        free(qkv); free(y); free(h); free(tmp); free(xq);
+        return OUT_OF_MEMORY;
+    }
     #pragma omp parallel num_threads(threads)
     {
         phase_quantize(x, B, d, W->norm1, W->eps, ACT_NONE, tmp, xq);
-        phase_matmul(W->qkv_type, W->qkv, width, d, xq, B, qkv, W->qkv_bias, 0);
+        phase_matmul(W->qkv_type, W->qkv, width, d, xq, B, qkv, W->qkv_bias, 0, &failed);
         phase_rope_store(&a, qkv);
         phase_attend(&a, qkv, y);
         phase_quantize(y, B, att, NULL, 0.f, ACT_NONE, tmp, xq);
-        phase_matmul(W->o_type, W->o, d, att, xq, B, x, NULL, 1);
+        phase_matmul(W->o_type, W->o, d, att, xq, B, x, NULL, 1, &failed);
         phase_quantize(x, B, d, W->norm2, W->eps, ACT_NONE, tmp, xq);
-        phase_matmul(W->gate_up_type, W->gate_up, 2 * ff, d, xq, B, h, NULL, 0);
+        phase_matmul(W->gate_up_type, W->gate_up, 2 * ff, d, xq, B, h, NULL, 0, &failed);
         phase_quantize(h, B, ff, NULL, 0.f, ACT_SWIGLU, tmp, xq);
-        phase_matmul(W->down_type, W->down, d, ff, xq, B, x, NULL, 1);
+        phase_matmul(W->down_type, W->down, d, ff, xq, B, x, NULL, 1, &failed);
     }
     free(qkv); free(y); free(h); free(tmp); free(xq);
+    return failed ? OUT_OF_MEMORY : OK;
 }

