@@ -30,12 +30,13 @@ def _stream_turn(url, sid, max_tokens, out, started):
     out.update(deltas=deltas, last=last)  # iter_lines ends cleanly only on a well-formed end of body
 
 
-def _sigterm_during_streams(tiny_llama, tmp_path, grace: str, max_tokens: list[int]):
+def _sigterm_during_streams(tiny_llama, tmp_path, grace: str, max_tokens: list[int], args=()):
     db = tmp_path / "s.db"
     srv = ServerProcess(["--model", str(tiny_llama[0]), "--template", "chatml", "--db", str(db),
-                         "--max-active", "1", "--shutdown-grace", grace]).start()
+                         "--max-active", "1", "--shutdown-grace", grace, *args]).start()
     try:
-        sids = [httpx.post(srv.url + "/v1/sessions", json={}).json()["id"] for _ in max_tokens]
+        made = [httpx.post(srv.url + "/v1/sessions", json={}) for _ in max_tokens]
+        sids = [r.json()["id"] for r in made]
         outs, started = [{} for _ in sids], [threading.Event() for _ in sids]
         threads = [threading.Thread(target=_stream_turn, args=(srv.url, sid, n, out, ev))
                    for sid, n, out, ev in zip(sids, max_tokens, outs, started)]
@@ -61,17 +62,21 @@ def _sigterm_during_streams(tiny_llama, tmp_path, grace: str, max_tokens: list[i
         else:
             assert out["last"]["error"]["code"] == "server_shutdown", out["last"]
             assert "grace period" in out["last"]["error"]["message"] and msgs == []
-    return outs
+    return outs, srv.output, made[0].headers["x-request-id"]
 
 
 def test_sigterm_lets_a_running_reply_finish(tiny_llama, tmp_path):
-    outs = _sigterm_during_streams(tiny_llama, tmp_path, "30", [12])
+    outs, output, rid = _sigterm_during_streams(tiny_llama, tmp_path, "30", [12],
+                                                ["--log-format", "json", "--log-level", "info"])
     assert outs[0]["last"] == "[DONE]"
+    logged = [json.loads(line) for line in output if line.startswith("{")]
+    access = [r for r in logged if r["logger"] == "dialogen.access" and r["request_id"] == rid]
+    assert len(access) == 1 and access[0]["http"]["path"] == "/v1/sessions" and access[0]["http"]["status"] == 200
 
 
 def test_sigterm_past_the_grace_period_cuts_replies_with_an_error_event(tiny_llama, tmp_path):
     # one reply runs at a time: the third, behind two of 200 tokens, is still running or waiting
-    outs = _sigterm_during_streams(tiny_llama, tmp_path, "0", [200, 200, 200])
+    outs, _, _ = _sigterm_during_streams(tiny_llama, tmp_path, "0", [200, 200, 200])
     assert outs[2]["last"] != "[DONE]"
 
 

@@ -3,6 +3,7 @@ gives 503 with Retry-After, readiness, the request id, metrics that agree with w
 saw. The PostgreSQL restart is in test_serve_postgres.py; shutdown and slow clients drive a real
 server process in test_serve_limits.py."""
 
+import json
 import sqlite3
 
 import pytest
@@ -51,3 +52,58 @@ def test_a_locked_sqlite_database_gives_503_with_retry_after(app_for, tmp_path):
     assert len(client.get(f"/v1/sessions/{sid}").json()["messages"]) == 2
     assert client.get("/ready").json() == {"status": "ready"}
 
+
+
+def _samples(text: str) -> dict:
+    """(name, labels) -> value, parsed by prometheus_client's own parser."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    return {(s.name, tuple(sorted(s.labels.items()))): s.value
+            for fam in text_string_to_metric_families(text) for s in fam.samples}
+
+
+def test_metrics_agree_with_what_the_clients_saw_and_requests_carry_ids(app_for, tmp_path):
+    client, svc = app_for(tmp_path / "s.db", keys=["k1"])
+    auth = {"Authorization": "Bearer k1"}
+    assert client.get("/metrics").status_code == 401  # behind the key
+    tokens, ids = 0, set()
+    msgs = [{"role": "user", "content": "hello"}]
+    for stream in (False, True, False):
+        r = client.post("/v1/chat/completions", headers=auth,
+                        json={"messages": msgs, "max_tokens": 5, "stream": stream,
+                              "stream_options": {"include_usage": True} if stream else None})
+        assert r.status_code == 200
+        ids.add(r.headers["x-request-id"])
+        if stream:
+            usage = [json.loads(line[6:]) for line in r.text.splitlines() if line.startswith("data: {")][-1]["usage"]
+        else:
+            usage = r.json()["usage"]
+        tokens += usage["completion_tokens"]
+    sid = client.post("/v1/sessions", json={}, headers=auth).json()["id"]
+    r = client.post(f"/v1/sessions/{sid}/messages", json={"content": "hi", "max_tokens": 4}, headers=auth)
+    tokens += r.json()["usage"]["completion_tokens"]
+    assert client.get("/v1/sessions/sess_nope", headers=auth).status_code == 404
+    assert client.get("/nowhere").status_code == 404
+    assert client.post("/v1/chat/completions", json={"messages": msgs}).status_code == 401
+    r = client.get("/health", headers={"x-request-id": "lb-check.42"})
+    assert r.headers["x-request-id"] == "lb-check.42"  # the client's own id, when sane
+    assert len(ids) == 3 and all(i.startswith("req_") for i in ids)
+
+    r = client.get("/metrics", headers=auth)
+    assert r.status_code == 200 and r.headers["content-type"].startswith("text/plain")
+    m = _samples(r.text)
+
+    def requests(route, status, method="POST"):
+        return m.get(("dialogen_http_requests_total", (("method", method), ("route", route), ("status", str(status)))))
+
+    assert requests("/v1/chat/completions", 200) == 3
+    assert requests("/v1/sessions/{sid}/messages", 200) == 1
+    assert requests("/v1/sessions/{sid}", 404, "GET") == 1 and requests("unmatched", 404, "GET") == 1
+    assert requests("unmatched", 401) == 1 and requests("unmatched", 401, "GET") == 1  # refused before routing
+    assert m[("dialogen_http_responses_total", (("class", "4xx"),))] == 4
+    assert m[("dialogen_generated_tokens_total", ())] == tokens
+    assert m[("dialogen_time_to_first_token_seconds_count", ())] == 4  # one per reply
+    assert m[("dialogen_time_per_token_seconds_count", ())] >= tokens - 4 - 4  # deltas after the first
+    assert m[("dialogen_replies_active", ())] == 0 and m[("dialogen_replies_queued", ())] == 0
+    assert m[("dialogen_store_seconds_count", (("op", "add_turn"),))] == 1
+    assert m[("dialogen_kv_cache_bytes", (("pool", "sessions"),))] > 0

@@ -13,12 +13,13 @@ import time
 from pathlib import Path
 
 from fastapi import FastAPI, Request
-from fastapi.responses import FileResponse, JSONResponse
+from fastapi.responses import FileResponse, JSONResponse, Response
 from fastapi.staticfiles import StaticFiles
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from .guard import Guard
+from .logs import Observe
 from .protocol import ApiError, error_body, model_not_found
 from .service import Service
 from .store import StoreUnavailable
@@ -29,14 +30,24 @@ UNPREFIXED = ("/chat/completions", "/completions", "/models")  # also served wit
 
 
 def needs_key(path: str) -> bool:
-    """The API's paths: /v1/... and the unprefixed OpenAI routes (not the page, /static, /health)."""
-    return path.startswith("/v1/") or any(path == p or path.startswith(p + "/") for p in UNPREFIXED)
+    """The API's paths: /v1/..., the unprefixed OpenAI routes and /metrics (not the page, /static,
+    /health, /ready)."""
+    return (path.startswith("/v1/") or path == "/metrics"
+            or any(path == p or path.startswith(p + "/") for p in UNPREFIXED))
+
+
+class App(FastAPI):
+    """FastAPI with `Observe` (request ids, access log, request counts) around everything, the
+    500 handler included."""
+
+    def build_middleware_stack(self):
+        return Observe(super().build_middleware_stack(), self.state.svc.metrics)
 
 
 def create_app(svc: Service, bound_host: str = "127.0.0.1", allowed_hosts=(), cors_origins=()) -> FastAPI:
     """The app; `bound_host`, `allowed_hosts` and `cors_origins` set which Host and Origin headers
     are served (see guard.py)."""
-    app = FastAPI(title="dialogen", docs_url=None, redoc_url=None, openapi_url=None)
+    app = App(title="dialogen", docs_url=None, redoc_url=None, openapi_url=None)
     app.state.svc = svc
     started = int(time.time())
 
@@ -88,6 +99,11 @@ def create_app(svc: Service, bound_host: str = "127.0.0.1", allowed_hosts=(), co
             return JSONResponse({"status": "unavailable", "store": str(e)}, status_code=503,
                                 headers={"Retry-After": "2"})
         return {"status": "ready"}
+
+    @app.get("/metrics")
+    async def metrics():
+        body = await run_in_threadpool(svc.metrics.render, svc)
+        return Response(body, media_type="text/plain; version=0.0.4; charset=utf-8")
 
     async def models():
         return {"object": "list", "data": [_model_card(n, svc, started) for n in svc.model_names()]}

@@ -11,6 +11,7 @@ from ..errors import UserError
 from .protocol import ApiError, parse_json_body
 from .service import Service
 from .jobs import Busy, ServerShutdown
+from .logs import REQUEST_ID
 from .store import StoreUnavailable
 
 STORE_RETRY_AFTER = 2  # seconds a client is told to wait while the session database is unreachable
@@ -68,10 +69,10 @@ def submit_all(svc: Service, fns: list, channel: Channel) -> list:
     if svc.draining:
         raise ApiError(503, "the server is shutting down; send the request again (to another replica)",
                        code="server_shutdown", type="server_error", headers={"Retry-After": "1"})
-    jobs = []
+    jobs, rid = [], REQUEST_ID.get()
     try:
         for i, fn in enumerate(fns):
-            jobs.append(svc.worker.submit(fn, channel.sender(i)))
+            jobs.append(svc.worker.submit(_with_request_id(fn, rid), svc.metrics.emitter(channel.sender(i))))
     except Busy:
         for j in jobs:
             j.cancel()
@@ -80,6 +81,14 @@ def submit_all(svc: Service, fns: list, channel: Channel) -> list:
                             "retry shortly", code="server_busy", type="server_error",
                        headers={"Retry-After": str(retry_after(svc))}) from None
     return jobs
+
+
+def _with_request_id(fn, rid: str):
+    def run(job):
+        REQUEST_ID.set(rid)  # left set: the worker's own log of this job's failure carries it too
+        return fn(job)
+
+    return run
 
 
 def retry_after(svc: Service) -> int:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import importlib.util
 import ipaddress
-import logging
 import os
 import re
 import socket
@@ -69,7 +68,10 @@ def register(sub):
     g.add_argument("--shutdown-grace", type=float, default=30.0, metavar="SECONDS",
                    help="on SIGTERM/SIGINT, stop taking requests and let running replies finish for this long; "
                         "a reply still running then ends with an error event (default: %(default)s)")
-    g.add_argument("--log-level", default="warning", choices=("debug", "info", "warning", "error"))
+    g.add_argument("--log-level", default="warning", choices=("debug", "info", "warning", "error"),
+                   help="info adds an access line per request (default: %(default)s)")
+    g.add_argument("--log-format", default="text", choices=("text", "json"),
+                   help="log lines as text or as JSON objects; each carries the request id (default: %(default)s)")
     add_model_args(p)
     add_sampling_args(p)
     add_decoding_args(p)
@@ -132,9 +134,9 @@ def check_args(args):
     if not keys and not is_loopback(args.host) and not args.insecure:
         raise UserError(f"--host {args.host} is not a loopback address and no API key is set: anyone who can "
                         "reach it could use the server; give --api-key/--api-keys-file, or --insecure")
-    for mod in ("fastapi", "uvicorn"):
+    for mod in ("fastapi", "uvicorn", "prometheus_client"):
         if importlib.util.find_spec(mod) is None:
-            raise UserError(f"the server needs {mod}: pip install 'dialogen[serve]'")
+            raise UserError(f"the server needs {mod.replace('_', '-')}: pip install 'dialogen[serve]'")
     return keys
 
 
@@ -166,7 +168,9 @@ def cmd_serve(args) -> int:
     sampling = sampling_from(args)
     decoding = decoding_from(args, strict=False)  # the default search; requests may ask for one without it
     torch.set_num_threads(args.threads)
-    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    from .logs import setup as setup_logs
+
+    setup_logs(args.log_level, args.log_format)
     sock = bind(args.host, args.port)
     # every admitted turn may hold a connection (its claim), plus a few for reads
     store = open_store(str(args.db or default_db()), args.max_active + args.max_queue + 8)
@@ -209,7 +213,8 @@ def run(svc, sock: socket.socket, args) -> int:
     # uvicorn waits for the responses a little past the grace period: a reply cut at its end still
     # sends its error event and the end of its stream
     config = uvicorn.Config(app, log_level=args.log_level, timeout_graceful_shutdown=args.shutdown_grace + 5,
-                            http=protocol, h11_max_incomplete_event_size=args.max_header_bytes)
+                            http=protocol, h11_max_incomplete_event_size=args.max_header_bytes,
+                            log_config=None, access_log=False)  # logs.py: one handler, access lines with ids
     server = graceful_server(config, lambda: svc.begin_shutdown(args.shutdown_grace))
     try:
         server.run(sockets=[sock])

@@ -17,6 +17,7 @@ from ..chat.ranked import searched_reply
 from ..chat.session import Engine, Session
 from ..decoding.settings import Decoding, Sampling
 from ..decoding.strategy import Decoder
+from .metrics import Metrics
 from .store import Store
 from .worker import Worker
 
@@ -188,6 +189,10 @@ class PrefixPool:
             while self._idle and (len(self._idle) > self.max_sessions or total > self.budget):
                 total -= _cache_bytes(self._idle.pop(0)[1])
 
+    def nbytes(self) -> int:
+        with self._lock:
+            return sum(_cache_bytes(s) for _, s in self._idle)
+
     def __len__(self) -> int:
         return len(self._idle)
 
@@ -207,7 +212,8 @@ class Service:
         self.worker = Worker(engine.model, max_active=max_active, max_queue=max_queue, prefill_chunk=prefill_chunk)
         # sessions see the proxy: their model calls queue on the worker thread
         self.engine = Engine(self.worker.proxy, engine.tokenizer, engine.template, engine.context_length, engine.name)
-        self.store, self.keys, self.limits = store, keys, limits
+        self.metrics = Metrics()
+        self.store, self.keys, self.limits = self.metrics.timed(store), keys, limits
         self.sampling = sampling or Sampling()
         self.decoding = decoding or Decoding()
         self.decoder = Decoder(self.engine, self.decoding)  # loads a configured scorer (e.g. MMI) once
