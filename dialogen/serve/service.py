@@ -17,6 +17,7 @@ from ..chat.ranked import searched_reply
 from ..chat.session import Engine, Session
 from ..decoding.settings import Decoding, Sampling
 from ..decoding.strategy import Decoder
+from .memory import Trimmer
 from .metrics import Metrics
 from .store import Store
 from .worker import Worker
@@ -226,6 +227,8 @@ class Service:
         self.sessions = SessionCache(limits.kv_budget_bytes - self.prefixes.budget)
         self.default_persona: str | None = None
         self.draining = False  # set on SIGTERM/SIGINT: new work gets 503, running replies finish
+        self.trimmer = Trimmer(busy=lambda: self.worker.load()["running"] > 0,
+                               activity=lambda: self.worker.stats["rounds"])
 
     @property
     def context_length(self) -> int:
@@ -305,5 +308,6 @@ class Service:
         timer.start()
 
     def close(self):
+        self.trimmer.close()
         self.worker.close()
         self.store.close()

@@ -1,0 +1,72 @@
+"""Memory that comes back after a burst (glibc's malloc; elsewhere nothing is changed).
+
+A burst of replies allocates a KV cache each (megabytes to tens of megabytes, see
+models/cache.py). glibc serves a block that size from mmap only while it is above its mmap
+threshold, and raises that threshold to the size of every mmapped block freed: after the first
+caches are freed, later ones come from the heap arenas (one per thread, up to 8 per core), and
+freed heap memory mostly stays with the process. So:
+
+- a fixed mmap threshold (`MMAP_THRESHOLD`): blocks that large always come from mmap and go back
+  to the system when freed (fixing it also stops the dynamic raise); the per-step activations of
+  a batch stay below it and keep reusing heap memory;
+- `malloc_trim(0)` once the server has been idle a moment after work: it returns the arenas'
+  free pages (their middles too, not only the tops).
+
+What stays is what the server keeps on purpose: the KV caches of live sessions and of recent
+prompts, within --kv-budget-mb.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import logging
+import threading
+
+MMAP_THRESHOLD = 8 << 20  # bytes: a KV cache of a 135M model (256 positions) is 11.8 MB
+M_MMAP_THRESHOLD = -3  # mallopt parameter numbers, from glibc's malloc.h
+IDLE_S = 2.0  # seconds without work before a trim
+
+log = logging.getLogger("dialogen.serve")
+
+
+def _glibc():
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        libc.gnu_get_libc_version  # glibc only (musl has no malloc_trim)
+        libc.malloc_trim, libc.mallopt
+    except (OSError, AttributeError):
+        return None
+    return libc
+
+
+def tune_malloc() -> bool:
+    """Fix glibc's mmap threshold (before the model threads start); False off glibc."""
+    libc = _glibc()
+    return bool(libc and libc.mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD))
+
+
+class Trimmer:
+    """A daemon thread: after work, once `busy()` has been false for IDLE_S, malloc_trim(0)."""
+
+    def __init__(self, busy, activity):  # busy() -> bool; activity() -> a number that grows with work
+        self.busy, self.activity = busy, activity
+        self.trims = 0
+        self._libc = _glibc()
+        self._stop = threading.Event()
+        if self._libc is not None:
+            threading.Thread(target=self._loop, name="dialogen-trim", daemon=True).start()
+
+    def _loop(self):
+        trimmed_at = self.activity()
+        while not self._stop.wait(IDLE_S):
+            now = self.activity()
+            if now != trimmed_at and not self.busy():
+                if self._stop.wait(IDLE_S) or self.busy() or self.activity() != now:
+                    continue  # still working: try again later
+                self._libc.malloc_trim(0)
+                self.trims += 1
+                trimmed_at = now
+
+    def close(self):
+        self._stop.set()
