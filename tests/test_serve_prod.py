@@ -107,3 +107,46 @@ def test_metrics_agree_with_what_the_clients_saw_and_requests_carry_ids(app_for,
     assert m[("dialogen_replies_active", ())] == 0 and m[("dialogen_replies_queued", ())] == 0
     assert m[("dialogen_store_seconds_count", (("op", "add_turn"),))] == 1
     assert m[("dialogen_kv_cache_bytes", (("pool", "sessions"),))] > 0
+
+
+def _rss_mb() -> float:
+    with open("/proc/self/status") as f:
+        return int(next(line for line in f if line.startswith("VmRSS:")).split()[1]) / 1024
+
+
+@pytest.mark.skipif(not __import__("os").path.exists("/proc/self/status"), reason="reads /proc")
+def test_kv_caches_freed_after_a_burst_go_back_to_the_system():
+    """Job threads grow KV caches (11.8 MB, then 23.6 MB) while others are freed, as a burst of
+    replies does: with the server's malloc settings the memory is returned once they are freed.
+    (With glibc's dynamic mmap threshold the same pattern keeps about half its peak.)"""
+    import threading
+    import time
+
+    import torch
+
+    from dialogen.serve.memory import _glibc, tune_malloc
+
+    if _glibc() is None:
+        pytest.skip("not glibc")
+    assert tune_malloc()
+    before, held, lock = _rss_mb(), [], threading.Lock()
+
+    def job(i):
+        for k in range(6):
+            kv = torch.zeros(2, 30, 1, 3, 256, 64)  # a 135M model's cache of 256 positions
+            time.sleep(0.005 * (i % 4))
+            grown = torch.zeros(2, 30, 1, 3, 512, 64)
+            grown[..., :256, :] = kv
+            del kv
+            with lock:
+                held.append(grown) if k == 5 else None
+
+    threads = [threading.Thread(target=job, args=(i,)) for i in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    peak = _rss_mb()
+    held.clear()
+    after = _rss_mb()
+    assert peak - before > 150 and after - before < 40, (before, peak, after)
