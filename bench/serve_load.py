@@ -290,6 +290,7 @@ def main(argv=None) -> int:
                     help="seconds between /metrics scrapes during the concurrent phase (0: none)")
     ap.add_argument("--burst", type=int, default=200,
                     help="concurrent chat completions of the memory burst, after the phases (0: none)")
+    ap.add_argument("--settle", type=float, default=30.0, help="seconds after the burst before RSS is read again")
     args = ap.parse_args(argv)
     if args.replicas > 1:
         print(json.dumps(replicas(args)))
@@ -313,7 +314,8 @@ def main(argv=None) -> int:
                     asyncio.run(phase([srv.url], args.clients, args.turns, args.max_tokens, args.phase_limit, False)),
                     None, None)
             health = srv.health()
-            bursted = asyncio.run(burst(srv.url, srv.proc.pid, args.burst, args.max_tokens)) if args.burst else None
+            bursted = (asyncio.run(burst(srv.url, srv.proc.pid, args.burst, args.max_tokens, args.settle))
+                       if args.burst else None)
     out = {"model": health["model"], "clients": args.clients, "turns_per_client": args.turns,
            "max_tokens": args.max_tokens, "concurrent": together, "one_by_one": alone,
            "largest_decode_batch": worker["max_batch"], "mean_decode_batch": round(
