@@ -74,7 +74,7 @@ def tokenizer_and_template(model: str, template: str):
     path = default_model_path() if model in ("", "default") else Path(model).expanduser()
     if path.is_file() and path.suffix == ".gguf":
         _, gguf_meta = read_gguf(path)
-        tokenizer, meta, arch = Tokenizer.from_gguf(gguf_meta), {}, gguf_meta.get("general.architecture", "llama")
+        tokenizer, meta, arch = Tokenizer.from_gguf(gguf_meta, path), {}, gguf_meta.get("general.architecture", "llama")
     elif path.is_dir():
         tokenizer = Tokenizer.from_dir(path)
         meta = _json(path / "dialogen.json")

@@ -19,6 +19,7 @@ import torch
 
 from ..errors import UserError
 from ..paths import atomic_file
+from .hf import beyond_plain, model_type
 from .tokenizer import Tokenizer, _pre_tokenizer
 
 TYPES = ("f32", "f16", "q8_0", "q4_0")
@@ -26,7 +27,8 @@ TYPES = ("f32", "f16", "q8_0", "q4_0")
 LLAMA_NAMES = {"attn.o_proj": "attn_output", "mlp.down": "ffn_down", "norm1": "attn_norm", "norm2": "ffn_norm"}
 GPT2_NAMES = {"attn.qkv": "attn_qkv", "attn.o_proj": "attn_output", "mlp.up": "ffn_up", "mlp.down": "ffn_down",
               "norm1": "attn_norm", "norm2": "ffn_norm"}
-PRE_NAMES = ("smollm", "llama-bpe", "gpt-2")  # the pre-tokenizers dialogen reads back from GGUF
+PRE_NAMES = ("smollm", "llama-bpe", "gpt-2", "qwen2", "tekken", "gpt-4o", "deepseek-coder", "falcon",
+             "default")  # the pre-tokenizers dialogen reads back from GGUF, one name each
 
 
 def permute_rows(w: torch.Tensor, n_head: int) -> torch.Tensor:
@@ -86,7 +88,7 @@ def pre_name(tokenizer: Tokenizer) -> str:
     spec = json.loads(tokenizer._tmpl.to_str())
     pre = spec.get("pre_tokenizer")
     for name in PRE_NAMES:
-        if pre == json.loads(_pre_tokenizer("gpt2" if name == "gpt-2" else name).__getstate__()):
+        if pre == json.loads(_pre_tokenizer(name).__getstate__()):
             return name
     parts = pre.get("pretokenizers", [pre]) if isinstance(pre, dict) else []
     kinds = [p.get("type") for p in parts]
@@ -145,6 +147,10 @@ def write_gguf(out: Path, cfg, sd: dict, tokenizer: Tokenizer, kind: str, name: 
 
     if kind not in TYPES:
         raise UserError(f"--type {kind!r} is not one of {', '.join(TYPES)}")
+    odd = beyond_plain(cfg)
+    if odd:
+        raise UserError(f"{out}: GGUF export writes plain llama and gpt2 models; this {model_type(cfg)} model has "
+                        f"{', '.join(odd)}")
     tensors = gguf_tensors(cfg, sd)
 
     def write(tmp: Path):

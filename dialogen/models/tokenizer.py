@@ -1,11 +1,14 @@
 """Tokenizer: a Hugging Face `tokenizers.Tokenizer` plus the special tokens a chat needs.
 
 Every added token of the vocabulary is a control token here, whatever its `special` flag says
-(real files often leave it false). Three encoders share one vocabulary:
+(real files often leave it false), except the `text_tokens` a GGUF vocabulary marks user-defined:
+those are matched in any text and are never control. Three encoders share one vocabulary:
 - `encode_template` parses control tokens, as transformers does by default;
 - `encode_text` never produces one: `<|im_end|>` typed by a user stays those characters;
 - `encode_chat` tokenizes a rendered chat whole, as transformers' `apply_chat_template` does, but no
   control token may come from inside a message's content.
+GGUF vocabularies carry llama.cpp's add-BOS/EOS flags: `encode_chat` starts with BOS when the
+flag is set and the template wrote none; `encode_prompt` is llama.cpp's tokenize of a raw prompt.
 """
 
 from __future__ import annotations
@@ -16,39 +19,31 @@ import re
 from bisect import bisect_left
 from pathlib import Path
 
-from tokenizers import AddedToken, Regex, Tokenizer as HFTokenizer, decoders, models, pre_tokenizers
+from tokenizers import AddedToken, Tokenizer as HFTokenizer, decoders, models
 
 from ..errors import UserError
-
-# Split patterns of byte-level BPE vocabularies, by GGUF `tokenizer.ggml.pre` name.
-_GPT2_SPLIT = r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
-_LLAMA3_SPLIT = (
-    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
-    r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
-)
+from . import gguf_vocab
 
 
 def _pre_tokenizer(pre: str):
-    byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
-    if pre in ("smollm",):  # GPT-2 pattern after every digit is split off on its own
-        splits = [pre_tokenizers.Digits(individual_digits=True), pre_tokenizers.Split(Regex(_GPT2_SPLIT), "isolated")]
-    elif pre in ("llama-bpe", "llama3", "llama-v3"):
-        splits = [pre_tokenizers.Split(Regex(_LLAMA3_SPLIT), "isolated")]
-    else:
-        splits = [pre_tokenizers.Split(Regex(_GPT2_SPLIT), "isolated")]
-    return pre_tokenizers.Sequence([*splits, byte_level])
+    """The byte-level pre-tokenizer of a GGUF `tokenizer.ggml.pre` name."""
+    return gguf_vocab.byte_level_pre_tokenizer(pre)
 
 
 class Tokenizer:
     def __init__(self, hf: HFTokenizer, eos_token: str | None = None, bos_token: str | None = None,
-                 pad_token: str | None = None, chat_template: str | None = None):
+                 pad_token: str | None = None, chat_template: str | None = None, add_bos: bool = False,
+                 add_eos: bool = False, text_tokens=()):
         self._tmpl = hf
-        self._text = _without_added_tokens(hf)
+        self.text_tokens = list(text_tokens)
+        self._text = _without_added_tokens(hf, self.text_tokens)
         self.eos_token, self.bos_token, self.chat_template = eos_token, bos_token, chat_template
         self.pad_token = pad_token or eos_token
-        self.control_ids = {t.content: i for i, t in hf.get_added_tokens_decoder().items()}
+        self.add_bos, self.add_eos = add_bos, add_eos
+        plain = set(self.text_tokens)
+        self.control_ids = {t.content: i for i, t in hf.get_added_tokens_decoder().items() if t.content not in plain}
         self._control = frozenset(self.control_ids.values())
-        self._splitter = _control_splitter(hf)
+        self._splitter = _control_splitter(hf, self.control_ids)
         self._segments: dict[str, tuple[list[int], list[tuple[int, int]]]] = {}
 
     # --- encoding -------------------------------------------------------------------------
@@ -57,6 +52,13 @@ class Tokenizer:
 
     def encode_template(self, text: str) -> list[int]:
         return self._tmpl.encode(text, add_special_tokens=False).ids if text else []
+
+    def encode_prompt(self, text: str) -> list[int]:
+        """A raw prompt as llama.cpp tokenizes it: control tokens parsed, BOS and EOS as the
+        vocabulary's flags say."""
+        bos = [self.bos_id] if self.add_bos and self.bos_id is not None else []
+        eos = [self.eos_id] if self.add_eos and self.eos_id is not None else []
+        return bos + self.encode_template(text) + eos
 
     def encode_chat(self, text: str, spans: list[tuple[int, int]]) -> tuple[list[int], list[tuple[int, int]]]:
         """A rendered chat -> (ids, character offsets), tokenized as one string.
@@ -70,8 +72,12 @@ class Tokenizer:
             ids, offsets = self._encode_pieces(text, plain)
             bad = self._spans_with_control(ids, offsets, spans)
             if not bad or set(bad) <= set(plain):
-                return ids, offsets
+                break
             plain = sorted(set(plain) | set(bad))
+        bos = self.bos_id if self.add_bos else None
+        if bos is not None and ids[:1] != [bos]:  # llama.cpp starts every prompt with BOS
+            ids, offsets = [bos, *ids], [(0, 0), *offsets]
+        return ids, offsets
 
     def _encode_pieces(self, text: str, plain: list[tuple[int, int]]):
         """Template text between the `plain` spans parsed for control tokens, the spans as text."""
@@ -157,6 +163,10 @@ class Tokenizer:
         return self.token_id(self.eos_token)
 
     @property
+    def bos_id(self) -> int | None:
+        return self.token_id(self.bos_token)
+
+    @property
     def pad_id(self) -> int:
         pid = self.token_id(self.pad_token)
         return 0 if pid is None else pid
@@ -173,6 +183,8 @@ class Tokenizer:
         self._tmpl.save(str(directory / "tokenizer.json"))
         conf = {"eos_token": self.eos_token, "bos_token": self.bos_token, "pad_token": self.pad_token,
                 "chat_template": self.chat_template, "tokenizer_class": "PreTrainedTokenizerFast"}
+        if self.add_bos or self.add_eos or self.text_tokens:  # a GGUF vocabulary's own facts
+            conf["gguf_vocab"] = {"add_bos": self.add_bos, "add_eos": self.add_eos, "text_tokens": self.text_tokens}
         (directory / "tokenizer_config.json").write_text(json.dumps(conf, indent=1))
 
     @classmethod
@@ -200,29 +212,18 @@ class Tokenizer:
             template = (directory / "chat_template.jinja").read_text()
         if isinstance(template, list):  # named templates: take the default one
             template = next((t["template"] for t in template if t.get("name") == "default"), None)
-        return cls(hf, chat_template=template, **tokens)
+        gguf = conf.get("gguf_vocab") or {}
+        return cls(hf, chat_template=template, add_bos=bool(gguf.get("add_bos")), add_eos=bool(gguf.get("add_eos")),
+                   text_tokens=gguf.get("text_tokens") or (), **tokens)
 
     @classmethod
-    def from_gguf(cls, meta: dict) -> "Tokenizer":
-        """Build the tokenizer a GGUF file describes (byte-level BPE vocabularies)."""
-        kind = meta.get("tokenizer.ggml.model")
-        if kind != "gpt2":
-            raise UserError(f"GGUF tokenizer {kind!r} is not supported; supported: 'gpt2' (byte-level BPE)")
-        tokens = meta["tokenizer.ggml.tokens"]
-        merges = [tuple(m.split(" ", 1)) for m in meta["tokenizer.ggml.merges"]]
-        hf = HFTokenizer(models.BPE(vocab={t: i for i, t in enumerate(tokens)}, merges=merges))
-        hf.pre_tokenizer = _pre_tokenizer(meta.get("tokenizer.ggml.pre", "gpt2"))
-        hf.decoder = decoders.ByteLevel()
-        types = meta.get("tokenizer.ggml.token_type") or [1] * len(tokens)
-        hf.add_special_tokens([AddedToken(t, special=True, normalized=False) for t, k in zip(tokens, types) if k == 3])
-        hf.add_tokens([AddedToken(t, special=False, normalized=False) for t, k in zip(tokens, types) if k == 4])
-
-        def tok(key):
-            i = meta.get(f"tokenizer.ggml.{key}")
-            return tokens[i] if i is not None and 0 <= i < len(tokens) else None
-
-        return cls(hf, eos_token=tok("eos_token_id"), bos_token=tok("bos_token_id"),
-                   pad_token=tok("padding_token_id"), chat_template=meta.get("tokenizer.chat_template"))
+    def from_gguf(cls, meta: dict, source="GGUF file") -> "Tokenizer":
+        """The tokenizer a GGUF file describes (SentencePiece or byte-level BPE), giving llama.cpp's
+        ids; `source` names the file in errors."""
+        hf, f = gguf_vocab.build(meta, str(source))
+        return cls(hf, eos_token=f["eos_token"], bos_token=f["bos_token"], pad_token=f["pad_token"],
+                   chat_template=meta.get("tokenizer.chat_template"), add_bos=f["add_bos"], add_eos=f["add_eos"],
+                   text_tokens=f["user_defined"])
 
 
 def _byte_table(hf: HFTokenizer) -> list[bytes]:
@@ -247,20 +248,23 @@ def _byte_table(hf: HFTokenizer) -> list[bytes]:
     return table
 
 
-def _control_splitter(hf: HFTokenizer):
+def _control_splitter(hf: HFTokenizer, control: dict[str, int]):
     """A pattern finding control tokens as the tokenizer does (leftmost, then longest), or None
     when some added token is matched in another way (after normalization, or eating spaces)."""
     added = list(hf.get_added_tokens_decoder().values())
-    if not added or any(t.normalized or t.lstrip or t.rstrip or t.single_word for t in added):
+    if not control or any(t.normalized or t.lstrip or t.rstrip or t.single_word for t in added):
         return None
-    tokens = sorted((t.content for t in added), key=len, reverse=True)
+    tokens = sorted(control, key=len, reverse=True)
     return re.compile("|".join(re.escape(t) for t in tokens))
 
 
-def _without_added_tokens(hf: HFTokenizer) -> HFTokenizer:
-    """The same vocabulary with no added tokens, so no control token can be matched in text. It
-    shares `hf`'s model and pipeline (a copy through JSON took half a second for 49k tokens)."""
+def _without_added_tokens(hf: HFTokenizer, text_tokens=()) -> HFTokenizer:
+    """The same vocabulary with no added tokens but `text_tokens`, so no control token can be
+    matched in text. It shares `hf`'s model and pipeline (a copy through JSON took half a second
+    for 49k tokens)."""
     plain = HFTokenizer(hf.model)
+    keep = set(text_tokens)  # as `hf` matches them (a token may eat the whitespace after it)
+    plain.add_tokens([t for t in hf.get_added_tokens_decoder().values() if t.content in keep])
     plain.normalizer, plain.pre_tokenizer = hf.normalizer, hf.pre_tokenizer
     plain.post_processor, plain.decoder = hf.post_processor, hf.decoder
     if hf.truncation:

@@ -56,7 +56,7 @@ def parse_request(svc: Service, body: dict) -> dict:
         raise ApiError(400, f"'n' times the number of prompts must be at most {svc.limits.max_n} on this server, "
                             f"got {n * len(req.prompt)}", "n")
     tok = svc.engine.tokenizer
-    prompts = [tok.encode_template(p) for p in req.prompt]
+    prompts = [tok.encode_prompt(p) for p in req.prompt]  # as llama-server: BOS/EOS by the vocabulary's flags
     changes = P.sampling_changes(req, svc.limits.max_tokens)
     fit_reply(svc, changes, max(len(p) for p in prompts), "prompt")
     changes["logprobs"] = req.logprobs

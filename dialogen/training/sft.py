@@ -259,7 +259,7 @@ class Loop:
 
     def save_last(self, step: int):
         if not ckpt.finite_weights(self.model):  # every rank holds the same weights: all stop
-            self._diverged(step, "the weights are no longer finite")
+            self._diverged(step, "the weights are not finite")
         if not self.d.main:
             return
         state = {"step": step, "order": self.order, "best_val_ppl": self.best}
