@@ -33,11 +33,10 @@ log = logging.getLogger("dialogen.serve")
 def _glibc():
     try:
         libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        libc.gnu_get_libc_version  # glibc only (musl has no malloc_trim)
-        libc.malloc_trim, libc.mallopt
-    except (OSError, AttributeError):
+    except OSError:
         return None
-    return libc
+    # glibc only (musl has no malloc_trim)
+    return libc if all(hasattr(libc, f) for f in ("gnu_get_libc_version", "malloc_trim", "mallopt")) else None
 
 
 def tune_malloc() -> bool:
