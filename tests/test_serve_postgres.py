@@ -183,6 +183,8 @@ def test_a_database_restart_gives_503s_then_recovers_without_losing_a_turn(tiny_
         while not all(ok_since(k, back) for k in (0, 1)):
             assert time.monotonic() - back < 10, "no recovery within 10 s of the database coming back"
             time.sleep(0.05)
+        recovered = max(min(at for _, s, at, _ in log[k] if s == 200 and at > back) for k in (0, 1)) - back
+        print(f"turns served again {recovered:.2f} s after the database came back")
         assert httpx.get(srv.url + "/ready", timeout=10).status_code == 200
         time.sleep(0.5)
     finally:
