@@ -77,7 +77,10 @@ def http_protocol(max_header_bytes: int = 16384, header_timeout: float = 10.0, m
             return self.cycle is None or self.cycle.response_complete
 
         def _make_room(self):
-            idle = [c for c in self.connections if c is not self and getattr(c, "_idle", lambda: False)()]
+            live = [c for c in self.connections if not c.transport.is_closing()]  # closed ones leave soon
+            if len(live) <= max_connections:
+                return
+            idle = [c for c in live if c is not self and getattr(c, "_idle", lambda: False)()]
             if idle:
                 oldest = min(idle, key=lambda c: c._opened)
                 oldest._close(503, "Service Unavailable", "too many open connections; this idle one was closed",
