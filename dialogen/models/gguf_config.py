@@ -20,7 +20,8 @@ from .transformer import Config
 LLAMA_MATH = ("llama", "qwen2")  # GGUF architectures our llama decoder computes exactly
 ARCHS = (*LLAMA_MATH, "gpt2")
 FLOAT_TYPES = {0, 1, 30}  # F32, F16, BF16: the only types of norms, biases and rotary factors
-MATRIX_TYPES = FLOAT_TYPES | {2, 3, 6, 7, 8, 10, 11, 12, 13, 14, 16, 17, 18, 19, 20, 21, 22, 23, 29}
+# matrices: every type the kernels multiply or gguf.quants dequantizes (TQ1_0, TQ2_0, MXFP4, NVFP4 included)
+MATRIX_TYPES = FLOAT_TYPES | {2, 3, 6, 7, 8, 10, 11, 12, 13, 14, 16, 17, 18, 19, 20, 21, 22, 23, 29, 34, 35, 39, 40}
 # keys of `{arch}.` read into the config (or known not to change the math)
 SIZES = ("context_length", "embedding_length", "block_count", "feed_forward_length", "attention.head_count",
          "attention.head_count_kv", "attention.key_length", "attention.value_length", "rope.dimension_count",
