@@ -4,6 +4,7 @@ jobs (all or none; 503 when the queue is full), and turning a job's failure into
 from __future__ import annotations
 
 import asyncio
+import logging
 
 from fastapi import Request
 
@@ -14,6 +15,7 @@ from .jobs import Busy, ServerShutdown
 from .logs import REQUEST_ID
 from .store import StoreUnavailable
 
+log = logging.getLogger("dialogen.serve")
 STORE_RETRY_AFTER = 2  # seconds a client is told to wait while the session database is unreachable
 
 
@@ -109,5 +111,6 @@ def job_error(e: BaseException) -> ApiError:
 
 
 def store_error(e: StoreUnavailable) -> ApiError:
+    log.warning("%s", e)  # with the request's id, as every log line of a request
     return ApiError(503, f"{e}; retry shortly", code="store_unavailable", type="server_error",
                     headers={"Retry-After": str(STORE_RETRY_AFTER)})
