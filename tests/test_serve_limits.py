@@ -14,14 +14,16 @@ from dialogen.serve.launch import ServerProcess
 from dialogen.serve.store import Store
 
 
-def _stream_turn(url, sid, max_tokens, out, started):
-    """Stream one session turn; out gets {"deltas", "last"} (the last event: "[DONE]" or the error)."""
+def _stream_turn(url, sid, max_tokens, out, began, started):
+    """Stream one session turn; out gets {"deltas", "last"} (the last event: "[DONE]" or the error).
+    `began` is set at its first event, `started` at its first text."""
     deltas, last = [], None
     with httpx.stream("POST", f"{url}/v1/sessions/{sid}/messages", timeout=120,
                       json={"content": "hi", "max_tokens": max_tokens, "stream": True}) as r:
         for line in r.iter_lines():
             if not line.startswith("data: "):
                 continue
+            began.set()
             data = line[6:]
             last = data if data == "[DONE]" else json.loads(data)
             if data != "[DONE]" and "choices" in last:
@@ -37,12 +39,13 @@ def _sigterm_during_streams(tiny_llama, tmp_path, grace: str, max_tokens: list[i
     try:
         made = [httpx.post(srv.url + "/v1/sessions", json={}) for _ in max_tokens]
         sids = [r.json()["id"] for r in made]
-        outs, started = [{} for _ in sids], [threading.Event() for _ in sids]
-        threads = [threading.Thread(target=_stream_turn, args=(srv.url, sid, n, out, ev))
-                   for sid, n, out, ev in zip(sids, max_tokens, outs, started)]
+        outs, began, started = [{} for _ in sids], [threading.Event() for _ in sids], threading.Event()
+        threads = [threading.Thread(target=_stream_turn, args=(srv.url, sid, n, out, b, started if i == 0 else b))
+                   for i, (sid, n, out, b) in enumerate(zip(sids, max_tokens, outs, began))]
         for t in threads:
             t.start()
-        assert started[0].wait(60)  # the first reply is streaming; the others wait behind it
+        # every stream is under way (the first reply streaming, the others waiting behind it)
+        assert started.wait(60) and all(b.wait(60) for b in began)
         srv.proc.send_signal(signal.SIGTERM)
         for t in threads:
             t.join(timeout=60)
