@@ -115,20 +115,19 @@ def _rss_mb() -> float:
 
 
 @pytest.mark.skipif(not __import__("os").path.exists("/proc/self/status"), reason="reads /proc")
-def test_kv_caches_freed_after_a_burst_go_back_to_the_system():
+def test_kv_caches_freed_after_a_burst_go_back_to_the_system_at_the_idle_trim():
     """Job threads grow KV caches (11.8 MB, then 23.6 MB) while others are freed, as a burst of
-    replies does: with the server's malloc settings the memory is returned once they are freed.
-    (With glibc's dynamic mmap threshold the same pattern keeps about half its peak.)"""
+    replies does: glibc keeps much of it in its arenas; the trim the server runs once idle gives
+    it back."""
     import threading
     import time
 
     import torch
 
-    from dialogen.serve.memory import _glibc, tune_malloc
+    from dialogen.serve.memory import _glibc
 
     if _glibc() is None:
         pytest.skip("not glibc")
-    assert tune_malloc()
     before, held, lock = _rss_mb(), [], threading.Lock()
 
     def job(i):
@@ -148,5 +147,7 @@ def test_kv_caches_freed_after_a_burst_go_back_to_the_system():
         t.join()
     peak = _rss_mb()
     held.clear()
+    kept = _rss_mb()
+    _glibc().malloc_trim(0)  # what the server's Trimmer does once idle
     after = _rss_mb()
-    assert peak - before > 150 and after - before < 40, (before, peak, after)
+    assert peak - before > 150 and after < kept and after - before < 0.25 * (peak - before), (before, peak, kept, after)

@@ -164,13 +164,11 @@ def cmd_serve(args) -> int:
     import torch
 
     from ..models.kernels.threads import in_passing_thread
-    from .memory import tune_malloc
     from .service import Keys, Limits, Service
 
     sampling = sampling_from(args)
     decoding = decoding_from(args, strict=False)  # the default search; requests may ask for one without it
     torch.set_num_threads(args.threads)
-    tune_malloc()  # before the model and its threads: large blocks go back to the system when freed
     from .logs import setup as setup_logs
 
     setup_logs(args.log_level, args.log_format)

@@ -1,16 +1,13 @@
-"""Memory that comes back after a burst (glibc's malloc; elsewhere nothing is changed).
+"""Memory that comes back after a burst (glibc's malloc; elsewhere nothing is done).
 
 A burst of replies allocates a KV cache each (megabytes to tens of megabytes, see
-models/cache.py). glibc serves a block that size from mmap only while it is above its mmap
-threshold, and raises that threshold to the size of every mmapped block freed: after the first
-caches are freed, later ones come from the heap arenas (one per thread, up to 8 per core), and
-freed heap memory mostly stays with the process. So:
-
-- a fixed mmap threshold (`MMAP_THRESHOLD`): blocks that large always come from mmap and go back
-  to the system when freed (fixing it also stops the dynamic raise); the per-step activations of
-  a batch stay below it and keep reusing heap memory;
-- `malloc_trim(0)` once the server has been idle a moment after work: it returns the arenas'
-  free pages (their middles too, not only the tops).
+models/cache.py), from many job threads. glibc serves a block that size from mmap only while
+it is above its mmap threshold, and raises that threshold to the size of every mmapped block
+freed: after the first caches are freed, later ones come from the heap arenas (one per thread,
+up to 8 per core), and freed heap memory mostly stays with the process. `malloc_trim(0)`, run
+once the server has been idle a moment after work, returns the arenas' free pages (their
+middles too, not only the tops). (A fixed, lower mmap threshold would return each cache at once,
+but every large activation of a batched step would then be mapped and faulted in anew.)
 
 What stays is what the server keeps on purpose: the KV caches of live sessions and of recent
 prompts, within --kv-budget-mb.
@@ -23,8 +20,6 @@ import ctypes.util
 import logging
 import threading
 
-MMAP_THRESHOLD = 8 << 20  # bytes: a KV cache of a 135M model (256 positions) is 11.8 MB
-M_MMAP_THRESHOLD = -3  # mallopt parameter numbers, from glibc's malloc.h
 IDLE_S = 2.0  # seconds without work before a trim
 
 log = logging.getLogger("dialogen.serve")
@@ -37,12 +32,6 @@ def _glibc():
         return None
     # glibc only (musl has no malloc_trim)
     return libc if all(hasattr(libc, f) for f in ("gnu_get_libc_version", "malloc_trim", "mallopt")) else None
-
-
-def tune_malloc() -> bool:
-    """Fix glibc's mmap threshold (before the model threads start); False off glibc."""
-    libc = _glibc()
-    return bool(libc and libc.mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD))
 
 
 class Trimmer:
