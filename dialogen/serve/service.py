@@ -17,6 +17,8 @@ from ..chat.ranked import searched_reply
 from ..chat.session import Engine, Session
 from ..decoding.settings import Decoding, Sampling
 from ..decoding.strategy import Decoder
+from .memory import Trimmer
+from .metrics import Metrics
 from .store import Store
 from .worker import Worker
 
@@ -188,6 +190,10 @@ class PrefixPool:
             while self._idle and (len(self._idle) > self.max_sessions or total > self.budget):
                 total -= _cache_bytes(self._idle.pop(0)[1])
 
+    def nbytes(self) -> int:
+        with self._lock:
+            return sum(_cache_bytes(s) for _, s in self._idle)
+
     def __len__(self) -> int:
         return len(self._idle)
 
@@ -207,7 +213,8 @@ class Service:
         self.worker = Worker(engine.model, max_active=max_active, max_queue=max_queue, prefill_chunk=prefill_chunk)
         # sessions see the proxy: their model calls queue on the worker thread
         self.engine = Engine(self.worker.proxy, engine.tokenizer, engine.template, engine.context_length, engine.name)
-        self.store, self.keys, self.limits = store, keys, limits
+        self.metrics = Metrics()
+        self.store, self.keys, self.limits = self.metrics.timed(store), keys, limits
         self.sampling = sampling or Sampling()
         self.decoding = decoding or Decoding()
         self.decoder = Decoder(self.engine, self.decoding)  # loads a configured scorer (e.g. MMI) once
@@ -219,6 +226,9 @@ class Service:
         self.prefixes = PrefixPool(limits.kv_budget_bytes // 4)
         self.sessions = SessionCache(limits.kv_budget_bytes - self.prefixes.budget)
         self.default_persona: str | None = None
+        self.draining = False  # set on SIGTERM/SIGINT: new work gets 503, running replies finish
+        self.trimmer = Trimmer(busy=lambda: self.worker.load()["running"] > 0,
+                               activity=lambda: self.worker.stats["rounds"])
 
     @property
     def context_length(self) -> int:
@@ -295,6 +305,21 @@ class Service:
         ids = session.user_turn(text) if text is not None else session.prompt_ids()
         return searched_reply(session, self.decoder, ids, sampling, decoding), len(ids), 0
 
+    def begin_shutdown(self, grace: float):
+        """Stop taking work (503); replies still running `grace` seconds later are cut, each
+        client told so (a session turn cut off is not stored)."""
+        from .jobs import ServerShutdown
+
+        if self.draining:
+            return
+        self.draining = True
+        reason = ServerShutdown(f"the server is shutting down and the reply did not finish within the {grace:g} s "
+                                "grace period; send the request again")
+        timer = threading.Timer(grace, self.worker.cut_all, (reason,))
+        timer.daemon = True
+        timer.start()
+
     def close(self):
+        self.trimmer.close()
         self.worker.close()
         self.store.close()
