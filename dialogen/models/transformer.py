@@ -158,6 +158,7 @@ class Transformer(nn.Module):
     family = DECODER
     reuses_prefix = True  # a kept cache is extended with a turn's new tokens (models/family.py)
     native = None  # what `models.native.swap_in` installed (its `Swap`), or None: the reference modules
+    adapter = None  # the LoRA adapter hooked onto the Linears (`models.lora.Adapter.attach`), or None
 
     def __init__(self, cfg: Config):
         super().__init__()

@@ -38,9 +38,10 @@ class LossModel(nn.Module):
     """Wraps a model so one forward returns its loss: DistributedDataParallel syncs gradients
     only through its wrapper's forward, so the whole loss computation must be one."""
 
-    def __init__(self, model: nn.Module):
+    def __init__(self, model: nn.Module, adapter: nn.Module | None = None):
         super().__init__()
         self.model = model
+        self.adapter = adapter  # hooked into the model's Linears (models/lora.py): a child, so DDP syncs it
 
     def forward(self, ids, labels):
         return nll_sum(self.model, ids, labels)

@@ -87,7 +87,7 @@ def _prepare(opts: TrainOptions, d: Dist, out: Path, began: float):
     valid_convs = load_split(opts.data, "valid", opts.format, opts.split_seed, opts.skip_bad)[: opts.val_conversations]
     if not train_convs:
         raise UserError(f"{opts.data}: the training split is empty (too few conversations)")
-    model, tokenizer, tname, state = build_model(opts, d, train_convs)
+    model, tokenizer, tname, state, adapter = build_model(opts, d, train_convs)
     template = get_template(tname, tokenizer)
     examples, stats = build_examples(train_convs, tokenizer, template, opts.max_len, opts.train_on, opts.reverse)
     check_trainable(opts, stats)
@@ -99,8 +99,11 @@ def _prepare(opts: TrainOptions, d: Dist, out: Path, began: float):
     total = opts.max_steps or max(1, math.ceil(opts.epochs * plan.per_epoch / G))
     order = {"seed": opts.seed, "batch_size": opts.batch_size, "global_micro_batches": G, "pack": opts.pack,
              "examples": len(examples), "tokens": sum(len(ex.ids) for ex in examples), "total_steps": total}
+    if adapter is not None:
+        order["lora"] = [opts.lora_r, opts.lora_alpha, opts.lora_dropout, adapter.names]
+        adapter.to(d.device)
     model.to(d.device).train()
-    optimizer, scheduler = make_optimizer(model, opts, total)
+    optimizer, scheduler = make_optimizer(adapter or model, opts, total)
     step, best = 0, math.inf
     if state is not None:
         step, best = _restore(state, order, optimizer, scheduler)
@@ -108,7 +111,8 @@ def _prepare(opts: TrainOptions, d: Dist, out: Path, began: float):
     meta = {"template": tname, **template.stop_meta(tokenizer), "train": {**_public(opts), "data_stats": stats.to_dict()}}
     if opts.reverse:
         meta["reverse"] = {"context_turns": REVERSE_CONTEXT_TURNS}
-    loop = Loop(opts, d, model, tokenizer, meta, optimizer, scheduler, plan, examples, valid, order, total, best, began)
+    loop = Loop(opts, d, model, tokenizer, meta, optimizer, scheduler, plan, examples, valid, order, total, best, began,
+                adapter)
     if d.main:
         print(f"dialogen: {stats.conversations} conversations -> {len(examples)} examples, "
               f"{stats.trained_tokens} trained tokens of {stats.tokens}; {total} steps of {G} x {opts.batch_size}",
@@ -160,16 +164,17 @@ class Loop:
     total: int
     best: float = math.inf
     began: float = 0.0
+    adapter: torch.nn.Module | None = None  # with --lora-r: what trains and what checkpoints hold
 
     def __post_init__(self):
         self.out = Path(self.opts.out)
-        self.loss_model = LossModel(self.model)
+        self.loss_model = LossModel(self.model, self.adapter)
         if self.d.world > 1:
             from torch.nn.parallel import DistributedDataParallel
 
             ids = [self.d.device] if self.d.device.type == "cuda" else None
             self.loss_model = DistributedDataParallel(self.loss_model, device_ids=ids)
-        self.params = [p for p in self.model.parameters() if p.requires_grad]
+        self.params = [p for p in (self.adapter or self.model).parameters() if p.requires_grad]
 
     def run(self, step: int, on_step) -> dict:
         opts, d = self.opts, self.d
@@ -255,10 +260,10 @@ class Loop:
         if step > 0 and r["ppl"] < self.best:
             self.best = r["ppl"]
             meta = {**self.meta, "step": step, "val_ppl": r["ppl"]}
-            ckpt.save(self.out / "best", self.model, self.tokenizer, meta)
+            ckpt.save(self.out / "best", self.model, self.tokenizer, meta, adapter=self.adapter)
 
     def save_last(self, step: int):
-        if not ckpt.finite_weights(self.model):  # every rank holds the same weights: all stop
+        if not ckpt.finite_weights(self.adapter or self.model):  # every rank holds the same weights: all stop
             self._diverged(step, "the weights are no longer finite")
         if not self.d.main:
             return
@@ -266,7 +271,7 @@ class Loop:
         torch_state = {"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
                        "rng": ckpt.rng_state()}
         meta = {**self.meta, "step": step}
-        ckpt.save(self.out / "last", self.model, self.tokenizer, meta, state, torch_state)
+        ckpt.save(self.out / "last", self.model, self.tokenizer, meta, state, torch_state, self.adapter)
 
 
 def _progress(total: int, initial: int, enabled: bool):
