@@ -117,6 +117,7 @@ class Adapter(nn.Module):
         for spans in self.where.values():
             spans.sort()
         self.handles = []
+        self.enabled = True  # off: the hooks add nothing (the base alone, e.g. DPO's reference model)
         self.hooked = []  # the model hooked (in a list: not a child module)
 
     def init(self, seed: int):
@@ -170,6 +171,8 @@ class Adapter(nn.Module):
 
     def _hook(self, ours: str):
         def hook(module, args, kwargs, output):
+            if not self.enabled:
+                return output
             x = args[0]
             norm = kwargs.get("norm", args[1] if len(args) > 1 else None)
             act = kwargs.get("act", args[2] if len(args) > 2 else None)

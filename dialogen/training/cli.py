@@ -54,6 +54,9 @@ def register(sub):
     g.add_argument("--lora-targets", default=D.lora_targets, help="comma-separated module names as PEFT names them "
                    "(q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj; gpt2: c_attn,c_proj,c_fc); "
                    "default: all of them")
+    g.add_argument("--dpo", action="store_true", help="preference tuning: --data is a JSONL file of TRL's "
+                   "prompt/chosen/rejected records; the adapter-free base is the reference model")
+    g.add_argument("--dpo-beta", type=float, default=D.dpo_beta, help="DPO's beta (default: %(default)s)")
     g = p.add_argument_group("evaluation and checkpoints")
     g.add_argument("--eval-every", type=int, default=D.eval_every, help="validation perplexity every N steps; 0 = off")
     g.add_argument("--save-every", type=int, default=D.save_every, help="write last/ every N steps (default: %(default)s)")
@@ -73,6 +76,11 @@ def cmd_train(args) -> int:
 
     names = {f.name for f in fields(TrainOptions)}
     opts = TrainOptions(**{k: v for k, v in vars(args).items() if k in names})
+    if opts.dpo:
+        from .dpo import train_dpo
+
+        print(json.dumps(train_dpo(opts)))
+        return 0
     summary = train(opts)
     if summary.get("rank", 0) == 0:
         print(json.dumps(summary))

@@ -49,6 +49,8 @@ class TrainOptions:
     lora_alpha: float = 16.0
     lora_dropout: float = 0.0
     lora_targets: str = ""  # comma-separated module names; empty: every projection of the blocks
+    dpo: bool = False  # --data holds preference records; the adapter trains by DPO (training/dpo.py)
+    dpo_beta: float = 0.1
     # --init scratch: a GPT-2-style model and its BPE vocabulary
     n_layer: int = 4
     n_head: int = 4
@@ -95,6 +97,8 @@ class TrainOptions:
                 raise UserError("--freeze-embeddings and --freeze-layers do not apply with --lora-r (the base is frozen)")
             if self.arch != "transformer":
                 raise UserError("--lora-r adapts transformer models, not --arch rnn")
+        elif self.dpo:
+            raise UserError("--dpo trains a LoRA adapter: give --lora-r")
         elif self.lora_targets:
             raise UserError("--lora-targets needs --lora-r")
         if not self.min_lr_ratio <= 1:
