@@ -33,6 +33,7 @@ serve: $(VENV)/.serve-installed   # the API and chat page on http://127.0.0.1:80
 	$(BIN)/dialogen serve $(ARGS)
 
 test: $(DEV)
+	$(BIN)/ruff check dialogen tests bench
 	$(BIN)/python -m pytest
 
 bench: $(DEV)

@@ -7,7 +7,8 @@ sampling at temperature 1 and a seed per run, three ways:
              so only the mask is paid (the closing path is followed only in the last 128 tokens)
   tight      the same schema with a budget of 48 tokens: the closing path is checked at every step
 For each, the median over runs of CPU seconds per generated token (process time, so other work on
-a shared machine does not count; the prompt's prefill left out), and the ratio to `free`. Also the time of the mask work alone (matcher.allowed + fit) per token,
+a shared machine does not count; the prompt's prefill left out), and the ratio to `free`. Also the time of the mask work
+alone (matcher.allowed + fit) per token,
 measured around those calls.
 
     .venv/bin/python bench/constrained.py [--runs 5] [--max-tokens 96] [--threads 1]

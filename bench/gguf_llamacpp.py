@@ -130,7 +130,8 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default=None, help="the model to export (default: the embedded model)")
     ap.add_argument("--types", default="gpt2,shipped,f16,q8_0,q4_0",
-                    help="comma-separated: f32, f16, q8_0, q4_0, gpt2 (a tiny GPT-2's exports against transformers), and shipped (the default model's own Q4_1 file, not "
+                    help="comma-separated: f32, f16, q8_0, q4_0, gpt2 (a tiny GPT-2's exports against transformers), "
+                         "and shipped (the default model's own Q4_1 file, not "
                          "exported: how far the two engines agree on a file neither wrote)")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--tokens", type=int, default=64, help="greedy tokens per prompt")

@@ -80,7 +80,7 @@ async def stream_turn(client, url: str, body: dict) -> dict:
                         text.append(piece)
                 if ev.get("usage"):
                     tokens = ev["usage"].get("completion_tokens", tokens)
-    except (aiohttp.ClientError, asyncio.TimeoutError) as e:
+    except (aiohttp.ClientError, TimeoutError) as e:
         return {"error": f"{type(e).__name__}: {e}"}
     return {"latency": time.perf_counter() - t0, "ttft": first, "tokens": tokens, "text": "".join(text)}
 

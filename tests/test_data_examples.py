@@ -123,8 +123,8 @@ def test_weight_zero_turn_is_not_trained(smol_tokenizer, tmp_path):
 def trained_runs(tok, ids, labels):
     """The trained token runs of an example, decoded."""
     runs, cur = [], []
-    for i, l in zip(ids, labels):
-        if l != IGNORE_INDEX:
+    for i, lab in zip(ids, labels):
+        if lab != IGNORE_INDEX:
             cur.append(i)
         elif cur:
             runs.append(tok.decode(cur))

@@ -359,10 +359,10 @@ def _write_gguf(path, hf_model, meta: dict, types: dict):
 
 @torch.no_grad()
 def test_gguf_read_directly_matches_transformers_and_keeps_its_blocks(tiny_llama, tmp_path, capsys):
-    """A GGUF mixing Q4_0, Q4_1, Q8_0 and Q5_0 tensors: the reference model (float32) equals
+    """A GGUF mixing Q4_0, Q4_1, Q8_0, Q5_1 and MXFP4 tensors: the reference model (float32) equals
     transformers on the weights as written; the swapped-in model multiplies the natively kept
-    layouts as blocks, and with the kernels off computes the reference math on the same values; Q5_0
-    is dequantized, and a line says so."""
+    layouts as blocks, and with the kernels off computes the reference math on the same values;
+    MXFP4 (not a kernel format) is dequantized, and a line says so."""
     import copy
 
     from dialogen.models.loading import default_model_path, read_gguf
@@ -371,20 +371,22 @@ def test_gguf_read_directly_matches_transformers_and_keeps_its_blocks(tiny_llama
     _, meta = read_gguf(default_model_path())
     types = {"token_embd.weight": "Q8_0", "output.weight": "Q8_0", "blk.0.attn_q.weight": "Q4_1",
              "blk.0.attn_k.weight": "Q4_1", "blk.0.attn_v.weight": "Q4_1", "blk.1.attn_q.weight": "Q4_0",
-             "blk.1.attn_k.weight": "Q4_1", "blk.1.attn_v.weight": "Q5_0", "blk.0.ffn_down.weight": "Q4_0",
-             "blk.1.attn_output.weight": "Q8_0", "blk.0.ffn_gate.weight": "Q4_1", "blk.0.ffn_up.weight": "Q4_1"}
+             "blk.1.attn_k.weight": "Q4_1", "blk.1.attn_v.weight": "MXFP4", "blk.0.ffn_down.weight": "Q4_0",
+             "blk.1.attn_output.weight": "Q8_0", "blk.0.ffn_gate.weight": "Q4_1", "blk.0.ffn_up.weight": "Q4_1",
+             "blk.1.ffn_gate.weight": "Q5_1", "blk.1.ffn_up.weight": "Q5_1"}
     written = _write_gguf(tmp_path / "tiny.gguf", ref, meta, types)
     theirs = copy.deepcopy(ref)
     theirs.load_state_dict(written)
     reference = load(str(tmp_path / "tiny.gguf"), "float32").model
     model = load(str(tmp_path / "tiny.gguf"), "auto").model
-    assert "Q5_0 tensors are dequantized" in capsys.readouterr().err
+    assert "MXFP4 tensors are dequantized" in capsys.readouterr().err
     ids = _ids(24, seed=9)
     with library.disabled():
         assert (reference(ids) - theirs(ids).logits).abs().max() < 1e-4
     b0, b1 = model.blocks
     assert (b0.attn.qkv.kind, b0.mlp.gate_up.kind, b0.mlp.down.kind, model.lm_head.kind) == ("q4_1", "q4_1", "q4_0", "q8_0")
     assert b1.attn.o_proj.kind == "q8_0" and b1.attn.qkv.kind == "q8_0"  # mixed q/k/v: quantized here (auto: int8)
+    assert b1.mlp.gate_up.kind == "q5_1"
     qkv = formats.dequantize(3, b0.attn.qkv.blocks, b0.attn.qkv.out_features, 64)
     assert torch.equal(qkv, reference.blocks[0].attn.qkv.weight)  # the file's own values, in rotary order
     with library.disabled():  # block 1's q/k/v were quantized at load: the reference on their Q8_0 values
@@ -428,11 +430,11 @@ def test_block_linears_hold_no_float_weight(tiny_llama, tmp_path):
     def float_matrices():
         return {n for n, p in model.named_parameters() if p.dim() == 2}
 
-    assert float_matrices() == {"embed.weight"}  # the token embedding looks rows up
+    assert float_matrices() == set()  # the token embedding dequantizes the rows it looks up
     cache = model.new_cache(1)
     model(_ids(12, seed=4), cache)
     model(_ids(1, seed=5), cache)
-    assert float_matrices() == {"embed.weight"} and model.native is not None
+    assert float_matrices() == set() and model.native is not None
 
 
 @pytest.mark.parametrize("dtype", ["auto", "int8"])

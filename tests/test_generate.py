@@ -109,15 +109,19 @@ def test_stop_string_is_cut_and_never_streamed(model, smol_tokenizer):
 
 
 def test_streaming_never_splits_a_character(model, smol_tokenizer):
-    """Feed the byte-level tokens of multi-byte text one by one through the delta logic."""
+    """Feed the byte-level tokens of multi-byte text one by one through `advance` (greedy on logits
+    that pick each token in turn)."""
     text = "héllo 🤗 日本 👩‍👧"
     ids = smol_tokenizer.encode_text(text)
     assert any("\ufffd" in smol_tokenizer.decode([i]) for i in ids)  # some tokens are partial characters
-    gen = Generation(model, smol_tokenizer, [1], model.new_cache(1), Sampling(), stop_ids=set())
+    greedy = Sampling(temperature=0, repetition_penalty=1.0, max_new_tokens=len(ids) + 1)
+    gen = Generation(model, smol_tokenizer, [1], model.new_cache(1), greedy, stop_ids=set())
     deltas = []
     for i in ids:
-        gen.tokens.append(i)
-        deltas.append(gen._delta()[0])
+        logits = torch.zeros(smol_tokenizer.vocab_size)
+        logits[i] = 100.0
+        deltas += gen.advance(logits)
+    assert gen.tokens == ids and not gen.done
     assert all("\ufffd" not in d for d in deltas)
     assert "".join(deltas) == text
 

@@ -95,7 +95,8 @@ def test_ranked_session_replies_with_the_beam_winner_and_keeps_history(forward):
     session = RankedSession(forward, Decoding(beam_size=3), on_reply=shown.append, sampling=s)
     reply = session.send("Do you like hiking?").run()
     prompt = forward.template.render(forward.tokenizer, [Message("user", "Do you like hiking?")], True)[0]
-    best = beam_search(forward.model, prompt, BeamSettings(beam_size=3, max_new_tokens=8), forward.template.stop_ids(forward.tokenizer))[0]
+    stops = forward.template.stop_ids(forward.tokenizer)
+    best = beam_search(forward.model, prompt, BeamSettings(beam_size=3, max_new_tokens=8), stops)[0]
     assert reply.tokens == best.tokens and reply.winner == 0 and len(reply.candidates) == 3
     assert [m.role for m in session.messages] == ["user", "assistant"] and session.messages[1].content == reply.text
     assert shown == [reply]

@@ -21,7 +21,8 @@ ORIGIN = "http://app.example:3000"
 def server(tiny_llama, tmp_path_factory):
     db = tmp_path_factory.mktemp("serve") / "sessions.db"
     args = ["--model", str(tiny_llama[0]), "--template", "chatml", "--api-key", K1, "--api-key", K2,
-            "--db", str(db), "--model-name", "tiny-chat", "--model-alias", "tiny-alias", "--max-body-bytes", str(BODY_LIMIT), "--max-tokens-limit", "200",
+            "--db", str(db), "--model-name", "tiny-chat", "--model-alias", "tiny-alias", "--max-body-bytes", str(BODY_LIMIT),
+            "--max-tokens-limit", "200",
             "--allowed-host", "chat.internal", "--cors-origin", ORIGIN]
     with ServerProcess(args) as srv:
         yield srv

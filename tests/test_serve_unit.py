@@ -38,7 +38,7 @@ def test_batched_decode_step_equals_separate_steps(model):
     for p, cb, cs in zip(prompts, batched, single):
         model(p, cb)
         model(p, cs)
-    for t in range(4):
+    for _ in range(4):
         tokens = [int(x) for x in torch.randint(0, 49152, (3,), generator=g)]
         got = decode_rows(model, tokens, batched)  # (3, V)
         want = torch.cat([model(torch.tensor([[tok]]), c)[:, -1] for tok, c in zip(tokens, single)])
@@ -173,7 +173,7 @@ def test_worker_queue_bound_and_cancel(llama):
 
         def long_reply(job):
             gen = Session(eng, None, Sampling(max_new_tokens=200, seed=0), max_context_tokens=50).send("hi")
-            for i, _ in enumerate(gen):
+            for _ in gen:
                 gate.set()
             events.append(("finished", gen.finish_reason))
 
@@ -205,6 +205,21 @@ def test_cancelled_job_raises_at_its_next_model_call(llama):
                 raise
         worker.submit(run, seen.append).finished.wait(10)
         assert seen == ["cancelled", ("cancelled", None)]
+    finally:
+        worker.close()
+
+
+def test_worker_logs_admission_rounds_and_release(llama, caplog):
+    model, _ = llama
+    worker = Worker(model)
+    try:
+        with caplog.at_level("DEBUG", logger="dialogen.serve"):
+            job = worker.submit(lambda job: worker.proxy(torch.tensor([[1, 2]]), model.new_cache(1)), lambda e: None)
+            assert job.finished.wait(10)
+        messages = [r.getMessage() for r in caplog.records if r.name == "dialogen.serve"]
+        assert [m for m in messages if m.startswith("admit job")]
+        assert [m for m in messages if m.startswith("round ") and "1 other calls" in m]
+        assert [m for m in messages if m.startswith("release job") and "completed after 1 model calls" in m]
     finally:
         worker.close()
 

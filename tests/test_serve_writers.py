@@ -1,5 +1,6 @@
 """One writer per session: two server processes on one SQLite file (and two replicas on one
-PostgreSQL database), interleaved turns on the same sessions. No turn is lost or duplicated, a concurrent turn gets 409, and every reply is computed
+PostgreSQL database), interleaved turns on the same sessions. No turn is lost or duplicated, a concurrent turn gets 409,
+and every reply is computed
 on the whole stored history (its prompt is that history, token for token)."""
 
 import signal

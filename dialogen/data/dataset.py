@@ -118,11 +118,11 @@ def windows(template: Template, tokenizer, messages: list[Message], trained: lis
             cut += 1
         else:
             # k = t - s: the most context turns within half the budget
-            back = _largest_fitting(0, t, lambda k: k == 0 or length(t - k, t) <= max_len // 2)
+            back = _largest_fitting(0, t, lambda k: k == 0 or length(t - k, t) <= max_len // 2)  # noqa: B023 (called here)
             s = t - back
             if body[s][0].role == "assistant" and s < t:  # start on a user turn when possible
                 s += 1
-            e = _largest_fitting(t, n - 1, lambda k: length(s, k) <= max_len)
+            e = _largest_fitting(t, n - 1, lambda k: length(s, k) <= max_len)  # noqa: B023 (called here)
             ids, mask = render(s, e, t)
         if any(mask):
             out.append((ids, mask))

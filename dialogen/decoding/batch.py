@@ -14,9 +14,7 @@ import torch
 
 from ..errors import UserError
 from .beam import Candidate
-from .constrain import matcher_for
-from .generate import make_generator, room
-from .processors import next_token
+from .generate import TokenLoop, make_generator
 from .settings import Sampling
 from .stops import StopMatcher
 
@@ -90,31 +88,21 @@ def _decode(model, cache, logits, histories: list[list[int]], s: Sampling, stop_
     out: list[Candidate | None] = [None] * n
     logprob = [0.0] * n
     rows = list(range(n))  # cache row r holds example rows[r]
-    limits = [room(model, len(h), s.max_new_tokens) for h in histories]
     first = StopMatcher(s.stop)
-    matchers = [first] + [first.fresh() for _ in range(n - 1)]  # one per row, one set of tables
-    grammars = [matcher_for(s, tokenizer, logits.shape[-1], stop_ids) for _ in range(n)]  # None without one
-    for t in range(max(limits)):
+    stops = [first] + [first.fresh() for _ in range(n - 1)]  # one per row, one set of tables
+    loops = [TokenLoop(model, tokenizer, s, stop_ids, histories[i], replies[i], logits.shape[-1], gens[i], stops[i])
+             for i in range(n)]
+    decode = bool(s.stop) and tokenizer is not None  # the text matters only for stop strings
+    for _ in range(max(loop.limit for loop in loops)):
         logp = torch.log_softmax(logits.float(), dim=-1)  # (B, V)
         keep, feed = [], []
         for r, i in enumerate(rows):
-            g, left = grammars[i], limits[i] - len(replies[i])
-            tok = next_token(logits[r], s, gens[i], histories[i], replies[i], g.allowed(left) if g else None)
-            tok = g.fit(tok, left) if g else tok  # closed in time (see constrain.py)
+            tok, _ = loops[i].choose(logits[r])
             logprob[i] += float(logp[r, tok])
-            if tok in stop_ids:
-                out[i] = Candidate(replies[i], logprob[i], finish_reason="stop", stop_token=tok)
-                continue
-            if g is not None:
-                g.accept(tok)
-            replies[i].append(tok)
-            histories[i].append(tok)
-            text = tokenizer.decode(replies[i]).rstrip("\ufffd") if s.stop and tokenizer is not None else ""
-            if text and matchers[i].update(text) is not None:
-                out[i] = Candidate(replies[i], logprob[i], finish_reason="stop")
-                continue
-            if len(replies[i]) == limits[i]:
-                out[i] = Candidate(replies[i], logprob[i], finish_reason="length")
+            reason = loops[i].take(tok, decode)
+            if reason is not None:
+                out[i] = Candidate(replies[i], logprob[i], finish_reason=reason,
+                                   stop_token=tok if tok in stop_ids else None)
                 continue
             keep.append(r)
             feed.append(tok)

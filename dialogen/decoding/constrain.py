@@ -1,9 +1,9 @@
 """Constrained decoding: the reply must match a grammar (a JSON schema, or any JSON object).
 
 The grammar engine is llguidance (the Rust library behind guidance, also used by llama.cpp and
-vLLM): it compiles a JSON schema to a context-free grammar in about a millisecond, and at each
-step gives the set of tokens that keep the text a prefix of a sentence of the grammar, in about
-0.06 ms for SmolLM2's 49,152 tokens. Every other token gets -inf before sampling (or greedy, or a
+vLLM): it compiles a JSON schema to a context-free grammar, and at each step gives the set of
+tokens that keep the text a prefix of a sentence of the grammar (docs/benchmarks.md has the
+timings). Every other token gets -inf before sampling (or greedy, or a
 beam's ranking), so the text always stays inside the grammar; the stop tokens are allowed only
 where the grammar is complete, so a reply that stops is a whole sentence of it. JSON comes with
 fixed separators (`", "`, `": "`) and no free whitespace: a model cannot loop on blank lines.
@@ -106,7 +106,7 @@ def _closing_rank(tokenizer, vocab_size: int) -> tuple[torch.Tensor, list[int]]:
 
 
 def _engine_tokenizer(tokenizer, vocab_size: int, stop_ids: frozenset):
-    """llguidance's view of `tokenizer` (built once per vocabulary size and stop set: ~0.5 s)."""
+    """llguidance's view of `tokenizer` (built once per vocabulary size and stop set: it takes a while)."""
     cache = tokenizer.__dict__.setdefault("_llguidance", {})
     key = (vocab_size, stop_ids)
     if key not in cache:

@@ -41,6 +41,49 @@ def step(model, ids: list[int], cache) -> torch.Tensor:
     return last(ids, cache)[0] if last is not None else model(ids, cache)[0, -1]
 
 
+class TokenLoop:
+    """The per-token sequence of one reply, shared by `Generation` and batched generation: shape
+    the logits (penalties, the grammar's mask) and draw (`choose`), then take the token (`take`):
+    a stop id, a stop string or the token limit ends the reply. `history` (the prompt and the reply)
+    and `tokens` (the reply) are the caller's lists, grown in place."""
+
+    def __init__(self, model, tokenizer, s: Sampling, stop_ids: set[int], history: list[int], tokens: list[int],
+                 vocab_size: int, generator: torch.Generator, stops: StopMatcher | None = None):
+        self.tokenizer, self.s, self.stop_ids, self.g = tokenizer, s, stop_ids, generator
+        self.history, self.tokens = history, tokens
+        self.limit = room(model, len(history), s.max_new_tokens)
+        self.grammar = matcher_for(s, tokenizer, vocab_size, stop_ids)  # None without a constraint
+        self.stops = stops if stops is not None else StopMatcher(s.stop)
+        self.text = ""  # the reply decoded, without a trailing incomplete UTF-8 sequence
+        self.cut: int | None = None  # where a stop string starts in `text`
+
+    def choose(self, logits: torch.Tensor) -> tuple[int, torch.Tensor]:
+        """(the next token, the shaped logits (V,) it was drawn from) for next-token logits (V,)."""
+        left, grammar = self.limit - len(self.tokens), self.grammar
+        shaped = shape_logits(logits, self.s, self.history, self.tokens,
+                              grammar.allowed(left) if grammar is not None else None)
+        tok = draw(shaped, self.s, self.g)
+        if grammar is not None:  # closed in time: the rest of the grammar fits in the tokens left
+            tok = grammar.fit(tok, left)
+        return tok, shaped
+
+    def take(self, tok: int, decode: bool = True) -> str | None:
+        """Add `tok` to the reply (a stop id is not added); return the finish reason ("stop",
+        "length") when it ends the reply, else None. `decode` keeps `text` and matches stop strings."""
+        if tok in self.stop_ids:
+            return "stop"
+        if self.grammar is not None:
+            self.grammar.accept(tok)
+        self.tokens.append(tok)
+        self.history.append(tok)
+        if decode:
+            self.text = self.tokenizer.decode(self.tokens).rstrip("\ufffd")  # a partial character waits
+            self.cut = self.stops.update(self.text)
+            if self.cut is not None:
+                return "stop"
+        return "length" if len(self.tokens) >= self.limit else None
+
+
 class Stream:
     """A reply produced as it is iterated: text deltas, then `text`, `tokens` and `finish_reason`.
 
@@ -56,6 +99,11 @@ class Stream:
         if not hasattr(self, "_iter"):
             self._iter = self._stream()
         return self._iter
+
+    @property
+    def iterating(self) -> bool:
+        """True once the reply is being iterated: then only its iterator may step it."""
+        return hasattr(self, "_iter")
 
     def __next__(self) -> str:
         return next(iter(self))
@@ -105,7 +153,7 @@ class Generation(Stream):
         self.logprobs: list[tuple[float, list[tuple[int, float]]]] = []
         self.text = ""
         self.on_finish = on_finish
-        self._stops = StopMatcher(sampling.stop)
+        self._loop: TokenLoop | None = None  # made at the first step, which knows the vocabulary size
 
     def _produce(self):
         logits = step(self.model, self.feed, self.cache)
@@ -125,45 +173,33 @@ class Generation(Stream):
         return the text deltas it settles. Then either `done` is set, or `tokens[-1]` is the token to
         feed next. Iterating the Generation runs this loop; the server's model thread runs it for
         many replies at once."""
-        if not hasattr(self, "_g"):
-            self._g = make_generator(self.s.seed)
-            self._limit = room(self.model, len(self.history), self.s.max_new_tokens)
-            self._grammar = matcher_for(self.s, self.tokenizer, logits.shape[-1], self.stop_ids)
-        left, grammar = self._limit - len(self.tokens), self._grammar
-        shaped = shape_logits(logits, self.s, self.history, self.tokens,
-                              grammar.allowed(left) if grammar is not None else None)
-        tok = draw(shaped, self.s, self._g)
-        if grammar is not None:  # closed in time: the rest of the grammar fits in the tokens left
-            tok = grammar.fit(tok, left)
-        if tok in self.stop_ids:
-            return self._end("stop", [])
-        if grammar is not None:
-            grammar.accept(tok)
-        if self.s.logprobs is not None:
+        if self._loop is None:
+            self._loop = TokenLoop(self.model, self.tokenizer, self.s, self.stop_ids, self.history, self.tokens,
+                                   logits.shape[-1], make_generator(self.s.seed))
+        tok, shaped = self._loop.choose(logits)
+        if self.s.logprobs is not None and tok not in self.stop_ids:
             self.logprobs.append(token_logprobs(shaped, tok, self.s.logprobs))
-        self.tokens.append(tok)
-        self.history.append(tok)
-        delta, stopped = self._delta()
+        reason = self._loop.take(tok)
+        delta = self._delta() if tok not in self.stop_ids else ""
         deltas = [delta] if delta else []
-        if stopped:
-            return self._end("stop", deltas)
-        if len(self.tokens) >= self._limit:
-            return self._end("length", deltas)
-        return deltas
+        return self._end(reason, deltas) if reason is not None else deltas
 
     def _end(self, reason: str, deltas: list[str]) -> list[str]:
-        tail, _ = self._delta(final=True)
+        tail = self._delta(final=True)
         self.finish_reason = reason
         return deltas + [tail] if tail else deltas
 
-    def _delta(self, final: bool = False) -> tuple[str, bool]:
-        full = self.tokenizer.decode(self.tokens)
-        settled = full if final else full.rstrip("\ufffd")  # an incomplete UTF-8 sequence waits for the next token
-        cut = self._stops.update(settled)
-        if cut is not None:
-            full = settled[:cut]
+    def _delta(self, final: bool = False) -> str:
+        """The text settled since the last delta: cut at a stop string, and short of what could still
+        begin one (all of it when `final`)."""
+        loop = self._loop
+        if final:
+            settled = self.tokenizer.decode(self.tokens)
+            cut = loop.stops.update(settled)
+            full = settled[:cut] if cut is not None else settled.rstrip("\ufffd")
         else:
-            full = settled.rstrip("\ufffd") if final else settled[: len(settled) - self._stops.hold]
+            cut = loop.cut
+            full = loop.text[:cut] if cut is not None else loop.text[: len(loop.text) - loop.stops.hold]
         delta = full[len(self.text):] if full.startswith(self.text) else ""
         self.text = full if full.startswith(self.text) else self.text
-        return delta, cut is not None
+        return delta

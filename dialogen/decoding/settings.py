@@ -62,7 +62,7 @@ def check(settings):
         ok, rule = RULES.get(f.name, (None, None))
         value = getattr(settings, f.name)
         if ok is not None and not ok(value):
-            raise SettingError(f.name, lambda spell, n=f.name: f"{spell(n)} must be {rule}, got {value!r}")
+            raise SettingError(f.name, lambda spell, n=f.name: f"{spell(n)} must be {rule}, got {value!r}")  # noqa: B023 (raised)
 
 
 @dataclass

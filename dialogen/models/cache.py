@@ -22,6 +22,8 @@ class KVCache:
         self.length = 0
         self.k: list[torch.Tensor] = []
         self.v: list[torch.Tensor] = []
+        # the token ids, kept for a model that recomputes its cache at some length (LongRoPE's switch)
+        self.ids = torch.zeros(batch, 0, dtype=torch.long) if cfg.rope.get("rope_type") == "longrope" else None
         self._alloc(capacity)
 
     def _alloc(self, capacity: int):
@@ -30,6 +32,10 @@ class KVCache:
         if self.k:
             kv[..., : self.length, :] = self.kv[..., : self.length, :]
         self.kv, self.capacity = kv, capacity  # one buffer: a reorder is one copy for all layers
+        if self.ids is not None:
+            ids = torch.zeros(self.batch, capacity, dtype=torch.long)
+            ids[:, : self.length] = self.ids[:, : self.length]
+            self.ids = ids
         self._views()
         self._table = self._rows = None
 
@@ -59,8 +65,12 @@ class KVCache:
             moved = (index != torch.arange(self.batch)).nonzero().flatten()  # rows that take another's tokens
             if len(moved):  # the right side is gathered (copied) before the write
                 self.kv[:, :, moved, :, : self.length] = self.kv[:, :, index[moved], :, : self.length]
+                if self.ids is not None:
+                    self.ids[moved] = self.ids[index[moved]]
             return
         self.kv = self.kv.index_select(2, index)
+        if self.ids is not None:
+            self.ids = self.ids.index_select(0, index)
         self._views()
         self.batch = len(index)
         self._table = self._rows = None
@@ -86,6 +96,8 @@ class KVCache:
         """A new cache holding this one's valid tokens; the two grow apart from here."""
         out = KVCache(self.cfg, self.batch, self.dtype, capacity=max(self.length, 256))
         out.kv[..., : self.length, :] = self.kv[..., : self.length, :]
+        if self.ids is not None:
+            out.ids[:, : self.length] = self.ids[:, : self.length]
         out.length = self.length
         return out
 

@@ -19,6 +19,7 @@ import torch
 
 from ..errors import UserError
 from ..paths import atomic_file
+from .hf import beyond_plain, model_type
 from .tokenizer import Tokenizer, _pre_tokenizer
 
 TYPES = ("f32", "f16", "q8_0", "q4_0")
@@ -146,6 +147,10 @@ def write_gguf(out: Path, cfg, sd: dict, tokenizer: Tokenizer, kind: str, name: 
 
     if kind not in TYPES:
         raise UserError(f"--type {kind!r} is not one of {', '.join(TYPES)}")
+    odd = beyond_plain(cfg)
+    if odd:
+        raise UserError(f"{out}: GGUF export writes plain llama and gpt2 models; this {model_type(cfg)} model has "
+                        f"{', '.join(odd)}")
     tensors = gguf_tensors(cfg, sd)
 
     def write(tmp: Path):

@@ -1,10 +1,10 @@
 """GGUF files: config, tokenizer and tensors, with quantized tensors kept in their shipped blocks.
 
-Reading a GGUF file's metadata with the `gguf` package takes seconds (it walks every vocabulary
-entry), so the first use writes a small index beside the other caches: the config, the tokenizer
-and where each tensor lies in the file. Later loads read that index and the tensor bytes straight
-from the file, with no float copy on disk. Tensors in a block format the kernels multiply
-(`kernels.formats.FORMATS`) keep their blocks (no re-quantization error); other types are
+The first use of a file reads its header (`gguf_header`, every length bounded by the file),
+checks it (`gguf_config.validated`: metadata, tensor shapes and types, vocabulary) and writes a
+small index beside the other caches: the config, the tokenizer and where each tensor lies. Loads
+map the file and take the tensors from the mapping: tensors of the types the kernels multiply
+(`kernels.formats.FORMATS`) stay blocks, views of the mapping, with no float copy; other types are
 dequantized, with one line saying so.
 """
 
@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import mmap
 import os
 import shutil
 import sys
@@ -25,11 +26,13 @@ import torch
 
 from ..errors import UserError
 from ..paths import cache_dir
+from .gguf_config import validated
+from .gguf_header import read_header
 from .kernels.formats import FORMATS, dequantize
 from .tokenizer import Tokenizer
 from .transformer import Config
 
-INDEX_VERSION = 2
+INDEX_VERSION = 4  # the index of the validated header (config with rope scaling, file size)
 # GGUF tensor names -> Hugging Face llama names (the layout `hf.hf_to_ours` reads)
 RENAME = {"token_embd": "model.embed_tokens", "output_norm": "model.norm", "output": "lm_head",
           "attn_norm": "input_layernorm", "ffn_norm": "post_attention_layernorm",
@@ -45,57 +48,49 @@ NATIVE = {number: f.name for number, f in FORMATS.items()}  # GGUF type number -
 
 
 def read_gguf(path: Path):
-    import gguf
-
-    try:
-        reader = gguf.GGUFReader(str(path))
-    except Exception as e:
-        raise UserError(f"{path}: not a readable GGUF file ({type(e).__name__}: {e})") from None
-    meta = {}
-    for k, f in reader.fields.items():
-        try:
-            meta[k] = f.contents()
-        except Exception:
-            continue
-    return reader, meta
+    """(header, metadata) of a GGUF file, every length in it checked (`gguf_header`)."""
+    header = read_header(path)
+    return header, header.meta
 
 
-def config_from_meta(path: Path, meta: dict, names: set[str]) -> Config:
-    arch = meta.get("general.architecture")
-    if arch not in ("llama", "gpt2"):
-        raise UserError(f"{path}: GGUF architecture {arch!r} is not supported; supported: llama, gpt2")
-    m = lambda k, d=None: meta.get(f"{arch}.{k}", d)  # noqa: E731
-    n_head = m("attention.head_count")
-    try:
-        common = dict(arch=arch, vocab_size=len(meta["tokenizer.ggml.tokens"]), n_layer=m("block_count"),
-                      n_head=n_head, d_model=m("embedding_length"), d_ff=m("feed_forward_length"),
-                      max_seq_len=m("context_length", 2048), tie_embeddings="output.weight" not in names)
-        if arch == "gpt2":
-            return Config(**common, n_kv_head=n_head, norm_eps=m("attention.layer_norm_epsilon", 1e-5))
-        return Config(**common, n_kv_head=m("attention.head_count_kv", n_head), head_dim=m("attention.key_length", 0) or 0,
-                      rope_theta=m("rope.freq_base", 10000.0), norm_eps=m("attention.layer_norm_rms_epsilon", 1e-5),
-                      attn_bias="blk.0.attn_q.bias" in names)
-    except (KeyError, TypeError, ValueError, ZeroDivisionError) as e:
-        raise UserError(f"{path}: incomplete {arch} metadata ({type(e).__name__}: {e})") from None
+def _rope_factors(path: Path, header) -> list:
+    """`rope_freqs.weight`: the divisor of each rotary frequency (Llama 3.1/3.2's rope scaling)."""
+    t = next((t for t in header.tensors if t.name == "rope_freqs.weight"), None)
+    if t is None:
+        return []
+    with open(path, "rb") as f:
+        f.seek(t.offset)
+        raw = np.frombuffer(f.read(t.bytes), dtype=np.uint8)
+    w = _floats(raw, t.type, t.shape).reshape(-1)
+    if not np.all(np.isfinite(w)) or not np.all(w > 0):
+        raise UserError(f"{path}: tensor rope_freqs.weight must hold positive finite factors")
+    return [float(x) for x in w]
 
 
 def index_dir(path: Path) -> Path:
-    """The small cached index of a GGUF file: config, tokenizer, tensor table."""
+    """The small cached index of a GGUF file: config, tokenizer, tensor table (made after every check
+    of `gguf_config.validated`)."""
     st = path.stat()
     key = f"{path.resolve()}:{st.st_size}:{st.st_mtime_ns}:v{INDEX_VERSION}"
     target = cache_dir() / "gguf" / f"{path.stem}-{hashlib.sha256(key.encode()).hexdigest()[:12]}"
     if (target / "index.json").exists():
         return target
-    reader, meta = read_gguf(path)
-    cfg = config_from_meta(path, meta, {t.name for t in reader.tensors})
-    tokenizer = Tokenizer.from_gguf(meta, path)
-    tensors = [{"name": t.name, "type": int(t.tensor_type), "shape": [int(x) for x in reversed(t.shape)],
-                "offset": int(t.data_offset), "bytes": int(t.n_bytes)} for t in reader.tensors]
+    header = read_header(path)
+    cfg = validated(path, header)
+    factors = _rope_factors(path, header)
+    if factors:
+        if cfg.rope:
+            raise UserError(f"{path}: tensor rope_freqs.weight together with {cfg.arch}.rope.scaling.type is not supported")
+        cfg.rope = {"rope_type": "freq_factors", "factors": factors}
+    tokenizer = Tokenizer.from_gguf(header.meta, path)
+    tensors = [{"name": t.name, "type": t.type, "shape": t.shape, "offset": t.offset, "bytes": t.bytes}
+               for t in header.tensors if t.name != "rope_freqs.weight"]
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
     try:
         tokenizer.save(tmp)
-        index = {"version": INDEX_VERSION, "config": asdict(cfg), "tensors": tensors, "source": str(path)}
+        index = {"version": INDEX_VERSION, "config": asdict(cfg), "tensors": tensors, "source": str(path),
+                 "size": st.st_size}
         (tmp / "index.json").write_text(json.dumps(index))
         if not (target / "index.json").exists():  # another process may have written it meanwhile
             shutil.rmtree(target, ignore_errors=True)
@@ -126,14 +121,21 @@ def unpermute_rows(w: torch.Tensor, n_head: int) -> torch.Tensor:
     return w.reshape(n_head, rows // n_head // 2, 2, -1).transpose(1, 2).reshape(w.shape).contiguous()
 
 
-def read_tensors(path: Path, cfg: Config, tensors: list[dict], lazy: bool = False) -> tuple[dict, dict]:
-    """(float32 state dict in Hugging Face names, {name: (kind, blocks)} of the natively kept tensors).
-    `lazy`: a natively kept tensor's float32 entry is a function making it, for the caller to call
-    only where it needs the floats."""
+def map_file(path: Path) -> np.ndarray:
+    """The whole file as a uint8 array backed by the page cache (a private mapping: nothing written
+    to it reaches the file, and nothing is read before it is used)."""
     try:
-        data = np.fromfile(path, dtype=np.uint8)
-    except OSError as e:
-        raise UserError(f"{path}: cannot read ({e.strerror})") from None
+        return np.memmap(path, dtype=np.uint8, mode="c")
+    except (OSError, ValueError) as e:
+        raise UserError(f"{path}: cannot map ({getattr(e, 'strerror', None) or e})") from None
+
+
+def read_tensors(path: Path, cfg: Config, tensors: list[dict], lazy: bool = False, data=None) -> tuple[dict, dict]:
+    """(float32 state dict in Hugging Face names, {name: (kind, blocks)} of the natively kept tensors).
+    Blocks are views of the mapped file (q/k rows, which llama.cpp interleaves, are put back in
+    order into a new tensor). `lazy`: a natively kept tensor's float32 entry is a function making
+    it, for the caller to call only where it needs the floats."""
+    data = map_file(path) if data is None else data
     floats, blocks, converted = {}, {}, set()
     for t in tensors:
         name, kind, shape = _hf_name(t["name"], cfg.arch), t["type"], t["shape"]
@@ -144,28 +146,57 @@ def read_tensors(path: Path, cfg: Config, tensors: list[dict], lazy: bool = Fals
         heads = {"attn_q": cfg.n_head, "attn_k": cfg.n_kv_head}.get(t["name"].split(".")[-2])
         conv1d = cfg.arch == "gpt2" and t["name"].split(".")[-2] in CONV1D  # Hugging Face GPT-2 stores (in, out)
         if kind in NATIVE and len(shape) == 2:
-            b = torch.from_numpy(raw).view(shape[0], -1)  # (rows, row bytes)
+            b = torch.from_numpy(raw).view(shape[0], -1)  # (rows, row bytes), a view of the mapping
             b = unpermute_rows(b, heads) if heads else b
             blocks[name] = (NATIVE[kind], b)
             make = partial(_block_floats, kind, b, shape, conv1d)
             floats[name] = make if lazy else make()
             continue
-        if kind == 0:  # F32
-            w = raw.view(np.float32)
-        elif kind == 1:  # F16
-            w = raw.view(np.float16).astype(np.float32)
-        else:
+        if kind not in (0, 1):
             import gguf  # only here: importing it costs a fifth of a second of every start
 
             converted.add(gguf.GGMLQuantizationType(kind).name)
-            w = _dequantize(raw.reshape(shape[0] if len(shape) > 1 else 1, -1), kind).numpy()
-        w = torch.from_numpy(np.array(w, dtype=np.float32).reshape(shape))
+        w = torch.from_numpy(_floats(raw, kind, shape))
         floats[name] = unpermute_rows(w, heads) if heads else w.t() if conv1d else w
     if converted:
         kept = ", ".join(name.upper() for name in NATIVE.values())
         print(f"dialogen: {path.name}: {', '.join(sorted(converted))} tensors are dequantized "
               f"(kept natively: {kept})", file=sys.stderr)
     return floats, blocks
+
+
+def adjacent_view(data: np.ndarray, cfg: Config, tensors: list[dict], names) -> torch.Tensor | None:
+    """Tensors (Hugging Face names) of one type that lie back to back in the file, as one (rows, row bytes)
+    view of the mapping (llama.cpp's files put ffn_gate right before ffn_up); None otherwise, or for
+    q/k rows, which are reordered on reading."""
+    where = {_hf_name(t["name"], cfg.arch): t for t in tensors}
+    parts = [where.get(n) for n in names]
+    if any(t is None or t["name"].split(".")[-2] in ("attn_q", "attn_k") for t in parts):
+        return None
+    if any(a["offset"] + a["bytes"] != b["offset"] or a["type"] != b["type"] or a["shape"][1:] != b["shape"][1:]
+           for a, b in zip(parts, parts[1:])):
+        return None
+    start, end = parts[0]["offset"], parts[-1]["offset"] + parts[-1]["bytes"]
+    return torch.from_numpy(data[start:end]).view(sum(t["shape"][0] for t in parts), -1)
+
+
+def release_pages(data: np.ndarray):
+    """Drop the mapping's pages from this process (they stay in the page cache): the pages read while
+    loading (copies were made of them) stop counting as its memory, and any used later come back."""
+    m = getattr(data, "_mmap", None)
+    if m is not None and hasattr(mmap, "MADV_DONTNEED"):
+        m.madvise(mmap.MADV_DONTNEED)
+
+
+def _floats(raw: np.ndarray, kind: int, shape: list) -> np.ndarray:
+    """A float32 copy (shape `shape`) of a tensor's bytes of GGML type `kind`."""
+    if kind == 0:  # F32
+        w = raw.view(np.float32)
+    elif kind == 1:  # F16
+        w = raw.view(np.float16)
+    else:
+        w = _dequantize(raw.reshape(shape[0] if len(shape) > 1 else 1, -1), kind).numpy()
+    return np.array(w, dtype=np.float32).reshape(shape)
 
 
 def _block_floats(kind: int, b: torch.Tensor, shape: list, conv1d: bool) -> torch.Tensor:

@@ -4,17 +4,18 @@ checked before anything is built from it; an error names the file and the key.""
 
 from __future__ import annotations
 
-import math
+from dataclasses import fields
 from pathlib import Path
 
 import torch
 
 from ..errors import UserError
-from .config_values import MAX_SIZE, shown
+from .families import config_from_hf  # noqa: F401 (the reader of config.json, for loading)
 from .tokenizer import Tokenizer
 from .transformer import Config
 
-SUPPORTED = ("llama", "gpt2")
+SIZE_FIELDS = ("arch", "vocab_size", "n_layer", "n_head", "n_kv_head", "d_model", "d_ff", "head_dim", "max_seq_len",
+               "rope_theta", "norm_eps", "tie_embeddings", "attn_bias", "rotary_dim", "extra")
 
 
 GPT2_LINEARS = {"attn.c_attn": "attn.qkv", "attn.c_proj": "attn.o_proj", "mlp.c_fc": "mlp.up", "mlp.c_proj": "mlp.down"}
@@ -36,7 +37,7 @@ def expected_shapes(cfg: Config) -> dict[str, tuple[tuple[int, ...], tuple[str, 
         out[b + "attn.qkv.weight"] = ((qkv, d), (*heads, "d_model"))
         out[b + "attn.o_proj.weight"] = ((d, cfg.n_head * hd), ("d_model", *heads))
         out[b + "mlp.down.weight"] = ((d, f), ("d_model", "d_ff"))
-        for norm in ("norm1", "norm2"):
+        for norm in ("norm1", "norm2") if cfg.pre_norms else ():
             out[b + norm + ".weight"] = ((d,), ("d_model",))
         if cfg.arch == "gpt2":
             out[b + "mlp.up.weight"] = ((f, d), ("d_ff", "d_model"))
@@ -45,8 +46,13 @@ def expected_shapes(cfg: Config) -> dict[str, tuple[tuple[int, ...], tuple[str, 
                 out[b + name + ".bias"] = ((n,), why)
         else:
             out[b + "mlp.gate_up.weight"] = ((2 * f, d), ("d_ff", "d_model"))
-            if cfg.attn_bias:
-                out[b + "attn.qkv.bias"] = ((qkv,), heads)
+            optional = [(cfg.attn_bias, "attn.qkv.bias", (qkv,), heads), (cfg.o_bias, "attn.o_proj.bias", (d,), ("d_model",)),
+                        (cfg.mlp_bias, "mlp.gate_up.bias", (2 * f,), ("d_ff",)), (cfg.mlp_bias, "mlp.down.bias", (d,), ("d_model",)),
+                        (cfg.qk_norm, "attn.q_norm.weight", ((cfg.n_head if cfg.qk_norm_full else 1) * hd,), heads),
+                        (cfg.qk_norm, "attn.k_norm.weight", ((cfg.n_kv_head if cfg.qk_norm_full else 1) * hd,), heads),
+                        (cfg.post_norms, "post_attn_norm.weight", (d,), ("d_model",)),
+                        (cfg.post_norms, "post_mlp_norm.weight", (d,), ("d_model",))]
+            out.update({b + name: (shape, why) for on, name, shape, why in optional if on})
     return out
 
 
@@ -75,80 +81,43 @@ GPT2_KEYS = {"vocab_size": "vocab_size", "n_layer": "n_layer", "n_head": "n_head
              "norm_eps": "layer_norm_epsilon"}
 
 
-def check_config_values(c: dict, keys: dict, where: str):
-    """Types and ranges of a config.json's values, before any arithmetic on them: sizes are
-    positive integers, rates positive finite numbers, switches booleans, heads divide evenly."""
-    for field, key in keys.items():
-        v = c.get(key)
-        if v is None or (field == "head_dim" and key == "head_dim" and v == 0):
-            continue
-        if field in ("rope_theta", "norm_eps"):
-            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v <= 0:
-                raise UserError(f"{where}: {key} must be a positive number, got {shown(v)}")
-        elif isinstance(v, bool) or not isinstance(v, int) or not 1 <= v <= MAX_SIZE:
-            raise UserError(f"{where}: {key} must be an integer in [1, {MAX_SIZE}], got {shown(v)}")
-    for key in ("tie_word_embeddings", "attention_bias"):
-        if c.get(key) is not None and not isinstance(c[key], bool):
-            raise UserError(f"{where}: {key} must be true or false, got {shown(c[key])}")
-    heads, kv = c.get(keys["n_head"]), c.get(keys["n_kv_head"]) or c.get(keys["n_head"])
-    width = c.get(keys["d_model"])
-    if heads and not c.get("head_dim") and width % heads:
-        raise UserError(f"{where}: {keys['d_model']}={width} is not divisible by {keys['n_head']}={heads}")
-    if heads and kv and heads % kv:
-        raise UserError(f"{where}: {keys['n_head']}={heads} is not a multiple of {keys['n_kv_head']}={kv}")
-
-
-def config_from_hf(c: dict, where: Path) -> tuple[Config, str]:
-    mt = c.get("model_type")
-    try:
-        if mt in ("llama", "mistral", "qwen2"):
-            check_config_values(c, LLAMA_KEYS, f"{where}/config.json")
-            rope = c.get("rope_scaling") or c.get("rope_parameters") or {}
-            kind = rope.get("rope_type", rope.get("type", "default"))
-            if kind != "default":
-                raise UserError(f"{where}/config.json: rope scaling {kind!r} is not supported (only 'default')")
-            heads = c["num_attention_heads"]
-            return Config(
-                arch="llama", vocab_size=c["vocab_size"], n_layer=c["num_hidden_layers"], n_head=heads,
-                n_kv_head=c.get("num_key_value_heads") or heads, d_model=c["hidden_size"],
-                d_ff=c["intermediate_size"], head_dim=c.get("head_dim") or 0,
-                max_seq_len=c.get("max_position_embeddings", 2048),
-                rope_theta=c.get("rope_theta") or rope.get("rope_theta", 10000.0),
-                norm_eps=c.get("rms_norm_eps", 1e-6), tie_embeddings=c.get("tie_word_embeddings", False),
-                attn_bias=c.get("attention_bias", mt == "qwen2"),
-            ), "llama"
-        if mt == "gpt2":
-            act = c.get("activation_function", "gelu_new")
-            if act not in ("gelu_new", "gelu_pytorch_tanh"):
-                raise UserError(f"{where}/config.json: gpt2 activation {act!r} is not supported")
-            check_config_values(c, GPT2_KEYS, f"{where}/config.json")
-            d = c["n_embd"]
-            return Config(
-                arch="gpt2", vocab_size=c["vocab_size"], n_layer=c["n_layer"], n_head=c["n_head"],
-                n_kv_head=c["n_head"], d_model=d, d_ff=c.get("n_inner") or 4 * d,
-                max_seq_len=c.get("n_positions", 1024), norm_eps=c.get("layer_norm_epsilon", 1e-5),
-                tie_embeddings=c.get("tie_word_embeddings", True),
-            ), "gpt2"
-        if mt == "dialogen-rnn":
-            return c, "rnn"
-    except KeyError as e:
-        raise UserError(f"{where}/config.json: missing field {e}") from None
-    raise UserError(f"{where}/config.json: model_type {mt!r} is not supported; supported: "
-                    f"{', '.join(SUPPORTED)} (and mistral/qwen2 without sliding window)")
+def model_type(cfg: Config) -> str:
+    """The config.json model_type the model was read from (ours: llama or gpt2)."""
+    return cfg.extra.get("hf", {}).get("model_type") or cfg.arch
 
 
 def config_to_hf(cfg: Config) -> dict:
+    """config.json of `cfg`: a family read from Hugging Face keeps the file it came from (with our
+    sizes); a model of ours is written as llama or gpt2."""
+    if cfg.extra.get("hf"):
+        return {**cfg.extra["hf"], **_sizes_to_hf(cfg)}
+    odd = beyond_plain(cfg)
+    if odd:
+        raise UserError(f"a model with {', '.join(odd)} set has no Hugging Face config.json to be written as "
+                        "(it was not read from one)")
     if cfg.arch == "gpt2":
-        return {"model_type": "gpt2", "architectures": ["GPT2LMHeadModel"], "vocab_size": cfg.vocab_size,
-                "n_layer": cfg.n_layer, "n_head": cfg.n_head, "n_embd": cfg.d_model, "n_inner": cfg.d_ff,
-                "n_positions": cfg.max_seq_len, "n_ctx": cfg.max_seq_len, "layer_norm_epsilon": cfg.norm_eps,
-                "activation_function": "gelu_new", "tie_word_embeddings": cfg.tie_embeddings}
-    return {"model_type": "llama", "architectures": ["LlamaForCausalLM"], "vocab_size": cfg.vocab_size,
-            "num_hidden_layers": cfg.n_layer, "num_attention_heads": cfg.n_head,
+        return {"model_type": "gpt2", "architectures": ["GPT2LMHeadModel"], **_sizes_to_hf(cfg),
+                "n_ctx": cfg.max_seq_len, "activation_function": "gelu_new"}
+    return {"model_type": "llama", "architectures": ["LlamaForCausalLM"], **_sizes_to_hf(cfg),
+            "rope_theta": cfg.rope_theta, "attention_bias": cfg.attn_bias, "hidden_act": "silu"}
+
+
+def beyond_plain(cfg: Config) -> list[str]:
+    """The Config fields that take `cfg` beyond a plain llama (or gpt2) model's math."""
+    llama = cfg.arch == "llama"  # (gpt2's biases and activation are fixed)
+    plain = Config(arch=cfg.arch, attn_bias=cfg.attn_bias, o_bias=cfg.attn_bias and llama, act="silu" if llama else cfg.act)
+    return [f.name for f in fields(Config) if f.name not in SIZE_FIELDS and getattr(cfg, f.name) != getattr(plain, f.name)]
+
+
+def _sizes_to_hf(cfg: Config) -> dict:
+    if cfg.arch == "gpt2":
+        return {"vocab_size": cfg.vocab_size, "n_layer": cfg.n_layer, "n_head": cfg.n_head, "n_embd": cfg.d_model,
+                "n_inner": cfg.d_ff, "n_positions": cfg.max_seq_len, "layer_norm_epsilon": cfg.norm_eps,
+                "tie_word_embeddings": cfg.tie_embeddings}
+    return {"vocab_size": cfg.vocab_size, "num_hidden_layers": cfg.n_layer, "num_attention_heads": cfg.n_head,
             "num_key_value_heads": cfg.n_kv_head, "hidden_size": cfg.d_model, "intermediate_size": cfg.d_ff,
-            "head_dim": cfg.head_dim, "max_position_embeddings": cfg.max_seq_len, "rope_theta": cfg.rope_theta,
-            "rms_norm_eps": cfg.norm_eps, "tie_word_embeddings": cfg.tie_embeddings,
-            "attention_bias": cfg.attn_bias, "hidden_act": "silu"}
+            "head_dim": cfg.head_dim, "max_position_embeddings": cfg.max_seq_len, "rms_norm_eps": cfg.norm_eps,
+            "tie_word_embeddings": cfg.tie_embeddings}
 
 
 # --- weights: Hugging Face names <-> ours ---------------------------------------------------
@@ -161,6 +130,34 @@ def gpt2_names(cfg: Config, prefix: str = ""):
         for theirs, ours in {**GPT2_LINEARS, "ln_1": "norm1", "ln_2": "norm2"}.items():
             yield f"{prefix}h.{i}.{theirs}.weight", f"blocks.{i}.{ours}.weight", not theirs.startswith("ln")
             yield f"{prefix}h.{i}.{theirs}.bias", f"blocks.{i}.{ours}.bias", False
+
+
+def rotary_names(cfg: Config) -> list[tuple[str, tuple[str, ...]]]:
+    """(our tensor name, the Hugging Face names it joins, in order) of a rotary family's tensors but
+    the head; q/k/v and gate/up are joined along the output rows."""
+    fused = model_type(cfg) == "phi3"  # phi3 ships qkv_proj and gate_up_proj joined already
+    out = [("embed.weight", ("model.embed_tokens.weight",)), ("norm.weight", ("model.norm.weight",))]
+    for i in range(cfg.n_layer):
+        p, q = f"model.layers.{i}.", f"blocks.{i}."
+        a, m = p + "self_attn.", p + "mlp."
+        qkv = (a + "qkv_proj.",) if fused else tuple(a + f"{n}_proj." for n in "qkv")
+        gate_up = (m + "gate_up_proj.",) if fused else (m + "gate_proj.", m + "up_proj.")
+        parts = [("attn.qkv", qkv, True, cfg.attn_bias), ("attn.o_proj", (a + "o_proj.",), True, cfg.o_bias),
+                 ("mlp.gate_up", gate_up, True, cfg.mlp_bias), ("mlp.down", (m + "down_proj.",), True, cfg.mlp_bias),
+                 ("norm1", (p + "input_layernorm.",), cfg.pre_norms, False),
+                 ("attn.q_norm", (a + "q_norm.",), cfg.qk_norm, False), ("attn.k_norm", (a + "k_norm.",), cfg.qk_norm, False)]
+        if cfg.post_norms:  # gemma2/3, olmo2: post_attention_layernorm is the attention output's norm
+            parts += [("post_attn_norm", (p + "post_attention_layernorm.",), True, False),
+                      ("norm2", (p + "pre_feedforward_layernorm.",), cfg.pre_norms, False),
+                      ("post_mlp_norm", (p + "post_feedforward_layernorm.",), True, False)]
+        else:
+            parts.append(("norm2", (p + "post_attention_layernorm.",), True, False))
+        for ours, theirs, on, bias in parts:
+            if on:
+                out.append((q + ours + ".weight", tuple(t + "weight" for t in theirs)))
+            if bias:
+                out.append((q + ours + ".bias", tuple(t + "bias" for t in theirs)))
+    return out
 
 
 def hf_to_ours(cfg: Config, sd: dict, later=frozenset()) -> dict:
@@ -177,19 +174,8 @@ def hf_to_ours(cfg: Config, sd: dict, later=frozenset()) -> dict:
         out[ours] = w.t() if transposed else w
 
     if cfg.arch == "llama":
-        put("embed.weight", "embed_tokens.weight")
-        put("norm.weight", "norm.weight")
-        for i in range(cfg.n_layer):
-            p, q = f"layers.{i}.", f"blocks.{i}."
-            a = p + "self_attn."
-            put(q + "attn.qkv.weight", *(a + f"{n}_proj.weight" for n in "qkv"))
-            if cfg.attn_bias:
-                put(q + "attn.qkv.bias", *(a + f"{n}_proj.bias" for n in "qkv"))
-            put(q + "attn.o_proj.weight", a + "o_proj.weight")
-            put(q + "mlp.gate_up.weight", p + "mlp.gate_proj.weight", p + "mlp.up_proj.weight")
-            put(q + "mlp.down.weight", p + "mlp.down_proj.weight")
-            put(q + "norm1.weight", p + "input_layernorm.weight")
-            put(q + "norm2.weight", p + "post_attention_layernorm.weight")
+        for ours, theirs in rotary_names(cfg):
+            put(ours, *(t.removeprefix("model.") for t in theirs))
     else:
         for theirs, ours, transposed in gpt2_names(cfg):
             put(ours, theirs, transposed=transposed)
@@ -201,21 +187,13 @@ def hf_to_ours(cfg: Config, sd: dict, later=frozenset()) -> dict:
 def ours_to_hf(cfg: Config, sd: dict) -> dict:
     out = {}
     if cfg.arch == "llama":
-        out["model.embed_tokens.weight"], out["model.norm.weight"] = sd["embed.weight"], sd["norm.weight"]
-        sizes = [cfg.n_head * cfg.head_dim, cfg.n_kv_head * cfg.head_dim, cfg.n_kv_head * cfg.head_dim]
-        for i in range(cfg.n_layer):
-            p, q = f"model.layers.{i}.", f"blocks.{i}."
-            for n, w in zip("qkv", sd[q + "attn.qkv.weight"].split(sizes)):
-                out[p + f"self_attn.{n}_proj.weight"] = w
-            if cfg.attn_bias:
-                for n, b in zip("qkv", sd[q + "attn.qkv.bias"].split(sizes)):
-                    out[p + f"self_attn.{n}_proj.bias"] = b
-            out[p + "self_attn.o_proj.weight"] = sd[q + "attn.o_proj.weight"]
-            gate, up = sd[q + "mlp.gate_up.weight"].chunk(2)
-            out[p + "mlp.gate_proj.weight"], out[p + "mlp.up_proj.weight"] = gate, up
-            out[p + "mlp.down_proj.weight"] = sd[q + "mlp.down.weight"]
-            out[p + "input_layernorm.weight"] = sd[q + "norm1.weight"]
-            out[p + "post_attention_layernorm.weight"] = sd[q + "norm2.weight"]
+        q, kv = cfg.n_head * cfg.head_dim, cfg.n_kv_head * cfg.head_dim
+        for ours, theirs in rotary_names(cfg):
+            if len(theirs) == 1:
+                out[theirs[0]] = sd[ours]
+            else:  # q/k/v or gate/up, joined along the rows
+                for name, part in zip(theirs, sd[ours].split([q, kv, kv] if len(theirs) == 3 else sd[ours].shape[0] // 2)):
+                    out[name] = part
     else:
         for theirs, ours, transposed in gpt2_names(cfg, "transformer."):
             out[theirs] = sd[ours].t() if transposed else sd[ours]

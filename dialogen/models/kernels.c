@@ -21,7 +21,8 @@
 #endif
 
 #define QK 32
-enum { Q4_0 = 2, Q4_1 = 3, Q8_0 = 8 };  /* GGUF's type numbers */
+enum { F16 = 1, Q4_0 = 2, Q4_1 = 3, Q5_0 = 6, Q5_1 = 7, Q8_0 = 8, Q2_K = 10, Q3_K = 11, Q4_K = 12, Q5_K = 13,
+       Q6_K = 14, IQ4_NL = 20, IQ4_XS = 23, BF16 = 30 };  /* GGUF's type numbers */
 enum { ACT_NONE = 0, ACT_SWIGLU = 1 };
 enum { OK = 0, OUT_OF_MEMORY = 1 };  /* what the exported products return */
 
@@ -50,8 +51,31 @@ static inline float half_to_float(uint16_t h) {
 #endif
 }
 
+/* bytes and values of one block of a type the kernels multiply (0: not one of them) */
 int block_bytes(int type) {
-    switch (type) { case Q4_0: return 18; case Q4_1: return 20; case Q8_0: return 34; default: return 0; }
+    switch (type) {
+        case F16: case BF16: return 2;
+        case Q4_0: case IQ4_NL: return 18;
+        case Q4_1: return 20;
+        case Q5_0: return 22;
+        case Q5_1: return 24;
+        case Q8_0: return 34;
+        case Q2_K: return 84;
+        case Q3_K: return 110;
+        case Q4_K: return 144;
+        case Q5_K: return 176;
+        case Q6_K: return 210;
+        case IQ4_XS: return 136;
+        default: return 0;
+    }
+}
+
+int block_values(int type) {
+    switch (type) {
+        case F16: case BF16: return 1;
+        case Q2_K: case Q3_K: case Q4_K: case Q5_K: case Q6_K: case IQ4_XS: return 256;
+        default: return block_bytes(type) ? 32 : 0;
+    }
 }
 
 /* ---- activations: one row of K floats -> K/32 blocks (scale d, d * sum q, 32 int8) ---------- */
@@ -323,7 +347,7 @@ static size_t tile_block_bytes(int type) { return type == Q8_0 ? 8 * 64 + 64 : 4
 /* bytes of the tiled copy of (N, K) weights, or 0 when this build or shape has none */
 size_t tiled_bytes(int type, int N, int K) {
 #if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VNNI__)
-    if (N % TILE || K % QK || !block_bytes(type)) return 0;
+    if (N % TILE || K % QK || !(type == Q4_0 || type == Q4_1 || type == Q8_0)) return 0;
     return (size_t)(N / TILE) * (K / QK) * tile_block_bytes(type);
 #else
     (void)type; (void)N; (void)K;
@@ -487,6 +511,8 @@ static void tiled_matmul(int type, const uint8_t *w, int N, int K, const xblock 
     free(flipped);
 }
 
+#include "kquants.c"  /* the other GGUF formats: one translation unit with the helpers above */
+
 /* The phases below are work-shared loops (orphaned `omp for`): called by every thread of a parallel
  * region, each does its share and waits for the others at the end. `qmatmul` runs two of them in a
  * region; `block_decode` runs a whole transformer block in one region. */
@@ -502,9 +528,18 @@ static void phase_quantize(const float *x, int R, int K, const float *norm, floa
     }
 }
 
-/* y (R, N) (+)= xq (R, K) @ W (N, K)^T + bias */
-static void phase_matmul(int type, const uint8_t *w, int N, int K, const xblock *xq, int R, float *y,
-                         const float *bias, int accumulate, int *failed) {
+/* y (R, N) (+)= xq (R, K) @ W (N, K)^T + bias; xf: the same rows in float (R, K), which F16/BF16 weights
+ * take; *failed is set when a scratch allocation fails */
+static void phase_matmul(int type, const uint8_t *w, int N, int K, const xblock *xq, const float *xf, int R,
+                         float *y, const float *bias, int accumulate, int *failed) {
+    if (type == F16 || type == BF16) {
+        float_matmul(type, (const uint16_t *)w, N, K, xf, R, y, bias, accumulate);
+        return;
+    }
+    if (unit_format(type)) {
+        units_matmul(type, w, N, K, xq, R, y, bias, accumulate, failed);
+        return;
+    }
     if (type & TILED) {
         tiled_matmul(type & ~TILED, w, N, K, xq, R, y, bias, accumulate, failed);
         return;
@@ -594,7 +629,7 @@ int qmatmul(int type, const uint8_t *w, int N, int K, const float *x, int R, flo
         #pragma omp parallel num_threads(threads)
         {
             phase_quantize(x, R, K, norm, eps, act, tmp, xq);
-            phase_matmul(type, w, N, K, xq, R, y, bias, accumulate, &failed);
+            phase_matmul(type, w, N, K, xq, tmp, R, y, bias, accumulate, &failed);
         }
     }
     free(xq);
@@ -605,6 +640,12 @@ int qmatmul(int type, const uint8_t *w, int N, int K, const float *x, int R, flo
 /* W (N, K) in blocks -> float32 (N, K) */
 void dequantize(int type, const uint8_t *w, int N, int K, float *out, int threads) {
     int nb = K / QK, bb = block_bytes(type);
+    if (type == F16 || type == BF16 || unit_format(type)) {
+        size_t row_bytes = (size_t)(K / block_values(type)) * bb;
+        #pragma omp parallel for num_threads(threads) schedule(static)
+        for (int n = 0; n < N; n++) dequantize_row(type, w + (size_t)n * row_bytes, K, out + (size_t)n * K);
+        return;
+    }
     #pragma omp parallel for num_threads(threads) schedule(static)
     for (int n = 0; n < N; n++) {
         for (int b = 0; b < nb; b++) {
@@ -847,15 +888,15 @@ int block_decode(const block_weights *W, float *x, int B, const int64_t *kc, con
     #pragma omp parallel num_threads(threads)
     {
         phase_quantize(x, B, d, W->norm1, W->eps, ACT_NONE, tmp, xq);
-        phase_matmul(W->qkv_type, W->qkv, width, d, xq, B, qkv, W->qkv_bias, 0, &failed);
+        phase_matmul(W->qkv_type, W->qkv, width, d, xq, tmp, B, qkv, W->qkv_bias, 0, &failed);
         phase_rope_store(&a, qkv);
         phase_attend(&a, qkv, y);
         phase_quantize(y, B, att, NULL, 0.f, ACT_NONE, tmp, xq);
-        phase_matmul(W->o_type, W->o, d, att, xq, B, x, NULL, 1, &failed);
+        phase_matmul(W->o_type, W->o, d, att, xq, tmp, B, x, NULL, 1, &failed);
         phase_quantize(x, B, d, W->norm2, W->eps, ACT_NONE, tmp, xq);
-        phase_matmul(W->gate_up_type, W->gate_up, 2 * ff, d, xq, B, h, NULL, 0, &failed);
+        phase_matmul(W->gate_up_type, W->gate_up, 2 * ff, d, xq, tmp, B, h, NULL, 0, &failed);
         phase_quantize(h, B, ff, NULL, 0.f, ACT_SWIGLU, tmp, xq);
-        phase_matmul(W->down_type, W->down, d, ff, xq, B, x, NULL, 1, &failed);
+        phase_matmul(W->down_type, W->down, d, ff, xq, tmp, B, x, NULL, 1, &failed);
     }
     free(qkv); free(y); free(h); free(tmp); free(xq);
     return failed ? OUT_OF_MEMORY : OK;

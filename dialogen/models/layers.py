@@ -14,13 +14,16 @@ from torch import nn
 
 
 class RMSNorm(nn.Module):
-    def __init__(self, dim: int, eps: float):
+    """x / rms(x) * (offset + weight): offset 0 (llama), or 1 with weights stored around 0 (gemma)."""
+
+    def __init__(self, dim: int, eps: float, offset: float = 0.0):
         super().__init__()
-        self.eps = eps
-        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps, self.offset = eps, offset
+        self.weight = nn.Parameter(torch.ones(dim) if not offset else torch.zeros(dim))
 
     def forward(self, x):
-        return F.rms_norm(x, self.weight.shape, self.weight, self.eps)
+        w = self.weight if not self.offset else self.weight + self.offset
+        return F.rms_norm(x, self.weight.shape, w, self.eps)
 
 
 skip_init = contextvars.ContextVar("skip_init", default=False)  # set by Transformer.without_init
@@ -35,7 +38,8 @@ class Embedding(nn.Embedding):
 class Linear(nn.Linear):
     """nn.Linear with an optional input norm, activation and residual:
     `forward(x, norm, act, residual)` is `residual + W @ act(norm(x)) + b`, where `act` is "swiglu"
-    (x is [gate | up]: silu(gate) * up), "gelu" (tanh approximation) or None."""
+    (x is [gate | up]: silu(gate) * up), "glu_<activation>" (the same with another of ACTIVATIONS),
+    "gelu" (tanh approximation) or None."""
 
     def reset_parameters(self):
         if not skip_init.get():
@@ -46,13 +50,16 @@ class Linear(nn.Linear):
         return y if residual is None else residual + y
 
 
+ACTIVATIONS = {"silu": F.silu, "gelu": F.gelu, "gelu_tanh": lambda x: F.gelu(x, approximate="tanh"), "relu": F.relu}
+
+
 def activate(x, norm=None, act: str | None = None):
     """act(norm(x)), the input of a Linear's product."""
     if norm is not None:
         x = norm(x)
-    if act == "swiglu":
-        gate, up = x.chunk(2, dim=-1)
-        x = F.silu(gate) * up
-    elif act == "gelu":
+    if act == "gelu":
         x = F.gelu(x, approximate="tanh")
+    elif act is not None:  # gated: act(gate) * up over the two halves of x
+        gate, up = x.chunk(2, dim=-1)
+        x = ACTIVATIONS["silu" if act == "swiglu" else act.removeprefix("glu_")](gate) * up
     return x

@@ -13,6 +13,7 @@ import importlib.util
 import json
 import sys
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -21,7 +22,7 @@ from ..errors import UserError
 from ..paths import cache_dir
 from .family import DECODER, ENCODER_DECODER, family
 from .files import assign_weights, read_state_dict, write_checkpoint
-from .gguf_file import index_dir, read_gguf, read_tensors  # noqa: F401 (read_gguf: for the tests)
+from .gguf_file import adjacent_view, index_dir, map_file, read_gguf, read_tensors, release_pages  # noqa: F401 (read_gguf: for the tests)
 from .hf import GPT2_KEYS, GPT2_LINEARS, LLAMA_KEYS, check_shapes, config_from_hf, hf_configs, hf_to_ours, ours_to_hf
 from .lora import is_adapter_dir, read_adapter, read_config
 from .rnn import load_rnn, save_rnn
@@ -132,16 +133,24 @@ LOADERS = {"llama": load_transformer, "gpt2": load_transformer, "rnn": lambda pa
 
 def load_gguf(path: Path, dtype="auto") -> Loaded:
     """With blocks to decode by, each Linear that the file ships as blocks keeps only them (a
-    `native.BlockLinear`): no float32 copy is made, unless training or `--no-kernels` asks for
-    the reference (`Transformer.materialize`)."""
+    `native.BlockLinear`, or a `native.SegmentedLinear` for parts of different formats), and so does
+    the token embedding (`native.BlockEmbedding`): no float32 copy is made, unless training or
+    `--no-kernels` asks for the reference (`Transformer.materialize`). The blocks are views of the
+    mapped file where its layout allows (`gguf_file.adjacent_view`)."""
     where = index_dir(path)
     index = _read_json(where / "index.json")
+    if index.get("size") != path.stat().st_size:
+        raise UserError(f"{path}: the file changed while it was read")
     cfg = Config(**index["config"])
     dtype = decode_dtype(dtype, [t["shape"][-1] for t in index["tensors"] if len(t["shape"]) == 2])
     blocked = dtype in BLOCKED
-    floats, blocks = read_tensors(path, cfg, index["tensors"], blocked)
-    native = native_blocks(cfg, blocks)
-    later = {ours for ours in native if blocked and not (ours == "lm_head" and cfg.tie_embeddings)}
+    data = map_file(path)
+    floats, blocks = read_tensors(path, cfg, index["tensors"], blocked, data)
+    native = native_blocks(cfg, blocks, partial(adjacent_view, data, cfg, index["tensors"]))
+    table = "transformer.wte.weight" if cfg.arch == "gpt2" else "model.embed_tokens.weight"
+    if table in blocks:  # the token embedding: rows dequantized as they are looked up
+        native["embed"] = (*blocks[table], (table,))
+    later = {ours for ours in native if blocked}
     skip = {theirs for ours in later for theirs in native[ours][2]}
     floats = {k: v() if callable(v) else v for k, v in floats.items() if k not in skip}
     try:
@@ -149,17 +158,25 @@ def load_gguf(path: Path, dtype="auto") -> Loaded:
     except KeyError as e:
         raise UserError(f"{path}: tensor {e} is missing") from None
     swap_in(model, dtype, native)
+    release_pages(data)
     return Loaded(model, Tokenizer.from_dir(where), where, {"template": "jinja", "source": str(path)})
 
 
-def native_blocks(cfg: Config, blocks: dict) -> dict:
-    """GGUF blocks in Hugging Face names -> {our Linear's name: (kind, blocks, their names)}; fused
-    weights (qkv, gate_up) only when their parts share one layout."""
+def native_blocks(cfg: Config, blocks: dict, adjacent=None) -> dict:
+    """GGUF blocks in Hugging Face names -> {our Linear's name: (kind, blocks, their names)}. Fused
+    weights (qkv, gate_up) whose parts share one layout are joined into one tensor; parts of
+    different layouts give (None, [(kind, blocks)] in row order, their names) (`Linear.set_segments`).
+    `adjacent(names)`: the parts as one view of the file where they lie back to back in it (no copy)."""
     def fuse(names):
         parts = [blocks.get(n) for n in names]
-        if any(p is None for p in parts) or len({k for k, _ in parts}) != 1:
+        if any(p is None for p in parts):
             return None
-        return parts[0][0], torch.cat([b for _, b in parts]) if len(parts) > 1 else parts[0][1], tuple(names)
+        if len({k for k, _ in parts}) != 1:
+            return None, parts, tuple(names)
+        if len(parts) == 1:
+            return parts[0][0], parts[0][1], tuple(names)
+        joined = adjacent(names) if adjacent is not None else None
+        return parts[0][0], torch.cat([b for _, b in parts]) if joined is None else joined, tuple(names)
 
     out = {}
     if cfg.arch == "gpt2":

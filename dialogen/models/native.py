@@ -28,7 +28,8 @@ from torch import nn
 from ..errors import UserError
 from .cache import KVCache
 from .kernels import formats, library, ops
-from .layers import Linear, RMSNorm, activate, skip_init
+from .layers import Embedding, Linear, RMSNorm, activate, skip_init
+from .rope import kind as rope_kind
 from .transformer import Attention, Block, Config, Transformer
 
 DTYPES = ("auto", "int4", "int8", "float16", "bfloat16", "float32")  # decode weights (see `swap_in`)
@@ -43,7 +44,16 @@ def attention_supported(cfg: Config) -> str | None:
     (then the reference attention runs every step, and the server steps conversations one by one)."""
     if cfg.arch not in ("llama", "gpt2"):
         return f"the {cfg.arch} architecture"
-    return None
+    # the kernel: softmax(q.k / sqrt(hd)) over the whole cache, full rotary from per-row tables, its
+    # output added to the residual stream as it is
+    checks = [(cfg.window_layers and cfg.window, "sliding-window layers"),
+              (cfg.attn_softcap, "attention soft-capping"), (cfg.qk_norm, "q/k norms"),
+              (cfg.attn_scale and abs(cfg.attn_scale - cfg.head_dim ** -0.5) > 1e-12, "a custom attention scale"),
+              (cfg.rotary_dim != cfg.head_dim, "partial rotary"), (cfg.nope_layers, "layers without rotary"),
+              (rope_kind(cfg.rope) in ("dynamic", "longrope"), "rotary tables that change with the length"),
+              (cfg.local_rope_theta, "a second rotary base"), (cfg.post_norms, "norms on the attention output"),
+              (cfg.residual_scale != 1, "a residual multiplier")]
+    return next((why for bad, why in checks if bad), None)
 
 
 def block_supported(cfg: Config) -> str | None:
@@ -51,7 +61,9 @@ def block_supported(cfg: Config) -> str | None:
     why = attention_supported(cfg)
     if why is None and cfg.arch != "llama":
         why = "a block other than llama's (RMS norms, SwiGLU)"
-    return why
+    checks = [(cfg.norm_offset, "RMSNorm with (1 + w)"), (not cfg.pre_norms, "blocks without input norms"),
+              (cfg.act != "silu", f"the {cfg.act} activation"), (cfg.o_bias or cfg.mlp_bias, "output or MLP biases")]
+    return why or next((why for bad, why in checks if bad), None)
 
 
 def decode_dtype(dtype, widths) -> str:
@@ -112,11 +124,8 @@ class BlockLinear(nn.Module):
         if torch.is_grad_enabled() or not library.enabled():  # the reference math on the weight as shipped
             y = F.linear(activate(x, norm, act), self.reference_weight(), self.bias)
             return y if residual is None else residual + y
-        fused = isinstance(norm, RMSNorm)
-        if norm is not None and not fused:
-            x = norm(x)
-        if act == "gelu":
-            x = F.gelu(x, approximate="tanh")
+        fused = isinstance(norm, RMSNorm) and not norm.offset  # the kernel fuses llama's RMS norm
+        x = activate(x, None if fused else norm, None if act == "swiglu" else act)
         rows = x.numel() // x.shape[-1]
         out = None if residual is None else residual.view(rows, -1)
         y = ops.qmatmul(self.product_type, self.blocks if self.tiled is None else self.tiled, self.out_features,
@@ -149,6 +158,83 @@ class BlockLinear(nn.Module):
 
     def extra_repr(self) -> str:
         return f"{self.kind}, in_features={self.in_features}, out_features={self.out_features}"
+
+
+class SegmentedLinear(nn.Module):
+    """A fused Linear (q/k/v, gate/up) whose parts a file ships in different block formats (a
+    Q4_K_M-style mix): one BlockLinear per part, each product filling its columns of the output.
+    Its block runs unfused (the fused native block multiplies one format per product)."""
+
+    def __init__(self, lin: Linear, parts: list):
+        super().__init__()
+        self.in_features, self.out_features, self.bias = lin.in_features, lin.out_features, lin.bias
+        # [BlockLinear] in row order; a plain list, so the state dict holds this module's `weight` only
+        self.__dict__["parts"] = [BlockLinear(kind, b, lin.in_features, b.shape[0]) for kind, b in parts]
+
+    def forward(self, x, norm=None, act: str | None = None, residual=None):
+        if torch.is_grad_enabled() or not library.enabled():  # the reference math on the weight as shipped
+            y = F.linear(activate(x, norm, act), self.reference_weight(), self.bias)
+            return y if residual is None else residual + y
+        if norm is not None and not isinstance(norm, RMSNorm):  # an RMS norm is fused into each product
+            x, norm = norm(x), None
+        y = torch.cat([p(x, norm=norm, act=act) for p in self.parts], dim=-1)
+        y = y if self.bias is None else y + self.bias
+        return y if residual is None else residual + y
+
+    def reference_weight(self) -> torch.Tensor:
+        return torch.cat([p.reference_weight() for p in self.parts])
+
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        destination[prefix + "weight"] = self.reference_weight()  # the reference's key, float32
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+
+    def reference(self) -> Linear:
+        token = skip_init.set(True)
+        try:
+            lin = Linear(self.in_features, self.out_features, bias=False)
+        finally:
+            skip_init.reset(token)
+        lin.weight = nn.Parameter(self.reference_weight())
+        lin.bias = self.bias
+        return lin
+
+    def extra_repr(self) -> str:
+        return f"{'+'.join(p.kind for p in self.parts)}, in_features={self.in_features}, out_features={self.out_features}"
+
+
+class BlockEmbedding(nn.Module):
+    """The token embedding as a file ships it, blocks (vocab, d / 32 * block bytes): a lookup
+    dequantizes only the rows of the tokens it embeds (a tied head multiplies the same blocks)."""
+
+    def __init__(self, kind: str, blocks: torch.Tensor, num_embeddings: int, embedding_dim: int):
+        super().__init__()
+        self.kind, self.ggml_type = kind, formats.GGML_TYPES[kind]
+        self.num_embeddings, self.embedding_dim = num_embeddings, embedding_dim
+        self.register_buffer("blocks", blocks, persistent=False)
+
+    def forward(self, ids):
+        if torch.is_grad_enabled() or not library.enabled():
+            return F.embedding(ids, self.reference_weight())
+        rows = self.blocks[ids.reshape(-1)]  # (N, row bytes): the looked-up rows' blocks only
+        return formats.dequantize(self.ggml_type, rows, rows.shape[0], self.embedding_dim).view(*ids.shape, -1)
+
+    def reference_weight(self) -> torch.Tensor:
+        return formats.dequantize(self.ggml_type, self.blocks, self.num_embeddings, self.embedding_dim)
+
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        destination[prefix + "weight"] = self.reference_weight()
+
+    def reference(self) -> Embedding:
+        token = skip_init.set(True)
+        try:
+            emb = Embedding(self.num_embeddings, self.embedding_dim)
+        finally:
+            skip_init.reset(token)
+        emb.weight = nn.Parameter(self.reference_weight())
+        return emb
+
+    def extra_repr(self) -> str:
+        return f"{self.kind}, {self.num_embeddings}, {self.embedding_dim}"
 
 
 class HalfLinear(Linear):
@@ -195,10 +281,10 @@ class NativeStep:
 class NativeAttention(Attention):
     """Attention whose native step (`step.native`) ropes, caches and attends in one call."""
 
-    def forward(self, x, norm, step):
+    def forward(self, x, norm, step, post=None):
         n = step.native
         if n is None:
-            return super().forward(x, norm, step)
+            return super().forward(x, norm, step, post)
         cfg, t, B = self.cfg, n.table, x.shape[0]
         qkv = self.qkv(x, norm=norm).view(B, -1)  # (B, (nh + 2 nkv) hd)
         y = ops.attend_decode(qkv, cfg.n_head, cfg.n_kv_head, cfg.head_dim, t.k[self.layer], t.v[self.layer],
@@ -289,15 +375,27 @@ def _replace(model: nn.Module, name: str, new: nn.Module):
     setattr(model.get_submodule(parent) if parent else model, child, new)
 
 
+def _as_q8_0(kind: str, b: torch.Tensor, k: int) -> torch.Tensor:
+    """Blocks of `kind` (rows, k) as Q8_0 blocks (`--dtype int8`): kept as they are, 4-bit blocks moved
+    onto the 8-bit grid from the blocks themselves, other formats' values quantized afresh."""
+    if kind == "q8_0":
+        return b
+    if kind in ("q4_0", "q4_1"):
+        return formats.requantize_q8_0(kind, b, len(b), k)
+    return formats.quantize(formats.dequantize(formats.GGML_TYPES[kind], b, len(b), k), "q8_0")
+
+
 def _decode_linear(m: Linear, dtype: str, shipped) -> nn.Module:
     """The Linear `m` for decode `dtype`; `shipped`: (kind, blocks, ...) as the file ships its weight."""
     kind, b = shipped[:2] if shipped else (None, None)
     if dtype not in BLOCKED:
         return m if dtype == "float32" else HalfLinear.of(m, dtype)
+    if kind is None and b is not None:  # parts of different formats [(kind, blocks)]
+        return SegmentedLinear(m, [(k, p) if dtype != "int8" else ("q8_0", _as_q8_0(k, p, m.in_features)) for k, p in b])
     if b is not None and (dtype != "int8" or kind == "q8_0"):
         return BlockLinear.of(m, kind, b)
-    if b is not None:  # int8 from a file's 4-bit blocks: onto the 8-bit grid from the blocks themselves
-        return BlockLinear.of(m, "q8_0", formats.requantize_q8_0(kind, b, m.out_features, m.in_features), b, kind)
+    if b is not None:
+        return BlockLinear.of(m, "q8_0", _as_q8_0(kind, b, m.in_features), b, kind)
     kind = BLOCK_KIND.get(dtype, "q8_0")
     return BlockLinear.of(m, kind, formats.quantize(m.weight, kind), m.weight.detach())
 
@@ -306,19 +404,23 @@ def swap_in(model, dtype="auto", blocks: dict | None = None) -> str:
     """Install the native modules for decode `dtype` in a Transformer (other models are left as they
     are); returns the dtype resolved (`decode_dtype`).
 
-    auto: the file's own blocks (Q4_0/Q4_1/Q8_0) where it has them, else int8;
+    auto: the file's own blocks (any `formats.FORMATS` type) where it has them, else int8;
     int8: Q8_0 blocks (int8, one scale per 32 inputs), keeping a file's Q8_0 blocks and moving its
       Q4_0/Q4_1 blocks onto the 8-bit grid (`formats.requantize_q8_0`);
     int4: the file's blocks where it has them, else Q4_1 blocks (int4, scale and minimum per 32);
     float16 / bfloat16: a half-size float copy for decode steps; float32: none.
-    `blocks`: {our Linear's name: (kind, blocks, ...)}, a file's weights as shipped (`loading.native_blocks`);
-    a Linear given blocks may hold no float weight. Native attention and fused blocks are installed
+    `blocks`: {our Linear's name: (kind, blocks, ...)}, a file's weights as shipped (`loading.native_blocks`;
+    kind None: [(kind, blocks)] of parts in different formats), and "embed" for the token embedding;
+    a module given blocks may hold no float weight. Native attention and fused blocks are installed
     where the kernels are built and `attention_supported` / `block_supported` allow."""
     linears = [(n, m) for n, m in model.named_modules() if isinstance(m, Linear)]
     dtype = decode_dtype(dtype, [m.in_features for _, m in linears])
     if not isinstance(model, Transformer):
         return dtype
     blocks = blocks or {}
+    if "embed" in blocks and dtype in BLOCKED:
+        kind, b = blocks["embed"][:2]
+        model.embed = BlockEmbedding(kind, b, model.cfg.vocab_size, model.cfg.d_model)
     for name, m in linears:
         new = _decode_linear(m, dtype, blocks.get(name))
         if new is not m:
@@ -341,7 +443,7 @@ def unswap(model: Transformer) -> Transformer:
     """The reference modules back in place of every native one, with float32 weights (a BlockLinear's
     are its blocks' values); the model is then the reference, for training and saving."""
     for name, m in list(model.named_modules()):
-        if isinstance(m, (BlockLinear, HalfLinear, NativeAttention, FusedBlock)):
+        if isinstance(m, (BlockLinear, SegmentedLinear, BlockEmbedding, HalfLinear, NativeAttention, FusedBlock)):
             _replace(model, name, m.reference())
     if model.cfg.tie_embeddings:
         model.lm_head.weight = model.embed.weight

@@ -96,7 +96,8 @@ def create_app(svc: Service, bound_host: str = "127.0.0.1", allowed_hosts=(), co
 
 
 class AuthMiddleware:
-    """Every API request (/v1/..., or an unprefixed OpenAI route) needs a known API key (when keys are configured); sets state.owner.
+    """Every API request (/v1/..., or an unprefixed OpenAI route) needs a known API key (when keys are configured);
+    sets state.owner.
 
     Plain ASGI rather than a decorator middleware, so streamed responses and client
     disconnects pass through untouched.

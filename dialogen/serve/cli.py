@@ -19,7 +19,8 @@ from ..errors import UserError
 
 def register(sub):
     p = sub.add_parser("serve", help="serve the model over HTTP: OpenAI-compatible API, sessions, web chat page",
-                       description="Serves POST /v1/chat/completions, /v1/completions, /v1/models, /v1/sessions and a chat page at /. "
+                       description="Serves POST /v1/chat/completions, /v1/completions, /v1/models, /v1/sessions "
+                                   "and a chat page at /. "
                                    "Decoding flags set the server's defaults; requests override them.")
     g = p.add_argument_group("server")
     g.add_argument("--host", default="127.0.0.1", help="address to bind (default: %(default)s)")
@@ -58,7 +59,7 @@ def register(sub):
                         "of stateless requests; least recently used go first (default: %(default)s)")
     g.add_argument("--threads", type=int, default=os.cpu_count() or 1,
                    help="threads for model steps (default: every core, here %(default)s: the batched model step "
-                        "is most of the work; on 2 cores, 32 clients got 89 tok/s with 2 threads, 67 with 1)")
+                        "is most of the work)")
     g.add_argument("--log-level", default="warning", choices=("debug", "info", "warning", "error"))
     add_model_args(p)
     add_sampling_args(p)

@@ -347,4 +347,4 @@ def usage(prompt: int, completion_tokens: int, cached: int | None = None) -> dic
 
 def sse(obj) -> bytes:
     data = obj if isinstance(obj, str) else json.dumps(obj, ensure_ascii=False)
-    return f"data: {data}\n\n".encode("utf-8")
+    return f"data: {data}\n\n".encode()

@@ -74,6 +74,8 @@ class Worker:
                 self.stats["rejected"] += 1
                 raise Busy()
             self._admitted += 1
+            admitted, running = self._admitted, self._running
+        log.debug("admit job %x: %d admitted, %d running", id(job), admitted, running)
         self._pool.submit(self._run_job, job)
         return job
 
@@ -86,17 +88,21 @@ class Worker:
         with self._cond:
             self._running += 1
         self._local.job = job
+        outcome = "completed"
         try:  # a job cancelled while queued still runs: it stops at its first model call, and cleans up
             job.fn(job)
             self._count("completed")
         except Cancelled:
+            outcome = "cancelled"
             self._count("cancelled")
             _safe_emit(job, ("cancelled", None))
         except BaseException as e:  # reported to the client; the worker keeps serving
+            outcome = f"failed: {type(e).__name__}"
             if not _is_user_error(e):
                 log.exception("job failed")
             _safe_emit(job, ("error", e))
         finally:
+            log.debug("release job %x: %s after %d model calls", id(job), outcome, job.steps)
             self.leave_model(job)
             self._local.job = None
             with self._cond:
@@ -179,7 +185,7 @@ class Worker:
 
     def _drivable(self, gen) -> bool:
         return (self.batchable and isinstance(gen, Generation) and gen.model is self.proxy
-                and not gen.done and not hasattr(gen, "_iter"))
+                and not gen.done and not gen.iterating)
 
     # --- the worker thread ----------------------------------------------------------------
     def close(self):
@@ -257,6 +263,8 @@ class Worker:
                 n = min(len(d.gen.feed) - d.fed, budget)
                 chunks.append((d, n))
                 budget -= n
+        log.debug("round %d: %d proxy calls, %d replies, %d prompt chunks, %d other calls", self.stats["rounds"],
+                  len(decode), len(rows), len(chunks), len(live) - len(decode))
         if decode or rows or chunks:
             self._step(decode, rows, chunks)
         for c in live:
@@ -284,24 +292,24 @@ class Worker:
             try:
                 logits = step_rows(self.model, segments)
             except Exception:  # one bad row (e.g. past the position limit): each segment is fed alone below
-                pass
+                log.debug("round step failed; each segment is fed alone", exc_info=True)
         for i, c in enumerate(calls):
             if logits is None:
                 self._direct(c)
             else:
                 c.finish(result=logits[i].view(1, 1, -1))
         for i, d in enumerate(rows, len(calls)):
-            self._run(d, lambda i=i, d=d: logits[i] if logits is not None else
-                      next_logits(self.model, d.gen.tokens[-1:], d.gen.cache))
+            self._run(d, logits, i, d.gen.tokens[-1:])
         for i, ((d, k), part) in enumerate(zip(chunks, parts), n):
             d.fed += k
-            self._run(d, lambda i=i, d=d, part=part: logits[i] if logits is not None and i < len(segments) else
-                      next_logits(self.model, part, d.gen.cache), sample=d.fed == len(d.gen.feed))
+            taken = logits if i < len(segments) else None  # prompts the step did not take are fed alone
+            self._run(d, taken, i, part, sample=d.fed == len(d.gen.feed))
 
-    def _run(self, d: Drive, logits, sample: bool = True):
-        """Compute `logits()` for the reply, then (with `sample`) its next token and deltas."""
+    def _run(self, d: Drive, logits, row: int, fed: list[int], sample: bool = True):
+        """The reply's next-token logits: row `row` of the step's `logits`, or, without them, `fed` fed
+        alone after the reply's cache; then (with `sample`) its next token and deltas."""
         try:
-            out = logits()
+            out = logits[row] if logits is not None else next_logits(self.model, fed, d.gen.cache)
             if sample:
                 for delta in d.gen.advance(out):
                     d.on_delta(delta)
@@ -347,7 +355,7 @@ def _safe_emit(job: Job, event):
     try:
         job.emit(event)
     except Exception:  # the client's event loop is gone; nothing left to tell
-        pass
+        log.debug("job %x: event %s not delivered", id(job), event[0], exc_info=True)
 
 
 def _is_user_error(e: BaseException) -> bool:

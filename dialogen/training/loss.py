@@ -27,7 +27,7 @@ def nll_sum(model: nn.Module, ids: torch.Tensor, labels: torch.Tensor) -> tuple[
     keep = targets != IGNORE_INDEX
     if isinstance(model, Transformer):
         h = model.hidden(ids[:, :-1])  # the last token predicts nothing
-        logits = model.lm_head(h[keep])  # (N, V)
+        logits = model.head(h[keep])  # (N, V)
     else:  # other families: full logits
         logits = model(ids)[:, :-1][keep]
     loss = F.cross_entropy(logits.float(), targets[keep], reduction="sum")

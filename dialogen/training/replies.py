@@ -118,7 +118,7 @@ def target_logits(model, prompts: list[list[int]], targets: list[list[int]], pad
     if isinstance(model, Transformer):
         h = model.hidden(ids)  # (B, S, d)
         h = h.gather(1, index[:, :, None].expand(-1, -1, h.shape[-1]))[keep]
-        return model.lm_head(h), labels[keep], rows
+        return model.head(h), labels[keep], rows
     logits = model(ids)  # (B, S, V)
     return logits.gather(1, index[:, :, None].expand(-1, -1, logits.shape[-1]))[keep], labels[keep], rows
 

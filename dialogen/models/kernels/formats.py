@@ -22,11 +22,23 @@ class Format:
     bytes: int  # bytes per block
 
 
-# GGUF type number -> a block format the kernels multiply as shipped
+# GGUF type number -> a block format the kernels multiply as shipped (kernels.c `block_bytes`,
+# `block_values`; the K-quants' and IQ4's layouts are described in kquants.c)
 FORMATS = {
+    1: Format("f16", 1, 2),
     2: Format("q4_0", 32, 18),  # {f16 d; u8 qs[16]}         w = d * (q - 8)
     3: Format("q4_1", 32, 20),  # {f16 d; f16 m; u8 qs[16]}  w = d * q + m
+    6: Format("q5_0", 32, 22),  # {f16 d; u32 qh; u8 qs[16]} w = d * (q - 16), 5-bit q
+    7: Format("q5_1", 32, 24),  # {f16 d, m; u32 qh; u8 qs[16]}  w = d * q + m
     8: Format("q8_0", 32, 34),  # {f16 d; i8 qs[32]}         w = d * q
+    10: Format("q2_k", 256, 84),
+    11: Format("q3_k", 256, 110),
+    12: Format("q4_k", 256, 144),
+    13: Format("q5_k", 256, 176),
+    14: Format("q6_k", 256, 210),
+    20: Format("iq4_nl", 32, 18),  # {f16 d; u8 qs[16]}      w = d * level[q], 16 non-linear levels
+    23: Format("iq4_xs", 256, 136),
+    30: Format("bf16", 1, 2),
 }
 GGML_TYPES = {f.name: number for number, f in FORMATS.items()}  # name -> GGUF type number
 TILED = 0x100  # or-ed into a type number: the weights are in the tiled order (`tile`)
@@ -90,8 +102,8 @@ def requantize_q8_0(kind: str, blocks: torch.Tensor, n: int, k: int) -> torch.Te
     (j = 1..16), q lands on j*q exactly, and only m is rounded: the error is the same for the
     block's 32 weights, (m - d/j * round(j*m/d)). Each block takes the j with the least error whose
     integers fit in [-127, 127], or the plain scale max|v|/127 where that is closer; a Q4_0 block is
-    kept exactly (j = 1). On the default model this rounds the weights with 6x less squared error than
-    quantizing their float values afresh."""
+    kept exactly (j = 1). This rounds the weights with less squared error than quantizing their float
+    values afresh."""
     nb = k // QK
     width = 20 if kind == "q4_1" else 18
     b = blocks.reshape(n, nb, width)

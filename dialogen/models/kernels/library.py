@@ -22,6 +22,7 @@ from pathlib import Path
 from ...paths import cache_dir
 
 SOURCE = Path(__file__).resolve().parent.parent / "kernels.c"
+INCLUDED = [SOURCE.with_name("kquants.c")]  # #included by SOURCE: part of the build key
 FLAGS = ["-O3", "-march=native", "-fno-math-errno", "-fopenmp", "-shared", "-fPIC", "-std=c11"]
 
 _i, _p, _f, _i64, _size = ctypes.c_int, ctypes.c_void_p, ctypes.c_float, ctypes.c_int64, ctypes.c_size_t
@@ -30,6 +31,8 @@ _i, _p, _f, _i64, _size = ctypes.c_int, ctypes.c_void_p, ctypes.c_float, ctypes.
 PROTOTYPES = {
     "qmatmul": ([_i, _p, _i, _i, _p, _i, _p, _p, _i, _p, _f, _i, _i], _i),
     "dequantize": ([_i, _p, _i, _i, _p, _i], None),
+    "block_bytes": ([_i], _i),
+    "block_values": ([_i], _i),
     "tiled_bytes": ([_i, _i, _i], _size),
     "tile_weights": ([_i, _p, _i, _i, _p, _i], None),
     "attend_decode": ([_i, _i, _i, _i, _p, _p, _p, _p, _p, _p, _i64, _p, _p, _p, _i], _i),
@@ -59,7 +62,8 @@ def build(verbose: bool = False, march: str = "native") -> Path | None:
     flags = [f"-march={march}" if f == "-march=native" else f for f in FLAGS]
     # -march=native code runs only where it was built: the CPU's features are part of the key, so a home
     # directory shared between machines never hands one machine another's build
-    key = hashlib.sha256(SOURCE.read_bytes() + " ".join([cc, *flags, _cpu_features()]).encode()).hexdigest()[:16]
+    source = b"".join(p.read_bytes() for p in (SOURCE, *INCLUDED))
+    key = hashlib.sha256(source + " ".join([cc, *flags, _cpu_features()]).encode()).hexdigest()[:16]
     target = cache_dir() / "kernels" / f"kernels-{key}.so"
     if target.exists():
         return target

@@ -18,8 +18,8 @@ def _ptr(t: torch.Tensor | None) -> int | None:
 
 def qmatmul(ggml_type: int, blocks: torch.Tensor, n: int, k: int, x: torch.Tensor, bias=None, out=None,
             norm=None, eps: float = 0.0, swiglu: bool = False) -> torch.Tensor:
-    """x (R, k) -> (R, n) through weights kept as blocks (n, k/32 * block bytes), or tiled
-    (`formats.tile`, with TILED in `ggml_type`).
+    """x (R, k) -> (R, n) through weights kept as blocks of a `formats.FORMATS` type (n, k / block *
+    bytes), or tiled (`formats.tile`, with TILED in `ggml_type`); k is a multiple of 32 and of the block.
 
     `norm`: an RMSNorm weight applied to x first; `swiglu`: x is (R, 2k) [gate | up] and
     silu(gate) * up is multiplied; `out`: add the product into this (R, n) tensor instead."""

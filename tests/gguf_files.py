@@ -1,0 +1,135 @@
+"""Tiny GGUF files written with gguf-py's GGUFWriter from tiny random transformers models, laid out
+as llama.cpp's converter lays them out (q/k rows interleaved for its rotary), for the GGUF loader's
+tests and the GGUF fuzz test."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+NAMES = {"model.embed_tokens": "token_embd", "model.norm": "output_norm", "lm_head": "output"}
+PER_LAYER = {"input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm", "self_attn.q_proj": "attn_q",
+             "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v", "self_attn.o_proj": "attn_output",
+             "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up", "mlp.down_proj": "ffn_down"}
+SPECIALS = ["<|im_start|>", "<|im_end|>"]
+CHATML = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+          "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+
+
+def byte_vocabulary(size: int) -> dict:
+    """A byte-level BPE vocabulary of `size` tokens: the 256 byte stand-ins, merges of a few pairs,
+    two control tokens last."""
+    printable = [*range(0x21, 0x7F), *range(0xA1, 0xAD), *range(0xAE, 0x100)]
+    chars = {b: chr(b) for b in printable}
+    chars.update({b: chr(0x100 + i) for i, b in enumerate(b for b in range(256) if b not in printable)})
+    tokens = [chars[b] for b in range(256)]
+    merges = []
+    for a, b in zip("Ġthaeiou", "thenrsdl"):
+        if len(tokens) >= size - len(SPECIALS):
+            break
+        merges.append(f"{a} {b}")
+        tokens.append(a + b)
+    tokens += [f"[PAD{i}]" for i in range(size - len(SPECIALS) - len(tokens))] + SPECIALS
+    types = [1] * (size - len(SPECIALS)) + [3] * len(SPECIALS)
+    return {"tokens": tokens, "types": types, "merges": merges}
+
+
+def tiny_hf(family: str = "llama", vocab: int = 288, tied: bool = False, seed: int = 0, **config):
+    """A tiny random transformers model (weights widened so differences show)."""
+    import transformers
+
+    torch.manual_seed(seed)
+    common = dict(vocab_size=vocab, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+                  num_key_value_heads=2, max_position_embeddings=256, rope_theta=10000.0, rms_norm_eps=1e-5,
+                  tie_word_embeddings=tied, **config)
+    cls = {"llama": (transformers.LlamaConfig, transformers.LlamaForCausalLM),
+           "qwen2": (transformers.Qwen2Config, transformers.Qwen2ForCausalLM)}[family]
+    model = cls[1](cls[0](**common))
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0, 0.2) if p.dim() == 2 else p.add_(torch.randn_like(p) * 0.05)
+    return model.eval()
+
+
+def write_gguf(path, hf_model, arch: str = "llama", types: dict | None = None, meta: dict | None = None,
+               extra: dict | None = None, vocab: dict | None = None):
+    """`hf_model` as a GGUF of architecture `arch`, each tensor in types[name] (default F32), with
+    metadata `meta` ({key: value}, added as given) and `extra` tensors ({name: float array}).
+    `vocab` replaces parts of the vocabulary (tokens, types, merges). Returns the weights as written,
+    dequantized, in transformers' names."""
+    import gguf
+
+    types = types or {}
+    cfg = hf_model.config
+    w = gguf.GGUFWriter(str(path), arch)
+    w.add_block_count(cfg.num_hidden_layers)
+    w.add_context_length(cfg.max_position_embeddings)
+    w.add_embedding_length(cfg.hidden_size)
+    w.add_feed_forward_length(cfg.intermediate_size)
+    w.add_head_count(cfg.num_attention_heads)
+    w.add_head_count_kv(cfg.num_key_value_heads)
+    w.add_rope_freq_base(float(getattr(cfg, "rope_theta", None) or 10000.0))
+    w.add_layer_norm_rms_eps(cfg.rms_norm_eps)
+    v = {**byte_vocabulary(cfg.vocab_size), **(vocab or {})}
+    w.add_tokenizer_model("gpt2")
+    w.add_tokenizer_pre("smollm")
+    w.add_token_list(v["tokens"])
+    w.add_token_types(v["types"])
+    w.add_token_merges(v["merges"])
+    w.add_eos_token_id(len(v["tokens"]) - 1 if v["tokens"] else 0)
+    w.add_chat_template(CHATML)
+    for key, value in (meta or {}).items():
+        w.add_key_value(key, value, _value_type(value))
+    written = {}
+    for hf_name, t in hf_model.state_dict().items():
+        if hf_name == "lm_head.weight" and cfg.tie_word_embeddings:
+            continue
+        stem, part = hf_name.rsplit(".", 1)
+        if stem.startswith("model.layers."):
+            i, rest = stem.removeprefix("model.layers.").split(".", 1)
+            name = f"blk.{i}.{PER_LAYER[rest]}.{part}"
+        else:
+            name = f"{NAMES[stem]}.{part}"
+        written[hf_name] = _add(w, name, t.detach().float().numpy(), types.get(name, "F32"), cfg)
+    for name, a in (extra or {}).items():
+        w.add_tensor(name, np.asarray(a, dtype=np.float32))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return written
+
+
+def _value_type(value):
+    import gguf
+
+    if isinstance(value, str):
+        return gguf.GGUFValueType.STRING
+    if isinstance(value, float):
+        return gguf.GGUFValueType.FLOAT32
+    return gguf.GGUFValueType.UINT32
+
+
+def _add(w, name: str, a: np.ndarray, type_name: str, cfg) -> torch.Tensor:
+    import gguf
+
+    heads = {"attn_q": cfg.num_attention_heads, "attn_k": cfg.num_key_value_heads}.get(name.split(".")[-2])
+    shape = a.shape
+    if heads:  # llama.cpp's order: the two rotary halves of each head interleaved
+        a = a.reshape(heads, 2, shape[0] // heads // 2, -1).swapaxes(1, 2).reshape(shape)
+    kind = gguf.GGMLQuantizationType[type_name]
+    data = gguf.quants.quantize(np.ascontiguousarray(a), kind) if kind.name != "F32" else np.ascontiguousarray(a)
+    w.add_tensor(name, data, raw_dtype=kind)
+    back = gguf.quants.dequantize(data, kind).reshape(shape) if kind.name != "F32" else a
+    if heads:
+        back = back.reshape(heads, shape[0] // heads // 2, 2, -1).swapaxes(1, 2).reshape(shape)
+    return torch.from_numpy(np.ascontiguousarray(back, dtype=np.float32))
+
+
+def with_weights(hf_model, written: dict):
+    """A copy of `hf_model` holding the weights as written."""
+    import copy
+
+    out = copy.deepcopy(hf_model)
+    out.load_state_dict(written, strict=False)
+    return out.eval()
