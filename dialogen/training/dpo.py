@@ -134,7 +134,7 @@ def train_dpo(opts: TrainOptions) -> dict:
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
-        record = {"step": step, "loss": float(loss), "reward_accuracy": float((c > r).float().mean()),
+        record = {"step": step, "loss": loss.item(), "reward_accuracy": float((c > r).float().mean()),
                   "reward_margin": float((c - r).mean()), "grad_norm": norm, "elapsed": round(time.time() - t0, 3)}
         metrics.log(record)
         if opts.eval_every and step % opts.eval_every == 0 and step < total and held:

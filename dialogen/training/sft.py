@@ -263,13 +263,8 @@ class Loop:
             ckpt.save(self.out / "best", self.model, self.tokenizer, meta, adapter=self.adapter)
 
     def save_last(self, step: int):
-<<<<<<< HEAD
         if not ckpt.finite_weights(self.adapter or self.model):  # every rank holds the same weights: all stop
-            self._diverged(step, "the weights are no longer finite")
-=======
-        if not ckpt.finite_weights(self.model):  # every rank holds the same weights: all stop
             self._diverged(step, "the weights are not finite")
->>>>>>> main
         if not self.d.main:
             return
         state = {"step": step, "order": self.order, "best_val_ppl": self.best}
