@@ -15,7 +15,7 @@ estimate, as other jobs can only add time to a step.
 `--labels chat` trains the assistant tokens only (what `dialogen train` does), `all` every token.
 `--lora`: a LoRA step on a frozen base, ours (`models/lora.py`) against peft + transformers, on the same
 base, batch, rank, alpha and targets. Each side runs in its own process (peak RSS is per process), one
-after the other; prints each side's median and best step time, peak RSS (ru_maxrss) and the ratios.
+after the other; prints each side's median and best step time, peak RSS (VmHWM) and the ratios.
 """
 
 from __future__ import annotations
@@ -69,8 +69,6 @@ def theirs_step(model, opt, ids, labels):
 def lora_side(side: str, model: str | None, data: str, rank: int, alpha: float, targets: list[str], steps: int,
               lr: float) -> dict:
     """Timed LoRA steps of one side in this process: {"times": [...], "rss_mb": ..., "first_loss": ...}."""
-    import resource
-
     ids, labels = torch.load(data)
     if side == "ours":
         from dialogen.models.loading import load
@@ -107,7 +105,15 @@ def lora_side(side: str, model: str | None, data: str, rank: int, alpha: float, 
             times.append(time.perf_counter() - t0)
         first = loss.item() if first is None else first
         print(f"step {i} {side}: {time.perf_counter() - t0:.2f}s loss {loss.item():.4f}", file=sys.stderr, flush=True)
-    return {"times": times, "rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "first_loss": first}
+    return {"times": times, "rss_mb": peak_rss_mb(), "first_loss": first}
+
+
+def peak_rss_mb() -> float:
+    """This process's peak RSS since its exec (VmHWM; ru_maxrss would carry the parent's over the fork)."""
+    for line in open("/proc/self/status"):
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
 
 
 def lora_main(args):
