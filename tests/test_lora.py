@@ -135,3 +135,25 @@ def test_adapter_flag_and_api_chat_with_the_adapted_model(run, tmp_path, capsys)
     assert capsys.readouterr().out == first
     chat = dialogen.load(adapter=str(run / "last"))
     assert chat.engine.model.adapter is not None and chat.engine.template.name == "chatml"
+
+
+def test_gradient_checkpointing_gives_the_same_gradients(tiny_llama):
+    from dialogen.models.lora import Adapter, LoraSettings
+    from dialogen.training.loss import LossModel
+
+    path, _ = tiny_llama
+    model = load(str(path), "float32").model.materialize().requires_grad_(False).train()
+    adapter = Adapter(model.cfg, LoraSettings(4, 8.0, 0.1, ("q_proj", "down_proj")), None).init(0).attach(model)
+    with torch.no_grad():
+        for p in adapter.parameters():
+            p.normal_(0, 0.1)
+    ids = torch.randint(0, 1000, (2, 12), generator=torch.Generator().manual_seed(0))
+    grads = []
+    for checkpointing in (False, True):
+        model.checkpointing = checkpointing
+        torch.manual_seed(1)  # the same dropout masks
+        nll, _ = LossModel(model, adapter)(ids, ids)
+        nll.backward()
+        grads.append([p.grad.clone() for p in adapter.parameters()])
+        adapter.zero_grad()
+    assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(*grads))

@@ -229,6 +229,7 @@ class Transformer(nn.Module):
     reuses_prefix = True  # a kept cache is extended with a turn's new tokens (models/family.py)
     native = None  # what `models.native.swap_in` installed (its `Swap`), or None: the reference modules
     adapter = None  # the LoRA adapter hooked onto the Linears (`models.lora.Adapter.attach`), or None
+    checkpointing = False  # training: recompute each block's activations in the backward pass
 
     def __init__(self, cfg: Config):
         super().__init__()
@@ -341,7 +342,10 @@ class Transformer(nn.Module):
         if cfg.local_rope_theta:
             step.local_rope = rope_tables(cfg, positions, local=True)
         for block in self.blocks:
-            x = block(x, step)
+            if self.checkpointing and torch.is_grad_enabled():  # keep each block's input only; redo it in backward
+                x = torch.utils.checkpoint.checkpoint(block, x, step, use_reentrant=False)
+            else:
+                x = block(x, step)
         if cache is not None:
             cache.advance(T)
         return x

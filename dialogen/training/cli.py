@@ -45,6 +45,9 @@ def register(sub):
     g.add_argument("--freeze-embeddings", action="store_true",
                    help="do not train the token (and position) embeddings; a tied output head freezes with them")
     g.add_argument("--freeze-layers", type=int, default=D.freeze_layers, help="do not train the first K blocks")
+    g.add_argument("--gradient-checkpointing", action="store_true",
+                   help="keep only each block's input and recompute the rest in the backward pass: less memory, "
+                        "about a third more compute")
     g = p.add_argument_group("LoRA (low-rank adapters on a frozen base, saved in PEFT's format)")
     g.add_argument("--lora-r", type=int, default=D.lora_r, help="adapter rank; 0 = train every weight (default: %(default)s)")
     g.add_argument("--lora-alpha", type=float, default=D.lora_alpha, help="the adapter's output scales by alpha / r "

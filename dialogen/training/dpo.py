@@ -112,6 +112,7 @@ def train_dpo(opts: TrainOptions) -> dict:
     per_epoch = math.ceil(len(train_pairs) / opts.batch_size)
     total = opts.max_steps or max(1, math.ceil(opts.epochs * per_epoch))
     model.train()
+    model.checkpointing = opts.gradient_checkpointing
     optimizer, scheduler = make_optimizer(adapter, opts, total)
     params = [p for p in adapter.parameters() if p.requires_grad]
     metrics = ckpt.Metrics(out / "metrics.jsonl")

@@ -49,6 +49,7 @@ class TrainOptions:
     lora_alpha: float = 16.0
     lora_dropout: float = 0.0
     lora_targets: str = ""  # comma-separated module names; empty: every projection of the blocks
+    gradient_checkpointing: bool = False
     dpo: bool = False  # --data holds preference records; the adapter trains by DPO (training/dpo.py)
     dpo_beta: float = 0.1
     # --init scratch: a GPT-2-style model and its BPE vocabulary
