@@ -157,3 +157,53 @@ def test_gradient_checkpointing_gives_the_same_gradients(tiny_llama):
         grads.append([p.grad.clone() for p in adapter.parameters()])
         adapter.zero_grad()
     assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(*grads))
+
+
+def test_lora_on_a_blocked_base_matches_its_dequantized_reference(smol_tokenizer, data, tmp_path):  # noqa: F811
+    import transformers
+
+    from dialogen.models.kernels import library
+    from dialogen.models.lora import Adapter, LoraSettings
+    from dialogen.models.native import BlockLinear
+    from dialogen.training.loss import LossModel
+
+    if not library.enabled():
+        pytest.skip("the native kernels are not built here")
+    torch.manual_seed(0)  # transformers' own initialisation: logits of a trained model's scale
+    path = tmp_path / "base"
+    transformers.LlamaForCausalLM(transformers.LlamaConfig(
+        vocab_size=smol_tokenizer.vocab_size, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256)).save_pretrained(path)
+    smol_tokenizer.save(path)
+    ids = torch.randint(0, 1000, (2, 16), generator=torch.Generator().manual_seed(0))
+    losses, grads = [], []
+    for blocked in (True, False):
+        model = load(str(path), "int8").model
+        for m in model.modules():
+            if isinstance(m, BlockLinear):
+                m.shipped = None  # the reference is the blocks' values, not the float weights they came from
+        model.frozen_blocks = blocked
+        model.requires_grad_(False).train()
+        assert all(isinstance(b.mlp.down, BlockLinear) for b in model.blocks) == blocked
+        adapter = Adapter(model.cfg, LoraSettings(4, 8.0, 0.0, ("q_proj", "o_proj", "gate_proj", "down_proj")))
+        adapter.init(0).attach(model)
+        g = torch.Generator().manual_seed(5)  # the same adapter both times
+        with torch.no_grad():
+            for p in adapter.parameters():
+                p.copy_(torch.randn(p.shape, generator=g) * 0.1)
+        nll, n = LossModel(model, adapter)(ids, ids)
+        (nll / n).backward()
+        losses.append((nll / n).item())
+        grads.append(torch.cat([p.grad.flatten() for p in adapter.parameters()]))
+        if blocked:  # the training forward is the native products of inference
+            model.eval()
+            with torch.no_grad():
+                native, _ = LossModel(model, adapter)(ids, ids)
+            assert abs(native.item() / n.item() - losses[0]) < 1e-5 * losses[0]
+    # blocks (native products, activations rounded to 8 bits as the kernels do) against their float values
+    assert abs(losses[0] - losses[1]) < 1e-3 * abs(losses[1])
+    assert (grads[0] - grads[1]).norm() < 0.04 * grads[1].norm()
+    # the same through `dialogen train --base-dtype int8`
+    summary = train(TrainOptions(out=str(tmp_path / "q"), init=str(path), data=data, max_steps=2, eval_every=2,
+                                 base_dtype="int8", **LORA))
+    assert summary["steps"] == 2 and (tmp_path / "q/last/adapter_model.safetensors").exists()

@@ -121,6 +121,10 @@ class BlockLinear(nn.Module):
         return cls(kind, blocks, lin.in_features, lin.out_features, lin.bias, shipped, shipped_kind)
 
     def forward(self, x, norm=None, act: str | None = None, residual=None):
+        if torch.is_grad_enabled() and self.training and library.enabled():  # a frozen base that trains adapters
+            y = BlockProduct.apply(activate(x, norm, act), self)
+            y = y if self.bias is None else y + self.bias
+            return y if residual is None else residual + y
         if torch.is_grad_enabled() or not library.enabled():  # the reference math on the weight as shipped
             y = F.linear(activate(x, norm, act), self.reference_weight(), self.bias)
             return y if residual is None else residual + y
@@ -160,6 +164,34 @@ class BlockLinear(nn.Module):
         return f"{self.kind}, in_features={self.in_features}, out_features={self.out_features}"
 
 
+BACKWARD_ROWS = 256  # rows of a weight dequantized at a time for an input gradient
+
+
+class BlockProduct(torch.autograd.Function):
+    """`a @ W^T` for a BlockLinear's frozen blocks W (out, in), differentiable in `a`: the forward is
+    the native product; the backward, `g @ W`, dequantizes BACKWARD_ROWS rows of W at a time, so no
+    float copy of W outlives one tile. (The base of a LoRA run on blocks, QLoRA-style.)"""
+
+    @staticmethod
+    def forward(ctx, a, lin):  # a (..., in) -> (..., out)
+        ctx.lin = lin
+        rows = a.numel() // a.shape[-1]
+        y = ops.qmatmul(lin.product_type, lin.blocks if lin.tiled is None else lin.tiled, lin.out_features,
+                        lin.in_features, a.reshape(rows, -1))
+        return y.view(*a.shape[:-1], -1)
+
+    @staticmethod
+    def backward(ctx, g):  # g (..., out) -> (..., in)
+        lin = ctx.lin
+        g2 = g.reshape(-1, lin.out_features)
+        grad = torch.zeros(g2.shape[0], lin.in_features, dtype=g.dtype)
+        for r0 in range(0, lin.out_features, BACKWARD_ROWS):
+            r1 = min(r0 + BACKWARD_ROWS, lin.out_features)
+            w = formats.dequantize(lin.ggml_type, lin.blocks[r0:r1], r1 - r0, lin.in_features)  # (rows, in)
+            grad.addmm_(g2[:, r0:r1], w)
+        return grad.view(*g.shape[:-1], lin.in_features), None
+
+
 class SegmentedLinear(nn.Module):
     """A fused Linear (q/k/v, gate/up) whose parts a file ships in different block formats (a
     Q4_K_M-style mix): one BlockLinear per part, each product filling its columns of the output.
@@ -172,6 +204,11 @@ class SegmentedLinear(nn.Module):
         self.__dict__["parts"] = [BlockLinear(kind, b, lin.in_features, b.shape[0]) for kind, b in parts]
 
     def forward(self, x, norm=None, act: str | None = None, residual=None):
+        if torch.is_grad_enabled() and self.training and library.enabled():  # a frozen base that trains adapters
+            a = activate(x, norm, act)
+            y = torch.cat([BlockProduct.apply(a, p) for p in self.parts], dim=-1)
+            y = y if self.bias is None else y + self.bias
+            return y if residual is None else residual + y
         if torch.is_grad_enabled() or not library.enabled():  # the reference math on the weight as shipped
             y = F.linear(activate(x, norm, act), self.reference_weight(), self.bias)
             return y if residual is None else residual + y
@@ -213,7 +250,7 @@ class BlockEmbedding(nn.Module):
         self.register_buffer("blocks", blocks, persistent=False)
 
     def forward(self, ids):
-        if torch.is_grad_enabled() or not library.enabled():
+        if (torch.is_grad_enabled() and not self.training) or not library.enabled():
             return F.embedding(ids, self.reference_weight())
         rows = self.blocks[ids.reshape(-1)]  # (N, row bytes): the looked-up rows' blocks only
         return formats.dequantize(self.ggml_type, rows, rows.shape[0], self.embedding_dim).view(*ids.shape, -1)

@@ -230,6 +230,7 @@ class Transformer(nn.Module):
     native = None  # what `models.native.swap_in` installed (its `Swap`), or None: the reference modules
     adapter = None  # the LoRA adapter hooked onto the Linears (`models.lora.Adapter.attach`), or None
     checkpointing = False  # training: recompute each block's activations in the backward pass
+    frozen_blocks = False  # a LoRA run's base: its swapped-in blocks stay in training (native.BlockProduct)
 
     def __init__(self, cfg: Config):
         super().__init__()
@@ -261,7 +262,7 @@ class Transformer(nn.Module):
         return self
 
     def train(self, mode: bool = True):
-        if mode:  # training runs the reference
+        if mode and not self.frozen_blocks:  # training runs the reference
             self.materialize()
         return super().train(mode)
 

@@ -57,6 +57,9 @@ def register(sub):
     g.add_argument("--lora-targets", default=D.lora_targets, help="comma-separated module names as PEFT names them "
                    "(q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj; gpt2: c_attn,c_proj,c_fc); "
                    "default: all of them")
+    g.add_argument("--base-dtype", default=D.base_dtype, choices=["float32", "auto", "int8", "int4"],
+                   help="the frozen base's weights: float32, or blocks multiplied by the native kernels (QLoRA-style; "
+                        "auto: a GGUF file's own blocks, else int8) (default: %(default)s)")
     g.add_argument("--dpo", action="store_true", help="preference tuning: --data is a JSONL file of TRL's "
                    "prompt/chosen/rejected records; the adapter-free base is the reference model")
     g.add_argument("--dpo-beta", type=float, default=D.dpo_beta, help="DPO's beta (default: %(default)s)")

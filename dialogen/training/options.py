@@ -49,6 +49,7 @@ class TrainOptions:
     lora_alpha: float = 16.0
     lora_dropout: float = 0.0
     lora_targets: str = ""  # comma-separated module names; empty: every projection of the blocks
+    base_dtype: str = "float32"  # --lora-r: the frozen base's weights: float32, or blocks (auto, int8, int4)
     gradient_checkpointing: bool = False
     dpo: bool = False  # --data holds preference records; the adapter trains by DPO (training/dpo.py)
     dpo_beta: float = 0.1
@@ -98,6 +99,10 @@ class TrainOptions:
                 raise UserError("--freeze-embeddings and --freeze-layers do not apply with --lora-r (the base is frozen)")
             if self.arch != "transformer":
                 raise UserError("--lora-r adapts transformer models, not --arch rnn")
+            if self.base_dtype not in ("float32", "auto", "int8", "int4"):
+                raise UserError(f"--base-dtype must be one of float32, auto, int8, int4, got {self.base_dtype!r}")
+        elif self.base_dtype != "float32":
+            raise UserError("--base-dtype keeps a LoRA run's frozen base in blocks: give --lora-r")
         elif self.dpo:
             raise UserError("--dpo trains a LoRA adapter: give --lora-r")
         elif self.lora_targets:

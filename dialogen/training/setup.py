@@ -84,13 +84,20 @@ def base_name(init: str) -> str:
 def build_lora(opts: TrainOptions):
     """The frozen base of --init (the float32 reference) with a new adapter, or the adapter of the
     run's last checkpoint on --resume."""
-    loaded = load(None if opts.init == "default" else opts.init, torch.float32)
+    loaded = load(None if opts.init == "default" else opts.init, opts.base_dtype)
     model, tok = loaded.model, loaded.tokenizer
     if not isinstance(model, Transformer):
         raise UserError(f"{opts.init}: --lora-r adapts transformer models (llama, gpt2 families)")
     if opts.max_len > model.cfg.max_seq_len:
         raise UserError(f"--max-len {opts.max_len} exceeds the model's context of {model.cfg.max_seq_len} tokens")
-    model.materialize().requires_grad_(False)
+    if opts.base_dtype == "float32":
+        model.materialize()
+    elif model.native is None or not model.native.blocks:
+        raise UserError(f"--base-dtype {opts.base_dtype}: the base has no blocks to train on here (the native "
+                        f"kernels are off or cannot multiply this model); use --base-dtype float32")
+    else:  # the Linears keep their blocks; their input gradients go through the same blocks
+        model.frozen_blocks = True
+    model.requires_grad_(False)
     cfg, base = model.cfg, base_name(opts.init)
     targets = tuple(t.strip() for t in opts.lora_targets.split(",") if t.strip()) or default_targets(cfg)
     settings = LoraSettings(opts.lora_r, opts.lora_alpha, opts.lora_dropout, targets)

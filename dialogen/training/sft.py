@@ -101,7 +101,7 @@ def _prepare(opts: TrainOptions, d: Dist, out: Path, began: float):
     order = {"seed": opts.seed, "batch_size": opts.batch_size, "global_micro_batches": G, "pack": opts.pack,
              "examples": len(examples), "tokens": sum(len(ex.ids) for ex in examples), "total_steps": total}
     if adapter is not None:
-        order["lora"] = [opts.lora_r, opts.lora_alpha, opts.lora_dropout, adapter.names]
+        order["lora"] = [opts.lora_r, opts.lora_alpha, opts.lora_dropout, adapter.names, opts.base_dtype]
         adapter.to(d.device)
     model.to(d.device).train()
     if opts.gradient_checkpointing:
