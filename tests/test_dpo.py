@@ -3,7 +3,6 @@ and bad preference records refused with file:line."""
 
 import json
 
-import pytest
 import torch
 import torch.nn.functional as F
 

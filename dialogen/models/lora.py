@@ -280,9 +280,9 @@ def read_adapter(directory: Path, cfg: Config, base: Path | None = None) -> Adap
     odd = sorted(m for m in modules if m not in known)
     if odd:
         raise UserError(f"{directory / WEIGHTS_FILE}: the adapter is for another base: this model has no module {odd[0]}")
-    adapter = Adapter(cfg, LoraSettings(settings.r, settings.alpha, settings.dropout, tuple(sorted(modules, key=list(known).index))),
-                      c.get("base_model_name_or_path"))
-    adapter.settings = settings
+    found = tuple(sorted(modules, key=list(known).index))  # whole names: exactly the modules the file holds
+    adapter = Adapter(cfg, LoraSettings(settings.r, settings.alpha, settings.dropout, found), c.get("base_model_name_or_path"))
+    adapter.settings = settings  # the targets as the config gives them
     for name in adapter.names:
         part = adapter.parts[name.replace(".", "-")]
         for m, p in (("A", part.A), ("B", part.B)):

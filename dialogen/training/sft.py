@@ -25,7 +25,7 @@ from tqdm import tqdm
 
 from ..chat.templates import get_template
 from ..data import load_split
-from ..data.batches import bucket_batches, collate, pack
+from ..data.batches import bucket_batches, collate, collate_segments, pack
 from ..data.dataset import IGNORE_INDEX, build_examples
 from ..decoding.reverse import REVERSE_CONTEXT_TURNS
 from ..errors import UserError
@@ -93,6 +93,8 @@ def _prepare(opts: TrainOptions, d: Dist, out: Path, began: float):
     examples, stats = build_examples(train_convs, tokenizer, template, opts.max_len, opts.train_on, opts.reverse)
     check_trainable(opts, stats)
     if opts.pack:
+        if not isinstance(model, Transformer):
+            raise UserError("--pack joins examples for transformer models (an encoder-decoder takes them one by one)")
         examples = pack(examples, opts.max_len, opts.seed)
     valid, _ = build_examples(valid_convs, tokenizer, template, opts.max_len, "assistant", opts.reverse)
     plan = Plan([len(ex.ids) for ex in examples], opts.batch_size, opts.seed)
@@ -226,17 +228,18 @@ class Loop:
         """One optimizer step over this rank's micro-batches; the loss is the global mean."""
         opts, d = self.opts, self.d
         G = opts.grad_accum * d.world
-        micro = [collate([self.examples[i] for i in self.plan.batch(step * G + j * d.world + d.rank)],
-                         self.tokenizer.pad_id) for j in range(opts.grad_accum)]
-        local = sum(int((labels[:, 1:] != IGNORE_INDEX).sum()) for _, labels in micro)
+        rows = [[self.examples[i] for i in self.plan.batch(step * G + j * d.world + d.rank)] for j in range(opts.grad_accum)]
+        micro = [(*collate(r, self.tokenizer.pad_id), collate_segments(r)) for r in rows]
+        local = sum(int((labels[:, 1:] != IGNORE_INDEX).sum()) for _, labels, _ in micro)
         trained = self.d.sum(torch.tensor(float(local), dtype=torch.float64)).item()
         t0 = time.time()
         loss_sum = torch.zeros((), dtype=torch.float64)
         amp = torch.autocast("cuda", dtype=torch.bfloat16) if d.device.type == "cuda" else nullcontext()
-        for j, (ids, labels) in enumerate(micro):
+        for j, (ids, labels, segments) in enumerate(micro):
             sync = nullcontext() if d.world == 1 or j == len(micro) - 1 else self.loss_model.no_sync()
             with sync, amp:
-                nll, _ = self.loss_model(ids.to(d.device), labels.to(d.device))
+                nll, _ = self.loss_model(ids.to(d.device), labels.to(d.device),
+                                         None if segments is None else segments.to(d.device))
                 (nll * d.world / max(trained, 1)).backward()
             loss_sum += nll.detach().double().cpu()
         loss = (self.d.sum(loss_sum) / max(trained, 1)).item()
@@ -248,7 +251,7 @@ class Loop:
         lr = self.optimizer.param_groups[0]["lr"]
         self.optimizer.step()
         self.scheduler.step()
-        tokens = sum(int(ids.numel()) for ids, _ in micro) * d.world  # incl. padding: work done
+        tokens = sum(int(ids.numel()) for ids, _, _ in micro) * d.world  # incl. padding: work done
         dt = max(time.time() - t0, 1e-9)
         return {"loss": loss, "lr": lr, "grad_norm": norm, "trained_tokens": int(trained), "tok_s": tokens / dt}
 
