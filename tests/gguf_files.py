@@ -10,7 +10,8 @@ import torch
 NAMES = {"model.embed_tokens": "token_embd", "model.norm": "output_norm", "lm_head": "output"}
 PER_LAYER = {"input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm", "self_attn.q_proj": "attn_q",
              "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v", "self_attn.o_proj": "attn_output",
-             "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up", "mlp.down_proj": "ffn_down"}
+             "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up", "mlp.down_proj": "ffn_down",
+             "self_attn.q_norm": "attn_q_norm", "self_attn.k_norm": "attn_k_norm"}
 SPECIALS = ["<|im_start|>", "<|im_end|>"]
 CHATML = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
           "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
@@ -39,11 +40,13 @@ def tiny_hf(family: str = "llama", vocab: int = 288, tied: bool = False, seed: i
     import transformers
 
     torch.manual_seed(seed)
-    common = dict(vocab_size=vocab, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
-                  num_key_value_heads=2, max_position_embeddings=256, rope_theta=10000.0, rms_norm_eps=1e-5,
-                  tie_word_embeddings=tied, **config)
+    common = {**dict(vocab_size=vocab, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+                     num_key_value_heads=2, max_position_embeddings=256, rope_theta=10000.0, rms_norm_eps=1e-5,
+                     tie_word_embeddings=tied), **config}
     cls = {"llama": (transformers.LlamaConfig, transformers.LlamaForCausalLM),
-           "qwen2": (transformers.Qwen2Config, transformers.Qwen2ForCausalLM)}[family]
+           "qwen2": (transformers.Qwen2Config, transformers.Qwen2ForCausalLM),
+           "qwen3": (transformers.Qwen3Config, transformers.Qwen3ForCausalLM),
+           "gemma": (transformers.GemmaConfig, transformers.GemmaForCausalLM)}[family]
     model = cls[1](cls[0](**common))
     with torch.no_grad():
         for p in model.parameters():
@@ -70,6 +73,10 @@ def write_gguf(path, hf_model, arch: str = "llama", types: dict | None = None, m
     w.add_head_count_kv(cfg.num_key_value_heads)
     w.add_rope_freq_base(float(getattr(cfg, "rope_theta", None) or 10000.0))
     w.add_layer_norm_rms_eps(cfg.rms_norm_eps)
+    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+    if head_dim * cfg.num_attention_heads != cfg.hidden_size:
+        w.add_key_length(head_dim)
+        w.add_value_length(head_dim)
     v = {**byte_vocabulary(cfg.vocab_size), **(vocab or {})}
     w.add_tokenizer_model("gpt2")
     w.add_tokenizer_pre("smollm")
@@ -90,7 +97,12 @@ def write_gguf(path, hf_model, arch: str = "llama", types: dict | None = None, m
             name = f"blk.{i}.{PER_LAYER[rest]}.{part}"
         else:
             name = f"{NAMES[stem]}.{part}"
-        written[hf_name] = _add(w, name, t.detach().float().numpy(), types.get(name, "F32"), cfg)
+        a = t.detach().float().numpy()
+        if arch == "gemma" and name.endswith("norm.weight"):  # llama.cpp's converter stores gemma's 1 + w
+            a = a + 1
+        written[hf_name] = _add(w, name, a, types.get(name, "F32"), cfg, arch == "llama")
+        if arch == "gemma" and name.endswith("norm.weight"):
+            written[hf_name] = written[hf_name] - 1
     for name, a in (extra or {}).items():
         w.add_tensor(name, np.asarray(a, dtype=np.float32))
     w.write_header_to_file()
@@ -110,15 +122,22 @@ def _value_type(value):
     return gguf.GGUFValueType.UINT32
 
 
-def _add(w, name: str, a: np.ndarray, type_name: str, cfg) -> torch.Tensor:
+def _add(w, name: str, a: np.ndarray, type_name: str, cfg, interleave: bool) -> torch.Tensor:
+    """One tensor written; llama's q/k rows interleaved as llama.cpp's converter does (qwen's are not)."""
     import gguf
 
     heads = {"attn_q": cfg.num_attention_heads, "attn_k": cfg.num_key_value_heads}.get(name.split(".")[-2])
+    heads = heads if interleave else None
     shape = a.shape
     if heads:  # llama.cpp's order: the two rotary halves of each head interleaved
         a = a.reshape(heads, 2, shape[0] // heads // 2, -1).swapaxes(1, 2).reshape(shape)
     kind = gguf.GGMLQuantizationType[type_name]
-    data = gguf.quants.quantize(np.ascontiguousarray(a), kind) if kind.name != "F32" else np.ascontiguousarray(a)
+    try:
+        data = gguf.quants.quantize(np.ascontiguousarray(a), kind) if kind.name != "F32" else np.ascontiguousarray(a)
+    except NotImplementedError:  # gguf-py cannot make K-quants: random blocks of the type (test_kquants)
+        from test_kquants import random_blocks
+
+        data = random_blocks(int(kind), shape[0], shape[1], np.random.default_rng(len(name))).numpy()
     w.add_tensor(name, data, raw_dtype=kind)
     back = gguf.quants.dequantize(data, kind).reshape(shape) if kind.name != "F32" else a
     if heads:

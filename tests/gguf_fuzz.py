@@ -145,7 +145,9 @@ def _serve():
     import select
     import time
 
-    import dialogen.api  # noqa: F401 (imported once, before the forks)
+    import gguf  # noqa: F401 (imported once, before the forks, as are the loader's modules)
+
+    import dialogen.api  # noqa: F401
     from dialogen.models.kernels import library
 
     library.build()

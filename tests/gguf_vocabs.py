@@ -141,8 +141,9 @@ def train_byte_level(vocab_size: int = 2500):
     return tokens, merges
 
 
-def write_byte_level_gguf(path, tokens, merges, pre, add_bos=None):
-    w = _writer(path)
+def write_byte_level_gguf(path, tokens, merges, pre, add_bos=None, model=None):
+    """`model`: a transformers llama whose weights the file carries too."""
+    w = _writer(path, "llama", model)
     w.add_tokenizer_model("gpt2")
     if pre is not None:
         w.add_tokenizer_pre(pre)
@@ -153,6 +154,8 @@ def write_byte_level_gguf(path, tokens, merges, pre, add_bos=None):
     w.add_eos_token_id(tokens.index("<|im_end|>"))
     if add_bos is not None:
         w.add_add_bos_token(add_bos)
+    if model is not None:
+        write_llama_weights(w, model)
     _close(w)
     return path
 

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from dialogen.errors import UserError
 from dialogen.models.kernels import formats, library, ops
 from dialogen.models.loading import load
-from dialogen.models.native import BlockLinear, HalfLinear
+from dialogen.models.native import BlockEmbedding, BlockLinear, HalfLinear
 from dialogen.models.transformer import CacheBatch, rope_tables
 
 pytestmark = pytest.mark.skipif(not library.enabled(), reason="no C compiler: the native kernels are not built")
@@ -91,6 +91,15 @@ def test_tiled_weights_give_the_blocks_products(kind):
         expected = acc + ops.qmatmul(t, blocks, 48, 160, x)
         ops.qmatmul(t | formats.TILED, tiled, 48, 160, x, out=acc)
         assert (acc - expected).abs().max() <= 1e-5 * expected.abs().max()
+
+
+def test_a_failed_scratch_allocation_is_a_memory_error():
+    """A product whose scratch memory cannot be allocated returns OUT_OF_MEMORY before it touches its
+    arguments (2**52 bytes exceed any x86-64 or arm64 address space), and Python raises MemoryError."""
+    status = library.lib().qmatmul(8, None, 32, 1 << 20, None, 1 << 30, None, None, 0, None, 0.0, 0, 1)
+    assert status == library.OUT_OF_MEMORY
+    with pytest.raises(MemoryError, match="qmatmul"):
+        library.check(status, "qmatmul")
 
 
 @pytest.mark.parametrize("kind", KINDS)
@@ -188,6 +197,36 @@ def test_greedy_tokens_equal_float32_where_the_dtype_is_exact_enough(default_fp3
             assert picked == want
             checked += 1
     assert checked >= 8
+
+
+@torch.no_grad()
+def test_swapped_model_agrees_with_the_no_kernels_reference(monkeypatch):
+    """Loaded with --no-kernels, the default model is the reference (nothing swapped in). The
+    swapped-in model (its blocks, native attention, fused blocks) gives decode-step logits within
+    the block rounding's tolerance of it (as `test_each_decode_dtype_stays_near_float32`), and with
+    the kernels off computes the reference math on the file's values: the same logits."""
+    from dialogen.models.layers import Embedding, Linear, RMSNorm
+    from dialogen.models.native import FusedBlock, NativeAttention
+    from dialogen.models.transformer import MLP, Attention, Block, Transformer
+
+    monkeypatch.setenv("DIALOGEN_KERNELS", "0")
+    loaded = load(None, "float32")
+    monkeypatch.delenv("DIALOGEN_KERNELS")
+    reference, tok = loaded.model, loaded.tokenizer
+    assert reference.native is None
+    assert {type(m) for m in reference.modules()} == {Transformer, torch.nn.ModuleList, Block, Attention, MLP, Linear,
+                                                     RMSNorm, Embedding}
+    swapped = load(None, "auto").model
+    assert swapped.native.blocks and swapped.native.attention
+    assert all(type(b) is FusedBlock and type(b.attn) is NativeAttention for b in swapped.blocks)
+    ids = torch.tensor([tok.encode_text("The capital of France is Paris. The capital of Italy is")])
+    ca, cb = reference.new_cache(1), swapped.new_cache(1)
+    reference(ids[:, :-4], ca), swapped(ids[:, :-4], cb)
+    for t in range(ids.shape[1] - 4, ids.shape[1]):
+        a, b = reference(ids[:, t:t + 1], ca)[0, -1], swapped(ids[:, t:t + 1], cb)[0, -1]
+        assert (a - b).abs().max() < 0.07 * a.abs().max(), t
+    with library.disabled():
+        assert torch.equal(swapped(ids), reference(ids))
 
 
 @pytest.mark.parametrize("fixture", ["tiny_llama", "tiny_gpt2"])
@@ -430,7 +469,8 @@ def test_block_linears_hold_no_float_weight(tiny_llama, tmp_path):
     def float_matrices():
         return {n for n, p in model.named_parameters() if p.dim() == 2}
 
-    assert float_matrices() == set()  # the token embedding dequantizes the rows it looks up
+    assert isinstance(model.embed, BlockEmbedding) and model.embed.kind == "q8_0"
+    assert float_matrices() == set()  # the token embedding too: a lookup dequantizes its rows
     cache = model.new_cache(1)
     model(_ids(12, seed=4), cache)
     model(_ids(1, seed=5), cache)
@@ -449,7 +489,8 @@ def test_state_dict_and_training_see_the_weights_as_shipped(mixed_gguf, dtype):
     assert ours.keys() == theirs.keys() and all(torch.equal(ours[k], theirs[k]) for k in ours)
     assert swapped.native is not None  # saving does not unswap
     trained = swapped.train()
-    assert trained.native is None and not any(isinstance(m, (BlockLinear, HalfLinear)) for m in trained.modules())
+    assert trained.native is None
+    assert not any(isinstance(m, (BlockLinear, BlockEmbedding, HalfLinear)) for m in trained.modules())
     assert type(trained.blocks[0]).__name__ == "Block" and type(trained.blocks[0].attn).__name__ == "Attention"
     params = dict(trained.named_parameters())
     assert params.keys() == dict(eager.named_parameters()).keys()

@@ -150,8 +150,13 @@ def test_unknown_key_and_family_are_refused_naming_the_key(tmp_path, capsys):
     assert main(["generate", str(msgs), "--model", str(tmp_path), "--template", "chatml"]) == 2
     err = capsys.readouterr().err
     assert err.startswith("dialogen: error: ") and "quantization_config" in err and err.count("\n") == 1
+    (tmp_path / "config.json").write_text(json.dumps({**conf, "rope_interleaved": True}))
+    with pytest.raises(UserError, match=r"config\.json: rope_interleaved=true is not supported"):
+        load(str(tmp_path), dtype="float32")
+    (tmp_path / "config.json").write_text(json.dumps({**conf, "rope_interleaved": False, "is_llama_config": True}))
+    load(str(tmp_path), dtype="float32")  # SmolLM2's config.json
     (tmp_path / "config.json").write_text(json.dumps({**conf, "model_type": "cohere"}))
-    with pytest.raises(UserError, match=r"config\.json: model_type \"cohere\" is not supported"):
+    with pytest.raises(UserError, match=r"config\.json: model_type 'cohere' is not supported"):
         load(str(tmp_path), dtype="float32")
 
 
@@ -261,3 +266,15 @@ def test_absent_keys_take_the_config_classs_defaults(name, tmp_path):
     ids = prompt(3 * WINDOW)
     assert (load(str(tmp_path), dtype="float32").model(ids) - back(ids).logits).abs().max() < 1e-4
     assert (back(ids).logits - theirs(ids).logits).abs().max() == 0
+
+
+def test_a_model_no_config_json_can_describe_is_not_saved(tmp_path):
+    """A model whose math no config.json it came from describes (e.g. a windowed llama built here)
+    is refused in one line, and nothing is written."""
+    from dialogen.models.transformer import Config, Transformer
+
+    model = Transformer(Config(vocab_size=VOCAB, n_layer=1, d_model=32, n_head=2, n_kv_head=2, d_ff=32, window=4,
+                               window_layers=[0]))
+    with pytest.raises(UserError, match=r"cannot be saved: it has window, window_layers set"):
+        save_transformer(tmp_path / "out", model, byte_tokenizer(), {"template": "chatml"})
+    assert not (tmp_path / "out").exists()

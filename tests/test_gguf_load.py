@@ -58,6 +58,27 @@ def test_mixed_types_in_fused_projections_stay_blocks(tmp_path):
 
 
 @torch.no_grad()
+def test_a_q4_k_m_style_mix_stays_blocks(tmp_path):
+    """q/k and gate in Q4_K, v, up and down in Q6_K (llama-quantize's Q4_K_M mix), embedding F16."""
+    hf = tiny_hf("llama", hidden_size=256, intermediate_size=256, num_hidden_layers=1)
+    per_layer = {"attn_q": "Q4_K", "attn_k": "Q4_K", "attn_v": "Q6_K", "attn_output": "Q4_K", "ffn_gate": "Q4_K",
+                 "ffn_up": "Q6_K", "ffn_down": "Q6_K"}
+    types = {"token_embd.weight": "F16", "output.weight": "Q6_K", **{f"blk.0.{n}.weight": t for n, t in per_layer.items()}}
+    written = write_gguf(tmp_path / "k.gguf", hf, types=types)
+    want = reference_logits(hf, written)
+    model = load(str(tmp_path / "k.gguf"), "auto").model
+    a, m = model.blocks[0].attn, model.blocks[0].mlp
+    assert [p.kind for p in a.qkv.parts] == ["q4_k", "q4_k", "q6_k"] and [p.kind for p in m.gate_up.parts] == ["q4_k", "q6_k"]
+    assert isinstance(model.embed, BlockEmbedding) and not any(p.dim() == 2 for p in model.parameters())
+    cache = model.new_cache(1)
+    model(IDS[:, :90], cache)
+    steps = torch.stack([model(IDS[:, t:t + 1], cache)[0, -1] for t in range(90, 96)])
+    assert (steps - want[0, 90:]).abs().max() < 0.1 * want.abs().max()
+    with library.disabled():
+        assert (model(IDS) - want).abs().max() < 1e-4
+
+
+@torch.no_grad()
 def test_int8_joins_mixed_parts_on_the_8_bit_grid(tmp_path):
     hf = tiny_hf("llama")
     written = write_gguf(tmp_path / "m.gguf", hf, types=MIXED)
@@ -100,6 +121,25 @@ def test_qwen2_biases(tmp_path):
     model(IDS[:, :90], cache)
     steps = torch.stack([model(IDS[:, t:t + 1], cache)[0, -1] for t in range(90, 96)])
     assert (steps - want[0, 90:]).abs().max() < 0.1 * want.abs().max()
+
+
+@torch.no_grad()
+def test_qwen3_qk_norms(tmp_path):
+    hf = tiny_hf("qwen3", head_dim=32)  # wider heads than hidden_size / heads: key_length in the file
+    written = write_gguf(tmp_path / "q3.gguf", hf, arch="qwen3")
+    model = load(str(tmp_path / "q3.gguf"), "float32").model
+    assert model.cfg.qk_norm and model.cfg.head_dim == 32
+    assert (model(IDS) - reference_logits(hf, written)).abs().max() < 1e-4
+
+
+@torch.no_grad()
+def test_gemma(tmp_path):
+    hf = tiny_hf("gemma", tied=True, head_dim=16, hidden_activation="gelu_pytorch_tanh")
+    written = write_gguf(tmp_path / "g.gguf", hf, arch="gemma", types={"token_embd.weight": "Q8_0"})
+    model = load(str(tmp_path / "g.gguf"), "float32").model
+    assert model.cfg.embed_scale == 8.0 and model.cfg.act == "gelu_tanh"
+    want = reference_logits(hf, {**written, "lm_head.weight": written["model.embed_tokens.weight"]})
+    assert (model(IDS) - want).abs().max() < 1e-4
 
 
 @torch.no_grad()

@@ -293,12 +293,16 @@ def test_unknown_model_or_pre_is_one_line(bpe, spm_files):
 def test_cli_refuses_an_unknown_pre_tokenizer_in_one_line(bpe, tmp_path, capsys):
     import json
 
+    from conftest import _save_tiny
+
     from dialogen.cli import main
 
     d, tokens, merges = bpe
-    path = write_byte_level_gguf(tmp_path / "new.gguf", tokens, merges, "brand-new-pre")
+    hf = _save_tiny(tmp_path / "hf", "llama", len(tokens))
+    path = write_byte_level_gguf(tmp_path / "new.gguf", tokens, merges, "brand-new-pre", model=hf)
     msgs = tmp_path / "m.json"
     msgs.write_text(json.dumps([{"role": "user", "content": "hi"}]))
+    capsys.readouterr()  # the fixtures' own progress output
     assert main(["generate", str(msgs), "--model", str(path)]) == 2
     err = capsys.readouterr().err.strip()
     assert "new.gguf: tokenizer.ggml.pre 'brand-new-pre' is not supported" in err and "\n" not in err

@@ -45,8 +45,9 @@ def reference(t: int, blocks: torch.Tensor, n: int, k: int) -> torch.Tensor:
 
 
 def shape(t: int) -> tuple[int, int]:
-    """a weight shape for type t: 768 inputs (3 super-blocks), or 224 (7 blocks: a short last unit of 8)"""
-    return (24, 768) if formats.FORMATS[t].block in (1, 256) else (24, 224)
+    """a weight shape for type t: 768 inputs (3 super-blocks), or 224 (7 blocks: a short last unit of 8);
+    32 outputs, two of the groups of 16 the AVX-512 build takes prompt rows by"""
+    return (32, 768) if formats.FORMATS[t].block in (1, 256) else (32, 224)
 
 
 def test_the_format_table_is_the_kernels_own():
@@ -78,7 +79,7 @@ def rounded_like_the_kernels(x: torch.Tensor) -> torch.Tensor:
 @pytest.mark.parametrize("t", TYPES, ids=[formats.FORMATS[t].name for t in TYPES])
 def test_product_equals_the_dequantized_weight_product(t):
     """qmatmul against x @ dequantize(blocks).T, 1 row (decode) to 21 (prompt rows, past the kernels'
-    groups of 8 or 4), with a bias. The quantized formats take x rounded to int8 per 32 values: with
+    groups of 4, 8 and 16), with a bias. The quantized formats take x rounded to int8 per 32 values: with
     that rounding done here too, only float summation order differs; against the float x the error
     is at most sum |w| * |x - rounded x| per output. F16/BF16 take the float activations."""
     n, k = shape(t)
@@ -131,7 +132,7 @@ def test_every_simd_path_gives_the_native_results(march, monkeypatch):
     for t in TYPES:
         n, k = shape(t)
         blocks = random_blocks(t, n, k, rng)
-        cases += [(t, blocks, n, k, torch.randn(rows, k, generator=g) * 2) for rows in (1, 3, 9)]
+        cases += [(t, blocks, n, k, torch.randn(rows, k, generator=g) * 2) for rows in (1, 3, 17)]
 
     def run():
         return [(ops.qmatmul(t, b, n, k, x), formats.dequantize(t, b, n, k)) for t, b, n, k, x in cases]
@@ -143,3 +144,34 @@ def test_every_simd_path_gives_the_native_results(march, monkeypatch):
         name = formats.FORMATS[t].name
         assert torch.equal(da, db), name
         assert (pa - pb).abs().max() <= 1e-5 * pa.abs().max(), name
+
+
+@torch.no_grad()
+def test_a_gguf_of_float_and_5_bit_matrices_decodes_from_them_as_shipped(tiny_llama, tmp_path):
+    """F16, BF16, Q5_0 and Q5_1 matrices are kept as the file ships them (no float copy) and the
+    swapped-in model decodes like transformers on the weights as written."""
+    import copy
+
+    from test_engine import _write_gguf
+
+    from dialogen.models.loading import default_model_path, load, read_gguf
+
+    path, ref = tiny_llama
+    _, meta = read_gguf(default_model_path())
+    per_layer = {"attn_q": "F16", "attn_k": "F16", "attn_v": "F16", "attn_output": "BF16", "ffn_gate": "Q5_0",
+                 "ffn_up": "Q5_0", "ffn_down": "Q5_1"}
+    types = {"token_embd.weight": "F16", "output.weight": "BF16",
+             **{f"blk.{i}.{n}.weight": t for i in range(2) for n, t in per_layer.items()}}
+    written = _write_gguf(tmp_path / "tiny.gguf", ref, meta, types)
+    theirs = copy.deepcopy(ref)
+    theirs.load_state_dict(written)
+    model = load(str(tmp_path / "tiny.gguf"), "auto").model
+    b = model.blocks[0]
+    kinds = (b.attn.qkv.kind, b.attn.o_proj.kind, b.mlp.gate_up.kind, b.mlp.down.kind, model.lm_head.kind)
+    assert kinds == ("f16", "bf16", "q5_0", "q5_1", "bf16")
+    ids = torch.randint(0, 49152, (1, 20), generator=torch.Generator().manual_seed(3))
+    cache = model.new_cache(1)
+    model(ids[:, :16], cache)
+    steps = torch.stack([model(ids[:, t:t + 1], cache)[0, -1] for t in range(16, 20)])
+    full = theirs(ids).logits[0, 16:]
+    assert (steps - full).abs().max() < 0.05 * full.abs().max()

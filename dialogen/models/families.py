@@ -26,6 +26,10 @@ INERT = frozenset({
     "tokenizer_class", "task_specific_params", "auto_map", "chunk_size_feed_forward", "is_encoder_decoder",
     "tie_encoder_decoder", "cache_implementation", "_attn_implementation_autoset", "max_length", "prefix",
     "finetuning_task", "torchscript", "use_bfloat16", "pruned_heads", "num_labels", "model_name",
+    "gradient_checkpointing", "output_past", "is_decoder", "tf_legacy_loss", "_commit_hash", "xla_device",
+    # generation settings older config.json files carry (they pick tokens, not logits)
+    "bad_words_ids", "num_beams", "do_sample", "temperature", "top_k", "top_p", "repetition_penalty",
+    "length_penalty", "no_repeat_ngram_size", "early_stopping", "min_length", "num_return_sequences",
 })
 # Config field -> config.json key, for the sizes every rotary family reads
 ROTARY_SIZES = {"vocab_size": "vocab_size", "n_layer": "num_hidden_layers", "n_head": "num_attention_heads",
@@ -57,9 +61,9 @@ def _defaults(kv=None, head_dim=None, eps=1e-6, tied=False, positions=2048) -> t
 
 
 FAMILIES = {f.name: f for f in (
-    Family("llama", (*ROPE_KEYS, "attention_bias", "mlp_bias", "hidden_act"),
+    Family("llama", (*ROPE_KEYS, "attention_bias", "mlp_bias", "hidden_act", "rope_interleaved"),
            "rotary scalings (linear, dynamic, yarn, llama3, longrope), attention_bias (q, k, v, o), mlp_bias, hidden_act",
-           defaults=_defaults()),
+           ("is_llama_config",), _defaults()),  # (SmolLM2's config.json says is_llama_config)
     Family("mistral", (*ROPE_KEYS, "hidden_act", "sliding_window"), "sliding window on every layer",
            defaults=_defaults(kv=8, positions=131072)),
     Family("qwen2", (*ROPE_KEYS, "hidden_act", "use_sliding_window", "sliding_window", "max_window_layers",
@@ -138,7 +142,7 @@ def config_from_hf(c: dict, where: Path) -> tuple[Config | dict, str]:
     fam = FAMILIES.get(mt)
     file = f"{where}/config.json"
     if fam is None:
-        raise UserError(f"{file}: model_type {shown(mt)} is not supported; supported: {', '.join(FAMILIES)}")
+        raise UserError(f"{file}: model_type {mt!r} is not supported; supported: {', '.join(FAMILIES)}")
     sizes = GPT2_SIZES if mt == "gpt2" else ROTARY_SIZES
     for key, v in c.items():
         if key not in INERT and key not in fam.inert and key not in fam.reads and key not in sizes.values() \
@@ -287,6 +291,8 @@ def _gemma2(c, file, n_layer, pattern=2, qk_norm=False) -> dict:
 
 
 def _llama(c, file, n_layer) -> dict:
+    if _flag(c, file, "rope_interleaved"):
+        refuse(file, "rope_interleaved", True, "rotary pairs are the two halves of each head here")
     bias = _flag(c, file, "attention_bias")
     return {"attn_bias": bias, "o_bias": bias, "mlp_bias": _flag(c, file, "mlp_bias"),
             "act": _act(c, file, "hidden_act", "silu")}

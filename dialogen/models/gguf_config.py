@@ -1,6 +1,7 @@
 """A GGUF file's metadata -> our `Config`, and every tensor and the vocabulary checked against it.
 
-Architectures: `llama` (also Mistral's files), `qwen2` (llama math with q/k/v biases) and `gpt2`.
+Architectures: `llama` (also Mistral's files), `qwen2` (llama math with q/k/v biases), `qwen3`
+(per-head q/k norms), `gemma` (GELU gated MLP, embeddings times sqrt(d)) and `gpt2`.
 A metadata key that changes the math is read (rope base and scaling, `rope_freqs.weight`'s
 per-frequency factors, norms, head sizes) or refused; an unknown key of the architecture is
 refused too, as is an unknown tensor. Every check runs before any tensor byte is used, and each
@@ -17,10 +18,15 @@ from .config_values import MAX_SIZE, shown
 from .gguf_header import Header, TensorInfo
 from .transformer import Config
 
-LLAMA_MATH = ("llama", "qwen2")  # GGUF architectures our llama decoder computes exactly
+LLAMA_MATH = ("llama", "qwen2", "qwen3", "gemma")  # GGUF architectures our llama decoder computes exactly
+ROTATE_HALVES = ("qwen2", "qwen3", "gemma")  # their files keep Hugging Face's q/k row order (llama's interleave it)
+# what each architecture switches on besides llama's math (gemma's files store its norms' 1 + w already)
+ARCH_MATH = {"qwen3": lambda d: {"qk_norm": True},
+             "gemma": lambda d: {"act": "gelu_tanh", "embed_scale": d ** 0.5}}
 ARCHS = (*LLAMA_MATH, "gpt2")
 FLOAT_TYPES = {0, 1, 30}  # F32, F16, BF16: the only types of norms, biases and rotary factors
-MATRIX_TYPES = FLOAT_TYPES | {2, 3, 6, 7, 8, 10, 11, 12, 13, 14, 16, 17, 18, 19, 20, 21, 22, 23, 29}
+# matrices: every type the kernels multiply or gguf.quants dequantizes (TQ1_0, TQ2_0, MXFP4, NVFP4 included)
+MATRIX_TYPES = FLOAT_TYPES | {2, 3, 6, 7, 8, 10, 11, 12, 13, 14, 16, 17, 18, 19, 20, 21, 22, 23, 29, 34, 35, 39, 40}
 # keys of `{arch}.` read into the config (or known not to change the math)
 SIZES = ("context_length", "embedding_length", "block_count", "feed_forward_length", "attention.head_count",
          "attention.head_count_kv", "attention.key_length", "attention.value_length", "rope.dimension_count",
@@ -81,8 +87,8 @@ def config_from_meta(path: Path, meta: dict, tensors: list[TensorInfo]) -> Confi
     return _config(path, arch, dict(arch="llama", **common, n_kv_head=n_kv, head_dim=head_dim,
                                     rope_theta=m("rope.freq_base", "rate", 10000.0),
                                     norm_eps=m("attention.layer_norm_rms_epsilon", "rate", 1e-5),
-                                    attn_bias="blk.0.attn_q.bias" in names,
-                                    rope=_rope_scaling(path, meta, arch)))
+                                    attn_bias="blk.0.attn_q.bias" in names, rope=_rope_scaling(path, meta, arch),
+                                    extra={"gguf_arch": arch}, **ARCH_MATH.get(arch, lambda d: {})(d)))
 
 
 def _rope_scaling(path: Path, meta: dict, arch: str) -> dict:
@@ -123,6 +129,8 @@ def expected_tensors(cfg: Config, arch: str) -> dict[str, tuple[tuple, bool]]:
                  "ffn_gate.weight": (f, d), "ffn_up.weight": (f, d), "ffn_down.weight": (d, f)}
         if cfg.attn_bias:
             layer.update({"attn_q.bias": (q,), "attn_k.bias": (kv,), "attn_v.bias": (kv,)})
+        if cfg.qk_norm:  # one RMSNorm weight over each head's values
+            layer.update({"attn_q_norm.weight": (hd,), "attn_k_norm.weight": (hd,)})
     for i in range(cfg.n_layer):
         out.update({f"blk.{i}.{name}": (shape, True) for name, shape in layer.items()})
     return out
@@ -177,9 +185,11 @@ def check_vocabulary(path: Path, meta: dict):
                             "tokens of the vocabulary")
 
 
-def validated(path: Path, header: Header) -> Config:
-    """The config of a parsed header, after every check of the metadata, tensors and vocabulary."""
+def validated(path: Path, header: Header, make_tokenizer):
+    """(config, tokenizer) of a parsed header, after every check in this order: the metadata, the
+    vocabulary, the tokenizer `make_tokenizer()` builds, the tensors."""
     cfg = config_from_meta(path, header.meta, header.tensors)
-    check_tensors(path, cfg, header.meta["general.architecture"], header.tensors)
     check_vocabulary(path, header.meta)
-    return cfg
+    tokenizer = make_tokenizer()
+    check_tensors(path, cfg, header.meta["general.architecture"], header.tensors)
+    return cfg, tokenizer

@@ -26,7 +26,7 @@ import torch
 
 from ..errors import UserError
 from ..paths import cache_dir
-from .gguf_config import validated
+from .gguf_config import ROTATE_HALVES, validated
 from .gguf_header import read_header
 from .kernels.formats import FORMATS, dequantize
 from .tokenizer import Tokenizer
@@ -37,6 +37,7 @@ INDEX_VERSION = 4  # the index of the validated header (config with rope scaling
 RENAME = {"token_embd": "model.embed_tokens", "output_norm": "model.norm", "output": "lm_head",
           "attn_norm": "input_layernorm", "ffn_norm": "post_attention_layernorm",
           "attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj", "attn_v": "self_attn.v_proj",
+          "attn_q_norm": "self_attn.q_norm", "attn_k_norm": "self_attn.k_norm",
           "attn_output": "self_attn.o_proj", "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj",
           "ffn_down": "mlp.down_proj"}
 # GGUF names of GPT-2 tensors -> Hugging Face GPT-2 names (matrices there are Conv1D: (in, out))
@@ -76,13 +77,12 @@ def index_dir(path: Path) -> Path:
     if (target / "index.json").exists():
         return target
     header = read_header(path)
-    cfg = validated(path, header)
+    cfg, tokenizer = validated(path, header, lambda: Tokenizer.from_gguf(header.meta, path))
     factors = _rope_factors(path, header)
     if factors:
         if cfg.rope:
             raise UserError(f"{path}: tensor rope_freqs.weight together with {cfg.arch}.rope.scaling.type is not supported")
         cfg.rope = {"rope_type": "freq_factors", "factors": factors}
-    tokenizer = Tokenizer.from_gguf(header.meta, path)
     tensors = [{"name": t.name, "type": t.type, "shape": t.shape, "offset": t.offset, "bytes": t.bytes}
                for t in header.tensors if t.name != "rope_freqs.weight"]
     target.parent.mkdir(parents=True, exist_ok=True)
@@ -136,6 +136,7 @@ def read_tensors(path: Path, cfg: Config, tensors: list[dict], lazy: bool = Fals
     order into a new tensor). `lazy`: a natively kept tensor's float32 entry is a function making
     it, for the caller to call only where it needs the floats."""
     data = map_file(path) if data is None else data
+    interleaved = cfg.arch == "llama" and cfg.extra.get("gguf_arch") not in ROTATE_HALVES  # llama's q/k rows
     floats, blocks, converted = {}, {}, set()
     for t in tensors:
         name, kind, shape = _hf_name(t["name"], cfg.arch), t["type"], t["shape"]
@@ -143,7 +144,7 @@ def read_tensors(path: Path, cfg: Config, tensors: list[dict], lazy: bool = Fals
         if end > len(data):
             raise UserError(f"{path}: truncated file (tensor {t['name']} ends past the end)")
         raw = data[t["offset"]: end]
-        heads = {"attn_q": cfg.n_head, "attn_k": cfg.n_kv_head}.get(t["name"].split(".")[-2])
+        heads = {"attn_q": cfg.n_head, "attn_k": cfg.n_kv_head}.get(t["name"].split(".")[-2]) if interleaved else None
         conv1d = cfg.arch == "gpt2" and t["name"].split(".")[-2] in CONV1D  # Hugging Face GPT-2 stores (in, out)
         if kind in NATIVE and len(shape) == 2:
             b = torch.from_numpy(raw).view(shape[0], -1)  # (rows, row bytes), a view of the mapping

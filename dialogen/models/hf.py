@@ -1,11 +1,11 @@
-"""Hugging Face's side of a checkpoint: config.json <-> our `Config`, their tensor names <-> ours,
-the shapes a config implies, and the generation_config.json a chat stops by. Every value is
-checked before anything is built from it; an error names the file and the key."""
+"""Hugging Face's side of a checkpoint: our `Config` -> config.json (`families.py` reads one),
+their tensor names <-> ours, the shapes a config implies, and the generation_config.json a chat
+stops by. Every value is checked before anything is built from it; an error names the file and the
+key."""
 
 from __future__ import annotations
 
 from dataclasses import fields
-from pathlib import Path
 
 import torch
 
@@ -47,7 +47,8 @@ def expected_shapes(cfg: Config) -> dict[str, tuple[tuple[int, ...], tuple[str, 
         else:
             out[b + "mlp.gate_up.weight"] = ((2 * f, d), ("d_ff", "d_model"))
             optional = [(cfg.attn_bias, "attn.qkv.bias", (qkv,), heads), (cfg.o_bias, "attn.o_proj.bias", (d,), ("d_model",)),
-                        (cfg.mlp_bias, "mlp.gate_up.bias", (2 * f,), ("d_ff",)), (cfg.mlp_bias, "mlp.down.bias", (d,), ("d_model",)),
+                        (cfg.mlp_bias, "mlp.gate_up.bias", (2 * f,), ("d_ff",)),
+                        (cfg.mlp_bias, "mlp.down.bias", (d,), ("d_model",)),
                         (cfg.qk_norm, "attn.q_norm.weight", ((cfg.n_head if cfg.qk_norm_full else 1) * hd,), heads),
                         (cfg.qk_norm, "attn.k_norm.weight", ((cfg.n_kv_head if cfg.qk_norm_full else 1) * hd,), heads),
                         (cfg.post_norms, "post_attn_norm.weight", (d,), ("d_model",)),
@@ -58,10 +59,10 @@ def expected_shapes(cfg: Config) -> dict[str, tuple[tuple[int, ...], tuple[str, 
 
 def check_shapes(cfg: Config, sd: dict, where: str, keys: dict, later=frozenset()):
     want = expected_shapes(cfg)
-    for name, (shape, fields) in want.items():
+    for name, (shape, why) in want.items():
         t = sd.get(name)
         if t is not None and tuple(t.shape) != shape:
-            named = ", ".join(dict.fromkeys(keys.get(f, f) for f in fields))
+            named = ", ".join(dict.fromkeys(keys.get(f, f) for f in why))
             raise UserError(f"{where}: {named} do not match the weights: {name} is {list(t.shape)}, "
                             f"the config makes it {list(shape)}")
     missing = [k for k in want if k not in sd and k not in later]
@@ -93,8 +94,8 @@ def config_to_hf(cfg: Config) -> dict:
         return {**cfg.extra["hf"], **_sizes_to_hf(cfg)}
     odd = beyond_plain(cfg)
     if odd:
-        raise UserError(f"a model with {', '.join(odd)} set has no Hugging Face config.json to be written as "
-                        "(it was not read from one)")
+        raise UserError(f"this model cannot be saved: it has {', '.join(odd)} set, and no Hugging Face config.json "
+                        "to write them as (it was not read from one)")
     if cfg.arch == "gpt2":
         return {"model_type": "gpt2", "architectures": ["GPT2LMHeadModel"], **_sizes_to_hf(cfg),
                 "n_ctx": cfg.max_seq_len, "activation_function": "gelu_new"}

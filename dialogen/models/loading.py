@@ -25,8 +25,8 @@ from .files import assign_weights, read_state_dict, write_checkpoint
 from .gguf_file import adjacent_view, index_dir, map_file, read_gguf, read_tensors, release_pages  # noqa: F401 (read_gguf: for the tests)
 from .hf import GPT2_KEYS, GPT2_LINEARS, LLAMA_KEYS, check_shapes, config_from_hf, hf_configs, hf_to_ours, ours_to_hf
 from .lora import is_adapter_dir, read_adapter, read_config
-from .rnn import load_rnn, save_rnn
 from .native import BLOCKED, DTYPES, decode_dtype, swap_in  # noqa: F401 (DTYPES: the --dtype choices)
+from .rnn import load_rnn, save_rnn
 from .tokenizer import Tokenizer
 from .transformer import Config, Transformer
 
@@ -157,7 +157,10 @@ def load_gguf(path: Path, dtype="auto") -> Loaded:
         model = build(cfg, hf_to_ours(cfg, floats, skip), str(path), later={f"{n}.weight" for n in later})
     except KeyError as e:
         raise UserError(f"{path}: tensor {e} is missing") from None
-    swap_in(model, dtype, native)
+    try:
+        swap_in(model, dtype, native)
+    except UserError as e:
+        raise UserError(f"{path}: {e}") from None
     release_pages(data)
     return Loaded(model, Tokenizer.from_dir(where), where, {"template": "jinja", "source": str(path)})
 

@@ -2,8 +2,9 @@
 swaps its Linears; the model code itself (`transformer.py`, `layers.py`) stays the reference.
 
 - `BlockLinear`: the weight as GGUF blocks (Q4_0/Q4_1/Q8_0, plus their tiled order where the
-  build has one), multiplied by the native kernel with the RMS norm or SwiGLU fused in. It holds
-  no float weight: prompts and decode steps both multiply the blocks.
+  build has one), multiplied by the native kernel with the RMS norm or SwiGLU fused in, for
+  prompts and decode steps alike. Blocks a file ships are the only copy of that weight.
+- `BlockEmbedding`: the token embedding as the file's blocks; a lookup dequantizes its rows.
 - `HalfLinear`: a reference Linear with a float16/bfloat16 copy that decode steps multiply.
 - `NativeAttention`, `FusedBlock`: the step of one new token per row (decode steps, beam rows, the
   server's `CacheBatch`): rotary, cache write and attention in one native call per layer, or the
@@ -86,6 +87,12 @@ def decode_dtype(dtype, widths) -> str:
     return "float16"
 
 
+def _check_blocks(kind: str, blocks: torch.Tensor, n: int, k: int):
+    f = formats.FORMATS[formats.GGML_TYPES[kind]]
+    if k % f.block or tuple(blocks.shape) != (n, k // f.block * f.bytes):
+        raise UserError(f"{kind.upper()} blocks of shape {tuple(blocks.shape)} do not hold a ({n}, {k}) weight")
+
+
 def _as(cls, module: nn.Module) -> nn.Module:
     """`module` as an instance of `cls` (its subclass or its base): the same parameters, buffers,
     children and attributes, in registries of its own."""
@@ -107,6 +114,7 @@ class BlockLinear(nn.Module):
     def __init__(self, kind: str, blocks: torch.Tensor, in_features: int, out_features: int, bias=None,
                  shipped: torch.Tensor | None = None, shipped_kind: str | None = None):
         super().__init__()
+        _check_blocks(kind, blocks, out_features, in_features)
         self.kind, self.in_features, self.out_features = kind, in_features, out_features
         self.ggml_type = formats.GGML_TYPES[kind]
         self.register_buffer("blocks", blocks, persistent=False)
@@ -218,6 +226,7 @@ class BlockEmbedding(nn.Module):
 
     def __init__(self, kind: str, blocks: torch.Tensor, num_embeddings: int, embedding_dim: int):
         super().__init__()
+        _check_blocks(kind, blocks, num_embeddings, embedding_dim)
         self.kind, self.ggml_type = kind, formats.GGML_TYPES[kind]
         self.num_embeddings, self.embedding_dim = num_embeddings, embedding_dim
         self.register_buffer("blocks", blocks, persistent=False)
@@ -225,14 +234,14 @@ class BlockEmbedding(nn.Module):
     def forward(self, ids):
         if (torch.is_grad_enabled() and not self.training) or not library.enabled():
             return F.embedding(ids, self.reference_weight())
-        rows = self.blocks[ids.reshape(-1)]  # (N, row bytes): the looked-up rows' blocks only
-        return formats.dequantize(self.ggml_type, rows, rows.shape[0], self.embedding_dim).view(*ids.shape, -1)
+        x = formats.dequantize_rows(self.ggml_type, self.blocks, ids, self.embedding_dim)  # those rows only
+        return x.view(*ids.shape, self.embedding_dim)
 
     def reference_weight(self) -> torch.Tensor:
         return formats.dequantize(self.ggml_type, self.blocks, self.num_embeddings, self.embedding_dim)
 
     def _save_to_state_dict(self, destination, prefix, keep_vars):
-        destination[prefix + "weight"] = self.reference_weight()
+        destination[prefix + "weight"] = self.reference_weight()  # the reference's key, float32
 
     def reference(self) -> Embedding:
         token = skip_init.set(True)
@@ -423,6 +432,8 @@ def swap_in(model, dtype="auto", blocks: dict | None = None) -> str:
     kind None: [(kind, blocks)] of parts in different formats), and "embed" for the token embedding;
     a module given blocks may hold no float weight. Native attention and fused blocks are installed
     where the kernels are built and `attention_supported` / `block_supported` allow."""
+    if isinstance(model, Transformer) and model.native is not None:
+        unswap(model)
     linears = [(n, m) for n, m in model.named_modules() if isinstance(m, Linear)]
     dtype = decode_dtype(dtype, [m.in_features for _, m in linears])
     if not isinstance(model, Transformer):

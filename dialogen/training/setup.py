@@ -12,6 +12,7 @@ import torch
 
 from ..chat.templates import default_template_name
 from ..errors import UserError
+from ..models.hf import config_to_hf
 from ..models.loading import default_model_path, load
 from ..models.lora import Adapter, LoraSettings, default_targets, read_adapter
 from ..models.transformer import Transformer
@@ -70,6 +71,8 @@ def build_model(opts: TrainOptions, d, train_convs):
         tname = opts.template
         if tname == "auto":
             tname = default_template_name(loaded.meta, tok, model.cfg.arch)
+        if isinstance(model, Transformer):
+            config_to_hf(model.cfg)  # a model that could not be saved is refused before training, not after
     if not rnn and opts.max_len > model.cfg.max_seq_len:
         raise UserError(f"--max-len {opts.max_len} exceeds the model's context of {model.cfg.max_seq_len} tokens")
     freeze(model, opts.freeze_embeddings, opts.freeze_layers)

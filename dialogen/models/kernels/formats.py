@@ -50,7 +50,7 @@ def tile(ggml_type: int, blocks: torch.Tensor, n: int, k: int) -> torch.Tensor |
     VNNI build multiplies several activation rows by at a time; None where this build or shape
     has no tiled product. The values are the blocks' own, reordered."""
     L = library.lib()
-    size = L.tiled_bytes(ggml_type, n, k)
+    size = 0 if L is None else L.tiled_bytes(ggml_type, n, k)
     if not size:
         return None
     out = torch.empty(size, dtype=torch.uint8)
@@ -58,13 +58,13 @@ def tile(ggml_type: int, blocks: torch.Tensor, n: int, k: int) -> torch.Tensor |
     return out
 
 
-def dequantize(ggml_type: int, blocks: torch.Tensor, n: int, k: int) -> torch.Tensor:
+def dequantize(ggml_type: int, blocks: torch.Tensor, n: int, k: int, threads: int | None = None) -> torch.Tensor:
     """Blocks of (n, k) weights -> float32 (n, k), the values exactly: by the native library where it
-    is enabled, else by the gguf package (the reference of the formats)."""
+    is enabled (on `threads`, default torch's count), else by the gguf package (the formats' reference)."""
     if library.enabled():
         out = torch.empty(n, k)
         library.lib().dequantize(ggml_type, blocks.contiguous().data_ptr(), n, k, out.data_ptr(),
-                                 torch.get_num_threads())
+                                 threads or torch.get_num_threads())
         return out
     import gguf  # only here: importing it costs a fifth of a second of every start
 
@@ -72,7 +72,18 @@ def dequantize(ggml_type: int, blocks: torch.Tensor, n: int, k: int) -> torch.Te
     return torch.from_numpy(gguf.quants.dequantize(raw, ggml_type).astype(np.float32).reshape(n, k))
 
 
-# --- quantizing float weights into the block layouts
+def dequantize_rows(ggml_type: int, blocks: torch.Tensor, ids: torch.Tensor, k: int) -> torch.Tensor:
+    """Rows `ids` (n,) of blocks of (rows, k) weights -> float32 (n, k): an embedding lookup. One row
+    (a decode step) is read in place, without gathering its bytes first."""
+    n = ids.numel()
+    if n == 1 and library.enabled():
+        out = torch.empty(1, k)
+        at = blocks.data_ptr() + int(ids) * blocks.stride(0)
+        library.lib().dequantize(ggml_type, at, 1, k, out.data_ptr(), 1)
+        return out
+    return dequantize(ggml_type, blocks.index_select(0, ids.reshape(-1)), n, k, threads=1 if n <= 64 else None)
+
+
 def quantize(w: torch.Tensor, kind: str) -> torch.Tensor:
     """float (n, k) -> blocks (n, k/32 * bytes) of `kind` (q8_0 or q4_1), as GGUF stores them."""
     n, k = w.shape

@@ -26,8 +26,9 @@ def qmatmul(ggml_type: int, blocks: torch.Tensor, n: int, k: int, x: torch.Tenso
     x = x.contiguous()
     R = x.shape[0]
     y = torch.empty(R, n) if out is None else out
-    check(lib().qmatmul(ggml_type, blocks.data_ptr(), n, k, x.data_ptr(), R, y.data_ptr(), _ptr(bias),
-                        int(out is not None), _ptr(norm), eps, int(swiglu), torch.get_num_threads()), "qmatmul")
+    if status := lib().qmatmul(ggml_type, blocks.data_ptr(), n, k, x.data_ptr(), R, y.data_ptr(), _ptr(bias),
+                               int(out is not None), _ptr(norm), eps, int(swiglu), torch.get_num_threads()):
+        check(status, "qmatmul")
     return y
 
 
@@ -40,9 +41,11 @@ def attend_decode(qkv: torch.Tensor, n_head: int, n_kv: int, head_dim: int, k_pt
     B = qkv.shape[0]
     out = torch.empty(B, n_head * head_dim)
     mask = key_mask
-    check(lib().attend_decode(B, n_head, n_kv, head_dim, qkv.data_ptr(), k_ptrs.data_ptr(), v_ptrs.data_ptr(),
-                              caps.data_ptr(), slots.data_ptr(), _ptr(mask), 0 if mask is None else mask.shape[1],
-                              _ptr(cos), _ptr(sin), out.data_ptr(), torch.get_num_threads()), "attention")
+    if status := lib().attend_decode(B, n_head, n_kv, head_dim, qkv.data_ptr(), k_ptrs.data_ptr(), v_ptrs.data_ptr(),
+                                     caps.data_ptr(), slots.data_ptr(), _ptr(mask),
+                                     0 if mask is None else mask.shape[1], _ptr(cos), _ptr(sin), out.data_ptr(),
+                                     torch.get_num_threads()):
+        check(status, "attention")
     return out
 
 
@@ -77,7 +80,8 @@ def block_weights(n_head: int, n_kv: int, head_dim: int, eps: float, norm1: torc
 def block_decode(weights: BlockWeights, x: torch.Tensor, k_ptrs, v_ptrs, caps, slots, key_mask=None, cos=None,
                  sin=None):
     """A whole llama block for one new token per row, in place on the residual stream x (B, d)."""
-    check(lib().block_decode(ctypes.byref(weights), x.data_ptr(), x.shape[0], k_ptrs.data_ptr(), v_ptrs.data_ptr(),
-                             caps.data_ptr(), slots.data_ptr(), _ptr(key_mask),
-                             0 if key_mask is None else key_mask.shape[1], _ptr(cos), _ptr(sin),
-                             torch.get_num_threads()), "block step")
+    if status := lib().block_decode(ctypes.byref(weights), x.data_ptr(), x.shape[0], k_ptrs.data_ptr(),
+                                    v_ptrs.data_ptr(), caps.data_ptr(), slots.data_ptr(), _ptr(key_mask),
+                                    0 if key_mask is None else key_mask.shape[1], _ptr(cos), _ptr(sin),
+                                    torch.get_num_threads()):
+        check(status, "block step")
