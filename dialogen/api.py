@@ -244,12 +244,14 @@ class ChatModel:
                        max_context_tokens=max_context_tokens)
 
 
-def load(model: str | None = None, dtype: str | None = None, template: str | None = None) -> ChatModel:
+def load(model: str | None = None, dtype: str | None = None, template: str | None = None,
+         adapter: str | None = None) -> ChatModel:
     """A model ready to chat: `model` is None (the embedded SmolLM2-135M-Instruct), a .gguf file, a
     Hugging Face directory (llama or gpt2) or a dialogen checkpoint; `dtype` the decode weights
     (auto, int8, int4, float16, bfloat16, float32; default auto); `template` the chat template
-    (chatml, llama2, dialogpt, jinja; default: the model's own).
+    (chatml, llama2, dialogpt, jinja; default: the model's own); `adapter` a LoRA adapter directory
+    (PEFT's files) added to the model (with `model` None: on the base the adapter names).
 
     >>> model = dialogen.load("runs/ft/best", dtype="int8")
     """
-    return ChatModel(load_engine(model, template or "auto", dtype or "auto"))
+    return ChatModel(load_engine(model, template or "auto", dtype or "auto", adapter))

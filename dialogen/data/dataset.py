@@ -30,6 +30,7 @@ TRAIN_ON = ("assistant", "both")
 class Example:
     ids: list[int]
     labels: list[int]  # ids where trained, IGNORE_INDEX elsewhere; same length as ids
+    segments: list[int] | None = None  # a packed row: which joined example each token is of
 
     def trained(self) -> int:
         """Labels that get a loss: not one on the first token, which nothing before it predicts."""

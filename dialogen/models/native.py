@@ -29,6 +29,7 @@ from torch import nn
 from ..errors import UserError
 from .cache import KVCache
 from .kernels import formats, library, ops
+from .kernels.grad import BlockProduct
 from .layers import Embedding, Linear, RMSNorm, activate, skip_init
 from .rope import kind as rope_kind
 from .transformer import Attention, Block, Config, Transformer
@@ -129,6 +130,10 @@ class BlockLinear(nn.Module):
         return cls(kind, blocks, lin.in_features, lin.out_features, lin.bias, shipped, shipped_kind)
 
     def forward(self, x, norm=None, act: str | None = None, residual=None):
+        if torch.is_grad_enabled() and self.training and library.enabled():  # a frozen base that trains adapters
+            y = BlockProduct.apply(activate(x, norm, act), self)
+            y = y if self.bias is None else y + self.bias
+            return y if residual is None else residual + y
         if torch.is_grad_enabled() or not library.enabled():  # the reference math on the weight as shipped
             y = F.linear(activate(x, norm, act), self.reference_weight(), self.bias)
             return y if residual is None else residual + y
@@ -180,6 +185,11 @@ class SegmentedLinear(nn.Module):
         self.__dict__["parts"] = [BlockLinear(kind, b, lin.in_features, b.shape[0]) for kind, b in parts]
 
     def forward(self, x, norm=None, act: str | None = None, residual=None):
+        if torch.is_grad_enabled() and self.training and library.enabled():  # a frozen base that trains adapters
+            a = activate(x, norm, act)
+            y = torch.cat([BlockProduct.apply(a, p) for p in self.parts], dim=-1)
+            y = y if self.bias is None else y + self.bias
+            return y if residual is None else residual + y
         if torch.is_grad_enabled() or not library.enabled():  # the reference math on the weight as shipped
             y = F.linear(activate(x, norm, act), self.reference_weight(), self.bias)
             return y if residual is None else residual + y
@@ -222,7 +232,7 @@ class BlockEmbedding(nn.Module):
         self.register_buffer("blocks", blocks, persistent=False)
 
     def forward(self, ids):
-        if torch.is_grad_enabled() or not library.enabled():
+        if (torch.is_grad_enabled() and not self.training) or not library.enabled():
             return F.embedding(ids, self.reference_weight())
         x = formats.dequantize_rows(self.ggml_type, self.blocks, ids, self.embedding_dim)  # those rows only
         return x.view(*ids.shape, self.embedding_dim)
