@@ -16,7 +16,8 @@ path fits in the tokens left": a sampled token after which it would not fit is r
 first token of the closing path (`fit`). A reply that runs out of budget thus ends closed, e.g.
 `{"city": "Lis"}`, instead of cut. Where the text is complete already (a grammar that accepts
 free text, as the tools grammar's plain replies do), the budget may end the reply as it is. Beam
-search, which ranks many tokens at once, gets only the closing token once the path needs all but a margin of the tokens left (`allowed(left, margin)`).
+search, which ranks many tokens at once, gets only the closing token once the path needs all but a
+margin of the tokens left (`allowed(left, margin)`).
 
 `Grammar` is plain data (what `Sampling.constraint` holds); `Matcher` is one reply's position in
 it, made for a tokenizer, a vocabulary size and the stop tokens. Needs `pip install llguidance`
