@@ -63,6 +63,9 @@ def build_family(directory: Path, family: str, seed: int = 0):
             else:
                 p.normal_(0, 0.1)
     model.save_pretrained(directory)
+    if family == "gpt2":  # llama.cpp's converter reads the context length from n_ctx
+        c = json.loads((directory / "config.json").read_text())
+        (directory / "config.json").write_text(json.dumps({**c, "n_ctx": c["n_positions"]}, indent=1))
     tokenizer_dir = resolve(None)
     shutil.copy(tokenizer_dir / "tokenizer.json", directory / "tokenizer.json")
     tok_cfg = json.loads((tokenizer_dir / "tokenizer_config.json").read_text())
