@@ -41,7 +41,8 @@ FAMILIES = {
 
 
 def build_family(directory: Path, family: str, seed: int = 0):
-    """A tiny random model of `family` in `directory`, weights wide enough for distinct greedy choices."""
+    """A tiny random model of `family` in `directory`, weights wide enough for distinct greedy choices
+    and representable in float16."""
     import torch
     import transformers
 
@@ -62,6 +63,7 @@ def build_family(directory: Path, family: str, seed: int = 0):
                 p.add_(torch.randn_like(p) * 0.1)
             else:
                 p.normal_(0, 0.1)
+            p.copy_(p.half().float())  # values an F16 GGUF holds exactly: HF dir and GGUF are one model
     model.save_pretrained(directory)
     if family == "gpt2":  # llama.cpp's converter reads the context length from n_ctx
         c = json.loads((directory / "config.json").read_text())

@@ -106,7 +106,7 @@ def main():
     where = args.dir or cache_dir() / "bench-models" / "families"
     status = json.loads((where / "status.json").read_text()) if (where / "status.json").exists() else {}
     tok = Tokenizer.from_dir(resolve(None))  # every family carries the default model's vocabulary
-    prompts = [tok.encode(p) for p in PROMPTS]
+    prompts = [tok.encode_template(p) for p in PROMPTS]  # control-token text becomes control ids
     print("| family | GGUF vs llama.cpp | GGUF vs HF dir | dialogen from GGUF |")
     print("|---|---|---|---|")
     for hf_dir in sorted(p for p in where.iterdir() if (p / "config.json").exists()):
