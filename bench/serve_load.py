@@ -9,6 +9,12 @@ so the machine's drift hits both alike. Each served phase stops issuing
 turns at --phase-limit seconds, so the whole run is bounded; turns not started are reported, not
 hidden. Prints one JSON object.
 
+During the concurrent phase /metrics is scraped every --scrape-every seconds; afterwards its
+counters are compared with what the clients saw (turns, tokens). (Run once with
+--scrape-every 0 for the cost of scraping.) Then --burst N concurrent chat completions: the
+server's RSS before (idle), at its peak, and 30 s after the burst, with the KV-cache bytes it
+keeps by design.
+
 With --replicas N, N servers share one session store (--db: a postgresql:// URL, or a temp SQLite
 file) and each client sends every turn to the next replica (round robin, no affinity), retrying
 a turn that gets 409. Afterwards the stored sessions are checked against the turns the clients
@@ -62,14 +68,18 @@ async def conversation(client, urls: list[str], c: int, turns: int, max_tokens: 
             sent[sid].append(text)
 
 
-async def phase(urls: list[str], clients: int, turns: int, max_tokens: int, limit: float, concurrent: bool) -> dict:
-    """Clients x turns, all at once or one after another; their summary."""
+async def phase(urls: list[str], clients: int, turns: int, max_tokens: int, limit: float, concurrent: bool,
+                scrape_every: float = 0.0) -> dict:
+    """Clients x turns, all at once or one after another; their summary (with the metrics scrapes'
+    when `scrape_every`)."""
     clients = range(clients)
     results: list[dict] = []
     sent: dict[str, list[str]] = {}
     deadline = time.perf_counter() + limit
     t0 = time.perf_counter()
     async with http_client(len(clients) + 8, timeout=600.0) as client:
+        before = await scrape(client, urls[0]) if scrape_every else None
+        scraper = asyncio.create_task(scrape_loop(client, urls[0], scrape_every)) if scrape_every else None
         if concurrent:
             await asyncio.gather(*(conversation(client, urls, c, turns, max_tokens, deadline, results, sent)
                                    for c in clients))
@@ -78,9 +88,94 @@ async def phase(urls: list[str], clients: int, turns: int, max_tokens: int, limi
                 await conversation(client, urls, c, turns, max_tokens, deadline, results, sent)
         wall = time.perf_counter() - t0
         out = summarize(results, wall, len(clients) * turns)
+        if scraper is not None:
+            scraper.cancel()
+            times = await asyncio.gather(scraper, return_exceptions=True)
+            out["metrics"] = compare_metrics(before, await scrape(client, urls[0]), results,
+                                             times[0] if isinstance(times[0], list) else [])
         if len(urls) > 1:
             out.update(await audit(client, urls[-1], sent))
     return out
+
+
+async def scrape(client, url: str) -> dict:
+    """GET /metrics, parsed by prometheus_client: (name, sorted labels) -> value."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    async with client.get(url + "/metrics") as r:
+        text = await r.text()
+    return {(s.name, tuple(sorted(s.labels.items()))): s.value
+            for fam in text_string_to_metric_families(text) for s in fam.samples}
+
+
+async def scrape_loop(client, url: str, every: float) -> list[float]:
+    times = []
+    try:
+        while True:
+            await asyncio.sleep(every)
+            t0 = time.perf_counter()
+            await scrape(client, url)
+            times.append(time.perf_counter() - t0)
+    except asyncio.CancelledError:
+        return times
+
+
+def compare_metrics(before: dict, after: dict, results: list[dict], times: list[float]) -> dict:
+    """The server's counters over the phase against what the clients saw."""
+    def delta(name, labels=()):
+        return after.get((name, labels), 0) - before.get((name, labels), 0)
+
+    turn_route = (("method", "POST"), ("route", "/v1/sessions/{sid}/messages"))
+    ok = [r for r in results if "error" not in r and not r.get("conflict")]
+    seen = {"turns_200": len(ok), "turns_409": sum(1 for r in results if r.get("conflict")),
+            "tokens": sum(r["tokens"] for r in ok)}
+    counted = {"turns_200": delta("dialogen_http_requests_total", turn_route + (("status", "200"),)),
+               "turns_409": delta("dialogen_http_requests_total", turn_route + (("status", "409"),)),
+               "tokens": delta("dialogen_generated_tokens_total")}
+    return {"scrapes": len(times), "scrape_ms_mean": round(1000 * statistics.mean(times), 1) if times else None,
+            "clients_saw": seen, "metrics_counted": counted, "agree": seen == counted,
+            "ttft_count": delta("dialogen_time_to_first_token_seconds_count")}
+
+
+def rss_mb(pid: int) -> float:
+    with open(f"/proc/{pid}/status") as f:
+        kb = next(int(line.split()[1]) for line in f if line.startswith("VmRSS:"))
+    return round(kb / 1024, 1)
+
+
+async def burst(url: str, pid: int, n: int, max_tokens: int, settle: float = 30.0) -> dict:
+    """n concurrent chat completions: the server's RSS idle before, at its peak, `settle` s after."""
+    peak, statuses = [rss_mb(pid)], {}
+    before = peak[0]
+
+    async def sample(stop: asyncio.Event):
+        while not stop.is_set():
+            peak.append(rss_mb(pid))
+            await asyncio.sleep(0.1)
+
+    async def one(client, i):
+        body = {"messages": [{"role": "system", "content": SYSTEM},
+                             {"role": "user", "content": f"{TURNS[i % len(TURNS)]} (burst {i})"}],
+                "max_tokens": max_tokens}
+        async with client.post(url + "/v1/chat/completions", json=body) as r:
+            await r.read()
+            statuses[r.status] = statuses.get(r.status, 0) + 1
+
+    stop = asyncio.Event()
+    async with http_client(n + 8, timeout=600.0) as client:
+        sampler = asyncio.create_task(sample(stop))
+        t0 = time.perf_counter()
+        await asyncio.gather(*(one(client, i) for i in range(n)))
+        wall = time.perf_counter() - t0
+        await asyncio.sleep(settle)
+        stop.set()
+        await sampler
+        after = rss_mb(pid)
+        kept = await scrape(client, url)
+    kv = sum(v for (name, _), v in kept.items() if name == "dialogen_kv_cache_bytes") / 2**20
+    return {"requests": n, "statuses": statuses, "wall_s": round(wall, 1), "rss_idle_mb": before,
+            "rss_peak_mb": max(peak), f"rss_after_{settle:g}s_mb": after, "after_vs_idle": round(after / before, 2),
+            "kv_cache_kept_mb": round(kv, 1)}
 
 
 def alone_and_chat(url: str, args) -> tuple[dict, dict, float]:
@@ -191,6 +286,11 @@ def main(argv=None) -> int:
     ap.add_argument("--replicas", type=int, default=1, help="servers sharing one session store, turns sent round robin")
     ap.add_argument("--db", default=None, help="the session store (a postgresql:// URL or SQLite file; default: a temp "
                                                "SQLite file)")
+    ap.add_argument("--scrape-every", type=float, default=1.0,
+                    help="seconds between /metrics scrapes during the concurrent phase (0: none)")
+    ap.add_argument("--burst", type=int, default=200,
+                    help="concurrent chat completions of the memory burst, after the phases (0: none)")
+    ap.add_argument("--settle", type=float, default=30.0, help="seconds after the burst before RSS is read again")
     args = ap.parse_args(argv)
     if args.replicas > 1:
         print(json.dumps(replicas(args)))
@@ -205,7 +305,8 @@ def main(argv=None) -> int:
         if args.threads:
             server_args += ["--threads", str(args.threads)]
         with ServerProcess(server_args) as srv:
-            together = asyncio.run(phase([srv.url], args.clients, args.turns, args.max_tokens, args.phase_limit, True))
+            together = asyncio.run(phase([srv.url], args.clients, args.turns, args.max_tokens, args.phase_limit, True,
+                                         args.scrape_every))
             worker = srv.health()["worker"]
             alone = chat = None
             if not args.skip_sequential:
@@ -213,10 +314,14 @@ def main(argv=None) -> int:
                     asyncio.run(phase([srv.url], args.clients, args.turns, args.max_tokens, args.phase_limit, False)),
                     None, None)
             health = srv.health()
+            bursted = (asyncio.run(burst(srv.url, srv.proc.pid, args.burst, args.max_tokens, args.settle))
+                       if args.burst else None)
     out = {"model": health["model"], "clients": args.clients, "turns_per_client": args.turns,
            "max_tokens": args.max_tokens, "concurrent": together, "one_by_one": alone,
            "largest_decode_batch": worker["max_batch"], "mean_decode_batch": round(
                worker["decode_rows"] / max(1, worker["rounds"]), 1)}
+    if bursted:
+        out["burst"] = bursted
     if alone and alone["tokens_per_s"]:
         out["throughput_ratio"] = round(together["tokens_per_s"] / alone["tokens_per_s"], 2)
     if chat and chat["tokens_per_s"]:  # the same turns through chat in this process, turn by turn

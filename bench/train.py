@@ -10,8 +10,12 @@ and ours / theirs for both; on a machine shared with other jobs the best step is
 estimate, as other jobs can only add time to a step.
 
     python bench/train.py [--batch 2] [--seq 256] [--steps 10] [--labels chat|all]
+    python bench/train.py --lora [--model PATH] [--rank 16] [--targets q_proj,...] [--batch 2] [--seq 256]
 
 `--labels chat` trains the assistant tokens only (what `dialogen train` does), `all` every token.
+`--lora`: a LoRA step on a frozen base, ours (`models/lora.py`) against peft + transformers, on the same
+base, batch, rank, alpha and targets. Each side runs in its own process (peak RSS is per process), one
+after the other; prints each side's median and best step time, peak RSS (VmHWM) and the ratios.
 """
 
 from __future__ import annotations
@@ -62,6 +66,86 @@ def theirs_step(model, opt, ids, labels):
     return loss.item()
 
 
+def lora_side(side: str, model: str | None, data: str, rank: int, alpha: float, targets: list[str], steps: int,
+              lr: float) -> dict:
+    """Timed LoRA steps of one side in this process: {"times": [...], "rss_mb": ..., "first_loss": ...}."""
+    ids, labels = torch.load(data)
+    if side == "ours":
+        from dialogen.models.loading import load
+        from dialogen.models.lora import Adapter, LoraSettings
+
+        base = load(model, torch.float32).model.materialize().requires_grad_(False).train()
+        adapter = Adapter(base.cfg, LoraSettings(rank, alpha, 0.0, tuple(targets))).init(0).attach(base)
+        loss_model, params = LossModel(base, adapter), list(adapter.parameters())
+
+        def loss_of():
+            nll, n = loss_model(ids, labels)
+            return nll / n
+    else:
+        from peft import LoraConfig, get_peft_model
+        from transformers import AutoModelForCausalLM
+
+        hf = AutoModelForCausalLM.from_pretrained(str(resolve(model)), dtype=torch.float32)
+        peft_model = get_peft_model(hf, LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=0.0, target_modules=targets))
+        peft_model.train()
+        params = [p for p in peft_model.parameters() if p.requires_grad]
+
+        def loss_of():
+            return peft_model(input_ids=ids, labels=labels).loss
+    opt = torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.95), fused=True)
+    times, first = [], None
+    for i in range(steps + 2):
+        t0 = time.perf_counter()
+        loss = loss_of()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        if i >= 2:
+            times.append(time.perf_counter() - t0)
+        first = loss.item() if first is None else first
+        print(f"step {i} {side}: {time.perf_counter() - t0:.2f}s loss {loss.item():.4f}", file=sys.stderr, flush=True)
+    return {"times": times, "rss_mb": peak_rss_mb(), "first_loss": first}
+
+
+def peak_rss_mb() -> float:
+    """This process's peak RSS since its exec (VmHWM; ru_maxrss would carry the parent's over the fork)."""
+    for line in open("/proc/self/status"):
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def lora_main(args):
+    import subprocess
+    import tempfile
+
+    engine = load_engine(args.model, "auto", torch.float32)
+    ids, labels = batch(engine, args.batch, args.seq, args.labels)
+    del engine
+    data = tempfile.NamedTemporaryFile(suffix=".pt", delete=False).name
+    torch.save((ids, labels), data)
+    out = {}
+    for side in ("ours", "peft"):
+        cmd = [sys.executable, __file__, "--lora-side", side, "--data", data, "--rank", str(args.rank),
+               "--alpha", str(args.alpha), "--targets", args.targets, "--steps", str(args.steps), "--lr", str(args.lr)]
+        if args.model:
+            cmd += ["--model", args.model]
+        r = subprocess.run(cmd, stdout=subprocess.PIPE, text=True, check=True)
+        out[side] = json.loads(r.stdout.strip().splitlines()[-1])
+    med = {k: statistics.median(v["times"]) for k, v in out.items()}
+    best = {k: min(v["times"]) for k, v in out.items()}
+    print(json.dumps({
+        "model": args.model or "SmolLM2-135M-Instruct", "batch": args.batch, "seq": args.seq, "rank": args.rank,
+        "alpha": args.alpha, "targets": args.targets, "threads": torch.get_num_threads(),
+        "first_step_loss": {k: round(v["first_loss"], 5) for k, v in out.items()},
+        "step_s_median": {k: round(v, 3) for k, v in med.items()}, "step_s_best": {k: round(v, 3) for k, v in best.items()},
+        "speedup_median": round(med["peft"] / med["ours"], 3), "speedup_best": round(best["peft"] / best["ours"], 3),
+        "peak_rss_mb": {k: round(v["rss_mb"], 1) for k, v in out.items()},
+        "rss_ratio": round(out["ours"]["rss_mb"] / out["peft"]["rss_mb"], 3),
+    }))
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--batch", type=int, default=2)
@@ -69,7 +153,21 @@ def main():
     ap.add_argument("--steps", type=int, default=10, help="timed steps of each (plus 2 warm-up)")
     ap.add_argument("--labels", choices=["chat", "all"], default="chat")
     ap.add_argument("--lr", type=float, default=1e-5)
+    ap.add_argument("--lora", action="store_true", help="LoRA steps, ours against peft + transformers")
+    ap.add_argument("--model", default=None, help="--lora: the base (default: the embedded model)")
+    ap.add_argument("--rank", type=int, default=16)
+    ap.add_argument("--alpha", type=float, default=32.0)
+    ap.add_argument("--targets", default="q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj")
+    ap.add_argument("--lora-side", choices=["ours", "peft"], help=argparse.SUPPRESS)  # one side's process
+    ap.add_argument("--data", help=argparse.SUPPRESS)
     args = ap.parse_args()
+    if args.lora_side:
+        print(json.dumps(lora_side(args.lora_side, args.model, args.data, args.rank, args.alpha,
+                                   args.targets.split(","), args.steps, args.lr)))
+        return
+    if args.lora:
+        lora_main(args)
+        return
 
     from transformers import AutoModelForCausalLM
 

@@ -12,13 +12,13 @@ From Python, `dialogen.load()` returns a `ChatModel`:
 __version__ = "0.1.0"
 
 
-def load(model: str | None = None, dtype: str | None = None, template: str | None = None):
+def load(model: str | None = None, dtype: str | None = None, template: str | None = None, adapter: str | None = None):
     """A `ChatModel` (see `dialogen.api`): `model` None for the embedded default, a .gguf file, a
     Hugging Face directory or a dialogen checkpoint; `dtype` the decode weights (default auto);
-    `template` the chat template (default: the model's own)."""
+    `template` the chat template (default: the model's own); `adapter` a LoRA adapter directory."""
     from .api import load as _load  # here, not at import time: it imports torch
 
-    return _load(model, dtype, template)
+    return _load(model, dtype, template, adapter)
 
 
 def __getattr__(name):

@@ -10,23 +10,30 @@ searches, scores and keeps sessions, on the same engine as the CLI and the serve
 near-ties can go the other way elsewhere.)
 
 Messages are a string (one user turn), or a list of `{"role", "content"}` dicts (or `Message`s)
-ending with the user's turn, optionally starting with a system message. Sampling options are
+ending with the user's turn, optionally starting with a system message. A list that ends with an
+assistant message is a prefill: the reply continues that message (transformers'
+`continue_final_message`) and is the new text only. Sampling options are
 `Sampling`'s fields as keywords: `temperature` (0 = greedy), `top_k`, `top_p`,
 `repetition_penalty`, `frequency_penalty`, `presence_penalty`, `no_repeat_ngram`,
-`max_new_tokens`, `seed`, `stop`. Mistakes in them raise `dialogen.errors.UserError`.
+`max_new_tokens`, `seed`, `stop`, `logit_bias` ({token id: bias in [-100, 100]}, -100 bans).
+Mistakes in them raise `dialogen.errors.UserError`.
 """
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterable, Iterator
 
+from .chat.functions import call_function, function_tool
 from .chat.messages import Message, parse_messages
+from .chat.toolformat import openai_calls, parse_calls, parse_tools
 from .chat.personas import resolve_persona
 from .chat.ranked import RankedSession
 from .chat.session import Engine, Session, load_engine
 from .data import load_split
 from .decoding.batch import generate_batch
-from .decoding.settings import Decoding, Sampling
+from .decoding.settings import Decoding, Sampling, check_token_ids
+from .decoding.toolgrammar import tool_grammar
 from .errors import UserError
 from .eval.perplexity import assistant_perplexity
 
@@ -38,6 +45,15 @@ def as_messages(messages, where: str = "messages") -> list[Message]:
     if isinstance(messages, (list, tuple)) and all(isinstance(m, Message) for m in messages):
         return list(messages)
     return parse_messages(list(messages) if isinstance(messages, tuple) else messages, where)
+
+
+def as_tools(tools) -> tuple[list[dict], dict]:
+    """(OpenAI tool dicts, {name: Python function}) of a list of functions and tool dicts."""
+    if callable(tools) or isinstance(tools, dict):
+        tools = [tools]
+    dicts = [function_tool(t) if callable(t) else t for t in tools]
+    functions = {d["function"]["name"]: t for t, d in zip(tools, dicts) if callable(t)}
+    return parse_tools(dicts), functions
 
 
 class ChatModel:
@@ -59,12 +75,13 @@ class ChatModel:
         return f"ChatModel({self.engine.name!r}, template={self.template!r})"
 
     # --- one reply --------------------------------------------------------------------------
-    def _turn(self, messages, sampling: dict, session: Session | None = None):
+    def _turn(self, messages, sampling: dict, session: Session | None = None, tools: list[dict] | None = None):
         msgs = as_messages(messages)
-        if not msgs or msgs[-1].role != "user":
-            raise UserError("messages: the last message must have role 'user'")
+        if not msgs or msgs[-1].role not in ("user", "assistant", "tool"):
+            raise UserError("messages: the last message must have role 'user' (or 'tool' after calls, or "
+                            "'assistant', to continue it)")
         system = msgs[0].content if msgs[0].role == "system" else None
-        history = msgs[1:-1] if system is not None else msgs[:-1]
+        history = msgs[1:] if system is not None else msgs
         if session is None:
             if self._session is None:
                 self._session = Session(self.engine)
@@ -72,17 +89,68 @@ class ChatModel:
         session.reset()
         session.set_persona(system)
         session.sampling = Sampling().replace(**sampling)
-        session.messages = list(history)
-        return session.send(msgs[-1].content)
+        session.tools = tools
+        check_token_ids(session.sampling.logit_bias, self.engine.tokenizer.vocab_size)
+        if history[-1].role in ("assistant", "tool"):  # a prefill the reply continues, or tools' results
+            session.messages = list(history)
+            return session.respond()
+        session.messages = list(history[:-1])
+        return session.send(history[-1].content)
 
-    def chat(self, messages, **sampling) -> str:
+    def chat(self, messages, tools=None, tool_choice="auto", parallel_tool_calls: bool = True, **sampling):
         """The assistant's reply to `messages`.
 
         >>> model.chat([{"role": "system", "content": "You are a pirate."},
         ...             {"role": "user", "content": "Hello!"}], temperature=0, max_new_tokens=12)
         "Good day, mate! I'm Captain Blackwood, the"
+
+        With `tools` (Python functions, their schemas built from type hints and docstrings, or
+        OpenAI tool dicts) the reply is an OpenAI message dict: `{"role": "assistant", "content":
+        text}`, or `{"role": "assistant", "content": None, "tool_calls": [...]}` whose calls name
+        one of the tools with arguments valid for its schema (decoding is constrained to it).
+        `tool_choice`: "auto", "required", "none" or a tool's name. See docs/tools.md.
         """
-        return self._turn(messages, sampling).run().text
+        if tools is None:
+            return self._turn(messages, sampling).run().text
+        offered, _ = as_tools(tools)
+        style = self.engine.template.tool_style
+        if tool_choice != "none":
+            grammar = tool_grammar(offered, style, tool_choice, parallel_tool_calls, self.tokenizer.control_ids)
+            sampling = {**sampling, "constraint": grammar}
+        text = self._turn(messages, sampling, tools=offered).run().text
+        calls = parse_calls(text, style) if tool_choice != "none" else None
+        if not calls:
+            return {"role": "assistant", "content": text}
+        return {"role": "assistant", "content": None, "tool_calls": openai_calls(calls, style)}
+
+    def run(self, messages, tools, max_steps: int = 5, tool_choice="auto", **sampling) -> list[dict]:
+        """An agent loop: reply, run the tools the reply calls (Python functions) and feed their
+        results back, until a reply calls none; at most `max_steps` replies, the last one without
+        tools. Returns the conversation (OpenAI message dicts) from `messages` on, ending with
+        the assistant's answer.
+
+        >>> def lookup_order(order_id: int) -> dict:
+        ...     "An order's status."
+        ...     return {"order_id": order_id, "status": "shipped"}
+        >>> model.run("Where is my order 1182?", tools=[lookup_order])[-1]["content"]  # doctest: +SKIP
+        """
+        offered, functions = as_tools(tools)
+        if max_steps < 1:
+            raise UserError(f"max_steps must be >= 1, got {max_steps}")
+        conversation = [m.to_dict() for m in as_messages(messages)]
+        for step in range(max_steps):
+            last = step == max_steps - 1
+            reply = self.chat(conversation, offered, "none" if last else tool_choice, **sampling)
+            conversation.append(reply)
+            if not reply.get("tool_calls"):
+                break
+            for call in reply["tool_calls"]:
+                name = call["function"]["name"]
+                if name not in functions:
+                    raise UserError(f"tools: {name!r} was called but is not a Python function to run")
+                result = call_function(functions[name], json.loads(call["function"]["arguments"]))
+                conversation.append({"role": "tool", "tool_call_id": call["id"], "name": name, "content": result})
+        return conversation
 
     def stream(self, messages, **sampling) -> Iterator[str]:
         """The reply as it is generated: pieces of text that join into what `chat` returns.
@@ -102,6 +170,7 @@ class ChatModel:
         """
         eng = self.engine
         s, stop_ids = eng.stops(Sampling().replace(**sampling))
+        check_token_ids(s.logit_bias, eng.tokenizer.vocab_size)
         prompts = []
         for i, conv in enumerate(conversations):
             msgs = as_messages(conv, f"conversations[{i}]")
@@ -175,12 +244,14 @@ class ChatModel:
                        max_context_tokens=max_context_tokens)
 
 
-def load(model: str | None = None, dtype: str | None = None, template: str | None = None) -> ChatModel:
+def load(model: str | None = None, dtype: str | None = None, template: str | None = None,
+         adapter: str | None = None) -> ChatModel:
     """A model ready to chat: `model` is None (the embedded SmolLM2-135M-Instruct), a .gguf file, a
     Hugging Face directory (llama or gpt2) or a dialogen checkpoint; `dtype` the decode weights
     (auto, int8, int4, float16, bfloat16, float32; default auto); `template` the chat template
-    (chatml, llama2, dialogpt, jinja; default: the model's own).
+    (chatml, llama2, dialogpt, jinja; default: the model's own); `adapter` a LoRA adapter directory
+    (PEFT's files) added to the model (with `model` None: on the base the adapter names).
 
     >>> model = dialogen.load("runs/ft/best", dtype="int8")
     """
-    return ChatModel(load_engine(model, template or "auto", dtype or "auto"))
+    return ChatModel(load_engine(model, template or "auto", dtype or "auto", adapter))

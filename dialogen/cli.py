@@ -31,26 +31,44 @@ def open_session(args):
 
 def cmd_chat(args) -> int:
     from .chat.repl import run
+    from .chat.toolchat import load_tools_file, offer_tools
 
+    tools = load_tools_file(args.tools) if args.tools else None  # before the slow model load
+    if tools is not None and decoding_from(args).searches:
+        raise UserError("--tools are answered by one sampled (or greedy) reply: drop --beam-size/--num-candidates")
     session = open_session(args)
+    if tools is not None:
+        offer_tools(session, *tools)
     return run(session, interactive=sys.stdin.isatty())
 
 
 def cmd_generate(args) -> int:
     from .chat.messages import read_messages
+    from .chat.toolchat import offer_tools
+    from .chat.toolformat import openai_calls, parse_calls
 
     where = args.input if args.input != "-" else "<stdin>"
     sampling_from(args)  # a bad flag is reported before the input is read
     messages = read_messages(args.input)
-    if not messages or messages[-1].role != "user":
-        raise UserError(f"{where}: the last message must have role 'user'")
+    tools = getattr(messages, "tools", None)
+    if not messages or messages[-1].role == "system":
+        raise UserError(f"{where}: the last message must have role 'user' (or 'tool', or 'assistant' to continue it)")
     session = open_session(args)
     if messages[0].role == "system":
         session.set_persona(messages[0].content)
         messages = messages[1:]
-    session.messages = messages[:-1]
-    gen = session.send(messages[-1].content).run()
+    if tools:
+        offer_tools(session, tools, {})
+    if messages[-1].role == "user":
+        session.messages = messages[:-1]
+        gen = session.send(messages[-1].content).run()
+    else:  # tools' results to answer, or an assistant message to continue
+        session.messages = list(messages)
+        gen = session.respond().run()
     out = {"reply": gen.text, "tokens": len(gen.tokens), "finish_reason": gen.finish_reason}
+    calls = parse_calls(gen.text, session.engine.template.tool_style) if tools else None
+    if calls:
+        out.update(reply=None, tool_calls=openai_calls(calls, session.engine.template.tool_style))
     if getattr(args, "show_candidates", False) and getattr(gen, "candidates", None):
         out["candidates"] = gen.candidates_dicts()
     print(json.dumps(out, ensure_ascii=False))
@@ -68,6 +86,9 @@ def build_parser() -> argparse.ArgumentParser:
     add_sampling_args(p)
     add_constraint_args(p)
     add_decoding_args(p)
+    p.add_argument("--tools", metavar="FILE", default=None,
+                   help="tools the model may call: a JSON list of tools (OpenAI's shape; you type each result) or "
+                        "a Python file whose functions are run when called (see docs/tools.md)")
     p.set_defaults(func=cmd_chat)
 
     p = sub.add_parser("generate", help="reply to a JSON list of messages; prints JSON",

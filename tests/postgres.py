@@ -41,9 +41,18 @@ class Cluster:
     def start(self) -> "Cluster":
         data = os.path.join(self.root, "data")
         self._run("initdb", "-D", data, "-A", "trust", "-U", "postgres", "-E", "UTF8", "--locale=C", "--no-sync")
-        opts = f"-p {self.port} -k {self.root} -c listen_addresses=127.0.0.1 -c fsync=off -c max_connections=200"
-        self._run("pg_ctl", "-D", data, "-o", opts, "-l", os.path.join(self.root, "log"), "-w", "-t", "60", "start")
+        self.resume()
         return self
+
+    def resume(self):
+        """Start the server (again)."""
+        opts = f"-p {self.port} -k {self.root} -c listen_addresses=127.0.0.1 -c fsync=off -c max_connections=200"
+        self._run("pg_ctl", "-D", os.path.join(self.root, "data"), "-o", opts, "-l", os.path.join(self.root, "log"),
+                  "-w", "-t", "60", "start")
+
+    def halt(self):
+        """Stop the server as an operator's restart does (fast: open connections are cut)."""
+        self._run("pg_ctl", "-D", os.path.join(self.root, "data"), "-m", "fast", "-w", "stop")
 
     def dsn(self, database: str = "postgres") -> str:
         return f"postgresql://postgres@127.0.0.1:{self.port}/{database}"

@@ -59,7 +59,7 @@ def test_sampling_is_seeded_and_options_are_checked(model):
     with pytest.raises(UserError, match="--top-p must be in"):
         model.chat("Hi", top_p=0)
     with pytest.raises(UserError, match="the last message must have role 'user'"):
-        model.chat(CONV[:3])
+        model.chat(CONV[:2] + [{"role": "system", "content": "Be brief."}])
     with pytest.raises(UserError, match=r"messages\[0\]\.role: 'bot'"):
         model.chat([{"role": "bot", "content": "x"}])
     with pytest.raises(UserError, match=r"conversations\[1\]: the last message"):

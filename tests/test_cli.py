@@ -47,7 +47,7 @@ def test_generate_prints_json(tmp_path):
     ('{"role": "user"}', ["expected a JSON list"]),
     ('[{"role": "user", "content": "hi"}, {"role": "bot", "content": "x"}]', ["<stdin>[1].role", "'bot'"]),
     ('[{"role": "user", "content": ["x"]}]', ["<stdin>[0].content", "string"]),
-    ('[{"role": "assistant", "content": "x"}]', ["last message", "user"]),
+    ('[{"role": "user", "content": "hi"}, {"role": "system", "content": "x"}]', ["last message", "user"]),
 ])
 def test_generate_malformed_messages(payload, needles):
     assert_one_line_error(run(["generate"], payload), *needles)

@@ -156,7 +156,7 @@ def test_unknown_key_and_family_are_refused_naming_the_key(tmp_path, capsys):
     (tmp_path / "config.json").write_text(json.dumps({**conf, "rope_interleaved": False, "is_llama_config": True}))
     load(str(tmp_path), dtype="float32")  # SmolLM2's config.json
     (tmp_path / "config.json").write_text(json.dumps({**conf, "model_type": "cohere"}))
-    with pytest.raises(UserError, match=r"config\.json: model_type \"cohere\" is not supported"):
+    with pytest.raises(UserError, match=r"config\.json: model_type 'cohere' is not supported"):
         load(str(tmp_path), dtype="float32")
 
 

@@ -22,7 +22,7 @@ def layer(module: str) -> int:
         return 8  # the front doors: the command line, and dialogen.load() (the package imports it lazily)
     top = parts[1] if len(parts) > 1 else ""
     if top == "chat":
-        return 2 if parts[2] in ("messages", "templates", "personas") else 4
+        return 2 if parts[2] in ("messages", "templates", "personas", "toolformat", "functions") else 4
     return {"models": 1, "decoding": 3, "data": 5, "training": 6, "eval": 6, "serve": 7}.get(top, 0)
 
 

@@ -40,8 +40,13 @@ def searched_reply(session: Session, decoder: Decoder, ids: list[int], sampling:
     own `Decoding` unless one is given); once chosen it joins the session's messages, then
     `then(reply)` is called. The search runs on caches of its own: the session's stays valid."""
 
+    prefill = session.messages[-1] if session.continues else None
+
     def finish(reply: Reply):
-        session.messages.append(Message("assistant", reply.text))
+        if prefill is not None:
+            session.messages[-1] = Message("assistant", prefill.content + reply.text)
+        else:
+            session.messages.append(Message("assistant", reply.text))
         if then is not None:
             then(reply)
 

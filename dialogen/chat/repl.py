@@ -8,6 +8,7 @@ from ..errors import UserError
 from ..textio import EncodingError, check_line, decode
 from .personas import resolve_persona
 from .session import Session
+from .toolchat import reply_with_tools
 
 HELP = """commands:
   /reset           forget the conversation (the persona stays)
@@ -49,6 +50,10 @@ def command(session: Session, line: str, out=sys.stdout) -> bool:
 
 def stream_reply(session: Session, text: str, out=None) -> None:
     out = out or sys.stdout  # looked up now, so a redirected stdout is followed
+    if session.tools:  # a tool's result the user types: the next line, at a prompt or from the pipe
+        ask = input if sys.stdin.isatty() else (lambda prompt: read_line(False, 0))
+        reply_with_tools(session, text, out, ask=ask)
+        return
     gen = session.send(text)
     try:
         for delta in gen:

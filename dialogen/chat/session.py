@@ -41,6 +41,8 @@ class Session:
         if self.max_context_tokens < 1 or self.max_context_tokens > engine.context_length:
             raise UserError(f"--max-context-tokens must be in 1..{engine.context_length}, got {self.max_context_tokens}")
         self.messages: list[Message] = []
+        self.tools: list[dict] | None = None  # the tools offered (OpenAI's shape), shown by the template
+        self.tool_functions: dict = {}  # name -> the Python function that runs it (`chat/toolchat.py`)
         self.window_start = 0  # index of the oldest message still in the prompt
         self.cache = engine.model.new_cache(1)
         self.cache_ids: list[int] = []
@@ -68,9 +70,16 @@ class Session:
         return head + self.messages[self.window_start:]
 
     def prompt_ids(self) -> list[int]:
-        """Render the prompt for the next reply, dropping the oldest turns if over budget."""
+        """Render the prompt for the next reply, dropping the oldest turns if over budget. When the
+        last message is the assistant's (a prefill), the reply continues it."""
         eng = self.engine
-        ids = eng.template.render(eng.tokenizer, self.conversation(), add_generation_prompt=True)[0]
+        cont = self.continues
+
+        def render():
+            return eng.template.render(eng.tokenizer, self.conversation(), add_generation_prompt=True,
+                                       continue_final=cont, tools=self.tools)[0]
+
+        ids = render()
         if len(ids) <= self.max_context_tokens:
             return ids
         target = self.max_context_tokens * 3 // 4
@@ -81,17 +90,31 @@ class Session:
             if nxt is None:
                 break
             self.window_start = nxt
-            ids = eng.template.render(eng.tokenizer, self.conversation(), add_generation_prompt=True)[0]
+            ids = render()
         if len(ids) > self.max_context_tokens:
             raise UserError(f"the message does not fit: the prompt needs {len(ids)} tokens, "
                             f"the budget is {self.max_context_tokens} (--max-context-tokens)")
         return ids
+
+    @property
+    def continues(self) -> bool:
+        """True when the conversation ends with an assistant message the next reply extends."""
+        return bool(self.messages) and self.messages[-1].role == "assistant"
 
     # --- a turn ---------------------------------------------------------------------------
     def send(self, user_text: str, **overrides) -> Generation:
         """Add a user turn and return the reply's Generation (iterate it to stream)."""
         sampling = self.sampling.replace(**overrides)
         return self._generate(self.user_turn(user_text), sampling)
+
+    def respond(self, **overrides) -> Generation:
+        """The reply to the conversation as it stands: after tool results, a new assistant turn; after
+        an assistant message (a prefill such as "Sure, here is"), its continuation, the Generation
+        holding the new text only (when it ends, the message holds both)."""
+        if not self.messages or self.messages[-1].role not in ("assistant", "tool"):
+            raise UserError("nothing to respond to: the last message must be the assistant's or a tool's "
+                            "(send a user turn with send())")
+        return self._generate(self.prompt_ids(), self.sampling.replace(**overrides))
 
     def user_turn(self, text: str) -> list[int]:
         """Add a user turn and return the prompt of the reply to it (the turn is taken back if the
@@ -113,9 +136,14 @@ class Session:
         self.cache_ids = ids[:keep]
         sampling, stop_ids = eng.stops(sampling)
 
+        prefill = self.messages[-1] if self.continues else None
+
         def finish(gen: Generation):
             self.cache_ids = (ids + gen.tokens)[: self.cache.length]
-            self.messages.append(Message("assistant", gen.text))
+            if prefill is not None:
+                self.messages[-1] = Message("assistant", prefill.content + gen.text)
+            else:
+                self.messages.append(Message("assistant", gen.text))
 
         return Generation(eng.model, eng.tokenizer, ids[keep:], self.cache, sampling, stop_ids, history=ids,
                           on_finish=finish)

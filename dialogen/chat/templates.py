@@ -27,6 +27,7 @@ from jinja2.sandbox import ImmutableSandboxedEnvironment
 
 from ..errors import UserError
 from .messages import Message
+from .toolformat import calls_text, data_spans, merge_spans, response_text, style_of, tools_prompt
 
 CHATML = (
     "{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\\n' + m['content'] + '<|im_end|>\\n' }}{% endfor %}"
@@ -99,9 +100,10 @@ def _compile(source: str):
 
 
 def _trims(content: str) -> list[str]:
-    """What a template may make of a content: itself or trimmed (`trim`, `.strip()` and kin)."""
+    """What a template may make of a content: itself, trimmed (`trim`, `.strip()` and kin), or
+    written as a JSON string (`tojson`, the quotes being the template's)."""
     out = []
-    for x in (content, content.strip(), content.lstrip(), content.rstrip()):
+    for x in (content, content.strip(), content.lstrip(), content.rstrip(), json.dumps(content, ensure_ascii=False)[1:-1]):
         if x not in out:
             out.append(x)
     return out
@@ -151,29 +153,59 @@ class Template:
     end_of_turn: str
     _frames: dict = field(default_factory=dict, repr=False, compare=False)  # (roles, prompt) -> placeholder rendering
 
-    def _render(self, tokenizer, messages: list[Message], contents: list[str], add_generation_prompt: bool) -> str:
-        data = [{"role": m.role, "content": c} for m, c in zip(messages, contents)]
+    @property
+    def tool_style(self) -> str:
+        """How this template's model writes tool calls (`toolformat.style_of`)."""
+        return style_of(self.source)
+
+    def _render(self, tokenizer, messages: list[Message], contents: list, add_generation_prompt: bool,
+                tools: list[dict] | None = None) -> str:
+        data = [m.template_dict(c) for m, c in zip(messages, contents)]
         tokens = {"bos_token": tokenizer.bos_token or "", "eos_token": tokenizer.eos_token or "",
                   "pad_token": tokenizer.pad_token or ""}
         try:
             return _compile(self.source).render(messages=data, add_generation_prompt=add_generation_prompt,
-                                                tools=None, documents=None, **tokens)
+                                                tools=tools, documents=None, **tokens)
         except Exception as e:  # a template is data: whatever it raises is the template's error
             raise UserError(f"chat template {self.name!r} failed: {e}") from None
 
-    def layout(self, tokenizer, messages: list[Message],
-               add_generation_prompt: bool = False) -> tuple[str, list[tuple[int, int, int]]]:
+    def prepare(self, messages: list[Message], tools, trained=None):
+        """(messages, tools, trained flags) as rendered: a template without tool support gets the
+        generic format (`toolformat`), the tools in the system message and calls in contents."""
+        if self.tool_style != "generic" or not (tools or any(m.tool_calls or m.role == "tool" for m in messages)):
+            return messages, tools or None, trained
+        out = [Message(m.role, m.content) for m in messages]
+        for i, m in enumerate(messages):
+            if m.tool_calls:
+                calls = calls_text(m.tool_calls)
+                out[i] = Message("assistant", f"{m.content}\n{calls}" if m.content else calls)
+            elif m.role == "tool":
+                out[i] = Message("user", response_text(m.content))
+        if tools:
+            if out and out[0].role == "system":
+                out[0] = Message("system", f"{out[0].content}\n\n{tools_prompt(tools)}")
+            else:
+                out.insert(0, Message("system", tools_prompt(tools)))
+                trained = None if trained is None else [False, *trained]
+        return out, None, trained
+
+    def layout(self, tokenizer, messages: list[Message], add_generation_prompt: bool = False,
+               tools: list[dict] | None = None) -> tuple[str, list[tuple[int, int, int]]]:
         """The rendered text and each content's character span (start, end, message index), in
         text order. A template whose own text depends on the contents (or that changes them
-        beyond trimming) gets its placeholder rendering with the contents spliced in whole."""
+        beyond trimming) gets its placeholder rendering with the contents spliced in whole.
+        (Messages as given: `render` applies the generic tool format first.)"""
         key = (tuple(m.role for m in messages), add_generation_prompt, tokenizer.bos_token, tokenizer.eos_token)
-        contents = [m.content for m in messages]
-        text = self._render(tokenizer, messages, contents, add_generation_prompt)
+        contents = _contents(messages)
+        if tools or any(m.tool_calls or m.tool_call_id for m in messages):  # the frame depends on them too
+            key += (json.dumps([tools, [(m.tool_calls, m.tool_call_id, m.name, c is None)
+                                        for m, c in zip(messages, contents)]], sort_keys=True),)
+        text = self._render(tokenizer, messages, contents, add_generation_prompt, tools)
         pieces = self._frames.get(key)
         spans = None if pieces is None else _align(text, pieces, contents)
         if spans is None:  # no kept frame, or a stale one (a template that prints today's date)
-            slots = [f"{_OPEN}{i}{_CLOSE}" for i in range(len(messages))]
-            pieces = _SLOT.split(self._render(tokenizer, messages, slots, add_generation_prompt))
+            slots = [None if c is None else f"{_OPEN}{i}{_CLOSE}" for i, c in enumerate(contents)]
+            pieces = _SLOT.split(self._render(tokenizer, messages, slots, add_generation_prompt, tools))
             if len(self._frames) > 4096:
                 self._frames.clear()
             self._frames[key] = pieces
@@ -187,18 +219,63 @@ class Template:
         return text, spans
 
     def render(self, tokenizer, messages: list[Message], add_generation_prompt: bool = False,
-               train_roles=("assistant",), trained: list[bool] | None = None) -> tuple[list[int], list[int]]:
+               train_roles=("assistant",), trained: list[bool] | None = None,
+               continue_final: bool = False, tools: list[dict] | None = None) -> tuple[list[int], list[int]]:
         """(ids, mask): mask[i] is 1 where token i is one the model is trained to produce.
 
         The trained messages are those whose role is in `train_roles`, or, when given, those whose
-        flag in `trained` (one per message) is true.
+        flag in `trained` (one per message) is true; an assistant's tool calls are trained with it,
+        tool results and the tool list never. With `continue_final` (transformers'
+        `continue_final_message`), the text ends right after the final message's content, so the
+        reply extends it instead of starting a new turn. `tools` are passed to the template as
+        transformers' `apply_chat_template(tools=...)` does.
         """
         if trained is None:
             trained = [m.role in train_roles for m in messages]
-        text, spans = self.layout(tokenizer, messages, add_generation_prompt)
-        ids, offsets = tokenizer.encode_chat(text, [(a, b) for a, b, _ in spans])
+        messages, tools, trained = self.prepare(messages, tools, trained)
+        gen = add_generation_prompt and not continue_final
+        text, spans = self.layout(tokenizer, messages, gen, tools)
+        calls = self._call_regions(tokenizer, text, messages, trained, tools, gen)
+        if continue_final:
+            text, spans = _cut_after_final(text, spans, len(messages) - 1)
+        made = [m.tool_calls for m in messages if m.tool_calls]
+        protected = merge_spans([(a, b) for a, b, _ in spans] + data_spans(text, made, tools, tokenizer.control_ids))
+        ids, offsets = tokenizer.encode_chat(text, protected)
         regions = self._trained_regions(text, spans, trained)
-        return ids, _mask(offsets, regions)
+        regions += calls
+        return ids, _mask(offsets, sorted(regions))
+
+    def _call_regions(self, tokenizer, text: str, messages: list[Message], trained, tools,
+                      add_generation_prompt: bool) -> list[tuple[int, int]]:
+        """The text of each trained assistant message with tool calls: where the rendering differs
+        from one without that message, after the generation prompt, up to its end-of-turn marker."""
+        out = []
+        for i, m in enumerate(messages):
+            if not (m.tool_calls and trained[i]):
+                continue
+            rest = messages[:i] + messages[i + 1:]
+            try:
+                other = self._render(tokenizer, rest, _contents(rest), add_generation_prompt, tools)
+            except UserError:
+                continue
+            a = _common_prefix(text, other)
+            b = len(text) - _common_prefix(text[a:][::-1], other[a:][::-1])
+            prompt = self._generation_prompt(tokenizer, messages[:i], tools)
+            at = text.find(prompt, max(0, a - len(prompt)), b) if prompt else -1
+            if 0 <= at <= a:
+                a = at + len(prompt)
+            cut = text.find(self.end_of_turn, a, b + len(self.end_of_turn)) if self.end_of_turn else -1
+            out.append((a, cut + len(self.end_of_turn) if cut >= 0 else b))
+        return out
+
+    def _generation_prompt(self, tokenizer, messages: list[Message], tools) -> str:
+        """What the template adds for a reply after `messages` ("" when that cannot be told)."""
+        try:
+            on = self._render(tokenizer, messages, _contents(messages), True, tools)
+            off = self._render(tokenizer, messages, _contents(messages), False, tools)
+        except UserError:
+            return ""
+        return on[len(off):] if on.startswith(off) else ""
 
     def _trained_regions(self, text: str, spans, trained: list[bool]) -> list[tuple[int, int]]:
         """Character ranges trained: a trained content and its end-of-turn marker, in text order."""
@@ -226,6 +303,28 @@ class Template:
     def stop_meta(self, tokenizer) -> dict:
         """Where a reply ends, for a checkpoint's dialogen.json (and its generation_config.json)."""
         return {"stop_ids": sorted(self.stop_ids(tokenizer)), "stop_strings": self.stop_strings(tokenizer)}
+
+
+def _common_prefix(a: str, b: str) -> int:
+    n = min(len(a), len(b))
+    i = 0
+    while i < n and a[i] == b[i]:
+        i += 1
+    return i
+
+
+def _contents(messages: list[Message]) -> list:
+    """Each message's content as the template gets it: None for an assistant's calls without text."""
+    return [None if m.tool_calls and not m.content else m.content for m in messages]
+
+
+def _cut_after_final(text: str, spans, last: int):
+    """The text up to the end of message `last`'s content, and the spans within it."""
+    end = max((b for a, b, i in spans if i == last), default=None)
+    if end is None:
+        raise UserError("the final message to continue does not appear in the rendered conversation "
+                        "(the chat template leaves it out, or it is empty)")
+    return text[:end], [sp for sp in spans if sp[1] <= end]
 
 
 def _mask(offsets: list[tuple[int, int]], regions: list[tuple[int, int]]) -> list[int]:
@@ -257,9 +356,19 @@ def get_template(name: str, tokenizer) -> Template:
 
 
 def _find_end_of_turn(tpl: Template, tokenizer) -> str:
-    """The special token a template writes right after an assistant's content."""
+    """The special token a template writes right after an assistant's content (a template that
+    renders only with tools, such as Hermes-2-Pro's tool-use one, is asked with one)."""
     msgs = [Message("user", "u"), Message("assistant", "a")]
-    text = tpl._render(tokenizer, msgs, [f"{_OPEN}{i}{_CLOSE}" for i in range(2)], False)
+    slots = [f"{_OPEN}{i}{_CLOSE}" for i in range(2)]
+    try:
+        text = tpl._render(tokenizer, msgs, slots, False)
+    except UserError:
+        probe = {"type": "function", "function": {"name": "f", "description": "f",
+                                                  "parameters": {"type": "object", "properties": {}}}}
+        try:
+            text = tpl._render(tokenizer, msgs, slots, False, [probe])
+        except UserError:
+            return tokenizer.eos_token or ""
     after = text.split(f"{_OPEN}1{_CLOSE}", 1)[-1].lstrip()
     specials = sorted(tokenizer.control_ids, key=len, reverse=True)
     return next((s for s in specials if after.startswith(s)), tokenizer.eos_token or "")

@@ -32,22 +32,34 @@ def bucket_batches(lengths: list[int], batch_size: int, seed: int, epoch: int) -
 
 
 def pack(examples: list[Example], max_len: int, seed: int) -> list[Example]:
-    """Examples joined end to end (seeded order) into rows of at most max_len tokens.
-
-    Attention is not blocked between the joined examples: each is preceded by earlier, unrelated
-    text, as when DialoGPT joins dialogues into one stream."""
+    """Examples joined end to end (seeded order) into rows of at most max_len tokens, kept apart:
+    each token's segment (`Example.segments`) limits its attention to its own example and restarts
+    its positions (`Transformer.trunk`), and an example's first token, which nothing of its own
+    precedes, has no label, as alone."""
     order = list(range(len(examples)))
     random.Random(f"pack:{seed}").shuffle(order)
-    rows, ids, labels = [], [], []
+    rows, ids, labels, segments = [], [], [], []
     for i in order:
         ex = examples[i]
         if ids and len(ids) + len(ex.ids) > max_len:
-            rows.append(Example(ids, labels))
-            ids, labels = [], []
-        ids, labels = ids + ex.ids, labels + ex.labels
+            rows.append(Example(ids, labels, segments))
+            ids, labels, segments = [], [], []
+        n = segments[-1] + 1 if segments else 0
+        ids, labels, segments = ids + ex.ids, labels + [IGNORE_INDEX] + ex.labels[1:], segments + [n] * len(ex.ids)
     if ids:
-        rows.append(Example(ids, labels))
+        rows.append(Example(ids, labels, segments))
     return rows
+
+
+def collate_segments(examples: list[Example]) -> torch.Tensor | None:
+    """The segments (B, T) of packed rows, as `collate` pads them (padding: segment -1), or None."""
+    if all(ex.segments is None for ex in examples):
+        return None
+    T = max(len(ex.ids) for ex in examples)
+    segs = torch.full((len(examples), T), -1, dtype=torch.long)
+    for b, ex in enumerate(examples):
+        segs[b, : len(ex.ids)] = torch.tensor(ex.segments or [0] * len(ex.ids), dtype=torch.long)
+    return segs
 
 
 def collate(examples: list[Example], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -30,6 +30,7 @@ TRAIN_ON = ("assistant", "both")
 class Example:
     ids: list[int]
     labels: list[int]  # ids where trained, IGNORE_INDEX elsewhere; same length as ids
+    segments: list[int] | None = None  # a packed row: which joined example each token is of
 
     def trained(self) -> int:
         """Labels that get a loss: not one on the first token, which nothing before it predicts."""
@@ -57,7 +58,7 @@ def trained_flags(messages: list[Message], train_on: str = "assistant") -> list[
     flags = []
     seen_turn = False
     for m in messages:
-        if m.role == "system":
+        if m.role in ("system", "tool"):  # a tool's result is the world's, not the model's
             flags.append(False)
             continue
         on = m.role == "assistant" if train_on == "assistant" else seen_turn
@@ -67,9 +68,9 @@ def trained_flags(messages: list[Message], train_on: str = "assistant") -> list[
 
 
 def render_turns(template: Template, tokenizer, messages: list[Message], trained: list[bool],
-                 add_generation_prompt: bool = False) -> tuple[list[int], list[int]]:
+                 add_generation_prompt: bool = False, tools=None) -> tuple[list[int], list[int]]:
     """`Template.render` with the trained messages chosen one by one instead of by role."""
-    return template.render(tokenizer, messages, add_generation_prompt, trained=trained)
+    return template.render(tokenizer, messages, add_generation_prompt, trained=trained, tools=tools)
 
 
 def to_example(ids: list[int], mask: list[int]) -> Example:
@@ -93,8 +94,10 @@ def windows(template: Template, tokenizer, messages: list[Message], trained: lis
             max_len: int) -> tuple[list[tuple[list[int], list[int]]], int]:
     """(ids, mask) windows of at most max_len tokens covering every trained turn once; and how
     many of them had to be cut inside a turn. A window's context (the turns before its first
-    new trained turn) takes at most half of max_len, so windows overlap by at most that."""
-    full = render_turns(template, tokenizer, messages, trained)
+    new trained turn) takes at most half of max_len, so windows overlap by at most that. The
+    tools a `Conversation` offers are shown in every window."""
+    tools = getattr(messages, "tools", None)
+    full = render_turns(template, tokenizer, messages, trained, tools=tools)
     if len(full[0]) <= max_len:
         return [full], 0
     head = messages[:1] if messages[0].role == "system" else []
@@ -107,7 +110,7 @@ def windows(template: Template, tokenizer, messages: list[Message], trained: lis
     def render(s: int, e: int, first: int):  # body[s..e], training targets from index `first` on
         msgs = head + [m for m, _ in body[s:e + 1]]
         flags = [False] * len(head) + [t and s + j >= first for j, (_, t) in enumerate(body[s:e + 1])]
-        return render_turns(template, tokenizer, msgs, flags)
+        return render_turns(template, tokenizer, msgs, flags, tools=tools)
 
     out, cut = [], 0
     t = next((i for i, (_, on) in enumerate(body) if on), None)

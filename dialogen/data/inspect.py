@@ -122,8 +122,10 @@ def cmd_render(args) -> int:
     messages = read_messages(args.messages)
     tokenizer, template, name = tokenizer_and_template(args.model, args.template)
     gen = {"yes": True, "no": False}.get(args.generation_prompt, not messages or messages[-1].role != "assistant")
-    text = template.layout(tokenizer, messages, gen)[0]
-    ids, mask = template.render(tokenizer, messages, gen)
+    tools = getattr(messages, "tools", None)
+    shown, shown_tools, _ = template.prepare(messages, tools)
+    text = template.layout(tokenizer, shown, gen, shown_tools)[0]
+    ids, mask = template.render(tokenizer, messages, gen, tools=tools)
     if args.json:
         print(json.dumps({"text": text, "ids": ids, "mask": mask}, ensure_ascii=False))
         return 0
@@ -139,7 +141,8 @@ def cmd_render(args) -> int:
 
 def register(sub):
     p = sub.add_parser("render", help="show what the model sees for a list of messages: text, ids, mask",
-                       description='Renders a JSON list of {"role", "content"} messages with a model\'s chat '
+                       description='Renders a JSON list of {"role", "content"} messages (or {"messages": [...], '
+                                   '"tools": [...]}, OpenAI\'s shape with tool calls) with a model\'s chat '
                                    "template and tokenizer, tokenized as the model sees it, and prints the text, "
                                    "each token id and whether training puts loss on it. Reads no weights: a "
                                    "tokenizer directory or a .gguf file is enough.")

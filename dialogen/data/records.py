@@ -6,7 +6,9 @@ Two record shapes, told apart by their key:
 - ShareGPT: `{"conversations": [{"from": "human"|"gpt"|"system", "value": ...}, ...]}`; `user`
   and `assistant` are accepted for `from` too, and `role`/`content` for `from`/`value`.
 
-Either may carry `"system"` (or `"persona"`): a string put first as the system message. A file
+Either may carry `"system"` (or `"persona"`): a string put first as the system message, and
+`"tools"`: the tools offered (OpenAI's shape), rendered as the chat template shows them; then
+assistant messages may carry `tool_calls` and `tool` messages answer them (OpenAI's shape). A file
 holds one shape: the first record decides it (or `--format`), and a record of another layout is
 an error naming the shape expected and that record, never read as something else.
 """
@@ -17,7 +19,8 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..chat.messages import Message, objects, parse_messages
+from ..chat.messages import Conversation, Message, objects, parse_messages
+from ..chat.toolformat import parse_tools
 from ..errors import UserError
 from ..textio import EncodingError, check_json_strings, decode, load_json, parse_json, read_file
 
@@ -98,7 +101,8 @@ def parse_record(obj, where: str, shape: str | None = None) -> list[Message]:
         messages.insert(0, Message("system", system))
     if not any(m.role != "system" for m in messages):
         raise UserError(f"{where}: a conversation needs at least one user or assistant message")
-    return messages
+    tools = obj.get("tools")
+    return Conversation(messages, parse_tools(tools, f"{where}: tools") if tools is not None else None)
 
 
 def _sharegpt_items(items, where: str) -> list:
@@ -125,7 +129,7 @@ def _weighted(m: Message, item: dict, at: str) -> Message:
         raise UserError(f"{at}.weight: must be 0 or 1, got {excerpt(w)}")
     if m.role != "assistant":
         raise UserError(f"{at}.weight: only assistant messages take a weight (this one is {m.role!r})")
-    return Turn(m.role, m.content, float(w))
+    return Turn(m.role, m.content, float(w), tool_calls=m.tool_calls)
 
 
 def read_records(records, skip_bad: bool, shape: str | None) -> Parsed:

@@ -8,7 +8,7 @@ Scores (what the n-best list is sorted by):
     score = logprob / length ** length_penalty
 where `length` counts the reply tokens plus the stop token when the reply ended on one, and
 `logprob` is the sum of the log-probabilities of those tokens under the distribution the search
-ranked: the model's log-softmax after the repetition penalty (none when it is 1), with blocked
+ranked: the model's log-softmax after the repetition penalty (none when it is 1) and logit_bias, with blocked
 tokens removed. `Candidate.logprob` is always the plain model log-likelihood of the same tokens,
 penalty or not, so rerankers see the model's own probability.
 """
@@ -22,7 +22,7 @@ import torch
 
 from ..errors import UserError
 from .generate import room
-from .processors import banned_ngram_tokens, repetition_penalty
+from .processors import banned_ngram_tokens, bias_logits, repetition_penalty
 from .settings import SettingError, check
 
 
@@ -54,6 +54,7 @@ class BeamSettings:
     block_context_ngram: int = 0  # never repeat an n-gram of the context
     repetition_penalty: float = 1.0
     penalty_window: int = 64
+    logit_bias: dict = field(default_factory=dict)  # token id -> bias, as in `Sampling` (the search's ranking only)
 
     def __post_init__(self):
         check(self)
@@ -110,6 +111,7 @@ def _step_logprobs(logits, beams: list[list[int]], prompt: list[int], s: BeamSet
     `grammars` (a matcher per beam), tokens outside the grammar are at -inf in the search's."""
     logits = logits.float()
     raw = torch.log_softmax(logits, dim=-1)
+    logits = bias_logits(logits, s.logit_bias)
     rows = []
     for b, reply in enumerate(beams):
         row = logits[b]
@@ -118,7 +120,8 @@ def _step_logprobs(logits, beams: list[list[int]], prompt: list[int], s: BeamSet
             window = history[-s.penalty_window:] if s.penalty_window > 0 else history
             row = repetition_penalty(row, window, s.repetition_penalty)
         rows.append(row)
-    search = torch.log_softmax(torch.stack(rows), dim=-1) if s.repetition_penalty != 1.0 else raw.clone()
+    shaped = s.repetition_penalty != 1.0 or s.logit_bias
+    search = torch.log_softmax(torch.stack(rows), dim=-1) if shaped else raw.clone()
     for b, reply in enumerate(beams):
         banned = blocked_tokens(reply, s, table)
         if banned:

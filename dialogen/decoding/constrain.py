@@ -14,8 +14,10 @@ step the allowed token best at closing: `"` followed only by `}` and `]`, else o
 else also `:` and spaces, else also `0`, else any; longer first), and the reply keeps the invariant "the closing
 path fits in the tokens left": a sampled token after which it would not fit is replaced by the
 first token of the closing path (`fit`). A reply that runs out of budget thus ends closed, e.g.
-`{"city": "Lis"}`, instead of cut. Beam search, which ranks many tokens at once, gets only the
-closing token once the path needs all but a margin of the tokens left (`allowed(left, margin)`).
+`{"city": "Lis"}`, instead of cut. Where the text is complete already (a grammar that accepts
+free text, as the tools grammar's plain replies do), the budget may end the reply as it is. Beam
+search, which ranks many tokens at once, gets only the closing token once the path needs all but a
+margin of the tokens left (`allowed(left, margin)`).
 
 `Grammar` is plain data (what `Sampling.constraint` holds); `Matcher` is one reply's position in
 it, made for a tokenizer, a vocabulary size and the stop tokens. Needs `pip install llguidance`
@@ -45,9 +47,11 @@ def _llguidance():
 
 @dataclass(frozen=True)
 class Grammar:
-    """A JSON schema the reply must match (`{"type": "object"}`: any JSON object), as JSON text."""
+    """A JSON schema the reply must match (`{"type": "object"}`: any JSON object), as JSON text;
+    or, with `lark`, a grammar in llguidance's Lark syntax (tool calls, `toolgrammar.py`)."""
 
     schema: str
+    lark: bool = False
 
     @classmethod
     def json_schema(cls, schema) -> "Grammar":
@@ -69,6 +73,8 @@ class Grammar:
 
     def compiled(self) -> str:
         llg = _llguidance()
+        if self.lark:
+            return llg.LLMatcher.grammar_from_lark(self.schema)
         return llg.LLMatcher.grammar_from_json_schema(self.schema, overrides=JSON_OPTIONS)
 
     def check(self):
@@ -78,7 +84,8 @@ class Grammar:
         except ValueError as e:
             error = str(e)
         if error and not error.startswith("WARNING"):
-            raise UserError(f"the JSON schema cannot be used: {error.splitlines()[0][:300]}")
+            what = "grammar" if self.lark else "JSON schema"
+            raise UserError(f"the {what} cannot be used: {error.splitlines()[0][:300]}")
 
 
 # the closing classes, best first: (first bytes allowed, bytes allowed); inside a string `"` always
@@ -152,7 +159,7 @@ class Matcher:
             return mask
         self._closing = self._closing_path()
         length, first = self._closing
-        if length + margin < left:
+        if length + margin < left or length == 1:  # complete already: the budget may end it as it is
             return mask
         only = torch.zeros_like(mask)
         only[first] = True
@@ -167,7 +174,7 @@ class Matcher:
             raise RuntimeError(f"the grammar refused token {token}, which its mask allowed")
         length = self._closing_path(self.tokenizer.token_bytes(token))[0]
         self._m.rollback(1)
-        return token if length <= left - 1 else self._closing[1]
+        return token if length <= left - 1 or length == 1 else self._closing[1]
 
     def _numeric(self) -> torch.Tensor:
         """(V,) bool: tokens that would go on with a number (first byte a digit, `.`, `e`, `E`, `+`, `-`)."""

@@ -35,11 +35,12 @@ class Engine:
         return s.replace(stop=s.stop + tpl.stop_strings(tok)), tpl.stop_ids(tok)
 
 
-def load_engine(model: str | None = None, template: str = "auto", dtype="float32") -> Engine:
-    """`dtype`: the decode weights swapped in at load (see `models.native.swap_in`)."""
+def load_engine(model: str | None = None, template: str = "auto", dtype="float32", adapter: str | None = None) -> Engine:
+    """`dtype`: the decode weights swapped in at load (see `models.native.swap_in`); `adapter`: a
+    LoRA adapter directory added to the model's products (`models/lora.py`)."""
     from ..models.loading import load  # here: torch loads with the model, not with --help
 
-    loaded = load(model, dtype)
+    loaded = load(model, dtype, adapter)
     cfg = loaded.model.cfg
     name = default_template_name(loaded.meta, loaded.tokenizer, cfg.arch) if template in (None, "auto") else template
     return Engine(loaded.model, loaded.tokenizer, get_template(name, loaded.tokenizer), cfg.max_seq_len,
@@ -60,6 +61,7 @@ def add_model_args(p: argparse.ArgumentParser):
                         "checkpoint; default: the embedded SmolLM2-135M-Instruct",
                         "chat template: chatml, llama2, dialogpt, jinja (the model's own); default: the model's "
                         "own if it has one")
+    add_adapter_arg(g)
     g.add_argument("--dtype", default="auto", choices=DTYPES,
                    help="weights swapped in for inference (training and saving use the float32 reference). "
                         "auto: a GGUF file's own Q4_0/Q4_1/Q8_0 blocks, else int8; int8: Q8_0 blocks (a scale per "
@@ -72,6 +74,12 @@ def add_model_args(p: argparse.ArgumentParser):
                         "Same as DIALOGEN_KERNELS=0")
 
 
+def add_adapter_arg(p):
+    p.add_argument("--adapter", default=None, metavar="DIR",
+                   help="a LoRA adapter (PEFT's adapter_config.json and adapter_model.safetensors, e.g. a "
+                        "`dialogen train --lora-r` checkpoint) on the model; without --model, the base it names")
+
+
 def engine_from_args(args, dtype=None) -> Engine:
     """The Engine of the flags of `add_model_args` (or `add_model_path_args` and a `dtype`)."""
-    return load_engine(args.model, args.template, dtype or args.dtype)
+    return load_engine(args.model, args.template, dtype or args.dtype, getattr(args, "adapter", None))

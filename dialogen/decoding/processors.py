@@ -25,6 +25,21 @@ def frequency_presence(logits, reply: list[int], frequency: float, presence: flo
     return logits - frequency * counts - presence * (counts > 0).to(logits.dtype)
 
 
+def bias_logits(logits, bias: dict):
+    """OpenAI's logit_bias on (..., V) logits: each bias added to its token's logit; a bias of -100
+    bans the token outright (-inf), so no other term can bring it back."""
+    if not bias:
+        return logits
+    idx = torch.tensor(list(bias), dtype=torch.long)
+    val = torch.tensor([float(v) for v in bias.values()], dtype=logits.dtype)
+    logits = logits.clone()
+    logits[..., idx] += val
+    banned = idx[val <= -100]
+    if len(banned):
+        logits[..., banned] = float("-inf")
+    return logits
+
+
 def banned_ngram_tokens(ids: list[int], n: int) -> list[int]:
     """Tokens that would complete an n-gram already present in `ids`."""
     if n <= 0 or len(ids) < n:
@@ -58,13 +73,14 @@ MIN_TEMPERATURE = 1e-6  # below it, logits divided by the temperature overflow f
 def shape_logits(logits, s: Sampling, history: list[int], reply: list[int], allowed=None):
     """(V,) float32 logits as the sampler draws from them: the repetition penalty (over the last
     `penalty_window` tokens of `history`), frequency and presence penalties (over `reply`), banned
-    n-grams and, with `allowed` (a (V,) bool mask from a constraint), every other token at -inf;
+    n-grams, `logit_bias` and, with `allowed` (a (V,) bool mask from a constraint), every other token at -inf;
     then divided by the temperature when it is above 0. Their log-softmax is what `logprobs`
     report; top-k and top-p cut the draw afterwards and are not part of it."""
     logits = logits.float()
     window = history[-s.penalty_window:] if s.penalty_window > 0 else history
     logits = repetition_penalty(logits, window, s.repetition_penalty)
     logits = frequency_presence(logits, reply, s.frequency_penalty, s.presence_penalty)
+    logits = bias_logits(logits, s.logit_bias)
     if allowed is not None:
         logits = logits.masked_fill(~allowed, float("-inf"))
     banned = banned_ngram_tokens(reply, s.no_repeat_ngram)

@@ -17,6 +17,7 @@ SCORER_NAMES = ("logprob", "mmi", "discriminator")  # the rerankers of `rerank.S
 SEED_MIN, SEED_MAX = -(2**63), 2**63 - 1  # a signed 64-bit seed (torch takes any 64-bit value)
 MAX_STOP_CHARS = 500_000  # all stop strings of one reply together, in characters
 MAX_TOP_LOGPROBS = 20  # OpenAI's limit on top_logprobs
+MAX_BIAS = 100  # OpenAI's limit on a logit_bias value; -100 bans the token
 
 
 def flag(name: str) -> str:
@@ -53,6 +54,10 @@ RULES = {
     "mmi_weight": (lambda v: v >= 0, ">= 0"),
     "candidates": (lambda v: v in CANDIDATE_SOURCES, f"one of {', '.join(CANDIDATE_SOURCES)}"),
     "scorer": (lambda v: v is None or v in SCORER_NAMES, f"one of {', '.join(SCORER_NAMES)}"),
+    "logit_bias": (lambda v: isinstance(v, dict) and all(
+        isinstance(k, int) and not isinstance(k, bool) and k >= 0 and isinstance(x, (int, float))
+        and not isinstance(x, bool) and -MAX_BIAS <= x <= MAX_BIAS for k, x in v.items()),
+        f"a map of token ids (>= 0) to biases in [-{MAX_BIAS}, {MAX_BIAS}]"),
 }
 
 
@@ -80,6 +85,7 @@ class Sampling:
     stop: list[str] = field(default_factory=list)
     logprobs: int | None = None  # None -> off; k -> each token's log-probability and the k most likely (<= 20)
     constraint: object | None = None  # a `constrain.Grammar` the reply must match (e.g. a JSON schema)
+    logit_bias: dict = field(default_factory=dict)  # token id -> added to its logit, in [-100, 100]; -100 bans it
 
     def __post_init__(self):
         check(self)
@@ -90,6 +96,14 @@ class Sampling:
 
     def replace(self, **changes) -> "Sampling":
         return dataclasses.replace(self, **{k: v for k, v in changes.items() if v is not None})
+
+
+def check_token_ids(bias: dict, vocab_size: int, spell=flag):
+    """A SettingError when a logit_bias key is not a token of a vocabulary of `vocab_size`."""
+    bad = next((k for k in bias if k >= vocab_size), None)
+    if bad is not None:
+        raise SettingError("logit_bias", lambda sp: f"{sp('logit_bias')}: token id {bad} is not in the vocabulary "
+                                                    f"(0..{vocab_size - 1})")
 
 
 @dataclass

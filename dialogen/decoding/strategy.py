@@ -85,7 +85,7 @@ def beam_settings(s: Sampling, d: Decoding) -> BeamSettings:
                         min_new_tokens=min(d.min_new_tokens, s.max_new_tokens), length_penalty=d.length_penalty,
                         early_stopping=d.early_stopping, no_repeat_ngram=s.no_repeat_ngram,
                         block_context_ngram=d.block_context_ngram, repetition_penalty=s.repetition_penalty,
-                        penalty_window=s.penalty_window)
+                        penalty_window=s.penalty_window, logit_bias=s.logit_bias)
 
 
 def format_candidates(reply: Reply) -> str:

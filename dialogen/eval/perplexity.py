@@ -14,7 +14,7 @@ from ..chat.messages import Message
 from ..data import load_split
 from ..data.dataset import IGNORE_INDEX, Example, build_examples
 from ..data.options import add_data_source_args
-from ..decoding.engine import add_model_path_args, engine_from_args
+from ..decoding.engine import add_adapter_arg, add_model_path_args, engine_from_args
 from ..errors import UserError
 # torch, the model code and the extras are imported inside the commands: building `--help` stays torch-free
 
@@ -97,6 +97,7 @@ def register(sub):
                                    "assistant's tokens (content and end-of-turn), in fp32. Prints JSON: ppl, nll "
                                    "(nats/token), tokens, bpc (bits per character, comparable across vocabularies).")
     add_model_path_args(p)
+    add_adapter_arg(p)
     add_data_source_args(p.add_argument_group("data"), split_default="test")
     p.add_argument("--conversations", type=int, default=0,
                    help="score the first N conversations of the split; 0 = all (default: %(default)s)")

@@ -142,7 +142,7 @@ def config_from_hf(c: dict, where: Path) -> tuple[Config | dict, str]:
     fam = FAMILIES.get(mt)
     file = f"{where}/config.json"
     if fam is None:
-        raise UserError(f"{file}: model_type {shown(mt)} is not supported; supported: {', '.join(FAMILIES)}")
+        raise UserError(f"{file}: model_type {mt!r} is not supported; supported: {', '.join(FAMILIES)}")
     sizes = GPT2_SIZES if mt == "gpt2" else ROTARY_SIZES
     for key, v in c.items():
         if key not in INERT and key not in fam.inert and key not in fam.reads and key not in sizes.values() \

@@ -511,7 +511,10 @@ static void tiled_matmul(int type, const uint8_t *w, int N, int K, const xblock 
     free(flipped);
 }
 
-#include "kquants.c"  /* the other GGUF formats: one translation unit with the helpers above */
+/* the other GGUF formats: one translation unit with the helpers above */
+#include "kquants.c"
+#include "kquants_dot.c"
+#include "kquants_matmul.c"
 
 /* The phases below are work-shared loops (orphaned `omp for`): called by every thread of a parallel
  * region, each does its share and waits for the others at the end. `qmatmul` runs two of them in a

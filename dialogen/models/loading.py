@@ -24,6 +24,7 @@ from .family import DECODER, ENCODER_DECODER, family
 from .files import assign_weights, read_state_dict, write_checkpoint
 from .gguf_file import adjacent_view, index_dir, map_file, read_gguf, read_tensors, release_pages  # noqa: F401 (read_gguf: for the tests)
 from .hf import GPT2_KEYS, GPT2_LINEARS, LLAMA_KEYS, check_shapes, config_from_hf, hf_configs, hf_to_ours, ours_to_hf
+from .lora import is_adapter_dir, read_adapter, read_config
 from .native import BLOCKED, DTYPES, decode_dtype, swap_in  # noqa: F401 (DTYPES: the --dtype choices)
 from .rnn import load_rnn, save_rnn
 from .tokenizer import Tokenizer
@@ -39,6 +40,7 @@ class Loaded:
     tokenizer: Tokenizer
     path: Path
     meta: dict  # dialogen.json: template name, arch family, training info
+    adapter: object = None  # the LoRA adapter hooked onto the model (models/lora.py), or None
 
 
 def default_model_path() -> Path:
@@ -70,9 +72,37 @@ def resolve(spec: str | None) -> Path:
     return path
 
 
-def load(spec: str | None = None, dtype="float32") -> Loaded:
+def load(spec: str | None = None, dtype="float32", adapter: str | None = None) -> Loaded:
     """`dtype`: the decode weights swapped in (`native.swap_in`); training and saving see the float32
-    reference. A GGUF file is read directly, its quantized tensors kept as shipped."""
+    reference. A GGUF file is read directly, its quantized tensors kept as shipped.
+
+    `adapter`: a LoRA adapter directory (PEFT's files, `models/lora.py`) hooked onto the loaded
+    model; its tokenizer and dialogen.json, when it has them (a `dialogen train --lora-r` checkpoint),
+    give the template. `spec` may itself be such a directory; the base is then the one it names,
+    as is the base when `spec` is None and an adapter names one."""
+    path = None if spec in (None, "", "default") else Path(spec).expanduser()
+    if adapter is None and path is not None and is_adapter_dir(path):
+        spec, adapter = None, str(path)
+    if adapter is None:
+        return _load(spec, dtype)
+    where = Path(adapter).expanduser()
+    if not where.is_dir() or not (where / "adapter_config.json").exists():
+        raise UserError(f"{where}: not an adapter directory (no adapter_config.json)")
+    if spec in (None, "", "default"):
+        spec = read_config(where).get("base_model_name_or_path") or None
+        spec = spec if spec is None or Path(spec).expanduser().exists() else None
+    loaded = _load(spec, dtype)
+    if not isinstance(loaded.model, Transformer):
+        raise UserError(f"{where}: LoRA adapters apply to transformer models, not this {loaded.path.name}")
+    base = _model_path(spec)
+    loaded.adapter = read_adapter(where, loaded.model.cfg, base).attach(loaded.model)
+    if (where / "tokenizer.json").exists() and (where / "dialogen.json").exists():
+        loaded.tokenizer, loaded.meta = Tokenizer.from_dir(where), _read_json(where / "dialogen.json")
+    loaded.meta = {**loaded.meta, "adapter": str(where)}
+    return loaded
+
+
+def _load(spec: str | None, dtype) -> Loaded:
     path = _model_path(spec)
     if path.suffix == ".gguf" and path.is_file():
         return load_gguf(path, dtype)

@@ -29,6 +29,7 @@ from torch import nn
 from ..errors import UserError
 from .cache import KVCache
 from .kernels import formats, library, ops
+from .kernels.grad import BlockProduct
 from .layers import Embedding, Linear, RMSNorm, activate, skip_init
 from .rope import kind as rope_kind
 from .transformer import Attention, Block, Config, Transformer
@@ -102,7 +103,32 @@ def _as(cls, module: nn.Module) -> nn.Module:
     return new
 
 
-class BlockLinear(nn.Module):
+class ShippedWeight(nn.Module):
+    """A swapped-in product whose weight is kept as the file shipped it: its state dict holds the
+    reference's float32 `weight`, and `reference()` is the plain Linear of the same values."""
+
+    in_features: int
+    out_features: int
+
+    def reference_weight(self) -> torch.Tensor:
+        raise NotImplementedError
+
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        destination[prefix + "weight"] = self.reference_weight()  # the reference's key, float32
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+
+    def reference(self) -> Linear:
+        token = skip_init.set(True)
+        try:
+            lin = Linear(self.in_features, self.out_features, bias=False)
+        finally:
+            skip_init.reset(token)
+        lin.weight = nn.Parameter(self.reference_weight())
+        lin.bias = self.bias
+        return lin
+
+
+class BlockLinear(ShippedWeight):
     """A Linear whose weight is blocks (out, in / 32 * block bytes): `forward(x, norm, act, residual)`
     as `Linear`'s, by the native kernel (the RMS norm or SwiGLU fused in, the residual added in place).
 
@@ -129,6 +155,10 @@ class BlockLinear(nn.Module):
         return cls(kind, blocks, lin.in_features, lin.out_features, lin.bias, shipped, shipped_kind)
 
     def forward(self, x, norm=None, act: str | None = None, residual=None):
+        if torch.is_grad_enabled() and self.training and library.enabled():  # a frozen base that trains adapters
+            y = BlockProduct.apply(activate(x, norm, act), self)
+            y = y if self.bias is None else y + self.bias
+            return y if residual is None else residual + y
         if torch.is_grad_enabled() or not library.enabled():  # the reference math on the weight as shipped
             y = F.linear(activate(x, norm, act), self.reference_weight(), self.bias)
             return y if residual is None else residual + y
@@ -150,25 +180,11 @@ class BlockLinear(nn.Module):
         return formats.dequantize(formats.GGML_TYPES[self.shipped_kind], self.shipped, self.out_features,
                                   self.in_features)
 
-    def _save_to_state_dict(self, destination, prefix, keep_vars):
-        destination[prefix + "weight"] = self.reference_weight()  # the reference's key, float32
-        super()._save_to_state_dict(destination, prefix, keep_vars)
-
-    def reference(self) -> Linear:
-        token = skip_init.set(True)
-        try:
-            lin = Linear(self.in_features, self.out_features, bias=False)
-        finally:
-            skip_init.reset(token)
-        lin.weight = nn.Parameter(self.reference_weight())
-        lin.bias = self.bias
-        return lin
-
     def extra_repr(self) -> str:
         return f"{self.kind}, in_features={self.in_features}, out_features={self.out_features}"
 
 
-class SegmentedLinear(nn.Module):
+class SegmentedLinear(ShippedWeight):
     """A fused Linear (q/k/v, gate/up) whose parts a file ships in different block formats (a
     Q4_K_M-style mix): one BlockLinear per part, each product filling its columns of the output.
     Its block runs unfused (the fused native block multiplies one format per product)."""
@@ -180,6 +196,11 @@ class SegmentedLinear(nn.Module):
         self.__dict__["parts"] = [BlockLinear(kind, b, lin.in_features, b.shape[0]) for kind, b in parts]
 
     def forward(self, x, norm=None, act: str | None = None, residual=None):
+        if torch.is_grad_enabled() and self.training and library.enabled():  # a frozen base that trains adapters
+            a = activate(x, norm, act)
+            y = torch.cat([BlockProduct.apply(a, p) for p in self.parts], dim=-1)
+            y = y if self.bias is None else y + self.bias
+            return y if residual is None else residual + y
         if torch.is_grad_enabled() or not library.enabled():  # the reference math on the weight as shipped
             y = F.linear(activate(x, norm, act), self.reference_weight(), self.bias)
             return y if residual is None else residual + y
@@ -191,20 +212,6 @@ class SegmentedLinear(nn.Module):
 
     def reference_weight(self) -> torch.Tensor:
         return torch.cat([p.reference_weight() for p in self.parts])
-
-    def _save_to_state_dict(self, destination, prefix, keep_vars):
-        destination[prefix + "weight"] = self.reference_weight()  # the reference's key, float32
-        super()._save_to_state_dict(destination, prefix, keep_vars)
-
-    def reference(self) -> Linear:
-        token = skip_init.set(True)
-        try:
-            lin = Linear(self.in_features, self.out_features, bias=False)
-        finally:
-            skip_init.reset(token)
-        lin.weight = nn.Parameter(self.reference_weight())
-        lin.bias = self.bias
-        return lin
 
     def extra_repr(self) -> str:
         return f"{'+'.join(p.kind for p in self.parts)}, in_features={self.in_features}, out_features={self.out_features}"
@@ -222,7 +229,7 @@ class BlockEmbedding(nn.Module):
         self.register_buffer("blocks", blocks, persistent=False)
 
     def forward(self, ids):
-        if torch.is_grad_enabled() or not library.enabled():
+        if (torch.is_grad_enabled() and not self.training) or not library.enabled():
             return F.embedding(ids, self.reference_weight())
         x = formats.dequantize_rows(self.ggml_type, self.blocks, ids, self.embedding_dim)  # those rows only
         return x.view(*ids.shape, self.embedding_dim)

@@ -228,6 +228,9 @@ class Transformer(nn.Module):
     family = DECODER
     reuses_prefix = True  # a kept cache is extended with a turn's new tokens (models/family.py)
     native = None  # what `models.native.swap_in` installed (its `Swap`), or None: the reference modules
+    adapter = None  # the LoRA adapter hooked onto the Linears (`models.lora.Adapter.attach`), or None
+    checkpointing = False  # training: recompute each block's activations in the backward pass
+    frozen_blocks = False  # a LoRA run's base: its swapped-in blocks stay in training (native.BlockProduct)
 
     def __init__(self, cfg: Config):
         super().__init__()
@@ -259,7 +262,7 @@ class Transformer(nn.Module):
         return self
 
     def train(self, mode: bool = True):
-        if mode:  # training runs the reference
+        if mode and not self.frozen_blocks:  # training runs the reference
             self.materialize()
         return super().train(mode)
 
@@ -303,13 +306,19 @@ class Transformer(nn.Module):
         x = x[cache.ends] if isinstance(cache, CacheBatch) else x[:, -1:]
         return self.head(x, norm=self.norm)[:, -1]
 
-    def hidden(self, ids):
-        """Final-norm hidden states (B, T, d) of a right-padded or unpadded batch, no cache (training)."""
-        return self.norm(self.trunk(ids))
+    def hidden(self, ids, segments=None):
+        """Final-norm hidden states (B, T, d) of a right-padded or unpadded batch, no cache (training);
+        `segments` (B, T): packed examples, each attending within itself from position 0."""
+        return self.norm(self.trunk(ids, segments=segments))
 
-    def trunk(self, ids, cache=None, positions=None, key_mask=None):
+    def trunk(self, ids, cache=None, positions=None, key_mask=None, segments=None):
         """The residual stream after the last block, (B, T, d)."""
         B, T = ids.shape
+        if segments is not None:  # positions restart at each segment's first token
+            idx = torch.arange(T).expand(B, T)
+            starts = torch.ones(B, T, dtype=torch.bool)
+            starts[:, 1:] = segments[:, 1:] != segments[:, :-1]
+            positions = idx - torch.where(starts, idx, 0).cummax(dim=1).values
         if T > 1 and self.native is not None and self.native.prompt_as_rows(cache, positions, key_mask):
             # a prompt: rows of one native step (a CacheBatch of one cache with T new tokens)
             return self.trunk(ids.view(T, 1), CacheBatch([cache], [T])).view(1, T, -1)
@@ -337,10 +346,18 @@ class Transformer(nn.Module):
         if cache is not None:
             cache.reserve(T)
         step = self._step(B, T, rope, cache, key_mask)
+        if segments is not None:  # attention within each segment: (B, 1, T, T)
+            same = segments[:, None, :, None] == segments[:, None, None, :]
+            causal = torch.ones(T, T, dtype=torch.bool).tril()
+            step.mask = same & (causal if step.mask is None else step.mask)
+            step.window_mask = None if step.window_mask is None else same & step.window_mask
         if cfg.local_rope_theta:
             step.local_rope = rope_tables(cfg, positions, local=True)
         for block in self.blocks:
-            x = block(x, step)
+            if self.checkpointing and torch.is_grad_enabled():  # keep each block's input only; redo it in backward
+                x = torch.utils.checkpoint.checkpoint(block, x, step, use_reentrant=False)
+            else:
+                x = block(x, step)
         if cache is not None:
             cache.advance(T)
         return x

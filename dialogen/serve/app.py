@@ -13,13 +13,16 @@ import time
 from pathlib import Path
 
 from fastapi import FastAPI, Request
-from fastapi.responses import FileResponse, JSONResponse
+from fastapi.responses import FileResponse, JSONResponse, Response
 from fastapi.staticfiles import StaticFiles
+from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from .guard import Guard
+from .logs import Observe
 from .protocol import ApiError, error_body, model_not_found
 from .service import Service
+from .store import StoreUnavailable
 
 STATIC = Path(__file__).parent / "static"
 log = logging.getLogger("dialogen.serve")
@@ -27,20 +30,37 @@ UNPREFIXED = ("/chat/completions", "/completions", "/models")  # also served wit
 
 
 def needs_key(path: str) -> bool:
-    """The API's paths: /v1/... and the unprefixed OpenAI routes (not the page, /static, /health)."""
-    return path.startswith("/v1/") or any(path == p or path.startswith(p + "/") for p in UNPREFIXED)
+    """The API's paths: /v1/..., the unprefixed OpenAI routes and /metrics (not the page, /static,
+    /health, /ready)."""
+    return (path.startswith("/v1/") or path == "/metrics"
+            or any(path == p or path.startswith(p + "/") for p in UNPREFIXED))
+
+
+class App(FastAPI):
+    """FastAPI with `Observe` (request ids, access log, request counts) around everything, the
+    500 handler included."""
+
+    def build_middleware_stack(self):
+        return Observe(super().build_middleware_stack(), self.state.svc.metrics)
 
 
 def create_app(svc: Service, bound_host: str = "127.0.0.1", allowed_hosts=(), cors_origins=()) -> FastAPI:
     """The app; `bound_host`, `allowed_hosts` and `cors_origins` set which Host and Origin headers
     are served (see guard.py)."""
-    app = FastAPI(title="dialogen", docs_url=None, redoc_url=None, openapi_url=None)
+    app = App(title="dialogen", docs_url=None, redoc_url=None, openapi_url=None)
     app.state.svc = svc
     started = int(time.time())
 
     @app.exception_handler(ApiError)
     async def api_error(request: Request, e: ApiError):
         return JSONResponse(e.body(), status_code=e.status, headers=e.headers)
+
+    @app.exception_handler(StoreUnavailable)
+    async def store_down(request: Request, e: StoreUnavailable):
+        from .channel import store_error
+
+        err = store_error(e)
+        return JSONResponse(err.body(), status_code=err.status, headers=err.headers)
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, e: StarletteHTTPException):
@@ -66,6 +86,24 @@ def create_app(svc: Service, bound_host: str = "127.0.0.1", allowed_hosts=(), co
             out.update({"worker": svc.worker.load(), "live_sessions": len(svc.sessions),  # for key holders only
                         "kv_cache_bytes": svc.sessions.nbytes(), "evictions": svc.sessions.evictions})
         return out
+
+    @app.api_route("/ready", methods=["GET", "HEAD"])
+    async def ready():
+        """Readiness, for a load balancer: 503 while the session database is unreachable or the
+        server is shutting down (/health stays the liveness check)."""
+        if svc.draining:
+            return JSONResponse({"status": "shutting_down"}, status_code=503)
+        try:
+            await run_in_threadpool(svc.store.ping)
+        except StoreUnavailable as e:
+            return JSONResponse({"status": "unavailable", "store": str(e)}, status_code=503,
+                                headers={"Retry-After": "2"})
+        return {"status": "ready"}
+
+    @app.get("/metrics")
+    async def metrics():
+        body = await run_in_threadpool(svc.metrics.render, svc)
+        return Response(body, media_type="text/plain; version=0.0.4; charset=utf-8")
 
     async def models():
         return {"object": "list", "data": [_model_card(n, svc, started) for n in svc.model_names()]}

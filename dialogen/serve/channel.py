@@ -4,13 +4,19 @@ jobs (all or none; 503 when the queue is full), and turning a job's failure into
 from __future__ import annotations
 
 import asyncio
+import logging
 
 from fastapi import Request
 
 from ..errors import UserError
 from .protocol import ApiError, parse_json_body
 from .service import Service
-from .jobs import Busy
+from .jobs import Busy, ServerShutdown
+from .logs import REQUEST_ID
+from .store import StoreUnavailable
+
+log = logging.getLogger("dialogen.serve")
+STORE_RETRY_AFTER = 2  # seconds a client is told to wait while the session database is unreachable
 
 
 async def read_json(request: Request, limit: int) -> dict:
@@ -60,11 +66,15 @@ class ClientGone(Exception):
 
 
 def submit_all(svc: Service, fns: list, channel: Channel) -> list:
-    """Submit one job per function; all or none (503 when the queue is full)."""
-    jobs = []
+    """Submit one job per function; all or none (503 when the queue is full or the server is
+    shutting down)."""
+    if svc.draining:
+        raise ApiError(503, "the server is shutting down; send the request again (to another replica)",
+                       code="server_shutdown", type="server_error", headers={"Retry-After": "1"})
+    jobs, rid = [], REQUEST_ID.get()
     try:
         for i, fn in enumerate(fns):
-            jobs.append(svc.worker.submit(fn, channel.sender(i)))
+            jobs.append(svc.worker.submit(_with_request_id(fn, rid), svc.metrics.emitter(channel.sender(i))))
     except Busy:
         for j in jobs:
             j.cancel()
@@ -73,6 +83,14 @@ def submit_all(svc: Service, fns: list, channel: Channel) -> list:
                             "retry shortly", code="server_busy", type="server_error",
                        headers={"Retry-After": str(retry_after(svc))}) from None
     return jobs
+
+
+def _with_request_id(fn, rid: str):
+    def run(job):
+        REQUEST_ID.set(rid)  # left set: the worker's own log of this job's failure carries it too
+        return fn(job)
+
+    return run
 
 
 def retry_after(svc: Service) -> int:
@@ -85,4 +103,14 @@ def job_error(e: BaseException) -> ApiError:
         return e
     if isinstance(e, UserError):
         return ApiError(400, str(e))
+    if isinstance(e, StoreUnavailable):
+        return store_error(e)
+    if isinstance(e, ServerShutdown):
+        return ApiError(503, str(e), code="server_shutdown", type="server_error", headers={"Retry-After": "1"})
     return ApiError(500, f"generation failed: {type(e).__name__}: {e}", type="server_error")
+
+
+def store_error(e: StoreUnavailable) -> ApiError:
+    log.warning("%s", e)  # with the request's id, as every log line of a request
+    return ApiError(503, f"{e}; retry shortly", code="store_unavailable", type="server_error",
+                    headers={"Retry-After": str(STORE_RETRY_AFTER)})

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import importlib.util
 import ipaddress
-import logging
 import os
 import re
 import socket
@@ -60,7 +59,20 @@ def register(sub):
     g.add_argument("--threads", type=int, default=os.cpu_count() or 1,
                    help="threads for model steps (default: every core, here %(default)s: the batched model step "
                         "is most of the work)")
-    g.add_argument("--log-level", default="warning", choices=("debug", "info", "warning", "error"))
+    g.add_argument("--max-header-bytes", type=int, default=16384,
+                   help="request line and headers limit; larger gets 431 (default: %(default)s)")
+    g.add_argument("--header-timeout", type=float, default=10.0, metavar="SECONDS",
+                   help="a request's headers must arrive within this time, else 408 (default: %(default)s)")
+    g.add_argument("--max-connections", type=int, default=0,
+                   help="open connections at most; past it the oldest idle one is closed (default: 0, as many as "
+                        "the open-file limit allows, less a reserve)")
+    g.add_argument("--shutdown-grace", type=float, default=30.0, metavar="SECONDS",
+                   help="on SIGTERM/SIGINT, stop taking requests and let running replies finish for this long; "
+                        "a reply still running then ends with an error event (default: %(default)s)")
+    g.add_argument("--log-level", default="warning", choices=("debug", "info", "warning", "error"),
+                   help="info adds an access line per request (default: %(default)s)")
+    g.add_argument("--log-format", default="text", choices=("text", "json"),
+                   help="log lines as text or as JSON objects; each carries the request id (default: %(default)s)")
     add_model_args(p)
     add_sampling_args(p)
     add_decoding_args(p)
@@ -102,7 +114,9 @@ def check_args(args):
                         ("--prefill-chunk", args.prefill_chunk, 1),
                         ("--max-tokens-limit", args.max_tokens_limit, 1), ("--max-body-bytes", args.max_body_bytes, 64),
                         ("--max-n", args.max_n, 1), ("--kv-budget-mb", args.kv_budget_mb, 0),
-                        ("--threads", args.threads, 1)):
+                        ("--threads", args.threads, 1), ("--shutdown-grace", args.shutdown_grace, 0),
+                        ("--max-header-bytes", args.max_header_bytes, 1024), ("--header-timeout", args.header_timeout, 0.1),
+                        ("--max-connections", args.max_connections, 0)):
         if v < lo:
             raise UserError(f"{flag} must be >= {lo}, got {v}")
     if args.port > 65535:
@@ -121,9 +135,9 @@ def check_args(args):
     if not keys and not is_loopback(args.host) and not args.insecure:
         raise UserError(f"--host {args.host} is not a loopback address and no API key is set: anyone who can "
                         "reach it could use the server; give --api-key/--api-keys-file, or --insecure")
-    for mod in ("fastapi", "uvicorn"):
+    for mod in ("fastapi", "uvicorn", "prometheus_client"):
         if importlib.util.find_spec(mod) is None:
-            raise UserError(f"the server needs {mod}: pip install 'dialogen[serve]'")
+            raise UserError(f"the server needs {mod.replace('_', '-')}: pip install 'dialogen[serve]'")
     return keys
 
 
@@ -155,9 +169,12 @@ def cmd_serve(args) -> int:
     sampling = sampling_from(args)
     decoding = decoding_from(args, strict=False)  # the default search; requests may ask for one without it
     torch.set_num_threads(args.threads)
-    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    from .logs import setup as setup_logs
+
+    setup_logs(args.log_level, args.log_format)
     sock = bind(args.host, args.port)
-    store = open_store(str(args.db or default_db()))
+    # every admitted turn may hold a connection (its claim), plus a few for reads
+    store = open_store(str(args.db or default_db()), args.max_active + args.max_queue + 8)
     limits = Limits(max_body_bytes=args.max_body_bytes, max_tokens=args.max_tokens_limit, max_n=args.max_n,
                     kv_budget_bytes=int(args.kv_budget_mb * 2**20))
 
@@ -169,29 +186,37 @@ def cmd_serve(args) -> int:
 
     svc = in_passing_thread(start)  # the loads leave no OpenMP pool: the model thread's is the only one
     svc.default_persona = resolve_persona(args.system)  # for sessions and requests without a system message
-    return run(svc, sock, args.log_level, [args.host, *args.allowed_host], args.cors_origin)
+    return run(svc, sock, args)
 
 
-def open_store(db: str):
+def open_store(db: str, connections: int = 100):
     """The session store a --db value names: a postgresql:// URL (replicas sharing sessions, see
-    pgstore.py) or an SQLite file."""
+    pgstore.py; a pool of up to `connections`) or an SQLite file."""
     from .pgstore import PgStore, is_postgres
     from .store import Store
 
-    return PgStore(db) if is_postgres(db) else Store(db)
+    return PgStore(db, connections) if is_postgres(db) else Store(db)
 
 
-def run(svc, sock: socket.socket, log_level: str = "warning", allowed_hosts=(), cors_origins=()) -> int:
+def run(svc, sock: socket.socket, args) -> int:
+    """Serve until SIGTERM/SIGINT (see `graceful_server`), with the connection limits of conns.py."""
     import uvicorn
 
     from .app import create_app
+    from .conns import connection_cap, http_protocol
 
-    app = create_app(svc, sock.getsockname()[0], allowed_hosts, cors_origins)
+    app = create_app(svc, sock.getsockname()[0], [args.host, *args.allowed_host], args.cors_origin)
     host, port = sock.getsockname()[:2]
     shown = f"[{host}]" if ":" in host else host
+    pool = args.max_active + args.max_queue + 8 if str(args.db or "").startswith("postgres") else 0
+    protocol = http_protocol(args.max_header_bytes, args.header_timeout, connection_cap(args.max_connections, pool))
     print(f"dialogen serve: {svc.model_name} on http://{shown}:{port}/ (OpenAI API at /v1)", flush=True)
-    config = uvicorn.Config(app, log_level=log_level, timeout_graceful_shutdown=3, http=json_error_protocol())
-    server = uvicorn.Server(config)
+    # uvicorn waits for the responses a little past the grace period: a reply cut at its end still
+    # sends its error event and the end of its stream
+    config = uvicorn.Config(app, log_level=args.log_level, timeout_graceful_shutdown=args.shutdown_grace + 5,
+                            http=protocol, h11_max_incomplete_event_size=args.max_header_bytes,
+                            log_config=None, access_log=False)  # logs.py: one handler, access lines with ids
+    server = graceful_server(config, lambda: svc.begin_shutdown(args.shutdown_grace))
     try:
         server.run(sockets=[sock])
     finally:
@@ -199,22 +224,16 @@ def run(svc, sock: socket.socket, log_level: str = "warning", allowed_hosts=(), 
     return 0
 
 
-def json_error_protocol():
-    """uvicorn's HTTP protocol, answering a request it cannot parse (a bad Content-Length, a
-    malformed header) with OpenAI's JSON error instead of plain text."""
-    import json
+def graceful_server(config, on_signal):
+    """uvicorn's server, calling `on_signal()` at the first SIGTERM/SIGINT, and exiting with 0
+    after a shutdown it was asked for (uvicorn re-raises the signal, for an exit code of -15)."""
+    import uvicorn
 
-    from uvicorn.protocols.http.auto import AutoHTTPProtocol
+    class Server(uvicorn.Server):
+        def handle_exit(self, sig, frame):
+            if not self.should_exit:
+                on_signal()
+            super().handle_exit(sig, frame)
+            self._captured_signals.clear()
 
-    from .protocol import error_body
-
-    class Protocol(AutoHTTPProtocol):
-        def send_400_response(self, msg: str):
-            body = json.dumps(error_body(f"malformed HTTP request: {msg}", "invalid_request_error", None,
-                                         "invalid_http")).encode()
-            head = (b"HTTP/1.1 400 Bad Request\r\ncontent-type: application/json\r\n"
-                    b"content-length: %d\r\nconnection: close\r\n\r\n" % len(body))
-            self.transport.write(head + body)
-            self.transport.close()
-
-    return Protocol
+    return Server(config)

@@ -19,6 +19,7 @@ from .channel import Channel, ClientGone, job_error, read_json, submit_all
 from .protocol import ApiError
 from .schema import ChatRequest
 from .service import Service
+from .tools import Holder, calls_of, read_tools, stream_pieces
 
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 
@@ -49,16 +50,23 @@ def parse_request(svc: Service, body: dict) -> dict:
     if n > svc.limits.max_n:
         raise ApiError(400, f"'n' must be at most {svc.limits.max_n} on this server, got {n}", "n")
     stream = bool(req.stream)
-    changes = P.sampling_changes(req, svc.limits.max_tokens)
+    changes = P.sampling_changes(req, svc.limits.max_tokens, svc.vocab_size)
     has_system = messages[0].role == "system"
     system = messages[0].content if has_system else svc.default_persona
-    history = messages[1 if has_system else 0:-1]
-    prompt = svc.prompt_len(([Message("system", system)] if system else []) + messages[1 if has_system else 0:])
-    fit_reply(svc, changes, prompt)
+    prefill = messages[-1].role == "assistant"  # the reply continues it
+    whole = messages[-1].role != "user"  # no new user turn: a prefill, or tools' results to answer
+    history = messages[1 if has_system else 0:None if whole else -1]
     decoding = P.make_decoding(svc.decoding, P.decoding_changes(req, svc.limits.max_candidates))
+    tools = read_tools(req, svc.engine.template, svc.engine.tokenizer.control_ids, decoding.searches)
+    prompt = svc.prompt_len(([Message("system", system)] if system else []) + messages[1 if has_system else 0:],
+                            continue_final=prefill, tools=tools and tools["tools"])
+    fit_reply(svc, changes, prompt)
+    if tools is not None and tools["grammar"] is not None:
+        changes["constraint"] = tools["grammar"]
     changes["logprobs"] = P.logprobs_setting(req, decoding.searches)
     sampling = P.make_sampling(svc.sampling, changes)
-    return {"system": system, "history": history, "user": messages[-1].content, "n": n, "stream": stream,
+    return {"system": system, "history": history, "user": None if whole else messages[-1].content, "n": n,
+            "stream": stream, "tools": tools,
             "ignored": ignored,
             "include_usage": bool(req.stream_options and req.stream_options.include_usage), "sampling": sampling,
             "decoding": decoding, "prompt_tokens": prompt, "id": P.new_id(), "created": int(time.time())}
@@ -90,14 +98,21 @@ def _choice_job(svc: Service, req: dict, index: int):
     def run(job):
         budget = svc.context_length - sampling.max_new_tokens
         searches = req["decoding"].searches  # a search runs on caches of its own: nothing to lend or keep
+        tools = req["tools"]
         session = svc.stateless_session(req["owner"], req["system"], sampling, req["history"], req["user"], budget,
-                                        pooled=not searches)
+                                        pooled=not searches, tools=tools and tools["tools"])
         gen, prompt, cached = svc.reply(session, req["user"], sampling, req["decoding"])
         logprobs = Logprobs(svc.engine.tokenizer, gen, sampling.logprobs is not None)
-        svc.worker.stream(gen, lambda delta: job.emit(("delta", (delta, logprobs.new()))))
+        held = Holder(tools, lambda delta, lp: job.emit(("delta", (delta, lp))))
+        svc.worker.stream(gen, lambda delta: held.delta(delta, logprobs.new()))
         if not searches:  # its KV cache holds this prompt: keep it for the next turn
             svc.prefixes.give(req["owner"], session, prompt)
-        job.emit(("done", {"finish_reason": gen.finish_reason, "tokens": len(gen.tokens), "text": gen.text,
+        calls = calls_of(gen.text, tools)
+        finish = "tool_calls" if calls and gen.finish_reason == "stop" else gen.finish_reason
+        if held.held and not calls:  # text that looked like the start of a call to the end
+            for piece, lp in held.held:
+                job.emit(("delta", (piece, lp)))
+        job.emit(("done", {"finish_reason": finish, "tokens": len(gen.tokens), "text": gen.text, "tool_calls": calls,
                            "cached_tokens": cached, "candidates": candidates(gen), "logprobs_tail": logprobs.new(),
                            "logprobs": logprobs.all()}))
 
@@ -135,7 +150,7 @@ async def _collect(svc: Service, req: dict, channel: Channel, jobs: list, reques
     if isinstance(results, JSONResponse):
         return results
     choices = [P.choice(i, results[i]["text"], results[i]["finish_reason"], results[i]["candidates"],
-                        results[i]["logprobs"]) for i in range(req["n"])]
+                        results[i]["logprobs"], results[i]["tool_calls"]) for i in range(req["n"])]
     tokens = sum(r["tokens"] for r in results.values())
     cached = min(r["cached_tokens"] for r in results.values())
     return P.completion(req["id"], svc.model_name, choices, P.usage(req["prompt_tokens"], tokens, cached),
@@ -176,7 +191,9 @@ async def _stream(svc: Service, req: dict, channel: Channel, jobs: list):
         final = P.delta_choice(index, {}, payload["finish_reason"], payload["logprobs_tail"])
         if payload["candidates"] is not None:
             final["candidates"] = payload["candidates"]
-        return P.chunk(cid, model, created, [final])
+        pieces = [P.chunk(cid, model, created, [P.delta_choice(index, d)]) for d in stream_pieces(
+            payload["tool_calls"] or [])]
+        return [*pieces, P.chunk(cid, model, created, [final])]
 
     def usage(finished):
         if not req["include_usage"]:
@@ -194,9 +211,9 @@ async def _stream(svc: Service, req: dict, channel: Channel, jobs: list):
 
 
 async def sse_events(channel: Channel, jobs: list, delta, done, last):
-    """The jobs' events as SSE: `delta(index, payload)` and `done(index, payload)` make chunks,
-    `last(done payloads)` a final chunk (or None); then [DONE]. A job's error ends the stream with
-    its error object. If the client disconnects, the server cancels this generator, and `finally`
+    """The jobs' events as SSE: `delta(index, payload)` makes a chunk, `done(index, payload)` one or
+    a list of them, `last(done payloads)` a final chunk (or None); then [DONE]. A job's error ends
+    the stream with its error object. If the client disconnects, the server cancels this generator, and `finally`
     cancels the jobs."""
     finished = []
     try:
@@ -206,7 +223,9 @@ async def sse_events(channel: Channel, jobs: list, delta, done, last):
                 yield P.sse(delta(index, payload))
             elif kind == "done":
                 finished.append(payload)
-                yield P.sse(done(index, payload))
+                out = done(index, payload)
+                for c in out if isinstance(out, list) else [out]:
+                    yield P.sse(c)
             elif kind == "error":
                 yield P.sse(job_error(payload).body())
                 return

@@ -19,6 +19,10 @@ class Cancelled(Exception):
     """The job was cancelled (its client disconnected)."""
 
 
+class ServerShutdown(Exception):
+    """The server is stopping and the job did not finish within the shutdown grace period."""
+
+
 class Job:
     """One unit of work run in a job thread: `fn(job)`; it reports through `emit(event)`."""
 
@@ -28,8 +32,11 @@ class Job:
         self.finished = threading.Event()
         self.stepping = False  # between its first model call and `leave_model()`
         self.steps = 0
+        self.cut: ServerShutdown | None = None  # why the server stopped it, told to its client
 
-    def cancel(self):
+    def cancel(self, reason: ServerShutdown | None = None):
+        if reason is not None and not self._cancelled.is_set():
+            self.cut = reason
         self._cancelled.set()
 
     @property

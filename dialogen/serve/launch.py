@@ -18,6 +18,8 @@ class ServerProcess:
 
     def __init__(self, args: list[str], env: dict | None = None, timeout: float = 180.0):
         self.args, self.timeout = list(args), timeout
+        if "--shutdown-grace" not in self.args:  # `stop()` waits 15 s before SIGKILL: replies get 3 of them
+            self.args += ["--shutdown-grace", "3"]
         self.env = {**os.environ, **(env or {})}
         self.proc: subprocess.Popen | None = None
         self.url = ""

@@ -5,7 +5,7 @@ parsed by the pydantic models of `schema.py`; every mistake gets one OpenAI-styl
 the field: `{"error": {"message", "type", "param", "code"}}`. Parsed fields map onto `Sampling`
 and `Decoding`. A field the server does not act on is ignored and named in the response header
 `x-dialogen-ignored-fields`; a feature that would change the reply and that this server does not
-have (tools to call, a `grammar`, `logit_bias`, ...) is refused with a 400 naming it.
+have (a `grammar`, audio, ...) is refused with a 400 naming it.
 """
 
 from __future__ import annotations
@@ -19,19 +19,20 @@ import time
 
 from pydantic import BaseModel, ValidationError
 
-from ..chat.messages import Message
+from ..chat.messages import Message, parse_messages
 from ..decoding.constrain import Grammar
 from ..decoding.settings import Sampling, SettingError
 from ..errors import UserError
 from .schema import ChatRequest, DecodeFields, first_error, kind
 
-ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
+ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant", "tool": "tool"}
 SAMPLING_FIELDS = ("temperature", "top_p", "top_k", "repetition_penalty", "frequency_penalty", "presence_penalty",
                    "no_repeat_ngram", "seed", "stop")
 DECODING_FIELDS = ("num_candidates", "beam_size", "candidates", "scorer", "length_penalty")
 # fields that would change the reply, which this server cannot honour: refused rather than ignored
-UNSUPPORTED = {"functions": "function calling", "function_call": "function calling", "audio": "audio output",
-               "prediction": "predicted outputs", "logit_bias": "logit_bias",
+UNSUPPORTED = {"functions": "the legacy 'functions' (use 'tools')", "function_call": "the legacy 'function_call' "
+               "(use 'tool_choice')", "audio": "audio output",
+               "prediction": "predicted outputs",
                "grammar": "a GBNF 'grammar' (use response_format with a JSON schema)"}
 IGNORED_HEADER = "x-dialogen-ignored-fields"
 
@@ -173,14 +174,7 @@ def refuse_unsupported(body: dict, known) -> list[str]:
         if v not in (None, False, [], {}, ""):
             raise ApiError(400, f"'{key}': {what} is not supported by this server", key,
                            code="unsupported_parameter")
-    tools, choice = body.get("tools"), body.get("tool_choice")
-    if choice not in (None, "none", "auto"):
-        raise ApiError(400, f"'tool_choice': only \"none\" is supported (this server calls no tools), got "
-                            f"{json.dumps(choice)[:60]}", "tool_choice", code="unsupported_parameter")
-    if tools not in (None, []) and choice != "none":
-        raise ApiError(400, "'tools': this server calls no tools; send tool_choice \"none\" to have them ignored",
-                       "tools", code="unsupported_parameter")
-    return [k for k in body if k not in known and k != "tool_choice" and not (k == "tools" and not tools)]
+    return [k for k in body if k not in known]
 
 
 def ignored_header(names: list[str]) -> dict:
@@ -192,9 +186,22 @@ def ignored_header(names: list[str]) -> dict:
     return {IGNORED_HEADER: ", ".join(shown) + (", ..." if len(names) > 20 else "")}
 
 
-def sampling_changes(fields: DecodeFields, max_tokens_limit: int) -> dict:
+def logit_bias(bias: dict, vocab_size: int) -> dict:
+    """OpenAI's {"token id": bias} as {id: bias}; a key that is no token id of the model gets 400."""
+    out = {}
+    for key, value in bias.items():
+        if not key.isascii() or not key.isdigit() or int(key) >= vocab_size:
+            raise ApiError(400, f"'logit_bias': {json.dumps(key)[:40]} is not a token id of this model "
+                                f"(0..{vocab_size - 1})", "logit_bias")
+        out[int(key)] = value
+    return out
+
+
+def sampling_changes(fields: DecodeFields, max_tokens_limit: int, vocab_size: int) -> dict:
     """The decoding fields set in `fields`, as `Sampling` field changes (unset fields left out)."""
     changes = fields.model_dump(include=set(SAMPLING_FIELDS), exclude_none=True)
+    if fields.logit_bias is not None:
+        changes["logit_bias"] = logit_bias(fields.logit_bias, vocab_size)
     if fields.response_format is not None:
         changes["constraint"] = constraint(fields.response_format)
     key = "max_completion_tokens" if getattr(fields, "max_completion_tokens", None) is not None else "max_tokens"
@@ -285,10 +292,23 @@ def make_sampling(base: Sampling, changes: dict) -> Sampling:
 
 
 def chat_messages(req: ChatRequest) -> list[Message]:
-    out = [Message(ROLES[m.role], m.content) for m in req.messages]
-    if out[-1].role != "user":
-        raise ApiError(400, f"the last message must have role 'user', got '{out[-1].role}'",
-                       f"messages[{len(out) - 1}].role")
+    """The request's messages; one that ends with the assistant's is a prefill the reply continues."""
+    for i, m in enumerate(req.messages):
+        if m.content is None and not (m.role == "assistant" and m.tool_calls):
+            raise ApiError(400, f"'messages[{i}].content' is required (null only for an assistant's tool calls)",
+                           f"messages[{i}].content")
+    raw = [{**m.model_dump(exclude_none=True), "role": ROLES.get(m.role, m.role)} for m in req.messages]
+    try:
+        out = parse_messages(raw, "messages")
+    except UserError as e:
+        param, _, message = str(e).partition(": ")
+        raise ApiError(400, f"'{param}': {message}", param) from None
+    if out[-1].role == "assistant" and out[-1].tool_calls:
+        raise ApiError(400, "the last message is an assistant's tool calls: send the tools' results "
+                            "(role 'tool') after it", f"messages[{len(out) - 1}]")
+    if out[-1].role not in ("user", "assistant", "tool"):
+        raise ApiError(400, f"the last message must have role 'user' (or 'assistant', to continue it), got "
+                            f"'{out[-1].role}'", f"messages[{len(out) - 1}].role")
     return out
 
 
@@ -315,9 +335,12 @@ def completion(cid: str, model: str, choices: list[dict], usage: dict, created: 
             "choices": choices, "usage": usage, "system_fingerprint": None}
 
 
-def choice(index: int, text: str, finish_reason: str, candidates: list | None = None,
-           logprobs: list | None = None) -> dict:
-    out = {"index": index, "message": {"role": "assistant", "content": text}, "finish_reason": finish_reason,
+def choice(index: int, text: str | None, finish_reason: str, candidates: list | None = None,
+           logprobs: list | None = None, tool_calls: list | None = None) -> dict:
+    message = {"role": "assistant", "content": text}
+    if tool_calls:
+        message.update(content=None, tool_calls=tool_calls)
+    out = {"index": index, "message": message, "finish_reason": finish_reason,
            "logprobs": None if logprobs is None else {"content": logprobs, "refusal": None}}
     if candidates is not None:
         out["candidates"] = candidates

@@ -114,6 +114,7 @@ class DecodeFields(Body):
     scorer: Literal[SCORER_NAMES] | None = None
     length_penalty: float | None = Field(None, ge=0, le=10)
     response_format: ResponseFormat | None = None
+    logit_bias: dict[str, Annotated[float, Field(ge=-100, le=100)]] | None = Field(None, max_length=1024)
 
 
 class Settings(DecodeFields):
@@ -137,17 +138,33 @@ class SessionTurn(DecodeFields):
 
 
 class ChatMessage(Body):
-    role: Literal["system", "developer", "user", "assistant"]
-    content: Content
+    """A message; an assistant's may carry `tool_calls` (its content then possibly null), and a
+    `tool` message answers one by `tool_call_id` (checked by `chat.messages.parse_messages`)."""
+
+    role: Literal["system", "developer", "user", "assistant", "tool"]
+    content: Content | None = Field(None, validate_default=False)
+    tool_calls: list[dict] | None = None
+    tool_call_id: str | None = None
+    name: str | None = None
 
 
 class StreamOptions(Body):
     include_usage: bool | None = None
 
 
+def _tool_choice(v):
+    if v is None or v in ("none", "auto", "required") or isinstance(v, dict):
+        return v
+    raise PydanticCustomError("content_type", 'must be "none", "auto", "required" or {{"type": "function", '
+                                              '"function": {{"name": ...}}}}, got {v}', {"v": json.dumps(v)[:40]})
+
+
 class ChatRequest(DecodeFields):
     model: str | None = None
     messages: list[ChatMessage] = Field(min_length=1)
+    tools: list[dict] | None = Field(None, max_length=128)
+    tool_choice: Annotated[Any, BeforeValidator(_tool_choice)] = None
+    parallel_tool_calls: bool | None = None
     n: Positive | None = None
     stream: bool | None = None
     stream_options: StreamOptions | None = None

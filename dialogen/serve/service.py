@@ -17,6 +17,8 @@ from ..chat.ranked import searched_reply
 from ..chat.session import Engine, Session
 from ..decoding.settings import Decoding, Sampling
 from ..decoding.strategy import Decoder
+from .memory import Trimmer
+from .metrics import Metrics
 from .store import Store
 from .worker import Worker
 
@@ -188,6 +190,10 @@ class PrefixPool:
             while self._idle and (len(self._idle) > self.max_sessions or total > self.budget):
                 total -= _cache_bytes(self._idle.pop(0)[1])
 
+    def nbytes(self) -> int:
+        with self._lock:
+            return sum(_cache_bytes(s) for _, s in self._idle)
+
     def __len__(self) -> int:
         return len(self._idle)
 
@@ -207,7 +213,8 @@ class Service:
         self.worker = Worker(engine.model, max_active=max_active, max_queue=max_queue, prefill_chunk=prefill_chunk)
         # sessions see the proxy: their model calls queue on the worker thread
         self.engine = Engine(self.worker.proxy, engine.tokenizer, engine.template, engine.context_length, engine.name)
-        self.store, self.keys, self.limits = store, keys, limits
+        self.metrics = Metrics()
+        self.store, self.keys, self.limits = self.metrics.timed(store), keys, limits
         self.sampling = sampling or Sampling()
         self.decoding = decoding or Decoding()
         self.decoder = Decoder(self.engine, self.decoding)  # loads a configured scorer (e.g. MMI) once
@@ -219,10 +226,17 @@ class Service:
         self.prefixes = PrefixPool(limits.kv_budget_bytes // 4)
         self.sessions = SessionCache(limits.kv_budget_bytes - self.prefixes.budget)
         self.default_persona: str | None = None
+        self.draining = False  # set on SIGTERM/SIGINT: new work gets 503, running replies finish
+        self.trimmer = Trimmer(busy=lambda: self.worker.load()["running"] > 0,
+                               activity=lambda: self.worker.stats["rounds"])
 
     @property
     def context_length(self) -> int:
         return self.engine.context_length
+
+    @property
+    def vocab_size(self) -> int:
+        return self.engine.tokenizer.vocab_size
 
     def model_names(self) -> list[str]:
         """The names /v1/models lists: the model's, then its aliases."""
@@ -241,9 +255,10 @@ class Service:
                 "presence_penalty": s.presence_penalty, "no_repeat_ngram": s.no_repeat_ngram,
                 "max_tokens": s.max_new_tokens, "seed": s.seed, "stop": s.stop}
 
-    def prompt_len(self, messages) -> int:
+    def prompt_len(self, messages, continue_final: bool = False, tools: list[dict] | None = None) -> int:
         eng = self.engine
-        return len(eng.template.render(eng.tokenizer, messages, add_generation_prompt=True)[0])
+        return len(eng.template.render(eng.tokenizer, messages, add_generation_prompt=True,
+                                       continue_final=continue_final, tools=tools)[0])
 
     def new_session(self, persona: str | None, sampling: Sampling, history=(), budget: int | None = None) -> Session:
         s = Session(self.engine, system=persona, sampling=sampling, max_context_tokens=budget or self.context_length)
@@ -251,13 +266,17 @@ class Service:
         return s
 
     def stateless_session(self, owner: str, persona: str | None, sampling: Sampling, history: list[Message],
-                          user: str, budget: int | None = None, pooled: bool = True) -> Session:
+                          user: str | None, budget: int | None = None, pooled: bool = True,
+                          tools: list[dict] | None = None) -> Session:
         """A session for one stateless request: an idle one of the owner's sharing a prefix with it,
-        else a new one (always a new one without `pooled`, e.g. for a search, which keeps no cache)."""
+        else a new one (always a new one without `pooled`, e.g. for a search, which keeps no cache).
+        `user` None: the history is the whole conversation (it ends with tools' results, or with an
+        assistant message the reply continues)."""
         head = [Message("system", persona)] if persona else []
+        tail = [Message("user", user)] if user is not None else []
         s = None
         if pooled:
-            s = self.prefixes.take(owner, head + list(history) + [Message("user", user)],
+            s = self.prefixes.take(owner, head + list(history) + tail,
                                    lambda: self.new_session(persona, sampling, history, budget))
         if s is None:
             s = self.new_session(persona, sampling, history, budget)
@@ -265,24 +284,42 @@ class Service:
             s.set_persona(persona)
             s.reset(history)
             s.sampling, s.max_context_tokens = sampling, budget or self.context_length
+        s.tools = tools
         # the prompt's last tokens go through a prompt step (two or more tokens are never a decode step
         # of a float16 copy), as in a fresh request, so the logits match a fresh request's up to rounding
         s.min_feed = 2
         return s
 
-    def reply(self, session: Session, text: str, sampling: Sampling, decoding: Decoding):
+    def reply(self, session: Session, text: str | None, sampling: Sampling, decoding: Decoding):
         """Start the reply to a user turn: (Generation or searched Reply, prompt tokens, cached tokens).
+        `text` None: the reply to the session's messages as they are (after tools' results, or
+        continuing a final assistant message).
 
         A plain reply streams and reuses the session's KV cache; a searched one (beam, candidates)
         runs on caches of its own and yields its text once, with every candidate kept on it.
         """
         session.sampling = sampling
         if not decoding.searches:
-            gen = session.send(text)
+            gen = session.send(text) if text is not None else session.respond()
             return gen, len(gen.history), len(gen.history) - len(gen.feed)
-        ids = session.user_turn(text)
+        ids = session.user_turn(text) if text is not None else session.prompt_ids()
         return searched_reply(session, self.decoder, ids, sampling, decoding), len(ids), 0
 
+    def begin_shutdown(self, grace: float):
+        """Stop taking work (503); replies still running `grace` seconds later are cut, each
+        client told so (a session turn cut off is not stored)."""
+        from .jobs import ServerShutdown
+
+        if self.draining:
+            return
+        self.draining = True
+        reason = ServerShutdown(f"the server is shutting down and the reply did not finish within the {grace:g} s "
+                                "grace period; send the request again")
+        timer = threading.Timer(grace, self.worker.cut_all, (reason,))
+        timer.daemon = True
+        timer.start()
+
     def close(self):
+        self.trimmer.close()
         self.worker.close()
         self.store.close()

@@ -17,6 +17,7 @@ import time
 
 from fastapi import FastAPI, Request
 from fastapi.responses import StreamingResponse
+from starlette.concurrency import run_in_threadpool
 
 from ..chat.messages import Message
 from ..chat.personas import resolve_persona
@@ -38,22 +39,22 @@ def add_routes(app: FastAPI, svc: Service):
         check_settings(svc, req.settings)
         settings = {k: v for k, v in (body.get("settings") or {}).items() if v is not None}  # stored as given
         persona = resolve_persona(req.persona) or svc.default_persona  # a preset name becomes its text
-        row = svc.store.create(request.state.owner, persona, settings, (req.title or "")[:200])
+        row = await off_loop(svc.store.create, request.state.owner, persona, settings, (req.title or "")[:200])
         return _session_obj(row, [])
 
     @app.get("/v1/sessions")
     async def listing(request: Request):
-        rows = svc.store.list(request.state.owner)
+        rows = await off_loop(svc.store.list, request.state.owner)
         return {"object": "list", "data": [_session_obj(r, None) for r in rows]}
 
     @app.get("/v1/sessions/{sid}")
     async def read(sid: str, request: Request):
-        row = _owned(svc, sid, request)
+        row = await _owned(svc, sid, request)
         return _session_obj(row, row["messages"])
 
     @app.delete("/v1/sessions/{sid}")
     async def delete(sid: str, request: Request):
-        if not svc.store.delete(sid, request.state.owner):
+        if not await off_loop(svc.store.delete, sid, request.state.owner):
             raise _not_found(sid)
         job = svc.sessions.job(sid)
         if job is not None:
@@ -69,10 +70,11 @@ def add_routes(app: FastAPI, svc: Service):
 async def start_turn(svc: Service, sid: str, request: Request):
     """Check a user turn, claim the session, queue the reply; stream it or wait for it."""
     body = await read_json(request, svc.limits.max_body_bytes)
-    row = _owned(svc, sid, request)
+    row = await _owned(svc, sid, request)
     req = P.validate(SessionTurn, body)
     stored = P.validate(Settings, row["settings"], "settings")
-    changes = {**P.sampling_changes(stored, svc.limits.max_tokens), **P.sampling_changes(req, svc.limits.max_tokens)}
+    limit, vocab = svc.limits.max_tokens, svc.vocab_size
+    changes = {**P.sampling_changes(stored, limit, vocab), **P.sampling_changes(req, limit, vocab)}
     sampling = P.make_sampling(svc.sampling, changes)
     search = {**P.decoding_changes(stored, svc.limits.max_candidates),
               **P.decoding_changes(req, svc.limits.max_candidates)}
@@ -80,7 +82,11 @@ async def start_turn(svc: Service, sid: str, request: Request):
     text, stream = req.content, bool(req.stream)
     _check_fits(svc, row["persona"], text, sampling.max_new_tokens)
     claim = svc.sessions.claim(sid)
-    holder = svc.store.claim(sid) if claim is not None else None  # no other process writes it either
+    try:  # no other process writes it either
+        holder = await off_loop(svc.store.claim, sid) if claim is not None else None
+    except BaseException:
+        svc.sessions.release(sid, claim)
+        raise
     if holder is None:
         if claim is not None:
             svc.sessions.release(sid, claim)
@@ -89,8 +95,10 @@ async def start_turn(svc: Service, sid: str, request: Request):
     claim.holder = holder
 
     def release():
-        svc.store.release(sid, holder)
-        svc.sessions.release(sid, claim)
+        try:
+            svc.store.release(sid, holder)
+        finally:  # with the database down, the stored claim ends with its lease (or connection)
+            svc.sessions.release(sid, claim)
 
     channel = Channel()
     try:
@@ -112,7 +120,7 @@ def check_settings(svc: Service, settings: Settings | None):
     if settings is None:
         return
     try:
-        P.make_sampling(svc.sampling, P.sampling_changes(settings, svc.limits.max_tokens))
+        P.make_sampling(svc.sampling, P.sampling_changes(settings, svc.limits.max_tokens, svc.vocab_size))
         P.make_decoding(svc.decoding, P.decoding_changes(settings, svc.limits.max_candidates))
     except ApiError as e:
         raise ApiError(400, f"settings: {e.message}", f"settings.{e.param}" if e.param else "settings") from None
@@ -126,8 +134,14 @@ def _check_fits(svc: Service, persona: str | None, text: str, max_tokens: int):
         raise P.context_error(need, max_tokens, svc.context_length, "content")
 
 
-def _owned(svc: Service, sid: str, request: Request) -> dict:
-    row = svc.store.get(sid, request.state.owner)
+async def off_loop(fn, *args):
+    """A store operation, off the event loop: a database that is slow or down holds this request
+    only (StoreUnavailable becomes 503)."""
+    return await run_in_threadpool(fn, *args)
+
+
+async def _owned(svc: Service, sid: str, request: Request) -> dict:
+    row = await off_loop(svc.store.get, sid, request.state.owner)
     if row is None:
         raise _not_found(sid)
     return row

@@ -14,12 +14,14 @@ out), and is appended only if the session still has the message count its reply 
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import secrets
 import sqlite3
 import threading
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 from ..errors import UserError
@@ -60,6 +62,26 @@ class Conflict(Exception):
     """The session's stored history is not the one a turn was computed on (another writer)."""
 
 
+class StoreUnavailable(Exception):
+    """The database cannot be reached or written for now (down, restarting, locked, I/O error);
+    the HTTP layer answers 503 with Retry-After. Nothing of the operation was stored."""
+
+
+def guarded(method):
+    """Run a store method under the store's `_faults()`: its driver's transient errors become
+    StoreUnavailable."""
+
+    @functools.wraps(method)
+    def run(self, *args, **kwargs):
+        with self._faults():
+            return method(self, *args, **kwargs)
+
+    return run
+
+# SQLite's primary result codes of a database that is there but cannot be used for now
+TRANSIENT = {sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED, sqlite3.SQLITE_IOERR, sqlite3.SQLITE_FULL,
+             sqlite3.SQLITE_CANTOPEN, sqlite3.SQLITE_READONLY, sqlite3.SQLITE_PROTOCOL}
+
 
 class Reads:
     """The reads both stores share, written once: SQL with '?' placeholders (`_sql` rewrites them
@@ -71,10 +93,15 @@ class Reads:
     def _snapshot(self):
         return self._lock
 
+    @contextmanager
+    def _faults(self):
+        yield
+
     def _fetch(self, query: str, args: tuple, one: bool = False):
         cur = self._db.execute(self._sql(query), args)
         return cur.fetchone() if one else cur.fetchall()
 
+    @guarded
     def get(self, sid: str, owner: str) -> dict | None:
         """The session with its messages, or None when it does not exist for this owner."""
         with self._snapshot():  # the row and its messages from one state of the database
@@ -87,12 +114,14 @@ class Reads:
         out["messages"] = [_message(m) for m in msgs]
         return out
 
+    @guarded
     def list(self, owner: str, limit: int = 100) -> list[dict]:
         with self._snapshot():
             rows = self._fetch("SELECT s.*, (SELECT COUNT(*) FROM messages m WHERE m.session_id = s.id) AS n "
                                "FROM sessions s WHERE owner = ? ORDER BY updated DESC LIMIT ?", (owner, limit))
         return [{**_session(r), "message_count": r["n"]} for r in rows]
 
+    @guarded
     def count(self, sid: str) -> int | None:
         """How many messages the session has stored (None when it does not exist)."""
         with self._snapshot():
@@ -102,11 +131,13 @@ class Reads:
 
 
 class Store(Reads):
-    def __init__(self, path: str | Path):
+    def __init__(self, path: str | Path, busy_timeout: float = 5.0):
         self.path = Path(path)
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
-            self._db = sqlite3.connect(str(self.path), check_same_thread=False, isolation_level=None)
+            # a write waits up to `busy_timeout` seconds for another process's; then StoreUnavailable
+            self._db = sqlite3.connect(str(self.path), check_same_thread=False, isolation_level=None,
+                                       timeout=busy_timeout)
             self._db.row_factory = sqlite3.Row
             mode = self._db.execute("PRAGMA journal_mode=WAL").fetchone()[0]
             self._db.execute("PRAGMA synchronous=FULL")
@@ -126,7 +157,23 @@ class Store(Reads):
         with self._lock:
             return self._db.execute("PRAGMA journal_mode").fetchone()[0]
 
+    @contextmanager
+    def _faults(self):
+        try:
+            yield
+        except sqlite3.OperationalError as e:
+            if (getattr(e, "sqlite_errorcode", 0) & 0xFF) not in TRANSIENT:
+                raise
+            raise StoreUnavailable(f"the session database {self.path} is unavailable ({e})") from None
+
+    @guarded
+    def ping(self):
+        """Raise StoreUnavailable unless the database answers a read (the readiness check)."""
+        with self._lock:
+            self._db.execute("SELECT 1 FROM sessions LIMIT 1").fetchall()
+
     # --- sessions -------------------------------------------------------------------------
+    @guarded
     def create(self, owner: str, persona: str | None, settings: dict, title: str = "") -> dict:
         sid = "sess_" + secrets.token_hex(12)
         now = time.time()
@@ -136,12 +183,14 @@ class Store(Reads):
                              "VALUES (?, ?, ?, ?, ?, ?, ?)", (sid, owner, now, now, persona, json.dumps(settings), title))
         return {"id": sid, "created": now, "updated": now, "persona": persona, "settings": settings, "title": title}
 
+    @guarded
     def delete(self, sid: str, owner: str) -> bool:
         with self._lock, self._db:
             self._db.execute("BEGIN IMMEDIATE")
             cur = self._db.execute("DELETE FROM sessions WHERE id = ? AND owner = ?", (sid, owner))
         return cur.rowcount > 0
 
+    @guarded
     def claim(self, sid: str, lease: float = CLAIM_LEASE) -> str | None:
         """Take the session for one turn: a holder token, or None while another turn holds it."""
         holder, now = secrets.token_hex(8), time.time()
@@ -154,15 +203,18 @@ class Store(Reads):
                              (sid, holder, process_key(os.getpid()), now + lease))
         return holder
 
+    @guarded
     def renew(self, sid: str, holder: str, lease: float = CLAIM_LEASE):
         with self._lock, self._db:
             self._db.execute("UPDATE claims SET expires = ? WHERE session_id = ? AND holder = ?",
                              (time.time() + lease, sid, holder))
 
+    @guarded
     def release(self, sid: str, holder: str):
         with self._lock, self._db:
             self._db.execute("DELETE FROM claims WHERE session_id = ? AND holder = ?", (sid, holder))
 
+    @guarded
     def add_turn(self, sid: str, user: str, reply: str, meta: dict | None = None, expected: int | None = None) -> bool:
         """Append a user message and its reply atomically; False if the session is gone.
 

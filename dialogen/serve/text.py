@@ -57,7 +57,7 @@ def parse_request(svc: Service, body: dict) -> dict:
                             f"got {n * len(req.prompt)}", "n")
     tok = svc.engine.tokenizer
     prompts = [tok.encode_prompt(p) for p in req.prompt]  # as llama-server: BOS/EOS by the vocabulary's flags
-    changes = P.sampling_changes(req, svc.limits.max_tokens)
+    changes = P.sampling_changes(req, svc.limits.max_tokens, svc.vocab_size)
     fit_reply(svc, changes, max(len(p) for p in prompts), "prompt")
     changes["logprobs"] = req.logprobs
     return {"prompts": prompts, "n": n, "stream": bool(req.stream), "ignored": ignored,

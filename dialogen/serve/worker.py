@@ -30,7 +30,7 @@ import torch
 from ..decoding.generate import Generation
 from ..models.kernels import threads
 from .batching import can_batch, next_logits, prompts_as_rows, step_rows
-from .jobs import Busy, Call, Cancelled, Drive, Job, ModelProxy
+from .jobs import Busy, Call, Cancelled, Drive, Job, ModelProxy, ServerShutdown
 
 log = logging.getLogger("dialogen.serve")
 
@@ -50,6 +50,7 @@ class Worker:
         self._incoming: list[Drive] = []  # replies handed over, not yet seen by the model thread
         self._drives: list[Drive] = []  # replies the model thread is running (its own list)
         self._admitted = 0
+        self._jobs: set[Job] = set()  # admitted, not finished
         self._running = 0
         self._stepping = 0
         self._local = threading.local()
@@ -74,10 +75,20 @@ class Worker:
                 self.stats["rejected"] += 1
                 raise Busy()
             self._admitted += 1
+            self._jobs.add(job)
             admitted, running = self._admitted, self._running
         log.debug("admit job %x: %d admitted, %d running", id(job), admitted, running)
         self._pool.submit(self._run_job, job)
         return job
+
+    def cut_all(self, reason: ServerShutdown) -> int:
+        """Stop every admitted job, telling its client `reason` (shutdown past its grace period);
+        returns how many."""
+        with self._cond:
+            jobs = list(self._jobs)
+        for job in jobs:
+            job.cancel(reason)
+        return len(jobs)
 
     def load(self) -> dict:
         with self._cond:
@@ -95,7 +106,7 @@ class Worker:
         except Cancelled:
             outcome = "cancelled"
             self._count("cancelled")
-            _safe_emit(job, ("cancelled", None))
+            _safe_emit(job, ("error", job.cut) if job.cut is not None else ("cancelled", None))
         except BaseException as e:  # reported to the client; the worker keeps serving
             outcome = f"failed: {type(e).__name__}"
             if not _is_user_error(e):
@@ -108,6 +119,7 @@ class Worker:
             with self._cond:
                 self._running -= 1
                 self._admitted -= 1
+                self._jobs.discard(job)
             job.finished.set()
 
     def _count(self, key: str):

@@ -24,7 +24,7 @@ import torch
 
 from ..errors import UserError
 from ..models.loading import save_checkpoint
-from ..paths import atomic_file, write_text
+from ..paths import atomic_dir, atomic_file, write_text
 
 STATE_JSON, STATE_PT = "trainer_state.json", "trainer_state.pt"
 
@@ -55,14 +55,28 @@ def set_rng_state(state: dict):
     random.setstate(state["python"])
 
 
-def save(directory: Path, model, tokenizer, meta: dict, state: dict | None = None, torch_state: dict | None = None):
-    """A model directory, with the training state beside the weights when given."""
+def save(directory: Path, model, tokenizer, meta: dict, state: dict | None = None, torch_state: dict | None = None,
+         adapter=None):
+    """A model directory, with the training state beside the weights when given. With a LoRA
+    `adapter`, the directory holds the adapter in PEFT's files instead of the model's weights
+    (plus the tokenizer and dialogen.json), and names its base."""
 
     def write_state(tmp: Path):
         (tmp / STATE_JSON).write_text(json.dumps(state, indent=1))
         torch.save(torch_state, tmp / STATE_PT)
 
-    save_checkpoint(Path(directory), model, tokenizer, meta, None if state is None else write_state)
+    if adapter is None:
+        save_checkpoint(Path(directory), model, tokenizer, meta, None if state is None else write_state)
+        return
+
+    def write_adapter(tmp: Path):
+        adapter.write(tmp)
+        tokenizer.save(tmp)
+        (tmp / "dialogen.json").write_text(json.dumps(meta, indent=1))
+        if state is not None:
+            write_state(tmp)
+
+    atomic_dir(Path(directory), write_adapter)
 
 
 def load_state(directory: Path) -> tuple[dict, dict]:

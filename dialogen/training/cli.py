@@ -45,6 +45,24 @@ def register(sub):
     g.add_argument("--freeze-embeddings", action="store_true",
                    help="do not train the token (and position) embeddings; a tied output head freezes with them")
     g.add_argument("--freeze-layers", type=int, default=D.freeze_layers, help="do not train the first K blocks")
+    g.add_argument("--gradient-checkpointing", action="store_true",
+                   help="keep only each block's input and recompute the rest in the backward pass: less memory, "
+                        "about a third more compute")
+    g = p.add_argument_group("LoRA (low-rank adapters on a frozen base, saved in PEFT's format)")
+    g.add_argument("--lora-r", type=int, default=D.lora_r, help="adapter rank; 0 = train every weight (default: %(default)s)")
+    g.add_argument("--lora-alpha", type=float, default=D.lora_alpha, help="the adapter's output scales by alpha / r "
+                   "(default: %(default)s)")
+    g.add_argument("--lora-dropout", type=float, default=D.lora_dropout, help="dropout on the adapter's input "
+                   "(default: %(default)s)")
+    g.add_argument("--lora-targets", default=D.lora_targets, help="comma-separated module names as PEFT names them "
+                   "(q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj; gpt2: c_attn,c_proj,c_fc); "
+                   "default: all of them")
+    g.add_argument("--base-dtype", default=D.base_dtype, choices=["float32", "auto", "int8", "int4"],
+                   help="the frozen base's weights: float32, or blocks multiplied by the native kernels (QLoRA-style; "
+                        "auto: a GGUF file's own blocks, else int8) (default: %(default)s)")
+    g.add_argument("--dpo", action="store_true", help="preference tuning: --data is a JSONL file of TRL's "
+                   "prompt/chosen/rejected records; the adapter-free base is the reference model")
+    g.add_argument("--dpo-beta", type=float, default=D.dpo_beta, help="DPO's beta (default: %(default)s)")
     g = p.add_argument_group("evaluation and checkpoints")
     g.add_argument("--eval-every", type=int, default=D.eval_every, help="validation perplexity every N steps; 0 = off")
     g.add_argument("--save-every", type=int, default=D.save_every, help="write last/ every N steps (default: %(default)s)")
@@ -64,6 +82,11 @@ def cmd_train(args) -> int:
 
     names = {f.name for f in fields(TrainOptions)}
     opts = TrainOptions(**{k: v for k, v in vars(args).items() if k in names})
+    if opts.dpo:
+        from .dpo import train_dpo
+
+        print(json.dumps(train_dpo(opts)))
+        return 0
     summary = train(opts)
     if summary.get("rank", 0) == 0:
         print(json.dumps(summary))

@@ -17,16 +17,17 @@ from ..models.transformer import Transformer
 from .replies import seq2seq_nll_sum
 
 
-def nll_sum(model: nn.Module, ids: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def nll_sum(model: nn.Module, ids: torch.Tensor, labels: torch.Tensor,
+            segments: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """(sum of -log p(label), number of labels) for ids/labels (B, T); label t is predicted
-    from the tokens before it."""
+    from the tokens before it (of its own segment, for packed rows: `segments` (B, T))."""
     if is_encoder_decoder(model):  # each labelled run answers what precedes it
 
         return seq2seq_nll_sum(model, ids, labels)
     targets = labels[:, 1:]  # (B, T-1)
     keep = targets != IGNORE_INDEX
     if isinstance(model, Transformer):
-        h = model.hidden(ids[:, :-1])  # the last token predicts nothing
+        h = model.hidden(ids[:, :-1], None if segments is None else segments[:, :-1])  # the last token predicts nothing
         logits = model.head(h[keep])  # (N, V)
     else:  # other families: full logits
         logits = model(ids)[:, :-1][keep]
@@ -38,9 +39,10 @@ class LossModel(nn.Module):
     """Wraps a model so one forward returns its loss: DistributedDataParallel syncs gradients
     only through its wrapper's forward, so the whole loss computation must be one."""
 
-    def __init__(self, model: nn.Module):
+    def __init__(self, model: nn.Module, adapter: nn.Module | None = None):
         super().__init__()
         self.model = model
+        self.adapter = adapter  # hooked into the model's Linears (models/lora.py): a child, so DDP syncs it
 
-    def forward(self, ids, labels):
-        return nll_sum(self.model, ids, labels)
+    def forward(self, ids, labels, segments=None):
+        return nll_sum(self.model, ids, labels, segments)

@@ -44,6 +44,15 @@ class TrainOptions:
     freeze_layers: int = 0
     resume: bool = False
     progress: bool = True
+    # --lora-r R: low-rank adapters on a frozen base (models/lora.py)
+    lora_r: int = 0  # 0: every weight trains
+    lora_alpha: float = 16.0
+    lora_dropout: float = 0.0
+    lora_targets: str = ""  # comma-separated module names; empty: every projection of the blocks
+    base_dtype: str = "float32"  # --lora-r: the frozen base's weights: float32, or blocks (auto, int8, int4)
+    gradient_checkpointing: bool = False
+    dpo: bool = False  # --data holds preference records; the adapter trains by DPO (training/dpo.py)
+    dpo_beta: float = 0.1
     # --init scratch: a GPT-2-style model and its BPE vocabulary
     n_layer: int = 4
     n_head: int = 4
@@ -81,5 +90,22 @@ class TrainOptions:
             raise UserError(f"unknown --template {self.template!r}; known: auto, {', '.join(TEMPLATES)}")
         if self.vocab_size < 300:
             raise UserError(f"--vocab-size must be >= 300 (256 bytes + merges), got {self.vocab_size}")
+        if self.lora_r:
+            if not self.lora_dropout < 1:
+                raise UserError(f"--lora-dropout must be in [0, 1), got {self.lora_dropout}")
+            if self.init == "scratch":
+                raise UserError("--lora-r adapts a pretrained base: give --init a model, not scratch")
+            if self.freeze_embeddings or self.freeze_layers:
+                raise UserError("--freeze-embeddings and --freeze-layers do not apply with --lora-r (the base is frozen)")
+            if self.arch != "transformer":
+                raise UserError("--lora-r adapts transformer models, not --arch rnn")
+            if self.base_dtype not in ("float32", "auto", "int8", "int4"):
+                raise UserError(f"--base-dtype must be one of float32, auto, int8, int4, got {self.base_dtype!r}")
+        elif self.base_dtype != "float32":
+            raise UserError("--base-dtype keeps a LoRA run's frozen base in blocks: give --lora-r")
+        elif self.dpo:
+            raise UserError("--dpo trains a LoRA adapter: give --lora-r")
+        elif self.lora_targets:
+            raise UserError("--lora-targets needs --lora-r")
         if not self.min_lr_ratio <= 1:
             raise UserError(f"--min-lr-ratio must be in [0, 1], got {self.min_lr_ratio}")

@@ -13,7 +13,8 @@ import torch
 from ..chat.templates import default_template_name
 from ..errors import UserError
 from ..models.hf import config_to_hf
-from ..models.loading import load
+from ..models.loading import default_model_path, load
+from ..models.lora import Adapter, LoraSettings, default_targets, read_adapter
 from ..models.transformer import Transformer
 from . import checkpoint as ckpt
 from .options import TrainOptions
@@ -43,8 +44,11 @@ def undo_on_failure(out: Path, main: bool = True):
 
 
 def build_model(opts: TrainOptions, d, train_convs):
-    """(model, tokenizer, template name, saved training state or None): a transformer, or with
-    `--arch rnn` (or a run or --init that is one) an encoder-decoder."""
+    """(model, tokenizer, template name, saved training state or None, LoRA adapter or None): a
+    transformer, or with `--arch rnn` (or a run or --init that is one) an encoder-decoder; with
+    `--lora-r`, a frozen transformer and the adapter that trains."""
+    if opts.lora_r:
+        return build_lora(opts)
     rnn = wants_rnn(opts)
     if rnn:
         check_rnn_start(opts)
@@ -72,7 +76,45 @@ def build_model(opts: TrainOptions, d, train_convs):
     if not rnn and opts.max_len > model.cfg.max_seq_len:
         raise UserError(f"--max-len {opts.max_len} exceeds the model's context of {model.cfg.max_seq_len} tokens")
     freeze(model, opts.freeze_embeddings, opts.freeze_layers)
-    return model, tok, tname, state
+    return model, tok, tname, state, None
+
+
+def base_name(init: str) -> str:
+    """The base a LoRA run adapts, as its adapter_config.json records it (base_model_name_or_path)."""
+    return str(default_model_path() if init == "default" else Path(init).expanduser().resolve())
+
+
+def build_lora(opts: TrainOptions):
+    """The frozen base of --init (the float32 reference) with a new adapter, or the adapter of the
+    run's last checkpoint on --resume."""
+    loaded = load(None if opts.init == "default" else opts.init, opts.base_dtype)
+    model, tok = loaded.model, loaded.tokenizer
+    if not isinstance(model, Transformer):
+        raise UserError(f"{opts.init}: --lora-r adapts transformer models (llama, gpt2 families)")
+    if opts.max_len > model.cfg.max_seq_len:
+        raise UserError(f"--max-len {opts.max_len} exceeds the model's context of {model.cfg.max_seq_len} tokens")
+    if opts.base_dtype == "float32":
+        model.materialize()
+    elif model.native is None or not model.native.blocks:
+        raise UserError(f"--base-dtype {opts.base_dtype}: the base has no blocks to train on here (the native "
+                        f"kernels are off or cannot multiply this model); use --base-dtype float32")
+    else:  # the Linears keep their blocks; their input gradients go through the same blocks
+        model.frozen_blocks = True
+    model.requires_grad_(False)
+    cfg, base = model.cfg, base_name(opts.init)
+    targets = tuple(t.strip() for t in opts.lora_targets.split(",") if t.strip()) or default_targets(cfg)
+    settings = LoraSettings(opts.lora_r, opts.lora_alpha, opts.lora_dropout, targets)
+    tname = default_template_name(loaded.meta, tok, cfg.arch) if opts.template == "auto" else opts.template
+    state = None
+    if opts.resume:
+        last = Path(opts.out) / "last"
+        adapter = read_adapter(last, cfg, Path(base))
+        adapter.settings = settings
+        state = ckpt.load_state(last)
+    else:
+        adapter = Adapter(cfg, settings, base).init(opts.seed)
+    torch.manual_seed(opts.seed)  # the adapter's dropout draws from the global generator; a resume restores it
+    return model, tok, tname, state, adapter.requires_grad_(True).train().attach(model)
 
 
 def new_gpt2(opts: TrainOptions, tokenizer) -> Transformer:

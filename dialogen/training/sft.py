@@ -25,11 +25,12 @@ from tqdm import tqdm
 
 from ..chat.templates import get_template
 from ..data import load_split
-from ..data.batches import bucket_batches, collate, pack
+from ..data.batches import bucket_batches, collate, collate_segments, pack
 from ..data.dataset import IGNORE_INDEX, build_examples
 from ..decoding.reverse import REVERSE_CONTEXT_TURNS
 from ..errors import UserError
 from ..eval.perplexity import examples_perplexity
+from ..models.transformer import Transformer
 from . import checkpoint as ckpt
 from .distributed import Dist, setup, teardown
 from .loss import LossModel
@@ -87,11 +88,13 @@ def _prepare(opts: TrainOptions, d: Dist, out: Path, began: float):
     valid_convs = load_split(opts.data, "valid", opts.format, opts.split_seed, opts.skip_bad)[: opts.val_conversations]
     if not train_convs:
         raise UserError(f"{opts.data}: the training split is empty (too few conversations)")
-    model, tokenizer, tname, state = build_model(opts, d, train_convs)
+    model, tokenizer, tname, state, adapter = build_model(opts, d, train_convs)
     template = get_template(tname, tokenizer)
     examples, stats = build_examples(train_convs, tokenizer, template, opts.max_len, opts.train_on, opts.reverse)
     check_trainable(opts, stats)
     if opts.pack:
+        if not isinstance(model, Transformer):
+            raise UserError("--pack joins examples for transformer models (an encoder-decoder takes them one by one)")
         examples = pack(examples, opts.max_len, opts.seed)
     valid, _ = build_examples(valid_convs, tokenizer, template, opts.max_len, "assistant", opts.reverse)
     plan = Plan([len(ex.ids) for ex in examples], opts.batch_size, opts.seed)
@@ -99,8 +102,15 @@ def _prepare(opts: TrainOptions, d: Dist, out: Path, began: float):
     total = opts.max_steps or max(1, math.ceil(opts.epochs * plan.per_epoch / G))
     order = {"seed": opts.seed, "batch_size": opts.batch_size, "global_micro_batches": G, "pack": opts.pack,
              "examples": len(examples), "tokens": sum(len(ex.ids) for ex in examples), "total_steps": total}
+    if adapter is not None:
+        order["lora"] = [opts.lora_r, opts.lora_alpha, opts.lora_dropout, adapter.names, opts.base_dtype]
+        adapter.to(d.device)
     model.to(d.device).train()
-    optimizer, scheduler = make_optimizer(model, opts, total)
+    if opts.gradient_checkpointing:
+        if not isinstance(model, Transformer):
+            raise UserError("--gradient-checkpointing applies to transformer models")
+        model.checkpointing = True
+    optimizer, scheduler = make_optimizer(adapter or model, opts, total)
     step, best = 0, math.inf
     if state is not None:
         step, best = _restore(state, order, optimizer, scheduler)
@@ -108,7 +118,8 @@ def _prepare(opts: TrainOptions, d: Dist, out: Path, began: float):
     meta = {"template": tname, **template.stop_meta(tokenizer), "train": {**_public(opts), "data_stats": stats.to_dict()}}
     if opts.reverse:
         meta["reverse"] = {"context_turns": REVERSE_CONTEXT_TURNS}
-    loop = Loop(opts, d, model, tokenizer, meta, optimizer, scheduler, plan, examples, valid, order, total, best, began)
+    loop = Loop(opts, d, model, tokenizer, meta, optimizer, scheduler, plan, examples, valid, order, total, best, began,
+                adapter)
     if d.main:
         print(f"dialogen: {stats.conversations} conversations -> {len(examples)} examples, "
               f"{stats.trained_tokens} trained tokens of {stats.tokens}; {total} steps of {G} x {opts.batch_size}",
@@ -160,16 +171,17 @@ class Loop:
     total: int
     best: float = math.inf
     began: float = 0.0
+    adapter: torch.nn.Module | None = None  # with --lora-r: what trains and what checkpoints hold
 
     def __post_init__(self):
         self.out = Path(self.opts.out)
-        self.loss_model = LossModel(self.model)
+        self.loss_model = LossModel(self.model, self.adapter)
         if self.d.world > 1:
             from torch.nn.parallel import DistributedDataParallel
 
             ids = [self.d.device] if self.d.device.type == "cuda" else None
             self.loss_model = DistributedDataParallel(self.loss_model, device_ids=ids)
-        self.params = [p for p in self.model.parameters() if p.requires_grad]
+        self.params = [p for p in (self.adapter or self.model).parameters() if p.requires_grad]
 
     def run(self, step: int, on_step) -> dict:
         opts, d = self.opts, self.d
@@ -216,17 +228,18 @@ class Loop:
         """One optimizer step over this rank's micro-batches; the loss is the global mean."""
         opts, d = self.opts, self.d
         G = opts.grad_accum * d.world
-        micro = [collate([self.examples[i] for i in self.plan.batch(step * G + j * d.world + d.rank)],
-                         self.tokenizer.pad_id) for j in range(opts.grad_accum)]
-        local = sum(int((labels[:, 1:] != IGNORE_INDEX).sum()) for _, labels in micro)
+        rows = [[self.examples[i] for i in self.plan.batch(step * G + j * d.world + d.rank)] for j in range(opts.grad_accum)]
+        micro = [(*collate(r, self.tokenizer.pad_id), collate_segments(r)) for r in rows]
+        local = sum(int((labels[:, 1:] != IGNORE_INDEX).sum()) for _, labels, _ in micro)
         trained = self.d.sum(torch.tensor(float(local), dtype=torch.float64)).item()
         t0 = time.time()
         loss_sum = torch.zeros((), dtype=torch.float64)
         amp = torch.autocast("cuda", dtype=torch.bfloat16) if d.device.type == "cuda" else nullcontext()
-        for j, (ids, labels) in enumerate(micro):
+        for j, (ids, labels, segments) in enumerate(micro):
             sync = nullcontext() if d.world == 1 or j == len(micro) - 1 else self.loss_model.no_sync()
             with sync, amp:
-                nll, _ = self.loss_model(ids.to(d.device), labels.to(d.device))
+                nll, _ = self.loss_model(ids.to(d.device), labels.to(d.device),
+                                         None if segments is None else segments.to(d.device))
                 (nll * d.world / max(trained, 1)).backward()
             loss_sum += nll.detach().double().cpu()
         loss = (self.d.sum(loss_sum) / max(trained, 1)).item()
@@ -238,7 +251,7 @@ class Loop:
         lr = self.optimizer.param_groups[0]["lr"]
         self.optimizer.step()
         self.scheduler.step()
-        tokens = sum(int(ids.numel()) for ids, _ in micro) * d.world  # incl. padding: work done
+        tokens = sum(int(ids.numel()) for ids, _, _ in micro) * d.world  # incl. padding: work done
         dt = max(time.time() - t0, 1e-9)
         return {"loss": loss, "lr": lr, "grad_norm": norm, "trained_tokens": int(trained), "tok_s": tokens / dt}
 
@@ -255,10 +268,10 @@ class Loop:
         if step > 0 and r["ppl"] < self.best:
             self.best = r["ppl"]
             meta = {**self.meta, "step": step, "val_ppl": r["ppl"]}
-            ckpt.save(self.out / "best", self.model, self.tokenizer, meta)
+            ckpt.save(self.out / "best", self.model, self.tokenizer, meta, adapter=self.adapter)
 
     def save_last(self, step: int):
-        if not ckpt.finite_weights(self.model):  # every rank holds the same weights: all stop
+        if not ckpt.finite_weights(self.adapter or self.model):  # every rank holds the same weights: all stop
             self._diverged(step, "the weights are not finite")
         if not self.d.main:
             return
@@ -266,7 +279,7 @@ class Loop:
         torch_state = {"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
                        "rng": ckpt.rng_state()}
         meta = {**self.meta, "step": step}
-        ckpt.save(self.out / "last", self.model, self.tokenizer, meta, state, torch_state)
+        ckpt.save(self.out / "last", self.model, self.tokenizer, meta, state, torch_state, self.adapter)
 
 
 def _progress(total: int, initial: int, enabled: bool):

@@ -22,7 +22,7 @@ from pathlib import Path
 from ...paths import cache_dir
 
 SOURCE = Path(__file__).resolve().parent.parent / "kernels.c"
-INCLUDED = [SOURCE.with_name("kquants.c")]  # #included by SOURCE: part of the build key
+INCLUDED = [SOURCE.with_name(n) for n in ("kquants.c", "kquants_dot.c", "kquants_matmul.c")]  # in SOURCE
 FLAGS = ["-O3", "-march=native", "-fno-math-errno", "-fopenmp", "-shared", "-fPIC", "-std=c11"]
 
 _i, _p, _f, _i64, _size = ctypes.c_int, ctypes.c_void_p, ctypes.c_float, ctypes.c_int64, ctypes.c_size_t

@@ -1,0 +1,71 @@
+"""DPO: the loss against TRL's sigmoid formula, a short run that widens the chosen reply's margin,
+and bad preference records refused with file:line."""
+
+import json
+
+import torch
+import torch.nn.functional as F
+
+from dialogen.cli import main
+from dialogen.training.dpo import dpo_loss
+
+
+def test_loss_equals_trls_sigmoid_formula():
+    # TRL's DPOTrainer, loss_type="sigmoid" (its documentation): logits = (pi_c - pi_r) - (ref_c - ref_r),
+    # losses = -logsigmoid(beta * logits) (label_smoothing 0), rewards = beta * (pi - ref). TRL itself is
+    # not installed here (it pulls datasets and pandas), so the formula is written out.
+    g = torch.Generator().manual_seed(0)
+    pc, pr, rc, rr = (torch.randn(8, generator=g, dtype=torch.float64) * 20 for _ in range(4))
+    beta = 0.3
+    logits = (pc - pr) - (rc - rr)
+    want = (-F.logsigmoid(beta * logits)).mean()
+    loss, c, r = dpo_loss(pc, pr, rc, rr, beta)
+    assert abs(float(loss) - float(want)) < 1e-5
+    assert torch.allclose(c, beta * (pc - rc)) and torch.allclose(r, beta * (pr - rr))
+
+
+WORDS = "the cat sat on a mat and dog ran fast to home in sun rain".split()
+
+
+def prefs(path, n=20):
+    import random
+
+    r = random.Random(0)
+    with open(path, "w") as f:
+        for i in range(n):
+            ask = " ".join(r.choice(WORDS) for _ in range(4))
+            prompt = ([{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}] if i % 2 else []) + [
+                {"role": "user", "content": ask}]
+            f.write(json.dumps({"prompt": prompt, "chosen": [{"role": "assistant", "content": "the cat sat on a mat"}],
+                                "rejected": [{"role": "assistant", "content": "rain rain " + ask}]}) + "\n")
+
+
+def test_dpo_run_prefers_the_chosen_reply(tiny_llama, tmp_path, capsys):
+    path, _ = tiny_llama
+    data = tmp_path / "prefs.jsonl"
+    prefs(data)
+    code = main(["train", "--dpo", "--init", str(path), "--data", str(data), "--out", str(tmp_path / "run"),
+                 "--template", "chatml", "--lora-r", "4", "--max-len", "64", "--batch-size", "4", "--max-steps", "6",
+                 "--lr", "1e-2", "--warmup-steps", "1", "--dpo-beta", "0.5"])
+    summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert code == 0 and summary["val_pairs"] == 2
+    log = [json.loads(line) for line in open(tmp_path / "run/metrics.jsonl")]
+    val = [r for r in log if "val_reward_margin" in r]
+    assert val[0]["step"] == 0 and abs(val[0]["val_reward_margin"]) < 1e-6  # the adapter starts as the base
+    assert val[-1]["val_reward_margin"] > 0.5 and val[-1]["val_reward_accuracy"] == 1.0
+    assert (tmp_path / "run/last/adapter_model.safetensors").exists()
+
+
+def test_equal_chosen_and_rejected_is_refused(tiny_llama, tmp_path, capsys):
+    path, _ = tiny_llama
+    data = tmp_path / "prefs.jsonl"
+    prefs(data, 3)
+    lines = data.read_text().splitlines()
+    rec = json.loads(lines[1])
+    lines[1] = json.dumps({**rec, "rejected": rec["chosen"]})
+    data.write_text("\n".join(lines) + "\n")
+    code = main(["train", "--dpo", "--init", str(path), "--data", str(data), "--out", str(tmp_path / "run"),
+                 "--lora-r", "4", "--max-len", "64"])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and len(err.splitlines()) == 1 and f"{data}:2: chosen and rejected are the same" in err
+    assert not (tmp_path / "run").exists()
