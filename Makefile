@@ -4,6 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 CORE := $(VENV)/.core-installed
 DEV := $(VENV)/.dev-installed
+CONVERT := .venv-convert
 PIP := $(BIN)/python -m pip install -q --disable-pip-version-check
 
 .PHONY: install chat serve test bench bench-peers clean
@@ -43,7 +44,10 @@ bench: $(DEV)
 bench-peers: $(DEV)   # the engines bench/ compares against; builds llama.cpp from source (~7 + ~10 min on 2 cores)
 	CMAKE_ARGS="$$(sh bench/llamacpp_flags.sh)" $(PIP) --no-cache-dir --force-reinstall --no-deps llama-cpp-python==0.3.36
 	$(PIP) llama-cpp-python==0.3.36
-	sh bench/build_llama_server.sh $(BIN)   # llama.cpp's own server, for bench/serve_peer.py
+	$(PYTHON) -m venv $(CONVERT)   # llama.cpp's converter needs transformers 4.x, apart from the main venv's
+	$(CONVERT)/bin/python -m pip install -q --disable-pip-version-check torch==2.13.0   # the CPU wheel
+	$(CONVERT)/bin/python -m pip install -q --disable-pip-version-check transformers==4.57.6 sentencepiece safetensors numpy
+	sh bench/build_llama_server.sh $(BIN) $(CONVERT)   # llama-server, llama-quantize, llama-tokenize; the converter
 
 clean:
-	rm -rf $(VENV) *.egg-info
+	rm -rf $(VENV) $(CONVERT) *.egg-info

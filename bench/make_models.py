@@ -8,6 +8,14 @@ turns it into each requested type with llama.cpp's own `llama-quantize` (built b
 
     .venv/bin/python bench/make_models.py --shape llama-1b --types Q4_K_M Q4_0
     .venv/bin/python bench/make_models.py --shape qwen-3b --types Q4_K_M Q4_0
+
+`--families` writes, for every family dialogen reads, a tiny random model built from transformers'
+own config class (save_pretrained, with the default model's byte-level BPE tokenizer so llama.cpp's
+converter recognises its pre-tokenizer) and its F16 GGUF made by llama.cpp's `convert_hf_to_gguf.py`,
+run by the converter's own venv (`make bench-peers`: `.venv-convert`). `--default-types` quantizes the
+default model, from its F16 GGUF, into each listed type. bench/family_parity.py compares them.
+
+    .venv/bin/python bench/make_models.py --families --default-types Q4_K_M Q5_K_M Q6_K IQ4_NL Q4_0 Q5_0 Q8_0
 """
 
 from __future__ import annotations
@@ -20,6 +28,8 @@ import sys
 from pathlib import Path
 
 import numpy as np
+
+CONVERT_VENV = Path(__file__).resolve().parent.parent / ".venv-convert"
 
 # the published shapes of Llama-3.2-1B-Instruct and Qwen2.5-3B-Instruct (their config.json values)
 SHAPES = {
@@ -121,6 +131,13 @@ def quantizer() -> str:
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--families", action="store_true", help="tiny random models of every family, HF dir and F16 GGUF")
+    ap.add_argument("--default-types", nargs="*", default=[],
+                    help="quantize the default model's F16 GGUF into these llama-quantize types")
+    ap.add_argument("--convert-python", type=Path, default=CONVERT_VENV / "bin/python",
+                    help="the python of the converter's venv")
+    ap.add_argument("--converter", type=Path, default=CONVERT_VENV / "llama.cpp/convert_hf_to_gguf.py",
+                    help="llama.cpp's convert_hf_to_gguf.py")
     ap.add_argument("--shape", choices=sorted(SHAPES), default="llama-1b")
     ap.add_argument("--types", nargs="+", default=["Q4_K_M", "Q4_0"],
                     help="llama-quantize type names (Q4_K_M, Q5_K_M, Q6_K, Q4_0, IQ4_NL, ...); F16 keeps the source")
@@ -130,6 +147,14 @@ def main():
 
     out = args.out or cache_dir() / "bench-models"
     out.mkdir(parents=True, exist_ok=True)
+    if args.families or args.default_types:
+        from family_models import write_default_types, write_families
+
+        if args.families:
+            write_families(out / "families", args.convert_python, args.converter)
+        if args.default_types:
+            write_default_types(out, args.default_types, args.convert_python, args.converter, quantizer)
+        return
     f16 = out / f"{args.shape}-F16.gguf"
     if not f16.exists():
         tmp = f16.with_suffix(".part")
