@@ -15,11 +15,14 @@ from dialogen.serve.store import Store
 
 
 def _stream_turn(url, sid, max_tokens, out, began, started):
-    """Stream one session turn; out gets {"deltas", "last"} (the last event: "[DONE]" or the error).
-    `began` is set at its first event, `started` at its first text."""
+    """Stream one session turn; out gets {"deltas", "last"} (the last event: "[DONE]" or the error),
+    or {"status"} when the turn is refused. `began` is set at its first event, `started` at its first text."""
     deltas, last = [], None
     with httpx.stream("POST", f"{url}/v1/sessions/{sid}/messages", timeout=120,
                       json={"content": "hi", "max_tokens": max_tokens, "stream": True}) as r:
+        if r.status_code != 200:
+            out.update(status=r.status_code)
+            return
         for line in r.iter_lines():
             if not line.startswith("data: "):
                 continue
@@ -44,9 +47,13 @@ def _sigterm_during_streams(tiny_llama, tmp_path, grace: str, max_tokens: list[i
                    for i, (sid, n, out, b) in enumerate(zip(sids, max_tokens, outs, began))]
         for t in threads:
             t.start()
-        # every stream is under way (the first reply streaming, the others waiting behind it)
-        assert started.wait(60) and all(b.wait(60) for b in began)
+        # the first reply is streaming: the server is frozen there, so no reply can finish before the
+        # signal (the others are queued behind it, or still on their way and then refused)
+        assert started.wait(60)
+        srv.proc.send_signal(signal.SIGSTOP)
+        time.sleep(0.3)  # requests on their way reach the frozen server's socket
         srv.proc.send_signal(signal.SIGTERM)
+        srv.proc.send_signal(signal.SIGCONT)
         for t in threads:
             t.join(timeout=60)
         code = srv.proc.wait(timeout=60)
@@ -59,6 +66,9 @@ def _sigterm_during_streams(tiny_llama, tmp_path, grace: str, max_tokens: list[i
     finally:
         store.close()
     for out, msgs in zip(outs, stored):
+        if "status" in out:  # arrived while the server was stopping: refused, nothing stored
+            assert out["status"] == 503 and msgs == []
+            continue
         assert "last" in out, "the stream did not end well-formed"
         if out["last"] == "[DONE]":  # finished in time: the whole turn is stored
             assert [m["content"] for m in msgs] == ["hi", "".join(out["deltas"])]
