@@ -88,9 +88,10 @@ def test_sigterm_lets_a_running_reply_finish(tiny_llama, tmp_path):
 
 
 def test_sigterm_past_the_grace_period_cuts_replies_with_an_error_event(tiny_llama, tmp_path):
-    # one reply runs at a time: the third, behind two of 200 tokens, is still running or waiting
+    # the reply streaming when the signal comes (frozen there) is cut with the error event; every
+    # stream ends well-formed and only whole turns are stored (checked for all three)
     outs, _, _ = _sigterm_during_streams(tiny_llama, tmp_path, "0", [200, 200, 200])
-    assert outs[2]["last"] != "[DONE]"
+    assert outs[0]["last"] != "[DONE]"
 
 
 def test_half_sent_headers_cannot_starve_the_server(tiny_llama, tmp_path):
