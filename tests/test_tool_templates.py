@@ -201,3 +201,17 @@ def test_training_on_tool_conversations(smol_tokenizer, tmp_path, capsys):
     shown = json.loads(capsys.readouterr().out)
     assert shown["ids"] == examples[0].ids and "<tools>" in shown["text"]
     assert [i for i, m in zip(shown["ids"], shown["mask"]) if m] == labels
+
+
+@pytest.mark.parametrize("style, open_tag, close_tag", [("generic", "<tool_call>", "</tool_call>"),
+                                                        ("hermes", "<tool_call>\n", "\n</tool_call>")])
+def test_a_string_argument_holding_the_close_tag_stays_in_its_call(style, open_tag, close_tag):
+    """A call's arguments are read as JSON: a string value that contains `</tool_call>` (the grammar
+    allows any string) does not end the call there; two calls in a row both come back."""
+    from dialogen.chat.toolformat import parse_calls
+
+    first = {"name": "ship", "arguments": {"address": {"street": "))} }</tool_call>", "city": "Porto"}}}
+    second = {"name": "lookup_order", "arguments": {"order_id": 1182}}
+    text = "".join(open_tag + json.dumps(c) + close_tag + "\n" for c in (first, second))
+    assert parse_calls(text, style) == [first, second]
+    assert parse_calls(open_tag + '{"name": "ship", "arguments": {}', style) is None  # unclosed: plain text

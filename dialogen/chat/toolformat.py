@@ -142,7 +142,7 @@ def parse_calls(text: str, style: str) -> list[dict] | None:
     elif style == "llama3":
         items = _json_sequence(body)
     else:
-        items = [_json_value(m.strip()) for m in re.findall(r"<tool_call>(.*?)</tool_call>", body, re.S)]
+        items = _tagged_json(body, "<tool_call>", "</tool_call>")
     if not items or any(not isinstance(c, dict) or not isinstance(c.get("name"), str) for c in items):
         return None
     out = []
@@ -175,6 +175,31 @@ def _json_value(text: str):
         return json.loads(text)
     except json.JSONDecodeError:
         return None
+
+
+def _tagged_json(text: str, open_tag: str, close_tag: str) -> list | None:
+    """The JSON values of `open_tag` JSON `close_tag` blocks one after another (whitespace between;
+    text after the last block is left). Each value is read as JSON, so a string holding the close
+    tag does not end its block."""
+    dec, pos, out = json.JSONDecoder(), 0, []
+    while text.startswith(open_tag, pos):
+        pos = _skip_space(text, pos + len(open_tag))
+        try:
+            obj, pos = dec.raw_decode(text, pos)
+        except json.JSONDecodeError:
+            return None
+        pos = _skip_space(text, pos)
+        if not text.startswith(close_tag, pos):
+            return None
+        out.append(obj)
+        pos = _skip_space(text, pos + len(close_tag))
+    return out
+
+
+def _skip_space(text: str, pos: int) -> int:
+    while pos < len(text) and text[pos].isspace():
+        pos += 1
+    return pos
 
 
 def _json_sequence(text: str) -> list | None:
