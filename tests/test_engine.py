@@ -123,8 +123,9 @@ def test_fused_norm_swiglu_and_residual_equal_the_torch_ops(kind):
 
 
 def test_default_model_blocks_are_kept_exactly_as_shipped():
-    """The GGUF file's Q4_1/Q8_0 blocks reach the kernels unchanged: dequantizing them gives the
-    gguf package's own dequantization of the file, bit for bit (rows put back in rotary order)."""
+    """The GGUF file's Q4_1/Q8_0 blocks reach the kernels unchanged (or only reordered, tiled):
+    dequantizing what the kernels multiply gives the gguf package's own dequantization of the file,
+    bit for bit (rows put back in rotary order)."""
     import gguf
 
     from dialogen.models.gguf_file import unpermute_rows
@@ -142,7 +143,7 @@ def test_default_model_blocks_are_kept_exactly_as_shipped():
         theirs = torch.from_numpy(gguf.quants.dequantize(t.data, t.tensor_type).astype(np.float32))
         if "attn_k" in name:
             theirs = unpermute_rows(theirs, cfg.n_kv_head)
-        ours = formats.dequantize(formats.GGML_TYPES[lin.kind], lin.blocks, lin.out_features, lin.in_features)
+        ours = formats.dequantize(lin.product_type, lin.blocks, lin.out_features, lin.in_features)  # as multiplied
         assert torch.equal(ours[rows], theirs), name
     assert model.blocks[0].mlp.gate_up.kind == "q4_1" and model.lm_head.kind == "q8_0"
 
@@ -426,7 +427,7 @@ def test_gguf_read_directly_matches_transformers_and_keeps_its_blocks(tiny_llama
     assert (b0.attn.qkv.kind, b0.mlp.gate_up.kind, b0.mlp.down.kind, model.lm_head.kind) == ("q4_1", "q4_1", "q4_0", "q8_0")
     assert b1.attn.o_proj.kind == "q8_0" and b1.attn.qkv.kind == "q8_0"  # mixed q/k/v: quantized here (auto: int8)
     assert b1.mlp.gate_up.kind == "q5_1"
-    qkv = formats.dequantize(3, b0.attn.qkv.blocks, b0.attn.qkv.out_features, 64)
+    qkv = b0.attn.qkv.reference_weight()  # the values the kernels multiply
     assert torch.equal(qkv, reference.blocks[0].attn.qkv.weight)  # the file's own values, in rotary order
     with library.disabled():  # block 1's q/k/v were quantized at load: the reference on their Q8_0 values
         assert (model(ids) - theirs(ids).logits).abs().max() < 0.05 * theirs(ids).logits.abs().max()

@@ -335,14 +335,15 @@ static inline __attribute__((always_inline)) void pairs_dot(int type, const uint
  * a time. Tiled, 16 output rows go together: for each group of 16 rows and each block, chunk j
  * (64 bytes) holds 4 bytes of every row: Q4_0/Q4_1 chunk j (0..3) the bytes qs[4j..4j+3] (weights
  * 4j..4j+3 in the low nibbles, 16+4j..16+4j+3 in the high), Q8_0 chunk j (0..7) the int8 weights
- * 4j..4j+3. Then the 16 scales d (f16), then 16 minimums m (Q4_1, f16) or 16 sums of the weights
- * (Q8_0, int16; Q4_0 leaves them unused). One multiply-add instruction then multiplies 4 weights
- * of 16 rows by the same 4 activations, and the scales apply to 16 rows at once. The values are
- * the same as the blocks'; only their order differs. */
+ * 4j..4j+3. Then the 16 scales d (f16), then (Q4_1) 16 minimums m (f16) or (Q8_0) 16 sums of the
+ * weights (int16); Q4_0 has no more, so its tiles take exactly the blocks' bytes. One multiply-add
+ * instruction then multiplies 4 weights of 16 rows by the same 4 activations, and the scales apply
+ * to 16 rows at once. The values are the same as the blocks'; only their order differs, and a
+ * tiled weight is the only copy a model keeps (`dequantize` reads it back). */
 #define TILED 0x100  /* or-ed into a type: the weights are tiled */
 #define TILE 16
 
-static size_t tile_block_bytes(int type) { return type == Q8_0 ? 8 * 64 + 64 : 4 * 64 + 64; }
+static size_t tile_block_bytes(int type) { return type == Q8_0 ? 8 * 64 + 64 : type == Q4_1 ? 4 * 64 + 64 : 4 * 64 + 32; }
 
 /* bytes of the tiled copy of (N, K) weights, or 0 when this build or shape has none */
 size_t tiled_bytes(int type, int N, int K) {
@@ -373,9 +374,19 @@ void tile_weights(int type, const uint8_t *w, int N, int K, uint8_t *out, int th
                     for (int j = 0; j < QK; j++) sum += (int8_t)blk[2 + j];
                     int16_t s16 = (int16_t)sum;
                     memcpy(m + r, &s16, 2);
-                } else m[r] = 0;
+                }
             }
         }
+}
+
+/* block b of row r (0..15) of a tiled group `t` back in GGUF's block layout (into blk) */
+static void untile_block(int type, const uint8_t *t, int b, int r, uint8_t *blk) {
+    const uint8_t *o = t + (size_t)b * tile_block_bytes(type);
+    int chunks = type == Q8_0 ? 8 : 4, off = type == Q4_1 ? 4 : 2;
+    const uint16_t *d = (const uint16_t *)(o + chunks * 64);
+    for (int j = 0; j < chunks; j++) memcpy(blk + off + 4 * j, o + j * 64 + r * 4, 4);
+    memcpy(blk, d + r, 2);
+    if (type == Q4_1) memcpy(blk + 2, d + TILE + r, 2);
 }
 
 #if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VNNI__)
@@ -640,8 +651,10 @@ int qmatmul(int type, const uint8_t *w, int N, int K, const float *x, int R, flo
     return failed ? OUT_OF_MEMORY : OK;
 }
 
-/* W (N, K) in blocks -> float32 (N, K) */
+/* W (N, K) in blocks (or tiled: TILED in type) -> float32 (N, K) */
 void dequantize(int type, const uint8_t *w, int N, int K, float *out, int threads) {
+    int tiled = type & TILED;
+    type &= ~TILED;
     int nb = K / QK, bb = block_bytes(type);
     if (type == F16 || type == BF16 || unit_format(type)) {
         size_t row_bytes = (size_t)(K / block_values(type)) * bb;
@@ -651,8 +664,13 @@ void dequantize(int type, const uint8_t *w, int N, int K, float *out, int thread
     }
     #pragma omp parallel for num_threads(threads) schedule(static)
     for (int n = 0; n < N; n++) {
+        uint8_t copy[34];
         for (int b = 0; b < nb; b++) {
             const uint8_t *blk = w + ((size_t)n * nb + b) * bb;
+            if (tiled) {  /* the block gathered from its group's tile */
+                untile_block(type, w + (size_t)(n / TILE) * nb * tile_block_bytes(type), b, n % TILE, copy);
+                blk = copy;
+            }
             float *o = out + (size_t)n * K + b * QK;
             float d = half_to_float(*(const uint16_t *)blk);
             if (type == Q8_0) {

@@ -22,7 +22,7 @@ from ..errors import UserError
 from ..paths import cache_dir
 from .family import DECODER, ENCODER_DECODER, family
 from .files import assign_weights, read_state_dict, write_checkpoint
-from .gguf_file import adjacent_view, index_dir, map_file, read_gguf, read_tensors, release_pages  # noqa: F401 (read_gguf: for the tests)
+from .gguf_file import adjacent_view, index_dir, map_file, read_gguf, read_tensors, release_pages, return_freed_memory  # noqa: F401 (read_gguf: for the tests)
 from .hf import GPT2_KEYS, GPT2_LINEARS, LLAMA_KEYS, check_shapes, config_from_hf, hf_configs, hf_to_ours, ours_to_hf
 from .lora import is_adapter_dir, read_adapter, read_config
 from .native import BLOCKED, DTYPES, decode_dtype, swap_in  # noqa: F401 (DTYPES: the --dtype choices)
@@ -137,6 +137,7 @@ def load_gguf(path: Path, dtype="auto") -> Loaded:
     the token embedding (`native.BlockEmbedding`): no float32 copy is made, unless training or
     `--no-kernels` asks for the reference (`Transformer.materialize`). The blocks are views of the
     mapped file where its layout allows (`gguf_file.adjacent_view`)."""
+    return_freed_memory()
     where = index_dir(path)
     index = _read_json(where / "index.json")
     if index.get("size") != path.stat().st_size:
@@ -167,7 +168,8 @@ def load_gguf(path: Path, dtype="auto") -> Loaded:
 
 def native_blocks(cfg: Config, blocks: dict, adjacent=None) -> dict:
     """GGUF blocks in Hugging Face names -> {our Linear's name: (kind, blocks, their names)}. Fused
-    weights (qkv, gate_up) whose parts share one layout are joined into one tensor; parts of
+    weights (qkv, gate_up) whose parts share one layout are one tensor where they lie back to back in
+    the file, else the list of parts (`BlockLinear` tiles or joins them); parts of
     different layouts give (None, [(kind, blocks)] in row order, their names) (`Linear.set_segments`).
     `adjacent(names)`: the parts as one view of the file where they lie back to back in it (no copy)."""
     def fuse(names):
@@ -179,7 +181,7 @@ def native_blocks(cfg: Config, blocks: dict, adjacent=None) -> dict:
         if len(parts) == 1:
             return parts[0][0], parts[0][1], tuple(names)
         joined = adjacent(names) if adjacent is not None else None
-        return parts[0][0], torch.cat([b for _, b in parts]) if joined is None else joined, tuple(names)
+        return parts[0][0], [b for _, b in parts] if joined is None else joined, tuple(names)
 
     out = {}
     if cfg.arch == "gpt2":

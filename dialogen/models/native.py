@@ -120,8 +120,8 @@ class FusedBlock(Block):
         new = recast(cls, block)
         a, m = block.attn, block.mlp
         lins = (a.qkv, a.o_proj, m.gate_up, m.down)
-        held = (block.norm1.weight, block.norm2.weight, a.qkv.bias) + tuple(t for b in lins for t in (b.blocks, b.tiled))
-        products = [(b.product_type, (b.blocks if b.tiled is None else b.tiled).data_ptr()) for b in lins]
+        held = (block.norm1.weight, block.norm2.weight, a.qkv.bias) + tuple(b.blocks for b in lins)
+        products = [(b.product_type, b.blocks.data_ptr()) for b in lins]
         new.weights = ops.block_weights(a.cfg.n_head, a.cfg.n_kv_head, a.cfg.head_dim, block.norm1.eps,
                                         block.norm1.weight, block.norm2.weight, a.qkv.bias, a.o_proj.out_features,
                                         m.down.in_features, products)
@@ -210,6 +210,8 @@ def _decode_linear(m: Linear, dtype: str, shipped) -> nn.Module:
         return SegmentedLinear(m, [(k, p) if dtype != "int8" else ("q8_0", _as_q8_0(k, p, m.in_features)) for k, p in b])
     if b is not None and (dtype != "int8" or kind == "q8_0"):
         return BlockLinear.of(m, kind, b)
+    if isinstance(b, list):  # row parts of one format (`loading.native_blocks`), joined to be moved
+        b = torch.cat(b)
     if b is not None:
         return BlockLinear.of(m, "q8_0", _as_q8_0(kind, b, m.in_features), b, kind)
     kind = BLOCK_KIND.get(dtype, "q8_0")
@@ -226,7 +228,8 @@ def swap_in(model, dtype="auto", blocks: dict | None = None) -> str:
     int4: the file's blocks where it has them, else Q4_1 blocks (int4, scale and minimum per 32);
     float16 / bfloat16: a half-size float copy for decode steps; float32: none.
     `blocks`: {our Linear's name: (kind, blocks, ...)}, a file's weights as shipped (`loading.native_blocks`;
-    kind None: [(kind, blocks)] of parts in different formats), and "embed" for the token embedding;
+    blocks a tensor, or a list of row parts of that kind; kind None: [(kind, blocks)] of parts in
+    different formats), and "embed" for the token embedding;
     a module given blocks may hold no float weight. Native attention and fused blocks are installed
     where the kernels are built and `attention_supported` / `block_supported` allow."""
     if isinstance(model, Transformer) and model.native is not None:

@@ -1,7 +1,7 @@
 """Weights kept for inference as a file ships them, or as a compact copy: the Linears and the
 embedding `native.swap_in` puts into a model (see its docstring).
 
-- `BlockLinear`: the weight as GGUF blocks (plus their tiled order where the build has one),
+- `BlockLinear`: the weight as GGUF blocks (or their tiled order where the build has one),
   multiplied by the native kernel with the RMS norm or SwiGLU fused in, for prompts and decode steps
   alike. Blocks a file ships are the only copy of that weight.
 - `SegmentedLinear`: a fused Linear whose parts ship in different block formats.
@@ -70,21 +70,31 @@ class BlockLinear(ShippedWeight):
     """A Linear whose weight is blocks (out, in / 32 * block bytes): `forward(x, norm, act, residual)`
     as `Linear`'s, by the native kernel (the RMS norm or SwiGLU fused in, the residual added in place).
 
-    Blocks a file ships are the only copy of the weight. Blocks made at load (`--dtype int8` from a
+    `blocks` holds the weight in the layout `product_type` names: the file's blocks, or, where the
+    build multiplies a tiled order (`formats.tile`), the same bytes reordered in place of them (not
+    beside them). Either is the only copy of the weight. Blocks made at load (`--dtype int8` from a
     float checkpoint, or from a file's 4-bit blocks) keep the weight the file shipped as `shipped`
-    (float32, or those 4-bit blocks), so that training and saving see the file's values."""
+    (float32, or those 4-bit blocks), so that training and saving see the file's values.
+    `blocks` may be given as a list of row parts (a fused projection's), joined here."""
 
-    def __init__(self, kind: str, blocks: torch.Tensor, in_features: int, out_features: int, bias=None,
+    def __init__(self, kind: str, blocks, in_features: int, out_features: int, bias=None,
                  shipped: torch.Tensor | None = None, shipped_kind: str | None = None):
         super().__init__()
-        _check_blocks(kind, blocks, out_features, in_features)
+        parts = blocks if isinstance(blocks, (list, tuple)) else [blocks]
+        for p in parts:
+            _check_blocks(kind, p, len(p), in_features)
+        if sum(len(p) for p in parts) != out_features:
+            raise UserError(f"{kind.upper()} blocks of {sum(len(p) for p in parts)} rows do not hold {out_features}")
         self.kind, self.in_features, self.out_features = kind, in_features, out_features
         self.ggml_type = formats.GGML_TYPES[kind]
-        self.register_buffer("blocks", blocks, persistent=False)
-        tiled = formats.tile(self.ggml_type, blocks, out_features, in_features)
-        self.register_buffer("tiled", tiled, persistent=False)  # the same blocks, tiled (or None)
+        tiled = formats.tile(self.ggml_type, parts, out_features, in_features)
+        if tiled is None:
+            tiled = parts[0] if len(parts) == 1 else torch.cat(parts)
+            self.product_type = self.ggml_type
+        else:
+            self.product_type = self.ggml_type | formats.TILED
+        self.register_buffer("blocks", tiled, persistent=False)  # in the layout of `product_type`
         self.bias = bias
-        self.product_type = self.ggml_type if tiled is None else self.ggml_type | formats.TILED
         self.register_buffer("shipped", shipped, persistent=False)  # None: the blocks are the file's
         self.shipped_kind = shipped_kind  # the block format of `shipped`, or None for float32
 
@@ -104,7 +114,7 @@ class BlockLinear(ShippedWeight):
         x = activate(x, None if fused else norm, None if act == "swiglu" else act)
         rows = x.numel() // x.shape[-1]
         out = None if residual is None else residual.view(rows, -1)
-        y = ops.qmatmul(self.product_type, self.blocks if self.tiled is None else self.tiled, self.out_features,
+        y = ops.qmatmul(self.product_type, self.blocks, self.out_features,
                         self.in_features, x.reshape(rows, -1), self.bias, out, norm.weight if fused else None,
                         norm.eps if fused else 0.0, act == "swiglu")
         return y.view(*x.shape[:-1], -1)
@@ -112,11 +122,17 @@ class BlockLinear(ShippedWeight):
     def reference_weight(self) -> torch.Tensor:
         """The weight (out, in) as the file shipped it, float32 (blocks' values exactly)."""
         if self.shipped is None:
-            return formats.dequantize(self.ggml_type, self.blocks, self.out_features, self.in_features)
+            return self.weight_rows(0, self.out_features)
         if self.shipped_kind is None:
             return self.shipped
         return formats.dequantize(formats.GGML_TYPES[self.shipped_kind], self.shipped, self.out_features,
                                   self.in_features)
+
+    def weight_rows(self, r0: int, r1: int) -> torch.Tensor:
+        """Rows r0..r1 of the multiplied weight, float32 (r1 - r0, in); tiled, r0 and r1 are whole
+        groups of `formats.TILE` rows (or r1 the last row)."""
+        per = formats.TILE if self.product_type & formats.TILED else 1
+        return formats.dequantize(self.product_type, self.blocks[r0 // per: -(-r1 // per)], r1 - r0, self.in_features)
 
     def extra_repr(self) -> str:
         return f"{self.kind}, in_features={self.in_features}, out_features={self.out_features}"

@@ -33,17 +33,19 @@ def _pre_tokenizer(pre: str):
 class Tokenizer:
     def __init__(self, hf: HFTokenizer, eos_token: str | None = None, bos_token: str | None = None,
                  pad_token: str | None = None, chat_template: str | None = None, add_bos: bool = False,
-                 add_eos: bool = False, text_tokens=()):
+                 add_eos: bool = False, text_tokens=(), added: dict | None = None):
         self._tmpl = hf
         self.text_tokens = list(text_tokens)
-        self._text = _without_added_tokens(hf, self.text_tokens)
+        # {id: AddedToken} of hf (`added`: the caller's copy); fetched once, as it builds every entry anew
+        added = hf.get_added_tokens_decoder() if added is None else added
+        self._text = _without_added_tokens(hf, added, self.text_tokens)
         self.eos_token, self.bos_token, self.chat_template = eos_token, bos_token, chat_template
         self.pad_token = pad_token or eos_token
         self.add_bos, self.add_eos = add_bos, add_eos
         plain = set(self.text_tokens)
-        self.control_ids = {t.content: i for i, t in hf.get_added_tokens_decoder().items() if t.content not in plain}
+        self.control_ids = {t.content: i for i, t in added.items() if t.content not in plain}
         self._control = frozenset(self.control_ids.values())
-        self._splitter = _control_splitter(hf, self.control_ids)
+        self._splitter = _control_splitter(added, self.control_ids)
         self._segments: dict[str, tuple[list[int], list[tuple[int, int]]]] = {}
 
     # --- encoding -------------------------------------------------------------------------
@@ -204,9 +206,13 @@ class Tokenizer:
         conf = _read_json(directory / "tokenizer_config.json")
         conf.update({k: v for k, v in _read_json(directory / "special_tokens_map.json").items() if k not in conf})
         tokens = {k: _token_str(conf.get(k)) for k in ("eos_token", "bos_token", "pad_token")}
+        added = hf.get_added_tokens_decoder()
+        contents = {a.content for a in added.values()}
         for t in tokens.values():  # GPT-2 style dirs list <|endoftext|> only in vocab.json
-            if t and hf.token_to_id(t) is not None and t not in [a.content for a in hf.get_added_tokens_decoder().values()]:
+            if t and hf.token_to_id(t) is not None and t not in contents:
                 hf.add_special_tokens([AddedToken(t, special=True, normalized=False)])
+                contents.add(t)
+                added = None  # changed: the constructor fetches it again
         template = conf.get("chat_template")
         if template is None and (directory / "chat_template.jinja").exists():
             template = (directory / "chat_template.jinja").read_text()
@@ -214,7 +220,7 @@ class Tokenizer:
             template = next((t["template"] for t in template if t.get("name") == "default"), None)
         gguf = conf.get("gguf_vocab") or {}
         return cls(hf, chat_template=template, add_bos=bool(gguf.get("add_bos")), add_eos=bool(gguf.get("add_eos")),
-                   text_tokens=gguf.get("text_tokens") or (), **tokens)
+                   text_tokens=gguf.get("text_tokens") or (), added=added, **tokens)
 
     @classmethod
     def from_gguf(cls, meta: dict, source="GGUF file") -> "Tokenizer":
@@ -248,23 +254,23 @@ def _byte_table(hf: HFTokenizer) -> list[bytes]:
     return table
 
 
-def _control_splitter(hf: HFTokenizer, control: dict[str, int]):
+def _control_splitter(added: dict, control: dict[str, int]):
     """A pattern finding control tokens as the tokenizer does (leftmost, then longest), or None
-    when some added token is matched in another way (after normalization, or eating spaces)."""
-    added = list(hf.get_added_tokens_decoder().values())
-    if not control or any(t.normalized or t.lstrip or t.rstrip or t.single_word for t in added):
+    when some added token (`added`: {id: AddedToken}) is matched in another way (after
+    normalization, or eating spaces)."""
+    if not control or any(t.normalized or t.lstrip or t.rstrip or t.single_word for t in added.values()):
         return None
     tokens = sorted(control, key=len, reverse=True)
     return re.compile("|".join(re.escape(t) for t in tokens))
 
 
-def _without_added_tokens(hf: HFTokenizer, text_tokens=()) -> HFTokenizer:
-    """The same vocabulary with no added tokens but `text_tokens`, so no control token can be
-    matched in text. It shares `hf`'s model and pipeline (a copy through JSON took half a second
-    for 49k tokens)."""
+def _without_added_tokens(hf: HFTokenizer, added: dict, text_tokens=()) -> HFTokenizer:
+    """The same vocabulary with no added tokens (`added`: hf's, {id: AddedToken}) but `text_tokens`,
+    so no control token can be matched in text. It shares `hf`'s model and pipeline (a copy through
+    JSON took half a second for 49k tokens)."""
     plain = HFTokenizer(hf.model)
     keep = set(text_tokens)  # as `hf` matches them (a token may eat the whitespace after it)
-    plain.add_tokens([t for t in hf.get_added_tokens_decoder().values() if t.content in keep])
+    plain.add_tokens([t for t in added.values() if t.content in keep])
     plain.normalizer, plain.pre_tokenizer = hf.normalizer, hf.pre_tokenizer
     plain.post_processor, plain.decoder = hf.post_processor, hf.decoder
     if hf.truncation:

@@ -42,26 +42,34 @@ FORMATS = {
 }
 GGML_TYPES = {f.name: number for number, f in FORMATS.items()}  # name -> GGUF type number
 TILED = 0x100  # or-ed into a type number: the weights are in the tiled order (`tile`)
+TILE = 16  # output rows tiled together
 QK = 32  # weights per block of the formats the kernels quantize into (int8, int4)
 
 
-def tile(ggml_type: int, blocks: torch.Tensor, n: int, k: int) -> torch.Tensor | None:
-    """The blocks of (n, k) weights in the tiled order (16 output rows together), which the AVX-512
-    VNNI build multiplies several activation rows by at a time; None where this build or shape
-    has no tiled product. The values are the blocks' own, reordered."""
+def tile(ggml_type: int, blocks, n: int, k: int) -> torch.Tensor | None:
+    """The blocks of (n, k) weights in the tiled order (16 output rows together), (n / 16, tile bytes),
+    which the AVX-512 VNNI build multiplies; None where this build or shape has no tiled product.
+    The values are the blocks' own, reordered. `blocks`: a tensor, or a list of row parts (a fused
+    projection's q, k and v), each tiled into its place without joining them first."""
     L = library.lib()
+    parts = blocks if isinstance(blocks, (list, tuple)) else [blocks]
     size = 0 if L is None else L.tiled_bytes(ggml_type, n, k)
-    if not size:
+    if not size or any(len(p) % TILE for p in parts):
         return None
-    out = torch.empty(size, dtype=torch.uint8)
-    L.tile_weights(ggml_type, blocks.contiguous().data_ptr(), n, k, out.data_ptr(), torch.get_num_threads())
+    out = torch.empty(n // TILE, size // (n // TILE), dtype=torch.uint8)
+    row = 0
+    for p in parts:
+        L.tile_weights(ggml_type, p.contiguous().data_ptr(), len(p), k, out[row // TILE:].data_ptr(),
+                       torch.get_num_threads())
+        row += len(p)
     return out
 
 
 def dequantize(ggml_type: int, blocks: torch.Tensor, n: int, k: int, threads: int | None = None) -> torch.Tensor:
     """Blocks of (n, k) weights -> float32 (n, k), the values exactly: by the native library where it
-    is enabled (on `threads`, default torch's count), else by the gguf package (the formats' reference)."""
-    if library.enabled():
+    is enabled (on `threads`, default torch's count), else by the gguf package (the formats' reference).
+    Tiled weights (TILED in `ggml_type`, made only where the library is built) are always read by it."""
+    if library.enabled() or ggml_type & TILED:
         out = torch.empty(n, k)
         library.lib().dequantize(ggml_type, blocks.contiguous().data_ptr(), n, k, out.data_ptr(),
                                  threads or torch.get_num_threads())

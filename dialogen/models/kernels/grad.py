@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import torch
 
-from . import formats, ops
+from . import ops
 
 BACKWARD_ROWS = 256  # rows of a weight dequantized at a time for an input gradient
 
@@ -19,8 +19,7 @@ class BlockProduct(torch.autograd.Function):
     def forward(ctx, a, lin):  # a (..., in) -> (..., out)
         ctx.lin = lin
         rows = a.numel() // a.shape[-1]
-        y = ops.qmatmul(lin.product_type, lin.blocks if lin.tiled is None else lin.tiled, lin.out_features,
-                        lin.in_features, a.reshape(rows, -1))
+        y = ops.qmatmul(lin.product_type, lin.blocks, lin.out_features, lin.in_features, a.reshape(rows, -1))
         return y.view(*a.shape[:-1], -1)
 
     @staticmethod
@@ -30,6 +29,6 @@ class BlockProduct(torch.autograd.Function):
         grad = torch.zeros(g2.shape[0], lin.in_features, dtype=g.dtype)
         for r0 in range(0, lin.out_features, BACKWARD_ROWS):
             r1 = min(r0 + BACKWARD_ROWS, lin.out_features)
-            w = formats.dequantize(lin.ggml_type, lin.blocks[r0:r1], r1 - r0, lin.in_features)  # (rows, in)
+            w = lin.weight_rows(r0, r1)  # (rows, in)
             grad.addmm_(g2[:, r0:r1], w)
         return grad.view(*g.shape[:-1], lin.in_features), None

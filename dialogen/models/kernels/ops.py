@@ -8,7 +8,6 @@ import ctypes
 
 import torch
 
-from .formats import GGML_TYPES, TILED
 from .library import check, lib
 
 
@@ -56,13 +55,6 @@ class BlockWeights(ctypes.Structure):
         [(n, ctypes.c_void_p) for n in ("norm1", "norm2", "qkv_bias")] + \
         [(n, ctypes.c_int) for n in ("qkv_type", "o_type", "gate_up_type", "down_type")] + \
         [(n, ctypes.c_void_p) for n in ("qkv", "o", "gate_up", "down")]
-
-
-def weight_args(kind: str, blocks: torch.Tensor, tiled: torch.Tensor | None) -> tuple[int, int]:
-    """(type number, address) of a product's weights: the tiled copy where there is one."""
-    if tiled is not None:
-        return GGML_TYPES[kind] | TILED, tiled.data_ptr()
-    return GGML_TYPES[kind], blocks.data_ptr()
 
 
 def block_weights(n_head: int, n_kv: int, head_dim: int, eps: float, norm1: torch.Tensor, norm2: torch.Tensor,
