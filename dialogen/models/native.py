@@ -246,6 +246,10 @@ def swap_in(model, dtype="auto", blocks: dict | None = None) -> str:
         new = _decode_linear(m, dtype, blocks.get(name))
         if new is not m:
             _replace(model, name, new)
+    head = model.lm_head
+    if (model.cfg.tie_embeddings and isinstance(model.embed, BlockEmbedding) and isinstance(head, BlockLinear)
+            and head.shipped is None and head.kind == model.embed.kind):  # one table: the head's (maybe tiled)
+        model.embed = BlockEmbedding.of_head(head)
     cfg = model.cfg
     attention = library.enabled() and attention_supported(cfg) is None
     fused = attention and dtype in BLOCKED and block_supported(cfg) is None

@@ -178,9 +178,20 @@ class BlockEmbedding(nn.Module):
     def __init__(self, kind: str, blocks: torch.Tensor, num_embeddings: int, embedding_dim: int):
         super().__init__()
         _check_blocks(kind, blocks, num_embeddings, embedding_dim)
-        self.kind, self.ggml_type = kind, formats.GGML_TYPES[kind]
+        self.kind, self.ggml_type = kind, formats.GGML_TYPES[kind]  # ggml_type: the layout of `blocks`
         self.num_embeddings, self.embedding_dim = num_embeddings, embedding_dim
         self.register_buffer("blocks", blocks, persistent=False)
+
+    @classmethod
+    def of_head(cls, head: BlockLinear) -> "BlockEmbedding":
+        """The embedding of a tied head: its rows read from the head's own weights, in the layout
+        the head multiplies (tiled or not), so the table is kept once."""
+        new = cls.__new__(cls)
+        nn.Module.__init__(new)
+        new.kind, new.ggml_type = head.kind, head.product_type
+        new.num_embeddings, new.embedding_dim = head.out_features, head.in_features
+        new.register_buffer("blocks", head.blocks, persistent=False)
+        return new
 
     def forward(self, ids):
         if (torch.is_grad_enabled() and not self.training) or not library.enabled():

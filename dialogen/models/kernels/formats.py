@@ -81,9 +81,13 @@ def dequantize(ggml_type: int, blocks: torch.Tensor, n: int, k: int, threads: in
 
 
 def dequantize_rows(ggml_type: int, blocks: torch.Tensor, ids: torch.Tensor, k: int) -> torch.Tensor:
-    """Rows `ids` (n,) of blocks of (rows, k) weights -> float32 (n, k): an embedding lookup. One row
-    (a decode step) is read in place, without gathering its bytes first."""
+    """Rows `ids` (n,) of blocks of (rows, k) weights (or tiled) -> float32 (n, k): an embedding lookup.
+    One row (a decode step) of blocks is read in place, without gathering its bytes first."""
     n = ids.numel()
+    if ggml_type & TILED:  # rows from their groups of TILE rows (the tiled order keeps a group together)
+        ids = ids.reshape(-1)
+        groups = dequantize(ggml_type, blocks.index_select(0, ids // TILE), n * TILE, k, threads=1 if n <= 64 else None)
+        return groups.view(n, TILE, k)[torch.arange(n), ids % TILE]
     if n == 1 and library.enabled():
         out = torch.empty(1, k)
         at = blocks.data_ptr() + int(ids) * blocks.stride(0)
