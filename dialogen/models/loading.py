@@ -163,7 +163,9 @@ def load_gguf(path: Path, dtype="auto") -> Loaded:
     except UserError as e:
         raise UserError(f"{path}: {e}") from None
     release_pages(data)
-    return Loaded(model, Tokenizer.from_dir(where), where, {"template": "jinja", "source": str(path)})
+    tokenizer = Tokenizer.from_dir(where)
+    return_freed_memory(now=True)
+    return Loaded(model, tokenizer, where, {"template": "jinja", "source": str(path)})
 
 
 def native_blocks(cfg: Config, blocks: dict, adjacent=None) -> dict:
