@@ -1,8 +1,10 @@
-// The chat page: talks to /v1/sessions, streams replies (server-sent events over fetch).
+// The chat page: talks to /v1/sessions, streams replies (server-sent events over fetch); rates
+// replies, and regenerates the last one to pick the better of two (/v1/sessions/{id}/messages/{n}/...).
 "use strict";
 
 const $ = (id) => document.getElementById(id);
-const state = { session: null, busy: false, abort: null };
+// count: the messages the server has stored for the open session (a reply's index is its position)
+const state = { session: null, busy: false, abort: null, count: 0 };
 const NUMBER_FIELDS = ["temperature", "top_p", "top_k", "max_tokens", "repetition_penalty", "seed", "num_candidates"];
 
 function headers() {
@@ -113,16 +115,128 @@ async function refreshHistory() {
   $("history-empty").hidden = data.data.length > 0;
 }
 
+// Thumbs up/down on a stored reply, and "Regenerate" on the last one.
+function addActions(li, index, variant, rating) {
+  li.dataset.index = index;
+  li.dataset.variant = variant || 0;
+  const bar = document.createElement("div");
+  bar.className = "actions";
+  for (const [value, label, title] of [["up", "▲ Good", "Good reply"], ["down", "▼ Bad", "Bad reply"]]) {
+    const b = document.createElement("button");
+    b.type = "button";
+    b.className = "rate " + value;
+    b.textContent = label;
+    b.title = title;
+    b.setAttribute("aria-label", title);
+    b.setAttribute("aria-pressed", String(rating === value));
+    b.onclick = () => rate(li, value);
+    bar.append(b);
+  }
+  const again = document.createElement("button");
+  again.type = "button";
+  again.className = "regenerate";
+  again.textContent = "↻ Regenerate";
+  again.title = "Write another reply to this turn, then pick the better of the two";
+  again.onclick = () => regenerate(li);
+  bar.append(again);
+  li.append(bar);
+  markLast();
+}
+
+function markLast() {
+  for (const b of document.querySelectorAll("#messages .regenerate")) {
+    b.hidden = Number(b.closest("li").dataset.index) !== state.count - 1;
+  }
+}
+
+async function rate(li, value) {
+  try {
+    await api("POST", feedbackPath(li, "feedback"), { rating: value, variant: Number(li.dataset.variant) });
+    for (const b of li.querySelectorAll(".rate")) b.setAttribute("aria-pressed", String(b.classList.contains(value)));
+  } catch (e) {
+    showError(e.message);
+  }
+}
+
+function feedbackPath(li, what) {
+  return "/v1/sessions/" + state.session.id + "/messages/" + li.dataset.index + "/" + what;
+}
+
+// Another reply to the last turn, shown under the first; the composer waits until one is picked.
+async function regenerate(li) {
+  if (state.busy) return;
+  showError("");
+  setBusy(true);
+  const alt = addMessage("assistant", "");
+  alt.classList.add("alternative", "streaming");
+  li.after(alt);
+  let done = null;
+  try {
+    done = await streamReply(feedbackPath(li, "regenerate"), decoding(), alt);
+  } catch (e) {
+    showError(e.name === "AbortError" ? "" : e.message);
+  } finally {
+    alt.classList.remove("streaming");
+    state.abort = null;
+  }
+  if (!done) {
+    alt.remove();
+    setBusy(false);
+    return;
+  }
+  const bar = document.createElement("div");
+  bar.className = "pick";
+  const skip = document.createElement("button");
+  skip.type = "button";
+  skip.textContent = "Skip";
+  skip.title = "Keep the first reply without saying which is better";
+  const finish = () => {
+    for (const b of document.querySelectorAll("#messages .better")) b.remove();
+    alt.remove();
+    bar.remove();
+    $("send").disabled = false;
+    setBusy(false);
+    $("input").focus();
+  };
+  skip.onclick = finish;
+  for (const [which, chosen, rejected] of [[li, Number(li.dataset.variant), done.variant],
+                                           [alt, done.variant, Number(li.dataset.variant)]]) {
+    const b = document.createElement("button");
+    b.type = "button";
+    b.className = "better";
+    b.textContent = "This one is better";
+    b.onclick = async () => {
+      try {
+        const r = await api("POST", feedbackPath(li, "preference"), { chosen, rejected });
+        li.querySelector(".body").textContent = r.message.content;
+        li.dataset.variant = chosen;
+        if (which === alt) for (const b of li.querySelectorAll(".rate")) b.setAttribute("aria-pressed", "false");
+        finish();
+      } catch (e) {
+        showError(e.message);
+      }
+    };
+    which.append(b);
+  }
+  bar.append(skip);
+  alt.after(bar);
+  $("stop").hidden = true;  // still busy: the composer waits for a pick or a skip
+  $("send").hidden = false;
+  $("send").disabled = true;
+}
+
 async function openSession(id) {
   if (state.busy) return;
   try {
     const s = await api("GET", "/v1/sessions/" + id);
     state.session = s;
+    state.count = s.messages.length;
     $("messages").replaceChildren();
-    for (const m of s.messages) {
+    s.messages.forEach((m, i) => {
       const li = addMessage(m.role, m.content);
       showCandidates(li, m.candidates);
-    }
+      if (m.role === "assistant") addActions(li, i, m.variant, m.feedback && m.feedback.rating);
+    });
     showPersona(s.persona);
     showError("");
     refreshHistory();
@@ -143,6 +257,7 @@ async function deleteSession(id) {
 
 function newChat() {
   state.session = null;
+  state.count = 0;
   $("messages").replaceChildren();
   showPersona("");
   showError("");
@@ -180,37 +295,52 @@ function setBusy(busy) {
   $("input").disabled = busy;
 }
 
+// POST `fields` (streamed) to a session route and show the reply in `li`; the last event (the
+// reply is stored by then), or null when the stream ended without one.
+async function streamReply(path, fields, li) {
+  const body = li.querySelector(".body");
+  let last = null;
+  state.abort = new AbortController();
+  const res = await fetch(path, {
+    method: "POST", headers: headers(), signal: state.abort.signal,
+    body: JSON.stringify({ ...fields, stream: true }),
+  });
+  if (!res.ok) {
+    const data = await res.json().catch(() => ({}));
+    throw new Error((data.error && data.error.message) || res.status + " " + res.statusText);
+  }
+  await readEvents(res, (ev) => {
+    if (ev.error) throw new Error(ev.error.message);
+    const choice = ev.choices && ev.choices[0];
+    if (choice && choice.delta && choice.delta.content) {
+      body.textContent += choice.delta.content;
+      li.scrollIntoView({ block: "end" });
+    }
+    if (choice && choice.finish_reason) {
+      li.dataset.finish = choice.finish_reason;
+      last = ev;
+    }
+    if (ev.candidates) showCandidates(li, ev.candidates);
+  });
+  return last;
+}
+
 async function send(text) {
   showError("");
   setBusy(true);
   const reply = addMessage("assistant", "");
   reply.classList.add("streaming");
-  const body = reply.querySelector(".body");
   try {
     if (!state.session) {
       const persona = $("persona").value.trim();
       state.session = await api("POST", "/v1/sessions", { persona: persona || null });
+      state.count = 0;
       showPersona(state.session.persona);
     }
-    state.abort = new AbortController();
-    const res = await fetch("/v1/sessions/" + state.session.id + "/messages", {
-      method: "POST", headers: headers(), signal: state.abort.signal,
-      body: JSON.stringify({ content: text, stream: true, ...decoding() }),
-    });
-    if (!res.ok) {
-      const data = await res.json().catch(() => ({}));
-      throw new Error((data.error && data.error.message) || res.status + " " + res.statusText);
+    if (await streamReply("/v1/sessions/" + state.session.id + "/messages", { content: text, ...decoding() }, reply)) {
+      state.count += 2;
+      addActions(reply, state.count - 1, 0, null);
     }
-    await readEvents(res, (ev) => {
-      if (ev.error) throw new Error(ev.error.message);
-      const choice = ev.choices && ev.choices[0];
-      if (choice && choice.delta && choice.delta.content) {
-        body.textContent += choice.delta.content;
-        reply.scrollIntoView({ block: "end" });
-      }
-      if (choice && choice.finish_reason) reply.dataset.finish = choice.finish_reason;
-      if (ev.candidates) showCandidates(reply, ev.candidates);
-    });
     refreshHistory();
   } catch (e) {
     if (e.name === "AbortError") {
