@@ -145,7 +145,7 @@ def _generate_variant(svc: Service, job, session, sid: str, seq: int, decode: tu
     session's history is left as stored (its KV cache keeps the prefix they share)."""
     history = list(session.messages)
     if len(history) != seq + 1:  # a turn was added between the request's check and the claim
-        raise ApiError(409, f"message {seq} is no longer the session's last reply", "message_index", "not_last_reply")
+        raise ApiError(409, f"message {seq} is not the session's last reply: a turn was added", "message_index", "not_last_reply")
     session.reset(history[:seq - 1])
     try:
         gen, prompt, cached, meta = run_reply(svc, job, session, sid, history[seq - 1].content, decode, holder)

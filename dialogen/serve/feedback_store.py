@@ -52,7 +52,7 @@ CREATE TABLE IF NOT EXISTS picks (
 
 
 class Stale(Exception):
-    """The message is no longer the session's last one (a turn was added meanwhile)."""
+    """The message is not the session's last one: a turn was added after it."""
 
 
 class Feedback:
