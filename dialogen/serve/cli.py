@@ -7,6 +7,7 @@ import ipaddress
 import os
 import re
 import socket
+import threading
 from pathlib import Path
 
 from ..chat.personas import resolve_persona
@@ -216,7 +217,8 @@ def run(svc, sock: socket.socket, args) -> int:
     config = uvicorn.Config(app, log_level=args.log_level, timeout_graceful_shutdown=args.shutdown_grace + 5,
                             http=protocol, h11_max_incomplete_event_size=args.max_header_bytes,
                             log_config=None, access_log=False)  # logs.py: one handler, access lines with ids
-    server = graceful_server(config, lambda: svc.begin_shutdown(args.shutdown_grace))
+    server = graceful_server(config, lambda: svc.begin_shutdown(args.shutdown_grace),
+                             lambda: svc.worker.wait_idle(args.shutdown_grace + 5))
     try:
         server.run(sockets=[sock])
     finally:
@@ -224,16 +226,27 @@ def run(svc, sock: socket.socket, args) -> int:
     return 0
 
 
-def graceful_server(config, on_signal):
-    """uvicorn's server, calling `on_signal()` at the first SIGTERM/SIGINT, and exiting with 0
-    after a shutdown it was asked for (uvicorn re-raises the signal, for an exit code of -15)."""
+def graceful_server(config, on_signal, wait_idle):
+    """uvicorn's server, draining at the first SIGTERM/SIGINT: `on_signal()` makes new work get 503
+    and starts the grace period, and the socket keeps answering until `wait_idle()` returns (no
+    reply left). Only then does uvicorn close the socket: a connection that arrived during the
+    drain gets its 503 instead of a reset. A second signal stops at once. The exit code is 0 after
+    a shutdown that was asked for (uvicorn re-raises the signal, for an exit code of -15)."""
     import uvicorn
 
     class Server(uvicorn.Server):
+        draining = False
+
         def handle_exit(self, sig, frame):
-            if not self.should_exit:
+            if not self.draining:
+                self.draining = True
                 on_signal()
-            super().handle_exit(sig, frame)
-            self._captured_signals.clear()
+                threading.Thread(target=self._exit_when_idle, name="dialogen-drain", daemon=True).start()
+            else:
+                self.should_exit = self.force_exit = True
+
+        def _exit_when_idle(self):
+            wait_idle()
+            self.should_exit = True
 
     return Server(config)
