@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import argparse
 import ipaddress
 import os
 import re
@@ -70,6 +71,8 @@ def register(sub):
     g.add_argument("--shutdown-grace", type=float, default=30.0, metavar="SECONDS",
                    help="on SIGTERM/SIGINT, stop taking requests and let running replies finish for this long; "
                         "a reply still running then ends with an error event (default: %(default)s)")
+    g.add_argument("--metrics", action=argparse.BooleanOptionalAction, default=True,
+                   help="serve Prometheus metrics at GET /metrics, behind the API keys (default: on)")
     g.add_argument("--log-level", default="warning", choices=("debug", "info", "warning", "error"),
                    help="info adds an access line per request (default: %(default)s)")
     g.add_argument("--log-format", default="text", choices=("text", "json"),
@@ -183,7 +186,8 @@ def cmd_serve(args) -> int:
         engine = engine_from_args(args)
         name = args.model_name or re.sub(r"-[0-9a-f]{12}$", "", engine.name)
         return Service(engine, store, Keys(keys), limits, sampling, name, args.max_active, args.max_queue,
-                       decoding, args.model_alias, args.strict_model_names, prefill_chunk=args.prefill_chunk)
+                       decoding, args.model_alias, args.strict_model_names, prefill_chunk=args.prefill_chunk,
+                       metrics=args.metrics)
 
     svc = in_passing_thread(start)  # the loads leave no OpenMP pool: the model thread's is the only one
     svc.default_persona = resolve_persona(args.system)  # for sessions and requests without a system message
