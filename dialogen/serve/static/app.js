@@ -97,48 +97,37 @@ async function refreshHistory() {
   for (const s of data.data) {
     const li = document.createElement("li");
     if (state.session && s.id === state.session.id) li.className = "current";
-    const open = document.createElement("button");
-    open.type = "button";
-    open.className = "open";
-    open.textContent = s.title || "(empty chat)";
-    open.title = new Date(s.updated * 1000).toLocaleString() + " · " + s.message_count + " messages";
-    open.onclick = () => openSession(s.id);
-    const del = document.createElement("button");
-    del.type = "button";
-    del.className = "delete";
-    del.textContent = "×";
-    del.title = "Delete this conversation";
-    del.onclick = () => deleteSession(s.id);
-    li.append(open, del);
+    const when = new Date(s.updated * 1000).toLocaleString() + " · " + s.message_count + " messages";
+    li.append(button(s.title || "(empty chat)", "open", when, () => openSession(s.id)),
+              button("×", "delete", "Delete this conversation", () => deleteSession(s.id)));
     ul.append(li);
   }
   $("history-empty").hidden = data.data.length > 0;
 }
 
-// Thumbs up/down on a stored reply, and "Regenerate" on the last one.
+function button(text, className, title, onclick) {
+  const b = document.createElement("button");
+  b.type = "button";
+  b.className = className;
+  b.textContent = text;
+  b.title = title;
+  b.onclick = onclick;
+  return b;
+}
+
+// Good/Bad on a stored reply, and "Regenerate" on the last one.
 function addActions(li, index, variant, rating) {
   li.dataset.index = index;
   li.dataset.variant = variant || 0;
   const bar = document.createElement("div");
   bar.className = "actions";
   for (const [value, label, title] of [["up", "▲ Good", "Good reply"], ["down", "▼ Bad", "Bad reply"]]) {
-    const b = document.createElement("button");
-    b.type = "button";
-    b.className = "rate " + value;
-    b.textContent = label;
-    b.title = title;
-    b.setAttribute("aria-label", title);
+    const b = button(label, "rate " + value, title, () => rate(li, value));
     b.setAttribute("aria-pressed", String(rating === value));
-    b.onclick = () => rate(li, value);
     bar.append(b);
   }
-  const again = document.createElement("button");
-  again.type = "button";
-  again.className = "regenerate";
-  again.textContent = "↻ Regenerate";
-  again.title = "Write another reply to this turn, then pick the better of the two";
-  again.onclick = () => regenerate(li);
-  bar.append(again);
+  bar.append(button("↻ Regenerate", "regenerate", "Write another reply to this turn, then pick the better of the two",
+                    () => regenerate(li)));
   li.append(bar);
   markLast();
 }
@@ -149,10 +138,14 @@ function markLast() {
   }
 }
 
+function showRating(li, value) {
+  for (const b of li.querySelectorAll(".rate")) b.setAttribute("aria-pressed", String(b.classList.contains(value)));
+}
+
 async function rate(li, value) {
   try {
     await api("POST", feedbackPath(li, "feedback"), { rating: value, variant: Number(li.dataset.variant) });
-    for (const b of li.querySelectorAll(".rate")) b.setAttribute("aria-pressed", String(b.classList.contains(value)));
+    showRating(li, value);
   } catch (e) {
     showError(e.message);
   }
@@ -179,17 +172,19 @@ async function regenerate(li) {
     alt.classList.remove("streaming");
     state.abort = null;
   }
-  if (!done) {
+  if (done) {
+    offerPick(li, alt, done.variant);
+  } else {
     alt.remove();
     setBusy(false);
-    return;
   }
+}
+
+// "This one is better" under each of the two replies (stored as a pick), or Skip.
+function offerPick(li, alt, variant) {
+  const shown = Number(li.dataset.variant);
   const bar = document.createElement("div");
   bar.className = "pick";
-  const skip = document.createElement("button");
-  skip.type = "button";
-  skip.textContent = "Skip";
-  skip.title = "Keep the first reply without saying which is better";
   const finish = () => {
     for (const b of document.querySelectorAll("#messages .better")) b.remove();
     alt.remove();
@@ -198,27 +193,25 @@ async function regenerate(li) {
     setBusy(false);
     $("input").focus();
   };
-  skip.onclick = finish;
-  for (const [which, chosen, rejected] of [[li, Number(li.dataset.variant), done.variant],
-                                           [alt, done.variant, Number(li.dataset.variant)]]) {
-    const b = document.createElement("button");
-    b.type = "button";
-    b.className = "better";
-    b.textContent = "This one is better";
-    b.onclick = async () => {
-      try {
-        const r = await api("POST", feedbackPath(li, "preference"), { chosen, rejected });
+  const pick = async (chosen, rejected) => {
+    try {
+      const r = await api("POST", feedbackPath(li, "preference"), { chosen, rejected });
+      if (chosen !== shown) {  // the new reply takes the first one's place
         li.querySelector(".body").textContent = r.message.content;
         li.dataset.variant = chosen;
-        if (which === alt) for (const b of li.querySelectorAll(".rate")) b.setAttribute("aria-pressed", "false");
-        finish();
-      } catch (e) {
-        showError(e.message);
+        li.dataset.finish = alt.dataset.finish || "";
+        for (const d of li.querySelectorAll(".candidates")) d.remove();
+        for (const d of alt.querySelectorAll(".candidates")) li.querySelector(".actions").before(d);
+        showRating(li, null);
       }
-    };
-    which.append(b);
-  }
-  bar.append(skip);
+      finish();
+    } catch (e) {
+      showError(e.message);
+    }
+  };
+  li.append(button("This one is better", "better", "Keep this reply", () => pick(shown, variant)));
+  alt.append(button("This one is better", "better", "Keep this reply", () => pick(variant, shown)));
+  bar.append(button("Skip", "skip", "Keep the first reply without saying which is better", finish));
   alt.after(bar);
   $("stop").hidden = true;  // still busy: the composer waits for a pick or a skip
   $("send").hidden = false;
