@@ -155,6 +155,8 @@ def annotate(messages: list[dict], variants, ratings):
     (when regenerated), and `feedback` ({"rating", "comment"}) of the one shown, also on each variant."""
     notes = {(r["seq"], r["variant"]): {"rating": r["rating"], "comment": r["comment"]} for r in ratings}
     for v in variants:
+        if v["seq"] >= len(messages):
+            continue
         m = messages[v["seq"]]
         m.setdefault("variant", 0)
         entry = {"variant": v["variant"], "content": v["content"]}
