@@ -113,6 +113,10 @@ def test_regenerate_then_pick_and_the_conversation_goes_on_from_the_chosen_reply
         _error(_post(srv, f"/v1/sessions/{sid}/messages/1/preference", {"chosen": 1, "rejected": 1}), 400, "rejected")
         _error(_post(srv, f"/v1/sessions/{sid}/messages/1/preference", {"chosen": 1, "rejected": 7}), 404, "rejected")
         _error(_post(srv, f"/v1/sessions/{sid}/messages/1/preference", {"chosen": 1}), 400, "rejected")
+        held = srv.svc.store.claim(sid)  # as a turn generating on either server holds it
+        for what, body in (("preference", {"chosen": 1, "rejected": 0}), ("regenerate", {})):
+            assert _error(_post(srv, f"/v1/sessions/{sid}/messages/1/{what}", body), 409, None)["code"] == "session_busy"
+        srv.svc.store.release(sid, held)
         r = _post(srv, f"/v1/sessions/{sid}/messages/1/preference", {"chosen": 1, "rejected": 0})
         assert r.status_code == 200 and r.json()["message"]["content"] == alt["message"]["content"]
         msgs = _get(srv, sid)["messages"]
