@@ -10,7 +10,6 @@ dequantized, with one line saying so.
 
 from __future__ import annotations
 
-import ctypes
 import hashlib
 import json
 import mmap
@@ -191,34 +190,6 @@ def release_pages(data: np.ndarray):
     m = getattr(data, "_mmap", None)
     if m is not None and hasattr(mmap, "MADV_DONTNEED"):
         m.madvise(mmap.MADV_DONTNEED)
-
-
-def _libc_function(name: str):
-    try:
-        return getattr(ctypes.CDLL(None), name)
-    except (OSError, AttributeError):
-        return None
-
-
-def return_freed_memory(now: bool = False):
-    """Have the C allocator (glibc's malloc: torch's CPU tensors, the tokenizer and the kernels'
-    scratch use it) hand every freed block of 1 MiB or more back to the system at once. By default
-    glibc raises that threshold to the largest block freed so far (up to 32 MiB), after which a
-    load's and a prompt's large temporaries come from its heap and stay in the process's memory once
-    freed. `now`: also return the free pages the heap holds already (after a load's temporaries).
-    With another C library nothing changes."""
-    mallopt = _libc_function("mallopt")
-    if mallopt is None:
-        return
-    mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
-    mallopt(M_MMAP_THRESHOLD, 1 << 20)
-    trim = _libc_function("malloc_trim") if now else None
-    if trim is not None:
-        trim.argtypes, trim.restype = [ctypes.c_size_t], ctypes.c_int
-        trim(0)
-
-
-M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter (malloc.h)
 
 
 def _floats(raw: np.ndarray, kind: int, shape: list) -> np.ndarray:

@@ -22,7 +22,8 @@ from ..errors import UserError
 from ..paths import cache_dir
 from .family import DECODER, ENCODER_DECODER, family
 from .files import assign_weights, read_state_dict, write_checkpoint
-from .gguf_file import adjacent_view, index_dir, map_file, read_gguf, read_tensors, release_pages, return_freed_memory  # noqa: F401 (read_gguf: for the tests)
+from .gguf_file import adjacent_view, index_dir, map_file, read_gguf, read_tensors, release_pages  # noqa: F401 (read_gguf: for the tests)
+from .heap import return_free_pages
 from .hf import GPT2_KEYS, GPT2_LINEARS, LLAMA_KEYS, check_shapes, config_from_hf, hf_configs, hf_to_ours, ours_to_hf
 from .lora import is_adapter_dir, read_adapter, read_config
 from .native import BLOCKED, DTYPES, decode_dtype, swap_in  # noqa: F401 (DTYPES: the --dtype choices)
@@ -137,7 +138,6 @@ def load_gguf(path: Path, dtype="auto") -> Loaded:
     the token embedding (`native.BlockEmbedding`): no float32 copy is made, unless training or
     `--no-kernels` asks for the reference (`Transformer.materialize`). The blocks are views of the
     mapped file where its layout allows (`gguf_file.adjacent_view`)."""
-    return_freed_memory()
     where = index_dir(path)
     index = _read_json(where / "index.json")
     if index.get("size") != path.stat().st_size:
@@ -164,7 +164,7 @@ def load_gguf(path: Path, dtype="auto") -> Loaded:
         raise UserError(f"{path}: {e}") from None
     release_pages(data)
     tokenizer = Tokenizer.from_dir(where)
-    return_freed_memory(now=True)
+    return_free_pages()  # the load's temporaries
     return Loaded(model, tokenizer, where, {"template": "jinja", "source": str(path)})
 
 

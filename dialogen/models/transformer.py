@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import rope as rotary
+from . import heap, rope as rotary
 from .cache import CacheBatch, KVCache
 from .family import DECODER
 from .layers import Embedding, Linear, RMSNorm, skip_init
@@ -321,7 +321,9 @@ class Transformer(nn.Module):
             positions = idx - torch.where(starts, idx, 0).cummax(dim=1).values
         if T > 1 and self.native is not None and self.native.prompt_as_rows(cache, positions, key_mask):
             # a prompt: rows of one native step (a CacheBatch of one cache with T new tokens)
-            return self.trunk(ids.view(T, 1), CacheBatch([cache], [T])).view(1, T, -1)
+            x = self.trunk(ids.view(T, 1), CacheBatch([cache], [T])).view(1, T, -1)
+            heap.after_rows(T)  # a long prompt's activations (tens of MB) leave the process
+            return x
         if self._recomputes(cache, T):
             if positions is not None or key_mask is not None:
                 raise ValueError("a padded batch cannot pass LongRoPE's switch point")
