@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import torch
 
+CHUNK = 256  # positions: a cache grows to at least its need rounded up to a multiple of this
+
 
 class KVCache:
     """Keys and values of every layer for a batch, grown in chunks; `length` tokens are valid.
@@ -46,8 +48,8 @@ class KVCache:
 
     def reserve(self, n_new: int):
         need = self.length + n_new
-        if need > self.capacity:
-            self._alloc(max(need, 2 * self.capacity))
+        if need > self.capacity:  # by half again at least (the copies stay amortized)
+            self._alloc(max(-(-need // CHUNK) * CHUNK, self.capacity + self.capacity // 2))
 
     def advance(self, n_new: int):
         self.length += n_new
