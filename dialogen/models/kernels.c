@@ -359,14 +359,12 @@ size_t tiled_bytes(int type, int N, int K) {
 void tile_weights(int type, const uint8_t *w, int N, int K, uint8_t *out, int threads) {
     int nb = K / QK, bb = block_bytes(type), chunks = type == Q8_0 ? 8 : 4, off = type == Q4_1 ? 4 : 2;
     size_t tb = tile_block_bytes(type);
-    /* each weight row is read once, in order; its bytes go into its group's tiles (a few kilobytes a
-     * block column, in cache while the group's 16 rows are written) */
     #pragma omp parallel for num_threads(threads) schedule(static)
     for (int g = 0; g < N / TILE; g++)
-        for (int r = 0; r < TILE; r++)
-            for (int b = 0; b < nb; b++) {
-                uint8_t *o = out + ((size_t)g * nb + b) * tb;
-                uint16_t *d = (uint16_t *)(o + chunks * 64), *m = d + TILE;
+        for (int b = 0; b < nb; b++) {
+            uint8_t *o = out + ((size_t)g * nb + b) * tb;
+            uint16_t *d = (uint16_t *)(o + chunks * 64), *m = d + TILE;
+            for (int r = 0; r < TILE; r++) {
                 const uint8_t *blk = w + ((size_t)(g * TILE + r) * nb + b) * bb;
                 for (int j = 0; j < chunks; j++) memcpy(o + j * 64 + r * 4, blk + off + 4 * j, 4);
                 memcpy(d + r, blk, 2);
@@ -378,6 +376,7 @@ void tile_weights(int type, const uint8_t *w, int N, int K, uint8_t *out, int th
                     memcpy(m + r, &s16, 2);
                 }
             }
+        }
 }
 
 /* block b of row r (0..15) of a tiled group `t` back in GGUF's block layout (into blk) */
