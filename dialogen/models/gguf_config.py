@@ -138,6 +138,9 @@ def expected_tensors(cfg: Config, arch: str) -> dict[str, tuple[tuple, bool]]:
 
 def check_tensors(path: Path, cfg: Config, arch: str, tensors: list[TensorInfo]):
     """Every tensor known, of the shape the config implies and of a type allowed for it; none missing."""
+    if cfg.n_layer > len(tensors):  # every block has tensors of its own: the table is not built for a bad count
+        raise UserError(f"{path}: metadata key {arch}.block_count={cfg.n_layer} is more than the file's "
+                        f"{len(tensors)} tensors")
     want = expected_tensors(cfg, arch)
     for t in tensors:
         if t.name not in want:
