@@ -1,14 +1,18 @@
 """/v1/sessions: conversations kept by the server, stored in SQLite, with a live KV cache.
 
-  POST   /v1/sessions                 {"persona", "settings", "title"} -> the session
+  POST   /v1/sessions                 {"model", "persona", "settings", "title"} -> the session
   GET    /v1/sessions                 this key's sessions, newest first
   GET    /v1/sessions/{id}            the session with its history
-  POST   /v1/sessions/{id}/messages   {"content", "stream", decoding overrides} -> the reply
+  POST   /v1/sessions/{id}/messages   {"content", "stream", "model", decoding overrides} -> the reply
   DELETE /v1/sessions/{id}
 
 A turn is committed to the store when its reply is complete; a reply cut off (client gone,
 server killed) leaves the stored history as it was. One turn at a time per session (409), across
 server processes sharing the database too: see store.py.
+
+A session's `model` (kept in its settings) names the LoRA adapter its replies take; a turn may
+name another. The live KV cache belongs to one adapter: a turn with another is served from the
+history re-encoded, never from that cache.
 """
 
 from __future__ import annotations
@@ -38,6 +42,10 @@ def add_routes(app: FastAPI, svc: Service):
         req = P.validate(SessionCreate, body)
         check_settings(svc, req.settings)
         settings = {k: v for k, v in (body.get("settings") or {}).items() if v is not None}  # stored as given
+        if req.model is not None:
+            settings["model"] = req.model
+        if not svc.accepts_model(settings.get("model")):
+            raise P.model_not_found(svc.model_names(), settings["model"])
         persona = resolve_persona(req.persona) or svc.default_persona  # a preset name becomes its text
         row = await off_loop(svc.store.create, request.state.owner, persona, settings, (req.title or "")[:200])
         return _session_obj(row, [])
@@ -80,6 +88,9 @@ async def start_turn(svc: Service, sid: str, request: Request):
               **P.decoding_changes(req, svc.limits.max_candidates)}
     decoding = P.make_decoding(svc.decoding, search)
     text, stream = req.content, bool(req.stream)
+    model = req.model if req.model is not None else stored.model
+    if not svc.accepts_model(model):
+        raise P.model_not_found(svc.model_names(), model)
     _check_fits(svc, row["persona"], text, sampling.max_new_tokens)
     claim = svc.sessions.claim(sid)
     try:  # no other process writes it either
@@ -103,14 +114,14 @@ async def start_turn(svc: Service, sid: str, request: Request):
     channel = Channel()
     try:
         jobs = submit_all(svc, [_turn_job(svc, row, request.state.owner, text, (sampling, decoding), claim,
-                                          release)], channel)
+                                          release, model)], channel)
     except ApiError:
         release()
         raise
     claim.job = jobs[0]
     turn_id = P.new_id("turn")
     if stream:
-        return StreamingResponse(_stream(svc, sid, turn_id, channel, jobs[0]), media_type="text/event-stream",
+        return StreamingResponse(_stream(svc, sid, turn_id, channel, jobs[0], svc.served_name(model)), media_type="text/event-stream",
                                  headers=SSE_HEADERS)
     return await _collect(svc, sid, turn_id, channel, jobs[0], request)
 
@@ -161,13 +172,13 @@ def _session_obj(row: dict, messages: list | None) -> dict:
     return out
 
 
-def _turn_job(svc: Service, row: dict, owner: str, text: str, decode: tuple, claim, release):
+def _turn_job(svc: Service, row: dict, owner: str, text: str, decode: tuple, claim, release, model: str | None):
     sid = row["id"]
     sampling, decoding = decode
 
     def run(job):
         try:
-            session = _live_session(svc, sid, owner, row["persona"], sampling)
+            session = _live_session(svc, sid, owner, row["persona"], sampling, svc.engine_for(model))
             session.max_context_tokens = svc.context_length - sampling.max_new_tokens
             done = _generate(svc, job, session, sid, text, (sampling, decoding), claim.holder)
         finally:
@@ -177,20 +188,21 @@ def _turn_job(svc: Service, row: dict, owner: str, text: str, decode: tuple, cla
     return run
 
 
-def _live_session(svc: Service, sid: str, owner: str, persona: str | None, sampling):
-    """The session with its KV cache, holding the whole stored history: the kept one, unless the
-    store has turns it lacks (another server wrote them) or it was evicted; then rebuilt."""
+def _live_session(svc: Service, sid: str, owner: str, persona: str | None, sampling, engine):
+    """The session of `engine` (an adapter's) with its KV cache, holding the whole stored history: the
+    kept one, unless the store has turns it lacks (another server wrote them), it was evicted or its
+    cache is another adapter's; then rebuilt."""
     session = svc.sessions.get(sid)
     stored = svc.store.count(sid)
     if stored is None:
         raise _not_found(sid)
-    if session is not None and len(session.messages) == stored:
+    if session is not None and len(session.messages) == stored and session.engine is engine:
         return session
     row_now = svc.store.get(sid, owner)  # read under the claim: no turn is added meanwhile
     if row_now is None:
         raise _not_found(sid)
     history = [Message(m["role"], m["content"]) for m in row_now["messages"]]
-    session = svc.new_session(persona, sampling, history)
+    session = svc.new_session(persona, sampling, history, engine=engine)
     svc.sessions.put(sid, session)
     return session
 
@@ -250,9 +262,9 @@ async def _collect(svc: Service, sid: str, turn_id: str, channel: Channel, job, 
         raise ApiError(499, "client closed the request") from None
 
 
-async def _stream(svc: Service, sid: str, turn_id: str, channel: Channel, job):
+async def _stream(svc: Service, sid: str, turn_id: str, channel: Channel, job, model: str):
     """The same chunk format as chat completions; the last data chunk carries the whole turn."""
-    model, created = svc.model_name, int(time.time())
+    created = int(time.time())
     try:
         yield P.sse(P.chunk(turn_id, model, created, [P.delta_choice(0, {"role": "assistant", "content": ""})]))
         while True:

@@ -63,7 +63,8 @@ def parse_request(svc: Service, body: dict) -> dict:
     return {"prompts": prompts, "n": n, "stream": bool(req.stream), "ignored": ignored,
             "include_usage": bool(req.stream_options and req.stream_options.include_usage),
             "sampling": P.make_sampling(svc.sampling, changes), "prompt_tokens": sum(len(p) for p in prompts),
-            "id": P.new_id("cmpl"), "created": int(time.time())}
+            "id": P.new_id("cmpl"), "created": int(time.time()), "model": svc.served_name(req.model),
+            "engine": svc.engine_for(req.model)}
 
 
 def _job(svc: Service, req: dict, index: int):
@@ -71,7 +72,7 @@ def _job(svc: Service, req: dict, index: int):
     prompt = req["prompts"][index // req["n"]]
 
     def run(job):
-        eng = svc.engine
+        eng = req["engine"]
         stop_ids = {eng.tokenizer.eos_id} - {None}
         gen = Generation(eng.model, eng.tokenizer, prompt, eng.model.new_cache(1), sampling, stop_ids)
         logprobs = LegacyLogprobs(eng.tokenizer, gen, sampling.logprobs)
@@ -117,7 +118,7 @@ def _choice(index: int, text: str, finish_reason: str | None, logprobs: dict | N
 
 
 def _completion(svc: Service, req: dict, choices: list[dict], usage: dict | None = None) -> dict:
-    out = {"id": req["id"], "object": "text_completion", "created": req["created"], "model": svc.model_name,
+    out = {"id": req["id"], "object": "text_completion", "created": req["created"], "model": req["model"],
            "choices": choices, "system_fingerprint": None}
     if usage is not None:
         out["usage"] = usage
