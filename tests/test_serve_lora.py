@@ -56,11 +56,15 @@ def test_rows_of_different_adapters_share_one_step(tiny_llama, adapters, dtype):
     with torch.inference_mode():
         want = [alone[n].next_logits(torch.tensor([ids]), alone[n].new_cache())[0] for n, ids in prompts]
         caches = [served.new_cache() for _ in prompts]
+        seen = []  # the rows of each base product of one Linear: all rows of the step, once
+        hook = served.blocks[0].mlp.down.register_forward_hook(lambda m, args, out: seen.append(out.shape[0]))
         with aset.rows([(n, len(ids)) for n, ids in prompts]):
             got = step_rows(served, [(c, ids) for c, (_, ids) in zip(caches, prompts)])
+        hook.remove()
         after = step_rows(served, [(caches[0], [3])])  # outside `rows`: the base
         base_next = alone[None](torch.tensor([[3]]), _fed(alone[None], prompts[0][1]))[0, -1]
     assert (want[1] - want[0]).abs().max() > 1 and (want[2] - want[0]).abs().max() > 1  # the adapters matter
+    assert seen == [sum(len(ids) for _, ids in prompts)]
     tol = 1e-5 if dtype == "int8" else 1e-4  # float32: prompts as rows against the reference prompt path
     for g, w in zip(got, want):
         assert (g - w).abs().max() <= tol

@@ -12,9 +12,8 @@ all), every token a row. So replies are served round-robin and decoded together,
 joins the running ones' step, and a long prompt does not stall everyone else's replies. (A model
 whose prompts cannot be rows, one with a float16 copy, feeds its prompt chunks on their own.)
 
-With LoRA adapters (`models.lora_set.AdapterSet`), each adapter has its own proxy (`proxy_for`):
-a call or a reply takes the adapter of the proxy it came through, and the step's rows are grouped
-by adapter (`AdapterSet.rows`), so replies of different adapters and of the base share one step.
+With LoRA adapters (`models.lora_set.AdapterSet`), a call or reply takes the adapter of the proxy
+it came through (`proxy_for`); a step's rows are grouped by adapter, so all adapters share it.
 
 Admission is bounded: at most `max_active` jobs run and `max_queue` more wait; past that
 `submit` raises `Busy` (the HTTP layer answers 503 with Retry-After). A cancelled job (its client
@@ -79,8 +78,7 @@ class Worker:
         """The proxy whose calls take the LoRA adapter `adapter` (None: the base)."""
         return self._proxies[adapter]
 
-    def _routed(self, groups: list[tuple[str | None, int]]):
-        """Model calls within apply adapters by row: consecutive (adapter, rows) groups."""
+    def _routed(self, groups: list[tuple[str | None, int]]):  # consecutive (adapter, rows) of the next call
         return self.adapters.rows(groups) if self.adapters is not None else nullcontext()
 
     # --- admission ------------------------------------------------------------------------
