@@ -17,18 +17,25 @@ from dialogen.models.lora_set import read_adapter_set
 from dialogen.models.loading import load
 from dialogen.serve.batching import step_rows
 from dialogen.serve.launch import ServerProcess
+from dialogen.training import checkpoint
 
 TOKENS = 16
 
 
-def _adapter(base_path, out, targets, seed: int):
-    """A rank-4 adapter with random A and B (B nonzero, so it changes the replies), in PEFT's files."""
-    cfg = load(str(base_path), "float32").model.cfg
+def _adapter(base_path, out, targets, seed: int, template: str | None = None):
+    """A rank-4 adapter with random A and B (B nonzero, so it changes the replies), in PEFT's files;
+    with `template`, written as `dialogen train --lora-r` writes its checkpoints (with the tokenizer
+    and a dialogen.json naming the template it trained)."""
+    loaded = load(str(base_path), "float32")
+    cfg = loaded.model.cfg
     adapter = Adapter(cfg, LoraSettings(4, 8.0, 0.0, tuple(targets or default_targets(cfg))), str(base_path)).init(seed)
     g = torch.Generator().manual_seed(seed + 100)
     with torch.no_grad():
         for part in adapter.parts.values():
             part.B.copy_(torch.randn(part.B.shape, generator=g) * 0.3)
+    if template is not None:
+        checkpoint.save(out, loaded.model, loaded.tokenizer, {"template": template}, adapter=adapter)
+        return out
     out.mkdir()
     adapter.write(out)
     return out
@@ -36,10 +43,12 @@ def _adapter(base_path, out, targets, seed: int):
 
 @pytest.fixture(scope="module")
 def adapters(tiny_llama, tmp_path_factory):
-    """Two adapters on the tiny llama: one on q and v only, one on every projection."""
+    """Adapters on the tiny llama: one on q and v only, one on every projection, one in a checkpoint
+    that trained another template than the base's own."""
     root = tmp_path_factory.mktemp("adapters")
     path = tiny_llama[0]
-    return {"tiny-a": _adapter(path, root / "a", ("q_proj", "v_proj"), 1), "tiny-b": _adapter(path, root / "b", None, 2)}
+    return {"tiny-a": _adapter(path, root / "a", ("q_proj", "v_proj"), 1), "tiny-b": _adapter(path, root / "b", None, 2),
+            "tiny-c": _adapter(path, root / "c", ("o_proj", "down_proj"), 3, template="llama2")}
 
 
 @pytest.mark.parametrize("dtype", ["float32", "int8"])
@@ -81,7 +90,7 @@ def _fed(model, ids):
 def server(tiny_llama, adapters, tmp_path_factory):
     db = tmp_path_factory.mktemp("serve_lora") / "sessions.db"
     mods = [f"{n}={d}" for n, d in adapters.items()]
-    args = ["--model", str(tiny_llama[0]), "--template", "chatml", "--db", str(db), "--model-name", "tiny",
+    args = ["--model", str(tiny_llama[0]), "--db", str(db), "--model-name", "tiny",
             "--strict-model-names", "--lora-modules", *mods, "--max-tokens-limit", "64", "--threads", "1"]
     with ServerProcess(args) as srv:
         yield srv
@@ -97,7 +106,7 @@ def _chat(url, model, messages, **extra):
 
 
 def _offline(path, adapter, messages):
-    chat = dialogen.load(str(path), template="chatml", adapter=None if adapter is None else str(adapter))
+    chat = dialogen.load(str(path), adapter=None if adapter is None else str(adapter))
     return chat.chat(messages, temperature=0, max_new_tokens=TOKENS)
 
 
@@ -106,24 +115,26 @@ MSGS = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": 
 
 def test_models_lists_the_base_and_every_adapter(server):
     r = httpx.get(server.url + "/v1/models").json()["data"]
-    assert [m["id"] for m in r] == ["tiny", "tiny-a", "tiny-b"]
-    assert "parent" not in r[0] and r[1]["parent"] == r[2]["parent"] == "tiny"
+    assert [m["id"] for m in r] == ["tiny", "tiny-a", "tiny-b", "tiny-c"]
+    assert "parent" not in r[0] and r[1]["parent"] == r[2]["parent"] == r[3]["parent"] == "tiny"
     assert httpx.get(server.url + "/v1/models/tiny-b").json()["id"] == "tiny-b"
-    bad = httpx.post(server.url + "/v1/chat/completions", json={"model": "tiny-c", "messages": MSGS})
+    bad = httpx.post(server.url + "/v1/chat/completions", json={"model": "tiny-x", "messages": MSGS})
     assert bad.status_code == 404 and bad.json()["error"]["code"] == "model_not_found"
-    bad = httpx.post(server.url + "/v1/sessions", json={"model": "tiny-c"})
+    bad = httpx.post(server.url + "/v1/sessions", json={"model": "tiny-x"})
     assert bad.status_code == 404 and bad.json()["error"]["code"] == "model_not_found"
 
 
 def test_concurrent_replies_of_base_and_adapters_batch_together_and_match_offline(server, tiny_llama, adapters):
-    names = [None, "tiny", "tiny-a", "tiny-b"]
+    names = [None, "tiny", "tiny-a", "tiny-b", "tiny-c"]
     alone = {n: _chat(server.url, n, MSGS) for n in names}
     texts = {n: r["choices"][0]["message"]["content"] for n, r in alone.items()}
-    assert [alone[n]["model"] for n in names] == ["tiny", "tiny", "tiny-a", "tiny-b"]
-    assert texts[None] == texts["tiny"] and len({texts["tiny"], texts["tiny-a"], texts["tiny-b"]}) == 3
+    assert [alone[n]["model"] for n in names] == ["tiny", "tiny", "tiny-a", "tiny-b", "tiny-c"]
+    assert texts[None] == texts["tiny"] and len({texts[n] for n in names}) == 4
+    # tiny-c's prompt is rendered with the template it trained (llama2), the others' with the base's own
+    assert alone["tiny-c"]["usage"]["prompt_tokens"] != alone["tiny"]["usage"]["prompt_tokens"]
     for n, d in [("tiny", None), *adapters.items()]:
         assert texts[n] == _offline(tiny_llama[0], d, MSGS), n
-    order = ["tiny-a", "tiny", "tiny-b"] * 3
+    order = ["tiny-a", "tiny", "tiny-b", "tiny-c"] * 2
     with ThreadPoolExecutor(len(order)) as pool:
         got = list(pool.map(lambda n: _chat(server.url, n, MSGS)["choices"][0]["message"]["content"], order))
     assert got == [texts[n] for n in order]

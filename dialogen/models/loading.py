@@ -96,10 +96,19 @@ def load(spec: str | None = None, dtype="float32", adapter: str | None = None) -
         raise UserError(f"{where}: LoRA adapters apply to transformer models, not this {loaded.path.name}")
     base = model_path(spec)
     loaded.adapter = read_adapter(where, loaded.model.cfg, base).attach(loaded.model)
-    if (where / "tokenizer.json").exists() and (where / "dialogen.json").exists():
-        loaded.tokenizer, loaded.meta = Tokenizer.from_dir(where), _read_json(where / "dialogen.json")
+    own = adapter_chat(where)
+    if own is not None:
+        loaded.tokenizer, loaded.meta = own
     loaded.meta = {**loaded.meta, "adapter": str(where)}
     return loaded
+
+
+def adapter_chat(where: Path) -> tuple[Tokenizer, dict] | None:
+    """The tokenizer and dialogen.json (the trained template) a LoRA checkpoint of `dialogen train
+    --lora-r` holds beside the adapter, or None for an adapter without them."""
+    if (where / "tokenizer.json").exists() and (where / "dialogen.json").exists():
+        return Tokenizer.from_dir(where), _read_json(where / "dialogen.json")
+    return None
 
 
 def _load(spec: str | None, dtype) -> Loaded:

@@ -10,7 +10,7 @@ import socket
 from pathlib import Path
 
 from ..chat.personas import resolve_persona
-from ..decoding.engine import add_model_args, engine_from_args
+from ..decoding.engine import adapter_engine, add_model_args, engine_from_args
 from ..decoding.settings import add_decoding_args, add_sampling_args, decoding_from, sampling_from
 from ..errors import UserError
 # torch, the model code and the extras are imported inside the commands: building `--help` stays torch-free
@@ -203,7 +203,7 @@ def cmd_serve(args) -> int:
     def start():
         engine = engine_from_args(args)
         name = args.model_name or re.sub(r"-[0-9a-f]{12}$", "", engine.name)
-        adapters = None
+        adapters = chats = None
         if args.lora_modules:  # each checked against the base now: a mistake stops the start, naming its directory
             from ..models.loading import model_path
             from ..models.lora_set import read_adapter_set
@@ -212,9 +212,10 @@ def cmd_serve(args) -> int:
             if name in dict(named):
                 raise UserError(f"--lora-modules {name!r}: the name is the model's own; give --model-name another")
             adapters = read_adapter_set(named, engine.model, model_path(args.model))
+            chats = {n: adapter_engine(engine, d, args.template) for n, d in named}
         return Service(engine, store, Keys(keys), limits, sampling, name, args.max_active, args.max_queue,
                        decoding, args.model_alias, args.strict_model_names, prefill_chunk=args.prefill_chunk,
-                       adapters=adapters)
+                       adapters=adapters, adapter_engines=chats)
 
     svc = in_passing_thread(start)  # the loads leave no OpenMP pool: the model thread's is the only one
     svc.default_persona = resolve_persona(args.system)  # for sessions and requests without a system message

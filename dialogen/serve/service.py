@@ -211,15 +211,18 @@ class Service:
     def __init__(self, engine: Engine, store: Store, keys: Keys, limits: Limits, sampling: Sampling | None = None,
                  model_name: str | None = None, max_active: int = 32, max_queue: int = 64,
                  decoding: Decoding | None = None, aliases=(), strict_model_names: bool = False,
-                 prefill_chunk: int = 256, adapters=None):
+                 prefill_chunk: int = 256, adapters=None, adapter_engines: dict[str, Engine] | None = None):
         self.worker = Worker(engine.model, max_active=max_active, max_queue=max_queue, prefill_chunk=prefill_chunk,
                              adapters=adapters)
         # sessions see the proxy: their model calls queue on the worker thread
         self.engine = Engine(self.worker.proxy, engine.tokenizer, engine.template, engine.context_length, engine.name)
-        # each LoRA adapter (models.lora_set.AdapterSet) served by its name: an engine whose proxy takes it
-        self.adapter_engines = {name: Engine(self.worker.proxy_for(name), engine.tokenizer, engine.template,
-                                             engine.context_length, name)
-                                for name in (adapters.adapters if adapters is not None else ())}
+        # each LoRA adapter (models.lora_set.AdapterSet) served by its name: an engine whose proxy takes it,
+        # with the adapter's tokenizer and template (`decoding.engine.adapter_engine`; default: the base's)
+        self.adapter_engines = {}
+        for name in adapters.adapters if adapters is not None else ():
+            own = (adapter_engines or {}).get(name, engine)
+            self.adapter_engines[name] = Engine(self.worker.proxy_for(name), own.tokenizer, own.template,
+                                                engine.context_length, name, own.meta)
         self.metrics = Metrics()
         self.store, self.keys, self.limits = self.metrics.timed(store), keys, limits
         self.sampling = sampling or Sampling()
@@ -278,8 +281,9 @@ class Service:
                 "presence_penalty": s.presence_penalty, "no_repeat_ngram": s.no_repeat_ngram,
                 "max_tokens": s.max_new_tokens, "seed": s.seed, "stop": s.stop}
 
-    def prompt_len(self, messages, continue_final: bool = False, tools: list[dict] | None = None) -> int:
-        eng = self.engine
+    def prompt_len(self, messages, continue_final: bool = False, tools: list[dict] | None = None,
+                   engine: Engine | None = None) -> int:
+        eng = engine or self.engine
         return len(eng.template.render(eng.tokenizer, messages, add_generation_prompt=True,
                                        continue_final=continue_final, tools=tools)[0])
 

@@ -91,7 +91,7 @@ async def start_turn(svc: Service, sid: str, request: Request):
     model = req.model if req.model is not None else stored.model
     if not svc.accepts_model(model):
         raise P.model_not_found(svc.model_names(), model)
-    _check_fits(svc, row["persona"], text, sampling.max_new_tokens)
+    _check_fits(svc, row["persona"], text, sampling.max_new_tokens, svc.engine_for(model))
     claim = svc.sessions.claim(sid)
     try:  # no other process writes it either
         holder = await off_loop(svc.store.claim, sid) if claim is not None else None
@@ -137,10 +137,10 @@ def check_settings(svc: Service, settings: Settings | None):
         raise ApiError(400, f"settings: {e.message}", f"settings.{e.param}" if e.param else "settings") from None
 
 
-def _check_fits(svc: Service, persona: str | None, text: str, max_tokens: int):
+def _check_fits(svc: Service, persona: str | None, text: str, max_tokens: int, engine):
     """The newest user turn alone (with the persona) must fit; older turns are dropped as needed."""
     convo = ([Message("system", persona)] if persona else []) + [Message("user", text)]
-    need = svc.prompt_len(convo)
+    need = svc.prompt_len(convo, engine=engine)
     if need + max_tokens > svc.context_length:
         raise P.context_error(need, max_tokens, svc.context_length, "content")
 

@@ -55,7 +55,8 @@ def parse_request(svc: Service, body: dict) -> dict:
     if n * len(req.prompt) > svc.limits.max_n:
         raise ApiError(400, f"'n' times the number of prompts must be at most {svc.limits.max_n} on this server, "
                             f"got {n * len(req.prompt)}", "n")
-    tok = svc.engine.tokenizer
+    eng = svc.engine_for(req.model)  # a LoRA adapter's, or the base's
+    tok = eng.tokenizer
     prompts = [tok.encode_prompt(p) for p in req.prompt]  # as llama-server: BOS/EOS by the vocabulary's flags
     changes = P.sampling_changes(req, svc.limits.max_tokens, svc.vocab_size)
     fit_reply(svc, changes, max(len(p) for p in prompts), "prompt")
@@ -64,7 +65,7 @@ def parse_request(svc: Service, body: dict) -> dict:
             "include_usage": bool(req.stream_options and req.stream_options.include_usage),
             "sampling": P.make_sampling(svc.sampling, changes), "prompt_tokens": sum(len(p) for p in prompts),
             "id": P.new_id("cmpl"), "created": int(time.time()), "model": svc.served_name(req.model),
-            "engine": svc.engine_for(req.model)}
+            "engine": eng}
 
 
 def _job(svc: Service, req: dict, index: int):
