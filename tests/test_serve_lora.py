@@ -178,6 +178,10 @@ def test_kept_caches_never_cross_adapters(server, tiny_llama, adapters):
     assert second["usage"]["prompt_tokens_details"]["cached_tokens"] == 0
     stored = httpx.get(f"{server.url}/v1/sessions/{sid}").json()
     assert stored["settings"]["model"] == "tiny-a" and len(stored["messages"]) == 4
+    streamed = httpx.post(f"{server.url}/v1/sessions/{sid}/messages", timeout=60,
+                          json={"content": "Why?", "max_tokens": 4, "stream": True}).text  # the session's own: A
+    chunks = [json.loads(line[6:]) for line in streamed.splitlines() if line.startswith("data: {")]
+    assert chunks and {c["model"] for c in chunks} == {"tiny-a"}
 
 
 def test_bad_lora_modules_are_refused_in_one_line(tiny_llama, tiny_gpt2, adapters, tmp_path, capsys):

@@ -121,8 +121,8 @@ async def start_turn(svc: Service, sid: str, request: Request):
     claim.job = jobs[0]
     turn_id = P.new_id("turn")
     if stream:
-        return StreamingResponse(_stream(svc, sid, turn_id, channel, jobs[0], svc.served_name(model)), media_type="text/event-stream",
-                                 headers=SSE_HEADERS)
+        return StreamingResponse(_stream(svc, sid, turn_id, channel, jobs[0], svc.served_name(model)),
+                                 media_type="text/event-stream", headers=SSE_HEADERS)
     return await _collect(svc, sid, turn_id, channel, jobs[0], request)
 
 
