@@ -211,7 +211,8 @@ class Service:
     def __init__(self, engine: Engine, store: Store, keys: Keys, limits: Limits, sampling: Sampling | None = None,
                  model_name: str | None = None, max_active: int = 32, max_queue: int = 64,
                  decoding: Decoding | None = None, aliases=(), strict_model_names: bool = False,
-                 prefill_chunk: int = 256, adapters=None, adapter_engines: dict[str, Engine] | None = None):
+                 prefill_chunk: int = 256, metrics: bool = True, adapters=None,
+                 adapter_engines: dict[str, Engine] | None = None):
         self.worker = Worker(engine.model, max_active=max_active, max_queue=max_queue, prefill_chunk=prefill_chunk,
                              adapters=adapters)
         # sessions see the proxy: their model calls queue on the worker thread
@@ -223,7 +224,7 @@ class Service:
             own = (adapter_engines or {}).get(name, engine)
             self.adapter_engines[name] = Engine(self.worker.proxy_for(name), own.tokenizer, own.template,
                                                 engine.context_length, name, own.meta)
-        self.metrics = Metrics()
+        self.metrics = Metrics(metrics)
         self.store, self.keys, self.limits = self.metrics.timed(store), keys, limits
         self.sampling = sampling or Sampling()
         self.decoding = decoding or Decoding()
