@@ -140,6 +140,11 @@ def test_concurrent_replies_of_base_and_adapters_batch_together_and_match_offlin
     assert got == [texts[n] for n in order]
     worker = server.health()["worker"]
     assert worker["max_batch"] >= 3, worker  # replies of different adapters shared steps
+    # a search runs on the adapter too: beam search's winner is the one dialogen.load(adapter=...) ranks first
+    beam = _chat(server.url, "tiny-b", MSGS, beam_size=3)["choices"][0]["message"]["content"]
+    offline = dialogen.load(str(tiny_llama[0]), adapter=str(adapters["tiny-b"]))
+    assert beam == offline.candidates(MSGS, beam_size=3, max_new_tokens=TOKENS)[0]["text"]
+    assert beam != _chat(server.url, "tiny", MSGS, beam_size=3)["choices"][0]["message"]["content"]
     # the legacy completions route picks the adapter too
     prompt = {"prompt": "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n", "max_tokens": 8, "temperature": 0}
     outs = {n: httpx.post(server.url + "/v1/completions", json={**prompt, "model": n}, timeout=60).json()

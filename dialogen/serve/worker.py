@@ -45,9 +45,7 @@ class Worker:
         self.model = model.eval() if hasattr(model, "eval") else model
         self.adapters = adapters  # an AdapterSet hooked onto the model, or None
         self.proxy = ModelProxy(self)
-        self._proxies = {None: self.proxy}
-        for name in adapters.adapters if adapters is not None else ():
-            self._proxies[name] = ModelProxy(self, name)
+        self._proxies = {None: self.proxy, **{n: ModelProxy(self, n) for n in getattr(adapters, "adapters", ())}}
         self.max_active, self.max_queue = max_active, max_queue
         self.prefill_chunk = prefill_chunk
         self.gather_s = gather_ms / 1000
@@ -345,11 +343,8 @@ class Worker:
         """The reply's next-token logits: row `row` of the step's `logits`, or, without them, `fed` fed
         alone after the reply's cache; then (with `sample`) its next token and deltas."""
         try:
-            if logits is not None:
-                out = logits[row]
-            else:
-                with self._routed([(d.adapter, len(fed))]):
-                    out = next_logits(self.model, fed, d.gen.cache)
+            with self._routed([(d.adapter, len(fed))]):  # fed alone: its rows take its adapter
+                out = logits[row] if logits is not None else next_logits(self.model, fed, d.gen.cache)
             if sample:
                 for delta in d.gen.advance(out):
                     d.on_delta(delta)
