@@ -12,6 +12,7 @@ import torch
 
 import dialogen
 from dialogen.cli import main
+from dialogen.models.kernels import library
 from dialogen.models.lora import Adapter, LoraSettings, default_targets
 from dialogen.models.lora_set import read_adapter_set
 from dialogen.models.loading import load
@@ -58,6 +59,8 @@ def test_rows_of_different_adapters_share_one_step(tiny_llama, adapters, dtype):
     path = tiny_llama[0]
     served = load(str(path), dtype).model
     aset = read_adapter_set([(n, str(d)) for n, d in adapters.items()], served, path)
+    kinds = [type(b).__name__ for b in served.blocks]
+    assert ("FusedBlock" in kinds) == (dtype == "int8" and library.enabled())  # kept for the base's calls
     alone = {None: load(str(path), dtype).model, **{n: load(str(path), dtype, adapter=str(d)).model
                                                      for n, d in adapters.items()}}
     prompts = [(None, [1, 50, 300, 7]), ("tiny-a", [1, 50, 300, 7, 9]), ("tiny-b", [1, 50, 300]),
@@ -74,6 +77,7 @@ def test_rows_of_different_adapters_share_one_step(tiny_llama, adapters, dtype):
         base_next = alone[None](torch.tensor([[3]]), _fed(alone[None], prompts[0][1]))[0, -1]
     assert (want[1] - want[0]).abs().max() > 1 and (want[2] - want[0]).abs().max() > 1  # the adapters matter
     assert seen == [sum(len(ids) for _, ids in prompts)]
+    assert [type(b).__name__ for b in served.blocks] == kinds
     tol = 1e-5 if dtype == "int8" else 1e-4  # float32: prompts as rows against the reference prompt path
     for g, w in zip(got, want):
         assert (g - w).abs().max() <= tol

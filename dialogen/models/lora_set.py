@@ -8,7 +8,9 @@ runs once over the whole batch, then each adapter adds its low-rank term to its 
 
 and rows that take no adapter (the base) get nothing added. Rows are the first dimension of the
 Linear's input: a server step's rows (one per new token of each conversation, `CacheBatch`) or the
-batch of a plain call, where every row takes the same adapter.
+batch of a plain call, where every row takes the same adapter. A fused native block bypasses its
+Linears (and so their hooks): a call where some row takes an adapter runs its reference block
+instead (the same products, one by one); a call of the base alone keeps the fused block.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import torch
+from torch import nn
 
 from ..errors import UserError
 from .layers import activate
@@ -29,13 +32,14 @@ class AdapterSet:
         self.adapters = adapters  # name -> adapter, read for this base and not attached on their own
         self._groups: list[tuple[Adapter, torch.Tensor | None]] = []  # the current call's (adapter, rows or None: all)
         self.handles = []
+        self._blocks: list[tuple[int, nn.Module, nn.Module]] = []  # (layer, fused block, its reference block)
+        self._model: list[Transformer] = []  # the model hooked (in a list: not a child module)
 
     def attach(self, model: Transformer) -> "AdapterSet":
-        """Hook every Linear some adapter adapts; a fused native block, which bypasses its Linears, is
-        put back as the reference block (as `Adapter.attach` does)."""
-        for i, block in enumerate(model.blocks):
-            if type(block) is not Block and hasattr(block, "reference"):
-                model.blocks[i] = block.reference()
+        """Hook every Linear some adapter adapts, and keep the reference block of each fused one."""
+        self._model = [model]
+        self._blocks = [(i, b, b.reference()) for i, b in enumerate(model.blocks)
+                        if type(b) is not Block and hasattr(b, "reference")]
         targets = dict.fromkeys(ours for a in self.adapters.values() for ours in a.where)
         for ours in targets:
             module = model.get_submodule(ours)
@@ -57,10 +61,17 @@ class AdapterSet:
                     picked.setdefault(name, []).append(torch.arange(at, at + n))
                 at += n
             self._groups = [(self.adapters[name], torch.cat(idx)) for name, idx in picked.items()]
+        blocks = self._model[0].blocks if self._blocks else None
+        if self._groups and blocks is not None:  # the adapters' hooks run on the reference blocks' Linears
+            for i, _, ref in self._blocks:
+                blocks[i] = ref
         try:
             yield
         finally:
             self._groups = []
+            if blocks is not None:
+                for i, fused, _ in self._blocks:
+                    blocks[i] = fused
 
     def _hook(self, ours: str):
         def hook(module, args, kwargs, output):
