@@ -204,7 +204,8 @@ def test_bad_lora_modules_are_refused_in_one_line(tiny_llama, tiny_gpt2, adapter
              (["--lora-modules", f"x={tmp_path / 'none'}"], "not an adapter directory"),
              (["--lora-modules", f"x={foreign}"], "is for the base"),
              (["--lora-modules", f"ok={adapters['tiny-a']}", f"x={unnamed}"], "another base"),
-             (["--lora-modules", f"x={adapters['tiny-a']}", "--adapter", str(adapters["tiny-b"])], "--adapter")]
+             (["--lora-modules", f"x={adapters['tiny-a']}", "--adapter", str(adapters["tiny-b"])], "--adapter"),
+             (["--lora-modules", f"x={adapters['tiny-a']}", "--model", str(adapters["tiny-c"])], "give the base")]
     for extra, words in cases:
         assert main(base + extra) == 2
         err = capsys.readouterr().err.strip()

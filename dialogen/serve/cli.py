@@ -213,6 +213,8 @@ def cmd_serve(args) -> int:
             from ..models.lora_set import read_adapter_set
 
             named = lora_modules(args)
+            if getattr(engine.model, "adapter", None) is not None:
+                raise UserError(f"--model {args.model}: a LoRA adapter; with --lora-modules give the base as --model")
             if name in dict(named):
                 raise UserError(f"--lora-modules {name!r}: the name is the model's own; give --model-name another")
             adapters = read_adapter_set(named, engine.model, model_path(args.model))
