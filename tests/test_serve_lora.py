@@ -187,10 +187,14 @@ def test_kept_caches_never_cross_adapters(server, tiny_llama, adapters):
     assert second["usage"]["prompt_tokens_details"]["cached_tokens"] == 0
     stored = httpx.get(f"{server.url}/v1/sessions/{sid}").json()
     assert stored["settings"]["model"] == "tiny-a" and len(stored["messages"]) == 4
-    streamed = httpx.post(f"{server.url}/v1/sessions/{sid}/messages", timeout=60,
-                          json={"content": "Why?", "max_tokens": 4, "stream": True}).text  # the session's own: A
+    streamed = httpx.post(f"{server.url}/v1/sessions/{sid}/messages", timeout=60,  # the session's own: A
+                          json={"content": "Why?", "max_tokens": 4, "temperature": 0, "stream": True}).text
     chunks = [json.loads(line[6:]) for line in streamed.splitlines() if line.startswith("data: {")]
     assert chunks and {c["model"] for c in chunks} == {"tiny-a"}
+    text = "".join(c["choices"][0]["delta"].get("content") or "" for c in chunks if c["choices"])
+    regen = httpx.post(f"{server.url}/v1/sessions/{sid}/messages/5/regenerate", timeout=60,
+                       json={"max_tokens": 4, "temperature": 0}).json()  # again with A: the same greedy reply
+    assert regen["message"]["content"] == text and text
 
 
 def test_bad_lora_modules_are_refused_in_one_line(tiny_llama, tiny_gpt2, adapters, tmp_path, capsys):
