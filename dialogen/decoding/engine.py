@@ -47,6 +47,32 @@ def load_engine(model: str | None = None, template: str = "auto", dtype="float32
                   loaded.path.name, loaded.meta)
 
 
+def adapter_engine(base: Engine, directory, template: str = "auto") -> Engine:
+    """The engine of the LoRA adapter in `directory` when it is served on `base`'s model by name: its
+    tokenizer and template are those `load_engine(adapter=directory)` picks (a `dialogen train
+    --lora-r` checkpoint's own, else the base's)."""
+    from pathlib import Path
+
+    from ..errors import UserError
+    from ..models.loading import adapter_chat  # here: torch loads with the model, not with --help
+
+    where = Path(directory).expanduser()
+    own = adapter_chat(where)
+    if own is None:
+        tok, meta = base.tokenizer, base.meta
+    else:
+        tok, meta = own
+        if tok.vocab_size != base.tokenizer.vocab_size:
+            raise UserError(f"{where}: the adapter's tokenizer has {tok.vocab_size} tokens, the base's "
+                            f"{base.tokenizer.vocab_size}: it is for another base")
+    if own is None and template in (None, "auto"):
+        tpl = base.template
+    else:
+        tpl = get_template(default_template_name(meta, tok, base.model.cfg.arch) if template in (None, "auto")
+                           else template, tok)
+    return Engine(base.model, tok, tpl, base.context_length, where.name, meta)
+
+
 # --- the command-line edge -------------------------------------------------------------------
 def add_model_path_args(p, model_help: str = "model path or 'default' (default: %(default)s)",
                         template_help: str = "chat template (default: the model's own)"):

@@ -53,14 +53,14 @@ def default_model_path() -> Path:
     return path
 
 
-def _model_path(spec: str | None) -> Path:
+def model_path(spec: str | None) -> Path:
     return default_model_path() if spec in (None, "", "default") else Path(spec).expanduser()
 
 
 def resolve(spec: str | None) -> Path:
     """A user's --model value -> a Hugging Face style checkpoint directory, converting a GGUF file
     into one on first use (for tools that read such directories, e.g. transformers)."""
-    path = _model_path(spec)
+    path = model_path(spec)
     if not path.exists():
         raise UserError(f"{path}: no such model file or directory")
     if path.is_file():
@@ -94,16 +94,25 @@ def load(spec: str | None = None, dtype="float32", adapter: str | None = None) -
     loaded = _load(spec, dtype)
     if not isinstance(loaded.model, Transformer):
         raise UserError(f"{where}: LoRA adapters apply to transformer models, not this {loaded.path.name}")
-    base = _model_path(spec)
+    base = model_path(spec)
     loaded.adapter = read_adapter(where, loaded.model.cfg, base).attach(loaded.model)
-    if (where / "tokenizer.json").exists() and (where / "dialogen.json").exists():
-        loaded.tokenizer, loaded.meta = Tokenizer.from_dir(where), _read_json(where / "dialogen.json")
+    own = adapter_chat(where)
+    if own is not None:
+        loaded.tokenizer, loaded.meta = own
     loaded.meta = {**loaded.meta, "adapter": str(where)}
     return loaded
 
 
+def adapter_chat(where: Path) -> tuple[Tokenizer, dict] | None:
+    """The tokenizer and dialogen.json (the trained template) a LoRA checkpoint of `dialogen train
+    --lora-r` holds beside the adapter, or None for an adapter without them."""
+    if (where / "tokenizer.json").exists() and (where / "dialogen.json").exists():
+        return Tokenizer.from_dir(where), _read_json(where / "dialogen.json")
+    return None
+
+
 def _load(spec: str | None, dtype) -> Loaded:
-    path = _model_path(spec)
+    path = model_path(spec)
     if path.suffix == ".gguf" and path.is_file():
         return load_gguf(path, dtype)
     path = resolve(spec)
