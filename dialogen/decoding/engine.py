@@ -77,7 +77,8 @@ def add_model_args(p: argparse.ArgumentParser):
 def add_adapter_arg(p):
     p.add_argument("--adapter", default=None, metavar="DIR",
                    help="a LoRA adapter (PEFT's adapter_config.json and adapter_model.safetensors, e.g. a "
-                        "`dialogen train --lora-r` checkpoint) on the model; without --model, the base it names")
+                        "`dialogen train --lora-r` checkpoint, or a GGUF LoRA file) on the model; without --model, "
+                        "the base it names")
 
 
 def engine_from_args(args, dtype=None) -> Engine:
