@@ -37,7 +37,7 @@ class Engine:
 
 def load_engine(model: str | None = None, template: str = "auto", dtype="float32", adapter: str | None = None) -> Engine:
     """`dtype`: the decode weights swapped in at load (see `models.native.swap_in`); `adapter`: a
-    LoRA adapter directory added to the model's products (`models/lora.py`)."""
+    LoRA adapter directory or GGUF LoRA file added to the model's products (`models/lora.py`)."""
     from ..models.loading import load  # here: torch loads with the model, not with --help
 
     loaded = load(model, dtype, adapter)
