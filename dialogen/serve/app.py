@@ -102,6 +102,8 @@ def create_app(svc: Service, bound_host: str = "127.0.0.1", allowed_hosts=(), co
 
     @app.get("/metrics")
     async def metrics():
+        if not svc.metrics.enabled:
+            raise ApiError(404, "metrics are off (dialogen serve --no-metrics)", code="not_found")
         body = await run_in_threadpool(svc.metrics.render, svc)
         return Response(body, media_type="text/plain; version=0.0.4; charset=utf-8")
 
