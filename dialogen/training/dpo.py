@@ -15,6 +15,7 @@ from __future__ import annotations
 import math
 import random
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -119,8 +120,8 @@ def train_dpo(opts: TrainOptions, on_step=None) -> dict:
     with undo_on_failure(out):
         ckpt.check_output_dir(out, opts.resume)
         run = _prepare(opts)
-    model, tok, adapter, held, train_pairs, total = (run[k] for k in ("model", "tok", "adapter", "held", "train", "total"))
-    step, metrics = run["step"], ckpt.Metrics(out / "metrics.jsonl", run["step"] if opts.resume else None)
+    model, tok, adapter, held, train_pairs, total = run.model, run.tok, run.adapter, run.held, run.train, run.total
+    step, metrics = run.step, ckpt.Metrics(out / "metrics.jsonl", run.step if opts.resume else None)
     evaluate_now = lambda: evaluate(model, adapter, held, tok.pad_id, opts.dpo_beta, opts.batch_size)  # noqa: E731
     if step == 0 and held:
         metrics.log({"step": 0, **evaluate_now()})
@@ -142,7 +143,24 @@ def train_dpo(opts: TrainOptions, on_step=None) -> dict:
     return {"steps": total, "loss": record.get("loss"), **final, "out": str(out)}
 
 
-def _prepare(opts: TrainOptions) -> dict:
+@dataclass
+class Run:
+    """A DPO run's model, data and optimizer state, as `_prepare` makes them."""
+
+    model: torch.nn.Module
+    tok: object
+    adapter: torch.nn.Module  # what trains (models/lora.py), hooked into the model
+    held: list  # held-out (chosen, rejected) example pairs
+    train: list
+    total: int
+    optimizer: torch.optim.Optimizer
+    scheduler: object
+    order: dict  # what the batches and updates depend on; a resumed run must match it
+    meta: dict  # dialogen.json of the checkpoints
+    step: int  # the step the run continues from (0 for a new run)
+
+
+def _prepare(opts: TrainOptions) -> Run:
     """Everything before the first step, every check included; on --resume, the state restored."""
     prefs = read_preferences(opts.data)
     model, tok, tname, state, adapter = build_lora(opts)
@@ -154,7 +172,6 @@ def _prepare(opts: TrainOptions) -> dict:
     model.train()
     model.checkpointing = opts.gradient_checkpointing
     optimizer, scheduler = make_optimizer(adapter, opts, total)
-    # what the run's batches and updates depend on; a resumed run must match it
     order = {"objective": "dpo", "dpo_beta": opts.dpo_beta, "seed": opts.seed, "batch_size": opts.batch_size,
              "pairs": len(train_pairs), "held_out": len(held), "total_steps": total,
              "lora": [opts.lora_r, opts.lora_alpha, opts.lora_dropout, adapter.names, opts.base_dtype]}
@@ -162,29 +179,27 @@ def _prepare(opts: TrainOptions) -> dict:
     tok.chat_template = template.source
     meta = {"template": tname, **template.stop_meta(tok), "train": {"dpo": True, "beta": opts.dpo_beta,
                                                                        "pairs": len(train_pairs), "held_out": len(held)}}
-    return {"model": model, "tok": tok, "adapter": adapter, "held": held, "train": train_pairs, "total": total,
-            "optimizer": optimizer, "scheduler": scheduler, "order": order, "meta": meta, "step": step,
-            "params": [p for p in adapter.parameters() if p.requires_grad]}
+    return Run(model, tok, adapter, held, train_pairs, total, optimizer, scheduler, order, meta, step)
 
 
-def _step(run: dict, batch, opts: TrainOptions, step: int) -> dict:
+def _step(run: Run, batch, opts: TrainOptions, step: int) -> dict:
     t0 = time.time()
-    loss, c, r = pair_batch(run["model"], run["adapter"], batch, run["tok"].pad_id, opts.dpo_beta)
+    loss, c, r = pair_batch(run.model, run.adapter, batch, run.tok.pad_id, opts.dpo_beta)
     loss.backward()
-    norm = torch.nn.utils.clip_grad_norm_(run["params"], opts.clip if opts.clip > 0 else float("inf")).item()
+    params = [p for p in run.adapter.parameters() if p.requires_grad]
+    norm = torch.nn.utils.clip_grad_norm_(params, opts.clip if opts.clip > 0 else float("inf")).item()
     if not math.isfinite(loss.item()) or not math.isfinite(norm):
         raise UserError(f"step {step}: the DPO loss or its gradient is not finite; try a lower --lr")
-    run["optimizer"].step()
-    run["scheduler"].step()
-    run["optimizer"].zero_grad(set_to_none=True)
+    run.optimizer.step()
+    run.scheduler.step()
+    run.optimizer.zero_grad(set_to_none=True)
     return {"step": step, "loss": loss.item(), "reward_accuracy": float((c > r).float().mean()),
             "reward_margin": float((c - r).mean()), "grad_norm": norm, "elapsed": round(time.time() - t0, 3)}
 
 
-def _save_last(run: dict, out: Path, step: int):
+def _save_last(run: Run, out: Path, step: int):
     """last/: the adapter, and the state a resume continues from (step, optimizer, schedule, generators)."""
-    state = {"step": step, "order": run["order"]}
-    torch_state = {"optimizer": run["optimizer"].state_dict(), "scheduler": run["scheduler"].state_dict(),
+    state = {"step": step, "order": run.order}
+    torch_state = {"optimizer": run.optimizer.state_dict(), "scheduler": run.scheduler.state_dict(),
                    "rng": ckpt.rng_state()}
-    ckpt.save(out / "last", run["model"], run["tok"], {**run["meta"], "step": step}, state, torch_state,
-              run["adapter"])
+    ckpt.save(out / "last", run.model, run.tok, {**run.meta, "step": step}, state, torch_state, run.adapter)
