@@ -79,8 +79,9 @@ def load(spec: str | None = None, dtype="float32", adapter: str | None = None) -
 
     `adapter`: a LoRA adapter directory (PEFT's files, `models/lora.py`) or a GGUF LoRA file
     (`models/gguf_lora.py`) hooked onto the loaded model; a directory's tokenizer and dialogen.json,
-    when it has them (a `dialogen train --lora-r` checkpoint), give the template. `spec` may itself be such a directory; the base is then the one it names,
-    as is the base when `spec` is None and an adapter names one."""
+    when it has them (a `dialogen train --lora-r` checkpoint), give the template. `spec` may itself
+    be such a directory; the base is then the one it names, as is the base when `spec` is None and
+    an adapter names one."""
     path = None if spec in (None, "", "default") else Path(spec).expanduser()
     if adapter is None and path is not None and is_adapter_dir(path):
         spec, adapter = None, str(path)
