@@ -9,8 +9,10 @@ projection) is written as a GGUF LoRA, and merged into the base (`export --merge
 
 Printed: for each llama.cpp run, the prompts whose greedy tokens equal dialogen's and the mean
 common prefix; and how many prompts the adapter changes (dialogen without it), so the agreement
-is about the adapter. With --converter, llama.cpp's own convert_lora_to_gguf.py also converts the
-adapter (against the base as a Hugging Face directory) and its tensors are compared with ours.
+is about the adapter. A tiny random GPT-2 with a random adapter is also run in llama-cpp-python
+(base + GGUF LoRA) and its logits compared with dialogen's (`--gpt2-only`: just that). With
+--converter, llama.cpp's own convert_lora_to_gguf.py also converts the adapter (against the base as
+a Hugging Face directory) and its tensors are compared with ours.
 
     .venv/bin/python bench/gguf_lora.py --threads 2 --tokens 48      # after `make bench-peers`
 """
@@ -132,6 +134,54 @@ def converter_check(args, base_gguf: Path, adapter: Path, ours: Path, tmp: Path)
             "converter_alpha": alpha}
 
 
+def gpt2_check(args) -> dict:
+    """A tiny random GPT-2 (scratch byte-level BPE) with a random adapter on its fused c_attn and its
+    other projections, in llama-cpp-python (base f32 + the GGUF LoRA f32): logits against dialogen's
+    with the PEFT directory, beside the two engines' difference on the base alone (the default model
+    is a llama; this covers the gpt2 layout)."""
+    import llama_cpp
+    import numpy as np
+    import torch
+    import transformers
+
+    from dialogen.chat.messages import Message
+    from dialogen.export import export_gguf, export_gguf_lora
+    from dialogen.models.loading import load
+    from dialogen.training.scratch import train_tokenizer
+
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        tok = train_tokenizer([[Message("user", p), Message("assistant", p[::-1])] for p in PROMPTS * 4], 400, "dialogpt")
+        torch.manual_seed(0)
+        hf = transformers.GPT2LMHeadModel(transformers.GPT2Config(vocab_size=tok.vocab_size, n_embd=64, n_layer=2,
+                                                                  n_head=4, n_positions=128))
+        with torch.no_grad():
+            for p in hf.parameters():
+                if p.dim() == 2:
+                    p.normal_(0, 0.2)  # logits wide enough for differences to show
+        hf.save_pretrained(tmp / "g")
+        tok.save(tmp / "g")
+        export_gguf(str(tmp / "g"), tmp / "g.gguf", "f32", "dialogpt")
+        adapter = random_adapter(tmp / "g.gguf", tmp / "adapter", 4, 0.2, args.seed)
+        export_gguf_lora(str(tmp / "g.gguf"), tmp / "lora.gguf", str(adapter), "f32")
+        ids = tok.encode_text(PROMPTS[0]) + [tok.eos_id] + tok.encode_text(PROMPTS[1])
+        with torch.no_grad():
+            want = load(str(tmp / "g.gguf"), "float32", adapter=str(adapter)).model(torch.tensor([ids]))[0].numpy()
+            plain = load(str(tmp / "g.gguf"), "float32").model(torch.tensor([ids]))[0].numpy()
+        scores = []
+        for lora in (None, tmp / "lora.gguf"):
+            llm = llama_cpp.Llama(model_path=str(tmp / "g.gguf"), lora_path=lora and str(lora), n_ctx=128,
+                                  n_threads=args.threads, verbose=False, logits_all=True)
+            llm.eval(ids)
+            scores.append(np.array(llm.scores[: len(ids)]))
+            del llm
+        base, got = scores
+        return {"gpt2_lora_max_logit_diff": round(float(np.abs(got - want).max()), 5),
+                "gpt2_base_max_logit_diff": round(float(np.abs(base - plain).max()), 5),
+                "gpt2_adapter_effect": round(float(np.abs(plain - want).max()), 3),
+                "gpt2_same_argmax": f"{int((got.argmax(1) == want.argmax(1)).sum())}/{len(ids)}"}
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default=None, help="the base (default: the embedded model), exported as f16")
@@ -148,7 +198,11 @@ def main():
     ap.add_argument("--converter", default=None, help="llama.cpp's convert_lora_to_gguf.py, to compare with")
     ap.add_argument("--converter-python", default=str(BIN.parent.parent / ".venv-convert/bin/python"))
     ap.add_argument("--verbose", action="store_true", help="print the replies")
+    ap.add_argument("--gpt2-only", action="store_true", help="only the tiny GPT-2's logits in llama-cpp-python")
     args = ap.parse_args()
+    if args.gpt2_only:
+        print(json.dumps(gpt2_check(args)), flush=True)
+        return
     import torch
 
     import dialogen
@@ -189,6 +243,7 @@ def main():
                   "adapter_changes_prompts": f"{sum(a != b for a, b in zip(ours, without))}/{len(ours)}",
                   **{f"{k}_vs_dialogen": agreement(ours, v, eos) for k, v in runs.items()},
                   "lora_vs_merged": agreement(runs["merged"], runs["lora"], set())}
+        result.update(gpt2_check(args))
         if args.converter:
             export_gguf_lora(str(base), tmp / "adapter-f32.gguf", str(adapter), "f32")
             result.update(converter_check(args, base, adapter, tmp / "adapter-f32.gguf", tmp))
