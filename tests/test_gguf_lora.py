@@ -123,6 +123,8 @@ def test_bad_input_is_one_line(tiny_llama, tiny_gpt2, tmp_path, capsys):
     cases = [
         (["generate", msgs, "--model", gpt2, "--adapter", tmp_path / "a.gguf"],
          "the adapter is for another base: its architecture is 'llama'"),
+        (["generate", msgs, "--adapter", tmp_path / "a.gguf"],  # no --model: the default model, of other shapes
+         "the adapter is for another base: blk.0.attn_q.weight.lora_a is [4, 64], this model needs [4, 576]"),
         (["generate", msgs, "--model", llama, "--adapter", tmp_path / "base.gguf"],
          "base.gguf: not a GGUF LoRA adapter (general.type None"),
         (["generate", msgs, "--model", llama, "--adapter", tmp_path / "missing"], "missing: not an adapter"),
