@@ -304,7 +304,7 @@ def main(argv=None) -> int:
         return 0
     with tempfile.TemporaryDirectory() as tmp:
         server_args = ["--db", str(Path(tmp) / "bench.db"), "--max-active", str(args.max_active or max(args.clients, 1)),
-                       "--max-queue", str(args.clients * 2)]
+                       "--max-queue", str(max(args.clients * 2, args.burst))]
         if args.prefill_chunk:
             server_args += ["--prefill-chunk", str(args.prefill_chunk)]
         if args.model:
@@ -365,7 +365,7 @@ def replicas(args) -> dict:
     """N servers on one store, clients round robin across them; then the same load on one of them."""
     with tempfile.TemporaryDirectory() as tmp:
         common = ["--db", args.db or str(Path(tmp) / "bench.db"), "--max-active", str(max(args.clients, 1)),
-                  "--max-queue", str(args.clients * 2)]
+                  "--max-queue", str(max(args.clients * 2, args.burst))]
         common += (["--model", args.model] if args.model else []) + (["--threads", str(args.threads)] if args.threads else [])
         servers = []
         try:
