@@ -37,7 +37,7 @@ class Engine:
 
 def load_engine(model: str | None = None, template: str = "auto", dtype="float32", adapter: str | None = None) -> Engine:
     """`dtype`: the decode weights swapped in at load (see `models.native.swap_in`); `adapter`: a
-    LoRA adapter directory added to the model's products (`models/lora.py`)."""
+    LoRA adapter directory or GGUF LoRA file added to the model's products (`models/lora.py`)."""
     from ..models.loading import load  # here: torch loads with the model, not with --help
 
     loaded = load(model, dtype, adapter)
@@ -103,7 +103,8 @@ def add_model_args(p: argparse.ArgumentParser):
 def add_adapter_arg(p):
     p.add_argument("--adapter", default=None, metavar="DIR",
                    help="a LoRA adapter (PEFT's adapter_config.json and adapter_model.safetensors, e.g. a "
-                        "`dialogen train --lora-r` checkpoint) on the model; without --model, the base it names")
+                        "`dialogen train --lora-r` checkpoint, or a GGUF LoRA file) on the model; without --model, "
+                        "the base it names")
 
 
 def engine_from_args(args, dtype=None) -> Engine:

