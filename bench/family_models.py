@@ -29,8 +29,8 @@ FAMILIES = {
     "qwen3": ("Qwen3Config", {}),
     "gemma": ("GemmaConfig", {}),
     "gemma2": ("Gemma2Config", dict(sliding_window=256, query_pre_attn_scalar=16)),
-    "gemma3_text": ("Gemma3TextConfig", dict(sliding_window=256, layer_types=[
-        "sliding_attention", "full_attention", "sliding_attention", "full_attention"])),
+    # six layers: gemma3's default pattern (the only one its GGUF records) has one global layer in six
+    "gemma3_text": ("Gemma3TextConfig", dict(sliding_window=256, query_pre_attn_scalar=16, num_hidden_layers=6)),
     "phi3": ("Phi3Config", {}),
     "granite": ("GraniteConfig", dict(embedding_multiplier=2.0, attention_multiplier=0.25, residual_multiplier=0.5,
                                       logits_scaling=2.0)),
@@ -38,6 +38,20 @@ FAMILIES = {
     "olmo2": ("Olmo2Config", {}),
     "gpt2": ("GPT2Config", dict(n_embd=64, n_layer=4, n_head=4, n_positions=512, bos_token_id=1, eos_token_id=2)),
 }
+
+
+# families whose converter reads a SentencePiece tokenizer.model only; they get one trained on the tests'
+# corpus (llama.cpp pads its vocabulary to the model's), and prompts are compared as ids
+SENTENCEPIECE_ONLY = ("gemma", "gemma2")
+
+
+def sentencepiece_model() -> bytes:
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+    import gguf_vocabs
+
+    return gguf_vocabs.train_sentencepiece().serialized_model_proto()
 
 
 def build_family(directory: Path, family: str, seed: int = 0):
@@ -69,6 +83,8 @@ def build_family(directory: Path, family: str, seed: int = 0):
         c = json.loads((directory / "config.json").read_text())
         (directory / "config.json").write_text(json.dumps({**c, "n_ctx": c["n_positions"]}, indent=1))
     tokenizer_dir = resolve(None)
+    if family in SENTENCEPIECE_ONLY:
+        (directory / "tokenizer.model").write_bytes(sentencepiece_model())
     shutil.copy(tokenizer_dir / "tokenizer.json", directory / "tokenizer.json")
     tok_cfg = json.loads((tokenizer_dir / "tokenizer_config.json").read_text())
     tok_cfg["tokenizer_class"] = "GPT2Tokenizer"  # phi3's converter takes the BPE path only for this class
