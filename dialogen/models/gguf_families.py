@@ -55,8 +55,9 @@ class Reader:
 
     def window(self, default: int = 0) -> int:
         """`attention.sliding_window`; 0 (or absence without a default) is full attention."""
-        v = self.meta.get(self.key("attention.sliding_window"), default)
-        return 0 if v == 0 and not isinstance(v, bool) else value(self.path, self.meta, self.key("attention.sliding_window"), "size")
+        k = self.key("attention.sliding_window")
+        v = self.meta.get(k, default)
+        return 0 if v == 0 and not isinstance(v, bool) else value(self.path, self.meta, k, "size", default)
 
     def sliding_layers(self, pattern: int) -> list[int]:
         """The sliding layers: `attention.sliding_window_pattern` as one flag per layer, or as n (the
