@@ -96,7 +96,11 @@ def convert(hf_dir: Path, out: Path, python: Path, converter: Path) -> str:
     if not python.exists() or not converter.exists():
         raise SystemExit(f"make_models: the converter is not installed ({python}, {converter}): make bench-peers")
     tmp = out.with_suffix(".part")
-    run = subprocess.run([str(python), str(converter), "--outtype", "f16", "--outfile", str(tmp), str(hf_dir)],
+    # general.name: llama.cpp gives a model named phi3 SentencePiece token rules (<s>, </s>, <unk> must
+    # exist); this phi3 has a byte-level BPE vocabulary, as Phi-4-mini does
+    name = "tiny random phi, byte-level BPE" if hf_dir.name == "phi3" else f"tiny random {hf_dir.name}"
+    run = subprocess.run([str(python), str(converter), "--outtype", "f16", "--model-name", name, "--outfile", str(tmp),
+                          str(hf_dir)],
                          capture_output=True, text=True)
     if run.returncode != 0:
         tmp.unlink(missing_ok=True)

@@ -130,3 +130,29 @@ def test_unread_keys_are_refused_in_one_line(tmp_path, capsys, family, meta, ext
     assert main(["generate", str(tmp_path / "m.json"), "--model", str(path), "--max-new-tokens", "2"]) == 2
     err = capsys.readouterr().err.strip()
     assert named in err and len(err.splitlines()) == 1
+
+
+@pytest.mark.parametrize("name", ["phi3-longrope", "gemma2", "olmo2"])
+@torch.no_grad()
+def test_blocks_stay_blocks(name, tmp_path):
+    """Q8_0 matrices (phi3's fused attn_qkv and [gate; up] ffn_up among them) multiplied as shipped;
+    the reference path on the same blocks gives transformers' logits on the weights as written."""
+    from dialogen.models.kernels import library
+    from dialogen.models.native import BlockLinear
+
+    (family, config), arch, meta, extra = CASES[name]
+    hf = tiny_hf(family, **{"max_position_embeddings": 256, **IDS_IN_VOCAB, **config})
+    import gguf
+
+    write_gguf(tmp_path / "names.gguf", hf, arch=arch, meta=meta, extra=extra)  # llama.cpp's names of the matrices
+    types = {t.name: "Q8_0" for t in gguf.GGUFReader(str(tmp_path / "names.gguf")).tensors if len(t.shape) == 2}
+    path = tmp_path / "q8.gguf"
+    written = write_gguf(path, hf, arch=arch, meta=meta, extra=extra, types=types)
+    if hf.config.tie_word_embeddings:
+        written["lm_head.weight"] = written["model.embed_tokens.weight"]
+    want = with_weights(hf, written)(IDS).logits
+    model = load(str(path), "auto").model
+    assert isinstance(model.blocks[0].attn.qkv, BlockLinear) and isinstance(model.blocks[0].mlp.gate_up, BlockLinear)
+    assert (model(IDS) - want).abs().max() < 0.1 * want.abs().max()  # activations rounded to 8 bits in the kernels
+    with library.disabled():
+        assert (model(IDS) - want).abs().max() < 1e-4
