@@ -13,9 +13,9 @@ false would switch rotary off. A key of the architecture not listed here is refu
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 from ..errors import UserError
 from .config_values import MAX_SIZE, shown

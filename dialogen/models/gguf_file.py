@@ -86,11 +86,11 @@ def rope_from_tensors(path: Path, header, cfg: Config) -> dict:
     if factors:
         return {"rope_type": "freq_factors", "factors": factors}
     if long:
-        where = f"{arch}.rope.scaling.original_context_length"
-        original = header.meta.get(where, cfg.max_seq_len)
+        key = f"{arch}.rope.scaling."
         return {"rope_type": "longrope", "long_factor": long, "short_factor": _factors(path, header, "rope_factors_short.weight"),
-                "original_max_position_embeddings": original,
-                "attention_factor": float(1.0 if attn is None else _value(path, header.meta, f"{arch}.rope.scaling.attn_factor", "rate"))}
+                "original_max_position_embeddings": _value(path, header.meta, key + "original_context_length", "size",
+                                                           cfg.max_seq_len),
+                "attention_factor": float(_value(path, header.meta, key + "attn_factor", "rate", 1.0))}
     return cfg.rope
 
 
