@@ -21,6 +21,7 @@ a turn that gets 409. Afterwards the stored sessions are checked against the tur
 saw complete (lost, duplicated), and the same load runs against one replica for the ratio.
 
     nice .venv/bin/python bench/serve_load.py [--clients 32] [--turns 5] [--max-tokens 24]
+    nice .venv/bin/python bench/serve_load.py --metrics-cost 5   # metrics on vs --no-metrics
     nice .venv/bin/python bench/serve_load.py --replicas 2 --db postgresql://postgres@127.0.0.1:5432/bench
 """
 
@@ -288,6 +289,9 @@ def main(argv=None) -> int:
                                                "SQLite file)")
     ap.add_argument("--scrape-every", type=float, default=1.0,
                     help="seconds between /metrics scrapes during the concurrent phase (0: none)")
+    ap.add_argument("--metrics-cost", type=int, default=0, metavar="ROUNDS",
+                    help="only measure what metrics cost: the concurrent phase against a server with metrics "
+                         "(scraped every --scrape-every s) and one with --no-metrics, alternated ROUNDS times")
     ap.add_argument("--burst", type=int, default=200,
                     help="concurrent chat completions of the memory burst, after the phases (0: none)")
     ap.add_argument("--settle", type=float, default=30.0, help="seconds after the burst before RSS is read again")
@@ -295,9 +299,12 @@ def main(argv=None) -> int:
     if args.replicas > 1:
         print(json.dumps(replicas(args)))
         return 0
+    if args.metrics_cost:
+        print(json.dumps(metrics_cost(args)))
+        return 0
     with tempfile.TemporaryDirectory() as tmp:
         server_args = ["--db", str(Path(tmp) / "bench.db"), "--max-active", str(args.max_active or max(args.clients, 1)),
-                       "--max-queue", str(args.clients * 2)]
+                       "--max-queue", str(max(args.clients * 2, args.burst))]
         if args.prefill_chunk:
             server_args += ["--prefill-chunk", str(args.prefill_chunk)]
         if args.model:
@@ -332,11 +339,33 @@ def main(argv=None) -> int:
     return 0
 
 
+def metrics_cost(args) -> dict:
+    """Tokens/s of the concurrent phase with metrics on (and scraped) over off, rounds alternated
+    (on, off, on, off, ...) so the machine's drift hits both alike; the median of the rounds' ratios."""
+    with tempfile.TemporaryDirectory() as tmp:
+        def server(name, extra):
+            return ServerProcess(["--db", str(Path(tmp) / f"{name}.db"), "--max-active", str(args.clients),
+                                  "--max-queue", str(args.clients * 2), *(["--model", args.model] if args.model else []),
+                                  *(["--threads", str(args.threads)] if args.threads else []), *extra])
+
+        with server("on", []) as on, server("off", ["--no-metrics"]) as off:
+            rounds = []
+            for _ in range(args.metrics_cost):
+                with_m = asyncio.run(phase([on.url], args.clients, args.turns, args.max_tokens, args.phase_limit, True,
+                                           args.scrape_every))
+                without = asyncio.run(phase([off.url], args.clients, args.turns, args.max_tokens, args.phase_limit, True))
+                rounds.append((with_m["tokens_per_s"], without["tokens_per_s"]))
+    ratios = [a / b for a, b in rounds if b]
+    return {"clients": args.clients, "turns_per_client": args.turns, "max_tokens": args.max_tokens,
+            "scrape_every_s": args.scrape_every, "tokens_per_s_on_off": rounds,
+            "on_over_off_median": round(statistics.median(ratios), 4) if ratios else None}
+
+
 def replicas(args) -> dict:
     """N servers on one store, clients round robin across them; then the same load on one of them."""
     with tempfile.TemporaryDirectory() as tmp:
         common = ["--db", args.db or str(Path(tmp) / "bench.db"), "--max-active", str(max(args.clients, 1)),
-                  "--max-queue", str(args.clients * 2)]
+                  "--max-queue", str(max(args.clients * 2, args.burst))]
         common += (["--model", args.model] if args.model else []) + (["--threads", str(args.threads)] if args.threads else [])
         servers = []
         try:

@@ -101,6 +101,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_decoding_args(p)
     p.set_defaults(func=cmd_generate)
     from .serve.cli import register as _r; _r(sub)
+    from .serve.feedback_export import register as _r; _r(sub)
     from .training.cli import register as _r; _r(sub)
     from .data.inspect import register as _r; _r(sub)
     from .eval.perplexity import register as _r; _r(sub)

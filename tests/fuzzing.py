@@ -75,6 +75,9 @@ TEXT_BODY = bodies({"prompt": st.one_of(WORDS, st.lists(WORDS, min_size=1, max_s
     "model": st.sampled_from(["tiny-chat", "gpt-3.5-turbo-instruct"]), "n": st.integers(1, 2),
     "stream": st.booleans(), "logprobs": st.integers(0, 5), "echo": st.just(False),
     **{k: v for k, v in DECODE_FIELDS.items() if k not in ("num_candidates", "beam_size")}})
+FEEDBACK_BODY = bodies({"rating": st.sampled_from(["up", "down"])}, {"comment": WORDS, "variant": st.integers(0, 3)})
+REGENERATE_BODY = bodies({}, {"stream": st.booleans(), **DECODE_FIELDS})
+PICK_BODY = bodies({"chosen": st.integers(0, 3), "rejected": st.integers(0, 3)}, {})
 
 # a body: a route's fields, any JSON at all, or bytes that may not be JSON (or UTF-8) at all
 RAW = st.one_of(st.binary(max_size=60), st.sampled_from([b"", b"{", b"[]", b'{"a": NaN}', b"[" * 5000,
@@ -89,6 +92,16 @@ CONTENT_TYPES = st.sampled_from(["application/json"] * 6 + ["application/json; c
                                                            "application/x-www-form-urlencoded", ""])
 SESSION_ID = st.one_of(st.just("{sid}"), st.just("{sid}"), st.just("sess_0123"), st.just("..%2F..%2Fhealth"),
                        TEXT.map(lambda s: quote(s.encode("utf-8", "surrogatepass"), safe="")))
+MESSAGE_INDEX = st.one_of(st.sampled_from(["0", "1", "2", "3", "5", "0x1", "-1", "99999999999", "1.0"]),
+                          TEXT.map(lambda s: quote(s.encode("utf-8", "surrogatepass"), safe="")))
+
+
+def _feedback_route(what: str, fields):
+    """POST /v1/sessions/{id}/messages/{n}/{what}: a rating, a regenerated reply or a pick."""
+    return st.tuples(st.just("POST"), st.tuples(SESSION_ID, MESSAGE_INDEX).map(
+        lambda t: f"/v1/sessions/{t[0]}/messages/{t[1]}/{what}"), body_for(fields), CONTENT_TYPES)
+
+
 REQUEST = st.one_of(
     st.tuples(st.just("POST"), st.sampled_from(["/v1/chat/completions", "/chat/completions"]), body_for(CHAT_BODY),
               CONTENT_TYPES),
@@ -101,6 +114,9 @@ REQUEST = st.one_of(
               st.one_of(SESSION_ID.map(lambda s: f"/v1/sessions/{s}"), st.sampled_from(
                   ["/v1/sessions", "/v1/models", "/models", "/v1/models/tiny-chat", "/health", "/", "/v1/nothing"])),
               st.just(b""), st.just("")),
+    _feedback_route("feedback", FEEDBACK_BODY),
+    _feedback_route("regenerate", REGENERATE_BODY),
+    _feedback_route("preference", PICK_BODY),
 )
 
 

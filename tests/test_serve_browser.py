@@ -150,3 +150,61 @@ def test_page_sends_a_message_and_streams_the_reply(server, tmp_path):
             ctx.close()
     assert os.path.getsize(shot) > 10_000
 
+
+
+def test_page_rates_a_reply_and_picks_the_better_of_two(server, tmp_path):
+    sync_api = pytest.importorskip("playwright.sync_api")
+    expect = sync_api.expect
+    with sync_api.sync_playwright() as p:
+        ctx = p.chromium.launch_persistent_context(str(tmp_path / "profile"), executable_path=CHROMIUM,
+                                                   headless=True, args=ARGS)
+        try:
+            page = ctx.new_page()
+            errors = []
+            page.on("pageerror", lambda e: errors.append(str(e)))
+            page.goto(server.url + "/")
+            page.fill("#max_tokens", "8")
+            page.fill("#input", "Rate this, please.")
+            page.press("#input", "Enter")
+            reply = page.locator(".msg.assistant").last
+            expect(reply.locator(".rate.up")).to_be_visible(timeout=60_000)
+            reply.locator(".rate.up").click()
+            expect(reply.locator(".rate.up")).to_have_attribute("aria-pressed", "true")
+            expect(reply.locator(".rate.down")).to_have_attribute("aria-pressed", "false")
+            sid = page.evaluate("state.session.id")
+            url = f"{server.url}/v1/sessions/{sid}"
+            assert httpx.get(url).json()["messages"][1]["feedback"] == {"rating": "up", "comment": None}
+            first = reply.locator(".body").text_content()
+            # regenerate (sampled, so the second reply differs), then pick the new one
+            page.fill("#temperature", "1.5")
+            reply.locator(".regenerate").click()
+            alt = page.locator(".msg.alternative")
+            expect(alt.locator(".better")).to_be_visible(timeout=60_000)
+            expect(page.locator("#input")).to_be_disabled()  # waits for a pick
+            second = alt.locator(".body").text_content()
+            assert second and second != first
+            alt.locator(".better").click()
+            expect(page.locator(".msg.alternative")).to_have_count(0)
+            expect(page.locator("#input")).to_be_enabled()
+            assert reply.locator(".body").text_content() == second
+            expect(reply.locator(".rate.up")).to_have_attribute("aria-pressed", "false")  # the rating was the first's
+            stored = httpx.get(url).json()["messages"][1]
+            assert stored["content"] == second and stored["variant"] == 1
+            assert [v["content"] for v in stored["variants"]] == [first, second]
+            assert stored["variants"][0]["feedback"]["rating"] == "up"
+            # the next turn goes on from the chosen reply; only the last reply offers Regenerate
+            page.fill("#input", "And then?")
+            page.press("#input", "Enter")
+            expect(page.locator(".msg.assistant .rate")).to_have_count(4, timeout=60_000)
+            expect(page.locator(".msg.assistant .regenerate:visible")).to_have_count(1)
+            page.locator(".msg.assistant").last.locator(".rate.down").click()
+            expect(page.locator(".msg.assistant").last.locator(".rate.down")).to_have_attribute("aria-pressed", "true")
+            # reopened, the conversation shows the chosen reply and the rating
+            page.click("#new-chat")
+            page.locator("#history .open").first.click()
+            expect(page.locator(".msg.assistant .body").first).to_have_text(second)
+            expect(page.locator(".msg.assistant").last.locator(".rate.down")).to_have_attribute("aria-pressed", "true")
+            expect(page.locator(".msg.assistant .regenerate:visible")).to_have_count(1)
+            assert not errors, errors
+        finally:
+            ctx.close()

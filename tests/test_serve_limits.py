@@ -35,24 +35,30 @@ def _stream_turn(url, sid, max_tokens, out, began, started):
     out.update(deltas=deltas, last=last)  # iter_lines ends cleanly only on a well-formed end of body
 
 
-def _sigterm_during_streams(tiny_llama, tmp_path, grace: str, max_tokens: list[int], args=()):
+def _sigterm_during_streams(tiny_llama, tmp_path, grace: str, max_tokens: list[int], args=(), late=False):
+    """Stream one turn per entry of `max_tokens` (admitted in that order, one running at a time),
+    freeze the server while the first streams, send SIGTERM; with `late`, one more turn is sent
+    during the shutdown. Checks that every stream ends well-formed and only whole turns are stored;
+    returns (outs, the late turn's out, server output, the first request's id)."""
     db = tmp_path / "s.db"
     srv = ServerProcess(["--model", str(tiny_llama[0]), "--template", "chatml", "--db", str(db),
                          "--max-active", "1", "--shutdown-grace", grace, *args]).start()
     try:
-        made = [httpx.post(srv.url + "/v1/sessions", json={}) for _ in max_tokens]
+        made = [httpx.post(srv.url + "/v1/sessions", json={}) for _ in range(len(max_tokens) + late)]
         sids = [r.json()["id"] for r in made]
         outs, began, started = [{} for _ in sids], [threading.Event() for _ in sids], threading.Event()
         threads = [threading.Thread(target=_stream_turn, args=(srv.url, sid, n, out, b, started if i == 0 else b))
-                   for i, (sid, n, out, b) in enumerate(zip(sids, max_tokens, outs, began))]
-        for t in threads:
+                   for i, (sid, n, out, b) in enumerate(zip(sids, max_tokens + [8] * late, outs, began))]
+        for t, b in zip(threads[:len(max_tokens)], began):  # each admitted (its stream begun) before the next
             t.start()
-        # the first reply is streaming: the server is frozen there, so no reply can finish before the
-        # signal (the others are queued behind it, or still on their way and then refused)
+            assert b.wait(60)
+        # the first reply is streaming: the server is frozen there, so no reply can finish before the signal
         assert started.wait(60)
         srv.proc.send_signal(signal.SIGSTOP)
-        time.sleep(0.3)  # requests on their way reach the frozen server's socket
         srv.proc.send_signal(signal.SIGTERM)
+        if late:  # reaches the frozen server's socket; answered once it runs again
+            threads[-1].start()
+            time.sleep(0.3)
         srv.proc.send_signal(signal.SIGCONT)
         for t in threads:
             t.join(timeout=60)
@@ -75,23 +81,27 @@ def _sigterm_during_streams(tiny_llama, tmp_path, grace: str, max_tokens: list[i
         else:
             assert out["last"]["error"]["code"] == "server_shutdown", out["last"]
             assert "grace period" in out["last"]["error"]["message"] and msgs == []
-    return outs, srv.output, made[0].headers["x-request-id"]
+    return outs[:len(max_tokens)], (outs[-1] if late else None), srv.output, made[0].headers["x-request-id"]
 
 
 def test_sigterm_lets_a_running_reply_finish(tiny_llama, tmp_path):
-    outs, output, rid = _sigterm_during_streams(tiny_llama, tmp_path, "30", [12],
-                                                ["--log-format", "json", "--log-level", "info"])
-    assert outs[0]["last"] == "[DONE]"
+    """The running reply and the one queued behind it finish within the grace period; a request
+    sent during the shutdown gets 503, not a reset connection (the socket answers until the
+    replies are done)."""
+    outs, late, output, rid = _sigterm_during_streams(tiny_llama, tmp_path, "30", [12, 12],
+                                                      ["--log-format", "json", "--log-level", "info"], late=True)
+    assert [o["last"] for o in outs] == ["[DONE]", "[DONE]"]
+    assert late == {"status": 503}
     logged = [json.loads(line) for line in output if line.startswith("{")]
     access = [r for r in logged if r["logger"] == "dialogen.access" and r["request_id"] == rid]
     assert len(access) == 1 and access[0]["http"]["path"] == "/v1/sessions" and access[0]["http"]["status"] == 200
 
 
 def test_sigterm_past_the_grace_period_cuts_replies_with_an_error_event(tiny_llama, tmp_path):
-    # the reply streaming when the signal comes (frozen there) is cut with the error event; every
-    # stream ends well-formed and only whole turns are stored (checked for all three)
-    outs, _, _ = _sigterm_during_streams(tiny_llama, tmp_path, "0", [200, 200, 200])
-    assert outs[0]["last"] != "[DONE]"
+    """The reply streaming when the signal comes and the two queued behind it are cut with the
+    error event; nothing of them is stored."""
+    outs, _, _, _ = _sigterm_during_streams(tiny_llama, tmp_path, "0", [200, 200, 200])
+    assert [o["last"]["error"]["code"] for o in outs] == ["server_shutdown"] * 3
 
 
 def test_half_sent_headers_cannot_starve_the_server(tiny_llama, tmp_path):

@@ -209,3 +209,73 @@ def test_a_database_restart_gives_503s_then_recovers_without_losing_a_turn(tiny_
         acked = [c for c, s, _, _ in log[k] if s == 200]
         assert len(set(users)) == len(users) and set(acked) <= set(users)  # none lost, none twice
         assert users == [c for c in sent if c in users]  # in the order sent; a 503'd one at most once
+
+
+def _feedback_script(store):
+    """Ratings, variants and picks on a store; what a client could observe of them (ids and times left out)."""
+    from dialogen.serve.feedback_store import Stale
+
+    sid = store.create("owner", "be brief", {}, "")["id"]
+    assert store.add_turn(sid, "hi", "hello", {"finish_reason": "stop"})
+    out = [store.rate(sid, 1, 0, "up", "good"), store.rate(sid, 0, 0, "up", None), store.rate(sid, 1, 1, "up", None)]
+    out += [store.add_variant(sid, 1, "hey", {"finish_reason": "length"}), store.add_variant(sid, 1, "yo", None)]
+    out += [store.rate(sid, 1, 2, "down", ""), store.pick(sid, 1, 2, 0), store.pick(sid, 1, 0, 2)]
+    out.append([{k: v for k, v in m.items() if k != "created"} for m in store.get(sid, "owner")["messages"]])
+    assert store.add_turn(sid, "more", "sure", expected=2)
+    with pytest.raises(Stale):
+        store.add_variant(sid, 1, "late", None)
+    with pytest.raises(Stale):
+        store.pick(sid, 1, 1, 0)
+    out += [store.add_variant("sess_missing", 1, "x", None), store.rate("sess_missing", 1, 0, "up", None)]
+    out.append([{**s, "id": None} for s in store.feedback_sessions()])
+    out += [store.delete(sid, "owner"), store.feedback_sessions()]
+    return out
+
+
+def test_feedback_behaves_as_on_sqlite(pg_dsn, tmp_path):
+    from dialogen.serve.pgstore import PgStore
+
+    pg, lite = PgStore(pg_dsn), Store(tmp_path / "s.db")
+    try:
+        got = _feedback_script(lite)
+        assert _feedback_script(pg) == got
+    finally:
+        pg.close()
+        lite.close()
+    assert got[:8] == [True, False, False, 1, 2, True, {"role": "assistant", "content": "yo", "variant": 2},
+                       {"role": "assistant", "content": "hello", "finish_reason": "stop", "variant": 0}]
+    assert got[8][1]["variants"] == [{"variant": 0, "content": "hello", "feedback": {"rating": "up", "comment": "good"}},
+                                     {"variant": 1, "content": "hey"},
+                                     {"variant": 2, "content": "yo", "feedback": {"rating": "down", "comment": None}}]
+    assert got[8][1]["feedback"] == {"rating": "up", "comment": "good"} and got[9:11] == [None, False]
+    assert got[11][0]["picks"] == [(1, 0, 2)] and got[12:] == [True, []]  # a deleted session's feedback goes with it
+
+
+def test_a_version_1_database_gains_the_feedback_tables(pg_dsn, tmp_path, capsys):
+    import psycopg
+
+    from dialogen.cli import main
+    from dialogen.serve.pgstore import SCHEMA_VERSION, PgStore
+    from dialogen.serve.store import FEEDBACK_TABLES, SCHEMA
+
+    old = SCHEMA.replace(FEEDBACK_TABLES, "").replace(" REAL ", " DOUBLE PRECISION ")
+    with psycopg.connect(pg_dsn, autocommit=True) as conn:
+        conn.execute("CREATE TABLE dialogen_schema (version INTEGER NOT NULL); INSERT INTO dialogen_schema VALUES (1);"
+                     + old)
+        conn.execute("INSERT INTO sessions VALUES ('sess_1', 'o', 1, 2, NULL, '{}', 'hi')")
+        conn.execute("INSERT INTO messages VALUES ('sess_1', 0, 'user', 'hi', 1, NULL), "
+                     "('sess_1', 1, 'assistant', 'hello', 2, NULL)")
+    store = PgStore(pg_dsn)
+    try:
+        assert [m["content"] for m in store.get("sess_1", "o")["messages"]] == ["hi", "hello"]
+        assert store.add_variant("sess_1", 1, "hey", None) == 1 and store.pick("sess_1", 1, 1, 0)
+    finally:
+        store.close()
+    with psycopg.connect(pg_dsn) as conn:
+        assert conn.execute("SELECT version FROM dialogen_schema").fetchall() == [(SCHEMA_VERSION,)]
+    out = tmp_path / "prefs.jsonl"
+    assert main(["export-feedback", "--db", pg_dsn, "--out", str(out)]) == 0
+    assert [json.loads(line) for line in out.read_text().splitlines()] == [
+        {"prompt": [{"role": "user", "content": "hi"}], "chosen": [{"role": "assistant", "content": "hey"}],
+         "rejected": [{"role": "assistant", "content": "hello"}], "source": "pick", "session_id": "sess_1",
+         "message_index": 1}]

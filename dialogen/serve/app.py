@@ -1,7 +1,8 @@
 """The FastAPI application: auth, body limits, OpenAI-shaped errors, health, models, the web page.
 
 Endpoints are added by `completions.py` (POST /v1/chat/completions), `text.py` (POST
-/v1/completions) and `sessions.py` (/v1/sessions...). The OpenAI routes also answer without the
+/v1/completions), `sessions.py` (/v1/sessions...) and `feedback.py` (ratings, regenerated replies
+and picks of a session's replies). The OpenAI routes also answer without the
 `/v1` prefix (`UNPREFIXED`), for clients whose base URL lacks it. Every error leaves as
 `{"error": {"message", "type", "param", "code"}}`; a 404 lists the routes that exist.
 """
@@ -102,6 +103,8 @@ def create_app(svc: Service, bound_host: str = "127.0.0.1", allowed_hosts=(), co
 
     @app.get("/metrics")
     async def metrics():
+        if not svc.metrics.enabled:
+            raise ApiError(404, "metrics are off (dialogen serve --no-metrics)", code="not_found")
         body = await run_in_threadpool(svc.metrics.render, svc)
         return Response(body, media_type="text/plain; version=0.0.4; charset=utf-8")
 
@@ -124,12 +127,14 @@ def create_app(svc: Service, bound_host: str = "127.0.0.1", allowed_hosts=(), co
     app.mount("/static", StaticFiles(directory=STATIC), name="static")
 
     from .completions import add_routes as completion_routes
+    from .feedback import add_routes as feedback_routes
     from .sessions import add_routes as session_routes
     from .text import add_routes as text_routes
 
     completion_routes(app, svc)
     text_routes(app, svc)
     session_routes(app, svc)
+    feedback_routes(app, svc)
     return app
 
 

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import importlib.util
+import argparse
 import ipaddress
 import os
 import re
 import socket
+import threading
 from pathlib import Path
 
 from ..chat.personas import resolve_persona
@@ -69,6 +71,8 @@ def register(sub):
     g.add_argument("--shutdown-grace", type=float, default=30.0, metavar="SECONDS",
                    help="on SIGTERM/SIGINT, stop taking requests and let running replies finish for this long; "
                         "a reply still running then ends with an error event (default: %(default)s)")
+    g.add_argument("--metrics", action=argparse.BooleanOptionalAction, default=True,
+                   help="serve Prometheus metrics at GET /metrics, behind the API keys (default: on)")
     g.add_argument("--log-level", default="warning", choices=("debug", "info", "warning", "error"),
                    help="info adds an access line per request (default: %(default)s)")
     g.add_argument("--log-format", default="text", choices=("text", "json"),
@@ -182,7 +186,8 @@ def cmd_serve(args) -> int:
         engine = engine_from_args(args)
         name = args.model_name or re.sub(r"-[0-9a-f]{12}$", "", engine.name)
         return Service(engine, store, Keys(keys), limits, sampling, name, args.max_active, args.max_queue,
-                       decoding, args.model_alias, args.strict_model_names, prefill_chunk=args.prefill_chunk)
+                       decoding, args.model_alias, args.strict_model_names, prefill_chunk=args.prefill_chunk,
+                       metrics=args.metrics)
 
     svc = in_passing_thread(start)  # the loads leave no OpenMP pool: the model thread's is the only one
     svc.default_persona = resolve_persona(args.system)  # for sessions and requests without a system message
@@ -216,7 +221,8 @@ def run(svc, sock: socket.socket, args) -> int:
     config = uvicorn.Config(app, log_level=args.log_level, timeout_graceful_shutdown=args.shutdown_grace + 5,
                             http=protocol, h11_max_incomplete_event_size=args.max_header_bytes,
                             log_config=None, access_log=False)  # logs.py: one handler, access lines with ids
-    server = graceful_server(config, lambda: svc.begin_shutdown(args.shutdown_grace))
+    server = graceful_server(config, lambda: svc.begin_shutdown(args.shutdown_grace),
+                             lambda: svc.worker.wait_idle(args.shutdown_grace + 5))
     try:
         server.run(sockets=[sock])
     finally:
@@ -224,16 +230,27 @@ def run(svc, sock: socket.socket, args) -> int:
     return 0
 
 
-def graceful_server(config, on_signal):
-    """uvicorn's server, calling `on_signal()` at the first SIGTERM/SIGINT, and exiting with 0
-    after a shutdown it was asked for (uvicorn re-raises the signal, for an exit code of -15)."""
+def graceful_server(config, on_signal, wait_idle):
+    """uvicorn's server, draining at the first SIGTERM/SIGINT: `on_signal()` makes new work get 503
+    and starts the grace period, and the socket keeps answering until `wait_idle()` returns (no
+    reply left). Only then does uvicorn close the socket: a connection that arrived during the
+    drain gets its 503 instead of a reset. A second signal stops at once. The exit code is 0 after
+    a shutdown that was asked for (uvicorn re-raises the signal, for an exit code of -15)."""
     import uvicorn
 
     class Server(uvicorn.Server):
+        draining = False
+
         def handle_exit(self, sig, frame):
-            if not self.should_exit:
+            if not self.draining:
+                self.draining = True
                 on_signal()
-            super().handle_exit(sig, frame)
-            self._captured_signals.clear()
+                threading.Thread(target=self._exit_when_idle, name="dialogen-drain", daemon=True).start()
+            else:
+                self.should_exit = self.force_exit = True
+
+        def _exit_when_idle(self):
+            wait_idle()
+            self.should_exit = True
 
     return Server(config)

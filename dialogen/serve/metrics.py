@@ -51,7 +51,10 @@ class Histogram:
 
 
 class Metrics:
-    def __init__(self):
+    """`enabled` False (`dialogen serve --no-metrics`): nothing is counted or timed, and /metrics is 404."""
+
+    def __init__(self, enabled: bool = True):
+        self.enabled = enabled
         self._lock = threading.Lock()
         self.requests: dict[tuple[str, str, int], int] = {}
         self.tokens = 0
@@ -61,12 +64,16 @@ class Metrics:
         self.store_down = dict.fromkeys(STORE_OPS, 0)
 
     def request(self, method: str, route: str, status: int):
+        if not self.enabled:
+            return
         key = (method, route, status)
         with self._lock:
             self.requests[key] = self.requests.get(key, 0) + 1
 
     def emitter(self, emit):
         """`emit` for a job's events, timing its text deltas and counting its tokens."""
+        if not self.enabled:
+            return emit
         admitted, last = time.perf_counter(), None
 
         def observed(event):
@@ -87,7 +94,7 @@ class Metrics:
         return observed
 
     def timed(self, store):
-        return TimedStore(store, self)
+        return TimedStore(store, self) if self.enabled else store
 
     def render(self, svc) -> bytes:
         """The text format, with the gauges read from `svc` now."""

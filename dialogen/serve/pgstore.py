@@ -8,7 +8,8 @@ The same schema and behaviour as the SQLite store (store.py), through psycopg 3:
   for its duration, on a connection of its own. The lock ends with the turn, or with the
   connection when a replica dies (even by kill -9), so another replica can go on at once;
 - the schema is created idempotently (under a lock, as replicas start together) and its version
-  recorded; a database written by a newer dialogen is refused.
+  recorded; a database written by a newer dialogen is refused, an older one gains the tables it
+  lacks (version 2: the feedback tables, see feedback_store.py).
 """
 
 from __future__ import annotations
@@ -21,9 +22,10 @@ import time
 from contextlib import contextmanager
 
 from ..errors import UserError
+from .feedback_store import Feedback
 from .store import SCHEMA as TABLES, Conflict, Reads, StoreUnavailable, _title, guarded
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 # the SQLite store's tables, with PostgreSQL's name for a double; turn claims are advisory locks
 SCHEMA = "CREATE TABLE IF NOT EXISTS dialogen_schema (version INTEGER NOT NULL);" + TABLES.replace(
     " REAL ", " DOUBLE PRECISION ")
@@ -74,7 +76,7 @@ def _lock_key(sid: str) -> int:
     return int.from_bytes(hashlib.sha256(sid.encode()).digest()[:8], "big", signed=True)
 
 
-class PgStore(Reads):
+class PgStore(Reads, Feedback):
     """Every statement runs on a connection of a pool (psycopg_pool), checked before use: a
     connection broken by a database restart or a network fault is replaced, never reused. While
     the database is unreachable an operation raises StoreUnavailable (the HTTP layer answers 503);
@@ -129,6 +131,8 @@ class PgStore(Reads):
             elif row["v"] > SCHEMA_VERSION:
                 raise UserError(f"--db {self.path}: the sessions schema is version {row['v']}, newer than this "
                                 f"dialogen's ({SCHEMA_VERSION}); upgrade dialogen")
+            elif row["v"] < SCHEMA_VERSION:  # the tables it lacked were created above
+                db.execute("UPDATE dialogen_schema SET version = %s", (SCHEMA_VERSION,))
 
     def close(self):
         with self._held_lock:
@@ -149,6 +153,13 @@ class PgStore(Reads):
 
     def _sql(self, query: str) -> str:
         return query.replace("?", "%s")
+
+    _row_lock = " FOR UPDATE"  # a write on a session's feedback waits for its turn's commit, and vice versa
+
+    @contextmanager
+    def _write(self):
+        with self._conn() as db, db.transaction():
+            yield db
 
     def _fetch(self, query: str, args: tuple, one: bool = False):
         cur = self._tx.execute(self._sql(query), args)

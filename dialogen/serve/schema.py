@@ -137,6 +137,31 @@ class SessionTurn(DecodeFields):
     stream: bool | None = None
 
 
+MAX_COMMENT = 4000
+
+
+class Rating(Body):
+    """POST /v1/sessions/{id}/messages/{n}/feedback; `variant`: which reply of the message (default:
+    the one shown)."""
+
+    rating: Literal["up", "down"]
+    comment: str | None = Field(None, max_length=MAX_COMMENT)
+    variant: Count | None = None
+
+
+class Regenerate(DecodeFields):
+    """POST /v1/sessions/{id}/messages/{n}/regenerate: the decoding fields of a turn."""
+
+    stream: bool | None = None
+
+
+class Pick(Body):
+    """POST /v1/sessions/{id}/messages/{n}/preference: two variants of the message."""
+
+    chosen: Count
+    rejected: Count
+
+
 class ChatMessage(Body):
     """A message; an assistant's may carry `tool_calls` (its content then possibly null), and a
     `tool` message answers one by `tool_call_id` (checked by `chat.messages.parse_messages`)."""

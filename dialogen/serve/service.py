@@ -209,11 +209,11 @@ class Service:
     def __init__(self, engine: Engine, store: Store, keys: Keys, limits: Limits, sampling: Sampling | None = None,
                  model_name: str | None = None, max_active: int = 32, max_queue: int = 64,
                  decoding: Decoding | None = None, aliases=(), strict_model_names: bool = False,
-                 prefill_chunk: int = 256):
+                 prefill_chunk: int = 256, metrics: bool = True):
         self.worker = Worker(engine.model, max_active=max_active, max_queue=max_queue, prefill_chunk=prefill_chunk)
         # sessions see the proxy: their model calls queue on the worker thread
         self.engine = Engine(self.worker.proxy, engine.tokenizer, engine.template, engine.context_length, engine.name)
-        self.metrics = Metrics()
+        self.metrics = Metrics(metrics)
         self.store, self.keys, self.limits = self.metrics.timed(store), keys, limits
         self.sampling = sampling or Sampling()
         self.decoding = decoding or Decoding()

@@ -5,6 +5,7 @@
   GET    /v1/sessions/{id}            the session with its history
   POST   /v1/sessions/{id}/messages   {"content", "stream", decoding overrides} -> the reply
   DELETE /v1/sessions/{id}
+  (ratings, regenerated replies and picks of a session's replies: feedback.py)
 
 A turn is committed to the store when its reply is complete; a reply cut off (client gone,
 server killed) leaves the stored history as it was. One turn at a time per session (409), across
@@ -72,15 +73,30 @@ async def start_turn(svc: Service, sid: str, request: Request):
     body = await read_json(request, svc.limits.max_body_bytes)
     row = await _owned(svc, sid, request)
     req = P.validate(SessionTurn, body)
-    stored = P.validate(Settings, row["settings"], "settings")
+    sampling, decoding = turn_settings(svc, row["settings"], req)
+    text = req.content
+    _check_fits(svc, row["persona"], text, sampling.max_new_tokens)
+    claim, release = await claim_session(svc, sid)
+    return await answer(svc, sid, _turn_job(svc, row, request.state.owner, text, (sampling, decoding), claim, release),
+                        claim, release, bool(req.stream), request)
+
+
+def turn_settings(svc: Service, settings: dict, req, seeded: bool = True):
+    """(Sampling, Decoding) of a reply: the server's defaults, the session's stored settings (their
+    seed left out unless `seeded`), then the request's fields."""
+    stored = P.validate(Settings, settings, "settings")
+    if not seeded:
+        stored = stored.model_copy(update={"seed": None})
     limit, vocab = svc.limits.max_tokens, svc.vocab_size
     changes = {**P.sampling_changes(stored, limit, vocab), **P.sampling_changes(req, limit, vocab)}
-    sampling = P.make_sampling(svc.sampling, changes)
     search = {**P.decoding_changes(stored, svc.limits.max_candidates),
               **P.decoding_changes(req, svc.limits.max_candidates)}
-    decoding = P.make_decoding(svc.decoding, search)
-    text, stream = req.content, bool(req.stream)
-    _check_fits(svc, row["persona"], text, sampling.max_new_tokens)
+    return P.make_sampling(svc.sampling, changes), P.make_decoding(svc.decoding, search)
+
+
+async def claim_session(svc: Service, sid: str):
+    """(claim, release) of the session for one write, in this process and in the store; 409 while
+    a turn holds it (here or in another server)."""
     claim = svc.sessions.claim(sid)
     try:  # no other process writes it either
         holder = await off_loop(svc.store.claim, sid) if claim is not None else None
@@ -100,10 +116,14 @@ async def start_turn(svc: Service, sid: str, request: Request):
         finally:  # with the database down, the stored claim ends with its lease (or connection)
             svc.sessions.release(sid, claim)
 
+    return claim, release
+
+
+async def answer(svc: Service, sid: str, run, claim, release, stream: bool, request: Request):
+    """Queue the job `run` (which releases the claim when done) and stream its reply or wait for it."""
     channel = Channel()
     try:
-        jobs = submit_all(svc, [_turn_job(svc, row, request.state.owner, text, (sampling, decoding), claim,
-                                          release)], channel)
+        jobs = submit_all(svc, [run], channel)
     except ApiError:
         release()
         raise
@@ -179,12 +199,14 @@ def _turn_job(svc: Service, row: dict, owner: str, text: str, decode: tuple, cla
 
 def _live_session(svc: Service, sid: str, owner: str, persona: str | None, sampling):
     """The session with its KV cache, holding the whole stored history: the kept one, unless the
-    store has turns it lacks (another server wrote them) or it was evicted; then rebuilt."""
+    store's differs (another server wrote turns, or a pick changed the last reply) or it was
+    evicted; then rebuilt."""
     session = svc.sessions.get(sid)
-    stored = svc.store.count(sid)
-    if stored is None:
+    tail = svc.store.tail(sid)
+    if tail is None:
         raise _not_found(sid)
-    if session is not None and len(session.messages) == stored:
+    if session is not None and len(session.messages) == tail[0] and (
+            not session.messages or session.messages[-1].content == tail[1]):
         return session
     row_now = svc.store.get(sid, owner)  # read under the claim: no turn is added meanwhile
     if row_now is None:
@@ -200,20 +222,13 @@ LEASE_RENEW = 10.0  # seconds between renewals of a generating turn's claim
 
 def _generate(svc: Service, job, session, sid: str, text: str, decode: tuple, holder: str) -> dict:
     """Generate and commit the turn; returns the "done" event's payload."""
-    sampling, decoding = decode
     before = len(session.messages)
     try:
-        gen, prompt, cached = svc.reply(session, text, sampling, decoding)
-        svc.worker.stream(gen, lambda delta: job.emit(("delta", delta)), tick=lambda: svc.store.renew(sid, holder),
-                          every=LEASE_RENEW)
+        gen, prompt, cached, meta = run_reply(svc, job, session, sid, text, decode, holder)
     except BaseException:
         del session.messages[before:]  # the turn never happened: memory matches the store
         raise
-    svc.worker.leave_model()
-    cands = candidates(gen)
-    meta = {"finish_reason": gen.finish_reason, "completion_tokens": len(gen.tokens)}
-    if cands is not None:
-        meta["candidates"] = cands
+    cands = meta.get("candidates")
     try:
         added = svc.store.add_turn(sid, text, gen.text, meta, expected=before)
     except Conflict as e:  # another writer got in (a claim whose lease ran out): this reply is void
@@ -226,12 +241,31 @@ def _generate(svc: Service, job, session, sid: str, text: str, decode: tuple, ho
             "prompt_tokens": prompt, "cached_tokens": cached, "candidates": cands}
 
 
+def run_reply(svc: Service, job, session, sid: str, text: str, decode: tuple, holder: str):
+    """Generate the session's reply to `text`, its deltas sent to the job's client, the claim
+    renewed meanwhile: (Generation, prompt tokens, cached tokens, the reply's stored meta)."""
+    sampling, decoding = decode
+    gen, prompt, cached = svc.reply(session, text, sampling, decoding)
+    svc.worker.stream(gen, lambda delta: job.emit(("delta", delta)), tick=lambda: svc.store.renew(sid, holder),
+                      every=LEASE_RENEW)
+    svc.worker.leave_model()
+    cands = candidates(gen)
+    meta = {"finish_reason": gen.finish_reason, "completion_tokens": len(gen.tokens)}
+    if cands is not None:
+        meta["candidates"] = cands
+    return gen, prompt, cached, meta
+
+
+EXTRA = ("message_index", "variant")  # a regenerated reply's fields, in its turn object and last chunk
+
+
 def _turn_obj(sid: str, turn_id: str, done: dict) -> dict:
     out = {"id": turn_id, "object": "session.turn", "session_id": sid, "created": int(time.time()),
            "message": {"role": "assistant", "content": done["text"]}, "finish_reason": done["finish_reason"],
            "usage": P.usage(done["prompt_tokens"], done["tokens"], done["cached_tokens"])}
     if done["candidates"] is not None:
         out["candidates"] = done["candidates"]
+    out.update({k: done[k] for k in EXTRA if k in done})
     return out
 
 
@@ -263,6 +297,7 @@ async def _stream(svc: Service, sid: str, turn_id: str, channel: Channel, job):
                 final = P.chunk(turn_id, model, created, [P.delta_choice(0, {}, payload["finish_reason"])],
                                 _turn_obj(sid, turn_id, payload)["usage"])
                 final["session_id"] = sid
+                final.update({k: payload[k] for k in EXTRA if k in payload})
                 if payload["candidates"] is not None:
                     final["candidates"] = payload["candidates"]
                 yield P.sse(final)

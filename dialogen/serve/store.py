@@ -25,6 +25,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from ..errors import UserError
+from .feedback_store import FEEDBACK_TABLES, Feedback
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS sessions (
@@ -46,7 +47,7 @@ CREATE TABLE IF NOT EXISTS messages (
     meta TEXT,
     PRIMARY KEY (session_id, seq)
 );
-"""
+""" + FEEDBACK_TABLES
 CLAIMS = """
 CREATE TABLE IF NOT EXISTS claims (
     session_id TEXT PRIMARY KEY REFERENCES sessions (id) ON DELETE CASCADE,
@@ -110,8 +111,10 @@ class Reads:
                 return None
             msgs = self._fetch("SELECT role, content, created, meta FROM messages WHERE session_id = ? ORDER BY seq",
                                (sid,))
+            notes = self._feedback_of(sid)
         out = _session(row)
         out["messages"] = [_message(m) for m in msgs]
+        annotate(out["messages"], *notes)
         return out
 
     @guarded
@@ -129,8 +132,43 @@ class Reads:
                               "WHERE id = ?", (sid, sid), one=True)
         return None if row is None else row["n"]
 
+    @guarded
+    def tail(self, sid: str) -> tuple[int, str | None] | None:
+        """(how many messages the session has stored, the last one's content); None when it does
+        not exist. A kept copy whose tail differs is stale: another server wrote turns or a pick."""
+        with self._snapshot():
+            row = self._fetch("SELECT (SELECT COUNT(*) FROM messages WHERE session_id = ?) AS n, (SELECT content FROM "
+                              "messages WHERE session_id = ? ORDER BY seq DESC LIMIT 1) AS last FROM sessions WHERE id = ?",
+                              (sid, sid, sid), one=True)
+        return None if row is None else (row["n"], row["last"])
 
-class Store(Reads):
+    def _feedback_of(self, sid: str) -> tuple[list, list]:
+        """(variants, ratings) rows of a session, inside the caller's snapshot."""
+        variants = self._fetch("SELECT seq, variant, content FROM variants WHERE session_id = ? ORDER BY seq, variant",
+                               (sid,))
+        ratings = self._fetch("SELECT seq, variant, rating, comment FROM ratings WHERE session_id = ?", (sid,))
+        return variants, ratings
+
+
+def annotate(messages: list[dict], variants, ratings):
+    """Add to each assistant message (index = seq) its `variant` (the one shown) and `variants`
+    (when regenerated), and `feedback` ({"rating", "comment"}) of the one shown, also on each variant."""
+    notes = {(r["seq"], r["variant"]): {"rating": r["rating"], "comment": r["comment"]} for r in ratings}
+    for v in variants:
+        if v["seq"] >= len(messages):
+            continue
+        m = messages[v["seq"]]
+        m.setdefault("variant", 0)
+        entry = {"variant": v["variant"], "content": v["content"]}
+        if (v["seq"], v["variant"]) in notes:
+            entry["feedback"] = notes[v["seq"], v["variant"]]
+        m.setdefault("variants", []).append(entry)
+    for (seq, variant), note in notes.items():
+        if seq < len(messages) and messages[seq].get("variant", 0) == variant:
+            messages[seq]["feedback"] = note
+
+
+class Store(Reads, Feedback):
     def __init__(self, path: str | Path, busy_timeout: float = 5.0):
         self.path = Path(path)
         try:
@@ -152,6 +190,13 @@ class Store(Reads):
     def close(self):
         with self._lock:
             self._db.close()
+
+    @contextmanager
+    def _write(self):
+        """A write transaction (the whole file's: SQLite serialises writers)."""
+        with self._lock, self._db:
+            self._db.execute("BEGIN IMMEDIATE")
+            yield self._db
 
     def journal_mode(self) -> str:
         with self._lock:

@@ -90,6 +90,11 @@ class Worker:
             job.cancel(reason)
         return len(jobs)
 
+    def wait_idle(self, timeout: float) -> bool:
+        """Wait until no job is admitted (or `timeout` seconds pass); True when idle."""
+        with self._cond:
+            return self._cond.wait_for(lambda: self._admitted == 0, timeout)
+
     def load(self) -> dict:
         with self._cond:
             return {"running": self._running, "queued": self._admitted - self._running,
@@ -120,6 +125,7 @@ class Worker:
                 self._running -= 1
                 self._admitted -= 1
                 self._jobs.discard(job)
+                self._cond.notify_all()
             job.finished.set()
 
     def _count(self, key: str):

@@ -1,8 +1,10 @@
-// The chat page: talks to /v1/sessions, streams replies (server-sent events over fetch).
+// The chat page: talks to /v1/sessions, streams replies (server-sent events over fetch); rates
+// replies, and regenerates the last one to pick the better of two (/v1/sessions/{id}/messages/{n}/...).
 "use strict";
 
 const $ = (id) => document.getElementById(id);
-const state = { session: null, busy: false, abort: null };
+// count: the messages the server has stored for the open session (a reply's index is its position)
+const state = { session: null, busy: false, abort: null, count: 0 };
 const NUMBER_FIELDS = ["temperature", "top_p", "top_k", "max_tokens", "repetition_penalty", "seed", "num_candidates"];
 
 function headers() {
@@ -95,22 +97,125 @@ async function refreshHistory() {
   for (const s of data.data) {
     const li = document.createElement("li");
     if (state.session && s.id === state.session.id) li.className = "current";
-    const open = document.createElement("button");
-    open.type = "button";
-    open.className = "open";
-    open.textContent = s.title || "(empty chat)";
-    open.title = new Date(s.updated * 1000).toLocaleString() + " · " + s.message_count + " messages";
-    open.onclick = () => openSession(s.id);
-    const del = document.createElement("button");
-    del.type = "button";
-    del.className = "delete";
-    del.textContent = "×";
-    del.title = "Delete this conversation";
-    del.onclick = () => deleteSession(s.id);
-    li.append(open, del);
+    const when = new Date(s.updated * 1000).toLocaleString() + " · " + s.message_count + " messages";
+    li.append(button(s.title || "(empty chat)", "open", when, () => openSession(s.id)),
+              button("×", "delete", "Delete this conversation", () => deleteSession(s.id)));
     ul.append(li);
   }
   $("history-empty").hidden = data.data.length > 0;
+}
+
+function button(text, className, title, onclick) {
+  const b = document.createElement("button");
+  b.type = "button";
+  b.className = className;
+  b.textContent = text;
+  b.title = title;
+  b.onclick = onclick;
+  return b;
+}
+
+// Good/Bad on a stored reply, and "Regenerate" on the last one.
+function addActions(li, index, variant, rating) {
+  li.dataset.index = index;
+  li.dataset.variant = variant || 0;
+  const bar = document.createElement("div");
+  bar.className = "actions";
+  for (const [value, label, title] of [["up", "▲ Good", "Good reply"], ["down", "▼ Bad", "Bad reply"]]) {
+    const b = button(label, "rate " + value, title, () => rate(li, value));
+    b.setAttribute("aria-pressed", String(rating === value));
+    bar.append(b);
+  }
+  bar.append(button("↻ Regenerate", "regenerate", "Write another reply to this turn, then pick the better of the two",
+                    () => regenerate(li)));
+  li.append(bar);
+  markLast();
+}
+
+function markLast() {
+  for (const b of document.querySelectorAll("#messages .regenerate")) {
+    b.hidden = Number(b.closest("li").dataset.index) !== state.count - 1;
+  }
+}
+
+function showRating(li, value) {
+  for (const b of li.querySelectorAll(".rate")) b.setAttribute("aria-pressed", String(b.classList.contains(value)));
+}
+
+async function rate(li, value) {
+  try {
+    await api("POST", feedbackPath(li, "feedback"), { rating: value, variant: Number(li.dataset.variant) });
+    showRating(li, value);
+  } catch (e) {
+    showError(e.message);
+  }
+}
+
+function feedbackPath(li, what) {
+  return "/v1/sessions/" + state.session.id + "/messages/" + li.dataset.index + "/" + what;
+}
+
+// Another reply to the last turn, shown under the first; the composer waits until one is picked.
+async function regenerate(li) {
+  if (state.busy) return;
+  showError("");
+  setBusy(true);
+  const alt = addMessage("assistant", "");
+  alt.classList.add("alternative", "streaming");
+  li.after(alt);
+  let done = null;
+  try {
+    done = await streamReply(feedbackPath(li, "regenerate"), decoding(), alt);
+  } catch (e) {
+    showError(e.name === "AbortError" ? "" : e.message);
+  } finally {
+    alt.classList.remove("streaming");
+    state.abort = null;
+  }
+  if (done) {
+    offerPick(li, alt, done.variant);
+  } else {
+    alt.remove();
+    setBusy(false);
+  }
+}
+
+// "This one is better" under each of the two replies (stored as a pick), or Skip.
+function offerPick(li, alt, variant) {
+  const shown = Number(li.dataset.variant);
+  const bar = document.createElement("div");
+  bar.className = "pick";
+  const finish = () => {
+    for (const b of document.querySelectorAll("#messages .better")) b.remove();
+    alt.remove();
+    bar.remove();
+    $("send").disabled = false;
+    setBusy(false);
+    $("input").focus();
+  };
+  const pick = async (chosen, rejected) => {
+    try {
+      const r = await api("POST", feedbackPath(li, "preference"), { chosen, rejected });
+      if (chosen !== shown) {  // the new reply takes the first one's place
+        li.querySelector(".body").textContent = r.message.content;
+        li.dataset.variant = chosen;
+        li.dataset.finish = alt.dataset.finish || "";
+        for (const d of li.querySelectorAll(".candidates")) d.remove();
+        for (const d of alt.querySelectorAll(".candidates")) li.querySelector(".actions").before(d);
+        showRating(li, null);
+      }
+      finish();
+    } catch (e) {
+      showError(e.message);
+    }
+  };
+  li.append(button("This one is better", "better", "Keep this reply", () => pick(shown, variant)));
+  alt.append(button("This one is better", "better", "Keep this reply", () => pick(variant, shown)));
+  bar.append(button("Skip", "skip", "Keep the first reply without saying which is better", finish));
+  alt.after(bar);
+  $("stop").hidden = true;  // still busy: the composer waits for a pick or a skip
+  $("send").hidden = false;
+  $("send").disabled = true;
 }
 
 async function openSession(id) {
@@ -118,11 +223,13 @@ async function openSession(id) {
   try {
     const s = await api("GET", "/v1/sessions/" + id);
     state.session = s;
+    state.count = s.messages.length;
     $("messages").replaceChildren();
-    for (const m of s.messages) {
+    s.messages.forEach((m, i) => {
       const li = addMessage(m.role, m.content);
       showCandidates(li, m.candidates);
-    }
+      if (m.role === "assistant") addActions(li, i, m.variant, m.feedback && m.feedback.rating);
+    });
     showPersona(s.persona);
     showError("");
     refreshHistory();
@@ -143,6 +250,7 @@ async function deleteSession(id) {
 
 function newChat() {
   state.session = null;
+  state.count = 0;
   $("messages").replaceChildren();
   showPersona("");
   showError("");
@@ -180,37 +288,52 @@ function setBusy(busy) {
   $("input").disabled = busy;
 }
 
+// POST `fields` (streamed) to a session route and show the reply in `li`; the last event (the
+// reply is stored by then), or null when the stream ended without one.
+async function streamReply(path, fields, li) {
+  const body = li.querySelector(".body");
+  let last = null;
+  state.abort = new AbortController();
+  const res = await fetch(path, {
+    method: "POST", headers: headers(), signal: state.abort.signal,
+    body: JSON.stringify({ ...fields, stream: true }),
+  });
+  if (!res.ok) {
+    const data = await res.json().catch(() => ({}));
+    throw new Error((data.error && data.error.message) || res.status + " " + res.statusText);
+  }
+  await readEvents(res, (ev) => {
+    if (ev.error) throw new Error(ev.error.message);
+    const choice = ev.choices && ev.choices[0];
+    if (choice && choice.delta && choice.delta.content) {
+      body.textContent += choice.delta.content;
+      li.scrollIntoView({ block: "end" });
+    }
+    if (choice && choice.finish_reason) {
+      li.dataset.finish = choice.finish_reason;
+      last = ev;
+    }
+    if (ev.candidates) showCandidates(li, ev.candidates);
+  });
+  return last;
+}
+
 async function send(text) {
   showError("");
   setBusy(true);
   const reply = addMessage("assistant", "");
   reply.classList.add("streaming");
-  const body = reply.querySelector(".body");
   try {
     if (!state.session) {
       const persona = $("persona").value.trim();
       state.session = await api("POST", "/v1/sessions", { persona: persona || null });
+      state.count = 0;
       showPersona(state.session.persona);
     }
-    state.abort = new AbortController();
-    const res = await fetch("/v1/sessions/" + state.session.id + "/messages", {
-      method: "POST", headers: headers(), signal: state.abort.signal,
-      body: JSON.stringify({ content: text, stream: true, ...decoding() }),
-    });
-    if (!res.ok) {
-      const data = await res.json().catch(() => ({}));
-      throw new Error((data.error && data.error.message) || res.status + " " + res.statusText);
+    if (await streamReply("/v1/sessions/" + state.session.id + "/messages", { content: text, ...decoding() }, reply)) {
+      state.count += 2;
+      addActions(reply, state.count - 1, 0, null);
     }
-    await readEvents(res, (ev) => {
-      if (ev.error) throw new Error(ev.error.message);
-      const choice = ev.choices && ev.choices[0];
-      if (choice && choice.delta && choice.delta.content) {
-        body.textContent += choice.delta.content;
-        reply.scrollIntoView({ block: "end" });
-      }
-      if (choice && choice.finish_reason) reply.dataset.finish = choice.finish_reason;
-      if (ev.candidates) showCandidates(reply, ev.candidates);
-    });
     refreshHistory();
   } catch (e) {
     if (e.name === "AbortError") {
