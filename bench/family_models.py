@@ -91,15 +91,15 @@ def build_family(directory: Path, family: str, seed: int = 0):
     (directory / "tokenizer_config.json").write_text(json.dumps(tok_cfg, indent=1))
 
 
-def convert(hf_dir: Path, out: Path, python: Path, converter: Path) -> str:
-    """llama.cpp's converter on `hf_dir` -> F16 `out`; "ok" or its last error line."""
+def convert(hf_dir: Path, out: Path, python: Path, converter: Path, outtype: str = "f16") -> str:
+    """llama.cpp's converter on `hf_dir` -> `out` (F16, or `outtype`); "ok" or its last error line."""
     if not python.exists() or not converter.exists():
         raise SystemExit(f"make_models: the converter is not installed ({python}, {converter}): make bench-peers")
     tmp = out.with_suffix(".part")
     # general.name: llama.cpp gives a model named phi3 SentencePiece token rules (<s>, </s>, <unk> must
     # exist); this phi3 has a byte-level BPE vocabulary, as Phi-4-mini does
     name = "tiny random phi, byte-level BPE" if hf_dir.name == "phi3" else f"tiny random {hf_dir.name}"
-    run = subprocess.run([str(python), str(converter), "--outtype", "f16", "--model-name", name, "--outfile", str(tmp),
+    run = subprocess.run([str(python), str(converter), "--outtype", outtype, "--model-name", name, "--outfile", str(tmp),
                           str(hf_dir)],
                          capture_output=True, text=True)
     if run.returncode != 0:
@@ -110,16 +110,16 @@ def convert(hf_dir: Path, out: Path, python: Path, converter: Path) -> str:
     return "ok"
 
 
-def write_families(out: Path, python: Path, converter: Path, names=None) -> dict:
+def write_families(out: Path, python: Path, converter: Path, names=None, outtype: str = "f16") -> dict:
     out.mkdir(parents=True, exist_ok=True)
     status_file = out / "status.json"
     status = json.loads(status_file.read_text()) if status_file.exists() else {}
     for family in names or FAMILIES:
-        hf_dir, gguf = out / family, out / f"{family}-F16.gguf"
+        hf_dir, gguf = out / family, out / f"{family}-{outtype.upper()}.gguf"
         if not (hf_dir / "config.json").exists():
             build_family(hf_dir, family)
         if not gguf.exists():
-            status[family] = convert(hf_dir, gguf, python, converter)
+            status[family] = convert(hf_dir, gguf, python, converter, outtype)
         print(f"{family}: {status.get(family, 'ok')}", flush=True)
         status_file.write_text(json.dumps(status, indent=1))
     return status

@@ -5,7 +5,7 @@ bench/make_models.py's `--families` output. A family dialogen refuses to load fr
 as refused, with dialogen's one-line reason.
 
     .venv/bin/python bench/make_models.py --families
-    .venv/bin/python bench/family_parity.py --threads 2 [--cache-type f32] [--families gemma2 phi3]
+    .venv/bin/python bench/family_parity.py --threads 2 [--cache-type f32] [--families gemma2 phi3] [--type F32]
 """
 
 from __future__ import annotations
@@ -100,6 +100,7 @@ def main():
     ap.add_argument("--cache-type", choices=sorted(CACHE_TYPES), default="f16",
                     help="llama.cpp's KV cache type (its --cache-type-k/-v); f16 rounds keys and values")
     ap.add_argument("--families", nargs="*", default=None, help="only these families")
+    ap.add_argument("--type", choices=["F16", "F32"], default="F16", help="which of make_models' GGUFs (--family-type)")
     ap.add_argument("--peer", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.peer:
@@ -119,7 +120,7 @@ def main():
     print("|---|---|---|---|")
     for hf_dir in sorted(p for p in where.iterdir() if (p / "config.json").exists()
                          and (args.families is None or p.name in args.families)):
-        family, gguf = hf_dir.name, where / f"{hf_dir.name}-F16.gguf"
+        family, gguf = hf_dir.name, where / f"{hf_dir.name}-{args.type}.gguf"
         if not gguf.exists():
             print(f"| {family} | - | - | no GGUF ({status.get(family, 'not converted')}) |", flush=True)
             continue
