@@ -23,7 +23,8 @@ from ..paths import cache_dir
 from .family import DECODER, ENCODER_DECODER, family
 from .files import assign_weights, read_state_dict, write_checkpoint
 from .gguf_file import adjacent_view, index_dir, map_file, read_gguf, read_tensors, release_pages  # noqa: F401 (read_gguf: for the tests)
-from .hf import GPT2_KEYS, GPT2_LINEARS, LLAMA_KEYS, check_shapes, config_from_hf, hf_configs, hf_to_ours, ours_to_hf
+from .hf import (GPT2_KEYS, GPT2_LINEARS, LLAMA_KEYS, check_shapes, config_from_hf, fused_projections, hf_configs,
+                 hf_to_ours, ours_to_hf)
 from .gguf_lora import is_gguf_lora, read_gguf_lora
 from .lora import is_adapter_dir, read_adapter, read_config
 from .native import BLOCKED, DTYPES, decode_dtype, swap_in  # noqa: F401 (DTYPES: the --dtype choices)
@@ -234,9 +235,12 @@ def native_blocks(cfg: Config, blocks: dict, adjacent=None) -> dict:
         return {k: v for k, v in out.items() if v is not None}
     for i in range(cfg.n_layer):
         p, q = f"model.layers.{i}.", f"blocks.{i}."
-        out[q + "attn.qkv"] = fuse([p + f"self_attn.{n}_proj.weight" for n in "qkv"])
+        joined = fused_projections(cfg)  # (phi3's q/k/v and gate/up are one tensor each)
+        out[q + "attn.qkv"] = fuse([p + "self_attn.qkv_proj.weight"] if joined else
+                                   [p + f"self_attn.{n}_proj.weight" for n in "qkv"])
         out[q + "attn.o_proj"] = fuse([p + "self_attn.o_proj.weight"])
-        out[q + "mlp.gate_up"] = fuse([p + "mlp.gate_proj.weight", p + "mlp.up_proj.weight"])
+        out[q + "mlp.gate_up"] = fuse([p + "mlp.gate_up_proj.weight"] if joined else
+                                      [p + "mlp.gate_proj.weight", p + "mlp.up_proj.weight"])
         out[q + "mlp.down"] = fuse([p + "mlp.down_proj.weight"])
     out["lm_head"] = fuse(["model.embed_tokens.weight" if cfg.tie_embeddings else "lm_head.weight"])
     return {k: v for k, v in out.items() if v is not None}
