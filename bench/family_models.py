@@ -29,8 +29,8 @@ FAMILIES = {
     "qwen3": ("Qwen3Config", {}),
     "gemma": ("GemmaConfig", {}),
     "gemma2": ("Gemma2Config", dict(sliding_window=256, query_pre_attn_scalar=16)),
-    "gemma3_text": ("Gemma3TextConfig", dict(sliding_window=256, layer_types=[
-        "sliding_attention", "full_attention", "sliding_attention", "full_attention"])),
+    # six layers: gemma3's default pattern (the only one its GGUF records) has one global layer in six
+    "gemma3_text": ("Gemma3TextConfig", dict(sliding_window=256, query_pre_attn_scalar=16, num_hidden_layers=6)),
     "phi3": ("Phi3Config", {}),
     "granite": ("GraniteConfig", dict(embedding_multiplier=2.0, attention_multiplier=0.25, residual_multiplier=0.5,
                                       logits_scaling=2.0)),
@@ -38,6 +38,20 @@ FAMILIES = {
     "olmo2": ("Olmo2Config", {}),
     "gpt2": ("GPT2Config", dict(n_embd=64, n_layer=4, n_head=4, n_positions=512, bos_token_id=1, eos_token_id=2)),
 }
+
+
+# families whose converter reads a SentencePiece tokenizer.model only; they get one trained on the tests'
+# corpus (llama.cpp pads its vocabulary to the model's), and prompts are compared as ids
+SENTENCEPIECE_ONLY = ("gemma", "gemma2")
+
+
+def sentencepiece_model() -> bytes:
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+    import gguf_vocabs
+
+    return gguf_vocabs.train_sentencepiece().serialized_model_proto()
 
 
 def build_family(directory: Path, family: str, seed: int = 0):
@@ -69,18 +83,24 @@ def build_family(directory: Path, family: str, seed: int = 0):
         c = json.loads((directory / "config.json").read_text())
         (directory / "config.json").write_text(json.dumps({**c, "n_ctx": c["n_positions"]}, indent=1))
     tokenizer_dir = resolve(None)
+    if family in SENTENCEPIECE_ONLY:
+        (directory / "tokenizer.model").write_bytes(sentencepiece_model())
     shutil.copy(tokenizer_dir / "tokenizer.json", directory / "tokenizer.json")
     tok_cfg = json.loads((tokenizer_dir / "tokenizer_config.json").read_text())
     tok_cfg["tokenizer_class"] = "GPT2Tokenizer"  # phi3's converter takes the BPE path only for this class
     (directory / "tokenizer_config.json").write_text(json.dumps(tok_cfg, indent=1))
 
 
-def convert(hf_dir: Path, out: Path, python: Path, converter: Path) -> str:
-    """llama.cpp's converter on `hf_dir` -> F16 `out`; "ok" or its last error line."""
+def convert(hf_dir: Path, out: Path, python: Path, converter: Path, outtype: str = "f16") -> str:
+    """llama.cpp's converter on `hf_dir` -> `out` (F16, or `outtype`); "ok" or its last error line."""
     if not python.exists() or not converter.exists():
         raise SystemExit(f"make_models: the converter is not installed ({python}, {converter}): make bench-peers")
     tmp = out.with_suffix(".part")
-    run = subprocess.run([str(python), str(converter), "--outtype", "f16", "--outfile", str(tmp), str(hf_dir)],
+    # general.name: llama.cpp gives a model named phi3 SentencePiece token rules (<s>, </s>, <unk> must
+    # exist); this phi3 has a byte-level BPE vocabulary, as Phi-4-mini does
+    name = "tiny random phi, byte-level BPE" if hf_dir.name == "phi3" else f"tiny random {hf_dir.name}"
+    run = subprocess.run([str(python), str(converter), "--outtype", outtype, "--model-name", name, "--outfile", str(tmp),
+                          str(hf_dir)],
                          capture_output=True, text=True)
     if run.returncode != 0:
         tmp.unlink(missing_ok=True)
@@ -90,16 +110,16 @@ def convert(hf_dir: Path, out: Path, python: Path, converter: Path) -> str:
     return "ok"
 
 
-def write_families(out: Path, python: Path, converter: Path, names=None) -> dict:
+def write_families(out: Path, python: Path, converter: Path, names=None, outtype: str = "f16") -> dict:
     out.mkdir(parents=True, exist_ok=True)
     status_file = out / "status.json"
     status = json.loads(status_file.read_text()) if status_file.exists() else {}
     for family in names or FAMILIES:
-        hf_dir, gguf = out / family, out / f"{family}-F16.gguf"
+        hf_dir, gguf = out / family, out / f"{family}-{outtype.upper()}.gguf"
         if not (hf_dir / "config.json").exists():
             build_family(hf_dir, family)
         if not gguf.exists():
-            status[family] = convert(hf_dir, gguf, python, converter)
+            status[family] = convert(hf_dir, gguf, python, converter, outtype)
         print(f"{family}: {status.get(family, 'ok')}", flush=True)
         status_file.write_text(json.dumps(status, indent=1))
     return status

@@ -5,7 +5,7 @@ bench/make_models.py's `--families` output. A family dialogen refuses to load fr
 as refused, with dialogen's one-line reason.
 
     .venv/bin/python bench/make_models.py --families
-    .venv/bin/python bench/family_parity.py --threads 2
+    .venv/bin/python bench/family_parity.py --threads 2 [--cache-type f32] [--families gemma2 phi3] [--type F32]
 """
 
 from __future__ import annotations
@@ -28,11 +28,15 @@ PROMPTS = [
 ]
 
 
-def peer(path: str, threads: int, n: int) -> None:
+CACHE_TYPES = {"f16": 1, "f32": 0}  # llama.cpp's KV cache types (ggml type ids); f16 is its default
+
+
+def peer(path: str, threads: int, n: int, cache: str = "f16") -> None:
     """Runs in the llama.cpp process: prompt ids on stdin (a JSON list of lists), greedy tokens out."""
     import llama_cpp
 
-    llm = llama_cpp.Llama(model_path=path, n_ctx=256, n_threads=threads, verbose=False)
+    kind = CACHE_TYPES[cache]
+    llm = llama_cpp.Llama(model_path=path, n_ctx=256, n_threads=threads, verbose=False, type_k=kind, type_v=kind)
     result = []
     for ids in json.load(sys.stdin):
         out = []
@@ -44,8 +48,9 @@ def peer(path: str, threads: int, n: int) -> None:
     json.dump(result, sys.stdout)
 
 
-def llamacpp_tokens(path: Path, prompts: list[list[int]], threads: int, n: int) -> list[list[int]] | str:
-    run = subprocess.run([sys.executable, __file__, "--peer", str(path), "--threads", str(threads), "--tokens", str(n)],
+def llamacpp_tokens(path: Path, prompts: list[list[int]], threads: int, n: int, cache: str = "f16") -> list[list[int]] | str:
+    run = subprocess.run([sys.executable, __file__, "--peer", str(path), "--threads", str(threads), "--tokens", str(n),
+                          "--cache-type", cache],
                          input=json.dumps(prompts), capture_output=True, text=True)
     if run.returncode != 0:
         lines = [line for line in run.stderr.splitlines() if line.strip()]
@@ -92,10 +97,14 @@ def main():
                     "(default: <cache>/bench-models/families)")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--tokens", type=int, default=32)
+    ap.add_argument("--cache-type", choices=sorted(CACHE_TYPES), default="f16",
+                    help="llama.cpp's KV cache type (its --cache-type-k/-v); f16 rounds keys and values")
+    ap.add_argument("--families", nargs="*", default=None, help="only these families")
+    ap.add_argument("--type", choices=["F16", "F32"], default="F16", help="which of make_models' GGUFs (--family-type)")
     ap.add_argument("--peer", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.peer:
-        return peer(args.peer, args.threads, args.tokens)
+        return peer(args.peer, args.threads, args.tokens, args.cache_type)
     import torch
 
     from dialogen.models.loading import resolve
@@ -109,14 +118,15 @@ def main():
     prompts = [tok.encode_template(p) for p in PROMPTS]  # control-token text becomes control ids
     print("| family | GGUF vs llama.cpp | GGUF vs HF dir | dialogen from GGUF |")
     print("|---|---|---|---|")
-    for hf_dir in sorted(p for p in where.iterdir() if (p / "config.json").exists()):
-        family, gguf = hf_dir.name, where / f"{hf_dir.name}-F16.gguf"
+    for hf_dir in sorted(p for p in where.iterdir() if (p / "config.json").exists()
+                         and (args.families is None or p.name in args.families)):
+        family, gguf = hf_dir.name, where / f"{hf_dir.name}-{args.type}.gguf"
         if not gguf.exists():
             print(f"| {family} | - | - | no GGUF ({status.get(family, 'not converted')}) |", flush=True)
             continue
         ours = dialogen_tokens(gguf, prompts, args.tokens)
         from_hf = dialogen_tokens(hf_dir, prompts, args.tokens)
-        theirs = llamacpp_tokens(gguf, prompts, args.threads, args.tokens)
+        theirs = llamacpp_tokens(gguf, prompts, args.threads, args.tokens, args.cache_type)
         note = ours if isinstance(ours, str) else (theirs if isinstance(theirs, str) else "loaded")
         if isinstance(from_hf, str):
             note += f"; HF dir {from_hf}"

@@ -22,11 +22,11 @@ def main():
     ap.add_argument("--model", default=None)
     args = ap.parse_args()
     import dialogen
-    from dialogen.models.loading import _model_path
+    from dialogen.models.loading import model_path
 
     import torch  # noqa: F401 (its own memory is part of the baseline)
 
-    path = _model_path(args.model)
+    path = model_path(args.model)
     base = rss_mb()
     t0 = time.perf_counter()
     m = dialogen.load(args.model)

@@ -132,6 +132,8 @@ def quantizer() -> str:
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--families", action="store_true", help="tiny random models of every family, HF dir and F16 GGUF")
+    ap.add_argument("--family-type", choices=["f16", "f32"], default="f16",
+                    help="the converter's --outtype for --families (f32: no rounding in llama.cpp's products)")
     ap.add_argument("--default-types", nargs="*", default=[],
                     help="quantize the default model's F16 GGUF into these llama-quantize types")
     ap.add_argument("--convert-python", type=Path, default=CONVERT_VENV / "bin/python",
@@ -151,7 +153,7 @@ def main():
         from family_models import write_default_types, write_families
 
         if args.families:
-            write_families(out / "families", args.convert_python, args.converter)
+            write_families(out / "families", args.convert_python, args.converter, outtype=args.family_type)
         if args.default_types:
             write_default_types(out, args.default_types, args.convert_python, args.converter, quantizer)
         return

@@ -43,11 +43,20 @@ def llama_cpp_vocab(path: Path):
 
 
 def compare(path: Path, texts: list[str], show: int) -> bool:
+    from dialogen.errors import UserError
     from dialogen.models.gguf_file import read_gguf
     from dialogen.models.tokenizer import Tokenizer
 
-    ours = Tokenizer.from_gguf(read_gguf(path)[1], path)
-    theirs = llama_cpp_vocab(path)
+    try:
+        ours = Tokenizer.from_gguf(read_gguf(path)[1], path)
+    except UserError as e:  # a vocabulary dialogen refuses: reported, the other files still compared
+        print(f"{path.name}: refused by dialogen: {e}", flush=True)
+        return False
+    try:
+        theirs = llama_cpp_vocab(path)
+    except ValueError as e:  # llama.cpp cannot read it
+        print(f"{path.name}: llama.cpp fails: {e}", flush=True)
+        return False
     modes = {
         "text": (ours.encode_text, lambda s: theirs.tokenize(s.encode(), add_bos=False, special=False)),
         "special": (ours.encode_template, lambda s: theirs.tokenize(s.encode(), add_bos=False, special=True)),

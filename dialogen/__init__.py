@@ -15,7 +15,7 @@ __version__ = "0.1.0"
 def load(model: str | None = None, dtype: str | None = None, template: str | None = None, adapter: str | None = None):
     """A `ChatModel` (see `dialogen.api`): `model` None for the embedded default, a .gguf file, a
     Hugging Face directory or a dialogen checkpoint; `dtype` the decode weights (default auto);
-    `template` the chat template (default: the model's own); `adapter` a LoRA adapter directory."""
+    `template` the chat template (default: the model's own); `adapter` a LoRA adapter directory or GGUF LoRA file."""
     from .api import load as _load  # here, not at import time: it imports torch
 
     return _load(model, dtype, template, adapter)

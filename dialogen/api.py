@@ -250,7 +250,7 @@ def load(model: str | None = None, dtype: str | None = None, template: str | Non
     Hugging Face directory (llama or gpt2) or a dialogen checkpoint; `dtype` the decode weights
     (auto, int8, int4, float16, bfloat16, float32; default auto); `template` the chat template
     (chatml, llama2, dialogpt, jinja; default: the model's own); `adapter` a LoRA adapter directory
-    (PEFT's files) added to the model (with `model` None: on the base the adapter names).
+    (PEFT's files) or GGUF LoRA file added to the model (with `model` None: on the base the adapter names).
 
     >>> model = dialogen.load("runs/ft/best", dtype="int8")
     """

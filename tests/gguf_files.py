@@ -1,6 +1,7 @@
 """Tiny GGUF files written with gguf-py's GGUFWriter from tiny random transformers models, laid out
-as llama.cpp's converter lays them out (q/k rows interleaved for its rotary), for the GGUF loader's
-tests and the GGUF fuzz test."""
+as llama.cpp's converter lays them out (q/k rows interleaved for llama's rotary, gemma's norms
+stored as 1 + w, the norms on block outputs and phi3's fused projections under llama.cpp's names),
+for the GGUF loader's tests and the GGUF fuzz test."""
 
 from __future__ import annotations
 
@@ -12,6 +13,12 @@ PER_LAYER = {"input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_no
              "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v", "self_attn.o_proj": "attn_output",
              "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up", "mlp.down_proj": "ffn_down",
              "self_attn.q_norm": "attn_q_norm", "self_attn.k_norm": "attn_k_norm"}
+# the families whose blocks end in norms: transformers' names -> llama.cpp's
+POST_NORMS = {"post_attention_layernorm": "post_attention_norm", "pre_feedforward_layernorm": "ffn_norm",
+              "post_feedforward_layernorm": "post_ffw_norm"}
+FUSED = {"self_attn.qkv_proj": "attn_qkv", "mlp.gate_up_proj": "ffn_up"}  # phi3
+INTERLEAVED = ("llama", "granite", "smollm3")  # llama.cpp's converter permutes their q/k rows
+ONE_PLUS = ("gemma", "gemma2", "gemma3")  # their converters store each norm weight as 1 + w
 SPECIALS = ["<|im_start|>", "<|im_end|>"]
 CHATML = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
           "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
@@ -46,8 +53,17 @@ def tiny_hf(family: str = "llama", vocab: int = 288, tied: bool = False, seed: i
     cls = {"llama": (transformers.LlamaConfig, transformers.LlamaForCausalLM),
            "qwen2": (transformers.Qwen2Config, transformers.Qwen2ForCausalLM),
            "qwen3": (transformers.Qwen3Config, transformers.Qwen3ForCausalLM),
-           "gemma": (transformers.GemmaConfig, transformers.GemmaForCausalLM)}[family]
-    model = cls[1](cls[0](**common))
+           "gemma": (transformers.GemmaConfig, transformers.GemmaForCausalLM),
+           "gemma2": (transformers.Gemma2Config, transformers.Gemma2ForCausalLM),
+           "gemma3": (transformers.Gemma3TextConfig, transformers.Gemma3ForCausalLM),
+           "phi3": (transformers.Phi3Config, transformers.Phi3ForCausalLM),
+           "granite": (transformers.GraniteConfig, transformers.GraniteForCausalLM),
+           "smollm3": (transformers.SmolLM3Config, transformers.SmolLM3ForCausalLM),
+           "olmo2": (transformers.Olmo2Config, transformers.Olmo2ForCausalLM),
+           "olmo3": (transformers.Olmo3Config, transformers.Olmo3ForCausalLM)}[family]
+    cfg = cls[0](**common)
+    cfg._attn_implementation = "eager"  # soft-capping and windows as written in the modeling code
+    model = cls[1](cfg)
     with torch.no_grad():
         for p in model.parameters():
             p.normal_(0, 0.2) if p.dim() == 2 else p.add_(torch.randn_like(p) * 0.05)
@@ -71,7 +87,9 @@ def write_gguf(path, hf_model, arch: str = "llama", types: dict | None = None, m
     w.add_feed_forward_length(cfg.intermediate_size)
     w.add_head_count(cfg.num_attention_heads)
     w.add_head_count_kv(cfg.num_key_value_heads)
-    w.add_rope_freq_base(float(getattr(cfg, "rope_theta", None) or 10000.0))
+    rope = getattr(cfg, "rope_parameters", None) or {}
+    rope = rope.get("full_attention", rope)
+    w.add_rope_freq_base(float(rope.get("rope_theta") or getattr(cfg, "rope_theta", None) or 10000.0))
     w.add_layer_norm_rms_eps(cfg.rms_norm_eps)
     head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
     if head_dim * cfg.num_attention_heads != cfg.hidden_size:
@@ -86,7 +104,11 @@ def write_gguf(path, hf_model, arch: str = "llama", types: dict | None = None, m
     w.add_eos_token_id(len(v["tokens"]) - 1 if v["tokens"] else 0)
     w.add_chat_template(CHATML)
     for key, value in (meta or {}).items():
-        w.add_key_value(key, value, _value_type(value))
+        if isinstance(value, list):
+            w.add_array(key, value)
+        else:
+            w.add_key_value(key, value, _value_type(value))
+    names = {**PER_LAYER, **(POST_NORMS if arch in ("gemma2", "gemma3", "olmo2") else {}), **FUSED}
     written = {}
     for hf_name, t in hf_model.state_dict().items():
         if hf_name == "lm_head.weight" and cfg.tie_word_embeddings:
@@ -94,14 +116,15 @@ def write_gguf(path, hf_model, arch: str = "llama", types: dict | None = None, m
         stem, part = hf_name.rsplit(".", 1)
         if stem.startswith("model.layers."):
             i, rest = stem.removeprefix("model.layers.").split(".", 1)
-            name = f"blk.{i}.{PER_LAYER[rest]}.{part}"
+            name = f"blk.{i}.{names[rest]}.{part}"
         else:
             name = f"{NAMES[stem]}.{part}"
         a = t.detach().float().numpy()
-        if arch == "gemma" and name.endswith("norm.weight"):  # llama.cpp's converter stores gemma's 1 + w
+        one_plus = arch in ONE_PLUS and name.endswith("norm.weight")
+        if one_plus:  # llama.cpp's converter stores gemma's 1 + w
             a = a + 1
-        written[hf_name] = _add(w, name, a, types.get(name, "F32"), cfg, arch == "llama")
-        if arch == "gemma" and name.endswith("norm.weight"):
+        written[hf_name] = _add(w, name, a, types.get(name, "F32"), cfg, arch in INTERLEAVED)
+        if one_plus:
             written[hf_name] = written[hf_name] - 1
     for name, a in (extra or {}).items():
         w.add_tensor(name, np.asarray(a, dtype=np.float32))
@@ -117,6 +140,8 @@ def _value_type(value):
 
     if isinstance(value, str):
         return gguf.GGUFValueType.STRING
+    if isinstance(value, bool):
+        return gguf.GGUFValueType.BOOL
     if isinstance(value, float):
         return gguf.GGUFValueType.FLOAT32
     return gguf.GGUFValueType.UINT32

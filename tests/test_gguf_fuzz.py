@@ -53,3 +53,16 @@ def test_mutated_headers_load_or_exit_2_in_one_line(setup):
     one()
     assert not findings, findings[:3]
     assert sum(outcomes.values()) == EXAMPLES and outcomes["exit 2"] > EXAMPLES // 3, outcomes
+
+
+def test_a_block_count_past_the_tensors_is_refused_at_once(setup):
+    """The one finding of a 10,000-mutation run: block_count rewritten to 13,009,223 built the
+    expected-tensor table of that many blocks (minutes, gigabytes) before any check."""
+    where, base, _, worker = setup
+    from dialogen.models.gguf_header import read_header
+
+    pos, fmt = next((p, f) for what, p, f in read_header(base).fields if what == "llama.block_count")
+    path = where / "blocks.gguf"
+    path.write_bytes(G.apply(base.read_bytes(), ([((pos, fmt), 13_009_223)], None)))
+    result = worker.run(path)
+    assert result["outcome"] == "exit 2" and "llama.block_count=13009223" in result["text"], result

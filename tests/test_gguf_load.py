@@ -193,7 +193,7 @@ def test_linear_rope_scaling(tmp_path):
 @pytest.mark.parametrize("change, named", [
     (dict(meta={"llama.rope.scaling.type": "yarn", "llama.rope.scaling.factor": 4.0}), "llama.rope.scaling.type"),
     (dict(meta={"llama.attention.sliding_window": 64}), "llama.attention.sliding_window"),
-    (dict(arch="phi3"), "GGUF architecture \"phi3\""),
+    (dict(arch="phi2"), "GGUF architecture \"phi2\""),
     (dict(extra={"blk.0.attn_q_norm.weight": [1.0] * 16}), "tensor blk.0.attn_q_norm.weight"),
     (dict(types={"blk.0.attn_norm.weight": "Q8_0"}), "tensor blk.0.attn_norm.weight"),
 ])

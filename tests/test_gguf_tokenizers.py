@@ -274,6 +274,16 @@ def test_byte_level_flags_and_tokens(bpe):
     assert tok.control_ids["<|im_end|>"] not in tok.encode_text("x<|im_end|>")
 
 
+def test_end_of_generation_texts_are_control_whatever_their_type(bpe):
+    """A `</s>` of normal type is control (llama.cpp's end-of-generation texts), unless the vocabulary
+    has a marker saying it is a normal token there (gemma4's `<|tool_response>`)."""
+    d, tokens, merges = bpe
+    tok = load(write_byte_level_gguf(d / "eos.gguf", tokens + ["</s>"], merges, "llama-bpe"))
+    assert tok.encode_template("a</s>b").count(len(tokens)) == 1 and len(tokens) not in tok.encode_text("a</s>b")
+    plain = load(write_byte_level_gguf(d / "plain.gguf", tokens + ["</s>", "<|tool_response>"], merges, "llama-bpe"))
+    assert len(tokens) not in plain.encode_template("a</s>b")
+
+
 # --- refusals ----------------------------------------------------------------------------------
 def test_unknown_model_or_pre_is_one_line(bpe, spm_files):
     d, tokens, merges = bpe

@@ -37,7 +37,7 @@ class Engine:
 
 def load_engine(model: str | None = None, template: str = "auto", dtype="float32", adapter: str | None = None) -> Engine:
     """`dtype`: the decode weights swapped in at load (see `models.native.swap_in`); `adapter`: a
-    LoRA adapter directory added to the model's products (`models/lora.py`)."""
+    LoRA adapter directory or GGUF LoRA file added to the model's products (`models/lora.py`)."""
     from ..models.loading import load  # here: torch loads with the model, not with --help
 
     loaded = load(model, dtype, adapter)
@@ -45,6 +45,32 @@ def load_engine(model: str | None = None, template: str = "auto", dtype="float32
     name = default_template_name(loaded.meta, loaded.tokenizer, cfg.arch) if template in (None, "auto") else template
     return Engine(loaded.model, loaded.tokenizer, get_template(name, loaded.tokenizer), cfg.max_seq_len,
                   loaded.path.name, loaded.meta)
+
+
+def adapter_engine(base: Engine, directory, template: str = "auto") -> Engine:
+    """The engine of the LoRA adapter in `directory` when it is served on `base`'s model by name: its
+    tokenizer and template are those `load_engine(adapter=directory)` picks (a `dialogen train
+    --lora-r` checkpoint's own, else the base's)."""
+    from pathlib import Path
+
+    from ..errors import UserError
+    from ..models.loading import adapter_chat  # here: torch loads with the model, not with --help
+
+    where = Path(directory).expanduser()
+    own = adapter_chat(where)
+    if own is None:
+        tok, meta = base.tokenizer, base.meta
+    else:
+        tok, meta = own
+        if tok.vocab_size != base.tokenizer.vocab_size:
+            raise UserError(f"{where}: the adapter's tokenizer has {tok.vocab_size} tokens, the base's "
+                            f"{base.tokenizer.vocab_size}: it is for another base")
+    if own is None and template in (None, "auto"):
+        tpl = base.template
+    else:
+        tpl = get_template(default_template_name(meta, tok, base.model.cfg.arch) if template in (None, "auto")
+                           else template, tok)
+    return Engine(base.model, tok, tpl, base.context_length, where.name, meta)
 
 
 # --- the command-line edge -------------------------------------------------------------------
@@ -77,7 +103,8 @@ def add_model_args(p: argparse.ArgumentParser):
 def add_adapter_arg(p):
     p.add_argument("--adapter", default=None, metavar="DIR",
                    help="a LoRA adapter (PEFT's adapter_config.json and adapter_model.safetensors, e.g. a "
-                        "`dialogen train --lora-r` checkpoint) on the model; without --model, the base it names")
+                        "`dialogen train --lora-r` checkpoint, or a GGUF LoRA file) on the model; without --model, "
+                        "the base it names")
 
 
 def engine_from_args(args, dtype=None) -> Engine:

@@ -353,13 +353,25 @@ READERS = {
 }
 
 
+# model_type -> the `general.architecture` llama.cpp's converter writes for it
+GGUF_ARCH = {"llama": "llama", "mistral": "llama", "qwen2": "qwen2", "qwen3": "qwen3", "gemma": "gemma",
+             "gemma2": "gemma2", "gemma3_text": "gemma3", "phi3": "phi3", "granite": "granite", "smollm3": "smollm3",
+             "olmo2": "olmo2", "gpt2": "gpt2"}
+
+
 def table_markdown() -> str:
-    """The family table of docs/models.md, from FAMILIES (a test keeps the two equal)."""
-    rows = ["| model_type | Hugging Face dir | what it switches on | config.json keys read (besides the sizes) | tested |",
-            "|---|---|---|---|---|"]
+    """The family table of docs/models.md, from FAMILIES and the GGUF architectures `gguf_config`
+    reads (a test keeps the two equal)."""
+    from .gguf_config import ARCHS
+
+    rows = ["| model_type | Hugging Face dir | GGUF file (`general.architecture`) | what it switches on | "
+            "config.json keys read (besides the sizes) | tested |", "|---|---|---|---|---|---|"]
     for f in FAMILIES.values():
-        rows.append(f"| {f.name} | exact | {f.features} | {', '.join(f.reads)} | {TESTED} |")
+        arch = GGUF_ARCH.get(f.name)
+        gguf = f"exact (`{arch}`)" if arch in ARCHS else "refused"
+        rows.append(f"| {f.name} | exact | {gguf} | {f.features} | {', '.join(f.reads)} | {TESTED} |")
     return "\n".join(rows)
 
 
-TESTED = "tests/test_families.py: logits, greedy decoding, each field off its default"
+TESTED = ("tests/test_families.py (HF dir: logits, greedy decoding, each field off its default); "
+          "tests/test_gguf_load.py, tests/test_gguf_families.py (GGUF: logits, greedy decoding, refusals)")

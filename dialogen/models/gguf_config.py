@@ -1,28 +1,26 @@
 """A GGUF file's metadata -> our `Config`, and every tensor and the vocabulary checked against it.
 
-Architectures: `llama` (also Mistral's files), `qwen2` (llama math with q/k/v biases), `qwen3`
-(per-head q/k norms), `gemma` (GELU gated MLP, embeddings times sqrt(d)) and `gpt2`.
-A metadata key that changes the math is read (rope base and scaling, `rope_freqs.weight`'s
-per-frequency factors, norms, head sizes) or refused; an unknown key of the architecture is
+Architectures: `gpt2`, and the rotary ones of `gguf_families.ARCHS` (llama, also Mistral's files;
+qwen2, qwen3, gemma, gemma2, gemma3, phi3, granite, smollm3, olmo2), each with llama.cpp's meaning
+of its keys and tensors. A metadata key that changes the math is read (rope base and scaling,
+`rope_freqs.weight`'s per-frequency factors, phi3's long/short factors, norms, head sizes,
+soft-capping, sliding windows, multipliers) or refused; an unknown key of the architecture is
 refused too, as is an unknown tensor. Every check runs before any tensor byte is used, and each
 failure is one `UserError` naming the file and the key or tensor.
 """
 
 from __future__ import annotations
 
-import math
 from pathlib import Path
 
 from ..errors import UserError
 from .config_values import MAX_SIZE, shown
+from .gguf_families import ARCHS as ROTARY, Reader, layer_tensors, value as _value
 from .gguf_header import Header, TensorInfo
 from .transformer import Config
 
-LLAMA_MATH = ("llama", "qwen2", "qwen3", "gemma")  # GGUF architectures our llama decoder computes exactly
-ROTATE_HALVES = ("qwen2", "qwen3", "gemma")  # their files keep Hugging Face's q/k row order (llama's interleave it)
-# what each architecture switches on besides llama's math (gemma's files store its norms' 1 + w already)
-ARCH_MATH = {"qwen3": lambda d: {"qk_norm": True},
-             "gemma": lambda d: {"act": "gelu_tanh", "embed_scale": d ** 0.5}}
+LLAMA_MATH = tuple(ROTARY)  # GGUF architectures our rotary decoder computes exactly
+ROTATE_HALVES = tuple(a.name for a in ROTARY.values() if a.halves)  # q/k rows in Hugging Face's order
 ARCHS = (*LLAMA_MATH, "gpt2")
 FLOAT_TYPES = {0, 1, 30}  # F32, F16, BF16: the only types of norms, biases and rotary factors
 # matrices: every type the kernels multiply or gguf.quants dequantizes (TQ1_0, TQ2_0, MXFP4, NVFP4 included)
@@ -37,25 +35,15 @@ SPECIAL_IDS = ("bos_token_id", "eos_token_id", "eot_token_id", "eom_token_id", "
                "unknown_token_id", "separator_token_id")
 
 
-def _value(path: Path, meta: dict, key: str, kind: str, default=None):
-    v = meta.get(key, default)
-    if v is None:
-        raise UserError(f"{path}: metadata key {key} is missing")
-    if kind == "size" and (isinstance(v, bool) or not isinstance(v, int) or not 1 <= v <= MAX_SIZE):
-        raise UserError(f"{path}: metadata key {key} must be an integer in [1, {MAX_SIZE}], got {shown(v)}")
-    if kind == "rate" and (isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v <= 0):
-        raise UserError(f"{path}: metadata key {key} must be a positive number, got {shown(v)}")
-    return v
-
-
 def config_from_meta(path: Path, meta: dict, tensors: list[TensorInfo]) -> Config:
     """Our Config from a GGUF file's metadata; every value checked, every math key read or refused."""
     arch = meta.get("general.architecture")
     if arch not in ARCHS:
         raise UserError(f"{path}: GGUF architecture {shown(arch)} is not supported; supported: {', '.join(ARCHS)}")
+    own = ROTARY[arch].keys if arch in ROTARY else ()
     for key in meta:
         sub = key[len(arch) + 1:]
-        if key.startswith(arch + ".") and sub not in (*SIZES, *RATES, *HARMLESS):
+        if key.startswith(arch + ".") and sub not in (*SIZES, *RATES, *HARMLESS, *own):
             raise UserError(f"{path}: metadata key {key} changes the model's math and is not supported")
     if meta.get(f"{arch}.expert_count", 0) not in (0, 1):
         raise UserError(f"{path}: metadata key {arch}.expert_count: mixture-of-experts models are not supported")
@@ -78,17 +66,24 @@ def config_from_meta(path: Path, meta: dict, tensors: list[TensorInfo]) -> Confi
     if f"{arch}.attention.key_length" not in meta and d % n_head:
         raise UserError(f"{path}: {arch}.embedding_length={d} is not divisible by {arch}.attention.head_count={n_head}")
     head_dim = m("attention.key_length", d=d // n_head)
-    for key in ("attention.value_length", "rope.dimension_count"):
-        if m(key, d=head_dim) != head_dim:
-            raise UserError(f"{path}: metadata key {arch}.{key}={meta[f'{arch}.{key}']} differs from the head size "
-                            f"{head_dim}: not supported")
-    if head_dim % 2:
-        raise UserError(f"{path}: {arch}: an odd head size {head_dim} has no rotary pairs")
-    return _config(path, arch, dict(arch="llama", **common, n_kv_head=n_kv, head_dim=head_dim,
+    if m("attention.value_length", d=head_dim) != head_dim:
+        raise UserError(f"{path}: metadata key {arch}.attention.value_length={meta[f'{arch}.attention.value_length']} "
+                        f"differs from the head size {head_dim}: not supported")
+    rotary = m("rope.dimension_count", d=head_dim)
+    if rotary != head_dim and not (ROTARY[arch].partial_rotary and rotary < head_dim):
+        raise UserError(f"{path}: metadata key {arch}.rope.dimension_count={rotary} differs from the head size "
+                        f"{head_dim}: not supported")
+    if rotary % 2:
+        raise UserError(f"{path}: {arch}: an odd rotary width {rotary} has no rotary pairs")
+    biases = ROTARY[arch].biases
+    fields = ROTARY[arch].math(Reader(path, meta, arch, common["n_layer"], d, n_head))
+    return _config(path, arch, dict(arch="llama", **common, n_kv_head=n_kv, head_dim=head_dim, rotary_dim=rotary,
                                     rope_theta=m("rope.freq_base", "rate", 10000.0),
                                     norm_eps=m("attention.layer_norm_rms_epsilon", "rate", 1e-5),
                                     attn_bias="blk.0.attn_q.bias" in names, rope=_rope_scaling(path, meta, arch),
-                                    extra={"gguf_arch": arch}, **ARCH_MATH.get(arch, lambda d: {})(d)))
+                                    o_bias=biases and "blk.0.attn_output.bias" in names,
+                                    mlp_bias=biases and "blk.0.ffn_up.bias" in names,
+                                    extra={"gguf_arch": arch}, **fields))
 
 
 def _rope_scaling(path: Path, meta: dict, arch: str) -> dict:
@@ -112,8 +107,7 @@ def _config(path: Path, arch: str, kwargs: dict) -> Config:
 
 def expected_tensors(cfg: Config, arch: str) -> dict[str, tuple[tuple, bool]]:
     """GGUF tensor name -> (its shape, rows first, under `cfg`; whether the file must have it)."""
-    v, d, f, hd = cfg.vocab_size, cfg.d_model, cfg.d_ff, cfg.head_dim
-    q, kv = cfg.n_head * hd, cfg.n_kv_head * hd
+    v, d, f = cfg.vocab_size, cfg.d_model, cfg.d_ff
     out = {"token_embd.weight": ((v, d), True), "output_norm.weight": ((d,), True),
            "output.weight": ((v, d), not cfg.tie_embeddings)}
     if arch == "gpt2":
@@ -123,14 +117,8 @@ def expected_tensors(cfg: Config, arch: str) -> dict[str, tuple[tuple, bool]]:
                  "ffn_norm.weight": (d,), "ffn_norm.bias": (d,), "ffn_up.weight": (f, d), "ffn_up.bias": (f,),
                  "ffn_down.weight": (d, f), "ffn_down.bias": (d,)}
     else:
-        out["rope_freqs.weight"] = ((hd // 2,), False)
-        layer = {"attn_norm.weight": (d,), "attn_q.weight": (q, d), "attn_k.weight": (kv, d),
-                 "attn_v.weight": (kv, d), "attn_output.weight": (d, q), "ffn_norm.weight": (d,),
-                 "ffn_gate.weight": (f, d), "ffn_up.weight": (f, d), "ffn_down.weight": (d, f)}
-        if cfg.attn_bias:
-            layer.update({"attn_q.bias": (q,), "attn_k.bias": (kv,), "attn_v.bias": (kv,)})
-        if cfg.qk_norm:  # one RMSNorm weight over each head's values
-            layer.update({"attn_q_norm.weight": (hd,), "attn_k_norm.weight": (hd,)})
+        out.update({f"{name}.weight": ((cfg.rotary_dim // 2,), False) for name in ROTARY[arch].rope_tensors})
+        layer = layer_tensors(cfg, ROTARY[arch])
     for i in range(cfg.n_layer):
         out.update({f"blk.{i}.{name}": (shape, True) for name, shape in layer.items()})
     return out
@@ -138,6 +126,9 @@ def expected_tensors(cfg: Config, arch: str) -> dict[str, tuple[tuple, bool]]:
 
 def check_tensors(path: Path, cfg: Config, arch: str, tensors: list[TensorInfo]):
     """Every tensor known, of the shape the config implies and of a type allowed for it; none missing."""
+    if cfg.n_layer > len(tensors):  # every block has tensors of its own: the table is not built for a bad count
+        raise UserError(f"{path}: metadata key {arch}.block_count={cfg.n_layer} is more than the file's "
+                        f"{len(tensors)} tensors")
     want = expected_tensors(cfg, arch)
     for t in tensors:
         if t.name not in want:
@@ -156,6 +147,9 @@ def check_tensors(path: Path, cfg: Config, arch: str, tensors: list[TensorInfo])
     missing = next((n for n, (_, needed) in want.items() if needed and n not in names), None)
     if missing:
         raise UserError(f"{path}: tensor {missing} is missing")
+    pair = [n for n in ("rope_factors_long.weight", "rope_factors_short.weight") if n in names]
+    if len(pair) == 1:
+        raise UserError(f"{path}: tensor {pair[0]} comes without its long/short partner")
 
 
 def check_vocabulary(path: Path, meta: dict):

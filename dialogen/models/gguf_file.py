@@ -27,12 +27,14 @@ import torch
 from ..errors import UserError
 from ..paths import cache_dir
 from .gguf_config import ROTATE_HALVES, validated
+from .gguf_families import value as _value
 from .gguf_header import read_header
 from .kernels.formats import FORMATS, dequantize
 from .tokenizer import Tokenizer
 from .transformer import Config
 
-INDEX_VERSION = 4  # the index of the validated header (config with rope scaling, file size)
+INDEX_VERSION = 5  # the index of the validated header (config with rope scaling, file size)
+ROPE_TENSORS = ("rope_freqs.weight", "rope_factors_long.weight", "rope_factors_short.weight")  # read into cfg.rope
 # GGUF tensor names -> Hugging Face llama names (the layout `hf.hf_to_ours` reads)
 RENAME = {"token_embd": "model.embed_tokens", "output_norm": "model.norm", "output": "lm_head",
           "attn_norm": "input_layernorm", "ffn_norm": "post_attention_layernorm",
@@ -54,9 +56,9 @@ def read_gguf(path: Path):
     return header, header.meta
 
 
-def _rope_factors(path: Path, header) -> list:
-    """`rope_freqs.weight`: the divisor of each rotary frequency (Llama 3.1/3.2's rope scaling)."""
-    t = next((t for t in header.tensors if t.name == "rope_freqs.weight"), None)
+def _factors(path: Path, header, name: str) -> list:
+    """A rotary-factor tensor's values (each frequency's divisor), checked positive and finite."""
+    t = next((t for t in header.tensors if t.name == name), None)
     if t is None:
         return []
     with open(path, "rb") as f:
@@ -64,8 +66,32 @@ def _rope_factors(path: Path, header) -> list:
         raw = np.frombuffer(f.read(t.bytes), dtype=np.uint8)
     w = _floats(raw, t.type, t.shape).reshape(-1)
     if not np.all(np.isfinite(w)) or not np.all(w > 0):
-        raise UserError(f"{path}: tensor rope_freqs.weight must hold positive finite factors")
+        raise UserError(f"{path}: tensor {name} must hold positive finite factors")
     return [float(x) for x in w]
+
+
+def rope_from_tensors(path: Path, header, cfg: Config) -> dict:
+    """`cfg.rope` with the rotary factors the file ships as tensors: `rope_freqs.weight` (Llama 3.1/3.2's
+    scaling) or phi3's `rope_factors_long/short.weight` (LongRoPE: the long factors once a sequence
+    passes `rope.scaling.original_context_length`, cos and sin times `rope.scaling.attn_factor`)."""
+    arch = cfg.extra.get("gguf_arch", cfg.arch)
+    factors, long = _factors(path, header, "rope_freqs.weight"), _factors(path, header, "rope_factors_long.weight")
+    attn = header.meta.get(f"{arch}.rope.scaling.attn_factor")
+    if attn is not None and not long and attn != 1:
+        raise UserError(f"{path}: metadata key {arch}.rope.scaling.attn_factor={attn} without rope_factors_long.weight "
+                        "is not supported")
+    if (factors or long) and cfg.rope:
+        raise UserError(f"{path}: rotary factor tensors together with {arch}.rope.scaling.type={cfg.rope['rope_type']} "
+                        "is not supported")
+    if factors:
+        return {"rope_type": "freq_factors", "factors": factors}
+    if long:
+        key = f"{arch}.rope.scaling."
+        return {"rope_type": "longrope", "long_factor": long, "short_factor": _factors(path, header, "rope_factors_short.weight"),
+                "original_max_position_embeddings": _value(path, header.meta, key + "original_context_length", "size",
+                                                           cfg.max_seq_len),
+                "attention_factor": float(_value(path, header.meta, key + "attn_factor", "rate", 1.0))}
+    return cfg.rope
 
 
 def index_dir(path: Path) -> Path:
@@ -78,13 +104,9 @@ def index_dir(path: Path) -> Path:
         return target
     header = read_header(path)
     cfg, tokenizer = validated(path, header, lambda: Tokenizer.from_gguf(header.meta, path))
-    factors = _rope_factors(path, header)
-    if factors:
-        if cfg.rope:
-            raise UserError(f"{path}: tensor rope_freqs.weight together with {cfg.arch}.rope.scaling.type is not supported")
-        cfg.rope = {"rope_type": "freq_factors", "factors": factors}
+    cfg.rope = rope_from_tensors(path, header, cfg)
     tensors = [{"name": t.name, "type": t.type, "shape": t.shape, "offset": t.offset, "bytes": t.bytes}
-               for t in header.tensors if t.name != "rope_freqs.weight"]
+               for t in header.tensors if t.name not in ROPE_TENSORS]
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
     try:
@@ -100,18 +122,31 @@ def index_dir(path: Path) -> Path:
     return target
 
 
-def _hf_name(gguf_name: str, arch: str = "llama") -> str:
+def renames(cfg: Config) -> dict:
+    """GGUF layer tensor names -> Hugging Face's for `cfg`'s architecture: with norms on the block
+    outputs (gemma2/3, olmo2) ffn_norm is the MLP's input norm; phi3 ships q/k/v and gate/up fused."""
+    out = dict(RENAME)
+    if cfg.post_norms:
+        out.update({"ffn_norm": "pre_feedforward_layernorm", "post_attention_norm": "post_attention_layernorm",
+                    "post_ffw_norm": "post_feedforward_layernorm"})
+    if cfg.extra.get("gguf_arch") == "phi3":
+        out.update({"attn_qkv": "self_attn.qkv_proj", "ffn_up": "mlp.gate_up_proj"})
+    return out
+
+
+def _hf_name(gguf_name: str, cfg: Config, names: dict | None = None) -> str:
     parts = gguf_name.split(".")
     try:
-        if arch == "gpt2":
+        if cfg.arch == "gpt2":
             if parts[0] == "blk":
                 return f"transformer.h.{parts[1]}.{GPT2_RENAME[parts[2]]}.{parts[3]}"
             return f"{GPT2_RENAME[parts[0]]}.{parts[1]}"
+        names = names or renames(cfg)
         if parts[0] == "blk":
-            return f"model.layers.{parts[1]}.{RENAME[parts[2]]}.{parts[3]}"
-        return f"{RENAME[parts[0]]}.{parts[1]}"
+            return f"model.layers.{parts[1]}.{names[parts[2]]}.{parts[3]}"
+        return f"{names[parts[0]]}.{parts[1]}"
     except (KeyError, IndexError):
-        raise UserError(f"GGUF tensor {gguf_name!r} is not part of a {arch} model") from None
+        raise UserError(f"GGUF tensor {gguf_name!r} is not part of a {cfg.extra.get('gguf_arch', cfg.arch)} model") from None
 
 
 def unpermute_rows(w: torch.Tensor, n_head: int) -> torch.Tensor:
@@ -140,9 +175,9 @@ def read_tensors(path: Path, cfg: Config, tensors: list[dict], lazy: bool = Fals
     it, for the caller to call only where it needs the floats."""
     data = map_file(path) if data is None else data
     interleaved = cfg.arch == "llama" and cfg.extra.get("gguf_arch") not in ROTATE_HALVES  # llama's q/k rows
-    floats, blocks, converted = {}, {}, set()
+    floats, blocks, converted, names = {}, {}, set(), renames(cfg)
     for t in tensors:
-        name, kind, shape = _hf_name(t["name"], cfg.arch), t["type"], t["shape"]
+        name, kind, shape = _hf_name(t["name"], cfg, names), t["type"], t["shape"]
         end = t["offset"] + t["bytes"]
         if end > len(data):
             raise UserError(f"{path}: truncated file (tensor {t['name']} ends past the end)")
@@ -173,7 +208,8 @@ def adjacent_view(data: np.ndarray, cfg: Config, tensors: list[dict], names) -> 
     """Tensors (Hugging Face names) of one type that lie back to back in the file, as one (rows, row bytes)
     view of the mapping (llama.cpp's files put ffn_gate right before ffn_up); None otherwise, or for
     q/k rows, which are reordered on reading."""
-    where = {_hf_name(t["name"], cfg.arch): t for t in tensors}
+    names = renames(cfg)
+    where = {_hf_name(t["name"], cfg, names): t for t in tensors}
     parts = [where.get(n) for n in names]
     if any(t is None or t["name"].split(".")[-2] in ("attn_q", "attn_k") for t in parts):
         return None

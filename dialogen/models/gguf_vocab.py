@@ -34,8 +34,11 @@ CONTROL_TEXTS = frozenset([
     "_<EOT>", "<|eom_id|>", "<end_of_utterance>", "<|fim_prefix|>", "<fim-prefix>", "<fim_prefix>", "<PRE>",
     "<|fim_suffix|>", "<fim-suffix>", "<fim_suffix>", "<SUF>", "<|fim_middle|>", "<fim-middle>", "<fim_middle>",
     "<MID>", "<|fim_pad|>", "<fim-pad>", "<fim_pad>", "<PAD>", "<|fim_repo|>", "<|repo_name|>", "<fim-repo>",
-    "<REPO>", "<reponame>", "<|file_sep|>",
+    "<REPO>", "<reponame>", "<|file_sep|>", "</s>", "<|return|>", "<|call|>", "<|flush|>", "<|calls|>", "[EOT]",
+    "[EOS]", "<eos>", "<turn|>", "<|tool_response>", "<｜end▁of▁sentence｜>", "[e~[",
 ])
+# with one of these in the vocabulary, a `</s>` of normal type stays normal (llama.cpp: gemma4, plamo)
+NORMAL_END_MARKERS = ("<|tool_response>", "<|plamo:eos|>")
 
 # --- pre-tokenizer regexes (llama.cpp's, applied one after another) -----------------------------
 _GPT2 = r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)"
@@ -110,7 +113,8 @@ def build(meta: dict, source: str) -> tuple[HFTokenizer, dict]:
         hf, add_bos = _sentencepiece(meta, tokens, vocab, types, source), True
     else:
         hf, add_bos = _byte_level(meta, vocab, pre, source), PRE[pre][2]
-    control = [t for t, k in zip(tokens, types) if k in (UNKNOWN, CONTROL) or t in CONTROL_TEXTS]
+    texts = CONTROL_TEXTS - ({"</s>"} if any(m in vocab for m in NORMAL_END_MARKERS) else set())
+    control = [t for t, k in zip(tokens, types) if k in (UNKNOWN, CONTROL) or t in texts]
     control_set = set(control)
     user = [t for t, k in zip(tokens, types) if k == USER_DEFINED and t not in control_set]
     rstrip = _rstrip(meta)

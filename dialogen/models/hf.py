@@ -133,10 +133,15 @@ def gpt2_names(cfg: Config, prefix: str = ""):
             yield f"{prefix}h.{i}.{theirs}.bias", f"blocks.{i}.{ours}.bias", False
 
 
+def fused_projections(cfg: Config) -> bool:
+    """Whether the model ships qkv_proj and gate_up_proj joined already (phi3, from either format)."""
+    return model_type(cfg) == "phi3" or cfg.extra.get("gguf_arch") == "phi3"
+
+
 def rotary_names(cfg: Config) -> list[tuple[str, tuple[str, ...]]]:
     """(our tensor name, the Hugging Face names it joins, in order) of a rotary family's tensors but
     the head; q/k/v and gate/up are joined along the output rows."""
-    fused = model_type(cfg) == "phi3"  # phi3 ships qkv_proj and gate_up_proj joined already
+    fused = fused_projections(cfg)
     out = [("embed.weight", ("model.embed_tokens.weight",)), ("norm.weight", ("model.norm.weight",))]
     for i in range(cfg.n_layer):
         p, q = f"model.layers.{i}.", f"blocks.{i}."

@@ -23,8 +23,14 @@ from ..paths import cache_dir
 from .family import DECODER, ENCODER_DECODER, family
 from .files import assign_weights, read_state_dict, write_checkpoint
 from .gguf_file import adjacent_view, index_dir, map_file, read_gguf, read_tensors, release_pages  # noqa: F401 (read_gguf: for the tests)
+<<<<<<< HEAD
 from .heap import return_free_pages
 from .hf import GPT2_KEYS, GPT2_LINEARS, LLAMA_KEYS, check_shapes, config_from_hf, hf_configs, hf_to_ours, ours_to_hf
+=======
+from .hf import (GPT2_KEYS, GPT2_LINEARS, LLAMA_KEYS, check_shapes, config_from_hf, fused_projections, hf_configs,
+                 hf_to_ours, ours_to_hf)
+from .gguf_lora import is_gguf_lora, read_gguf_lora
+>>>>>>> main
 from .lora import is_adapter_dir, read_adapter, read_config
 from .native import BLOCKED, DTYPES, decode_dtype, swap_in  # noqa: F401 (DTYPES: the --dtype choices)
 from .rnn import load_rnn, save_rnn
@@ -54,14 +60,14 @@ def default_model_path() -> Path:
     return path
 
 
-def _model_path(spec: str | None) -> Path:
+def model_path(spec: str | None) -> Path:
     return default_model_path() if spec in (None, "", "default") else Path(spec).expanduser()
 
 
 def resolve(spec: str | None) -> Path:
     """A user's --model value -> a Hugging Face style checkpoint directory, converting a GGUF file
     into one on first use (for tools that read such directories, e.g. transformers)."""
-    path = _model_path(spec)
+    path = model_path(spec)
     if not path.exists():
         raise UserError(f"{path}: no such model file or directory")
     if path.is_file():
@@ -77,34 +83,77 @@ def load(spec: str | None = None, dtype="float32", adapter: str | None = None) -
     """`dtype`: the decode weights swapped in (`native.swap_in`); training and saving see the float32
     reference. A GGUF file is read directly, its quantized tensors kept as shipped.
 
-    `adapter`: a LoRA adapter directory (PEFT's files, `models/lora.py`) hooked onto the loaded
-    model; its tokenizer and dialogen.json, when it has them (a `dialogen train --lora-r` checkpoint),
-    give the template. `spec` may itself be such a directory; the base is then the one it names,
-    as is the base when `spec` is None and an adapter names one."""
+    `adapter`: a LoRA adapter directory (PEFT's files, `models/lora.py`) or a GGUF LoRA file
+    (`models/gguf_lora.py`) hooked onto the loaded model; a directory's tokenizer and dialogen.json,
+    when it has them (a `dialogen train --lora-r` checkpoint), give the template. `spec` may itself
+    be such a directory; the base is then the one it names, as is the base when `spec` is None and
+    an adapter names one."""
     path = None if spec in (None, "", "default") else Path(spec).expanduser()
     if adapter is None and path is not None and is_adapter_dir(path):
         spec, adapter = None, str(path)
     if adapter is None:
         return _load(spec, dtype)
     where = Path(adapter).expanduser()
-    if not where.is_dir() or not (where / "adapter_config.json").exists():
-        raise UserError(f"{where}: not an adapter directory (no adapter_config.json)")
-    if spec in (None, "", "default"):
-        spec = read_config(where).get("base_model_name_or_path") or None
-        spec = spec if spec is None or Path(spec).expanduser().exists() else None
+    spec = adapter_base(spec, where)
     loaded = _load(spec, dtype)
     if not isinstance(loaded.model, Transformer):
         raise UserError(f"{where}: LoRA adapters apply to transformer models, not this {loaded.path.name}")
-    base = _model_path(spec)
-    loaded.adapter = read_adapter(where, loaded.model.cfg, base).attach(loaded.model)
-    if (where / "tokenizer.json").exists() and (where / "dialogen.json").exists():
-        loaded.tokenizer, loaded.meta = Tokenizer.from_dir(where), _read_json(where / "dialogen.json")
+    base = model_path(spec)
+    loaded.adapter = read_lora(where, loaded.model.cfg, base).attach(loaded.model)
+    own = adapter_chat(where)
+    if own is not None:
+        loaded.tokenizer, loaded.meta = own
     loaded.meta = {**loaded.meta, "adapter": str(where)}
     return loaded
 
 
+def adapter_chat(where: Path) -> tuple[Tokenizer, dict] | None:
+    """The tokenizer and dialogen.json (the trained template) a LoRA checkpoint of `dialogen train
+    --lora-r` holds beside the adapter, or None for an adapter without them."""
+    if (where / "tokenizer.json").exists() and (where / "dialogen.json").exists():
+        return Tokenizer.from_dir(where), _read_json(where / "dialogen.json")
+    return None
+
+
+def adapter_base(spec: str | None, where: Path) -> str | None:
+    """The base an adapter (a directory, or a GGUF LoRA file) goes on: `spec`, or else the base its
+    adapter_config.json names when that path exists (None: the default model)."""
+    if is_gguf_lora(where):
+        return spec
+    if not where.is_dir() or not (where / "adapter_config.json").exists():
+        raise UserError(f"{where}: not an adapter (no adapter_config.json, not a .gguf file)")
+    if spec in (None, "", "default"):
+        spec = read_config(where).get("base_model_name_or_path") or None
+        spec = spec if spec is None or Path(spec).expanduser().exists() else None
+    return spec
+
+
+def read_lora(where: Path, cfg: Config, base: Path):
+    """The adapter at `where` (PEFT's directory or llama.cpp's GGUF LoRA) for a model of `cfg` from `base`."""
+    return read_gguf_lora(where, cfg) if is_gguf_lora(where) else read_adapter(where, cfg, base)
+
+
+def load_adapter(spec: str | None, adapter: str):
+    """The adapter at `adapter` for the base `spec` (or the base it names), without the base's weights."""
+    where = Path(adapter).expanduser()
+    spec = adapter_base(spec, where)
+    return read_lora(where, model_config(spec), model_path(spec))
+
+
+def model_config(spec: str | None) -> Config:
+    """The transformer config of a --model value, without loading its weights."""
+    path = model_path(spec)
+    if path.suffix == ".gguf" and path.is_file():
+        return Config(**_read_json(index_dir(path) / "index.json")["config"])
+    path = resolve(spec)
+    cfg, arch = config_from_hf(_read_json(path / "config.json"), path)
+    if arch not in ("llama", "gpt2"):
+        raise UserError(f"{path}: LoRA adapters apply to transformer models, not this {arch} model")
+    return cfg
+
+
 def _load(spec: str | None, dtype) -> Loaded:
-    path = _model_path(spec)
+    path = model_path(spec)
     if path.suffix == ".gguf" and path.is_file():
         return load_gguf(path, dtype)
     path = resolve(spec)
@@ -194,9 +243,12 @@ def native_blocks(cfg: Config, blocks: dict, adjacent=None) -> dict:
         return {k: v for k, v in out.items() if v is not None}
     for i in range(cfg.n_layer):
         p, q = f"model.layers.{i}.", f"blocks.{i}."
-        out[q + "attn.qkv"] = fuse([p + f"self_attn.{n}_proj.weight" for n in "qkv"])
+        joined = fused_projections(cfg)  # (phi3's q/k/v and gate/up are one tensor each)
+        out[q + "attn.qkv"] = fuse([p + "self_attn.qkv_proj.weight"] if joined else
+                                   [p + f"self_attn.{n}_proj.weight" for n in "qkv"])
         out[q + "attn.o_proj"] = fuse([p + "self_attn.o_proj.weight"])
-        out[q + "mlp.gate_up"] = fuse([p + "mlp.gate_proj.weight", p + "mlp.up_proj.weight"])
+        out[q + "mlp.gate_up"] = fuse([p + "mlp.gate_up_proj.weight"] if joined else
+                                      [p + "mlp.gate_proj.weight", p + "mlp.up_proj.weight"])
         out[q + "mlp.down"] = fuse([p + "mlp.down_proj.weight"])
     out["lm_head"] = fuse(["model.embed_tokens.weight" if cfg.tie_embeddings else "lm_head.weight"])
     return {k: v for k, v in out.items() if v is not None}

@@ -164,8 +164,11 @@ class AuthMiddleware:
 
 
 def _model_card(name: str, svc: Service, created: int) -> dict:
-    return {"id": name, "object": "model", "created": created, "owned_by": "dialogen",
+    card = {"id": name, "object": "model", "created": created, "owned_by": "dialogen",
             "context_length": svc.context_length}
+    if name in svc.adapter_engines:  # a LoRA adapter on the base model (vLLM's `parent`)
+        card["parent"] = svc.model_name
+    return card
 
 
 def route_list(app: FastAPI) -> list[str]:

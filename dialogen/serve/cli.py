@@ -12,7 +12,7 @@ import threading
 from pathlib import Path
 
 from ..chat.personas import resolve_persona
-from ..decoding.engine import add_model_args, engine_from_args
+from ..decoding.engine import adapter_engine, add_model_args, engine_from_args
 from ..decoding.settings import add_decoding_args, add_sampling_args, decoding_from, sampling_from
 from ..errors import UserError
 # torch, the model code and the extras are imported inside the commands: building `--help` stays torch-free
@@ -41,6 +41,10 @@ def register(sub):
     g.add_argument("--model-name", default=None, help="the model id clients see (default: from the model path)")
     g.add_argument("--model-alias", action="append", default=[], metavar="NAME",
                    help="another name for the served model, listed in /v1/models (repeatable)")
+    g.add_argument("--lora-modules", action="extend", nargs="+", default=[], metavar="NAME=DIR",
+                   help="serve the LoRA adapter in DIR (PEFT's files) on the model as the model NAME (repeatable, "
+                        "as vLLM's flag): a request naming NAME gets replies with that adapter, one naming the model "
+                        "gets none; replies of every adapter share the batched step")
     g.add_argument("--strict-model-names", action="store_true",
                    help="answer only the model's own name and its aliases (404 for others); by default any "
                         "requested name is answered by the one served model, as llama.cpp's server does")
@@ -132,6 +136,7 @@ def check_args(args):
     for name in args.model_alias:
         if not name.strip() or len(name) > 200:
             raise UserError(f"--model-alias {name[:50]!r}: expected a name of 1 to 200 characters")
+    lora_modules(args)
     for name in args.allowed_host:
         if not re.fullmatch(r"[A-Za-z0-9.:\[\]_-]+", name):
             raise UserError(f"--allowed-host {name!r}: expected a host name or address, without scheme or path")
@@ -143,6 +148,23 @@ def check_args(args):
         if importlib.util.find_spec(mod) is None:
             raise UserError(f"the server needs {mod.replace('_', '-')}: pip install 'dialogen[serve]'")
     return keys
+
+
+def lora_modules(args) -> list[tuple[str, str]]:
+    """The (name, directory) pairs of --lora-modules; a malformed, repeated or taken name is refused."""
+    out, taken = [], set(args.model_alias) | {args.model_name}
+    for item in args.lora_modules:
+        name, eq, directory = item.partition("=")
+        name = name.strip()
+        if not eq or not name or not directory or len(name) > 200:
+            raise UserError(f"--lora-modules {item[:80]!r}: expected NAME=DIR (a name of 1 to 200 characters)")
+        if name in taken:
+            raise UserError(f"--lora-modules {name!r}: the name is given twice (or is the model's own or an alias)")
+        taken.add(name)
+        out.append((name, directory))
+    if out and args.adapter is not None:
+        raise UserError("--adapter and --lora-modules: give every adapter a name with --lora-modules")
+    return out
 
 
 def default_db() -> Path:
@@ -185,9 +207,21 @@ def cmd_serve(args) -> int:
     def start():
         engine = engine_from_args(args)
         name = args.model_name or re.sub(r"-[0-9a-f]{12}$", "", engine.name)
+        adapters = chats = None
+        if args.lora_modules:  # each checked against the base now: a mistake stops the start, naming its directory
+            from ..models.loading import model_path
+            from ..models.lora_set import read_adapter_set
+
+            named = lora_modules(args)
+            if getattr(engine.model, "adapter", None) is not None:
+                raise UserError(f"--model {args.model}: a LoRA adapter; with --lora-modules give the base as --model")
+            if name in dict(named):
+                raise UserError(f"--lora-modules {name!r}: the name is the model's own; give --model-name another")
+            adapters = read_adapter_set(named, engine.model, model_path(args.model))
+            chats = {n: adapter_engine(engine, d, args.template) for n, d in named}
         return Service(engine, store, Keys(keys), limits, sampling, name, args.max_active, args.max_queue,
                        decoding, args.model_alias, args.strict_model_names, prefill_chunk=args.prefill_chunk,
-                       metrics=args.metrics)
+                       metrics=args.metrics, adapters=adapters, adapter_engines=chats)
 
     svc = in_passing_thread(start)  # the loads leave no OpenMP pool: the model thread's is the only one
     svc.default_persona = resolve_persona(args.system)  # for sessions and requests without a system message

@@ -57,9 +57,10 @@ def parse_request(svc: Service, body: dict) -> dict:
     whole = messages[-1].role != "user"  # no new user turn: a prefill, or tools' results to answer
     history = messages[1 if has_system else 0:None if whole else -1]
     decoding = P.make_decoding(svc.decoding, P.decoding_changes(req, svc.limits.max_candidates))
-    tools = read_tools(req, svc.engine.template, svc.engine.tokenizer.control_ids, decoding.searches)
+    eng = svc.engine_for(req.model)  # a LoRA adapter's, or the base's
+    tools = read_tools(req, eng.template, eng.tokenizer.control_ids, decoding.searches)
     prompt = svc.prompt_len(([Message("system", system)] if system else []) + messages[1 if has_system else 0:],
-                            continue_final=prefill, tools=tools and tools["tools"])
+                            continue_final=prefill, tools=tools and tools["tools"], engine=eng)
     fit_reply(svc, changes, prompt)
     if tools is not None and tools["grammar"] is not None:
         changes["constraint"] = tools["grammar"]
@@ -69,7 +70,8 @@ def parse_request(svc: Service, body: dict) -> dict:
             "stream": stream, "tools": tools,
             "ignored": ignored,
             "include_usage": bool(req.stream_options and req.stream_options.include_usage), "sampling": sampling,
-            "decoding": decoding, "prompt_tokens": prompt, "id": P.new_id(), "created": int(time.time())}
+            "decoding": decoding, "prompt_tokens": prompt, "id": P.new_id(), "created": int(time.time()),
+            "model": svc.served_name(req.model), "engine": eng}
 
 
 def fit_reply(svc: Service, changes: dict, prompt: int, param: str = "messages"):
@@ -100,9 +102,9 @@ def _choice_job(svc: Service, req: dict, index: int):
         searches = req["decoding"].searches  # a search runs on caches of its own: nothing to lend or keep
         tools = req["tools"]
         session = svc.stateless_session(req["owner"], req["system"], sampling, req["history"], req["user"], budget,
-                                        pooled=not searches, tools=tools and tools["tools"])
+                                        pooled=not searches, tools=tools and tools["tools"], engine=req["engine"])
         gen, prompt, cached = svc.reply(session, req["user"], sampling, req["decoding"])
-        logprobs = Logprobs(svc.engine.tokenizer, gen, sampling.logprobs is not None)
+        logprobs = Logprobs(req["engine"].tokenizer, gen, sampling.logprobs is not None)
         held = Holder(tools, lambda delta, lp: job.emit(("delta", (delta, lp))))
         svc.worker.stream(gen, lambda delta: held.delta(delta, logprobs.new()))
         if not searches:  # its KV cache holds this prompt: keep it for the next turn
@@ -153,7 +155,7 @@ async def _collect(svc: Service, req: dict, channel: Channel, jobs: list, reques
                         results[i]["logprobs"], results[i]["tool_calls"]) for i in range(req["n"])]
     tokens = sum(r["tokens"] for r in results.values())
     cached = min(r["cached_tokens"] for r in results.values())
-    return P.completion(req["id"], svc.model_name, choices, P.usage(req["prompt_tokens"], tokens, cached),
+    return P.completion(req["id"], req["model"], choices, P.usage(req["prompt_tokens"], tokens, cached),
                         req["created"])
 
 
@@ -179,7 +181,7 @@ async def collect_all(channel: Channel, jobs: list, request: Request) -> dict | 
 
 async def _stream(svc: Service, req: dict, channel: Channel, jobs: list):
     """SSE chunks: a role chunk per choice, content deltas, a finish chunk per choice, [DONE]."""
-    cid, model, created = req["id"], svc.model_name, req["created"]
+    cid, model, created = req["id"], req["model"], req["created"]
     for i in range(req["n"]):
         yield P.sse(P.chunk(cid, model, created, [P.delta_choice(i, {"role": "assistant", "content": ""})]))
 

@@ -26,7 +26,7 @@ from .protocol import ApiError
 from .schema import Pick, Rating, Regenerate
 from .service import Service
 from .sessions import (_check_fits, _live_session, _not_found, _owned, answer, claim_session, off_loop, run_reply,
-                       turn_settings)
+                       turn_model, turn_settings)
 
 
 def add_routes(app: FastAPI, svc: Service):
@@ -55,10 +55,12 @@ def add_routes(app: FastAPI, svc: Service):
         req = P.validate(Regenerate, body)
         # a seed stored with the session would draw the same reply again; a seed in the request is used
         sampling, decoding = turn_settings(svc, row["settings"], req, seeded=False)
-        _check_fits(svc, row["persona"], row["messages"][seq - 1]["content"], sampling.max_new_tokens)
+        model = turn_model(svc, row["settings"], req)  # the session's LoRA adapter, or the request's
+        engine = svc.engine_for(model)
+        _check_fits(svc, row["persona"], row["messages"][seq - 1]["content"], sampling.max_new_tokens, engine)
         claim, release = await claim_session(svc, sid)
-        run = _regenerate_job(svc, row, request.state.owner, seq, (sampling, decoding), claim, release)
-        return await answer(svc, sid, run, claim, release, bool(req.stream), request)
+        run = _regenerate_job(svc, row, request.state.owner, seq, (sampling, decoding), claim, release, engine)
+        return await answer(svc, sid, run, claim, release, bool(req.stream), request, model)
 
     @app.post("/v1/sessions/{sid}/messages/{n}/preference")
     async def prefer(sid: str, n: str, request: Request):
@@ -125,12 +127,12 @@ def _check_pick(seq: int, msg: dict, req: Pick):
                        "rejected")
 
 
-def _regenerate_job(svc: Service, row: dict, owner: str, seq: int, decode: tuple, claim, release):
+def _regenerate_job(svc: Service, row: dict, owner: str, seq: int, decode: tuple, claim, release, engine):
     sid = row["id"]
 
     def run(job):
         try:
-            session = _live_session(svc, sid, owner, row["persona"], decode[0])
+            session = _live_session(svc, sid, owner, row["persona"], decode[0], engine)
             session.max_context_tokens = svc.context_length - decode[0].max_new_tokens
             done = _generate_variant(svc, job, session, sid, seq, decode, claim.holder)
         finally:

@@ -45,8 +45,9 @@ class Job:
 
 
 class Call:
-    def __init__(self, job: Job | None, ids: torch.Tensor, cache, kwargs: dict):
+    def __init__(self, job: Job | None, ids: torch.Tensor, cache, kwargs: dict, adapter: str | None = None):
         self.job, self.ids, self.cache, self.kwargs = job, ids, cache, kwargs
+        self.adapter = adapter  # the LoRA adapter the call's rows take (None: the base)
         self.done = threading.Event()
         self.result: torch.Tensor | None = None
         self.error: BaseException | None = None
@@ -64,6 +65,7 @@ class Drive:
 
     def __init__(self, job: Job | None, gen: Generation, on_delta):
         self.job, self.gen, self.on_delta = job, gen, on_delta
+        self.adapter = getattr(gen.model, "adapter_name", None)  # its proxy says which adapter it takes
         self.fed = 0  # prompt tokens fed so far
         self.abandoned = False  # the job thread stopped waiting (its own error): drop at the next round
         self.done = threading.Event()
@@ -79,13 +81,15 @@ class Drive:
 
 
 class ModelProxy:
-    """Stands in for the model in job threads: calls run on the worker thread, the rest is the model's."""
+    """Stands in for the model in job threads: calls run on the worker thread, the rest is the model's.
+    `adapter_name`: the LoRA adapter of the worker's `AdapterSet` its calls take (None: the base), so
+    the proxy of an adapter is that adapted model to a session, a generation or a search."""
 
-    def __init__(self, worker):  # the serve.worker.Worker whose model this stands in for
-        self._worker = worker
+    def __init__(self, worker, adapter_name: str | None = None):  # the serve.worker.Worker it stands in for
+        self._worker, self.adapter_name = worker, adapter_name
 
     def __call__(self, ids, cache=None, **kwargs):
-        return self._worker.call(ids, cache, kwargs)
+        return self._worker.call(ids, cache, kwargs, self.adapter_name)
 
     def next_logits(self, ids, cache=None):
         return self(ids, cache)[:, -1]

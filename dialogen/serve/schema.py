@@ -122,17 +122,21 @@ class Settings(DecodeFields):
 
     model_config = ConfigDict(extra="forbid")
 
+    model: str | None = Field(None, max_length=200)  # the served model (a LoRA adapter's name) of its turns
+
 
 SETTINGS_KEYS = tuple(Settings.model_fields)
 
 
 class SessionCreate(Body):
+    model: str | None = Field(None, max_length=200)
     persona: str | None = Field(None, max_length=MAX_PERSONA)
     title: str | None = None
     settings: Settings | None = None
 
 
 class SessionTurn(DecodeFields):
+    model: str | None = Field(None, max_length=200)
     content: Content
     stream: bool | None = None
 

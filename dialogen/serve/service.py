@@ -147,7 +147,8 @@ class PrefixPool:
     new request (at least one, e.g. the same persona) serves it: lent when the request continues
     its conversation, copied otherwise; the session feeds only the tokens after the common token
     prefix. Another key's prompts are never matched: how much of a prompt was cached would tell
-    one client about another's. Bounded by count and by the bytes of the caches; the oldest goes
+    one client about another's. Nor are another engine's (another LoRA adapter's): its keys and
+    values are another model's. Bounded by count and by the bytes of the caches; the oldest goes
     first.
     """
 
@@ -156,14 +157,15 @@ class PrefixPool:
         self._idle: list[tuple[str, Session]] = []
         self._lock = threading.Lock()
 
-    def take(self, owner: str, conversation: list[Message], fresh) -> Session | None:
-        """A session for `conversation`: the kept one it continues (taken out of the pool), or
-        `fresh()` with a copy of the cache that shares the most leading messages with it (that one
-        stays for the conversation it belongs to), or None."""
+    def take(self, owner: str, conversation: list[Message], fresh, engine=None) -> Session | None:
+        """A session of `engine` for `conversation`: the kept one it continues (taken out of the pool),
+        or `fresh()` with a copy of the cache that shares the most leading messages with it (that one
+        stays for the conversation it belongs to), or None. `engine` None: any engine's."""
         with self._lock:
             best, best_n = None, 0
             for entry in self._idle:
-                n = _common_messages(entry[1].conversation(), conversation) if entry[0] == owner else 0
+                mine = entry[0] == owner and (engine is None or entry[1].engine is engine)
+                n = _common_messages(entry[1].conversation(), conversation) if mine else 0
                 if n > best_n:
                     best, best_n = entry, n
             if best is None:
@@ -209,24 +211,35 @@ class Service:
     def __init__(self, engine: Engine, store: Store, keys: Keys, limits: Limits, sampling: Sampling | None = None,
                  model_name: str | None = None, max_active: int = 32, max_queue: int = 64,
                  decoding: Decoding | None = None, aliases=(), strict_model_names: bool = False,
-                 prefill_chunk: int = 256, metrics: bool = True):
-        self.worker = Worker(engine.model, max_active=max_active, max_queue=max_queue, prefill_chunk=prefill_chunk)
+                 prefill_chunk: int = 256, metrics: bool = True, adapters=None,
+                 adapter_engines: dict[str, Engine] | None = None):
+        self.worker = Worker(engine.model, max_active=max_active, max_queue=max_queue, prefill_chunk=prefill_chunk,
+                             adapters=adapters)
         # sessions see the proxy: their model calls queue on the worker thread
         self.engine = Engine(self.worker.proxy, engine.tokenizer, engine.template, engine.context_length, engine.name)
+        # each LoRA adapter (models.lora_set.AdapterSet) served by its name: an engine whose proxy takes it,
+        # with the adapter's tokenizer and template (`decoding.engine.adapter_engine`; default: the base's)
+        self.adapter_engines = {}
+        for name in adapters.adapters if adapters is not None else ():
+            own = (adapter_engines or {}).get(name, engine)
+            self.adapter_engines[name] = Engine(self.worker.proxy_for(name), own.tokenizer, own.template,
+                                                engine.context_length, name, own.meta)
         self.metrics = Metrics(metrics)
         self.store, self.keys, self.limits = self.metrics.timed(store), keys, limits
         self.sampling = sampling or Sampling()
         self.decoding = decoding or Decoding()
         self.decoder = Decoder(self.engine, self.decoding)  # loads a configured scorer (e.g. MMI) once
+        self._decoders = {id(self.engine): self.decoder}  # an adapter's searches run on its own engine
         self.model_name = model_name or engine.name
         # extra names listed in /v1/models; with `strict_model_names` only these (and the model's) are served
-        self.aliases = [a for a in dict.fromkeys(aliases) if a != self.model_name]
+        self.aliases = [a for a in dict.fromkeys(aliases) if a != self.model_name and a not in self.adapter_engines]
         self.strict_model_names = strict_model_names
         # the KV-cache budget: three quarters for sessions, a quarter for stateless conversations
         self.prefixes = PrefixPool(limits.kv_budget_bytes // 4)
         self.sessions = SessionCache(limits.kv_budget_bytes - self.prefixes.budget)
         self.default_persona: str | None = None
         self.draining = False  # set on SIGTERM/SIGINT: new work gets 503, running replies finish
+        self._decoders_lock = threading.Lock()  # job threads make the adapters' decoders on first use
         self.trimmer = Trimmer(busy=lambda: self.worker.load()["running"] > 0,
                                activity=lambda: self.worker.stats["rounds"])
 
@@ -239,13 +252,27 @@ class Service:
         return self.engine.tokenizer.vocab_size
 
     def model_names(self) -> list[str]:
-        """The names /v1/models lists: the model's, then its aliases."""
-        return [self.model_name, *self.aliases]
+        """The names /v1/models lists: the model's, its aliases, then its LoRA adapters'."""
+        return [self.model_name, *self.aliases, *self.adapter_engines]
 
     def accepts_model(self, name) -> bool:
-        """One model is served: any name reaches it, unless names are strict (then only its own,
-        its aliases, 'default' and 'dialogen')."""
+        """An adapter's name reaches that adapter; any other name reaches the base model, unless names
+        are strict (then only its own, its aliases, 'default' and 'dialogen')."""
         return not self.strict_model_names or name in (None, *self.model_names(), "default", "dialogen")
+
+    def engine_for(self, name: str | None) -> Engine:
+        """The engine a request's `model` name is served by: its LoRA adapter's, else the base's."""
+        return self.adapter_engines.get(name, self.engine) if isinstance(name, str) else self.engine
+
+    def served_name(self, name: str | None) -> str:
+        """The `model` a reply reports: the adapter's name, or the base model's."""
+        return name if isinstance(name, str) and name in self.adapter_engines else self.model_name
+
+    def decoder_for(self, engine: Engine) -> Decoder:
+        with self._decoders_lock:
+            if id(engine) not in self._decoders:
+                self._decoders[id(engine)] = Decoder(engine, self.decoding)
+            return self._decoders[id(engine)]
 
     def defaults(self) -> dict:
         """The decoding a request gets for the fields it leaves out (OpenAI names)."""
@@ -255,31 +282,35 @@ class Service:
                 "presence_penalty": s.presence_penalty, "no_repeat_ngram": s.no_repeat_ngram,
                 "max_tokens": s.max_new_tokens, "seed": s.seed, "stop": s.stop}
 
-    def prompt_len(self, messages, continue_final: bool = False, tools: list[dict] | None = None) -> int:
-        eng = self.engine
+    def prompt_len(self, messages, continue_final: bool = False, tools: list[dict] | None = None,
+                   engine: Engine | None = None) -> int:
+        eng = engine or self.engine
         return len(eng.template.render(eng.tokenizer, messages, add_generation_prompt=True,
                                        continue_final=continue_final, tools=tools)[0])
 
-    def new_session(self, persona: str | None, sampling: Sampling, history=(), budget: int | None = None) -> Session:
-        s = Session(self.engine, system=persona, sampling=sampling, max_context_tokens=budget or self.context_length)
+    def new_session(self, persona: str | None, sampling: Sampling, history=(), budget: int | None = None,
+                    engine: Engine | None = None) -> Session:
+        s = Session(engine or self.engine, system=persona, sampling=sampling, max_context_tokens=budget or self.context_length)
         s.reset(history)
         return s
 
     def stateless_session(self, owner: str, persona: str | None, sampling: Sampling, history: list[Message],
                           user: str | None, budget: int | None = None, pooled: bool = True,
-                          tools: list[dict] | None = None) -> Session:
+                          tools: list[dict] | None = None, engine: Engine | None = None) -> Session:
         """A session for one stateless request: an idle one of the owner's sharing a prefix with it,
         else a new one (always a new one without `pooled`, e.g. for a search, which keeps no cache).
         `user` None: the history is the whole conversation (it ends with tools' results, or with an
-        assistant message the reply continues)."""
+        assistant message the reply continues). `engine`: an adapter's (`engine_for`); a kept cache of
+        another engine is never reused."""
+        engine = engine or self.engine
         head = [Message("system", persona)] if persona else []
         tail = [Message("user", user)] if user is not None else []
         s = None
         if pooled:
             s = self.prefixes.take(owner, head + list(history) + tail,
-                                   lambda: self.new_session(persona, sampling, history, budget))
+                                   lambda: self.new_session(persona, sampling, history, budget, engine), engine)
         if s is None:
-            s = self.new_session(persona, sampling, history, budget)
+            s = self.new_session(persona, sampling, history, budget, engine)
         else:
             s.set_persona(persona)
             s.reset(history)
@@ -303,7 +334,7 @@ class Service:
             gen = session.send(text) if text is not None else session.respond()
             return gen, len(gen.history), len(gen.history) - len(gen.feed)
         ids = session.user_turn(text) if text is not None else session.prompt_ids()
-        return searched_reply(session, self.decoder, ids, sampling, decoding), len(ids), 0
+        return searched_reply(session, self.decoder_for(session.engine), ids, sampling, decoding), len(ids), 0
 
     def begin_shutdown(self, grace: float):
         """Stop taking work (503); replies still running `grace` seconds later are cut, each

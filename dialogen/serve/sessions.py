@@ -1,15 +1,19 @@
 """/v1/sessions: conversations kept by the server, stored in SQLite, with a live KV cache.
 
-  POST   /v1/sessions                 {"persona", "settings", "title"} -> the session
+  POST   /v1/sessions                 {"model", "persona", "settings", "title"} -> the session
   GET    /v1/sessions                 this key's sessions, newest first
   GET    /v1/sessions/{id}            the session with its history
-  POST   /v1/sessions/{id}/messages   {"content", "stream", decoding overrides} -> the reply
+  POST   /v1/sessions/{id}/messages   {"content", "stream", "model", decoding overrides} -> the reply
   DELETE /v1/sessions/{id}
   (ratings, regenerated replies and picks of a session's replies: feedback.py)
 
 A turn is committed to the store when its reply is complete; a reply cut off (client gone,
 server killed) leaves the stored history as it was. One turn at a time per session (409), across
 server processes sharing the database too: see store.py.
+
+A session's `model` (kept in its settings) names the LoRA adapter its replies take; a turn may
+name another. The live KV cache belongs to one adapter: a turn with another is served from the
+history re-encoded, never from that cache.
 """
 
 from __future__ import annotations
@@ -39,6 +43,9 @@ def add_routes(app: FastAPI, svc: Service):
         req = P.validate(SessionCreate, body)
         check_settings(svc, req.settings)
         settings = {k: v for k, v in (body.get("settings") or {}).items() if v is not None}  # stored as given
+        if req.model is not None:
+            settings["model"] = req.model
+        turn_model(svc, settings, None)  # a name not served: 404
         persona = resolve_persona(req.persona) or svc.default_persona  # a preset name becomes its text
         row = await off_loop(svc.store.create, request.state.owner, persona, settings, (req.title or "")[:200])
         return _session_obj(row, [])
@@ -74,11 +81,21 @@ async def start_turn(svc: Service, sid: str, request: Request):
     row = await _owned(svc, sid, request)
     req = P.validate(SessionTurn, body)
     sampling, decoding = turn_settings(svc, row["settings"], req)
-    text = req.content
-    _check_fits(svc, row["persona"], text, sampling.max_new_tokens)
+    text, model = req.content, turn_model(svc, row["settings"], req)
+    _check_fits(svc, row["persona"], text, sampling.max_new_tokens, svc.engine_for(model))
     claim, release = await claim_session(svc, sid)
-    return await answer(svc, sid, _turn_job(svc, row, request.state.owner, text, (sampling, decoding), claim, release),
-                        claim, release, bool(req.stream), request)
+    run = _turn_job(svc, row, request.state.owner, text, (sampling, decoding), claim, release, model)
+    return await answer(svc, sid, run, claim, release, bool(req.stream), request, model)
+
+
+def turn_model(svc: Service, settings: dict, req) -> str | None:
+    """The model name (a LoRA adapter's, or the base's) a reply is served by: the request's `model`,
+    else the session's; a name this server does not serve gets 404 (with --strict-model-names)."""
+    model = getattr(req, "model", None)
+    model = settings.get("model") if model is None else model
+    if not svc.accepts_model(model):
+        raise P.model_not_found(svc.model_names(), model)
+    return model
 
 
 def turn_settings(svc: Service, settings: dict, req, seeded: bool = True):
@@ -119,8 +136,10 @@ async def claim_session(svc: Service, sid: str):
     return claim, release
 
 
-async def answer(svc: Service, sid: str, run, claim, release, stream: bool, request: Request):
-    """Queue the job `run` (which releases the claim when done) and stream its reply or wait for it."""
+async def answer(svc: Service, sid: str, run, claim, release, stream: bool, request: Request,
+                 model: str | None = None):
+    """Queue the job `run` (which releases the claim when done) and stream its reply or wait for it;
+    `model`: the name the reply is served by (`turn_model`)."""
     channel = Channel()
     try:
         jobs = submit_all(svc, [run], channel)
@@ -130,8 +149,8 @@ async def answer(svc: Service, sid: str, run, claim, release, stream: bool, requ
     claim.job = jobs[0]
     turn_id = P.new_id("turn")
     if stream:
-        return StreamingResponse(_stream(svc, sid, turn_id, channel, jobs[0]), media_type="text/event-stream",
-                                 headers=SSE_HEADERS)
+        return StreamingResponse(_stream(svc, sid, turn_id, channel, jobs[0], svc.served_name(model)),
+                                 media_type="text/event-stream", headers=SSE_HEADERS)
     return await _collect(svc, sid, turn_id, channel, jobs[0], request)
 
 
@@ -146,10 +165,10 @@ def check_settings(svc: Service, settings: Settings | None):
         raise ApiError(400, f"settings: {e.message}", f"settings.{e.param}" if e.param else "settings") from None
 
 
-def _check_fits(svc: Service, persona: str | None, text: str, max_tokens: int):
+def _check_fits(svc: Service, persona: str | None, text: str, max_tokens: int, engine=None):
     """The newest user turn alone (with the persona) must fit; older turns are dropped as needed."""
     convo = ([Message("system", persona)] if persona else []) + [Message("user", text)]
-    need = svc.prompt_len(convo)
+    need = svc.prompt_len(convo, engine=engine)
     if need + max_tokens > svc.context_length:
         raise P.context_error(need, max_tokens, svc.context_length, "content")
 
@@ -181,13 +200,13 @@ def _session_obj(row: dict, messages: list | None) -> dict:
     return out
 
 
-def _turn_job(svc: Service, row: dict, owner: str, text: str, decode: tuple, claim, release):
+def _turn_job(svc: Service, row: dict, owner: str, text: str, decode: tuple, claim, release, model: str | None):
     sid = row["id"]
     sampling, decoding = decode
 
     def run(job):
         try:
-            session = _live_session(svc, sid, owner, row["persona"], sampling)
+            session = _live_session(svc, sid, owner, row["persona"], sampling, svc.engine_for(model))
             session.max_context_tokens = svc.context_length - sampling.max_new_tokens
             done = _generate(svc, job, session, sid, text, (sampling, decoding), claim.holder)
         finally:
@@ -197,22 +216,22 @@ def _turn_job(svc: Service, row: dict, owner: str, text: str, decode: tuple, cla
     return run
 
 
-def _live_session(svc: Service, sid: str, owner: str, persona: str | None, sampling):
-    """The session with its KV cache, holding the whole stored history: the kept one, unless the
-    store's differs (another server wrote turns, or a pick changed the last reply) or it was
-    evicted; then rebuilt."""
+def _live_session(svc: Service, sid: str, owner: str, persona: str | None, sampling, engine):
+    """The session of `engine` (a LoRA adapter's, `Service.engine_for`) with its KV cache, holding the
+    whole stored history: the kept one, unless the store's differs (another server wrote turns, or a
+    pick changed the last reply), it was evicted or its cache is another adapter's; then rebuilt."""
     session = svc.sessions.get(sid)
     tail = svc.store.tail(sid)
     if tail is None:
         raise _not_found(sid)
-    if session is not None and len(session.messages) == tail[0] and (
+    if session is not None and session.engine is engine and len(session.messages) == tail[0] and (
             not session.messages or session.messages[-1].content == tail[1]):
         return session
     row_now = svc.store.get(sid, owner)  # read under the claim: no turn is added meanwhile
     if row_now is None:
         raise _not_found(sid)
     history = [Message(m["role"], m["content"]) for m in row_now["messages"]]
-    session = svc.new_session(persona, sampling, history)
+    session = svc.new_session(persona, sampling, history, engine=engine)
     svc.sessions.put(sid, session)
     return session
 
@@ -284,9 +303,9 @@ async def _collect(svc: Service, sid: str, turn_id: str, channel: Channel, job, 
         raise ApiError(499, "client closed the request") from None
 
 
-async def _stream(svc: Service, sid: str, turn_id: str, channel: Channel, job):
+async def _stream(svc: Service, sid: str, turn_id: str, channel: Channel, job, model: str):
     """The same chunk format as chat completions; the last data chunk carries the whole turn."""
-    model, created = svc.model_name, int(time.time())
+    created = int(time.time())
     try:
         yield P.sse(P.chunk(turn_id, model, created, [P.delta_choice(0, {"role": "assistant", "content": ""})]))
         while True:

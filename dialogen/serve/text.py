@@ -55,7 +55,8 @@ def parse_request(svc: Service, body: dict) -> dict:
     if n * len(req.prompt) > svc.limits.max_n:
         raise ApiError(400, f"'n' times the number of prompts must be at most {svc.limits.max_n} on this server, "
                             f"got {n * len(req.prompt)}", "n")
-    tok = svc.engine.tokenizer
+    eng = svc.engine_for(req.model)  # a LoRA adapter's, or the base's
+    tok = eng.tokenizer
     prompts = [tok.encode_prompt(p) for p in req.prompt]  # as llama-server: BOS/EOS by the vocabulary's flags
     changes = P.sampling_changes(req, svc.limits.max_tokens, svc.vocab_size)
     fit_reply(svc, changes, max(len(p) for p in prompts), "prompt")
@@ -63,7 +64,8 @@ def parse_request(svc: Service, body: dict) -> dict:
     return {"prompts": prompts, "n": n, "stream": bool(req.stream), "ignored": ignored,
             "include_usage": bool(req.stream_options and req.stream_options.include_usage),
             "sampling": P.make_sampling(svc.sampling, changes), "prompt_tokens": sum(len(p) for p in prompts),
-            "id": P.new_id("cmpl"), "created": int(time.time())}
+            "id": P.new_id("cmpl"), "created": int(time.time()), "model": svc.served_name(req.model),
+            "engine": eng}
 
 
 def _job(svc: Service, req: dict, index: int):
@@ -71,7 +73,7 @@ def _job(svc: Service, req: dict, index: int):
     prompt = req["prompts"][index // req["n"]]
 
     def run(job):
-        eng = svc.engine
+        eng = req["engine"]
         stop_ids = {eng.tokenizer.eos_id} - {None}
         gen = Generation(eng.model, eng.tokenizer, prompt, eng.model.new_cache(1), sampling, stop_ids)
         logprobs = LegacyLogprobs(eng.tokenizer, gen, sampling.logprobs)
@@ -117,7 +119,7 @@ def _choice(index: int, text: str, finish_reason: str | None, logprobs: dict | N
 
 
 def _completion(svc: Service, req: dict, choices: list[dict], usage: dict | None = None) -> dict:
-    out = {"id": req["id"], "object": "text_completion", "created": req["created"], "model": svc.model_name,
+    out = {"id": req["id"], "object": "text_completion", "created": req["created"], "model": req["model"],
            "choices": choices, "system_fingerprint": None}
     if usage is not None:
         out["usage"] = usage

@@ -12,6 +12,9 @@ all), every token a row. So replies are served round-robin and decoded together,
 joins the running ones' step, and a long prompt does not stall everyone else's replies. (A model
 whose prompts cannot be rows, one with a float16 copy, feeds its prompt chunks on their own.)
 
+With LoRA adapters (`models.lora_set.AdapterSet`), a call or reply takes the adapter of the proxy
+it came through (`proxy_for`); a step's rows are grouped by adapter, so all adapters share it.
+
 Admission is bounded: at most `max_active` jobs run and `max_queue` more wait; past that
 `submit` raises `Busy` (the HTTP layer answers 503 with Retry-After). A cancelled job (its client
 went away) gets `Cancelled` raised from its next model call.
@@ -23,6 +26,7 @@ import logging
 import threading
 import time
 from collections import deque
+from contextlib import nullcontext
 from concurrent.futures import ThreadPoolExecutor
 
 import torch
@@ -37,9 +41,11 @@ log = logging.getLogger("dialogen.serve")
 
 class Worker:
     def __init__(self, model, max_active: int = 32, max_queue: int = 64, prefill_chunk: int = 256,
-                 gather_ms: float = 20.0):
+                 gather_ms: float = 20.0, adapters=None):
         self.model = model.eval() if hasattr(model, "eval") else model
+        self.adapters = adapters  # an AdapterSet hooked onto the model, or None
         self.proxy = ModelProxy(self)
+        self._proxies = {None: self.proxy, **{n: ModelProxy(self, n) for n in getattr(adapters, "adapters", ())}}
         self.max_active, self.max_queue = max_active, max_queue
         self.prefill_chunk = prefill_chunk
         self.gather_s = gather_ms / 1000
@@ -65,6 +71,13 @@ class Worker:
                       "rejected": 0, "max_batch": 0, "model_s": 0.0}
         self._thread = threading.Thread(target=self._loop, name="dialogen-model", daemon=True)
         self._thread.start()
+
+    def proxy_for(self, adapter: str | None) -> ModelProxy:
+        """The proxy whose calls take the LoRA adapter `adapter` (None: the base)."""
+        return self._proxies[adapter]
+
+    def _routed(self, groups: list[tuple[str | None, int]]):  # consecutive (adapter, rows) of the next call
+        return self.adapters.rows(groups) if self.adapters is not None else nullcontext()
 
     # --- admission ------------------------------------------------------------------------
     def submit(self, fn, emit) -> Job:
@@ -142,11 +155,11 @@ class Worker:
                 self._cond.notify_all()
 
     # --- model calls (job threads) --------------------------------------------------------
-    def call(self, ids, cache, kwargs: dict):
+    def call(self, ids, cache, kwargs: dict, adapter: str | None = None):
         job = getattr(self._local, "job", None)
         if job is not None and job.cancelled:
             raise Cancelled()
-        c = Call(job, ids, cache, kwargs)
+        c = Call(job, ids, cache, kwargs, adapter)
         with self._cond:
             if self._stop:
                 raise Cancelled()
@@ -202,8 +215,8 @@ class Worker:
             raise d.error
 
     def _drivable(self, gen) -> bool:
-        return (self.batchable and isinstance(gen, Generation) and gen.model is self.proxy
-                and not gen.done and not gen.iterating)
+        return (self.batchable and isinstance(gen, Generation) and isinstance(gen.model, ModelProxy)
+                and gen.model._worker is self and not gen.done and not gen.iterating)
 
     # --- the worker thread ----------------------------------------------------------------
     def close(self):
@@ -305,10 +318,13 @@ class Worker:
         together = chunks if prompts_as_rows(self.model) else []
         segments = ([(c.cache, [int(c.ids[0, 0])]) for c in calls] + [(d.gen.cache, d.gen.tokens[-1:]) for d in rows]
                     + [(d.gen.cache, part) for (d, _), part in zip(together, parts)])
+        groups = ([(c.adapter, 1) for c in calls] + [(d.adapter, 1) for d in rows]
+                  + [(d.adapter, len(part)) for (d, _), part in zip(together, parts)])  # each segment's rows
         logits = None
         if segments:
             try:
-                logits = step_rows(self.model, segments)
+                with self._routed(groups):
+                    logits = step_rows(self.model, segments)
             except Exception:  # one bad row (e.g. past the position limit): each segment is fed alone below
                 log.debug("round step failed; each segment is fed alone", exc_info=True)
         for i, c in enumerate(calls):
@@ -327,7 +343,8 @@ class Worker:
         """The reply's next-token logits: row `row` of the step's `logits`, or, without them, `fed` fed
         alone after the reply's cache; then (with `sample`) its next token and deltas."""
         try:
-            out = logits[row] if logits is not None else next_logits(self.model, fed, d.gen.cache)
+            with self._routed([(d.adapter, len(fed))]):  # fed alone: its rows take its adapter
+                out = logits[row] if logits is not None else next_logits(self.model, fed, d.gen.cache)
             if sample:
                 for delta in d.gen.advance(out):
                     d.on_delta(delta)
@@ -351,7 +368,8 @@ class Worker:
             return
         end = min(T, c.fed + self.prefill_chunk)
         try:
-            c.parts.append(self.model(c.ids[:, c.fed:end], c.cache))
+            with self._routed([(c.adapter, c.ids.shape[0])]):
+                c.parts.append(self.model(c.ids[:, c.fed:end], c.cache))
         except Exception as e:
             c.finish(error=e)
             return
@@ -364,7 +382,8 @@ class Worker:
 
     def _direct(self, c: Call):
         try:
-            c.finish(result=self.model(c.ids, c.cache, **c.kwargs))
+            with self._routed([(c.adapter, c.ids.shape[0])]):
+                c.finish(result=self.model(c.ids, c.cache, **c.kwargs))
         except Exception as e:
             c.finish(error=e)
 

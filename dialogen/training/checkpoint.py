@@ -15,6 +15,7 @@ so a crash mid-write leaves the previous checkpoint intact.
 from __future__ import annotations
 
 import json
+import math
 import os
 import random
 import tempfile
@@ -86,6 +87,20 @@ def load_state(directory: Path) -> tuple[dict, dict]:
     except (OSError, json.JSONDecodeError, RuntimeError, EOFError) as e:
         raise UserError(f"{directory}: cannot read the training state ({e})") from None
     return state, torch_state
+
+
+def restore(state: tuple[dict, dict], order: dict, optimizer, scheduler) -> tuple[int, float]:
+    """Put a run's saved state (`load_state`) back: (its step, its best validation perplexity). Every
+    value of `order` (what the data order and updates depend on) must equal the saved one."""
+    saved, torch_state = state
+    for key, value in order.items():
+        if saved["order"].get(key) != value:
+            raise UserError(f"cannot resume: {key} was {saved['order'].get(key)!r}, now {value!r} "
+                            "(resume with the options of the original run)")
+    optimizer.load_state_dict(torch_state["optimizer"])
+    scheduler.load_state_dict(torch_state["scheduler"])
+    set_rng_state(torch_state["rng"])
+    return saved["step"], saved.get("best_val_ppl", math.inf)
 
 
 def finite_weights(model) -> bool:

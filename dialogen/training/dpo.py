@@ -15,6 +15,7 @@ from __future__ import annotations
 import math
 import random
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -97,54 +98,108 @@ def evaluate(model, adapter, pairs, pad_id: int, beta: float, batch_size: int) -
             "val_reward_margin": float((c - r).mean()), "val_pairs": len(c)}
 
 
-def train_dpo(opts: TrainOptions) -> dict:
-    if opts.resume:
-        raise UserError("--resume is not supported with --dpo; start a new run")
+def pair_order(n: int, batch_size: int, seed: int, total: int) -> list[list[int]]:
+    """The training pairs of steps 1..total: each pass over the `n` pairs is shuffled by (seed,
+    step), and a step's batch may run across two passes. A pure function, so a resumed run takes
+    the batches the uninterrupted one would."""
+    order, steps = [], []
+    for step in range(1, total + 1):
+        if len(order) < batch_size:
+            idx = list(range(n))
+            random.Random(seed * 1000003 + step).shuffle(idx)
+            order += idx
+        steps.append(order[:batch_size])
+        order = order[batch_size:]
+    return steps
+
+
+def train_dpo(opts: TrainOptions, on_step=None) -> dict:
+    """Run (or, with `opts.resume`, continue) a DPO run; returns a summary. `on_step(step, record,
+    model)` is called after every optimizer step."""
     out = Path(opts.out)
     with undo_on_failure(out):
-        ckpt.check_output_dir(out, False)
-        prefs = read_preferences(opts.data)
-        model, tok, tname, _, adapter = build_lora(opts)
-        template = get_template(tname, tok)
-        pairs = [encode(p, template, tok, opts.max_len) for p in prefs]
+        ckpt.check_output_dir(out, opts.resume)
+        run = _prepare(opts)
+    model, tok, adapter, held, train_pairs, total = run.model, run.tok, run.adapter, run.held, run.train, run.total
+    step, metrics = run.step, ckpt.Metrics(out / "metrics.jsonl", run.step if opts.resume else None)
+    evaluate_now = lambda: evaluate(model, adapter, held, tok.pad_id, opts.dpo_beta, opts.batch_size)  # noqa: E731
+    if step == 0 and held:
+        metrics.log({"step": 0, **evaluate_now()})
+    batches, record = pair_order(len(train_pairs), opts.batch_size, opts.seed, total), {}
+    while step < total:
+        step += 1
+        record = _step(run, [train_pairs[i] for i in batches[step - 1]], opts, step)
+        if on_step is not None:
+            on_step(step, record, model)
+        metrics.log(record)
+        if opts.eval_every and step % opts.eval_every == 0 and step < total and held:
+            metrics.log({"step": step, **evaluate_now()})
+        if opts.save_every and step % opts.save_every == 0 and step < total:
+            _save_last(run, out, step)
+    final = evaluate_now() if held else {}
+    if final:
+        metrics.log({"step": total, **final})
+    _save_last(run, out, total)
+    return {"steps": total, "loss": record.get("loss"), **final, "out": str(out)}
+
+
+@dataclass
+class Run:
+    """A DPO run's model, data and optimizer state, as `_prepare` makes them."""
+
+    model: torch.nn.Module
+    tok: object
+    adapter: torch.nn.Module  # what trains (models/lora.py), hooked into the model
+    held: list  # held-out (chosen, rejected) example pairs
+    train: list
+    total: int
+    optimizer: torch.optim.Optimizer
+    scheduler: object
+    order: dict  # what the batches and updates depend on; a resumed run must match it
+    meta: dict  # dialogen.json of the checkpoints
+    step: int  # the step the run continues from (0 for a new run)
+
+
+def _prepare(opts: TrainOptions) -> Run:
+    """Everything before the first step, every check included; on --resume, the state restored."""
+    prefs = read_preferences(opts.data)
+    model, tok, tname, state, adapter = build_lora(opts)
+    template = get_template(tname, tok)
+    pairs = [encode(p, template, tok, opts.max_len) for p in prefs]
     held = [p for i, p in enumerate(pairs) if len(pairs) >= 10 and i % 10 == 9]
     train_pairs = [p for i, p in enumerate(pairs) if not (len(pairs) >= 10 and i % 10 == 9)]
-    per_epoch = math.ceil(len(train_pairs) / opts.batch_size)
-    total = opts.max_steps or max(1, math.ceil(opts.epochs * per_epoch))
+    total = opts.max_steps or max(1, math.ceil(opts.epochs * math.ceil(len(train_pairs) / opts.batch_size)))
     model.train()
     model.checkpointing = opts.gradient_checkpointing
     optimizer, scheduler = make_optimizer(adapter, opts, total)
-    params = [p for p in adapter.parameters() if p.requires_grad]
-    metrics = ckpt.Metrics(out / "metrics.jsonl")
-    first = evaluate(model, adapter, held, tok.pad_id, opts.dpo_beta, opts.batch_size)
-    if first:
-        metrics.log({"step": 0, **first})
-    order, record = [], {}
-    for step in range(1, total + 1):
-        if len(order) < opts.batch_size:
-            idx = list(range(len(train_pairs)))
-            random.Random(opts.seed * 1000003 + step).shuffle(idx)
-            order += idx
-        batch, order = [train_pairs[i] for i in order[:opts.batch_size]], order[opts.batch_size:]
-        t0 = time.time()
-        loss, c, r = pair_batch(model, adapter, batch, tok.pad_id, opts.dpo_beta)
-        loss.backward()
-        norm = torch.nn.utils.clip_grad_norm_(params, opts.clip if opts.clip > 0 else float("inf")).item()
-        if not math.isfinite(loss.item()) or not math.isfinite(norm):
-            raise UserError(f"step {step}: the DPO loss or its gradient is not finite; try a lower --lr")
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
-        record = {"step": step, "loss": loss.item(), "reward_accuracy": float((c > r).float().mean()),
-                  "reward_margin": float((c - r).mean()), "grad_norm": norm, "elapsed": round(time.time() - t0, 3)}
-        metrics.log(record)
-        if opts.eval_every and step % opts.eval_every == 0 and step < total and held:
-            metrics.log({"step": step, **evaluate(model, adapter, held, tok.pad_id, opts.dpo_beta, opts.batch_size)})
-    final = evaluate(model, adapter, held, tok.pad_id, opts.dpo_beta, opts.batch_size)
-    if final:
-        metrics.log({"step": total, **final})
+    order = {"objective": "dpo", "dpo_beta": opts.dpo_beta, "seed": opts.seed, "batch_size": opts.batch_size,
+             "pairs": len(train_pairs), "held_out": len(held), "total_steps": total,
+             "lora": [opts.lora_r, opts.lora_alpha, opts.lora_dropout, adapter.names, opts.base_dtype]}
+    step = ckpt.restore(state, order, optimizer, scheduler)[0] if state is not None else 0
     tok.chat_template = template.source
     meta = {"template": tname, **template.stop_meta(tok), "train": {"dpo": True, "beta": opts.dpo_beta,
                                                                        "pairs": len(train_pairs), "held_out": len(held)}}
-    ckpt.save(out / "last", model, tok, {**meta, "step": total}, adapter=adapter)
-    return {"steps": total, "loss": record.get("loss"), **final, "out": str(out)}
+    return Run(model, tok, adapter, held, train_pairs, total, optimizer, scheduler, order, meta, step)
+
+
+def _step(run: Run, batch, opts: TrainOptions, step: int) -> dict:
+    t0 = time.time()
+    loss, c, r = pair_batch(run.model, run.adapter, batch, run.tok.pad_id, opts.dpo_beta)
+    loss.backward()
+    params = [p for p in run.adapter.parameters() if p.requires_grad]
+    norm = torch.nn.utils.clip_grad_norm_(params, opts.clip if opts.clip > 0 else float("inf")).item()
+    if not math.isfinite(loss.item()) or not math.isfinite(norm):
+        raise UserError(f"step {step}: the DPO loss or its gradient is not finite; try a lower --lr")
+    run.optimizer.step()
+    run.scheduler.step()
+    run.optimizer.zero_grad(set_to_none=True)
+    return {"step": step, "loss": loss.item(), "reward_accuracy": float((c > r).float().mean()),
+            "reward_margin": float((c - r).mean()), "grad_norm": norm, "elapsed": round(time.time() - t0, 3)}
+
+
+def _save_last(run: Run, out: Path, step: int):
+    """last/: the adapter, and the state a resume continues from (step, optimizer, schedule, generators)."""
+    state = {"step": step, "order": run.order}
+    torch_state = {"optimizer": run.optimizer.state_dict(), "scheduler": run.scheduler.state_dict(),
+                   "rng": ckpt.rng_state()}
+    ckpt.save(out / "last", run.model, run.tok, {**run.meta, "step": step}, state, torch_state, run.adapter)

@@ -113,7 +113,7 @@ def _prepare(opts: TrainOptions, d: Dist, out: Path, began: float):
     optimizer, scheduler = make_optimizer(adapter or model, opts, total)
     step, best = 0, math.inf
     if state is not None:
-        step, best = _restore(state, order, optimizer, scheduler)
+        step, best = ckpt.restore(state, order, optimizer, scheduler)
     tokenizer.chat_template = template.source  # checkpoints carry the template they were trained with
     meta = {"template": tname, **template.stop_meta(tokenizer), "train": {**_public(opts), "data_stats": stats.to_dict()}}
     if opts.reverse:
@@ -141,18 +141,6 @@ def check_trainable(opts: TrainOptions, stats):
 
 def _public(opts: TrainOptions) -> dict:
     return {k: v for k, v in asdict(opts).items() if k not in ("resume", "progress")}
-
-
-def _restore(state, order, optimizer, scheduler) -> tuple[int, float]:
-    saved, torch_state = state
-    for key, value in order.items():
-        if saved["order"].get(key) != value:
-            raise UserError(f"cannot resume: {key} was {saved['order'].get(key)!r}, now {value!r} "
-                            "(resume with the options of the original run)")
-    optimizer.load_state_dict(torch_state["optimizer"])
-    scheduler.load_state_dict(torch_state["scheduler"])
-    ckpt.set_rng_state(torch_state["rng"])
-    return saved["step"], saved.get("best_val_ppl", math.inf)
 
 
 @dataclass
