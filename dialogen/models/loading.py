@@ -23,14 +23,10 @@ from ..paths import cache_dir
 from .family import DECODER, ENCODER_DECODER, family
 from .files import assign_weights, read_state_dict, write_checkpoint
 from .gguf_file import adjacent_view, index_dir, map_file, read_gguf, read_tensors, release_pages  # noqa: F401 (read_gguf: for the tests)
-<<<<<<< HEAD
 from .heap import return_free_pages
-from .hf import GPT2_KEYS, GPT2_LINEARS, LLAMA_KEYS, check_shapes, config_from_hf, hf_configs, hf_to_ours, ours_to_hf
-=======
 from .hf import (GPT2_KEYS, GPT2_LINEARS, LLAMA_KEYS, check_shapes, config_from_hf, fused_projections, hf_configs,
                  hf_to_ours, ours_to_hf)
 from .gguf_lora import is_gguf_lora, read_gguf_lora
->>>>>>> main
 from .lora import is_adapter_dir, read_adapter, read_config
 from .native import BLOCKED, DTYPES, decode_dtype, swap_in  # noqa: F401 (DTYPES: the --dtype choices)
 from .rnn import load_rnn, save_rnn
