@@ -289,7 +289,7 @@ def main(argv=None) -> int:
                                                "SQLite file)")
     ap.add_argument("--scrape-every", type=float, default=1.0,
                     help="seconds between /metrics scrapes during the concurrent phase (0: none)")
-    ap.add_argument("--metrics-cost", type=int, default=0, metavar="ROUNDS",
+    ap.add_argument("--metrics-cost", type=int, default=0, metavar="ROUNDS",  # an even number
                     help="only measure what metrics cost: the concurrent phase against a server with metrics "
                          "(scraped every --scrape-every s) and one with --no-metrics, alternated ROUNDS times")
     ap.add_argument("--burst", type=int, default=200,
@@ -340,8 +340,10 @@ def main(argv=None) -> int:
 
 
 def metrics_cost(args) -> dict:
-    """Tokens/s of the concurrent phase with metrics on (and scraped) over off, rounds alternated
-    (on, off, on, off, ...) so the machine's drift hits both alike; the median of the rounds' ratios."""
+    """Tokens/s of the concurrent phase with metrics on (and scraped) over off, in rounds (on then
+    off, then off then on, ...) so the machine's drift and the order hit both alike; the geometric
+    mean of the rounds' ratios (the phase that goes first in a round runs a little slower, so an even
+    number of rounds weighs both orders alike)."""
     with tempfile.TemporaryDirectory() as tmp:
         def server(name, extra):
             return ServerProcess(["--db", str(Path(tmp) / f"{name}.db"), "--max-active", str(args.clients),
@@ -350,15 +352,25 @@ def metrics_cost(args) -> dict:
 
         with server("on", []) as on, server("off", ["--no-metrics"]) as off:
             rounds = []
-            for _ in range(args.metrics_cost):
-                with_m = asyncio.run(phase([on.url], args.clients, args.turns, args.max_tokens, args.phase_limit, True,
-                                           args.scrape_every))
-                without = asyncio.run(phase([off.url], args.clients, args.turns, args.max_tokens, args.phase_limit, True))
-                rounds.append((with_m["tokens_per_s"], without["tokens_per_s"]))
+            for r in range(args.metrics_cost):
+                def with_m():
+                    return asyncio.run(phase([on.url], args.clients, args.turns, args.max_tokens, args.phase_limit,
+                                             True, args.scrape_every))["tokens_per_s"]
+
+                def without():
+                    return asyncio.run(phase([off.url], args.clients, args.turns, args.max_tokens, args.phase_limit,
+                                             True))["tokens_per_s"]
+                if r % 2:  # which goes first alternates too
+                    b = without()
+                    rounds.append((with_m(), b))
+                else:
+                    rounds.append((with_m(), without()))
     ratios = [a / b for a, b in rounds if b]
+    mean = statistics.geometric_mean(ratios) if ratios else None
     return {"clients": args.clients, "turns_per_client": args.turns, "max_tokens": args.max_tokens,
             "scrape_every_s": args.scrape_every, "tokens_per_s_on_off": rounds,
-            "on_over_off_median": round(statistics.median(ratios), 4) if ratios else None}
+            "on_first_ratios": [round(x, 4) for x in ratios[0::2]], "off_first_ratios": [round(x, 4) for x in ratios[1::2]],
+            "on_over_off": round(mean, 4) if mean else None}  # the geometric mean: each order weighs alike
 
 
 def replicas(args) -> dict:
