@@ -11,6 +11,7 @@ estimate, as other jobs can only add time to a step.
 
     python bench/train.py [--batch 2] [--seq 256] [--steps 10] [--labels chat|all]
     python bench/train.py --lora [--model PATH] [--rank 16] [--targets q_proj,...] [--batch 2] [--seq 256]
+    python bench/train.py --lora --model FILE.Q4_0.gguf --base-dtype auto   # our base as the file's blocks
 
 `--labels chat` trains the assistant tokens only (what `dialogen train` does), `all` every token.
 `--lora`: a LoRA step on a frozen base, ours (`models/lora.py`) against peft + transformers, on the same
@@ -67,14 +68,19 @@ def theirs_step(model, opt, ids, labels):
 
 
 def lora_side(side: str, model: str | None, data: str, rank: int, alpha: float, targets: list[str], steps: int,
-              lr: float) -> dict:
+              lr: float, base_dtype: str = "float32") -> dict:
     """Timed LoRA steps of one side in this process: {"times": [...], "rss_mb": ..., "first_loss": ...}."""
     ids, labels = torch.load(data)
     if side == "ours":
         from dialogen.models.loading import load
         from dialogen.models.lora import Adapter, LoraSettings
 
-        base = load(model, torch.float32).model.materialize().requires_grad_(False).train()
+        base = load(model, base_dtype).model
+        if base_dtype == "float32":
+            base.materialize()
+        else:  # the base keeps its blocks (`dialogen train --base-dtype`): no float32 copy
+            base.frozen_blocks = True
+        base.requires_grad_(False).train()
         adapter = Adapter(base.cfg, LoraSettings(rank, alpha, 0.0, tuple(targets))).init(0).attach(base)
         loss_model, params = LossModel(base, adapter), list(adapter.parameters())
 
@@ -128,7 +134,8 @@ def lora_main(args):
     out = {}
     for side in ("ours", "peft"):
         cmd = [sys.executable, __file__, "--lora-side", side, "--data", data, "--rank", str(args.rank),
-               "--alpha", str(args.alpha), "--targets", args.targets, "--steps", str(args.steps), "--lr", str(args.lr)]
+               "--alpha", str(args.alpha), "--targets", args.targets, "--steps", str(args.steps), "--lr", str(args.lr),
+               "--base-dtype", args.base_dtype]
         if args.model:
             cmd += ["--model", args.model]
         r = subprocess.run(cmd, stdout=subprocess.PIPE, text=True, check=True)
@@ -136,7 +143,8 @@ def lora_main(args):
     med = {k: statistics.median(v["times"]) for k, v in out.items()}
     best = {k: min(v["times"]) for k, v in out.items()}
     print(json.dumps({
-        "model": args.model or "SmolLM2-135M-Instruct", "batch": args.batch, "seq": args.seq, "rank": args.rank,
+        "model": args.model or "SmolLM2-135M-Instruct", "base_dtype": args.base_dtype, "batch": args.batch,
+        "seq": args.seq, "rank": args.rank,
         "alpha": args.alpha, "targets": args.targets, "threads": torch.get_num_threads(),
         "first_step_loss": {k: round(v["first_loss"], 5) for k, v in out.items()},
         "step_s_median": {k: round(v, 3) for k, v in med.items()}, "step_s_best": {k: round(v, 3) for k, v in best.items()},
@@ -158,12 +166,14 @@ def main():
     ap.add_argument("--rank", type=int, default=16)
     ap.add_argument("--alpha", type=float, default=32.0)
     ap.add_argument("--targets", default="q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj")
+    ap.add_argument("--base-dtype", default="float32", choices=["float32", "auto", "int8", "int4"],
+                    help="--lora: our frozen base's weights (auto: a GGUF file's own blocks); peft's stays float32")
     ap.add_argument("--lora-side", choices=["ours", "peft"], help=argparse.SUPPRESS)  # one side's process
     ap.add_argument("--data", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.lora_side:
         print(json.dumps(lora_side(args.lora_side, args.model, args.data, args.rank, args.alpha,
-                                   args.targets.split(","), args.steps, args.lr)))
+                                   args.targets.split(","), args.steps, args.lr, args.base_dtype)))
         return
     if args.lora:
         lora_main(args)
