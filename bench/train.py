@@ -68,7 +68,7 @@ def theirs_step(model, opt, ids, labels):
 
 
 def lora_side(side: str, model: str | None, data: str, rank: int, alpha: float, targets: list[str], steps: int,
-              lr: float, base_dtype: str = "float32") -> dict:
+              lr: float, base_dtype: str = "float32", peft_model_dir: str | None = None) -> dict:
     """Timed LoRA steps of one side in this process: {"times": [...], "rss_mb": ..., "first_loss": ...}."""
     ids, labels = torch.load(data)
     if side == "ours":
@@ -91,7 +91,7 @@ def lora_side(side: str, model: str | None, data: str, rank: int, alpha: float, 
         from peft import LoraConfig, get_peft_model
         from transformers import AutoModelForCausalLM
 
-        hf = AutoModelForCausalLM.from_pretrained(str(resolve(model)), dtype=torch.float32)
+        hf = AutoModelForCausalLM.from_pretrained(str(peft_model_dir or resolve(model)), dtype=torch.float32)
         peft_model = get_peft_model(hf, LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=0.0, target_modules=targets))
         peft_model.train()
         params = [p for p in peft_model.parameters() if p.requires_grad]
@@ -138,6 +138,8 @@ def lora_main(args):
                "--base-dtype", args.base_dtype]
         if args.model:
             cmd += ["--model", args.model]
+        if args.peft_model:
+            cmd += ["--peft-model", args.peft_model]
         r = subprocess.run(cmd, stdout=subprocess.PIPE, text=True, check=True)
         out[side] = json.loads(r.stdout.strip().splitlines()[-1])
     med = {k: statistics.median(v["times"]) for k, v in out.items()}
@@ -168,12 +170,15 @@ def main():
     ap.add_argument("--targets", default="q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj")
     ap.add_argument("--base-dtype", default="float32", choices=["float32", "auto", "int8", "int4"],
                     help="--lora: our frozen base's weights (auto: a GGUF file's own blocks); peft's stays float32")
+    ap.add_argument("--peft-model", help="--lora: a Hugging Face directory of the same shape for peft's side, for a "
+                                         "GGUF file that has none (default: the --model file converted)")
     ap.add_argument("--lora-side", choices=["ours", "peft"], help=argparse.SUPPRESS)  # one side's process
     ap.add_argument("--data", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.lora_side:
         print(json.dumps(lora_side(args.lora_side, args.model, args.data, args.rank, args.alpha,
-                                   args.targets.split(","), args.steps, args.lr, args.base_dtype)))
+                                   args.targets.split(","), args.steps, args.lr, args.base_dtype,
+                                   args.peft_model)))
         return
     if args.lora:
         lora_main(args)
