@@ -68,7 +68,7 @@ def theirs_step(model, opt, ids, labels):
 
 
 def lora_side(side: str, model: str | None, data: str, rank: int, alpha: float, targets: list[str], steps: int,
-              lr: float, base_dtype: str = "float32", peft_model_dir: str | None = None) -> dict:
+              lr: float, base_dtype: str = "float32", peft_model_dir: str | None = None, checkpointing=False) -> dict:
     """Timed LoRA steps of one side in this process: {"times": [...], "rss_mb": ..., "first_loss": ...}."""
     ids, labels = torch.load(data)
     if side == "ours":
@@ -81,6 +81,7 @@ def lora_side(side: str, model: str | None, data: str, rank: int, alpha: float, 
         else:  # the base keeps its blocks (`dialogen train --base-dtype`): no float32 copy
             base.frozen_blocks = True
         base.requires_grad_(False).train()
+        base.checkpointing = checkpointing
         adapter = Adapter(base.cfg, LoraSettings(rank, alpha, 0.0, tuple(targets))).init(0).attach(base)
         loss_model, params = LossModel(base, adapter), list(adapter.parameters())
 
@@ -92,6 +93,9 @@ def lora_side(side: str, model: str | None, data: str, rank: int, alpha: float, 
         from transformers import AutoModelForCausalLM
 
         hf = AutoModelForCausalLM.from_pretrained(str(peft_model_dir or resolve(model)), dtype=torch.float32)
+        if checkpointing:  # the input's gradient keeps the checkpointed blocks in the graph of a frozen base
+            hf.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            hf.enable_input_require_grads()
         peft_model = get_peft_model(hf, LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=0.0, target_modules=targets))
         peft_model.train()
         params = [p for p in peft_model.parameters() if p.requires_grad]
@@ -140,12 +144,15 @@ def lora_main(args):
             cmd += ["--model", args.model]
         if args.peft_model:
             cmd += ["--peft-model", args.peft_model]
+        if args.gradient_checkpointing:
+            cmd += ["--gradient-checkpointing"]
         r = subprocess.run(cmd, stdout=subprocess.PIPE, text=True, check=True)
         out[side] = json.loads(r.stdout.strip().splitlines()[-1])
     med = {k: statistics.median(v["times"]) for k, v in out.items()}
     best = {k: min(v["times"]) for k, v in out.items()}
     print(json.dumps({
-        "model": args.model or "SmolLM2-135M-Instruct", "base_dtype": args.base_dtype, "batch": args.batch,
+        "model": args.model or "SmolLM2-135M-Instruct", "base_dtype": args.base_dtype,
+        "gradient_checkpointing": args.gradient_checkpointing, "batch": args.batch,
         "seq": args.seq, "rank": args.rank,
         "alpha": args.alpha, "targets": args.targets, "threads": torch.get_num_threads(),
         "first_step_loss": {k: round(v["first_loss"], 5) for k, v in out.items()},
@@ -172,13 +179,15 @@ def main():
                     help="--lora: our frozen base's weights (auto: a GGUF file's own blocks); peft's stays float32")
     ap.add_argument("--peft-model", help="--lora: a Hugging Face directory of the same shape for peft's side, for a "
                                          "GGUF file that has none (default: the --model file converted)")
+    ap.add_argument("--gradient-checkpointing", action="store_true",
+                    help="--lora: both sides recompute each block's activations in the backward pass")
     ap.add_argument("--lora-side", choices=["ours", "peft"], help=argparse.SUPPRESS)  # one side's process
     ap.add_argument("--data", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.lora_side:
         print(json.dumps(lora_side(args.lora_side, args.model, args.data, args.rank, args.alpha,
                                    args.targets.split(","), args.steps, args.lr, args.base_dtype,
-                                   args.peft_model)))
+                                   args.peft_model, args.gradient_checkpointing)))
         return
     if args.lora:
         lora_main(args)
