@@ -108,6 +108,8 @@ def build_parser() -> argparse.ArgumentParser:
     from .training.adversarial_cli import register as _r; _r(sub)
     from .eval.run import register as _r; _r(sub)
     from .export import register as _r; _r(sub)
+    for p in (parser, *sub.choices.values()):  # `--max-tokens` must not quietly mean `--max-tokens-limit`
+        p.allow_abbrev = False
     return parser
 
 

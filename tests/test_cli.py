@@ -106,3 +106,9 @@ def test_help_of_every_command_without_loading_torch():
     for cmd in commands:
         h = run([cmd, "--help"], timeout=60)
         assert h.returncode == 0 and h.stdout.startswith(f"usage: dialogen {cmd}"), (cmd, h.stderr)
+
+
+def test_a_flag_is_never_taken_for_a_longer_one():
+    """`--max-tokens` is a chat/generate flag; serve's is `--max-tokens-limit`, and a prefix of it is refused."""
+    r = run(["serve", "--max-tokens", "40"])
+    assert r.returncode == 2 and "unrecognized arguments: --max-tokens 40" in r.stderr, r.stderr
