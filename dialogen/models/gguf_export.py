@@ -143,8 +143,6 @@ def _write_tokenizer(w, tokenizer: Tokenizer, vocab_size: int, chat_template: st
 def write_gguf(out: Path, cfg, sd: dict, tokenizer: Tokenizer, kind: str, name: str, chat_template: str,
                eot_ids: set[int]) -> int:
     """Write the model (`cfg`, our float state dict `sd`) to `out` atomically; the tensor count."""
-    import gguf
-
     if kind not in TYPES:
         raise UserError(f"--type {kind!r} is not one of {', '.join(TYPES)}")
     odd = beyond_plain(cfg)
@@ -153,13 +151,24 @@ def write_gguf(out: Path, cfg, sd: dict, tokenizer: Tokenizer, kind: str, name: 
                         f"{', '.join(odd)}")
     tensors = gguf_tensors(cfg, sd)
 
-    def write(tmp: Path):
-        w = gguf.GGUFWriter(tmp, cfg.arch)
+    def fill(w):
         _write_config(w, cfg, kind, name)
         _write_tokenizer(w, tokenizer, cfg.vocab_size, chat_template, eot_ids)
         for tensor_name, t in tensors.items():
             array, raw = _stored(tensor_name, t, kind)
             w.add_tensor(tensor_name, array, raw_dtype=raw)
+
+    write_file(out, cfg.arch, fill)
+    return len(tensors)
+
+
+def write_file(out: Path, arch: str, fill):
+    """A GGUF file of `arch` at `out`, whole or not at all: `fill(writer)` adds its keys and tensors."""
+    import gguf
+
+    def write(tmp: Path):
+        w = gguf.GGUFWriter(tmp, arch)
+        fill(w)
         w.write_header_to_file()
         w.write_kv_data_to_file()
         w.write_tensors_to_file()
@@ -169,7 +178,6 @@ def write_gguf(out: Path, cfg, sd: dict, tokenizer: Tokenizer, kind: str, name: 
         atomic_file(out, write)
     except OSError as e:
         raise UserError(f"{out}: cannot write ({e.strerror})") from None
-    return len(tensors)
 
 
 def _write_config(w, cfg, kind: str, name: str):

@@ -21,9 +21,8 @@ import numpy as np
 import torch
 
 from ..errors import UserError
-from ..paths import atomic_file
 from .gguf_config import ROTATE_HALVES
-from .gguf_export import permute_rows
+from .gguf_export import permute_rows, write_file
 from .gguf_file import GPT2_RENAME, RENAME, _floats, map_file, unpermute_rows
 from .gguf_header import read_header
 from .hf import model_type
@@ -83,8 +82,7 @@ def write_gguf_lora(out: Path, adapter: Adapter, kind: str = "f16", name: str = 
     arch = gguf_arch(adapter.cfg)
     tensors = lora_tensors(adapter)
 
-    def write(tmp: Path):
-        w = gguf.GGUFWriter(tmp, arch)
+    def fill(w):
         w.add_type(gguf.GGUFType.ADAPTER)
         w.add_string(gguf.Keys.Adapter.TYPE, "lora")
         w.add_float32(gguf.Keys.Adapter.LORA_ALPHA, float(adapter.settings.alpha))
@@ -94,15 +92,8 @@ def write_gguf_lora(out: Path, adapter: Adapter, kind: str = "f16", name: str = 
         for tensor_name, t in tensors.items():
             a = t.numpy()
             w.add_tensor(tensor_name, a if kind == "f32" else a.astype(np.float16))
-        w.write_header_to_file()
-        w.write_kv_data_to_file()
-        w.write_tensors_to_file()
-        w.close()
 
-    try:
-        atomic_file(out, write)
-    except OSError as e:
-        raise UserError(f"{out}: cannot write ({e.strerror})") from None
+    write_file(out, arch, fill)
     return len(tensors)
 
 

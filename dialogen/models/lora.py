@@ -173,11 +173,7 @@ class Adapter(nn.Module):
         def hook(module, args, kwargs, output):
             if not self.enabled:
                 return output
-            x = args[0]
-            norm = kwargs.get("norm", args[1] if len(args) > 1 else None)
-            act = kwargs.get("act", args[2] if len(args) > 2 else None)
-            a = activate(x, norm, act)
-            return output + self.delta(ours, a, output.shape[-1], module.training)
+            return output + self.delta(ours, hooked_input(args, kwargs), output.shape[-1], module.training)
 
         return hook
 
@@ -215,6 +211,13 @@ class Adapter(nn.Module):
 
         (directory / CONFIG_FILE).write_text(json.dumps(self.peft_config(), indent=1))
         save_file(self.peft_state_dict(), str(directory / WEIGHTS_FILE), metadata={"format": "pt"})
+
+
+def hooked_input(args: tuple, kwargs: dict) -> torch.Tensor:
+    """What a hooked Linear multiplies: its input after the norm and activation it was called with."""
+    norm = kwargs.get("norm", args[1] if len(args) > 1 else None)
+    act = kwargs.get("act", args[2] if len(args) > 2 else None)
+    return activate(args[0], norm, act)
 
 
 def _input_widths(cfg: Config) -> dict[str, int]:

@@ -22,8 +22,7 @@ import torch
 from torch import nn
 
 from ..errors import UserError
-from .layers import activate
-from .lora import Adapter, read_adapter
+from .lora import Adapter, hooked_input, read_adapter
 from .transformer import Block, Transformer
 
 
@@ -77,18 +76,13 @@ class AdapterSet:
         def hook(module, args, kwargs, output):
             if not self._groups:
                 return output
-            x = args[0]
-            norm = kwargs.get("norm", args[1] if len(args) > 1 else None)
-            act = kwargs.get("act", args[2] if len(args) > 2 else None)
-            width = output.shape[-1]
-            for adapter, idx in self._groups:
-                if ours not in adapter.where:
-                    continue
+            groups = [(adapter, idx) for adapter, idx in self._groups if ours in adapter.where]
+            a, width = (hooked_input(args, kwargs) if groups else None), output.shape[-1]  # row by row: once
+            for adapter, idx in groups:
                 if idx is None:  # every row
-                    output = output + adapter.delta(ours, activate(x, norm, act), width, False)
+                    output = output + adapter.delta(ours, a, width, False)
                 else:  # (n, ..., out) added at the group's rows of (R, ..., out)
-                    a = activate(x.index_select(0, idx), norm, act)
-                    output = output.index_add(0, idx, adapter.delta(ours, a, width, False))
+                    output = output.index_add(0, idx, adapter.delta(ours, a.index_select(0, idx), width, False))
             return output
 
         return hook
