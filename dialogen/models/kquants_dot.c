@@ -45,6 +45,7 @@ static inline __attribute__((always_inline)) void units_dot(int type, const uint
     for (int s = 0; s < nu; s++) {
         const uint8_t *blk = w + s * ub;
         const int nblk = nb - 8 * s < 8 ? nb - 8 * s : 8;
+        prefetch_span(blk, ub);
         __m512 vws, vwm;
         kscales16(type, blk, nblk, &vws, &vwm);
         __m512i u[4];
@@ -80,6 +81,7 @@ static inline __attribute__((always_inline)) void units_dot_2w(int type, const u
         for (int c = 0; c < 4; c++) xq[c] = _mm512_loadu_si512(x + (size_t)s * KU + 64 * c);
         for (int i = 0; i < 2; i++) {
             const uint8_t *blk = w + i * row_bytes + s * ub;
+            prefetch_span(blk, ub);
             __m512 vws, vwm;
             kscales16(type, blk, nblk, &vws, &vwm);
             __m512 S = _mm512_mul_ps(vws, xd);
@@ -251,6 +253,7 @@ static inline __attribute__((always_inline)) void units_dot(int type, const uint
     for (int s = 0; s < nu; s++) {
         const uint8_t *blk = w + s * ub;
         const int nblk = nb - 8 * s < 8 ? nb - 8 * s : 8;
+        prefetch_span(blk, ub);
         __m256 ws[2], wm[2];
         kscales8(type, blk, nblk, ws, wm);
         for (int r = 0; r < RN; r++) {
@@ -286,6 +289,7 @@ static inline __attribute__((always_inline)) void units_dot_2w(int type, const u
         const float *d16 = (const float *)(x + Kp) + 16 * s, *s16 = d16 + Kp / 16;
         for (int i = 0; i < 2; i++) {
             __m256 ws[2], wm[2];
+            prefetch_span(w + i * row_bytes + s * ub, ub);
             kscales8(type, w + i * row_bytes + s * ub, nblk, ws, wm);
             for (int h = 0; h < 2; h++) {
                 _mm256_storeu_ps(S[i] + 8 * h, _mm256_mul_ps(ws[h], _mm256_loadu_ps(d16 + 8 * h)));
@@ -319,6 +323,7 @@ static inline __attribute__((always_inline)) void units_dot(int type, const uint
     for (int r = 0; r < RN; r++) out[r] = 0.f;
     for (int s = 0; s < nu; s++) {
         const int nblk = nb - 8 * s < 8 ? nb - 8 * s : 8;
+        prefetch_span(w + s * ub, ub);
         kscales(type, w + s * ub, nblk, ws, mg);
         unpack_plain(type, w + s * ub, nblk, u);
         for (int r = 0; r < RN; r++) {

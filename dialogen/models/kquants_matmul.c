@@ -190,6 +190,7 @@ static inline __attribute__((always_inline)) void float_dot(int type, const uint
     int k = 0;
     for (; k + 2 * FW <= K; k += 2 * FW)
         for (int h = 0; h < 2; h++) {
+            if (!h) prefetch_span(w + k, 2 * FW * sizeof(uint16_t));
             VF wv = VWIDE(type, w + k + h * FW);
             for (int r = 0; r < RN; r++) acc[r][h] = VFMA(wv, VLOAD(x + (size_t)r * K + k + h * FW), acc[r][h]);
         }
