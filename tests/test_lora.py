@@ -45,6 +45,32 @@ def test_adapter_matches_peft_on_transformers_base(tiny_llama, run):
 
 
 
+def test_a_frozen_heads_loss_in_chunks_equals_the_whole_logits(tiny_llama, monkeypatch):
+    import dialogen.training.loss as loss_mod
+
+    path, _ = tiny_llama
+    model = load(str(path), "float32").model.requires_grad_(False)
+    ids = torch.randint(0, model.cfg.vocab_size, (2, 12))
+    labels = ids.clone()
+    labels[0, :5] = -100
+    h0 = model.hidden(ids[:, :-1]).detach()
+    keep = labels[:, 1:] != -100
+
+    def loss_and_grad(chunked: bool):
+        h = h0.clone().requires_grad_()
+        if chunked:  # 3 positions a chunk: several chunks and a short last one
+            monkeypatch.setattr(loss_mod, "HEAD_CHUNK_VALUES", 3 * model.cfg.vocab_size)
+            loss = loss_mod.FrozenHeadLoss.apply(h[keep], model, labels[:, 1:][keep])
+        else:
+            loss = torch.nn.functional.cross_entropy(model.head(h[keep]), labels[:, 1:][keep], reduction="sum")
+        (2.0 * loss).backward()
+        return loss.detach(), h.grad
+
+    (want, want_grad), (got, got_grad) = loss_and_grad(False), loss_and_grad(True)
+    assert torch.allclose(got, want, rtol=1e-6) and torch.allclose(got_grad, want_grad, atol=1e-6)
+    assert want_grad[keep].abs().sum() > 0 and not want_grad[~keep].any()
+
+
 def test_adapter_on_the_native_path_matches_the_reference(tiny_llama, run):
     path, _ = tiny_llama
     ref = load(str(path), "float32", adapter=str(run / "last")).model

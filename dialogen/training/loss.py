@@ -28,11 +28,41 @@ def nll_sum(model: nn.Module, ids: torch.Tensor, labels: torch.Tensor,
     keep = targets != IGNORE_INDEX
     if isinstance(model, Transformer):
         h = model.hidden(ids[:, :-1], None if segments is None else segments[:, :-1])  # the last token predicts nothing
+        if not any(p.requires_grad for p in model.lm_head.parameters()) and torch.is_grad_enabled():
+            return FrozenHeadLoss.apply(h[keep], model, targets[keep]), keep.sum()
         logits = model.head(h[keep])  # (N, V)
     else:  # other families: full logits
         logits = model(ids)[:, :-1][keep]
     loss = F.cross_entropy(logits.float(), targets[keep], reduction="sum")
     return loss, keep.sum()
+
+
+HEAD_CHUNK_VALUES = 1 << 24  # logits of one chunk of positions: 64 MB in float32
+
+
+class FrozenHeadLoss(torch.autograd.Function):
+    """sum of -log p(target) under `model.head(h)`, for a head with no trainable weight (a LoRA
+    run's base): the logits are made a chunk of positions at a time, and each chunk's gradient with
+    respect to h is taken at once, so no (N, V) logits, softmax or logit gradient is ever held whole
+    (about 1.5 GB for 1,000 positions of a 128k vocabulary)."""
+
+    @staticmethod
+    def forward(ctx, h, model, targets):  # h (N, d), targets (N,)
+        chunk = max(1, HEAD_CHUNK_VALUES // model.cfg.vocab_size)
+        total, grads = h.new_zeros(()), []
+        for i in range(0, h.shape[0], chunk):
+            with torch.enable_grad():
+                hc = h[i:i + chunk].detach().requires_grad_()
+                loss = F.cross_entropy(model.head(hc).float(), targets[i:i + chunk], reduction="sum")
+                grads.append(torch.autograd.grad(loss, hc)[0])
+            total += loss.detach()
+        ctx.save_for_backward(torch.cat(grads) if grads else torch.zeros_like(h))
+        return total
+
+    @staticmethod
+    def backward(ctx, g):
+        (grad,) = ctx.saved_tensors
+        return grad * g, None, None
 
 
 class LossModel(nn.Module):
