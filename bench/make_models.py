@@ -86,7 +86,9 @@ def write_f16(path: Path, name: str, s: dict, seed: int = 0):
     w.add_tokenizer_model("gpt2")
     w.add_tokenizer_pre(pre)
     w.add_token_list(list(tokens) + [f"<|bench_pad_{i}|>" for i in range(pad)])
-    w.add_token_types(list(types) + [int(gguf.TokenType.USER_DEFINED)] * pad)
+    # the padding is ordinary vocabulary, as the bulk of a published vocabulary is (Llama-3's 128,000
+    # BPE tokens, beside 256 control tokens); no merge produces these ids
+    w.add_token_types(list(types) + [int(gguf.TokenType.NORMAL)] * pad)
     w.add_token_merges(list(merges))
     w.add_bos_token_id(1)
     w.add_eos_token_id(2)

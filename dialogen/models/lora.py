@@ -132,20 +132,36 @@ class Adapter(nn.Module):
         return self
 
     # --- the forward -----------------------------------------------------------------------
-    def delta(self, ours: str, a: torch.Tensor, out_features: int, training: bool) -> torch.Tensor:
-        """What the adapter adds to our Linear `ours` for its input `a` (..., in): (..., out)."""
-        s = self.settings
-        pieces, row = [], 0
+    def low(self, ours: str, a: torch.Tensor, training: bool) -> torch.Tensor:
+        """scale * A a for every part of our Linear `ours`, their A stacked: (..., parts * r). One
+        product serves the parts of a fused Linear (q, k and v), which share their input."""
+        s, parts = self.settings, [self.parts[key] for _, _, key in self.where[ours]]
+        if s.dropout and training:  # each part draws its own dropout mask, as peft's modules do
+            h = torch.cat([F.linear(F.dropout(a, s.dropout, True), p.A.to(a.dtype)) for p in parts], dim=-1)
+        else:
+            A = parts[0].A if len(parts) == 1 else torch.cat([p.A for p in parts])
+            h = F.linear(a, A.to(a.dtype))
+        return h * s.scale
+
+    def up(self, ours: str, out_features: int) -> torch.Tensor:
+        """The parts' B as one (out, parts * r) matrix, block-diagonal, with zero rows where no part
+        adapts our Linear `ours`: one product (and no concatenation) maps `low` to the output."""
+        blocks, row = [], 0
         for lo, hi, key in self.where[ours]:
             if lo > row:
-                pieces.append(a.new_zeros(*a.shape[:-1], lo - row))
-            part = self.parts[key]
-            x = F.dropout(a, s.dropout, training) if s.dropout else a
-            pieces.append(F.linear(F.linear(x, part.A.to(a.dtype)), part.B.to(a.dtype)) * s.scale)
+                blocks.append(self.zero_rows(lo - row))
+            blocks.append(self.parts[key].B)
             row = hi
         if row < out_features:
-            pieces.append(a.new_zeros(*a.shape[:-1], out_features - row))
-        return pieces[0] if len(pieces) == 1 else torch.cat(pieces, dim=-1)
+            blocks.append(self.zero_rows(out_features - row))
+        return blocks[0] if len(blocks) == 1 else torch.block_diag(*blocks)
+
+    def zero_rows(self, n: int) -> torch.Tensor:
+        return torch.zeros(n, 0, dtype=next(iter(self.parts.values())).B.dtype)
+
+    def delta(self, ours: str, a: torch.Tensor, out_features: int, training: bool) -> torch.Tensor:
+        """What the adapter adds to our Linear `ours` for its input `a` (..., in): (..., out)."""
+        return F.linear(self.low(ours, a, training), self.up(ours, out_features).to(a.dtype))
 
     def attach(self, model: Transformer) -> "Adapter":
         """Hook the adapter into `model`'s Linears; a fused native block, which bypasses them, is
@@ -156,6 +172,7 @@ class Adapter(nn.Module):
                 model.blocks[i] = block.reference()
         for ours in self.where:
             module = model.get_submodule(ours)
+            self.handles.append(module.register_forward_pre_hook(activated_input, with_kwargs=True))
             self.handles.append(module.register_forward_hook(self._hook(ours), with_kwargs=True))
         model.__dict__["adapter"] = self  # beside the model, not a child: its state dict stays the base's
         self.hooked = [model]
@@ -173,7 +190,7 @@ class Adapter(nn.Module):
         def hook(module, args, kwargs, output):
             if not self.enabled:
                 return output
-            return output + self.delta(ours, hooked_input(args, kwargs), output.shape[-1], module.training)
+            return output + self.delta(ours, args[0], output.shape[-1], module.training)
 
         return hook
 
@@ -211,6 +228,13 @@ class Adapter(nn.Module):
 
         (directory / CONFIG_FILE).write_text(json.dumps(self.peft_config(), indent=1))
         save_file(self.peft_state_dict(), str(directory / WEIGHTS_FILE), metadata={"format": "pt"})
+
+
+def activated_input(module, args: tuple, kwargs: dict):
+    """A pre-hook: the Linear is called with its input already normed and activated, so the
+    adapter's hook reads that input (`args[0]`) instead of computing the norm a second time."""
+    residual = kwargs.get("residual", args[3] if len(args) > 3 else None)
+    return (hooked_input(args, kwargs),), ({} if residual is None else {"residual": residual})
 
 
 def hooked_input(args: tuple, kwargs: dict) -> torch.Tensor:

@@ -16,15 +16,16 @@ def _ptr(t: torch.Tensor | None) -> int | None:
 
 
 def qmatmul(ggml_type: int, blocks: torch.Tensor, n: int, k: int, x: torch.Tensor, bias=None, out=None,
-            norm=None, eps: float = 0.0, swiglu: bool = False) -> torch.Tensor:
+            norm=None, eps: float = 0.0, swiglu: bool = False, into=None) -> torch.Tensor:
     """x (R, k) -> (R, n) through weights kept as blocks of a `formats.FORMATS` type (n, k / block *
     bytes), or tiled (`formats.tile`, with TILED in `ggml_type`); k is a multiple of 32 and of the block.
 
     `norm`: an RMSNorm weight applied to x first; `swiglu`: x is (R, 2k) [gate | up] and
-    silu(gate) * up is multiplied; `out`: add the product into this (R, n) tensor instead."""
+    silu(gate) * up is multiplied; `out`: add the product into this (R, n) tensor instead; `into`:
+    write it into this contiguous tensor of R * n values (returned as it is)."""
     x = x.contiguous()
     R = x.shape[0]
-    y = torch.empty(R, n) if out is None else out
+    y = out if out is not None else torch.empty(R, n) if into is None else into
     if status := lib().qmatmul(ggml_type, blocks.data_ptr(), n, k, x.data_ptr(), R, y.data_ptr(), _ptr(bias),
                                int(out is not None), _ptr(norm), eps, int(swiglu), torch.get_num_threads()):
         check(status, "qmatmul")
