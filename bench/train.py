@@ -72,6 +72,9 @@ def lora_side(side: str, model: str | None, data: str, rank: int, alpha: float, 
     """Timed LoRA steps of one side in this process: {"times": [...], "rss_mb": ..., "first_loss": ...}."""
     ids, labels = torch.load(data)
     if side == "ours":
+        from dialogen.models import heap
+
+        heap.for_training()  # as `dialogen train` does
         from dialogen.models.loading import load
         from dialogen.models.lora import Adapter, LoraSettings
 

@@ -15,24 +15,43 @@ import ctypes.util
 
 MANY_ROWS = 64  # a prompt of this many rows or more is followed by a trim (its activations are large)
 
-_trim = None
+TRAINING_MMAP_THRESHOLD = 16 << 20  # bytes: a training step's blocks this large or larger are mmapped
+M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter
+
+_glibc = None
 _looked = False
 
 
-def return_free_pages():
-    """Give the heap's free pages back to the system (a few milliseconds)."""
-    global _trim, _looked
+def _libc():
+    """glibc, or None under another C library."""
+    global _glibc, _looked
     if not _looked:
         _looked = True
         try:
             libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-            if hasattr(libc, "gnu_get_libc_version") and hasattr(libc, "malloc_trim"):
-                _trim = libc.malloc_trim
-                _trim.argtypes, _trim.restype = [ctypes.c_size_t], ctypes.c_int
+            if all(hasattr(libc, f) for f in ("gnu_get_libc_version", "malloc_trim", "mallopt")):
+                libc.malloc_trim.argtypes, libc.malloc_trim.restype = [ctypes.c_size_t], ctypes.c_int
+                libc.mallopt.argtypes, libc.mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
+                _glibc = libc
         except OSError:
             pass
-    if _trim is not None:
-        _trim(0)
+    return _glibc
+
+
+def return_free_pages():
+    """Give the heap's free pages back to the system (a few milliseconds)."""
+    if (libc := _libc()) is not None:
+        libc.malloc_trim(0)
+
+
+def for_training():
+    """Fix the mmap threshold at TRAINING_MMAP_THRESHOLD for a training run. A step frees and
+    allocates activations of tens of megabytes in an order that splits the heap's free space, so
+    with the rising threshold the heap keeps growing by a block's activations per block (a peak
+    RSS far above what is live); mmapped, each is returned whole when freed. Smaller blocks stay
+    on the heap, where reusing them costs no page faults."""
+    if (libc := _libc()) is not None:
+        libc.mallopt(M_MMAP_THRESHOLD, TRAINING_MMAP_THRESHOLD)
 
 
 def after_rows(rows: int):

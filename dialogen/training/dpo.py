@@ -26,6 +26,7 @@ from ..data.batches import collate
 from ..data.dataset import IGNORE_INDEX, Example, to_example
 from ..data.preferences import Preference, read_preferences
 from ..errors import UserError
+from ..models import heap
 from . import checkpoint as ckpt
 from .options import TrainOptions
 from .setup import build_lora, make_optimizer, undo_on_failure
@@ -170,6 +171,7 @@ def _prepare(opts: TrainOptions) -> Run:
     train_pairs = [p for i, p in enumerate(pairs) if not (len(pairs) >= 10 and i % 10 == 9)]
     total = opts.max_steps or max(1, math.ceil(opts.epochs * math.ceil(len(train_pairs) / opts.batch_size)))
     model.train()
+    heap.for_training()
     model.checkpointing = opts.gradient_checkpointing
     optimizer, scheduler = make_optimizer(adapter, opts, total)
     order = {"objective": "dpo", "dpo_beta": opts.dpo_beta, "seed": opts.seed, "batch_size": opts.batch_size,

@@ -30,6 +30,7 @@ from ..data.dataset import IGNORE_INDEX, build_examples
 from ..decoding.reverse import REVERSE_CONTEXT_TURNS
 from ..errors import UserError
 from ..eval.perplexity import examples_perplexity
+from ..models import heap
 from ..models.transformer import Transformer
 from . import checkpoint as ckpt
 from .distributed import Dist, setup, teardown
@@ -106,6 +107,7 @@ def _prepare(opts: TrainOptions, d: Dist, out: Path, began: float):
         order["lora"] = [opts.lora_r, opts.lora_alpha, opts.lora_dropout, adapter.names, opts.base_dtype]
         adapter.to(d.device)
     model.to(d.device).train()
+    heap.for_training()
     if opts.gradient_checkpointing:
         if not isinstance(model, Transformer):
             raise UserError("--gradient-checkpointing applies to transformer models")
