@@ -77,6 +77,8 @@ class BlockLinear(ShippedWeight):
     (float32, or those 4-bit blocks), so that training and saving see the file's values.
     `blocks` may be given as a list of row parts (a fused projection's), joined here."""
 
+    backward_dtype = torch.float32  # the dtype of the input-gradient products (kernels/grad.BlockProduct)
+
     def __init__(self, kind: str, blocks, in_features: int, out_features: int, bias=None,
                  shipped: torch.Tensor | None = None, shipped_kind: str | None = None):
         super().__init__()
@@ -247,3 +249,11 @@ class HalfLinear(Linear):
         del lin.decode_weight
         lin.__dict__.pop("everywhere", None)
         return lin
+
+
+def set_backward_dtype(model: nn.Module, dtype: torch.dtype):
+    """The dtype every BlockLinear of `model` (a SegmentedLinear's parts too) carries gradients back in."""
+    for m in model.modules():
+        for lin in m.parts if isinstance(m, SegmentedLinear) else [m]:
+            if isinstance(lin, BlockLinear):
+                lin.backward_dtype = dtype

@@ -29,7 +29,7 @@ from ..errors import UserError
 from ..models import heap
 from . import checkpoint as ckpt
 from .options import TrainOptions
-from .setup import build_lora, make_optimizer, undo_on_failure
+from .setup import build_lora, lora_order, make_optimizer, undo_on_failure
 
 
 def dpo_loss(policy_chosen, policy_rejected, ref_chosen, ref_rejected, beta: float):
@@ -176,7 +176,7 @@ def _prepare(opts: TrainOptions) -> Run:
     optimizer, scheduler = make_optimizer(adapter, opts, total)
     order = {"objective": "dpo", "dpo_beta": opts.dpo_beta, "seed": opts.seed, "batch_size": opts.batch_size,
              "pairs": len(train_pairs), "held_out": len(held), "total_steps": total,
-             "lora": [opts.lora_r, opts.lora_alpha, opts.lora_dropout, adapter.names, opts.base_dtype]}
+             "lora": lora_order(opts, adapter)}
     step = ckpt.restore(state, order, optimizer, scheduler)[0] if state is not None else 0
     tok.chat_template = template.source
     meta = {"template": tname, **template.stop_meta(tok), "train": {"dpo": True, "beta": opts.dpo_beta,

@@ -36,7 +36,7 @@ from . import checkpoint as ckpt
 from .distributed import Dist, setup, teardown
 from .loss import LossModel
 from .options import TrainOptions
-from .setup import build_model, make_optimizer, undo_on_failure
+from .setup import build_model, lora_order, make_optimizer, undo_on_failure
 
 
 @dataclass
@@ -104,7 +104,7 @@ def _prepare(opts: TrainOptions, d: Dist, out: Path, began: float):
     order = {"seed": opts.seed, "batch_size": opts.batch_size, "global_micro_batches": G, "pack": opts.pack,
              "examples": len(examples), "tokens": sum(len(ex.ids) for ex in examples), "total_steps": total}
     if adapter is not None:
-        order["lora"] = [opts.lora_r, opts.lora_alpha, opts.lora_dropout, adapter.names, opts.base_dtype]
+        order["lora"] = lora_order(opts, adapter)
         adapter.to(d.device)
     model.to(d.device).train()
     heap.for_training()
