@@ -76,7 +76,7 @@ def lora_side(side: str, model: str | None, data: str, rank: int, alpha: float, 
     if side == "ours":
         from dialogen.models import heap
 
-        heap.for_training()  # as `dialogen train` does
+        heap.training().__enter__()  # as `dialogen train` does, for the rest of this process
         from dialogen.models.loading import load
         from dialogen.models.lora import Adapter, LoraSettings
 

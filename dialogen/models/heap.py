@@ -12,10 +12,12 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+from contextlib import contextmanager
 
 MANY_ROWS = 64  # a prompt of this many rows or more is followed by a trim (its activations are large)
 
 TRAINING_MMAP_THRESHOLD = 16 << 20  # bytes: a training step's blocks this large or larger are mmapped
+LATER_MMAP_THRESHOLD = 32 << 20  # after training: the highest threshold glibc itself rises to (64-bit)
 M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter
 
 _glibc = None
@@ -44,14 +46,23 @@ def return_free_pages():
         libc.malloc_trim(0)
 
 
-def for_training():
-    """Fix the mmap threshold at TRAINING_MMAP_THRESHOLD for a training run. A step frees and
+@contextmanager
+def training():
+    """The mmap threshold fixed at TRAINING_MMAP_THRESHOLD for a training run. A step frees and
     allocates activations of tens of megabytes in an order that splits the heap's free space, so
     with the rising threshold the heap keeps growing by a block's activations per block (a peak
     RSS far above what is live); mmapped, each is returned whole when freed. Smaller blocks stay
-    on the heap, where reusing them costs no page faults."""
-    if (libc := _libc()) is not None:
+    on the heap, where reusing them costs no page faults. Afterwards the threshold is
+    LATER_MMAP_THRESHOLD, where a process that has freed a large block has it anyway (glibc
+    cannot be handed back its own rising rule)."""
+    libc = _libc()
+    if libc is not None:
         libc.mallopt(M_MMAP_THRESHOLD, TRAINING_MMAP_THRESHOLD)
+    try:
+        yield
+    finally:
+        if libc is not None:
+            libc.mallopt(M_MMAP_THRESHOLD, LATER_MMAP_THRESHOLD)
 
 
 def after_rows(rows: int):

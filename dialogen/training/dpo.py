@@ -117,6 +117,11 @@ def pair_order(n: int, batch_size: int, seed: int, total: int) -> list[list[int]
 def train_dpo(opts: TrainOptions, on_step=None) -> dict:
     """Run (or, with `opts.resume`, continue) a DPO run; returns a summary. `on_step(step, record,
     model)` is called after every optimizer step."""
+    with heap.training():
+        return _train_dpo(opts, on_step)
+
+
+def _train_dpo(opts: TrainOptions, on_step) -> dict:
     out = Path(opts.out)
     with undo_on_failure(out):
         ckpt.check_output_dir(out, opts.resume)
@@ -171,7 +176,6 @@ def _prepare(opts: TrainOptions) -> Run:
     train_pairs = [p for i, p in enumerate(pairs) if not (len(pairs) >= 10 and i % 10 == 9)]
     total = opts.max_steps or max(1, math.ceil(opts.epochs * math.ceil(len(train_pairs) / opts.batch_size)))
     model.train()
-    heap.for_training()
     model.checkpointing = opts.gradient_checkpointing
     optimizer, scheduler = make_optimizer(adapter, opts, total)
     order = {"objective": "dpo", "dpo_beta": opts.dpo_beta, "seed": opts.seed, "batch_size": opts.batch_size,

@@ -70,7 +70,8 @@ def train(opts: TrainOptions, on_step=None) -> dict:
     began = time.time()  # --max-minutes counts from here: data and model preparation included
     d = setup()
     try:
-        return _train(opts, d, on_step, began)
+        with heap.training():
+            return _train(opts, d, on_step, began)
     finally:
         teardown(d)
 
@@ -107,7 +108,6 @@ def _prepare(opts: TrainOptions, d: Dist, out: Path, began: float):
         order["lora"] = lora_order(opts, adapter)
         adapter.to(d.device)
     model.to(d.device).train()
-    heap.for_training()
     if opts.gradient_checkpointing:
         if not isinstance(model, Transformer):
             raise UserError("--gradient-checkpointing applies to transformer models")
