@@ -23,6 +23,7 @@ after the other; prints each side's median and best step time, peak RSS (VmHWM) 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import statistics
 import sys
@@ -68,6 +69,9 @@ def theirs_step(model, opt, ids, labels):
     return loss.item()
 
 
+_held = contextlib.ExitStack()  # what stays in force until this process ends
+
+
 def lora_side(side: str, model: str | None, data: str, rank: int, alpha: float, targets: list[str], steps: int,
               lr: float, base_dtype: str = "float32", peft_model_dir: str | None = None, checkpointing=False,
               backward_dtype: str = "float32") -> dict:
@@ -76,7 +80,7 @@ def lora_side(side: str, model: str | None, data: str, rank: int, alpha: float, 
     if side == "ours":
         from dialogen.models import heap
 
-        heap.training().__enter__()  # as `dialogen train` does, for the rest of this process
+        _held.enter_context(heap.training())  # as `dialogen train` does, for the rest of this process
         from dialogen.models.loading import load
         from dialogen.models.lora import Adapter, LoraSettings
 

@@ -148,16 +148,14 @@ class Adapter(nn.Module):
         adapts our Linear `ours`: one product (and no concatenation) maps `low` to the output."""
         blocks, row = [], 0
         for lo, hi, key in self.where[ours]:
+            B = self.parts[key].B
             if lo > row:
-                blocks.append(self.zero_rows(lo - row))
-            blocks.append(self.parts[key].B)
+                blocks.append(B.new_zeros(lo - row, 0))
+            blocks.append(B)
             row = hi
         if row < out_features:
-            blocks.append(self.zero_rows(out_features - row))
+            blocks.append(B.new_zeros(out_features - row, 0))
         return blocks[0] if len(blocks) == 1 else torch.block_diag(*blocks)
-
-    def zero_rows(self, n: int) -> torch.Tensor:
-        return torch.zeros(n, 0, dtype=next(iter(self.parts.values())).B.dtype)
 
     def delta(self, ours: str, a: torch.Tensor, out_features: int, training: bool) -> torch.Tensor:
         """What the adapter adds to our Linear `ours` for its input `a` (..., in): (..., out)."""

@@ -28,7 +28,7 @@ def nll_sum(model: nn.Module, ids: torch.Tensor, labels: torch.Tensor,
     keep = targets != IGNORE_INDEX
     if isinstance(model, Transformer):
         h = model.hidden(ids[:, :-1], None if segments is None else segments[:, :-1])  # the last token predicts nothing
-        if not any(p.requires_grad for p in model.lm_head.parameters()) and torch.is_grad_enabled():
+        if h.requires_grad and not any(p.requires_grad for p in model.lm_head.parameters()):
             return FrozenHeadLoss.apply(h[keep], model, targets[keep]), keep.sum()
         logits = model.head(h[keep])  # (N, V)
     else:  # other families: full logits
@@ -49,7 +49,7 @@ class FrozenHeadLoss(torch.autograd.Function):
     @staticmethod
     def forward(ctx, h, model, targets):  # h (N, d), targets (N,)
         chunk = max(1, HEAD_CHUNK_VALUES // model.cfg.vocab_size)
-        total, grads = h.new_zeros(()), []
+        total, grads = torch.zeros((), device=h.device), []
         for i in range(0, h.shape[0], chunk):
             with torch.enable_grad():
                 hc = h[i:i + chunk].detach().requires_grad_()
