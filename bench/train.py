@@ -12,7 +12,7 @@ estimate, as other jobs can only add time to a step.
     python bench/train.py [--batch 2] [--seq 256] [--steps 10] [--labels chat|all]
     python bench/train.py --lora [--model PATH] [--rank 16] [--targets q_proj,...] [--batch 2] [--seq 256]
     python bench/train.py --lora --model FILE.Q4_0.gguf --base-dtype auto   # our base as the file's blocks
-    python bench/train.py --lora --model FILE.Q4_0.gguf --base-dtype auto --backward-dtype bfloat16
+    python bench/train.py --lora --model FILE.Q4_0.gguf --base-dtype auto --compute-dtype bfloat16
 
 `--labels chat` trains the assistant tokens only (what `dialogen train` does), `all` every token.
 `--lora`: a LoRA step on a frozen base, ours (`models/lora.py`) against peft + transformers, on the same
@@ -74,7 +74,7 @@ _held = contextlib.ExitStack()  # what stays in force until this process ends
 
 def lora_side(side: str, model: str | None, data: str, rank: int, alpha: float, targets: list[str], steps: int,
               lr: float, base_dtype: str = "float32", peft_model_dir: str | None = None, checkpointing=False,
-              backward_dtype: str = "float32") -> dict:
+              compute_dtype: str = "float32") -> dict:
     """Timed LoRA steps of one side in this process: {"times": [...], "rss_mb": ..., "first_loss": ...}."""
     ids, labels = torch.load(data)
     if side == "ours":
@@ -88,10 +88,10 @@ def lora_side(side: str, model: str | None, data: str, rank: int, alpha: float, 
         if base_dtype == "float32":
             base.materialize()
         else:  # the base keeps its blocks (`dialogen train --base-dtype`): no float32 copy
-            from dialogen.models.quantized import set_backward_dtype
+            from dialogen.models.quantized import set_compute_dtype
 
             base.frozen_blocks = True
-            set_backward_dtype(base, getattr(torch, backward_dtype))
+            set_compute_dtype(base, getattr(torch, compute_dtype))
         base.requires_grad_(False).train()
         base.checkpointing = checkpointing
         adapter = Adapter(base.cfg, LoraSettings(rank, alpha, 0.0, tuple(targets))).init(0).attach(base)
@@ -151,7 +151,7 @@ def lora_main(args):
     for side in ("ours", "peft"):
         cmd = [sys.executable, __file__, "--lora-side", side, "--data", data, "--rank", str(args.rank),
                "--alpha", str(args.alpha), "--targets", args.targets, "--steps", str(args.steps), "--lr", str(args.lr),
-               "--base-dtype", args.base_dtype, "--backward-dtype", args.backward_dtype]
+               "--base-dtype", args.base_dtype, "--compute-dtype", args.compute_dtype]
         if args.model:
             cmd += ["--model", args.model]
         if args.peft_model:
@@ -164,7 +164,7 @@ def lora_main(args):
     best = {k: min(v["times"]) for k, v in out.items()}
     print(json.dumps({
         "model": args.model or "SmolLM2-135M-Instruct", "base_dtype": args.base_dtype,
-        "backward_dtype": args.backward_dtype,
+        "compute_dtype": args.compute_dtype,
         "gradient_checkpointing": args.gradient_checkpointing, "batch": args.batch,
         "seq": args.seq, "rank": args.rank,
         "alpha": args.alpha, "targets": args.targets, "threads": torch.get_num_threads(),
@@ -190,8 +190,8 @@ def main():
     ap.add_argument("--targets", default="q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj")
     ap.add_argument("--base-dtype", default="float32", choices=["float32", "auto", "int8", "int4"],
                     help="--lora: our frozen base's weights (auto: a GGUF file's own blocks); peft's stays float32")
-    ap.add_argument("--backward-dtype", default="float32", choices=["float32", "bfloat16"],
-                    help="--lora with a blocked base: our gradient products' dtype (`dialogen train --backward-dtype`)")
+    ap.add_argument("--compute-dtype", default="float32", choices=["float32", "bfloat16"],
+                    help="--lora with a blocked base: our gradient products' dtype (`dialogen train --compute-dtype`)")
     ap.add_argument("--peft-model", help="--lora: a Hugging Face directory of the same shape for peft's side, for a "
                                          "GGUF file that has none (default: the --model file converted)")
     ap.add_argument("--gradient-checkpointing", action="store_true",
@@ -202,7 +202,7 @@ def main():
     if args.lora_side:
         print(json.dumps(lora_side(args.lora_side, args.model, args.data, args.rank, args.alpha,
                                    args.targets.split(","), args.steps, args.lr, args.base_dtype,
-                                   args.peft_model, args.gradient_checkpointing, args.backward_dtype)))
+                                   args.peft_model, args.gradient_checkpointing, args.compute_dtype)))
         return
     if args.lora:
         lora_main(args)

@@ -77,7 +77,7 @@ class BlockLinear(ShippedWeight):
     (float32, or those 4-bit blocks), so that training and saving see the file's values.
     `blocks` may be given as a list of row parts (a fused projection's), joined here."""
 
-    backward_dtype = torch.float32  # the dtype of the input-gradient products (kernels/grad.BlockProduct)
+    compute_dtype = torch.float32  # a training product's dtype (kernels/grad.BlockProduct; float32: native)
 
     def __init__(self, kind: str, blocks, in_features: int, out_features: int, bias=None,
                  shipped: torch.Tensor | None = None, shipped_kind: str | None = None):
@@ -251,9 +251,9 @@ class HalfLinear(Linear):
         return lin
 
 
-def set_backward_dtype(model: nn.Module, dtype: torch.dtype):
-    """The dtype every BlockLinear of `model` (a SegmentedLinear's parts too) carries gradients back in."""
+def set_compute_dtype(model: nn.Module, dtype: torch.dtype):
+    """The dtype of every training product of `model`'s BlockLinears (a SegmentedLinear's parts too)."""
     for m in model.modules():
         for lin in m.parts if isinstance(m, SegmentedLinear) else [m]:
             if isinstance(lin, BlockLinear):
-                lin.backward_dtype = dtype
+                lin.compute_dtype = dtype

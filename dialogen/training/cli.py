@@ -60,10 +60,10 @@ def register(sub):
     g.add_argument("--base-dtype", default=D.base_dtype, choices=["float32", "auto", "int8", "int4"],
                    help="the frozen base's weights: float32, or blocks multiplied by the native kernels (QLoRA-style; "
                         "auto: a GGUF file's own blocks, else int8) (default: %(default)s)")
-    g.add_argument("--backward-dtype", default=D.backward_dtype, choices=["float32", "bfloat16"],
-                   help="with --base-dtype blocks: the dtype of the products that carry the gradient back through the "
-                        "base (bfloat16: faster on CPUs with AMX or AVX-512 BF16, the gradient rounded to bfloat16's "
-                        "8-bit mantissa, as QLoRA's compute dtype does) (default: %(default)s)")
+    g.add_argument("--compute-dtype", default=D.compute_dtype, choices=["float32", "bfloat16"],
+                   help="with --base-dtype blocks: the dtype of the base's products while training (float32: the "
+                        "native kernels forward, float32 gradients; bfloat16: both in bfloat16, as QLoRA's compute dtype, "
+                        "faster on CPUs with AMX) (default: %(default)s)")
     g.add_argument("--dpo", action="store_true", help="preference tuning: --data is a JSONL file of TRL's "
                    "prompt/chosen/rejected records; the adapter-free base is the reference model")
     g.add_argument("--dpo-beta", type=float, default=D.dpo_beta, help="DPO's beta (default: %(default)s)")

@@ -50,7 +50,7 @@ class TrainOptions:
     lora_dropout: float = 0.0
     lora_targets: str = ""  # comma-separated module names; empty: every projection of the blocks
     base_dtype: str = "float32"  # --lora-r: the frozen base's weights: float32, or blocks (auto, int8, int4)
-    backward_dtype: str = "float32"  # a blocked base's input-gradient products: float32 or bfloat16
+    compute_dtype: str = "float32"  # a blocked base's training products: float32 (native forward) or bfloat16
     gradient_checkpointing: bool = False
     dpo: bool = False  # --data holds preference records; the adapter trains by DPO (training/dpo.py)
     dpo_beta: float = 0.1
@@ -108,9 +108,9 @@ class TrainOptions:
             raise UserError("--dpo trains a LoRA adapter: give --lora-r")
         elif self.lora_targets:
             raise UserError("--lora-targets needs --lora-r")
-        if self.backward_dtype not in ("float32", "bfloat16"):
-            raise UserError(f"--backward-dtype must be float32 or bfloat16, got {self.backward_dtype!r}")
-        if self.backward_dtype != "float32" and self.base_dtype == "float32":
-            raise UserError("--backward-dtype applies to a base kept in blocks: give --base-dtype auto, int8 or int4")
+        if self.compute_dtype not in ("float32", "bfloat16"):
+            raise UserError(f"--compute-dtype must be float32 or bfloat16, got {self.compute_dtype!r}")
+        if self.compute_dtype != "float32" and self.base_dtype == "float32":
+            raise UserError("--compute-dtype applies to a base kept in blocks: give --base-dtype auto, int8 or int4")
         if not self.min_lr_ratio <= 1:
             raise UserError(f"--min-lr-ratio must be in [0, 1], got {self.min_lr_ratio}")

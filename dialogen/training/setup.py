@@ -15,7 +15,7 @@ from ..errors import UserError
 from ..models.hf import config_to_hf
 from ..models.loading import default_model_path, load
 from ..models.lora import Adapter, LoraSettings, default_targets, read_adapter
-from ..models.quantized import set_backward_dtype
+from ..models.quantized import set_compute_dtype
 from ..models.transformer import Transformer
 from . import checkpoint as ckpt
 from .options import TrainOptions
@@ -88,7 +88,7 @@ def base_name(init: str) -> str:
 def lora_order(opts: TrainOptions, adapter: Adapter) -> list:
     """What a resumed LoRA run must share with the run it continues (its checkpoint's order)."""
     order = [opts.lora_r, opts.lora_alpha, opts.lora_dropout, adapter.names, opts.base_dtype]
-    return order + ([opts.backward_dtype] if opts.backward_dtype != "float32" else [])
+    return order + ([opts.compute_dtype] if opts.compute_dtype != "float32" else [])
 
 
 def build_lora(opts: TrainOptions):
@@ -107,7 +107,7 @@ def build_lora(opts: TrainOptions):
                         f"kernels are off or cannot multiply this model); use --base-dtype float32")
     else:  # the Linears keep their blocks; their input gradients go through the same blocks
         model.frozen_blocks = True
-        set_backward_dtype(model, getattr(torch, opts.backward_dtype))
+        set_compute_dtype(model, getattr(torch, opts.compute_dtype))
     model.requires_grad_(False)
     cfg, base = model.cfg, base_name(opts.init)
     targets = tuple(t.strip() for t in opts.lora_targets.split(",") if t.strip()) or default_targets(cfg)

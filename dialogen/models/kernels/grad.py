@@ -21,20 +21,40 @@ def _weight_buffer(dtype: torch.dtype, rows: int, cols: int) -> torch.Tensor:
     return buf[: rows * cols].view(rows, cols)
 
 
+def _low_precision_slices(lin):
+    """(first row, end row, W[rows] in `lin.compute_dtype`) over the weight of a BlockLinear, each
+    slice of at most LOW_PRECISION_VALUES weights, made in the shared buffer from BACKWARD_ROWS rows
+    dequantized at a time. A slice is valid until the next one is made."""
+    step = max(1, LOW_PRECISION_VALUES // lin.in_features // BACKWARD_ROWS) * BACKWARD_ROWS
+    for s0 in range(0, lin.out_features, step):
+        s1 = min(s0 + step, lin.out_features)
+        w = _weight_buffer(lin.compute_dtype, s1 - s0, lin.in_features)
+        for r0 in range(s0, s1, BACKWARD_ROWS):
+            r1 = min(r0 + BACKWARD_ROWS, s1)
+            w[r0 - s0:r1 - s0] = lin.weight_rows(r0, r1)
+        yield s0, s1, w
+
+
 class BlockProduct(torch.autograd.Function):
-    """`a @ W^T` for a BlockLinear's frozen blocks W (out, in), differentiable in `a`: the forward is
-    the native product; the backward, `g @ W`, dequantizes BACKWARD_ROWS rows of W at a time. In
-    float32 each tile is multiplied at once, so no float copy of W outlives one tile. In bfloat16
-    (`lin.backward_dtype`; its products run on AMX where the CPU has it) the tiles fill a bfloat16
-    copy of up to LOW_PRECISION_VALUES weights (a block's largest matrix, or a slice of a large
-    head) in one buffer shared by every product, multiplied at once.
-    (The base of a LoRA run on blocks, QLoRA-style.)"""
+    """`a @ W^T` for a BlockLinear's frozen blocks W (out, in), differentiable in `a`.
+
+    In float32 (`lin.compute_dtype`) the forward is the native product, as at inference, and the
+    backward, `g @ W`, dequantizes BACKWARD_ROWS rows of W at a time, so no float copy of W outlives
+    one tile. In bfloat16 (QLoRA's compute dtype) both products take a and g in bfloat16 against
+    W in slices of at most LOW_PRECISION_VALUES weights (a block's largest matrix whole, a large
+    head in parts), made in one buffer that every product shares; they run on AMX where the CPU
+    has it. (The base of a LoRA run on blocks.)"""
 
     @staticmethod
     def forward(ctx, a, lin):  # a (..., in) -> (..., out)
         ctx.lin = lin
         rows = a.numel() // a.shape[-1]
         y = torch.empty(*a.shape[:-1], lin.out_features)  # not a view: an adapter adds into it in place
+        if lin.compute_dtype != torch.float32:
+            al, y2 = a.reshape(rows, -1).to(lin.compute_dtype), y.view(rows, -1)
+            for s0, s1, w in _low_precision_slices(lin):
+                y2[:, s0:s1] = al @ w.T
+            return y
         return ops.qmatmul(lin.product_type, lin.blocks, lin.out_features, lin.in_features, a.reshape(rows, -1),
                            into=y)
 
@@ -42,14 +62,9 @@ class BlockProduct(torch.autograd.Function):
     def backward(ctx, g):  # g (..., out) -> (..., in)
         lin = ctx.lin
         g2 = g.reshape(-1, lin.out_features)
-        if lin.backward_dtype != torch.float32:
-            step = max(1, LOW_PRECISION_VALUES // lin.in_features // BACKWARD_ROWS) * BACKWARD_ROWS
-            gl, grad = g2.to(lin.backward_dtype), None
-            for s0 in range(0, lin.out_features, step):
-                s1 = min(s0 + step, lin.out_features)
-                w = _weight_buffer(lin.backward_dtype, s1 - s0, lin.in_features)
-                for r0 in range(s0, s1, BACKWARD_ROWS):
-                    w[r0 - s0:min(r0 + BACKWARD_ROWS, s1) - s0] = lin.weight_rows(r0, min(r0 + BACKWARD_ROWS, s1))
+        if lin.compute_dtype != torch.float32:
+            gl, grad = g2.to(lin.compute_dtype), None
+            for s0, s1, w in _low_precision_slices(lin):
                 part = (gl[:, s0:s1] @ w).to(g.dtype)
                 grad = part if grad is None else grad.add_(part)
             return grad.view(*g.shape[:-1], lin.in_features), None
