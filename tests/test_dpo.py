@@ -117,3 +117,21 @@ def test_dpo_resume_with_other_options_is_refused(tiny_llama, tmp_path, capsys):
     assert main([*argv, "--resume", "--dpo-beta", "0.3"]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "cannot resume: dpo_beta was 0.1, now 0.3" in err
+
+
+@torch.no_grad()
+def test_reply_log_probabilities_are_transformers_with_the_familys_logit_scale(tmp_path):
+    from test_families import CASES, VOCAB, build
+
+    from dialogen.models.loading import load
+    from dialogen.training.dpo import sequence_logps
+
+    cls, kwargs = CASES["granite"]  # logits_scaling=2: the head divides the logits
+    ref = build(tmp_path, cls, kwargs)
+    ids = torch.randint(0, VOCAB, (2, 10), generator=torch.Generator().manual_seed(0))
+    labels = ids.clone()
+    labels[:, :4] = -100
+    got = sequence_logps(load(str(tmp_path), "float32").model, ids, labels)
+    logp = torch.log_softmax(ref(ids).logits.float(), dim=-1)[:, :-1].gather(2, ids[:, 1:, None])[..., 0]
+    want = (logp * (labels[:, 1:] != -100)).sum(1)
+    assert torch.allclose(got, want, atol=1e-4), (got, want)

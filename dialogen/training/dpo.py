@@ -44,7 +44,7 @@ def sequence_logps(model, ids: torch.Tensor, labels: torch.Tensor) -> torch.Tens
     targets = labels[:, 1:]
     keep = targets != IGNORE_INDEX  # (B, T-1)
     h = model.hidden(ids[:, :-1])
-    logp = torch.log_softmax(model.lm_head(h[keep]).float(), dim=-1)  # (N, V)
+    logp = torch.log_softmax(model.head(h[keep]).float(), dim=-1)  # (N, V): the family's scale and cap included
     picked = logp.gather(1, targets[keep][:, None])[:, 0]
     rows = torch.arange(ids.shape[0])[:, None].expand_as(keep)[keep]
     return torch.zeros(ids.shape[0], dtype=picked.dtype).index_add(0, rows, picked)
