@@ -74,7 +74,7 @@ _held = contextlib.ExitStack()  # what stays in force until this process ends
 
 def lora_side(side: str, model: str | None, data: str, rank: int, alpha: float, targets: list[str], steps: int,
               lr: float, base_dtype: str = "float32", peft_model_dir: str | None = None, checkpointing=False,
-              compute_dtype: str = "float32") -> dict:
+              compute_dtype: str = "float32", autocast: bool = False) -> dict:
     """Timed LoRA steps of one side in this process: {"times": [...], "rss_mb": ..., "first_loss": ...}."""
     ids, labels = torch.load(data)
     if side == "ours":
@@ -113,7 +113,8 @@ def lora_side(side: str, model: str | None, data: str, rank: int, alpha: float, 
         params = [p for p in peft_model.parameters() if p.requires_grad]
 
         def loss_of():
-            return peft_model(input_ids=ids, labels=labels).loss
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+                return peft_model(input_ids=ids, labels=labels).loss
     opt = torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.95), fused=True)
     times, first = [], None
     for i in range(steps + 2):
@@ -158,13 +159,15 @@ def lora_main(args):
             cmd += ["--peft-model", args.peft_model]
         if args.gradient_checkpointing:
             cmd += ["--gradient-checkpointing"]
+        if args.peft_autocast:
+            cmd += ["--peft-autocast"]
         r = subprocess.run(cmd, stdout=subprocess.PIPE, text=True, check=True)
         out[side] = json.loads(r.stdout.strip().splitlines()[-1])
     med = {k: statistics.median(v["times"]) for k, v in out.items()}
     best = {k: min(v["times"]) for k, v in out.items()}
     print(json.dumps({
         "model": args.model or "SmolLM2-135M-Instruct", "base_dtype": args.base_dtype,
-        "compute_dtype": args.compute_dtype,
+        "compute_dtype": args.compute_dtype, "peft_autocast": args.peft_autocast,
         "gradient_checkpointing": args.gradient_checkpointing, "batch": args.batch,
         "seq": args.seq, "rank": args.rank,
         "alpha": args.alpha, "targets": args.targets, "threads": torch.get_num_threads(),
@@ -191,7 +194,9 @@ def main():
     ap.add_argument("--base-dtype", default="float32", choices=["float32", "auto", "int8", "int4"],
                     help="--lora: our frozen base's weights (auto: a GGUF file's own blocks); peft's stays float32")
     ap.add_argument("--compute-dtype", default="float32", choices=["float32", "bfloat16"],
-                    help="--lora with a blocked base: our gradient products' dtype (`dialogen train --compute-dtype`)")
+                    help="--lora with a blocked base: our products' dtype (`dialogen train --compute-dtype`)")
+    ap.add_argument("--peft-autocast", action="store_true",
+                    help="--lora: peft's step under torch.autocast to bfloat16 (the Trainer's bf16=True on a CPU)")
     ap.add_argument("--peft-model", help="--lora: a Hugging Face directory of the same shape for peft's side, for a "
                                          "GGUF file that has none (default: the --model file converted)")
     ap.add_argument("--gradient-checkpointing", action="store_true",
@@ -202,7 +207,8 @@ def main():
     if args.lora_side:
         print(json.dumps(lora_side(args.lora_side, args.model, args.data, args.rank, args.alpha,
                                    args.targets.split(","), args.steps, args.lr, args.base_dtype,
-                                   args.peft_model, args.gradient_checkpointing, args.compute_dtype)))
+                                   args.peft_model, args.gradient_checkpointing, args.compute_dtype,
+                                   args.peft_autocast)))
         return
     if args.lora:
         lora_main(args)
