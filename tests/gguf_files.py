@@ -177,3 +177,22 @@ def with_weights(hf_model, written: dict):
     out = copy.deepcopy(hf_model)
     out.load_state_dict(written, strict=False)
     return out.eval()
+
+
+def assert_refused(path, named: str, tmp_path, capsys):
+    """Loading the GGUF at `path` raises one line naming the file and `named`; `dialogen generate`
+    on it exits 2 with that one line."""
+    import pytest
+
+    from dialogen.cli import main
+    from dialogen.errors import UserError
+    from dialogen.models.loading import load
+
+    with pytest.raises(UserError) as e:
+        load(str(path), "auto")
+    msg = str(e.value)
+    assert str(path) in msg and named in msg and "\n" not in msg
+    (tmp_path / "m.json").write_text('[{"role": "user", "content": "hi"}]')
+    assert main(["generate", str(tmp_path / "m.json"), "--model", str(path), "--max-new-tokens", "2"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert named in err and len(err.splitlines()) == 1

@@ -11,9 +11,9 @@ import math
 import pytest
 import torch
 
-from dialogen.errors import UserError
 from dialogen.models.loading import load
-from gguf_files import tiny_hf, with_weights, write_gguf
+from gguf_files import assert_refused, tiny_hf, with_weights, write_gguf
+from test_families import greedy
 
 IDS = torch.tensor([[1, 52, 200, 77, 9, 280, 33, 120, 5, 270, 11, 64] * 4])  # 48 positions
 WINDOW = 16
@@ -65,15 +65,6 @@ CASES = {
 IDS_IN_VOCAB = dict(bos_token_id=1, eos_token_id=2, pad_token_id=0)  # phi3's defaults lie past the tiny vocabulary
 
 
-def greedy(model, ids, n: int) -> list[int]:
-    cache = model.new_cache(1)
-    out, logits = [], model.next_logits(ids, cache)
-    for _ in range(n):
-        out.append(int(logits[0].argmax()))
-        logits = model.next_logits(torch.tensor([[out[-1]]]), cache)
-    return out
-
-
 @pytest.mark.parametrize("name", list(CASES))
 @torch.no_grad()
 def test_family_gguf_matches_transformers(name, tmp_path):
@@ -117,19 +108,10 @@ BAD = [
 
 @pytest.mark.parametrize("family, meta, extra, named", BAD, ids=[b[-1] for b in BAD])
 def test_unread_keys_are_refused_in_one_line(tmp_path, capsys, family, meta, extra, named):
-    from dialogen.cli import main
-
     hf = tiny_hf(family, **IDS_IN_VOCAB, **({"head_dim": 16} if family.startswith("gemma") else {}))
     path = tmp_path / "bad.gguf"
     write_gguf(path, hf, arch=family, meta=meta, extra=extra)
-    with pytest.raises(UserError) as e:
-        load(str(path), "auto")
-    msg = str(e.value)
-    assert str(path) in msg and named in msg and "\n" not in msg
-    (tmp_path / "m.json").write_text('[{"role": "user", "content": "hi"}]')
-    assert main(["generate", str(tmp_path / "m.json"), "--model", str(path), "--max-new-tokens", "2"]) == 2
-    err = capsys.readouterr().err.strip()
-    assert named in err and len(err.splitlines()) == 1
+    assert_refused(path, named, tmp_path, capsys)
 
 
 @pytest.mark.parametrize("name", ["phi3-longrope", "gemma2", "olmo2"])

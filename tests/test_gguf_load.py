@@ -16,7 +16,7 @@ from dialogen.errors import UserError
 from dialogen.models.kernels import library
 from dialogen.models.native import BlockEmbedding, BlockLinear, FusedBlock, SegmentedLinear
 from dialogen.models.loading import load
-from gguf_files import tiny_hf, with_weights, write_gguf
+from gguf_files import assert_refused, tiny_hf, with_weights, write_gguf
 
 IDS = torch.tensor([[1, 52, 200, 77, 9, 280, 33, 120, 5, 270, 11, 64] * 8])  # 96 positions
 MIXED = {"token_embd.weight": "Q8_0", "output.weight": "Q4_1", "blk.0.attn_q.weight": "Q4_0",
@@ -198,18 +198,9 @@ def test_linear_rope_scaling(tmp_path):
     (dict(types={"blk.0.attn_norm.weight": "Q8_0"}), "tensor blk.0.attn_norm.weight"),
 ])
 def test_refused_in_one_line_naming_file_and_key(tmp_path, capsys, change, named):
-    from dialogen.cli import main
-
     path = tmp_path / "bad.gguf"
     write_gguf(path, tiny_hf("llama"), **change)
-    with pytest.raises(UserError) as e:
-        load(str(path), "auto")
-    msg = str(e.value)
-    assert str(path) in msg and named in msg and "\n" not in msg
-    (tmp_path / "m.json").write_text('[{"role": "user", "content": "hi"}]')
-    assert main(["generate", str(tmp_path / "m.json"), "--model", str(path), "--max-new-tokens", "2"]) == 2
-    err = capsys.readouterr().err.strip()
-    assert named in err and len(err.splitlines()) == 1
+    assert_refused(path, named, tmp_path, capsys)
 
 
 def test_default_model_memory_after_a_reply_is_bounded_by_the_file():
