@@ -118,46 +118,62 @@ def test_metrics_off_serves_replies_and_answers_404_at_metrics(app_for, tmp_path
     assert svc.metrics.requests == {} and svc.metrics.ttft.counts == [0] * len(svc.metrics.ttft.counts)
 
 
-def _rss_mb() -> float:
+_BURST = """
+import json, threading, time
+
+import torch
+
+from dialogen.serve.memory import _glibc
+
+
+def rss_mb():
     with open("/proc/self/status") as f:
         return int(next(line for line in f if line.startswith("VmRSS:")).split()[1]) / 1024
+
+
+if _glibc() is None:
+    print(json.dumps(None))
+    raise SystemExit
+_glibc().malloc_trim(0)
+before, held, lock = rss_mb(), [], threading.Lock()
+
+
+def job(i):
+    for k in range(6):
+        kv = torch.zeros(2, 30, 1, 3, 256, 64)  # a 135M model's cache of 256 positions
+        time.sleep(0.005 * (i % 4))
+        grown = torch.zeros(2, 30, 1, 3, 512, 64)
+        grown[..., :256, :] = kv
+        del kv
+        with lock:
+            held.append(grown) if k == 5 else None
+
+
+threads = [threading.Thread(target=job, args=(i,)) for i in range(8)]
+for t in threads:
+    t.start()
+for t in threads:
+    t.join()
+peak = rss_mb()
+held.clear()
+kept = rss_mb()
+_glibc().malloc_trim(0)  # what the server's Trimmer does once idle
+print(json.dumps([before, peak, kept, rss_mb()]))
+"""
 
 
 @pytest.mark.skipif(not __import__("os").path.exists("/proc/self/status"), reason="reads /proc")
 def test_kv_caches_freed_after_a_burst_go_back_to_the_system_at_the_idle_trim():
     """Job threads grow KV caches (11.8 MB, then 23.6 MB) while others are freed, as a burst of
     replies does: glibc keeps much of it in its arenas; the trim the server runs once idle gives
-    it back."""
-    import threading
-    import time
+    it back. In a process of its own, as a server is, so what earlier tests left in this heap
+    (or set with mallopt) does not count."""
+    import subprocess
+    import sys
 
-    import torch
-
-    from dialogen.serve.memory import _glibc
-
-    if _glibc() is None:
+    out = subprocess.run([sys.executable, "-c", _BURST], capture_output=True, text=True, check=True).stdout
+    figures = json.loads(out)
+    if figures is None:
         pytest.skip("not glibc")
-    _glibc().malloc_trim(0)  # what earlier tests freed is not reused by this burst
-    before, held, lock = _rss_mb(), [], threading.Lock()
-
-    def job(i):
-        for k in range(6):
-            kv = torch.zeros(2, 30, 1, 3, 256, 64)  # a 135M model's cache of 256 positions
-            time.sleep(0.005 * (i % 4))
-            grown = torch.zeros(2, 30, 1, 3, 512, 64)
-            grown[..., :256, :] = kv
-            del kv
-            with lock:
-                held.append(grown) if k == 5 else None
-
-    threads = [threading.Thread(target=job, args=(i,)) for i in range(8)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    peak = _rss_mb()
-    held.clear()
-    kept = _rss_mb()
-    _glibc().malloc_trim(0)  # what the server's Trimmer does once idle
-    after = _rss_mb()
-    assert peak - before > 150 and after < kept and after - before < 0.25 * (peak - before), (before, peak, kept, after)
+    before, peak, kept, after = figures
+    assert peak - before > 150 and after < kept and after - before < 0.25 * (peak - before), figures
