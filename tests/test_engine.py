@@ -122,6 +122,30 @@ def test_fused_norm_swiglu_and_residual_equal_the_torch_ops(kind):
     assert (acc - expected).abs().max() < 1e-2 * expected.abs().max()
 
 
+@pytest.mark.parametrize("march", [None, "x86-64-v3", "x86-64"])  # this machine's build, AVX2, plain C
+def test_dequantize_into_bfloat16_is_torchs_rounding_bit_for_bit(march, monkeypatch):
+    """The bfloat16 copy of a frozen base's weight (a LoRA run's `--compute-dtype bfloat16`) is made
+    straight from the blocks, tiled or not, and holds what float32 dequantizing and `.to(bfloat16)`
+    give, to the bit; F16 weights bring the subnormals and infinities through as torch does."""
+    import platform
+
+    g = torch.Generator().manual_seed(4)
+    w = torch.randn(48, 160, generator=g)
+    cases = [(formats.GGML_TYPES[kind], _blocks(w, kind)) for kind in KINDS]
+    cases += [(t | formats.TILED, formats.tile(t, [b], 48, 160)) for t, b in cases]  # by this machine's build
+    half = w.half()
+    half[0, :4] = torch.tensor([1e-7, -6e-8, float("inf"), -float("inf")])
+    cases.append((formats.GGML_TYPES["f16"], half.view(torch.uint8)))
+    if march is not None:
+        if platform.machine() not in ("x86_64", "AMD64"):
+            pytest.skip("the variants are x86-64 targets")
+        monkeypatch.setattr(library, "_lib", library.load_library(march))
+    for t, blocks in cases:
+        want = formats.dequantize(t, blocks, 48, 160).to(torch.bfloat16)
+        got = formats.dequantize(t, blocks, 48, 160, out=torch.full((48, 160), float("nan"), dtype=torch.bfloat16))
+        assert torch.equal(got.view(torch.int16), want.view(torch.int16)), t
+
+
 def test_default_model_blocks_are_kept_exactly_as_shipped():
     """The GGUF file's Q4_1/Q8_0 blocks reach the kernels unchanged (or only reordered, tiled):
     dequantizing what the kernels multiply gives the gguf package's own dequantization of the file,

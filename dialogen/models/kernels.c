@@ -662,39 +662,74 @@ int qmatmul(int type, const uint8_t *w, int N, int K, const float *x, int R, flo
     return failed ? OUT_OF_MEMORY : OK;
 }
 
+/* Row n of W (N, K) in blocks of `type` (tiled when `tiled`) -> float32 o (K) */
+static void dequantize_one(int type, int tiled, const uint8_t *w, int n, int K, float *o) {
+    if (type == F16 || type == BF16 || unit_format(type)) {
+        dequantize_row(type, w + (size_t)n * (K / block_values(type)) * block_bytes(type), K, o);
+        return;
+    }
+    int nb = K / QK, bb = block_bytes(type);
+    uint8_t copy[34];
+    for (int b = 0; b < nb; b++, o += QK) {
+        const uint8_t *blk = w + ((size_t)n * nb + b) * bb;
+        if (tiled) {  /* the block gathered from its group's tile */
+            untile_block(type, w + (size_t)(n / TILE) * nb * tile_block_bytes(type), b, n % TILE, copy);
+            blk = copy;
+        }
+        float d = half_to_float(*(const uint16_t *)blk);
+        if (type == Q8_0) {
+            const int8_t *q = (const int8_t *)(blk + 2);
+            for (int j = 0; j < QK; j++) o[j] = d * q[j];
+        } else {
+            int q41 = type == Q4_1;
+            float m = q41 ? half_to_float(*(const uint16_t *)(blk + 2)) : -8.f * d;
+            const uint8_t *qs = blk + (q41 ? 4 : 2);
+#ifdef __AVX2__
+            const __m128i q = _mm_loadu_si128((const __m128i *)qs), low = _mm_set1_epi8(15);
+            const __m128i lo = _mm_and_si128(q, low), hi = _mm_and_si128(_mm_srli_epi16(q, 4), low);
+            const __m256 vd = _mm256_set1_ps(d), vm = _mm256_set1_ps(m);  /* d * q + m rounded twice, as below */
+            const __m128i parts[4] = {lo, _mm_srli_si128(lo, 8), hi, _mm_srli_si128(hi, 8)};
+            for (int j = 0; j < 4; j++)
+                _mm256_storeu_ps(o + 8 * j, _mm256_add_ps(_mm256_mul_ps(vd, _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(parts[j]))), vm));
+#else
+            for (int j = 0; j < 16; j++) { o[j] = d * (qs[j] & 15) + m; o[j + 16] = d * (qs[j] >> 4) + m; }
+#endif
+        }
+    }
+}
+
 /* W (N, K) in blocks (or tiled: TILED in type) -> float32 (N, K) */
 void dequantize(int type, const uint8_t *w, int N, int K, float *out, int threads) {
     int tiled = type & TILED;
-    type &= ~TILED;
-    int nb = K / QK, bb = block_bytes(type);
-    if (type == F16 || type == BF16 || unit_format(type)) {
-        size_t row_bytes = (size_t)(K / block_values(type)) * bb;
-        #pragma omp parallel for num_threads(threads) schedule(static)
-        for (int n = 0; n < N; n++) dequantize_row(type, w + (size_t)n * row_bytes, K, out + (size_t)n * K);
-        return;
-    }
     #pragma omp parallel for num_threads(threads) schedule(static)
-    for (int n = 0; n < N; n++) {
-        uint8_t copy[34];
-        for (int b = 0; b < nb; b++) {
-            const uint8_t *blk = w + ((size_t)n * nb + b) * bb;
-            if (tiled) {  /* the block gathered from its group's tile */
-                untile_block(type, w + (size_t)(n / TILE) * nb * tile_block_bytes(type), b, n % TILE, copy);
-                blk = copy;
-            }
-            float *o = out + (size_t)n * K + b * QK;
-            float d = half_to_float(*(const uint16_t *)blk);
-            if (type == Q8_0) {
-                const int8_t *q = (const int8_t *)(blk + 2);
-                for (int j = 0; j < QK; j++) o[j] = d * q[j];
-            } else {
-                int q41 = type == Q4_1;
-                float m = q41 ? half_to_float(*(const uint16_t *)(blk + 2)) : -8.f * d;
-                const uint8_t *qs = blk + (q41 ? 4 : 2);
-                for (int j = 0; j < 16; j++) { o[j] = d * (qs[j] & 15) + m; o[j + 16] = d * (qs[j] >> 4) + m; }
-            }
+    for (int n = 0; n < N; n++) dequantize_one(type & ~TILED, tiled, w, n, K, out + (size_t)n * K);
+}
+
+/* float32 -> bfloat16, rounded to nearest even (a NaN to 0x7fc0): torch's own conversion, bit for bit */
+static inline uint16_t to_bf16(float f) {
+    uint32_t u;
+    memcpy(&u, &f, 4);
+    return (u & 0x7fffffffu) > 0x7f800000u ? 0x7fc0 : (uint16_t)((u + 0x7fffu + ((u >> 16) & 1)) >> 16);
+}
+
+/* W (N, K) as dequantize reads it -> bfloat16 (N, K), a row at a time through a float32 row that
+ * stays in cache (the compute dtype of a LoRA run on a blocked base) */
+int dequantize_bf16(int type, const uint8_t *w, int N, int K, uint16_t *out, int threads) {
+    int tiled = type & TILED, failed = 0;
+    #pragma omp parallel num_threads(threads)
+    {
+        float *row = malloc(sizeof(float) * (size_t)K);
+        if (!row) set_failed(&failed);
+        #pragma omp for schedule(static)
+        for (int n = 0; n < N; n++) {
+            if (!row) continue;
+            dequantize_one(type & ~TILED, tiled, w, n, K, row);
+            uint16_t *o = out + (size_t)n * K;
+            for (int j = 0; j < K; j++) o[j] = to_bf16(row[j]);
         }
+        free(row);
     }
+    return failed ? OUT_OF_MEMORY : OK;
 }
 
 static inline float dot(const float *a, const float *b, int n) {

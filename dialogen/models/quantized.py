@@ -130,11 +130,12 @@ class BlockLinear(ShippedWeight):
         return formats.dequantize(formats.GGML_TYPES[self.shipped_kind], self.shipped, self.out_features,
                                   self.in_features)
 
-    def weight_rows(self, r0: int, r1: int) -> torch.Tensor:
-        """Rows r0..r1 of the multiplied weight, float32 (r1 - r0, in); tiled, r0 and r1 are whole
-        groups of `formats.TILE` rows (or r1 the last row)."""
+    def weight_rows(self, r0: int, r1: int, out: torch.Tensor | None = None) -> torch.Tensor:
+        """Rows r0..r1 of the multiplied weight, float32 (r1 - r0, in), or written into `out` (float32 or
+        bfloat16); tiled, r0 and r1 are whole groups of `formats.TILE` rows (or r1 the last row)."""
         per = formats.TILE if self.product_type & formats.TILED else 1
-        return formats.dequantize(self.product_type, self.blocks[r0 // per: -(-r1 // per)], r1 - r0, self.in_features)
+        return formats.dequantize(self.product_type, self.blocks[r0 // per: -(-r1 // per)], r1 - r0, self.in_features,
+                                  out=out)
 
     def extra_repr(self) -> str:
         return f"{self.kind}, in_features={self.in_features}, out_features={self.out_features}"

@@ -65,19 +65,29 @@ def tile(ggml_type: int, blocks, n: int, k: int) -> torch.Tensor | None:
     return out
 
 
-def dequantize(ggml_type: int, blocks: torch.Tensor, n: int, k: int, threads: int | None = None) -> torch.Tensor:
+def dequantize(ggml_type: int, blocks: torch.Tensor, n: int, k: int, threads: int | None = None,
+               out: torch.Tensor | None = None) -> torch.Tensor:
     """Blocks of (n, k) weights -> float32 (n, k), the values exactly: by the native library where it
     is enabled (on `threads`, default torch's count), else by the gguf package (the formats' reference).
-    Tiled weights (TILED in `ggml_type`, made only where the library is built) are always read by it."""
+    Tiled weights (TILED in `ggml_type`, made only where the library is built) are always read by it.
+    `out`: a contiguous (n, k) float32 or bfloat16 tensor to write (bfloat16: rounded as `Tensor.to`
+    rounds, with no float32 copy of the whole)."""
+    threads = threads or torch.get_num_threads()
     if library.enabled() or ggml_type & TILED:
-        out = torch.empty(n, k)
-        library.lib().dequantize(ggml_type, blocks.contiguous().data_ptr(), n, k, out.data_ptr(),
-                                 threads or torch.get_num_threads())
+        if out is not None and out.dtype == torch.bfloat16:
+            library.check(library.lib().dequantize_bf16(ggml_type, blocks.contiguous().data_ptr(), n, k,
+                                                        out.data_ptr(), threads), "dequantize")
+            return out
+        if out is not None and out.dtype != torch.float32:
+            return out.copy_(dequantize(ggml_type, blocks, n, k, threads))
+        out = torch.empty(n, k) if out is None else out
+        library.lib().dequantize(ggml_type, blocks.contiguous().data_ptr(), n, k, out.data_ptr(), threads)
         return out
     import gguf  # only here: importing it costs a fifth of a second of every start
 
     raw = blocks.contiguous().numpy().reshape(n, -1)
-    return torch.from_numpy(gguf.quants.dequantize(raw, ggml_type).astype(np.float32).reshape(n, k))
+    w = torch.from_numpy(gguf.quants.dequantize(raw, ggml_type).astype(np.float32).reshape(n, k))
+    return w if out is None else out.copy_(w)
 
 
 def dequantize_rows(ggml_type: int, blocks: torch.Tensor, ids: torch.Tensor, k: int) -> torch.Tensor:

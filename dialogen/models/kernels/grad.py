@@ -23,16 +23,12 @@ def _weight_buffer(dtype: torch.dtype, rows: int, cols: int) -> torch.Tensor:
 
 def _low_precision_slices(lin):
     """(first row, end row, W[rows] in `lin.compute_dtype`) over the weight of a BlockLinear, each
-    slice of at most LOW_PRECISION_VALUES weights, made in the shared buffer from BACKWARD_ROWS rows
-    dequantized at a time. A slice is valid until the next one is made."""
+    slice of at most LOW_PRECISION_VALUES weights (whole groups of BACKWARD_ROWS rows), dequantized
+    straight into the shared buffer. A slice is valid until the next one is made."""
     step = max(1, LOW_PRECISION_VALUES // lin.in_features // BACKWARD_ROWS) * BACKWARD_ROWS
     for s0 in range(0, lin.out_features, step):
         s1 = min(s0 + step, lin.out_features)
-        w = _weight_buffer(lin.compute_dtype, s1 - s0, lin.in_features)
-        for r0 in range(s0, s1, BACKWARD_ROWS):
-            r1 = min(r0 + BACKWARD_ROWS, s1)
-            w[r0 - s0:r1 - s0] = lin.weight_rows(r0, r1)
-        yield s0, s1, w
+        yield s0, s1, lin.weight_rows(s0, s1, out=_weight_buffer(lin.compute_dtype, s1 - s0, lin.in_features))
 
 
 class BlockProduct(torch.autograd.Function):

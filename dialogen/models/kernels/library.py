@@ -31,6 +31,7 @@ _i, _p, _f, _i64, _size = ctypes.c_int, ctypes.c_void_p, ctypes.c_float, ctypes.
 PROTOTYPES = {
     "qmatmul": ([_i, _p, _i, _i, _p, _i, _p, _p, _i, _p, _f, _i, _i], _i),
     "dequantize": ([_i, _p, _i, _i, _p, _i], None),
+    "dequantize_bf16": ([_i, _p, _i, _i, _p, _i], _i),
     "block_bytes": ([_i], _i),
     "block_values": ([_i], _i),
     "tiled_bytes": ([_i, _i, _i], _size),
