@@ -26,10 +26,21 @@ class RMSNorm(nn.Module):
         return F.rms_norm(x, self.weight.shape, w, self.eps)
 
 
-skip_init = contextvars.ContextVar("skip_init", default=False)  # set by Transformer.without_init
+# Set by Transformer.without_init: the weights of Embedding and Linear made while it is set are
+# placeholders on the meta device, each replaced next (by a checkpoint's tensor or a swapped-in
+# block). Real placeholders would be freed at once, leaving holes all through the heap that a
+# training step's activations then scatter into, keeping far more memory resident than is live.
+skip_init = contextvars.ContextVar("skip_init", default=False)
+
+
+def _placeholder(kwargs: dict) -> dict:
+    return {**kwargs, "device": "meta"} if skip_init.get() else kwargs
 
 
 class Embedding(nn.Embedding):
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **_placeholder(kwargs))
+
     def reset_parameters(self):
         if not skip_init.get():
             super().reset_parameters()
@@ -40,6 +51,9 @@ class Linear(nn.Linear):
     `forward(x, norm, act, residual)` is `residual + W @ act(norm(x)) + b`, where `act` is "swiglu"
     (x is [gate | up]: silu(gate) * up), "glu_<activation>" (the same with another of ACTIVATIONS),
     "gelu" (tanh approximation) or None."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **_placeholder(kwargs))
 
     def reset_parameters(self):
         if not skip_init.get():

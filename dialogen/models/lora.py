@@ -188,7 +188,7 @@ class Adapter(nn.Module):
         def hook(module, args, kwargs, output):
             if not self.enabled:
                 return output
-            return output + self.delta(ours, args[0], output.shape[-1], module.training)
+            return output.add_(self.delta(ours, args[0], output.shape[-1], module.training))  # a fresh tensor
 
         return hook
 

@@ -37,7 +37,7 @@ def nll_sum(model: nn.Module, ids: torch.Tensor, labels: torch.Tensor,
     return loss, keep.sum()
 
 
-HEAD_CHUNK_VALUES = 1 << 24  # logits of one chunk of positions: 64 MB in float32
+HEAD_CHUNK_VALUES = 1 << 22  # logits of one chunk of positions: 16 MB in float32
 
 
 class FrozenHeadLoss(torch.autograd.Function):

@@ -3,32 +3,47 @@
 
 from __future__ import annotations
 
+import weakref
+
 import torch
 
 from . import ops
 
 BACKWARD_ROWS = 256  # rows of a weight dequantized at a time
 LOW_PRECISION_VALUES = 1 << 25  # at most this many weights in one bfloat16 product (64 MB)
-_scratch = {}  # dtype -> the one buffer every bfloat16 product's weight copy is made in, grown as needed
+_scratch = {}  # (role, dtype) -> one buffer every bfloat16 product shares for that role, grown as needed
+_held = {}  # dtype -> the weight slice the buffer holds: (weakref to the blocks, their version, type, first, end row)
 
 
-def _weight_buffer(dtype: torch.dtype, rows: int, cols: int) -> torch.Tensor:
-    """A (rows, cols) tensor in the shared buffer of `dtype`: the same pages for every layer's product,
-    so no step faults in fresh pages for it."""
-    buf = _scratch.get(dtype)
+def _buffer(role: str, dtype: torch.dtype, rows: int, cols: int) -> torch.Tensor:
+    """A (rows, cols) tensor in the shared buffer of `role` ("weight", "input" or "output") and `dtype`:
+    the same pages for every layer's product, so a step neither faults in fresh pages for them nor
+    leaves the heap strewn with freed copies. Never returned to autograd: it is overwritten next."""
+    buf = _scratch.get((role, dtype))
     if buf is None or buf.numel() < rows * cols:
-        buf = _scratch[dtype] = torch.empty(rows * cols, dtype=dtype)
+        buf = _scratch[role, dtype] = torch.empty(rows * cols, dtype=dtype)
+        if role == "weight":
+            _held.pop(dtype, None)
     return buf[: rows * cols].view(rows, cols)
 
 
 def _low_precision_slices(lin):
     """(first row, end row, W[rows] in `lin.compute_dtype`) over the weight of a BlockLinear, each
     slice of at most LOW_PRECISION_VALUES weights (whole groups of BACKWARD_ROWS rows), dequantized
-    straight into the shared buffer. A slice is valid until the next one is made."""
+    straight into the shared buffer. A slice is valid until the next one is made. The slice the
+    buffer already holds is not made again: a product's backward right after its forward (the
+    frozen head's loss, the last Linear of a recomputed block) reads the forward's copy."""
     step = max(1, LOW_PRECISION_VALUES // lin.in_features // BACKWARD_ROWS) * BACKWARD_ROWS
+    dtype = lin.compute_dtype
     for s0 in range(0, lin.out_features, step):
         s1 = min(s0 + step, lin.out_features)
-        yield s0, s1, lin.weight_rows(s0, s1, out=_weight_buffer(lin.compute_dtype, s1 - s0, lin.in_features))
+        w = _buffer("weight", dtype, s1 - s0, lin.in_features)
+        held = _held.get(dtype)
+        if held is None or held[0]() is not lin.blocks or held[1:] != (lin.blocks._version, lin.product_type, s0, s1):
+            _held.pop(dtype, None)  # a failed dequantize leaves nothing marked as held
+            lin.weight_rows(s0, s1, out=w)
+            _held[dtype] = (weakref.ref(lin.blocks), lin.blocks._version, lin.product_type, s0, s1)
+        yield s0, s1, w
 
 
 class BlockProduct(torch.autograd.Function):
@@ -46,10 +61,11 @@ class BlockProduct(torch.autograd.Function):
         ctx.lin = lin
         rows = a.numel() // a.shape[-1]
         y = torch.empty(*a.shape[:-1], lin.out_features)  # not a view: an adapter adds into it in place
-        if lin.compute_dtype != torch.float32:
-            al, y2 = a.reshape(rows, -1).to(lin.compute_dtype), y.view(rows, -1)
+        dtype = lin.compute_dtype
+        if dtype != torch.float32:
+            al, y2 = _buffer("input", dtype, rows, lin.in_features).copy_(a.reshape(rows, -1)), y.view(rows, -1)
             for s0, s1, w in _low_precision_slices(lin):
-                y2[:, s0:s1] = al @ w.T
+                y2[:, s0:s1] = torch.mm(al, w.T, out=_buffer("output", dtype, rows, s1 - s0))
             return y
         return ops.qmatmul(lin.product_type, lin.blocks, lin.out_features, lin.in_features, a.reshape(rows, -1),
                            into=y)
@@ -58,11 +74,12 @@ class BlockProduct(torch.autograd.Function):
     def backward(ctx, g):  # g (..., out) -> (..., in)
         lin = ctx.lin
         g2 = g.reshape(-1, lin.out_features)
-        if lin.compute_dtype != torch.float32:
-            gl, grad = g2.to(lin.compute_dtype), None
+        dtype, rows = lin.compute_dtype, g2.shape[0]
+        if dtype != torch.float32:
+            gl, grad = _buffer("input", dtype, rows, lin.out_features).copy_(g2), torch.empty(rows, lin.in_features)
             for s0, s1, w in _low_precision_slices(lin):
-                part = (gl[:, s0:s1] @ w).to(g.dtype)
-                grad = part if grad is None else grad.add_(part)
+                part = torch.mm(gl[:, s0:s1], w, out=_buffer("output", dtype, rows, lin.in_features))
+                grad.copy_(part) if s0 == 0 else grad.add_(part)
             return grad.view(*g.shape[:-1], lin.in_features), None
         grad = torch.zeros(g2.shape[0], lin.in_features, dtype=g.dtype)
         for r0 in range(0, lin.out_features, BACKWARD_ROWS):
