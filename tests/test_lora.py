@@ -243,3 +243,38 @@ def test_lora_on_a_blocked_base_matches_its_dequantized_reference(smol_tokenizer
     summary = train(TrainOptions(out=str(tmp_path / "q"), init=str(path), data=data, max_steps=2, eval_every=2,
                                  base_dtype="int8", compute_dtype="bfloat16", **LORA))
     assert summary["steps"] == 2 and (tmp_path / "q/last/adapter_model.safetensors").exists()
+
+
+def test_a_held_bfloat16_weight_slice_is_reused_for_that_weight_only():
+    """The bfloat16 products of a blocked base share one weight buffer and skip dequantizing the slice it
+    already holds: each product must still use its own weight, after another of the same shape, after its
+    blocks change in place, and after they are replaced; forward and backward against W in bfloat16."""
+    from dialogen.models.kernels import formats, library
+    from dialogen.models.kernels.grad import BlockProduct
+    from dialogen.models.native import BlockLinear
+
+    if not library.enabled():
+        pytest.skip("the native kernels are not built here")
+    g = torch.Generator().manual_seed(2)
+
+    def blocked():
+        lin = BlockLinear("q4_1", formats.quantize(torch.randn(64, 96, generator=g), "q4_1"), 96, 64)
+        lin.compute_dtype = torch.bfloat16
+        return lin
+
+    def check(lin):
+        w = lin.weight_rows(0, 64).to(torch.bfloat16).float()
+        x = torch.randn(5, 96, generator=g, requires_grad=True)
+        y = BlockProduct.apply(x, lin)
+        gy = torch.randn(5, 64, generator=g)
+        y.backward(gy)
+        assert torch.allclose(y, x.detach().to(torch.bfloat16).float() @ w.T, rtol=1e-2, atol=1e-2)
+        assert torch.allclose(x.grad, gy.to(torch.bfloat16).float() @ w, rtol=1e-2, atol=1e-2)
+
+    a, b = blocked(), blocked()
+    for lin in (a, b, a, a):
+        check(lin)
+    a.blocks.copy_(blocked().blocks)  # in place: its version moves
+    check(a)
+    a.blocks = blocked().blocks  # another tensor
+    check(a)
