@@ -16,7 +16,7 @@ from contextlib import contextmanager
 
 MANY_ROWS = 64  # a prompt of this many rows or more is followed by a trim (its activations are large)
 
-TRAINING_MMAP_THRESHOLD = 16 << 20  # bytes: a training step's blocks this large or larger are mmapped
+TRAINING_MMAP_THRESHOLD = 8 << 20  # bytes: a training step's blocks this large or larger are mmapped
 LATER_MMAP_THRESHOLD = 32 << 20  # after training: the highest threshold glibc itself rises to (64-bit)
 M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter
 
