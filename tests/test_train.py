@@ -254,3 +254,23 @@ def test_every_builtin_template_is_saved_with_the_checkpoint(data, tmp_path):
         train(TrainOptions(out=str(tmp_path / name), data=data, max_steps=1, eval_every=0, **dict(SCRATCH, template=name)))
         saved = Tokenizer.from_dir(tmp_path / name / "last")
         assert saved.chat_template == TEMPLATES[name][0]
+
+
+def test_swiglu_in_training_keeps_torchs_values_and_gradient():
+    """The gated MLP's activation saves its input alone for the backward pass: the same output as
+    silu(gate) * up bit for bit, the gradient torch's ops give (and the exact one, in float64)."""
+    import torch.nn.functional as F
+
+    from dialogen.models.layers import SwiGLU, activate
+
+    x64 = torch.randn(3, 5, 16, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(SwiGLU.apply, (x64,))
+    x = torch.randn(2, 9, 96, generator=torch.Generator().manual_seed(0), requires_grad=True)
+    g = torch.randn(2, 9, 48, generator=torch.Generator().manual_seed(1))
+    gate, up = x.chunk(2, dim=-1)
+    want = F.silu(gate) * up
+    (want_grad,) = torch.autograd.grad(want, x, g)
+    got = activate(x, None, "swiglu")
+    assert got.grad_fn is not None and "SwiGLU" in type(got.grad_fn).__name__
+    (got_grad,) = torch.autograd.grad(got, x, g)
+    assert torch.equal(got, want) and torch.allclose(got_grad, want_grad, rtol=1e-5, atol=1e-6)

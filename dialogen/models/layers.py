@@ -67,12 +67,33 @@ class Linear(nn.Linear):
 ACTIVATIONS = {"silu": F.silu, "gelu": F.gelu, "gelu_tanh": lambda x: F.gelu(x, approximate="tanh"), "relu": F.relu}
 
 
+class SwiGLU(torch.autograd.Function):
+    """silu(gate) * up over the two halves of x, for training: saves x alone and recomputes silu(gate)
+    in the backward pass, where torch's two ops would also keep silu(gate) (a third more of the
+    MLP's activations) until then. The same forward ops, the same gradient formula."""
+
+    @staticmethod
+    def forward(ctx, x):
+        gate, up = x.chunk(2, dim=-1)
+        ctx.save_for_backward(x)
+        return F.silu(gate) * up
+
+    @staticmethod
+    def backward(ctx, g):
+        (x,) = ctx.saved_tensors
+        gate, up = x.chunk(2, dim=-1)
+        s = torch.sigmoid(gate)
+        return torch.cat([g * up * s * (1 + gate * (1 - s)), g * (gate * s)], dim=-1)
+
+
 def activate(x, norm=None, act: str | None = None):
     """act(norm(x)), the input of a Linear's product."""
     if norm is not None:
         x = norm(x)
     if act == "gelu":
         x = F.gelu(x, approximate="tanh")
+    elif act == "swiglu" and x.requires_grad and torch.is_grad_enabled():
+        x = SwiGLU.apply(x)
     elif act is not None:  # gated: act(gate) * up over the two halves of x
         gate, up = x.chunk(2, dim=-1)
         x = ACTIVATIONS["silu" if act == "swiglu" else act.removeprefix("glu_")](gate) * up
