@@ -72,16 +72,6 @@ def check_shapes(cfg: Config, sd: dict, where: str, keys: dict, later=frozenset(
 
 
 # --- config ---------------------------------------------------------------------------------
-# our Config field -> the config.json key it comes from
-LLAMA_KEYS = {"vocab_size": "vocab_size", "n_layer": "num_hidden_layers", "n_head": "num_attention_heads",
-              "n_kv_head": "num_key_value_heads", "d_model": "hidden_size", "d_ff": "intermediate_size",
-              "head_dim": "head_dim", "max_seq_len": "max_position_embeddings", "rope_theta": "rope_theta",
-              "norm_eps": "rms_norm_eps"}
-GPT2_KEYS = {"vocab_size": "vocab_size", "n_layer": "n_layer", "n_head": "n_head", "n_kv_head": "n_head",
-             "d_model": "n_embd", "d_ff": "n_inner", "head_dim": "n_embd", "max_seq_len": "n_positions",
-             "norm_eps": "layer_norm_epsilon"}
-
-
 def model_type(cfg: Config) -> str:
     """The config.json model_type the model was read from (ours: llama or gpt2)."""
     return cfg.extra.get("hf", {}).get("model_type") or cfg.arch

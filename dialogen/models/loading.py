@@ -23,8 +23,9 @@ from ..paths import cache_dir
 from .family import DECODER, ENCODER_DECODER, family
 from .files import assign_weights, read_state_dict, write_checkpoint
 from .gguf_file import adjacent_view, index_dir, map_file, read_gguf, read_tensors, release_pages  # noqa: F401 (read_gguf: for the tests)
+from .families import GPT2_SIZES, ROTARY_SIZES
 from .heap import return_free_pages
-from .hf import (GPT2_KEYS, GPT2_LINEARS, LLAMA_KEYS, check_shapes, config_from_hf, fused_projections, hf_configs,
+from .hf import (GPT2_LINEARS, check_shapes, config_from_hf, fused_projections, hf_configs,
                  hf_to_ours, ours_to_hf)
 from .gguf_lora import is_gguf_lora, read_gguf_lora
 from .lora import is_adapter_dir, read_adapter, read_config
@@ -160,7 +161,7 @@ def _load(spec: str | None, dtype) -> Loaded:
 
 def load_transformer(path: Path, cfg: Config, dtype) -> Transformer:
     sd = read_state_dict(path)
-    keys = LLAMA_KEYS if cfg.arch == "llama" else GPT2_KEYS
+    keys = ROTARY_SIZES if cfg.arch == "llama" else GPT2_SIZES
     try:
         ours = hf_to_ours(cfg, sd)
     except KeyError as e:

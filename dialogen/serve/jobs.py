@@ -91,6 +91,10 @@ class ModelProxy:
     def __call__(self, ids, cache=None, **kwargs):
         return self._worker.call(ids, cache, kwargs, self.adapter_name)
 
+    def runs_on(self, worker) -> bool:
+        """Whether this proxy's calls run on `worker`."""
+        return self._worker is worker
+
     def next_logits(self, ids, cache=None):
         return self(ids, cache)[:, -1]
 

@@ -216,7 +216,7 @@ class Worker:
 
     def _drivable(self, gen) -> bool:
         return (self.batchable and isinstance(gen, Generation) and isinstance(gen.model, ModelProxy)
-                and gen.model._worker is self and not gen.done and not gen.iterating)
+                and gen.model.runs_on(self) and not gen.done and not gen.iterating)
 
     # --- the worker thread ----------------------------------------------------------------
     def close(self):
