@@ -34,11 +34,13 @@ def cmd_chat(args) -> int:
     from .chat.toolchat import load_tools_file, offer_tools
 
     tools = load_tools_file(args.tools) if args.tools else None  # before the slow model load
+    if tools is None and args.tool_choice is not None:
+        raise UserError("--tool-choice needs --tools")
     if tools is not None and decoding_from(args).searches:
         raise UserError("--tools are answered by one sampled (or greedy) reply: drop --beam-size/--num-candidates")
     session = open_session(args)
     if tools is not None:
-        offer_tools(session, *tools)
+        offer_tools(session, *tools, args.tool_choice or "auto")
     return run(session, interactive=sys.stdin.isatty())
 
 
@@ -51,6 +53,9 @@ def cmd_generate(args) -> int:
     sampling_from(args)  # a bad flag is reported before the input is read
     messages = read_messages(args.input)
     tools = getattr(messages, "tools", None)
+    choice = args.tool_choice or "auto"
+    if not tools and args.tool_choice is not None:
+        raise UserError(f'{where}: --tool-choice needs tools: give {{"messages": [...], "tools": [...]}}')
     if not messages or messages[-1].role == "system":
         raise UserError(f"{where}: the last message must have role 'user' (or 'tool', or 'assistant' to continue it)")
     session = open_session(args)
@@ -58,7 +63,7 @@ def cmd_generate(args) -> int:
         session.set_persona(messages[0].content)
         messages = messages[1:]
     if tools:
-        offer_tools(session, tools, {})
+        offer_tools(session, tools, {}, choice)
     if messages[-1].role == "user":
         session.messages = messages[:-1]
         gen = session.send(messages[-1].content).run()
@@ -66,13 +71,19 @@ def cmd_generate(args) -> int:
         session.messages = list(messages)
         gen = session.respond().run()
     out = {"reply": gen.text, "tokens": len(gen.tokens), "finish_reason": gen.finish_reason}
-    calls = parse_calls(gen.text, session.engine.template.tool_style) if tools else None
+    calls = parse_calls(gen.text, session.engine.template.tool_style) if tools and choice != "none" else None
     if calls:
         out.update(reply=None, tool_calls=openai_calls(calls, session.engine.template.tool_style))
     if getattr(args, "show_candidates", False) and getattr(gen, "candidates", None):
         out["candidates"] = gen.candidates_dicts()
     print(json.dumps(out, ensure_ascii=False))
     return 0
+
+
+def add_tool_choice_arg(p, offered: str):
+    p.add_argument("--tool-choice", choices=("auto", "none", "required"), default=None,
+                   help=f"with {offered}: auto (default) a reply is text or calls, required calls only, none "
+                        "text only (the tools still shown); see docs/tools.md")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -89,6 +100,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tools", metavar="FILE", default=None,
                    help="tools the model may call: a JSON list of tools (OpenAI's shape; you type each result) or "
                         "a Python file whose functions are run when called (see docs/tools.md)")
+    add_tool_choice_arg(p, "--tools")
     p.set_defaults(func=cmd_chat)
 
     p = sub.add_parser("generate", help="reply to a JSON list of messages; prints JSON",
@@ -99,6 +111,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_sampling_args(p)
     add_constraint_args(p)
     add_decoding_args(p)
+    add_tool_choice_arg(p, "the messages file's tools")
     p.set_defaults(func=cmd_generate)
     from .serve.cli import register as _r; _r(sub)
     from .serve.feedback_export import register as _r; _r(sub)

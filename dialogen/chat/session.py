@@ -43,6 +43,7 @@ class Session:
         self.messages: list[Message] = []
         self.tools: list[dict] | None = None  # the tools offered (OpenAI's shape), shown by the template
         self.tool_functions: dict = {}  # name -> the Python function that runs it (`chat/toolchat.py`)
+        self.tool_choice = "auto"  # "auto", "required" or "none" (`chat/toolchat.py:offer_tools`)
         self.window_start = 0  # index of the oldest message still in the prompt
         self.cache = engine.model.new_cache(1)
         self.cache_ids: list[int] = []

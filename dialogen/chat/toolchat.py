@@ -45,13 +45,17 @@ def load_tools_file(path: str) -> tuple[list[dict], dict]:
     return parse_tools(load_json(read_file(path), path), f"--tools {path}"), {}
 
 
-def offer_tools(session: Session, tools: list[dict], functions: dict):
-    """Offer `tools` in the session's replies: shown by the template, calls constrained to them."""
+def offer_tools(session: Session, tools: list[dict], functions: dict, choice: str = "auto"):
+    """Offer `tools` in the session's replies: shown by the template, calls constrained to them.
+    `choice` ("auto", "required" or "none") is the grammar's `tool_choice`; under "none" the tools
+    are shown, the reply is unconstrained and read as text."""
     if session.sampling.constraint is not None:
         raise UserError("--tools cannot be combined with --json or --json-schema")
+    session.tools, session.tool_functions, session.tool_choice = tools, functions, choice
+    if choice == "none":
+        return
     tok = session.engine.tokenizer
-    grammar = tool_grammar(tools, session.engine.template.tool_style, "auto", True, tok.control_ids)
-    session.tools, session.tool_functions = tools, functions
+    grammar = tool_grammar(tools, session.engine.template.tool_style, choice, True, tok.control_ids)
     session.sampling = session.sampling.replace(constraint=grammar)
 
 
@@ -62,7 +66,8 @@ def reply_with_tools(session: Session, text: str, out, ask=input) -> None:
     gen = session.send(text)
     for step in range(MAX_STEPS):
         reply = gen.run().text
-        calls = parse_calls(reply, style)
+        last = step == MAX_STEPS - 1  # decoded without the grammar: read as text, whatever it holds
+        calls = parse_calls(reply, style) if session.tool_choice != "none" and not last else None
         if not calls:
             out.write(reply + "\n")
             return
@@ -79,7 +84,6 @@ def reply_with_tools(session: Session, text: str, out, ask=input) -> None:
                 out.write(f"[{name} returns] {result}\n")
             session.messages.append(Message("tool", result, tool_call_id=c["id"], name=name))
         gen = _answer(session) if step == MAX_STEPS - 2 else session.respond()  # the last reply is in words
-    out.write("\n")
 
 
 def _answer(session: Session):
