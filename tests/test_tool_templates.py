@@ -5,6 +5,7 @@ dialogen raises the template's own error. The mask trains the assistant's calls 
 the tool list or a tool's result. The generic format (a template without tools) is checked too."""
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -215,3 +216,88 @@ def test_a_string_argument_holding_the_close_tag_stays_in_its_call(style, open_t
     text = "".join(open_tag + json.dumps(c) + close_tag + "\n" for c in (first, second))
     assert parse_calls(text, style) == [first, second]
     assert parse_calls(open_tag + '{"name": "ship", "arguments": {}', style) is None  # unclosed: plain text
+
+
+# --- reading each family's calls -------------------------------------------------------------
+TWO_CALLS = [{"name": "get_weather", "arguments": {"city": "Lisbon", "unit": "celsius"}},
+             {"name": "lookup_order", "arguments": {"order_id": 1182}}]
+WEATHER_ARGS, ORDER_ARGS = (json.dumps(c["arguments"]) for c in TWO_CALLS)
+WRITTEN = {  # case -> (style, one call, two calls) as the family's model writes them
+    "llama3": ("llama3", f'{{"name": "get_weather", "parameters": {WEATHER_ARGS}}}',
+               f'{{"name": "get_weather", "parameters": {WEATHER_ARGS}}}; '
+               f'{{"name": "lookup_order", "parameters": {ORDER_ARGS}}}'),
+    "llama3-python-tag": ("llama3", f'<|python_tag|>{{"name": "get_weather", "parameters": {WEATHER_ARGS}}}',
+                          f'<|python_tag|>{{"name": "get_weather", "parameters": {WEATHER_ARGS}}};'
+                          f'{{"name": "lookup_order", "parameters": {ORDER_ARGS}}}'),
+    "mistral": ("mistral", f'[TOOL_CALLS] [{{"name": "get_weather", "arguments": {WEATHER_ARGS}}}]',
+                f'[TOOL_CALLS] [{{"name": "get_weather", "arguments": {WEATHER_ARGS}}}, '
+                f'{{"name": "lookup_order", "arguments": {ORDER_ARGS}}}]'),
+    "hermes": ("hermes", f'<tool_call>\n{{"name": "get_weather", "arguments": {WEATHER_ARGS}}}\n</tool_call>',
+               f'<tool_call>\n{{"name": "get_weather", "arguments": {WEATHER_ARGS}}}\n</tool_call>\n'
+               f'<tool_call>\n{{"name": "lookup_order", "arguments": {ORDER_ARGS}}}\n</tool_call>'),
+    "generic": ("generic", f'<tool_call>{{"name": "get_weather", "arguments": {WEATHER_ARGS}}}</tool_call>',
+                f'<tool_call>{{"name": "get_weather", "arguments": {WEATHER_ARGS}}}</tool_call>\n'
+                f'<tool_call>{{"name": "lookup_order", "arguments": {ORDER_ARGS}}}</tool_call>\n'),
+}
+
+
+@pytest.mark.parametrize("case", sorted(WRITTEN))
+def test_each_familys_calls_come_back_as_openai_tool_calls(case):
+    from dialogen.chat.toolformat import calls_text, openai_calls, parse_calls
+
+    style, one, text = WRITTEN[case]
+    assert parse_calls(one, style) == TWO_CALLS[:1]
+    calls = parse_calls(text, style)
+    assert calls == TWO_CALLS
+    made, again = openai_calls(calls, style), openai_calls(calls, style)
+    assert [(c["type"], c["function"]["name"]) for c in made] == [("function", "get_weather"), ("function", "lookup_order")]
+    assert all(isinstance(c["function"]["arguments"], str) for c in made)  # OpenAI's arguments are JSON text
+    assert [json.loads(c["function"]["arguments"]) for c in made] == [c["arguments"] for c in TWO_CALLS]
+    ids = [c["id"] for c in made + again]
+    assert len(set(ids)) == 4  # fresh ids, each call and each reading
+    assert all(re.fullmatch(r"[A-Za-z0-9]{9}" if style == "mistral" else r"call_[0-9a-f]{24}", i) for i in ids)
+    written = calls_text([{"function": c} for c in TWO_CALLS], style)  # what the templates write back
+    assert parse_calls(written, style) == TWO_CALLS
+
+
+@pytest.mark.parametrize("style", ["llama3", "mistral", "hermes", "generic"])
+def test_text_that_is_not_calls_stays_text(style):
+    from dialogen.chat.toolformat import parse_calls
+
+    for text in ["The weather in Lisbon is sunny.", '{"city": "Lisbon"}', '[{"name": 3, "arguments": {}}]',
+                 "[TOOL_CALLS] {\"name\": \"get_weather\"}", "<tool_call>{\"name\": \"x\"}",
+                 '{"name": "get_weather", "parameters": "not an object"}', ""]:
+        assert parse_calls(text, style) is None, (style, text)
+
+
+@pytest.mark.parametrize("family, style", [("qwen2.5", "hermes"), ("hermes-2-pro", "hermes"),
+                                           ("llama3.1", "llama3"), ("mistral-v0.3", "mistral")])
+def test_each_template_writes_its_familys_calls(tokenizer_dirs, smol_tokenizer, family, style):
+    """`style_of` on the fixtures' template text, and the template a tokenizer loads; the tools
+    grammar in that style takes two calls as the template writes them (control tokens as one token
+    each) and, under `required`, refuses plain text."""
+    from dialogen.chat.toolformat import calls_text, style_of
+    from dialogen.decoding.constrain import Matcher
+    from dialogen.decoding.toolgrammar import tool_grammar
+
+    assert style_of((FIXTURES / f"{family}.jinja").read_text()) == style
+    tok = _ours(tokenizer_dirs[family])
+    tpl = get_template("jinja", tok)
+    assert tpl.tool_style == style
+    assert get_template("chatml", smol_tokenizer).tool_style == "generic" == style_of(smol_tokenizer.chat_template or "")
+    text = calls_text([{"function": c} for c in TWO_CALLS], style)
+    stop = {tok.control_ids[tpl.end_of_turn]}
+    for choice in ("auto", "required", "lookup_order"):
+        m = Matcher(tool_grammar(TOOLS, style, choice, True, tok.control_ids), tok, tok.vocab_size, stop)
+        refused = None
+        for i in tok.encode_template(text):
+            if not m.allowed()[i]:
+                refused = i
+                break
+            m.accept(i)
+        if choice == "lookup_order":  # exactly one call, of that tool
+            assert refused is not None
+            continue
+        assert refused is None and m.complete, (choice, tok.decode([refused]) if refused else text)
+        plain = Matcher(tool_grammar(TOOLS, style, choice, True, tok.control_ids), tok, tok.vocab_size, stop)
+        assert bool(plain.allowed()[tok.encode_template("Sure")[0]]) == (choice == "auto")
