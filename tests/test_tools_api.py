@@ -160,22 +160,56 @@ def test_the_customer_service_example(default_engine):
     assert conv[-1]["role"] == "assistant" and conv[-1]["content"]
 
 
+def _dialogen(*args, stdin="", timeout=600):
+    return subprocess.run([sys.executable, "-m", "dialogen", *args], input=stdin, capture_output=True, text=True,
+                          timeout=timeout, cwd=ROOT)
+
+
 def test_chat_cli_runs_python_tools(tmp_path):
+    """`--tool-choice required`: each reply but the turn's last calls the tool, the function runs,
+    its result is shown and goes back to the model; the last reply is read as text."""
+    from dialogen.chat.toolchat import MAX_STEPS
+
     tools = tmp_path / "tools.py"
     tools.write_text('def lookup_order(order_id: int) -> dict:\n    "Look an order up."\n'
                      '    return {"order_id": order_id, "status": "delivered"}\n')
-    out = subprocess.run([sys.executable, "-m", "dialogen", "chat", "--tools", str(tools), "--temperature", "0",
-                          "--max-new-tokens", "48"], input="Where is order 7?\n", capture_output=True, text=True,
-                         timeout=600, cwd=ROOT)
+    out = _dialogen("chat", "--tools", str(tools), "--tool-choice", "required", "--temperature", "0",
+                    "--max-new-tokens", "48", stdin="Where is order 7?\n")
     assert out.returncode == 0, out.stderr
-    assert out.stdout.strip()
-    for line in out.stdout.splitlines():  # a call shows its result from the function
-        if line.startswith("[calls lookup_order("):
-            args = json.loads(line[len("[calls lookup_order("):-2])
-            assert f'[lookup_order returns] {{"order_id": {args["order_id"]}, "status": "delivered"}}' in out.stdout
-    bad = subprocess.run([sys.executable, "-m", "dialogen", "chat", "--tools", str(tmp_path / "none.json")],
-                         input="", capture_output=True, text=True, timeout=120, cwd=ROOT)
+    lines = out.stdout.splitlines()
+    assert lines[0].startswith("[calls lookup_order("), out.stdout
+    calls = 0
+    for line, after in zip(lines, lines[1:]):  # each call, then its result from the function
+        if line.startswith("[calls "):
+            args = json.loads(line.removeprefix("[calls lookup_order(").removesuffix(")]"))
+            assert after == f'[lookup_order returns] {{"order_id": {args["order_id"]}, "status": "delivered"}}'
+            calls += 1
+    assert calls >= MAX_STEPS - 1 and sum(line.startswith("[lookup_order returns] ") for line in lines) == calls
+    assert lines[-1].strip() and not lines[-1].startswith("["), out.stdout  # the answer, read as text
+    bad = _dialogen("chat", "--tools", str(tmp_path / "none.json"), timeout=120)
     assert bad.returncode == 2 and "none.json" in bad.stderr
+    bad = _dialogen("chat", "--tool-choice", "required", timeout=120)
+    assert bad.returncode == 2 and "--tool-choice needs --tools" in bad.stderr
+
+
+def test_generate_prints_the_calls_of_a_messages_file_with_tools(tmp_path):
+    schema = {"type": "object", "properties": {"order_id": {"type": "integer"}}, "required": ["order_id"]}
+    conv = tmp_path / "conv.json"
+    conv.write_text(json.dumps({"messages": [{"role": "user", "content": "Where is order 7?"}], "tools": [
+        {"type": "function", "function": {"name": "lookup_order", "description": "Look an order up.",
+                                          "parameters": schema}}]}))
+    out = _dialogen("generate", str(conv), "--tool-choice", "required", "--temperature", "0", "--max-new-tokens", "48")
+    assert out.returncode == 0, out.stderr
+    shown = json.loads(out.stdout)
+    assert shown["reply"] is None and shown["tool_calls"], shown
+    for c in shown["tool_calls"]:
+        assert c["type"] == "function" and c["id"].startswith("call_") and c["function"]["name"] == "lookup_order"
+        jsonschema.validate(json.loads(c["function"]["arguments"]), schema)
+    out = _dialogen("generate", str(conv), "--tool-choice", "none", "--temperature", "0", "--max-new-tokens", "16")
+    shown = json.loads(out.stdout)
+    assert isinstance(shown["reply"], str) and "tool_calls" not in shown and shown["tokens"] <= 16
+    bad = _dialogen("generate", "--tool-choice", "required", stdin='[{"role": "user", "content": "hi"}]', timeout=120)
+    assert bad.returncode == 2 and "<stdin>: --tool-choice needs tools" in bad.stderr
 
 
 def test_session_messages_round_trip_tool_calls():
