@@ -256,8 +256,8 @@ def build(cfg: Config, sd: dict, where: str = "the checkpoint", keys: dict | Non
     """The model with the weights `sd` (our names); their shapes are checked against `cfg` first,
     so a config that does not match its weights allocates nothing. `keys`: our Config field ->
     the name of its config key, for errors. `later`: weights left out of `sd` on purpose, those a
-    file ships as blocks (`native.swap_in` replaces their Linears); their memory is allocated but
-    never touched."""
+    file ships as blocks (`native.swap_in` replaces their Linears); until then they are placeholders
+    on the meta device (`layers.skip_init`)."""
     if cfg.tie_embeddings:
         sd.pop("lm_head.weight", None)
     check_shapes(cfg, sd, where, keys or {}, later)

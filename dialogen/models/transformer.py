@@ -246,8 +246,8 @@ class Transformer(nn.Module):
 
     @classmethod
     def without_init(cls, cfg: Config) -> "Transformer":
-        """Parameters allocated but not initialised, for weights loaded next. (Quicker than the meta
-        device, whose first use in a process imports torch's reference ops: about a second.)"""
+        """The model with its Embedding and Linear weights as meta-device placeholders (`layers.skip_init`),
+        for weights assigned next; the other parameters allocated but not initialised."""
         token = skip_init.set(True)
         try:
             return cls(cfg)

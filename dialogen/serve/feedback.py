@@ -32,10 +32,7 @@ from .sessions import (_check_fits, _live_session, _not_found, _owned, answer, c
 def add_routes(app: FastAPI, svc: Service):
     @app.post("/v1/sessions/{sid}/messages/{n}/feedback")
     async def rate(sid: str, n: str, request: Request):
-        body = await read_json(request, svc.limits.max_body_bytes)
-        row = await _owned(svc, sid, request)
-        seq, msg = _reply(row, n)
-        req = P.validate(Rating, body)
+        row, seq, msg, req = await _addressed(svc, sid, n, request, Rating)
         variant = msg.get("variant", 0) if req.variant is None else req.variant
         known = [v["variant"] for v in msg.get("variants", [])] or [0]
         if variant not in known:
@@ -48,11 +45,8 @@ def add_routes(app: FastAPI, svc: Service):
 
     @app.post("/v1/sessions/{sid}/messages/{n}/regenerate")
     async def regenerate(sid: str, n: str, request: Request):
-        body = await read_json(request, svc.limits.max_body_bytes)
-        row = await _owned(svc, sid, request)
-        seq, _ = _reply(row, n)
+        row, seq, _, req = await _addressed(svc, sid, n, request, Regenerate)
         _check_last(row, seq, "regenerated")
-        req = P.validate(Regenerate, body)
         # a seed stored with the session would draw the same reply again; a seed in the request is used
         sampling, decoding = turn_settings(svc, row["settings"], req, seeded=False)
         model = turn_model(svc, row["settings"], req)  # the session's LoRA adapter, or the request's
@@ -64,10 +58,7 @@ def add_routes(app: FastAPI, svc: Service):
 
     @app.post("/v1/sessions/{sid}/messages/{n}/preference")
     async def prefer(sid: str, n: str, request: Request):
-        body = await read_json(request, svc.limits.max_body_bytes)
-        row = await _owned(svc, sid, request)
-        seq, msg = _reply(row, n)
-        req = P.validate(Pick, body)
+        row, seq, msg, req = await _addressed(svc, sid, n, request, Pick)
         _check_pick(seq, msg, req)
         _check_last(row, seq, "picked")
         claim, release = await claim_session(svc, sid)
@@ -87,6 +78,15 @@ def add_routes(app: FastAPI, svc: Service):
 
 
 INDEX = re.compile(r"[0-9]{1,9}")
+
+
+async def _addressed(svc: Service, sid: str, n: str, request: Request, schema):
+    """(session row, index, message, request body as `schema`) of a request about the assistant message `n`
+    of a session the caller owns."""
+    body = await read_json(request, svc.limits.max_body_bytes)
+    row = await _owned(svc, sid, request)
+    seq, msg = _reply(row, n)
+    return row, seq, msg, P.validate(schema, body)
 
 
 def _reply(row: dict, n: str) -> tuple[int, dict]:
