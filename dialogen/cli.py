@@ -73,7 +73,8 @@ def cmd_generate(args) -> int:
     out = {"reply": gen.text, "tokens": len(gen.tokens), "finish_reason": gen.finish_reason}
     calls = parse_calls(gen.text, session.engine.template.tool_style) if tools and choice != "none" else None
     if calls:
-        out.update(reply=None, tool_calls=openai_calls(calls, session.engine.template.tool_style))
+        out.update(reply=None, tool_calls=openai_calls(calls, session.engine.template.tool_style),
+                   finish_reason="tool_calls")  # as the server's reply says
     if getattr(args, "show_candidates", False) and getattr(gen, "candidates", None):
         out["candidates"] = gen.candidates_dicts()
     print(json.dumps(out, ensure_ascii=False))

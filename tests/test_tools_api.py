@@ -201,7 +201,7 @@ def test_generate_prints_the_calls_of_a_messages_file_with_tools(tmp_path):
     out = _dialogen("generate", str(conv), "--tool-choice", "required", "--temperature", "0", "--max-new-tokens", "48")
     assert out.returncode == 0, out.stderr
     shown = json.loads(out.stdout)
-    assert shown["reply"] is None and shown["tool_calls"], shown
+    assert shown["reply"] is None and shown["tool_calls"] and shown["finish_reason"] == "tool_calls", shown
     for c in shown["tool_calls"]:
         assert c["type"] == "function" and c["id"].startswith("call_") and c["function"]["name"] == "lookup_order"
         jsonschema.validate(json.loads(c["function"]["arguments"]), schema)
