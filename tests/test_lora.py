@@ -208,8 +208,10 @@ def test_lora_on_a_blocked_base_matches_its_dequantized_reference(smol_tokenizer
     smol_tokenizer.save(path)
     ids = torch.randint(0, 1000, (2, 16), generator=torch.Generator().manual_seed(0))
     losses, grads = [], []
-    for blocked, backward in ((True, torch.float32), (False, None), (True, torch.bfloat16)):
+    for blocked, backward, checkpointing in ((True, torch.float32, False), (False, None, False),
+                                             (True, torch.bfloat16, False), (True, torch.bfloat16, True)):
         model = load(str(path), "int8").model
+        model.checkpointing = checkpointing
         for m in model.modules():
             if isinstance(m, BlockLinear):
                 m.shipped = None  # the reference is the blocks' values, not the float weights they came from
@@ -228,7 +230,7 @@ def test_lora_on_a_blocked_base_matches_its_dequantized_reference(smol_tokenizer
         (nll / n).backward()
         losses.append((nll / n).item())
         grads.append(torch.cat([p.grad.flatten() for p in adapter.parameters()]))
-        if blocked:  # the training forward is the native products of inference
+        if blocked and not checkpointing:  # the training forward is the native products of inference
             model.eval()
             with torch.no_grad():
                 native, _ = LossModel(model, adapter)(ids, ids)
@@ -239,6 +241,8 @@ def test_lora_on_a_blocked_base_matches_its_dequantized_reference(smol_tokenizer
     # the blocks' products in bfloat16 (activations and gradients rounded to 8 bits of mantissa)
     assert losses[2] != losses[0] and abs(losses[2] - losses[1]) < 1e-3 * abs(losses[1])
     assert (grads[2] - grads[1]).norm() < 0.04 * grads[1].norm()
+    # blocks recomputed in the backward pass (--gradient-checkpointing): the same products, the same gradients
+    assert losses[3] == losses[2] and torch.allclose(grads[3], grads[2], rtol=1e-5, atol=1e-8)
     # the same through `dialogen train --base-dtype int8 --compute-dtype bfloat16`
     summary = train(TrainOptions(out=str(tmp_path / "q"), init=str(path), data=data, max_steps=2, eval_every=2,
                                  base_dtype="int8", compute_dtype="bfloat16", **LORA))

@@ -1,5 +1,7 @@
 """Two CPU processes under torchrun (gloo) against one process with the same global batch:
-the same first-step loss and the same gradients.
+the same first-step loss and the same gradients. The two recompute each block's activations in
+the backward pass (--gradient-checkpointing), so the gradients of recomputed blocks, reduced
+across processes, are checked against plain ones too.
 
 This file is also the worker torchrun starts: `python -m torch.distributed.run ... THIS_FILE`.
 """
@@ -15,11 +17,11 @@ from dialogen.training.options import TrainOptions
 from dialogen.training.sft import train
 
 
-def options(data, out, init, grad_accum):
+def options(data, out, init, grad_accum, checkpointing=False):
     # batch 2 x accumulation: the global batch is 4 examples either way
     return TrainOptions(out=out, data=data, init=init, template="chatml", max_len=48, batch_size=2,
                         grad_accum=grad_accum, max_steps=1, eval_every=0, save_every=0, lr=1e-3, progress=False,
-                        clip=0.0)
+                        clip=0.0, gradient_checkpointing=checkpointing)
 
 
 def dump_first_step(path):
@@ -60,5 +62,5 @@ def test_two_processes_match_one(tiny_llama, tmp_path):
 if __name__ == "__main__":  # a torchrun worker
     data, tmp, init = json.loads(os.environ["DDP_TEST_ARGS"])
     rank = int(os.environ["RANK"])
-    train(options(data, os.path.join(tmp, "ddp"), init, grad_accum=1),
+    train(options(data, os.path.join(tmp, "ddp"), init, grad_accum=1, checkpointing=True),
           on_step=dump_first_step(os.path.join(tmp, f"rank{rank}.pt")))

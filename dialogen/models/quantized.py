@@ -105,7 +105,7 @@ class BlockLinear(ShippedWeight):
         return cls(kind, blocks, lin.in_features, lin.out_features, lin.bias, shipped, shipped_kind)
 
     def forward(self, x, norm=None, act: str | None = None, residual=None):
-        if torch.is_grad_enabled() and self.training and library.enabled():  # a frozen base that trains adapters
+        if self.training and library.enabled():  # a frozen base that trains adapters (with or without a graph)
             y = BlockProduct.apply(activate(x, norm, act), self)
             y = y if self.bias is None else y + self.bias
             return y if residual is None else residual + y
@@ -153,7 +153,7 @@ class SegmentedLinear(ShippedWeight):
         self.__dict__["parts"] = [BlockLinear(kind, b, lin.in_features, b.shape[0]) for kind, b in parts]
 
     def forward(self, x, norm=None, act: str | None = None, residual=None):
-        if torch.is_grad_enabled() and self.training and library.enabled():  # a frozen base that trains adapters
+        if self.training and library.enabled():  # a frozen base that trains adapters (with or without a graph)
             a = activate(x, norm, act)
             y = torch.cat([BlockProduct.apply(a, p) for p in self.parts], dim=-1)
             y = y if self.bias is None else y + self.bias

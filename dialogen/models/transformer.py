@@ -215,6 +215,35 @@ class Block(nn.Module):
             return self.post_attn_norm, self.post_mlp_norm
         return ((lambda y: y * s), (lambda y: y * s)) if s != 1 else (None, None)
 
+class Recomputed(torch.autograd.Function):
+    """A block whose activations are not kept (gradient checkpointing): the forward pass runs it
+    without a graph and keeps its input, and the backward pass runs it again from that input, under
+    the same random state (the same dropout masks), then back-propagates through the new graph.
+
+    Unlike torch's non-reentrant checkpoint, which records every op's graph node in the forward
+    pass, nothing of a block but its input lives from one pass to the other. Those nodes are small
+    and long-lived, and C's heap places them among the block's freed activations, so it cannot reuse
+    those for the next block: the heap grows by several megabytes per block and step. As with torch's
+    reentrant checkpoint, the block's weights get their gradients in `.grad` (`backward()`), not
+    through `torch.autograd.grad`, which sees the block's input only."""
+
+    @staticmethod
+    def forward(ctx, x, block, step):  # runs without a graph, as every autograd.Function's forward
+        ctx.block, ctx.step, ctx.rng = block, step, torch.get_rng_state()
+        ctx.save_for_backward(x)  # a block that wrote into its input would fail the saved version check
+        return block(x, step)
+
+    @staticmethod
+    def backward(ctx, g):
+        (x,) = ctx.saved_tensors
+        x = x.detach().requires_grad_()
+        with torch.random.fork_rng(devices=[]), torch.enable_grad():
+            torch.set_rng_state(ctx.rng)
+            y = ctx.block(x, ctx.step)
+        torch.autograd.backward(y, g)  # into the block's trainable weights (an adapter's, all of them)
+        return x.grad, None, None
+
+
 class Transformer(nn.Module):
     """`forward(ids, cache, positions, key_mask) -> logits (B, T, V)`: the only forward pass.
 
@@ -357,12 +386,22 @@ class Transformer(nn.Module):
             step.local_rope = rope_tables(cfg, positions, local=True)
         for block in self.blocks:
             if self.checkpointing and torch.is_grad_enabled():  # keep each block's input only; redo it in backward
-                x = torch.utils.checkpoint.checkpoint(block, x, step, use_reentrant=False)
+                x = self._recomputed(block, x, step)
             else:
                 x = block(x, step)
         if cache is not None:
             cache.advance(T)
         return x
+
+    @staticmethod
+    def _recomputed(block, x, step):
+        """block(x, step) with its activations made again in the backward pass. On a CPU without
+        autocast that is `Recomputed` (x made to require a gradient, so the block's weights get theirs
+        when the input needs none); elsewhere torch's checkpoint, which also restores the
+        accelerator's random state and the autocast mode."""
+        if x.device.type == "cpu" and not torch.is_autocast_enabled("cpu"):
+            return Recomputed.apply(x if x.requires_grad else x.detach().requires_grad_(), block, step)
+        return torch.utils.checkpoint.checkpoint(block, x, step, use_reentrant=False)
 
     def _recomputes(self, cache, T: int) -> bool:
         """LongRoPE: once a sequence passes the switch point every position takes the long factors,
