@@ -228,20 +228,21 @@ class Recomputed(torch.autograd.Function):
     through `torch.autograd.grad`, which sees the block's input only."""
 
     @staticmethod
-    def forward(ctx, x, block, step):  # runs without a graph, as every autograd.Function's forward
-        ctx.block, ctx.step, ctx.rng = block, step, torch.get_rng_state()
+    def forward(ctx, x, block, step, input_grad: bool):  # runs without a graph, as every Function's forward
+        ctx.block, ctx.step, ctx.rng, ctx.input_grad = block, step, torch.get_rng_state(), input_grad
         ctx.save_for_backward(x)  # a block that wrote into its input would fail the saved version check
         return block(x, step)
 
     @staticmethod
     def backward(ctx, g):
         (x,) = ctx.saved_tensors
-        x = x.detach().requires_grad_()
+        x = x.detach().requires_grad_(ctx.input_grad)
         with torch.random.fork_rng(devices=[]), torch.enable_grad():
             torch.set_rng_state(ctx.rng)
             y = ctx.block(x, ctx.step)
-        torch.autograd.backward(y, g)  # into the block's trainable weights (an adapter's, all of them)
-        return x.grad, None, None
+        if y.requires_grad:
+            torch.autograd.backward(y, g)  # into the block's trainable weights (an adapter's, all of them)
+        return x.grad, None, None, None
 
 
 class Transformer(nn.Module):
@@ -396,11 +397,13 @@ class Transformer(nn.Module):
     @staticmethod
     def _recomputed(block, x, step):
         """block(x, step) with its activations made again in the backward pass. On a CPU without
-        autocast that is `Recomputed` (x made to require a gradient, so the block's weights get theirs
-        when the input needs none); elsewhere torch's checkpoint, which also restores the
+        autocast that is `Recomputed`, given an x that requires a gradient so that the backward pass
+        reaches the block's weights when the input needs none (the first block of a frozen embedding),
+        where it then computes none for x; elsewhere torch's checkpoint, which also restores the
         accelerator's random state and the autocast mode."""
         if x.device.type == "cpu" and not torch.is_autocast_enabled("cpu"):
-            return Recomputed.apply(x if x.requires_grad else x.detach().requires_grad_(), block, step)
+            wanted = x.requires_grad
+            return Recomputed.apply(x if wanted else x.detach().requires_grad_(), block, step, wanted)
         return torch.utils.checkpoint.checkpoint(block, x, step, use_reentrant=False)
 
     def _recomputes(self, cache, T: int) -> bool:
