@@ -232,6 +232,9 @@ WRITTEN = {  # case -> (style, one call, two calls) as the family's model writes
     "mistral": ("mistral", f'[TOOL_CALLS] [{{"name": "get_weather", "arguments": {WEATHER_ARGS}}}]',
                 f'[TOOL_CALLS] [{{"name": "get_weather", "arguments": {WEATHER_ARGS}}}, '
                 f'{{"name": "lookup_order", "arguments": {ORDER_ARGS}}}]'),
+    "mistral-no-space": ("mistral", f'[TOOL_CALLS][{{"name": "get_weather", "arguments": {WEATHER_ARGS}}}]',
+                         f'[TOOL_CALLS]\n[{{"name": "get_weather", "arguments": {WEATHER_ARGS}}},'
+                         f'{{"name": "lookup_order", "arguments": {ORDER_ARGS}}}]'),
     "hermes": ("hermes", f'<tool_call>\n{{"name": "get_weather", "arguments": {WEATHER_ARGS}}}\n</tool_call>',
                f'<tool_call>\n{{"name": "get_weather", "arguments": {WEATHER_ARGS}}}\n</tool_call>\n'
                f'<tool_call>\n{{"name": "lookup_order", "arguments": {ORDER_ARGS}}}\n</tool_call>'),

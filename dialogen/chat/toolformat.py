@@ -134,10 +134,12 @@ def parse_calls(text: str, style: str) -> list[dict] | None:
     body = text.strip()
     if style == "llama3":
         body = body.removeprefix("<|python_tag|>").strip()
-    if not body.startswith((s.head + s.open).strip() or "{"):
+    # Mistral's marker is a token of its own: models write the list after it with or without a space
+    lead = "[TOOL_CALLS]" if style == "mistral" else (s.head + s.open).strip() or "{"
+    if not body.startswith(lead):
         return None
     if style == "mistral":
-        items = _json_value(body[len("[TOOL_CALLS]"):].strip())
+        items = _json_value(body[len(lead):].strip())
         items = items if isinstance(items, list) else None
     elif style == "llama3":
         items = _json_sequence(body)
