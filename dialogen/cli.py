@@ -36,6 +36,7 @@ def cmd_chat(args) -> int:
     tools = load_tools_file(args.tools) if args.tools else None  # before the slow model load
     if tools is None and args.tool_choice is not None:
         raise UserError("--tool-choice needs --tools")
+    check_tool_choice(args.tool_choice, tools[0] if tools else [], "")
     if tools is not None and decoding_from(args).searches:
         raise UserError("--tools are answered by one sampled (or greedy) reply: drop --beam-size/--num-candidates")
     session = open_session(args)
@@ -56,6 +57,7 @@ def cmd_generate(args) -> int:
     choice = args.tool_choice or "auto"
     if not tools and args.tool_choice is not None:
         raise UserError(f'{where}: --tool-choice needs tools: give {{"messages": [...], "tools": [...]}}')
+    check_tool_choice(args.tool_choice, tools, f"{where}: ")
     if not messages or messages[-1].role == "system":
         raise UserError(f"{where}: the last message must have role 'user' (or 'tool', or 'assistant' to continue it)")
     session = open_session(args)
@@ -81,10 +83,22 @@ def cmd_generate(args) -> int:
     return 0
 
 
+TOOL_CHOICES = ("auto", "none", "required")
+
+
 def add_tool_choice_arg(p, offered: str):
-    p.add_argument("--tool-choice", choices=("auto", "none", "required"), default=None,
-                   help=f"with {offered}: auto (default) a reply is text or calls, required calls only, none "
-                        "text only (the tools still shown); see docs/tools.md")
+    p.add_argument("--tool-choice", metavar="auto|none|required|NAME", default=None,
+                   help=f"with {offered}: auto (default) a reply is text or calls, required calls only, NAME "
+                        "calls of that tool only, none text only (the tools still shown); see docs/tools.md")
+
+
+def check_tool_choice(choice: str | None, tools: list[dict], where: str):
+    """--tool-choice is auto, none, required or the name of an offered tool (before the model loads)."""
+    from .chat.toolformat import tool_names
+
+    if choice is not None and choice not in TOOL_CHOICES and choice not in tool_names(tools):
+        raise UserError(f"{where}--tool-choice {choice!r} is none of {', '.join(TOOL_CHOICES)} "
+                        f"or the tools ({', '.join(tool_names(tools))})")
 
 
 def build_parser() -> argparse.ArgumentParser:

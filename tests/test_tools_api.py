@@ -195,9 +195,11 @@ def test_chat_cli_runs_python_tools(tmp_path):
 def test_generate_prints_the_calls_of_a_messages_file_with_tools(tmp_path):
     schema = {"type": "object", "properties": {"order_id": {"type": "integer"}}, "required": ["order_id"]}
     conv = tmp_path / "conv.json"
+    alarm = {"type": "object", "properties": {"time": {"type": "string"}}, "required": ["time"]}
     conv.write_text(json.dumps({"messages": [{"role": "user", "content": "Where is order 7?"}], "tools": [
         {"type": "function", "function": {"name": "lookup_order", "description": "Look an order up.",
-                                          "parameters": schema}}]}))
+                                          "parameters": schema}},
+        {"type": "function", "function": {"name": "set_alarm", "description": "Set an alarm.", "parameters": alarm}}]}))
     out = _dialogen("generate", str(conv), "--tool-choice", "required", "--temperature", "0", "--max-new-tokens", "48")
     assert out.returncode == 0, out.stderr
     shown = json.loads(out.stdout)
@@ -205,6 +207,14 @@ def test_generate_prints_the_calls_of_a_messages_file_with_tools(tmp_path):
     for c in shown["tool_calls"]:
         assert c["type"] == "function" and c["id"].startswith("call_") and c["function"]["name"] == "lookup_order"
         jsonschema.validate(json.loads(c["function"]["arguments"]), schema)
+    out = _dialogen("generate", str(conv), "--tool-choice", "set_alarm", "--temperature", "0", "--max-new-tokens", "48")
+    shown = json.loads(out.stdout)  # a tool named: its calls only, even where another one fits the request
+    assert shown["tool_calls"] and all(c["function"]["name"] == "set_alarm" for c in shown["tool_calls"]), shown
+    for c in shown["tool_calls"]:
+        jsonschema.validate(json.loads(c["function"]["arguments"]), alarm)
+    bad = _dialogen("generate", str(conv), "--tool-choice", "lookup", timeout=120)
+    assert bad.returncode == 2 and bad.stderr.count("\n") == 1 and "--tool-choice 'lookup'" in bad.stderr
+    assert "(lookup_order, set_alarm)" in bad.stderr
     out = _dialogen("generate", str(conv), "--tool-choice", "none", "--temperature", "0", "--max-new-tokens", "16")
     shown = json.loads(out.stdout)
     assert isinstance(shown["reply"], str) and "tool_calls" not in shown and shown["tokens"] <= 16
