@@ -71,6 +71,41 @@ def test_a_frozen_heads_loss_in_chunks_equals_the_whole_logits(tiny_llama, monke
     assert want_grad[keep].abs().sum() > 0 and not want_grad[~keep].any()
 
 
+@pytest.mark.parametrize("scale, cap", [(1.0, 0.0), (0.5, 3.0)])
+def test_a_blocked_heads_loss_by_vocabulary_slices_equals_the_whole_logits(tiny_llama, monkeypatch, scale, cap):
+    """The frozen head of blocks in bfloat16 in one pass over slices of its vocabulary (several slices,
+    several chunks of positions), against the whole logits of `model.head` (its bfloat16 products,
+    the family's logit scale and soft cap) and torch's cross entropy."""
+    import dialogen.models.kernels.grad as grad_mod
+    import dialogen.training.loss as loss_mod
+    from dialogen.models.kernels import library
+    from dialogen.models.native import BlockLinear
+    from dialogen.models.quantized import set_compute_dtype
+
+    if not library.enabled():
+        pytest.skip("the native kernels are not built here")
+    path, _ = tiny_llama
+    model = load(str(path), "int8").model
+    model.frozen_blocks = True
+    set_compute_dtype(model, torch.bfloat16)
+    model.requires_grad_(False).train()
+    model.cfg.logit_scale, model.cfg.final_softcap = scale, cap
+    assert isinstance(model.lm_head, BlockLinear) and model.cfg.vocab_size > 3 * grad_mod.BACKWARD_ROWS
+    ids = torch.randint(0, model.cfg.vocab_size, (2, 12), generator=torch.Generator().manual_seed(3))
+    targets = ids[:, 1:].flatten()
+    h0 = torch.randn(len(targets), model.cfg.d_model, generator=torch.Generator().manual_seed(4)) * 3
+    h = h0.clone().requires_grad_()
+    want = torch.nn.functional.cross_entropy(model.head(h), targets, reduction="sum")
+    want.backward()
+    monkeypatch.setattr(grad_mod, "LOW_PRECISION_VALUES", grad_mod.BACKWARD_ROWS * model.cfg.d_model)
+    monkeypatch.setattr(loss_mod, "HEAD_CHUNK_VALUES", 5 * grad_mod.BACKWARD_ROWS)  # 5 positions a chunk
+    g = h0.clone().requires_grad_()
+    got = loss_mod.FrozenHeadLoss.apply(g, model, targets)
+    (2.0 * got).backward()
+    assert torch.allclose(got, want.detach(), rtol=1e-5)
+    assert (g.grad / 2 - h.grad).norm() < 0.01 * h.grad.norm()
+
+
 def test_adapter_on_the_native_path_matches_the_reference(tiny_llama, run):
     path, _ = tiny_llama
     ref = load(str(path), "float32", adapter=str(run / "last")).model

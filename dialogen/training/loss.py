@@ -13,6 +13,9 @@ from torch import nn
 
 from ..data.dataset import IGNORE_INDEX
 from ..models.family import is_encoder_decoder
+from ..models.kernels import library
+from ..models.kernels.grad import low_precision_slices
+from ..models.quantized import BlockLinear
 from ..models.transformer import Transformer
 from .replies import seq2seq_nll_sum
 
@@ -44,10 +47,17 @@ class FrozenHeadLoss(torch.autograd.Function):
     """sum of -log p(target) under `model.head(h)`, for a head with no trainable weight (a LoRA
     run's base): the logits are made a chunk of positions at a time, and each chunk's gradient with
     respect to h is taken at once, so no (N, V) logits, softmax or logit gradient is ever held whole
-    (about 1.5 GB for 1,000 positions of a 128k vocabulary)."""
+    (about 1.5 GB for 1,000 positions of a 128k vocabulary). A head of blocks multiplied in bfloat16
+    goes by slices of its vocabulary instead (`sliced_head_loss`), each slice dequantized once."""
 
     @staticmethod
     def forward(ctx, h, model, targets):  # h (N, d), targets (N,)
+        head = model.lm_head
+        if isinstance(head, BlockLinear) and head.training and head.compute_dtype != torch.float32 \
+                and library.enabled():
+            total, grad = sliced_head_loss(h, model.cfg, head, targets)
+            ctx.save_for_backward(grad)
+            return total
         chunk = max(1, HEAD_CHUNK_VALUES // model.cfg.vocab_size)
         total, grads = torch.zeros((), device=h.device), []
         for i in range(0, h.shape[0], chunk):
@@ -63,6 +73,59 @@ class FrozenHeadLoss(torch.autograd.Function):
     def backward(ctx, g):
         (grad,) = ctx.saved_tensors
         return grad * g, None, None
+
+
+def sliced_head_loss(h, cfg, head, targets):
+    """(sum of -log p(target), its gradient with respect to h) under a head of blocks whose products
+    are in bfloat16 (`head.compute_dtype`), in one pass over the vocabulary: each slice of the weight
+    that `kernels.grad` makes (at most LOW_PRECISION_VALUES weights) is dequantized once, where a chunk
+    of positions through `model.head` would dequantize every slice twice per chunk (80 slices of a
+    128k x 2048 head for 150 positions; 8 this way). The log-sum-exp of each position runs over the
+    slices (its running maximum rescales the sum and the gradient so far, as flash attention's softmax
+    does); the gradient is sum_v p_v dl_v/dh - dl_t/dh, the first sum gathered unnormalised and
+    divided by the sum of exponentials at the end. The products round as `BlockProduct`'s do: h and
+    the logits' gradients in bfloat16 against the bfloat16 slice."""
+    n, d = h.shape
+    dtype = head.compute_dtype
+    top, sums = torch.full((n,), -torch.inf), torch.zeros(n)
+    acc, picked, own = torch.zeros(n, d), torch.zeros(n), torch.zeros(n, d)  # own: dl_t/dh
+    hl = h.detach().to(dtype)
+    for s0, s1, w in low_precision_slices(head):
+        chunk = max(1, HEAD_CHUNK_VALUES // (s1 - s0))
+        for i in range(0, n, chunk):
+            j = min(i + chunk, n)
+            u = torch.mm(hl[i:j], w.T).float()  # (positions, slice)
+            if head.bias is not None:
+                u += head.bias[s0:s1]
+            logits, slope = _scale_and_cap(u, cfg)
+            new_top = torch.maximum(top[i:j], logits.max(dim=1).values)
+            kept = torch.exp(top[i:j] - new_top)  # what the sums so far are worth under the new maximum
+            e = torch.exp(logits - new_top[:, None])
+            sums[i:j] = sums[i:j] * kept + e.sum(dim=1)
+            g = e if slope is None else e * slope
+            acc[i:j] = acc[i:j] * kept[:, None] + torch.mm(g.to(dtype), w).float()
+            top[i:j] = new_top
+            here = ((targets[i:j] >= s0) & (targets[i:j] < s1)).nonzero().squeeze(1)
+            if len(here):
+                cols = targets[i:j][here] - s0
+                picked[i + here] = logits[here, cols]
+                row = w[cols].float()
+                own[i + here] = row if slope is None else row * slope[here, cols][:, None]
+    total = (top + sums.log() - picked).sum()
+    return total, acc / sums[:, None] - own
+
+
+def _scale_and_cap(u, cfg):
+    """(logits, d logits / d u or None for 1) of the head's products u: `Transformer.head`'s scale and cap."""
+    slope = None
+    if cfg.logit_scale != 1:
+        u = u * cfg.logit_scale
+        slope = torch.full_like(u, cfg.logit_scale)
+    if cfg.final_softcap:
+        t = torch.tanh(u / cfg.final_softcap)
+        u = t * cfg.final_softcap
+        slope = (1 - t * t) * (1 if slope is None else slope)
+    return u, slope
 
 
 class LossModel(nn.Module):

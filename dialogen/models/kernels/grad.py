@@ -27,7 +27,7 @@ def _buffer(role: str, dtype: torch.dtype, rows: int, cols: int) -> torch.Tensor
     return buf[: rows * cols].view(rows, cols)
 
 
-def _low_precision_slices(lin):
+def low_precision_slices(lin):
     """(first row, end row, W[rows] in `lin.compute_dtype`) over the weight of a BlockLinear, each
     slice of at most LOW_PRECISION_VALUES weights (whole groups of BACKWARD_ROWS rows), dequantized
     straight into the shared buffer. A slice is valid until the next one is made. The slice the
@@ -64,7 +64,7 @@ class BlockProduct(torch.autograd.Function):
         dtype = lin.compute_dtype
         if dtype != torch.float32:
             al, y2 = _buffer("input", dtype, rows, lin.in_features).copy_(a.reshape(rows, -1)), y.view(rows, -1)
-            for s0, s1, w in _low_precision_slices(lin):
+            for s0, s1, w in low_precision_slices(lin):
                 y2[:, s0:s1] = torch.mm(al, w.T, out=_buffer("output", dtype, rows, s1 - s0))
             return y
         return ops.qmatmul(lin.product_type, lin.blocks, lin.out_features, lin.in_features, a.reshape(rows, -1),
@@ -77,7 +77,7 @@ class BlockProduct(torch.autograd.Function):
         dtype, rows = lin.compute_dtype, g2.shape[0]
         if dtype != torch.float32:
             gl, grad = _buffer("input", dtype, rows, lin.out_features).copy_(g2), torch.empty(rows, lin.in_features)
-            for s0, s1, w in _low_precision_slices(lin):
+            for s0, s1, w in low_precision_slices(lin):
                 part = torch.mm(gl[:, s0:s1], w, out=_buffer("output", dtype, rows, lin.in_features))
                 grad.copy_(part) if s0 == 0 else grad.add_(part)
             return grad.view(*g.shape[:-1], lin.in_features), None
