@@ -53,6 +53,15 @@ def test_mixed_types_in_fused_projections_stay_blocks(tmp_path):
     kept = [m for m in model.modules() if isinstance(m, (BlockLinear, SegmentedLinear, BlockEmbedding))]
     assert len(kept) == 7 + 1 + 2 and b0.attn.o_proj.shipped is not None
     assert not any(p.dim() == 2 for p in model.parameters())
+    # inference runs the kernels: every module swapped in, and each part of a mixed projection, is in eval mode
+    # (a BlockLinear in training mode multiplies for autograd, graph or not); a LoRA base's train() reaches them
+    parts = [p for m in kept if isinstance(m, SegmentedLinear) for p in m.parts]
+    assert len(parts) == 5 and not any(m.training for m in [*model.modules(), *parts])
+    model.frozen_blocks = True
+    model.train()
+    assert all(p.training for p in parts)
+    model.eval()
+    assert not any(p.training for p in parts)
     with library.disabled():  # the reference path (floats made from the blocks): the weights as written, exactly
         assert (model(IDS) - want).abs().max() < 1e-4
 

@@ -304,3 +304,24 @@ def test_each_template_writes_its_familys_calls(tokenizer_dirs, smol_tokenizer, 
         assert refused is None and m.complete, (choice, tok.decode([refused]) if refused else text)
         plain = Matcher(tool_grammar(TOOLS, style, choice, True, tok.control_ids), tok, tok.vocab_size, stop)
         assert bool(plain.allowed()[tok.encode_template("Sure")[0]]) == (choice == "auto")
+
+
+@pytest.mark.parametrize("style", ["llama3", "mistral", "hermes", "generic"])
+def test_under_auto_text_cannot_start_as_calls_do(smol_tokenizer, style):
+    """A reply that starts as calls start (Mistral's marker alone, where it is plain text in the vocabulary)
+    is read back as calls, so the grammar must not let it through as text, unchecked."""
+    from dialogen.chat.toolformat import call_lead, parse_calls
+    from dialogen.decoding.constrain import Matcher
+    from dialogen.decoding.toolgrammar import tool_grammar
+
+    tok = smol_tokenizer
+    text = call_lead(style) + '[{"name": "lookup_order", "arguments": {"order_id": 1}}]'
+    stop = {tok.control_ids[get_template("chatml", tok).end_of_turn]}
+    m = Matcher(tool_grammar(TOOLS, style, "auto", True, tok.control_ids), tok, tok.vocab_size, stop)
+    for i in tok.encode_template(text):
+        if not m.allowed()[i]:
+            break
+        m.accept(i)
+    else:
+        pytest.fail(f"{text!r} passed as text")
+    assert style != "mistral" or parse_calls(text, style)  # what the reader takes as calls

@@ -99,6 +99,15 @@ def style_of(template_source: str) -> str:
     return "generic"
 
 
+def call_lead(style: str) -> str:
+    """What a reply of calls in `style` starts with (after spaces), and text may not: Mistral's marker
+    alone (a token of its own, which models follow with the list with or without a space)."""
+    if style == "mistral":
+        return "[TOOL_CALLS]"
+    s = STYLES[style]
+    return (s.head + s.open).strip() or "{"
+
+
 def call_json(name: str, arguments: dict, args_key: str = "arguments") -> str:
     return json.dumps({"name": name, args_key: arguments}, ensure_ascii=False)
 
@@ -130,12 +139,10 @@ def response_text(content: str) -> str:
 def parse_calls(text: str, style: str) -> list[dict] | None:
     """The calls a reply makes, as [{"name", "arguments": dict}], or None when it is plain text
     (or not calls written in `style`)."""
-    s = STYLES[style]
     body = text.strip()
     if style == "llama3":
         body = body.removeprefix("<|python_tag|>").strip()
-    # Mistral's marker is a token of its own: models write the list after it with or without a space
-    lead = "[TOOL_CALLS]" if style == "mistral" else (s.head + s.open).strip() or "{"
+    lead = call_lead(style)
     if not body.startswith(lead):
         return None
     if style == "mistral":

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import json
 
-from ..chat.toolformat import STYLES, tool_names
+from ..chat.toolformat import STYLES, call_lead, tool_names
 from ..errors import UserError
 from .constrain import JSON_OPTIONS, Grammar
 
@@ -65,7 +65,7 @@ def tool_grammar(tools: list[dict], style: str, choice="auto", parallel: bool = 
     more = f" ({_literal(s.sep, controls)} call)*" if parallel and choice in ("auto", "required") else ""
     rules.append(f"calls: {_literal(s.head, controls)} call{more} {_literal(s.tail, controls)}")
     if choice == "auto":
-        prefix = (s.head + s.open).strip() or "{"
+        prefix = call_lead(style)
         rules.append(f"TEXT: /(.|\\n)+/ & ~/\\s*{_regex_escape(prefix)}(.|\\n)*/")
         rules.insert(0, "start: TEXT | calls")
     else:

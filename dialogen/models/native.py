@@ -261,6 +261,7 @@ def swap_in(model, dtype="auto", blocks: dict | None = None) -> str:
             model.blocks[i] = FusedBlock.of(block)
     installed = attention or dtype != "float32"  # float32 without the kernels: the reference as it is
     model.native = Swap(dtype, attention, dtype in BLOCKED, cfg.head_dim) if installed else None
+    nn.Module.train(model, model.training)  # new modules in the model's mode: a BlockLinear in training runs autograd's products
     return dtype
 
 
@@ -273,4 +274,5 @@ def unswap(model: Transformer) -> Transformer:
     if model.cfg.tie_embeddings:
         model.lm_head.weight = model.embed.weight
     model.native = None
+    nn.Module.train(model, model.training)
     return model

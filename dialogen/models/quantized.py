@@ -152,6 +152,12 @@ class SegmentedLinear(ShippedWeight):
         # [BlockLinear] in row order; a plain list, so the state dict holds this module's `weight` only
         self.__dict__["parts"] = [BlockLinear(kind, b, lin.in_features, b.shape[0]) for kind, b in parts]
 
+    def train(self, mode: bool = True):
+        super().train(mode)
+        for p in self.parts:  # not submodules (a plain list): they take the mode from here
+            p.train(mode)
+        return self
+
     def forward(self, x, norm=None, act: str | None = None, residual=None):
         if self.training and library.enabled():  # a frozen base that trains adapters (with or without a graph)
             a = activate(x, norm, act)

@@ -82,11 +82,13 @@ def sliced_head_loss(h, cfg, head, targets):
     of positions through `model.head` would dequantize every slice twice per chunk (80 slices of a
     128k x 2048 head for 150 positions; 8 this way). The log-sum-exp of each position runs over the
     slices (its running maximum rescales the sum and the gradient so far, as flash attention's softmax
-    does); the gradient is sum_v p_v dl_v/dh - dl_t/dh, the first sum gathered unnormalised and
-    divided by the sum of exponentials at the end. The products round as `BlockProduct`'s do: h and
-    the logits' gradients in bfloat16 against the bfloat16 slice."""
+    does); the gradient is sum_v p_v dl_v/dh - dl_t/dh, the sum over v != t gathered unnormalised in
+    bfloat16 products (h and the logits' weights rounded as `BlockProduct` rounds them) and divided by
+    the sum of exponentials at the end, the target's own term in float32."""
     n, d = h.shape
     dtype = head.compute_dtype
+    if n and int(targets.max()) >= head.out_features:
+        raise IndexError(f"target {int(targets.max())} is outside the head's {head.out_features} rows")
     top, sums = torch.full((n,), -torch.inf), torch.zeros(n)
     acc, picked, own = torch.zeros(n, d), torch.zeros(n), torch.zeros(n, d)  # own: dl_t/dh
     hl = h.detach().to(dtype)
@@ -103,16 +105,19 @@ def sliced_head_loss(h, cfg, head, targets):
             e = torch.exp(logits - new_top[:, None])
             sums[i:j] = sums[i:j] * kept + e.sum(dim=1)
             g = e if slope is None else e * slope
-            acc[i:j] = acc[i:j] * kept[:, None] + torch.mm(g.to(dtype), w).float()
-            top[i:j] = new_top
             here = ((targets[i:j] >= s0) & (targets[i:j] < s1)).nonzero().squeeze(1)
             if len(here):
                 cols = targets[i:j][here] - s0
                 picked[i + here] = logits[here, cols]
                 row = w[cols].float()
                 own[i + here] = row if slope is None else row * slope[here, cols][:, None]
-    total = (top + sums.log() - picked).sum()
-    return total, acc / sums[:, None] - own
+                g[here, cols] = 0  # the target's own term is added in float32 at the end
+            acc[i:j] = acc[i:j] * kept[:, None] + torch.mm(g.to(dtype), w).float()
+            top[i:j] = new_top
+    nll = (top - picked) + sums.log()  # in this order: for a confident target top - picked is exact (0)
+    # p_t dl_t/dh - dl_t/dh in float32: for a confident target (p_t near 1) it is a small difference that
+    # bfloat16 products would lose
+    return nll.sum(), acc / sums[:, None] - (1 - torch.exp(-nll))[:, None] * own
 
 
 def _scale_and_cap(u, cfg):
