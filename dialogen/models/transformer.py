@@ -215,6 +215,7 @@ class Block(nn.Module):
             return self.post_attn_norm, self.post_mlp_norm
         return ((lambda y: y * s), (lambda y: y * s)) if s != 1 else (None, None)
 
+
 class Recomputed(torch.autograd.Function):
     """A block whose activations are not kept (gradient checkpointing): the forward pass runs it
     without a graph and keeps its input, and the backward pass runs it again from that input, under
