@@ -10,6 +10,7 @@ import torch
 from dialogen.cli import main
 from dialogen.models.loading import load
 from dialogen.training.options import TrainOptions
+from dialogen.training.loss import LossModel
 from dialogen.training.sft import train
 
 WORDS = "the cat sat on a mat and dog ran fast to home in sun rain".split()
@@ -105,6 +106,29 @@ def test_finetune_with_frozen_embeddings_and_layers(tiny_llama, data, tmp_path):
     assert torch.equal(before["embed.weight"], after["embed.weight"])
     assert all(torch.equal(before[k], after[k]) for k in before if k.startswith("blocks.0."))
     assert not torch.equal(before["blocks.1.attn.qkv.weight"], after["blocks.1.attn.qkv.weight"])
+
+
+def test_checkpointing_recomputes_only_blocks_that_train(tiny_llama):
+    """--gradient-checkpointing with frozen embeddings and a frozen first block: the same gradients as
+    without, each training block run twice (forward, then again in backward) and the frozen block once."""
+    path, _ = tiny_llama
+    model = load(str(path)).model.materialize().train()
+    model.embed.requires_grad_(False)
+    model.blocks[0].requires_grad_(False)
+    ids = torch.randint(0, 1000, (2, 12), generator=torch.Generator().manual_seed(0))
+    runs = [0] * len(model.blocks)
+    for i, block in enumerate(model.blocks):
+        block.register_forward_pre_hook(lambda m, a, i=i: runs.__setitem__(i, runs[i] + 1))
+    grads = []
+    for checkpointing in (False, True):
+        model.checkpointing, runs[:] = checkpointing, [0] * len(runs)
+        nll, _ = LossModel(model)(ids, ids)
+        nll.backward()
+        grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
+        model.zero_grad(set_to_none=True)
+    assert runs == [1] + [2] * (len(runs) - 1)
+    assert grads[0].keys() == grads[1].keys() and not any(n.startswith(("embed.", "blocks.0.")) for n in grads[0])
+    assert all(torch.allclose(grads[1][n], g, rtol=1e-5, atol=1e-7) for n, g in grads[0].items())
 
 
 def test_reverse_run_records_its_format(data, tmp_path):

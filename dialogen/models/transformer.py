@@ -386,14 +386,23 @@ class Transformer(nn.Module):
             step.window_mask = None if step.window_mask is None else same & step.window_mask
         if cfg.local_rope_theta:
             step.local_rope = rope_tables(cfg, positions, local=True)
-        for block in self.blocks:
-            if self.checkpointing and torch.is_grad_enabled():  # keep each block's input only; redo it in backward
-                x = self._recomputed(block, x, step)
+        for i, block in enumerate(self.blocks):
+            if self.checkpointing and torch.is_grad_enabled() and (x.requires_grad or self._trains(i)):
+                x = self._recomputed(block, x, step)  # keep each block's input only; redo it in backward
             else:
                 x = block(x, step)
         if cache is not None:
             cache.advance(T)
         return x
+
+    def _trains(self, i: int) -> bool:
+        """Whether block i has a weight that takes a gradient: its own, or an adapter's on its Linears
+        (a frozen block over a frozen input, `--freeze-layers`, is run plainly: nothing in it trains)."""
+        if any(p.requires_grad for p in self.blocks[i].parameters()):
+            return True
+        a = self.adapter
+        return a is not None and any(p.requires_grad for ours, spans in a.where.items() if ours.startswith(f"blocks.{i}.")
+                                     for _, _, key in spans for p in a.parts[key].parameters())
 
     @staticmethod
     def _recomputed(block, x, step):
