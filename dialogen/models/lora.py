@@ -120,6 +120,11 @@ class Adapter(nn.Module):
         self.enabled = True  # off: the hooks add nothing (the base alone, e.g. DPO's reference model)
         self.hooked = []  # the model hooked (in a list: not a child module)
 
+    def trains(self, prefix: str) -> bool:
+        """Whether a part on a Linear whose name starts with `prefix` (a block's: "blocks.3.") takes a gradient."""
+        return any(p.requires_grad for ours, spans in self.where.items() if ours.startswith(prefix)
+                   for _, _, key in spans for p in self.parts[key].parameters())
+
     def init(self, seed: int):
         """PEFT's initialisation: A as nn.Linear's default (Kaiming uniform), B zero, so the adapted
         model starts as the base."""

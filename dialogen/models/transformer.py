@@ -23,6 +23,7 @@ from . import heap, rope as rotary
 from .cache import CacheBatch, KVCache
 from .family import DECODER
 from .layers import Embedding, Linear, RMSNorm, skip_init
+from .recompute import recomputed
 
 ARCHS = ("llama", "gpt2")
 ACTS = ("silu", "gelu", "gelu_tanh", "relu")  # the MLP's activation (gated for llama, plain for gpt2)
@@ -216,36 +217,6 @@ class Block(nn.Module):
         return ((lambda y: y * s), (lambda y: y * s)) if s != 1 else (None, None)
 
 
-class Recomputed(torch.autograd.Function):
-    """A block whose activations are not kept (gradient checkpointing): the forward pass runs it
-    without a graph and keeps its input, and the backward pass runs it again from that input, under
-    the same random state (the same dropout masks), then back-propagates through the new graph.
-
-    Unlike torch's non-reentrant checkpoint, which records every op's graph node in the forward
-    pass, nothing of a block but its input lives from one pass to the other. Those nodes are small
-    and long-lived, and C's heap places them among the block's freed activations, so it cannot reuse
-    those for the next block: the heap grows by several megabytes per block and step. As with torch's
-    reentrant checkpoint, the block's weights get their gradients in `.grad` (`backward()`), not
-    through `torch.autograd.grad`, which sees the block's input only."""
-
-    @staticmethod
-    def forward(ctx, x, block, step, input_grad: bool):  # runs without a graph, as every Function's forward
-        ctx.block, ctx.step, ctx.rng, ctx.input_grad = block, step, torch.get_rng_state(), input_grad
-        ctx.save_for_backward(x)  # a block that wrote into its input would fail the saved version check
-        return block(x, step)
-
-    @staticmethod
-    def backward(ctx, g):
-        (x,) = ctx.saved_tensors
-        x = x.detach().requires_grad_(ctx.input_grad)
-        with torch.random.fork_rng(devices=[]), torch.enable_grad():
-            torch.set_rng_state(ctx.rng)
-            y = ctx.block(x, ctx.step)
-        if y.requires_grad:
-            torch.autograd.backward(y, g)  # into the block's trainable weights (an adapter's, all of them)
-        return x.grad, None, None, None
-
-
 class Transformer(nn.Module):
     """`forward(ids, cache, positions, key_mask) -> logits (B, T, V)`: the only forward pass.
 
@@ -388,7 +359,7 @@ class Transformer(nn.Module):
             step.local_rope = rope_tables(cfg, positions, local=True)
         for i, block in enumerate(self.blocks):
             if self.checkpointing and torch.is_grad_enabled() and (x.requires_grad or self._trains(i)):
-                x = self._recomputed(block, x, step)  # keep each block's input only; redo it in backward
+                x = recomputed(block, x, step)  # keep each block's input only; redo it in backward
             else:
                 x = block(x, step)
         if cache is not None:
@@ -400,21 +371,7 @@ class Transformer(nn.Module):
         (a frozen block over a frozen input, `--freeze-layers`, is run plainly: nothing in it trains)."""
         if any(p.requires_grad for p in self.blocks[i].parameters()):
             return True
-        a = self.adapter
-        return a is not None and any(p.requires_grad for ours, spans in a.where.items() if ours.startswith(f"blocks.{i}.")
-                                     for _, _, key in spans for p in a.parts[key].parameters())
-
-    @staticmethod
-    def _recomputed(block, x, step):
-        """block(x, step) with its activations made again in the backward pass. On a CPU without
-        autocast that is `Recomputed`, given an x that requires a gradient so that the backward pass
-        reaches the block's weights when the input needs none (the first block of a frozen embedding),
-        where it then computes none for x; elsewhere torch's checkpoint, which also restores the
-        accelerator's random state and the autocast mode."""
-        if x.device.type == "cpu" and not torch.is_autocast_enabled("cpu"):
-            wanted = x.requires_grad
-            return Recomputed.apply(x if wanted else x.detach().requires_grad_(), block, step, wanted)
-        return torch.utils.checkpoint.checkpoint(block, x, step, use_reentrant=False)
+        return self.adapter is not None and self.adapter.trains(f"blocks.{i}.")
 
     def _recomputes(self, cache, T: int) -> bool:
         """LongRoPE: once a sequence passes the switch point every position takes the long factors,
